@@ -1,0 +1,34 @@
+# `make run` brings everything up on localhost:4000; `make test` runs every test.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+CONFIG ?= examples/config.yaml
+
+.PHONY: install redis-server test run protos envoy-config clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+redis-server:
+	@scripts/ensure-redis-server
+
+test: install redis-server
+	$(PY) -m pytest
+
+run: install
+	@scripts/run
+
+protos: install
+	$(PY) -m extauthz.proto_gen
+
+envoy-config: install
+	$(PY) -m extauthz envoy-config --config $(CONFIG) > envoy/envoy.yaml
+
+clean:
+	rm -rf $(VENV) .run .pytest_cache

@@ -1,0 +1,1 @@
+"""Model access control for LLM providers, enforced by Envoy's external authorization."""

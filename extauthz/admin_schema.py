@@ -1,0 +1,144 @@
+"""Validation of admin API request bodies, in LiteLLM's field names.
+
+Each parser takes the decoded JSON body and returns the fields to store, or raises
+``Invalid`` with a message for a 400. Fields LiteLLM accepts that are not enforced
+here are stored as given and reported back as ``not_enforced``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+from extauthz.catalog import ALL_MODELS, ALL_TEAM_MODELS, SPECIAL_ENTRIES, Catalog, Resolution, matches
+from extauthz.policy import admits
+from extauthz.records import NOT_ENFORCED, format_time, parse_time
+
+DURATION = re.compile(r"(\d+)(s|m|h|d|w|mo)")
+DURATION_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "mo": 30 * 86400}
+KEY_FIELDS = {"models", "team_id", "key_alias", "duration", "expires", "metadata", "blocked"}
+TEAM_FIELDS = {"team_alias", "models", "blocked", "metadata"}
+
+
+class Invalid(ValueError):
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def expect(body: dict[str, Any], name: str, kind: type | tuple[type, ...], nullable: bool = True) -> Any:
+    value = body.get(name)
+    if value is None and nullable:
+        return None
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise Invalid(f"'{name}' must be {names}, got {type(value).__name__}", name)
+    return value
+
+
+def reject_unknown(body: dict[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(k for k in body if k not in allowed and k not in NOT_ENFORCED)
+    if unknown:
+        raise Invalid(f"Unknown field(s): {', '.join(unknown)}", unknown[0])
+
+
+def not_enforced(doc: dict[str, Any]) -> list[str]:
+    return sorted(k for k in doc if k in NOT_ENFORCED and doc[k] is not None)
+
+
+def duration_seconds(text: str) -> int:
+    m = DURATION.fullmatch(text.strip())
+    if not m:
+        raise Invalid(f"'duration' must look like 30s, 5m, 1h, 7d, 2w or 1mo, got {text!r}", "duration")
+    return int(m.group(1)) * DURATION_SECONDS[m.group(2)]
+
+
+def models_list(body: dict[str, Any], catalog: Catalog) -> list[str] | None:
+    models = expect(body, "models", list)
+    if models is None:
+        return None
+    if not all(isinstance(m, str) and m for m in models):
+        raise Invalid("'models' must be a list of non-empty strings", "models")
+    unknown = [m for m in models if not catalog.knows_entry(m)]
+    if unknown:
+        raise Invalid(
+            f"Unknown model(s) {unknown}. Valid entries: models {catalog.model_names()}, "
+            f"access groups {sorted(catalog.access_groups)}, {sorted(SPECIAL_ENTRIES)}, "
+            "or a pattern with '*'", "models")
+    return models
+
+
+def key_fields(body: dict[str, Any], catalog: Catalog, extra: set[str] = frozenset()) -> dict[str, Any]:
+    """The stored fields a /key/generate or /key/update body sets (only those present)."""
+    reject_unknown(body, KEY_FIELDS | extra)
+    out: dict[str, Any] = {k: body[k] for k in body if k in NOT_ENFORCED}
+    models = models_list(body, catalog)
+    if models is not None:
+        out["models"] = models
+    for name in ("team_id", "key_alias"):
+        if name in body:
+            value = expect(body, name, str)
+            if value == "":
+                raise Invalid(f"'{name}' must not be empty", name)
+            out[name] = value
+    if "metadata" in body:
+        out["metadata"] = expect(body, "metadata", dict) or {}
+    if "blocked" in body:
+        out["blocked"] = bool(expect(body, "blocked", bool))
+    if body.get("duration") is not None:
+        out["expires"] = format_time(time.time() + duration_seconds(expect(body, "duration", str)))
+    elif "expires" in body:
+        expires = expect(body, "expires", str)
+        try:
+            out["expires"] = None if expires is None else format_time(parse_time(expires) or 0)
+        except ValueError:
+            raise Invalid(f"'expires' must be an ISO 8601 time, got {expires!r}", "expires") from None
+    elif "duration" in body:
+        out["expires"] = None
+    return out
+
+
+def team_fields(body: dict[str, Any], catalog: Catalog, extra: set[str] = frozenset()) -> dict[str, Any]:
+    reject_unknown(body, TEAM_FIELDS | extra)
+    out: dict[str, Any] = {k: body[k] for k in body if k in NOT_ENFORCED}
+    models = models_list(body, catalog)
+    if models is not None:
+        out["models"] = models
+    if "team_alias" in body:
+        out["team_alias"] = expect(body, "team_alias", str)
+    if "metadata" in body:
+        out["metadata"] = expect(body, "metadata", dict) or {}
+    if "blocked" in body:
+        out["blocked"] = bool(expect(body, "blocked", bool))
+    return out
+
+
+def check_key_against_team(key: dict[str, Any], team: dict[str, Any] | None, catalog: Catalog) -> None:
+    """Refuse key models the team does not grant: the decision intersects both lists
+    anyway, but a key that promises more than its team can deliver is an admin error."""
+    models = key.get("models") or []
+    if team is None:
+        if ALL_TEAM_MODELS in models:
+            raise Invalid("'all-team-models' needs a team_id", "models")
+        return
+    team_models = tuple(team.get("models") or ())
+    outside = [m for m in models if not within(m, team_models, catalog)]
+    if outside:
+        raise Invalid(f"Key models {outside} are not in the models of team "
+                      f"{team.get('team_alias') or team['team_id']!r}: {list(team_models)}", "models")
+
+
+def within(entry: str, team_models: tuple[str, ...], catalog: Catalog) -> bool:
+    if not team_models or any(m in ALL_MODELS for m in team_models) or entry == ALL_TEAM_MODELS:
+        return True
+    if entry in ALL_MODELS:
+        return False
+    if entry in team_models:
+        return True
+    if entry in catalog.access_groups:
+        return all(admits(team_models, Resolution(name, catalog.groups[name]))
+                   for name in catalog.access_groups[entry])
+    if entry in catalog.groups:
+        return admits(team_models, Resolution(entry, catalog.groups[entry]))
+    return any("*" in t and matches(t, entry) for t in team_models)

@@ -1,0 +1,70 @@
+"""Command line: ``extauthz serve`` and ``extauthz envoy-config``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import sys
+
+from extauthz import config as config_module
+from extauthz.config import Config, ConfigError
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="extauthz", description="LLM model access control for Envoy.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the ext_authz gRPC service and the admin API")
+    serve.add_argument("--config", required=True, help="config.yaml (LiteLLM format)")
+    serve.add_argument("--redis-url", help="overrides extauthz_settings.redis_url and $EXTAUTHZ_REDIS_URL")
+    serve.add_argument("--grpc-port", type=int, help="Check and health service port (default 9000)")
+    serve.add_argument("--admin-port", type=int, help="admin API port (default 4001)")
+    serve.add_argument("--log-level", default="INFO")
+
+    render = sub.add_parser("envoy-config", help="print an Envoy bootstrap for this config")
+    render.add_argument("--config", required=True)
+    render.add_argument("--listen-port", type=int)
+    render.add_argument("--authz-port", type=int)
+    render.add_argument("--admin-port", type=int)
+    render.add_argument("--envoy-admin-port", type=int)
+    return p
+
+
+def with_overrides(config: Config, **overrides: object) -> Config:
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return dataclasses.replace(config, settings=dataclasses.replace(config.settings, **given)) if given else config
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=getattr(args, "log_level", "WARNING"), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    log = logging.getLogger("extauthz")
+    try:
+        config = config_module.load(args.config, require_secrets=args.command == "serve")
+    except ConfigError as e:
+        print(f"extauthz: invalid config: {e}", file=sys.stderr)
+        return 2
+    for warning in config.warnings:
+        log.warning("config: %s", warning)
+
+    if args.command == "envoy-config":
+        from extauthz.envoy_config import render_yaml
+        sys.stdout.write(render_yaml(config, listen_port=args.listen_port, authz_port=args.authz_port,
+                                     admin_port=args.admin_port, envoy_admin_port=args.envoy_admin_port))
+        return 0
+
+    from extauthz.server import serve
+    config = with_overrides(config, redis_url=args.redis_url, grpc_port=args.grpc_port, admin_port=args.admin_port)
+    try:
+        asyncio.run(serve(config))
+    except OSError as e:
+        log.error("cannot start: %s", e)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

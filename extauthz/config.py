@@ -1,0 +1,232 @@
+"""Load and validate config.yaml into frozen dataclasses.
+
+The file is a LiteLLM proxy config (``model_list``, ``general_settings``,
+``router_settings``...) plus an optional ``extauthz_settings`` section for this
+service. A problem is reported as ``ConfigError`` naming the file, the YAML path
+and what is wrong, so the process can refuse to start with a useful message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import yaml
+
+from extauthz import providers
+
+ENV_PREFIX = "os.environ/"
+
+# LiteLLM sections that a config may carry and that this service does not use.
+IGNORED_SECTIONS = frozenset({
+    "litellm_settings", "router_settings", "environment_variables", "callback_settings",
+    "guardrails", "credential_list", "mcp_servers", "mcp_aliases", "search_tools",
+    "vector_store_registry", "files_settings", "finetune_settings", "assistant_settings",
+    "include", "prompts",
+})
+MODEL_ENTRY_KEYS = frozenset({"model_name", "litellm_params", "model_info"})
+# litellm_params this service reads; any other parameter is a provider knob it ignores.
+USED_PARAMS = frozenset({"model", "api_key", "api_base", "api_version", "weight"})
+
+
+class ConfigError(ValueError):
+    def __init__(self, file: str, yaml_path: str, problem: str) -> None:
+        self.file, self.yaml_path, self.problem = file, yaml_path, problem
+        super().__init__(f"{file}: {yaml_path or '<top>'}: {problem}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_timeout_ms: int = 250
+    key_prefix: str = "extauthz:"
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = 9000
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 4001
+    listen_port: int = 4000
+    envoy_admin_port: int = 9901
+    authz_timeout_ms: int = 1000
+    max_request_bytes: int = 10 * 1024 * 1024
+    shutdown_grace_s: float = 10.0
+
+
+# Environment variables that override a setting: EXTAUTHZ_<FIELD IN UPPER CASE>.
+SETTINGS_ENV = {f.name: "EXTAUTHZ_" + f.name.upper() for f in dataclasses.fields(Settings)}
+
+
+@dataclass(frozen=True)
+class Deployment:
+    index: int
+    model_name: str
+    provider: str
+    provider_model: str
+    api_base: str
+    api_version: str | None
+    api_key: str | None = field(repr=False)
+    access_groups: tuple[str, ...]
+    weight: float
+
+    @property
+    def name(self) -> str:
+        """Stable identifier for logs and metadata: config position and public name."""
+        return f"{self.index}:{self.model_name}"
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    deployments: tuple[Deployment, ...]
+    master_key: str | None = field(repr=False)
+    settings: Settings
+    warnings: tuple[str, ...] = ()
+
+
+def load(path: str, environ: Mapping[str, str] | None = None, require_secrets: bool = True) -> Config:
+    """Read and validate ``path``. ``require_secrets=False`` tolerates unset secret variables
+    (rendering an Envoy config needs no credentials)."""
+    environ = os.environ if environ is None else environ
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(path, "", f"cannot read file: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(path, "", f"not valid YAML: {e}") from None
+    return _Parser(path, environ, require_secrets).config(raw)
+
+
+def from_dict(raw: Any, file: str = "<inline>", environ: Mapping[str, str] | None = None) -> Config:
+    return _Parser(file, os.environ if environ is None else environ, True).config(raw)
+
+
+class _Parser:
+    def __init__(self, file: str, environ: Mapping[str, str], require_secrets: bool) -> None:
+        self.file, self.environ, self.require_secrets = file, environ, require_secrets
+        self.warnings: list[str] = []
+
+    def error(self, where: str, problem: str) -> ConfigError:
+        return ConfigError(self.file, where, problem)
+
+    def mapping(self, value: Any, where: str) -> dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.error(where, f"expected a mapping, got {type(value).__name__}")
+        return value
+
+    def string(self, value: Any, where: str, secret: bool = False) -> str | None:
+        if value is None:
+            return None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not secret:
+            value = str(value)
+        if not isinstance(value, str):
+            raise self.error(where, f"expected a string, got {type(value).__name__}")
+        if value.startswith(ENV_PREFIX):
+            name = value[len(ENV_PREFIX):]
+            if name in self.environ:
+                return self.environ[name]
+            if secret and not self.require_secrets:
+                return None
+            raise self.error(where, f"environment variable {name} is not set")
+        return value
+
+    def config(self, raw: Any) -> Config:
+        top = self.mapping(raw, "")
+        for key in top:
+            if key in IGNORED_SECTIONS:
+                self.warnings.append(f"{key}: LiteLLM section not used by extauthz, ignored")
+            elif key not in ("model_list", "general_settings", "extauthz_settings"):
+                raise self.error(str(key), "unknown top-level key")
+        models = top.get("model_list")
+        if not isinstance(models, list) or not models:
+            raise self.error("model_list", "must be a non-empty list of models")
+        deployments = tuple(self.deployment(i, entry) for i, entry in enumerate(models))
+        general = self.mapping(top.get("general_settings"), "general_settings")
+        master_key = self.string(general.get("master_key"), "general_settings.master_key", secret=True)
+        if master_key is not None and not master_key:
+            raise self.error("general_settings.master_key", "must not be empty")
+        settings = self.settings(self.mapping(top.get("extauthz_settings"), "extauthz_settings"))
+        return Config(self.file, deployments, master_key, settings, tuple(self.warnings))
+
+    def deployment(self, index: int, entry: Any) -> Deployment:
+        where = f"model_list[{index}]"
+        entry = self.mapping(entry, where)
+        for key in entry:
+            if key not in MODEL_ENTRY_KEYS:
+                raise self.error(f"{where}.{key}", "unknown key (expected model_name, litellm_params, model_info)")
+        model_name = self.string(entry.get("model_name"), f"{where}.model_name")
+        if not model_name:
+            raise self.error(f"{where}.model_name", "is required")
+        params = self.mapping(entry.get("litellm_params"), f"{where}.litellm_params")
+        ignored = sorted(str(k) for k in params if k not in USED_PARAMS)
+        if ignored:
+            self.warnings.append(f"{where}.litellm_params: not used by extauthz: {', '.join(ignored)}")
+        model = self.string(params.get("model"), f"{where}.litellm_params.model")
+        if not model:
+            raise self.error(f"{where}.litellm_params.model", "is required (provider/model)")
+        provider, _, provider_model = model.partition("/") if "/" in model else ("openai", "", model)
+        if not provider_model:
+            raise self.error(f"{where}.litellm_params.model", f"{model!r} names no model after the provider")
+        api_base = self.string(params.get("api_base"), f"{where}.litellm_params.api_base")
+        api_base = api_base or providers.default_base(provider)
+        if not api_base:
+            raise self.error(f"{where}.litellm_params.api_base",
+                             f"is required for provider {provider!r} (no default base URL)")
+        problem = providers.base_problem(api_base)
+        if problem:
+            raise self.error(f"{where}.litellm_params.api_base", problem)
+        if "*" in provider_model and "*" not in model_name:
+            raise self.error(f"{where}.litellm_params.model", "a wildcard model needs a wildcard model_name")
+        weight = params.get("weight", 1)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+            raise self.error(f"{where}.litellm_params.weight", "must be a positive number")
+        info = self.mapping(entry.get("model_info"), f"{where}.model_info")
+        groups = info.get("access_groups", [])
+        if not isinstance(groups, list) or not all(isinstance(g, str) and g for g in groups):
+            raise self.error(f"{where}.model_info.access_groups", "must be a list of non-empty strings")
+        return Deployment(
+            index=index,
+            model_name=model_name,
+            provider=provider,
+            provider_model=provider_model,
+            api_base=api_base,
+            api_version=self.string(params.get("api_version"), f"{where}.litellm_params.api_version"),
+            api_key=self.string(params.get("api_key"), f"{where}.litellm_params.api_key", secret=True),
+            access_groups=tuple(groups),
+            weight=float(weight),
+        )
+
+    def settings(self, section: dict) -> Settings:
+        defaults = Settings()
+        values: dict[str, Any] = {}
+        for key, value in section.items():
+            if key not in SETTINGS_ENV:
+                raise self.error(f"extauthz_settings.{key}",
+                                 f"unknown setting (known: {', '.join(sorted(SETTINGS_ENV))})")
+            values[key] = self.setting(key, value, type(getattr(defaults, key)), f"extauthz_settings.{key}")
+        for key, env in SETTINGS_ENV.items():
+            if env in self.environ:
+                values[key] = self.setting(key, self.environ[env], type(getattr(defaults, key)), f"${env}")
+        return dataclasses.replace(defaults, **values)
+
+    def setting(self, key: str, value: Any, kind: type, where: str) -> Any:
+        if isinstance(value, str) and kind is not str:
+            value = self.string(value, where)
+            try:
+                value = kind(value)
+            except ValueError:
+                raise self.error(where, f"expected {kind.__name__}, got {value!r}") from None
+        if kind is str:
+            value = self.string(value, where)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise self.error(where, f"expected {kind.__name__}, got {type(value).__name__}")
+        if kind is int and key.endswith(("port", "_ms", "_bytes")) and value <= 0:
+            raise self.error(where, "must be positive")
+        if key.endswith("_port") and value > 65535:
+            raise self.error(where, "not a TCP port")
+        return value

@@ -1,0 +1,266 @@
+"""Render the Envoy bootstrap that fronts the sidecar.
+
+Envoy asks the sidecar (gRPC ext_authz) about every LLM request, then routes it to the
+cluster named in the header the sidecar set. The sidecar's admin API is reached through
+the same listener, without ext_authz, because it authenticates callers itself.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any, TypeVar
+
+import yaml
+
+from extauthz import providers
+from extauthz.config import Config, Settings
+from extauthz.routing import CLUSTER_HEADER, MODEL_HEADER
+
+AUTHZ_CLUSTER = "extauthz"
+ADMIN_CLUSTER = "extauthz_admin"
+EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
+TRANSFORM_FILTER = "envoy.filters.http.transform"
+ROUTER_FILTER = "envoy.filters.http.router"
+CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
+# Non-streamed answers of large models can take minutes, silent until the first byte.
+LLM_TIMEOUT = "600s"
+# Envoy warns at start-up when there is no cap; this is its edge-proxy recommendation.
+MAX_DOWNSTREAM_CONNECTIONS = 50_000
+
+# Paths served by the admin API (extauthz/admin.py); everything else is an LLM call.
+ADMIN_PATHS = ("/v1/models", "/models")
+ADMIN_PREFIXES = ("/key/", "/team/", "/model/", "/v1/models/", "/models/", "/health/")
+# The admin API checks the master key itself, and its JSON bodies are not LLM requests.
+ADMIN_DISABLED_FILTERS = (EXT_AUTHZ_FILTER, TRANSFORM_FILTER)
+# Dynamic metadata the sidecar returns on a decision (see policy.py).
+EXT_AUTHZ_METADATA = ("key_alias", "key_hash", "team_id", "model", "deployment")
+
+T = TypeVar("T")
+
+
+def render(config: Config, listen_port: int | None = None, authz_port: int | None = None,
+           admin_port: int | None = None, envoy_admin_port: int | None = None,
+           authz_host: str | None = None, admin_host: str | None = None) -> dict[str, Any]:
+    """A complete v3 bootstrap; an argument left as None comes from ``config.settings``."""
+    s = config.settings
+    return {
+        "admin": {"address": _address("127.0.0.1", _pick(envoy_admin_port, s.envoy_admin_port))},
+        "static_resources": {
+            "listeners": [_listener(s, _pick(listen_port, s.listen_port))],
+            "clusters": [
+                _authz_cluster(_pick(authz_host, s.grpc_host), _pick(authz_port, s.grpc_port)),
+                _cluster(ADMIN_CLUSTER, _pick(admin_host, s.admin_host), _pick(admin_port, s.admin_port), "1s"),
+                *_upstream_clusters(config),
+            ],
+        },
+        "overload_manager": {"resource_monitors": [{
+            "name": "envoy.resource_monitors.global_downstream_max_connections",
+            "typed_config": _typed("envoy.extensions.resource_monitors.downstream_connections.v3."
+                                   "DownstreamConnectionsConfig",
+                                   max_active_downstream_connections=MAX_DOWNSTREAM_CONNECTIONS),
+        }]},
+    }
+
+
+def render_yaml(config: Config, listen_port: int | None = None, authz_port: int | None = None,
+                admin_port: int | None = None, envoy_admin_port: int | None = None,
+                authz_host: str | None = None, admin_host: str | None = None) -> str:
+    bootstrap = render(config, listen_port=listen_port, authz_port=authz_port, admin_port=admin_port,
+                       envoy_admin_port=envoy_admin_port, authz_host=authz_host, admin_host=admin_host)
+    return yaml.safe_dump(bootstrap, sort_keys=False)
+
+
+def _pick(value: T | None, default: T) -> T:
+    return default if value is None else value
+
+
+def _typed(type_name: str, **fields: Any) -> dict[str, Any]:
+    return {"@type": f"type.googleapis.com/{type_name}", **fields}
+
+
+def _address(host: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+# -- listener -----------------------------------------------------------------------------
+
+def _listener(s: Settings, port: int) -> dict[str, Any]:
+    hcm = _typed(
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        stat_prefix="extauthz_ingress",
+        generate_request_id=True,
+        use_remote_address=True,
+        # Admin routes skip ext_authz by path prefix, so Envoy must route on the path the
+        # admin API will see: "/v1/x/../../key/y" and "//key/y" are resolved first.
+        normalize_path=True,
+        merge_slashes=True,
+        access_log=[_access_log()],
+        http_filters=[_ext_authz_filter(s), _transform_filter(), _router_filter()],
+        route_config=_route_config(),
+    )
+    return {
+        "name": "ingress",
+        "address": _address("0.0.0.0", port),
+        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                        "typed_config": hcm}]}],
+    }
+
+
+def _access_log() -> dict[str, Any]:
+    fields = {
+        "start_time": "%START_TIME%",
+        "method": "%REQ(:METHOD)%",
+        # No query string: "/key/info?key=sk-..." would put a live key in the log.
+        "path": "%PATH(NQ:ORIG_OR_PATH)%",
+        "protocol": "%PROTOCOL%",
+        "response_code": "%RESPONSE_CODE%",
+        "response_flags": "%RESPONSE_FLAGS%",
+        "response_code_details": "%RESPONSE_CODE_DETAILS%",
+        "duration_ms": "%DURATION%",
+        "bytes_received": "%BYTES_RECEIVED%",
+        "bytes_sent": "%BYTES_SENT%",
+        "request_id": "%REQ(X-REQUEST-ID)%",
+        "upstream_cluster": "%UPSTREAM_CLUSTER%",
+        "upstream_host": "%UPSTREAM_HOST%",
+        # The sidecar's decision, so one line ties a request to its key and deployment.
+        **{key: f"%DYNAMIC_METADATA({EXT_AUTHZ_FILTER}:{key})%" for key in EXT_AUTHZ_METADATA},
+    }
+    return {"name": "envoy.access_loggers.stdout",
+            "typed_config": _typed("envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
+                                   log_format={"json_format": fields})}
+
+
+def _ext_authz_filter(s: Settings) -> dict[str, Any]:
+    return {"name": EXT_AUTHZ_FILTER, "typed_config": _typed(
+        "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+        grpc_service={"envoy_grpc": {"cluster_name": AUTHZ_CLUSTER},
+                      "timeout": f"{s.authz_timeout_ms / 1000:.3f}s"},
+        transport_api_version="V3",
+        # The sidecar reads "model" from the body and a cut body could hide it, so Envoy
+        # answers 413 itself above the limit. Bytes, because a body need not be UTF-8.
+        with_request_body={"max_request_bytes": s.max_request_bytes,
+                           "allow_partial_message": False, "pack_as_bytes": True},
+        # The sidecar picks the upstream through a header: the route must be chosen again.
+        clear_route_cache=True,
+        # Fail closed: a sidecar that does not answer must never mean "allowed".
+        failure_mode_allow=False,
+        status_on_error={"code": "ServiceUnavailable"},
+        include_peer_certificate=False,
+    )}
+
+
+def _transform_filter() -> dict[str, Any]:
+    # Writes the provider-side model name the sidecar chose into the body's top-level
+    # "model"; without the header (a deny never gets here) the body is left as it is.
+    body = {"action": "MERGE",
+            "body_format": {"omit_empty_values": True, "json_format": {"model": f"%REQ({MODEL_HEADER})%"}}}
+    return {"name": TRANSFORM_FILTER,
+            "typed_config": _typed("envoy.extensions.filters.http.transform.v3.TransformConfig",
+                                   request_transformation={"body_transformation": body})}
+
+
+def _router_filter() -> dict[str, Any]:
+    return {"name": ROUTER_FILTER, "typed_config": _typed("envoy.extensions.filters.http.router.v3.Router")}
+
+
+# -- routes -------------------------------------------------------------------------------
+
+def _route_config() -> dict[str, Any]:
+    matches = [{"path": p} for p in ADMIN_PATHS] + [{"prefix": p} for p in ADMIN_PREFIXES]
+    return {
+        "name": "extauthz_routes",
+        "virtual_hosts": [{"name": "all", "domains": ["*"],
+                           "routes": [*(_admin_route(m) for m in matches), _llm_route()]}],
+    }
+
+
+def _admin_route(match: dict[str, str]) -> dict[str, Any]:
+    disabled = _typed("envoy.config.route.v3.FilterConfig", disabled=True)
+    return {
+        "match": match,
+        "route": {"cluster": ADMIN_CLUSTER},
+        "typed_per_filter_config": {name: disabled for name in ADMIN_DISABLED_FILTERS},
+        # No ext_authz here to overwrite them, so a client's values are dropped.
+        "request_headers_to_remove": [CLUSTER_HEADER, MODEL_HEADER],
+    }
+
+
+def _llm_route() -> dict[str, Any]:
+    return {
+        "match": {"prefix": "/"},
+        "route": {
+            # The sidecar sets it on every allow, so a client's value never picks the upstream.
+            "cluster_header": CLUSTER_HEADER,
+            "timeout": LLM_TIMEOUT,
+            "idle_timeout": LLM_TIMEOUT,
+            # The sidecar sets :authority to the provider's host itself.
+            "auto_host_rewrite": False,
+        },
+        # Applied by the router, after routing and the transform filter have used them:
+        # internal headers the provider has no business seeing.
+        "request_headers_to_remove": [CLUSTER_HEADER, MODEL_HEADER],
+    }
+
+
+# -- clusters -----------------------------------------------------------------------------
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _cluster(name: str, host: str, port: int, connect_timeout: str, dns_type: str = "STRICT_DNS") -> dict[str, Any]:
+    cluster: dict[str, Any] = {
+        "name": name,
+        # An IP literal needs no resolver, and a STATIC cluster is ready at once.
+        "type": "STATIC" if _is_ip(host) else dns_type,
+        "connect_timeout": connect_timeout,
+        "load_assignment": {"cluster_name": name, "endpoints": [
+            {"lb_endpoints": [{"endpoint": {"address": _address(host, port)}}]}]},
+    }
+    if not _is_ip(host):
+        cluster["dns_lookup_family"] = "V4_PREFERRED"
+    return cluster
+
+
+def _authz_cluster(host: str, port: int) -> dict[str, Any]:
+    # The sidecar is local: a connect that takes long means it is down, so fail fast.
+    cluster = _cluster(AUTHZ_CLUSTER, host, port, "0.250s")
+    options = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    # gRPC runs over HTTP/2 only.
+    cluster["typed_extension_protocol_options"] = {
+        options: _typed(options, explicit_http_config={"http2_protocol_options": {}})}
+    return cluster
+
+
+def _upstream_clusters(config: Config) -> list[dict[str, Any]]:
+    upstreams: dict[str, providers.Upstream] = {}
+    for d in config.deployments:
+        u = providers.upstream(d.api_base)
+        upstreams.setdefault(u.cluster, u)
+    return [_upstream_cluster(u) for u in upstreams.values()]
+
+
+def _upstream_cluster(u: providers.Upstream) -> dict[str, Any]:
+    # LOGICAL_DNS: provider hosts answer from large, rotating address pools, where
+    # connecting to whatever DNS returns now beats tracking every address.
+    cluster = _cluster(u.cluster, u.host, u.port, "5s", "LOGICAL_DNS")
+    if u.tls:
+        cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": _tls_context(u.host)}
+    return cluster
+
+
+def _tls_context(host: str) -> dict[str, Any]:
+    ip = _is_ip(host)
+    validation = {
+        "trusted_ca": {"filename": CA_BUNDLE},
+        # Envoy checks the chain but not the name unless told to.
+        "match_typed_subject_alt_names": [{"san_type": "IP_ADDRESS" if ip else "DNS", "matcher": {"exact": host}}],
+    }
+    # SNI carries host names only (RFC 6066).
+    sni = {} if ip else {"sni": host}
+    return _typed("envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                  **sni, common_tls_context={"validation_context": validation})

@@ -1,0 +1,180 @@
+"""The decision, pure: request facts + key + team + catalog -> Allow or Deny.
+
+No I/O happens here: the caller looks the records up and passes the clock and a
+random draw in, so every rule is testable as a table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from extauthz.catalog import ALL_MODELS, ALL_TEAM_MODELS, Catalog, Resolution, matches
+from extauthz.records import KeyRecord, TeamRecord
+from extauthz.routing import Route
+
+LISTED_MODELS_MAX = 50
+
+
+@dataclass(frozen=True)
+class Problem:
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What a request says about itself, extracted from the CheckRequest."""
+
+    token: str | None
+    model: str | None
+    path: str = "/"
+    method: str = "POST"
+    token_problem: Problem | None = None
+    body_problem: Problem | None = None
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class Allow:
+    route: Route
+    headers: tuple[tuple[str, str], ...]
+    headers_to_remove: tuple[str, ...]
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Deny:
+    status: int
+    code: str
+    message: str
+    param: str | None = None
+    metadata: dict[str, Any] | None = None
+
+    @property
+    def type(self) -> str:
+        return ERROR_TYPES.get(self.status, "api_error")
+
+
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    500: "api_error",
+    503: "service_unavailable_error",
+}
+
+Decision = Allow | Deny
+
+MISSING_KEY = Problem("missing_api_key", "No API key: send it as 'Authorization: Bearer <key>'.")
+UNAVAILABLE = Deny(503, "authz_unavailable", "Authorization is temporarily unavailable; try again.")
+
+
+def admits(allowed: tuple[str, ...], resolution: Resolution) -> bool:
+    """Whether one allowed-models list admits a resolved model (empty list: every model)."""
+    if not allowed:
+        return True
+    name = resolution.requested
+    groups = resolution.group.access_groups
+    for entry in allowed:
+        if entry in ALL_MODELS or entry == name or entry in groups:
+            return True
+        if "*" in entry and matches(entry, name):
+            return True
+    return False
+
+
+def key_admits(key: KeyRecord, team: TeamRecord | None, resolution: Resolution) -> bool:
+    if ALL_TEAM_MODELS not in key.models:
+        return admits(key.models, resolution)
+    if team is not None:
+        return True  # the team's own list decides
+    others = tuple(m for m in key.models if m != ALL_TEAM_MODELS)
+    return bool(others) and admits(others, resolution)
+
+
+def visible_models(key: KeyRecord, team: TeamRecord | None, catalog: Catalog) -> list[str]:
+    """The model names a key can call; /v1/models and deny messages both use this."""
+    names = []
+    for group in catalog.groups.values():
+        resolution = Resolution(group.name, group)
+        if key_admits(key, team, resolution) and (team is None or admits(team.models, resolution)):
+            names.append(group.name)
+    return names
+
+
+def authenticate(facts: Facts, key: KeyRecord | None, team: TeamRecord | None, now: float) -> Deny | None:
+    """The checks that depend on the key alone, before any model is looked at."""
+    if facts.token is None:
+        problem = facts.token_problem or MISSING_KEY
+        return Deny(401, problem.code, problem.message)
+    if key is None:
+        return Deny(401, "invalid_api_key", "Invalid API key.")
+    meta = _metadata(facts, key)
+    if key.expires_at is not None and key.expires_at <= now:
+        return Deny(401, "key_expired", f"Key {key.label!r} has expired.", metadata=meta)
+    if key.blocked:
+        return Deny(403, "key_blocked", f"Key {key.label!r} is blocked.", metadata=meta)
+    if key.team_id is not None:
+        if team is None:
+            return Deny(403, "team_not_found", f"The team of key {key.label!r} does not exist.", metadata=meta)
+        if team.blocked:
+            return Deny(403, "team_blocked", f"Team {team.label!r} is blocked.", metadata=meta)
+    return None
+
+
+def decide(facts: Facts, key: KeyRecord | None, team: TeamRecord | None,
+           catalog: Catalog, now: float, draw: float = 0.0) -> Decision:
+    """``draw`` in [0, 1) picks among a model group's deployments by weight."""
+    denied = authenticate(facts, key, team, now)
+    if denied is not None:
+        return denied
+    assert key is not None
+    meta = _metadata(facts, key)
+    if facts.body_problem is not None:
+        return Deny(400, facts.body_problem.code, facts.body_problem.message, "model", meta)
+    model = facts.model or ""
+    resolution = catalog.resolve(model)
+    if resolution is None:
+        return _model_denied(model, "no such model", key, team, team is not None, catalog, meta)
+    if not key_admits(key, team, resolution):
+        return _model_denied(model, "not allowed", key, team, False, catalog, meta)
+    if team is not None and not admits(team.models, resolution):
+        return _model_denied(model, "not allowed", key, team, True, catalog, meta)
+    route = catalog.routes[_pick(resolution, draw)]
+    meta["deployment"] = route.deployment.name
+    return Allow(route, route.allow_headers(facts.path, resolution.capture), route.headers_to_remove, meta)
+
+
+def _model_denied(model: str, why: str, key: KeyRecord, team: TeamRecord | None, by_team: bool,
+                  catalog: Catalog, meta: dict[str, Any]) -> Deny:
+    who = f"team {team.label!r}" if by_team and team is not None else f"key {key.label!r}"
+    usable = visible_models(key, team, catalog)
+    shown = usable[:LISTED_MODELS_MAX]
+    more = f" and {len(usable) - len(shown)} more" if len(usable) > len(shown) else ""
+    return Deny(403, "model_not_allowed",
+                f"Invalid model for {who}: {model!r} ({why}). Valid models for {who}: {shown}{more}.",
+                "model", meta)
+
+
+def _pick(resolution: Resolution, draw: float) -> int:
+    deployments = resolution.group.deployments
+    if len(deployments) == 1:
+        return deployments[0].index
+    point = draw * sum(d.weight for d in deployments)
+    for d in deployments:
+        point -= d.weight
+        if point < 0:
+            return d.index
+    return deployments[-1].index
+
+
+def _metadata(facts: Facts, key: KeyRecord) -> dict[str, Any]:
+    meta: dict[str, Any] = {"key_hash": key.token_hash[:12], "model": facts.model or ""}
+    if key.key_alias:
+        meta["key_alias"] = key.key_alias
+    if key.team_id:
+        meta["team_id"] = key.team_id
+    return meta

@@ -1,0 +1,90 @@
+"""What each provider expects: default base URL and the header that carries its credential."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+DEFAULT_BASES = {
+    "openai": "https://api.openai.com/v1",
+    "azure": None,
+    "anthropic": "https://api.anthropic.com",
+    "groq": "https://api.groq.com/openai/v1",
+    "mistral": "https://api.mistral.ai/v1",
+    "deepseek": "https://api.deepseek.com/v1",
+    "together_ai": "https://api.together.xyz/v1",
+    "fireworks_ai": "https://api.fireworks.ai/inference/v1",
+    "openrouter": "https://openrouter.ai/api/v1",
+    "xai": "https://api.x.ai/v1",
+}
+
+# Headers through which a caller may present a virtual key; all are stripped on allow.
+CLIENT_KEY_HEADERS = ("authorization", "x-api-key", "api-key")
+
+
+def default_base(provider: str) -> str | None:
+    return DEFAULT_BASES.get(provider)
+
+
+def base_problem(api_base: str) -> str | None:
+    parts = urlsplit(api_base)
+    if parts.scheme not in ("http", "https"):
+        return f"{api_base!r} is not an http(s) URL"
+    if not parts.hostname:
+        return f"{api_base!r} names no host"
+    if parts.query or parts.fragment:
+        return f"{api_base!r} must not carry a query or fragment"
+    try:
+        parts.port
+    except ValueError:
+        return f"{api_base!r} has an invalid port"
+    return None
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """One network destination; Envoy gets one cluster per upstream."""
+
+    scheme: str
+    host: str
+    port: int
+    base_path: str
+
+    @property
+    def cluster(self) -> str:
+        host = "".join(c if c.isalnum() else "_" for c in self.host)
+        return f"upstream_{self.scheme}_{host}_{self.port}"
+
+    @property
+    def authority(self) -> str:
+        default = 443 if self.scheme == "https" else 80
+        return self.host if self.port == default else f"{self.host}:{self.port}"
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "https"
+
+
+def upstream(api_base: str) -> Upstream:
+    parts = urlsplit(api_base)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return Upstream(parts.scheme, parts.hostname or "", port, parts.path.rstrip("/"))
+
+
+def credential_header(provider: str, api_key: str) -> tuple[str, str]:
+    if provider == "azure":
+        return ("api-key", api_key)
+    if provider == "anthropic":
+        return ("x-api-key", api_key)
+    return ("authorization", f"Bearer {api_key}")
+
+
+def upstream_path(base_path: str, request_path: str) -> str:
+    """Join the base's path and the client's path without doubling a version segment
+    (``/v1`` base + ``/v1/chat/completions`` gives ``/v1/chat/completions``)."""
+    if not base_path:
+        return request_path
+    last = base_path.rsplit("/", 1)[-1]
+    if last and (request_path == f"/{last}" or request_path.startswith(f"/{last}/")):
+        request_path = request_path[len(last) + 1:]
+    return base_path + request_path

@@ -1,0 +1,70 @@
+"""The serving process: the gRPC Check and health services and the admin API on one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from extauthz.admin import AdminApi
+from extauthz.config import Config
+from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from extauthz.runtime import Runtime
+from extauthz.service import AuthorizationService
+from extauthz.store import RedisStore
+
+log = logging.getLogger("extauthz.server")
+
+AUTHZ_SERVICE = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
+
+
+@dataclass
+class RuntimeBox:
+    """The current runtime; swapping it is how a new config takes effect."""
+
+    current: Runtime
+
+    def __call__(self) -> Runtime:
+        return self.current
+
+
+async def serve(config: Config) -> None:
+    settings = config.settings
+    runtime = RuntimeBox(Runtime.of(config))
+    store = RedisStore(settings.redis_url, settings.redis_timeout_ms, settings.key_prefix)
+
+    server = grpc.aio.server()
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationService(runtime, store), server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    address = f"{settings.grpc_host}:{settings.grpc_port}"
+    if server.add_insecure_port(address) == 0:
+        raise OSError(f"cannot listen for gRPC on {address}")
+    await server.start()
+
+    runner = web.AppRunner(AdminApi(runtime, store).app(), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, settings.admin_host, settings.admin_port).start()
+
+    for service in ("", AUTHZ_SERVICE):
+        await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving Check on %s, admin API on %s:%s, %d deployments",
+             address, settings.admin_host, settings.admin_port, len(config.deployments))
+
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+
+    log.info("shutting down: health NOT_SERVING, finishing in-flight checks")
+    await health.enter_graceful_shutdown()
+    await server.stop(settings.shutdown_grace_s)
+    await runner.cleanup()
+    await store.close()

@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from tests import harness
+from tests.harness import MASTER_KEY, Envoy, Response, Sidecar, http
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("stack")
+
+
+@pytest.fixture(scope="session")
+def redis_port(workdir: Path) -> Iterator[int]:
+    proc, port = harness.start_redis(workdir)
+    yield port
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def upstream_port(workdir: Path) -> Iterator[int]:
+    proc, port = harness.start_upstream(workdir)
+    yield port
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def config_path(workdir: Path, upstream_port: int) -> Path:
+    return harness.write_config(workdir, upstream_port)
+
+
+@pytest.fixture(scope="session")
+def sidecar(workdir: Path, config_path: Path, redis_port: int) -> Iterator[Sidecar]:
+    side = harness.start_sidecar(workdir, config_path, f"redis://127.0.0.1:{redis_port}/0")
+    yield side
+    side.proc.stop()
+
+
+@pytest.fixture(scope="session")
+def envoy(workdir: Path, config_path: Path, sidecar: Sidecar) -> Iterator[Envoy]:
+    proxy = harness.start_envoy(workdir, config_path, sidecar)
+    yield proxy
+    proxy.proc.stop()
+
+
+@dataclass
+class Gateway:
+    """A client of the Envoy listener, the way users call it."""
+
+    envoy: Envoy
+    upstream_port: int
+
+    def admin(self, path: str, body: Any = None, method: str = "POST", key: str = MASTER_KEY) -> Response:
+        return http(method, self.envoy.url + path, body, {"Authorization": f"Bearer {key}"})
+
+    def new_key(self, **fields: Any) -> str:
+        r = self.admin("/key/generate", fields)
+        assert r.status == 200, r.text
+        return r.json()["key"]
+
+    def new_team(self, **fields: Any) -> str:
+        r = self.admin("/team/new", fields)
+        assert r.status == 200, r.text
+        return r.json()["team_id"]
+
+    def chat(self, key: str | None, model: Any, headers: dict[str, str] | None = None,
+             path: str = "/v1/chat/completions") -> Response:
+        all_headers = {"Authorization": f"Bearer {key}"} if key else {}
+        all_headers.update(headers or {})
+        body = {"model": model, "messages": [{"role": "user", "content": "Hello"}]}
+        return http("POST", self.envoy.url + path, body, all_headers)
+
+    def upstream_seen(self) -> list[dict]:
+        return http("GET", f"http://127.0.0.1:{self.upstream_port}/__fake/requests").json()
+
+    def forget_upstream(self) -> None:
+        http("DELETE", f"http://127.0.0.1:{self.upstream_port}/__fake/requests")
+
+
+@pytest.fixture(scope="session")
+def gateway(envoy: Envoy, upstream_port: int) -> Gateway:
+    return Gateway(envoy, upstream_port)

@@ -1,0 +1,198 @@
+"""Real processes for integration tests: redis-server, the fake upstream, the sidecar, Envoy.
+
+Each is started on a free port, waited for by a readiness probe (never a fixed sleep),
+and stopped by PID. A component that does not come up fails the test with its log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+EXAMPLE_CONFIG = ROOT / "examples" / "config.yaml"
+MASTER_KEY = "sk-1234"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Proc:
+    name: str
+    args: list[str]
+    log: Path
+    env: dict[str, str] | None = None
+    popen: subprocess.Popen | None = field(default=None, init=False)
+
+    def start(self) -> "Proc":
+        self._log_file = open(self.log, "ab")
+        self.popen = subprocess.Popen(self.args, stdout=self._log_file, stderr=subprocess.STDOUT,
+                                      env=self.env, cwd=ROOT, start_new_session=True)
+        return self
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+    def wait_ready(self, probe: Callable[[], bool], timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.popen.returncode}; log:\n{self.log_text()}")
+            if probe():
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.name} not ready after {timeout}s; log:\n{self.log_text()}")
+
+    def stop(self, sig_timeout: float = 10.0) -> int | None:
+        if self.popen is None or self.popen.poll() is not None:
+            return self.popen.returncode if self.popen else None
+        self.popen.terminate()
+        try:
+            self.popen.wait(sig_timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+        self._log_file.close()
+        return self.popen.returncode
+
+
+def tcp_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]
+    text: str
+
+    def json(self) -> Any:
+        return json.loads(self.text)
+
+
+def http(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None,
+         raw: bytes | None = None, timeout: float = 10.0) -> Response:
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    req = urllib.request.Request(url, data=data, method=method, headers=dict(headers or {}))
+    if data is not None and "Content-Type" not in req.headers:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return Response(r.status, {k.lower(): v for k, v in r.headers.items()}, r.read().decode())
+    except urllib.error.HTTPError as e:
+        return Response(e.code, {k.lower(): v for k, v in e.headers.items()}, e.read().decode())
+
+
+def http_ok(url: str) -> bool:
+    try:
+        return http("GET", url, timeout=1).status == 200
+    except OSError:
+        return False
+
+
+def start_redis(workdir: Path) -> tuple[Proc, int]:
+    port = free_port()
+    redis = shutil.which("redis-server")
+    if redis is None:
+        raise RuntimeError("redis-server is not installed: run scripts/ensure-redis-server")
+    proc = Proc("redis-server", [redis, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                 "--appendonly", "no", "--dir", str(workdir)], workdir / f"redis-{port}.log").start()
+    proc.wait_ready(lambda: _redis_ping(port))
+    return proc, port
+
+
+def _redis_ping(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def start_upstream(workdir: Path) -> tuple[Proc, int]:
+    port = free_port()
+    proc = Proc("fake upstream", [sys.executable, str(ROOT / "tools" / "fake_upstream.py"), "--port", str(port)],
+                workdir / f"upstream-{port}.log").start()
+    proc.wait_ready(lambda: http_ok(f"http://127.0.0.1:{port}/__fake/requests"))
+    return proc, port
+
+
+def write_config(workdir: Path, upstream_port: int, text: str | None = None) -> Path:
+    """The example config, pointed at this test's fake upstream."""
+    text = text if text is not None else EXAMPLE_CONFIG.read_text()
+    path = workdir / f"config-{upstream_port}.yaml"
+    path.write_text(text.replace("127.0.0.1:8081", f"127.0.0.1:{upstream_port}"))
+    return path
+
+
+@dataclass
+class Sidecar:
+    proc: Proc
+    grpc_port: int
+    admin_port: int
+
+    @property
+    def admin(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+
+def start_sidecar(workdir: Path, config: Path, redis_url: str, extra_env: dict[str, str] | None = None) -> Sidecar:
+    grpc_port, admin_port = free_port(), free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+    proc = Proc("extauthz", [sys.executable, "-m", "extauthz", "serve", "--config", str(config),
+                             "--redis-url", redis_url, "--grpc-port", str(grpc_port),
+                             "--admin-port", str(admin_port)], workdir / f"extauthz-{grpc_port}.log", env).start()
+    proc.wait_ready(lambda: http_ok(f"http://127.0.0.1:{admin_port}/health/liveliness") and tcp_open(grpc_port))
+    return Sidecar(proc, grpc_port, admin_port)
+
+
+@dataclass
+class Envoy:
+    proc: Proc
+    port: int
+    admin_port: int
+    config: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def render_envoy(config: Path, out: Path, listen: int, sidecar: Sidecar, envoy_admin: int) -> Path:
+    rendered = subprocess.run(
+        [sys.executable, "-m", "extauthz", "envoy-config", "--config", str(config), "--listen-port", str(listen),
+         "--authz-port", str(sidecar.grpc_port), "--admin-port", str(sidecar.admin_port),
+         "--envoy-admin-port", str(envoy_admin)], capture_output=True, text=True, cwd=ROOT)
+    if rendered.returncode != 0:
+        raise RuntimeError(f"envoy-config failed: {rendered.stderr}")
+    out.write_text(rendered.stdout)
+    return out
+
+
+def start_envoy(workdir: Path, config: Path, sidecar: Sidecar) -> Envoy:
+    port, admin_port = free_port(), free_port()
+    bootstrap = render_envoy(config, workdir / f"envoy-{port}.yaml", port, sidecar, admin_port)
+    proc = Proc("envoy", [str(BIN / "envoy"), "-c", str(bootstrap), "--disable-hot-restart",
+                          "--log-level", "warn"], workdir / f"envoy-{port}.log").start()
+    proc.wait_ready(lambda: http_ok(f"http://127.0.0.1:{admin_port}/ready"))
+    return Envoy(proc, port, admin_port, bootstrap)

@@ -1,0 +1,149 @@
+"""The admin API against a real redis-server: validation, LiteLLM field names, atomic updates."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from tests.harness import MASTER_KEY, Sidecar, http
+
+
+def call(sidecar: Sidecar, path: str, body: Any = None, method: str = "POST", key: str | None = MASTER_KEY,
+         raw: bytes | None = None):
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return http(method, sidecar.admin + path, body, headers, raw=raw)
+
+
+def error_code(r) -> str:
+    assert r.headers["content-type"].startswith("application/json"), r.text
+    return r.json()["error"]["code"]
+
+
+@pytest.mark.parametrize("key", [None, "sk-wrong", "sk-12345"])
+def test_admin_routes_need_the_master_key(sidecar: Sidecar, key: str | None) -> None:
+    for path, method in [("/key/generate", "POST"), ("/team/list", "GET"), ("/model/info", "GET")]:
+        r = call(sidecar, path, {} if method == "POST" else None, method, key=key)
+        assert r.status == 401 and error_code(r) == "unauthorized"
+
+
+@pytest.mark.parametrize("body,raw,status,param", [
+    (None, b"{oops", 400, None),
+    (None, b"[1, 2]", 400, None),
+    ({"models": "gpt-4"}, None, 400, "models"),
+    ({"models": ["gpt-4", 7]}, None, 400, "models"),
+    ({"models": ["no-such-model"]}, None, 400, "models"),
+    ({"team_id": "no-such-team"}, None, 400, "team_id"),
+    ({"duration": "forever"}, None, 400, "duration"),
+    ({"key_alias": 12}, None, 400, "key_alias"),
+    ({"blocked": "yes"}, None, 400, "blocked"),
+    ({"frobnicate": True}, None, 400, "frobnicate"),
+    ({"models": ["all-team-models"]}, None, 400, "models"),
+])
+def test_key_generate_rejects_bad_input(sidecar: Sidecar, body: Any, raw: bytes | None, status: int,
+                                        param: str | None) -> None:
+    r = call(sidecar, "/key/generate", body, raw=raw)
+    assert r.status == status, r.text
+    error = r.json()["error"]
+    assert error["message"] and error["param"] == param
+
+
+def test_unknown_model_error_lists_what_is_valid(sidecar: Sidecar) -> None:
+    r = call(sidecar, "/key/generate", {"models": ["gpt-5"]})
+    message = r.json()["error"]["message"]
+    assert "gpt-5" in message and "beta-models" in message and "gpt-4o" in message
+
+
+def test_key_models_must_be_within_the_team(sidecar: Sidecar) -> None:
+    team = call(sidecar, "/team/new", {"models": ["beta-models"]}).json()["team_id"]
+    r = call(sidecar, "/key/generate", {"team_id": team, "models": ["gpt-4o"]})
+    assert r.status == 400 and "gpt-4o" in r.json()["error"]["message"]
+    assert call(sidecar, "/key/generate", {"team_id": team, "models": ["gpt-4"]}).status == 200
+    assert call(sidecar, "/key/generate", {"team_id": team, "models": ["beta-models"]}).status == 200
+    assert call(sidecar, "/key/generate", {"team_id": team, "models": ["all-team-models"]}).status == 200
+
+
+def test_generated_key_is_stored_only_as_a_hash(sidecar: Sidecar, redis_port: int) -> None:
+    r = call(sidecar, "/key/generate", {"models": ["gpt-4"], "key_alias": "hash-check", "metadata": {"a": 1}})
+    body = r.json()
+    key = body["key"]
+    assert body["key_name"] == f"sk-...{key[-4:]}" and body["metadata"] == {"a": 1}
+    dump = subprocess.run(["redis-cli", "-p", str(redis_port), "--scan"], capture_output=True, text=True).stdout
+    values = subprocess.run(["redis-cli", "-p", str(redis_port), "get", f"extauthz:key:{body['token']}"],
+                            capture_output=True, text=True).stdout
+    assert key not in dump and key not in values and body["token"] in dump
+    info = call(sidecar, f"/key/info?key={key}", method="GET")
+    assert info.status == 200 and info.json()["info"]["key_alias"] == "hash-check"
+    assert key not in info.text
+    by_hash = call(sidecar, f"/key/info?key={body['token']}", method="GET")
+    assert by_hash.json()["info"]["token"] == body["token"]
+
+
+def test_key_alias_is_unique(sidecar: Sidecar) -> None:
+    results = list(ThreadPoolExecutor(10).map(
+        lambda _: call(sidecar, "/key/generate", {"key_alias": "only-one"}).status, range(10)))
+    assert sorted(results) == [200] + [409] * 9
+
+
+def test_concurrent_alias_changes_leave_one_alias(sidecar: Sidecar) -> None:
+    key = call(sidecar, "/key/generate", {}).json()["key"]
+    aliases = [f"race-{i}" for i in range(30)]
+    statuses = list(ThreadPoolExecutor(10).map(
+        lambda a: call(sidecar, "/key/update", {"key": key, "key_alias": a}).status, aliases))
+    assert statuses == [200] * 30
+    final = call(sidecar, f"/key/info?key={key}", method="GET").json()["info"]["key_alias"]
+    # Every alias the key no longer holds is free again: no stale alias record survived a race.
+    for alias in aliases:
+        r = call(sidecar, "/key/generate", {"key_alias": alias})
+        assert r.status == (409 if alias == final else 200), (alias, final)
+
+
+def test_concurrent_updates_of_different_fields_lose_nothing(sidecar: Sidecar) -> None:
+    keys = [call(sidecar, "/key/generate", {"models": ["gpt-4"]}).json()["key"] for _ in range(20)]
+    jobs = [("/key/block", {"key": k}) for k in keys] + \
+           [("/key/update", {"key": k, "models": ["gpt-4o"]}) for k in keys]
+    statuses = list(ThreadPoolExecutor(16).map(lambda job: call(sidecar, *job).status, jobs))
+    assert set(statuses) == {200}
+    for k in keys:
+        info = call(sidecar, f"/key/info?key={k}", method="GET").json()["info"]
+        assert info["blocked"] is True and info["models"] == ["gpt-4o"]
+
+
+def test_team_delete_racing_key_generate_leaves_no_orphan(sidecar: Sidecar) -> None:
+    teams = [call(sidecar, "/team/new", {"models": ["gpt-4"]}).json()["team_id"] for _ in range(15)]
+    jobs = [("/team/delete", {"team_ids": [t]}) for t in teams] + \
+           [("/key/generate", {"team_id": t}) for t in teams for _ in range(3)]
+    list(ThreadPoolExecutor(16).map(lambda job: call(sidecar, *job), jobs))
+    existing = {t["team_id"] for t in call(sidecar, "/team/list", method="GET").json()}
+    keys = call(sidecar, "/key/list?return_full_object=true&size=1000", method="GET").json()["keys"]
+    orphans = [k for k in keys if k.get("team_id") and k["team_id"] not in existing]
+    assert orphans == []
+
+
+def test_team_info_and_list(sidecar: Sidecar) -> None:
+    team = call(sidecar, "/team/new", {"team_alias": "info-team", "models": ["gpt-4"], "tpm_limit": 10}).json()
+    assert team["not_enforced"] == ["tpm_limit"]
+    key = call(sidecar, "/key/generate", {"team_id": team["team_id"]}).json()
+    info = call(sidecar, f"/team/info?team_id={team['team_id']}", method="GET").json()
+    assert info["team_info"]["team_alias"] == "info-team"
+    assert [k["token"] for k in info["keys"]] == [key["token"]]
+    assert call(sidecar, "/team/info?team_id=nope", method="GET").status == 404
+    assert call(sidecar, "/team/update", {"team_id": "nope", "models": []}).status == 404
+    assert call(sidecar, "/team/update", {"team_id": team["team_id"], "bogus": 1}).status == 400
+
+
+def test_model_info_hides_provider_keys(sidecar: Sidecar) -> None:
+    r = call(sidecar, "/model/info", method="GET")
+    assert r.status == 200
+    names = [m["model_name"] for m in r.json()["data"]]
+    assert "azure-gpt-3.5" in names and "openai/*" in names
+    assert "upstream" not in json.dumps([m["litellm_params"].get("api_key") for m in r.json()["data"]])
+    assert "azure-upstream-key" not in r.text and "sk-upstream" not in r.text
+
+
+def test_oversized_body_is_413(sidecar: Sidecar) -> None:
+    r = call(sidecar, "/key/generate", raw=b'{"metadata": "' + b"x" * (2 * 1024 * 1024) + b'"}')
+    assert r.status == 413 and error_code(r) == "request_too_large"

@@ -1,0 +1,256 @@
+"""The rendered Envoy bootstrap: accepted by Envoy itself, and shaped the way the sidecar needs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from extauthz import config as config_module
+from extauthz import envoy_config, providers
+from extauthz.config import Config
+from extauthz.routing import CLUSTER_HEADER, MODEL_HEADER
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "config.yaml"
+COMMITTED = ROOT / "envoy" / "envoy.yaml"
+ENVOY = Path(sys.executable).parent / "envoy"
+
+HTTPS_CONFIG = """
+model_list:
+  - model_name: gpt-4o
+    litellm_params: {model: openai/gpt-4o, api_base: "https://api.openai.com/v1", api_key: os.environ/OPENAI_API_KEY}
+  - model_name: gpt-4o-mini
+    litellm_params: {model: openai/gpt-4o-mini, api_key: os.environ/OPENAI_API_KEY}
+  - model_name: azure-gpt
+    litellm_params: {model: azure/gpt-deploy, api_base: "https://x.openai.azure.com", api_version: "2024-02-01",
+                     api_key: os.environ/AZURE_API_KEY}
+  - model_name: local
+    litellm_params: {model: openai/llama, api_base: "http://llm.internal:8000/v1"}
+"""
+
+ADMIN_PATHS = ["/v1/models", "/models"]
+ADMIN_PREFIXES = ["/key/", "/team/", "/model/", "/v1/models/", "/models/", "/health/"]
+
+
+def load(path: Path) -> Config:
+    # No environment: the rendered file must not depend on who renders it.
+    return config_module.load(str(path), environ={}, require_secrets=False)
+
+
+def validate(bootstrap: str, tmp_path: Path) -> None:
+    path = tmp_path / "envoy.yaml"
+    path.write_text(bootstrap)
+    run = subprocess.run([str(ENVOY), "--mode", "validate", "-c", str(path)],
+                         capture_output=True, text=True, timeout=60)
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output
+    assert "deprecated" not in output.lower(), output
+
+
+@pytest.fixture(scope="module")
+def example() -> dict[str, Any]:
+    return envoy_config.render(load(EXAMPLE))
+
+
+@pytest.fixture(scope="module")
+def https(tmp_path_factory: pytest.TempPathFactory) -> tuple[Config, dict[str, Any]]:
+    path = tmp_path_factory.mktemp("https") / "config.yaml"
+    path.write_text(HTTPS_CONFIG)
+    config = load(path)
+    return config, envoy_config.render(config)
+
+
+def hcm(bootstrap: dict[str, Any]) -> dict[str, Any]:
+    (listener,) = bootstrap["static_resources"]["listeners"]
+    (chain,) = listener["filter_chains"]
+    (network_filter,) = chain["filters"]
+    assert network_filter["name"] == "envoy.filters.network.http_connection_manager"
+    return network_filter["typed_config"]
+
+
+def http_filter(bootstrap: dict[str, Any], name: str) -> dict[str, Any]:
+    (found,) = [f["typed_config"] for f in hcm(bootstrap)["http_filters"] if f["name"] == name]
+    return found
+
+
+def routes(bootstrap: dict[str, Any]) -> list[dict[str, Any]]:
+    (vhost,) = hcm(bootstrap)["route_config"]["virtual_hosts"]
+    assert vhost["domains"] == ["*"]
+    return vhost["routes"]
+
+
+def clusters(bootstrap: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["name"]: c for c in bootstrap["static_resources"]["clusters"]}
+
+
+def endpoint(cluster: dict[str, Any]) -> tuple[str, int]:
+    (locality,) = cluster["load_assignment"]["endpoints"]
+    (lb_endpoint,) = locality["lb_endpoints"]
+    address = lb_endpoint["endpoint"]["address"]["socket_address"]
+    return address["address"], address["port_value"]
+
+
+# -- Envoy accepts it ---------------------------------------------------------------------
+
+def test_example_config_validates(tmp_path: Path) -> None:
+    validate(envoy_config.render_yaml(load(EXAMPLE)), tmp_path)
+
+
+def test_https_config_validates(https: tuple[Config, dict[str, Any]], tmp_path: Path) -> None:
+    config, _ = https
+    validate(envoy_config.render_yaml(config, listen_port=8080, authz_port=9100, admin_port=9200,
+                                      envoy_admin_port=9300, authz_host="authz.internal"), tmp_path)
+
+
+def test_committed_demo_config_is_current() -> None:
+    fresh = envoy_config.render_yaml(load(EXAMPLE))
+    assert COMMITTED.read_text() == fresh, "envoy/envoy.yaml is stale: re-render with `make envoy-config`"
+
+
+# -- what the sidecar relies on -----------------------------------------------------------
+
+def test_filter_order(example: dict[str, Any]) -> None:
+    names = [f["name"] for f in hcm(example)["http_filters"]]
+    assert names == ["envoy.filters.http.ext_authz", "envoy.filters.http.transform", "envoy.filters.http.router"]
+
+
+def test_ext_authz_fails_closed_and_sends_the_whole_body(example: dict[str, Any]) -> None:
+    settings = load(EXAMPLE).settings
+    authz = http_filter(example, "envoy.filters.http.ext_authz")
+    assert authz["@type"].endswith("envoy.extensions.filters.http.ext_authz.v3.ExtAuthz")
+    assert authz["grpc_service"]["envoy_grpc"] == {"cluster_name": "extauthz"}
+    assert authz["grpc_service"]["timeout"] == f"{settings.authz_timeout_ms / 1000:.3f}s"
+    assert authz["transport_api_version"] == "V3"
+    assert authz["failure_mode_allow"] is False
+    assert authz["status_on_error"] == {"code": "ServiceUnavailable"}  # HTTP 503
+    assert authz["clear_route_cache"] is True
+    assert authz["include_peer_certificate"] is False
+    assert authz["with_request_body"] == {"max_request_bytes": settings.max_request_bytes,
+                                          "allow_partial_message": False, "pack_as_bytes": True}
+
+
+def test_transform_writes_the_model_from_the_sidecar_header(example: dict[str, Any]) -> None:
+    transform = http_filter(example, "envoy.filters.http.transform")
+    assert transform["@type"] == "type.googleapis.com/envoy.extensions.filters.http.transform.v3.TransformConfig"
+    assert transform["request_transformation"]["body_transformation"] == {
+        "action": "MERGE",
+        "body_format": {"omit_empty_values": True, "json_format": {"model": f"%REQ({MODEL_HEADER})%"}},
+    }
+
+
+def test_connection_manager(example: dict[str, Any]) -> None:
+    manager = hcm(example)
+    assert manager["stat_prefix"]
+    assert manager["generate_request_id"] is True
+    assert manager["use_remote_address"] is True
+    (log,) = manager["access_log"]
+    assert log["name"] == "envoy.access_loggers.stdout"
+    fields = log["typed_config"]["log_format"]["json_format"]
+    values = set(fields.values())
+    for operator in ("%REQ(:METHOD)%", "%RESPONSE_CODE%", "%RESPONSE_FLAGS%", "%DURATION%",
+                     "%REQ(X-REQUEST-ID)%", "%UPSTREAM_CLUSTER%"):
+        assert operator in values, operator
+    assert any(v.startswith("%PATH(") for v in values)
+    for key in ("key_alias", "key_hash", "team_id", "model", "deployment"):
+        assert fields[key] == f"%DYNAMIC_METADATA(envoy.filters.http.ext_authz:{key})%"
+
+
+def test_admin_routes_skip_ext_authz_and_transform(example: dict[str, Any]) -> None:
+    admin = [r for r in routes(example) if r["route"].get("cluster") == "extauthz_admin"]
+    assert sorted(r["match"]["path"] for r in admin if "path" in r["match"]) == sorted(ADMIN_PATHS)
+    assert sorted(r["match"]["prefix"] for r in admin if "prefix" in r["match"]) == sorted(ADMIN_PREFIXES)
+    for route in admin:
+        per_filter = route["typed_per_filter_config"]
+        for name in ("envoy.filters.http.ext_authz", "envoy.filters.http.transform"):
+            assert per_filter[name] == {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
+                                        "disabled": True}
+        assert set(route["request_headers_to_remove"]) == {CLUSTER_HEADER, MODEL_HEADER}
+
+
+def test_everything_else_is_routed_by_the_sidecar_header(example: dict[str, Any]) -> None:
+    *admin, llm = routes(example)
+    assert all(r["route"]["cluster"] == "extauthz_admin" for r in admin)
+    assert llm["match"] == {"prefix": "/"}
+    assert llm["route"]["cluster_header"] == CLUSTER_HEADER
+    assert llm["route"]["auto_host_rewrite"] is False
+    assert int(llm["route"]["timeout"].rstrip("s")) >= 300
+    assert "typed_per_filter_config" not in llm  # ext_authz stays on for every LLM call
+    # Internal headers are not forwarded to the provider.
+    assert set(llm["request_headers_to_remove"]) == {CLUSTER_HEADER, MODEL_HEADER}
+
+
+def test_sidecar_clusters(example: dict[str, Any]) -> None:
+    settings = load(EXAMPLE).settings
+    by_name = clusters(example)
+    authz, admin = by_name["extauthz"], by_name["extauthz_admin"]
+    assert endpoint(authz) == (settings.grpc_host, settings.grpc_port)
+    assert endpoint(admin) == (settings.admin_host, settings.admin_port)
+    options = authz["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+    assert "http2_protocol_options" in options["explicit_http_config"]
+    assert "typed_extension_protocol_options" not in admin  # plain HTTP/1.1
+    assert example["admin"]["address"]["socket_address"] == {"address": "127.0.0.1",
+                                                             "port_value": settings.envoy_admin_port}
+    (listener,) = example["static_resources"]["listeners"]
+    assert listener["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": settings.listen_port}
+
+
+def test_one_cluster_per_upstream(example: dict[str, Any]) -> None:
+    config = load(EXAMPLE)
+    upstream_names = [n for n in clusters(example) if n not in ("extauthz", "extauthz_admin")]
+    expected = {providers.upstream(d.api_base).cluster for d in config.deployments}
+    assert len(upstream_names) == len(set(upstream_names)) == len(expected)
+    assert set(upstream_names) == expected
+    for name in upstream_names:
+        assert "transport_socket" not in clusters(example)[name]  # the example's upstream is plain HTTP
+
+
+def test_https_upstreams_get_tls_with_sni(https: tuple[Config, dict[str, Any]]) -> None:
+    _, bootstrap = https
+    by_name = clusters(bootstrap)
+    # Two deployments share api.openai.com (one through the provider's default base).
+    assert set(by_name) == {"extauthz", "extauthz_admin", "upstream_https_api_openai_com_443",
+                            "upstream_https_x_openai_azure_com_443", "upstream_http_llm_internal_8000"}
+    for host in ("api.openai.com", "x.openai.azure.com"):
+        cluster = by_name[f"upstream_https_{host.replace('.', '_')}_443"]
+        assert endpoint(cluster) == (host, 443)
+        assert cluster["type"] in ("STRICT_DNS", "LOGICAL_DNS")
+        assert cluster["dns_lookup_family"] == "V4_PREFERRED"
+        socket = cluster["transport_socket"]
+        assert socket["name"] == "envoy.transport_sockets.tls"
+        tls = socket["typed_config"]
+        assert tls["@type"].endswith("envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext")
+        assert tls["sni"] == host
+        validation = tls["common_tls_context"]["validation_context"]
+        assert validation["trusted_ca"] == {"filename": "/etc/ssl/certs/ca-certificates.crt"}
+        assert validation["match_typed_subject_alt_names"] == [{"san_type": "DNS", "matcher": {"exact": host}}]
+    plain = by_name["upstream_http_llm_internal_8000"]
+    assert endpoint(plain) == ("llm.internal", 8000)
+    assert "transport_socket" not in plain
+
+
+def test_overrides_are_honoured(https: tuple[Config, dict[str, Any]]) -> None:
+    config, _ = https
+    bootstrap = yaml.safe_load(envoy_config.render_yaml(
+        config, listen_port=8080, authz_port=9100, admin_port=9200, envoy_admin_port=9300,
+        authz_host="authz.internal", admin_host="10.1.2.3"))
+    (listener,) = bootstrap["static_resources"]["listeners"]
+    assert listener["address"]["socket_address"]["port_value"] == 8080
+    assert bootstrap["admin"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 9300}
+    by_name = clusters(bootstrap)
+    assert endpoint(by_name["extauthz"]) == ("authz.internal", 9100)
+    assert by_name["extauthz"]["type"] == "STRICT_DNS"
+    assert endpoint(by_name["extauthz_admin"]) == ("10.1.2.3", 9200)
+    assert by_name["extauthz_admin"]["type"] == "STATIC"
+
+
+def test_settings_are_the_defaults_for_ports(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(HTTPS_CONFIG + "extauthz_settings: {grpc_host: localhost, grpc_port: 9555, envoy_admin_port: 19901}\n")
+    bootstrap = envoy_config.render(load(path))
+    assert bootstrap["admin"]["address"]["socket_address"]["port_value"] == 19901
+    assert endpoint(clusters(bootstrap)["extauthz"]) == ("localhost", 9555)
