@@ -170,7 +170,10 @@ def _route_config() -> dict[str, Any]:
     return {
         "name": "extauthz_routes",
         "virtual_hosts": [{"name": "all", "domains": ["*"],
-                           "routes": [*(_admin_route(m) for m in matches), _llm_route()]}],
+                           # After an allow the sidecar's header is present and the rewritten
+                           # path must reach the provider, whatever prefix it starts with.
+                           "routes": [_llm_route(after_allow=True), *(_admin_route(m) for m in matches),
+                                      _llm_route()]}],
     }
 
 
@@ -185,9 +188,12 @@ def _admin_route(match: dict[str, str]) -> dict[str, Any]:
     }
 
 
-def _llm_route() -> dict[str, Any]:
+def _llm_route(after_allow: bool = False) -> dict[str, Any]:
+    match: dict[str, Any] = {"prefix": "/"}
+    if after_allow:
+        match["headers"] = [{"name": CLUSTER_HEADER, "present_match": True}]
     return {
-        "match": {"prefix": "/"},
+        "match": match,
         "route": {
             # The sidecar sets it on every allow, so a client's value never picks the upstream.
             "cluster_header": CLUSTER_HEADER,

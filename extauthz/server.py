@@ -39,12 +39,17 @@ async def serve(config: Config) -> None:
     runtime = RuntimeBox(Runtime.of(config))
     store = RedisStore(settings.redis_url, settings.redis_timeout_ms, settings.key_prefix)
 
-    server = grpc.aio.server()
+    # No SO_REUSEPORT: a second instance on the same port must fail, not silently share it.
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationService(runtime, store), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     address = f"{settings.grpc_host}:{settings.grpc_port}"
-    if server.add_insecure_port(address) == 0:
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError:
+        bound = 0
+    if bound == 0:
         raise OSError(f"cannot listen for gRPC on {address}")
     await server.start()
 

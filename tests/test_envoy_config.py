@@ -173,8 +173,11 @@ def test_admin_routes_skip_ext_authz_and_transform(example: dict[str, Any]) -> N
 
 
 def test_everything_else_is_routed_by_the_sidecar_header(example: dict[str, Any]) -> None:
-    *admin, llm = routes(example)
+    allowed, *admin, llm = routes(example)
     assert all(r["route"]["cluster"] == "extauthz_admin" for r in admin)
+    # Once allowed, the rewritten path goes upstream even if it starts like an admin path.
+    assert allowed["match"] == {"prefix": "/", "headers": [{"name": CLUSTER_HEADER, "present_match": True}]}
+    assert allowed["route"] == llm["route"]
     assert llm["match"] == {"prefix": "/"}
     assert llm["route"]["cluster_header"] == CLUSTER_HEADER
     assert llm["route"]["auto_host_rewrite"] is False
@@ -250,7 +253,8 @@ def test_overrides_are_honoured(https: tuple[Config, dict[str, Any]]) -> None:
 
 def test_settings_are_the_defaults_for_ports(tmp_path: Path) -> None:
     path = tmp_path / "config.yaml"
-    path.write_text(HTTPS_CONFIG + "extauthz_settings: {grpc_host: localhost, grpc_port: 9555, envoy_admin_port: 19901}\n")
+    settings = "extauthz_settings: {grpc_host: localhost, grpc_port: 9555, envoy_admin_port: 19901}\n"
+    path.write_text(HTTPS_CONFIG + settings)
     bootstrap = envoy_config.render(load(path))
     assert bootstrap["admin"]["address"]["socket_address"]["port_value"] == 19901
     assert endpoint(clusters(bootstrap)["extauthz"]) == ("localhost", 9555)
