@@ -53,7 +53,7 @@ class KeyRecord:
 
     @property
     def label(self) -> str:
-        return self.key_alias or f"key {self.token_hash[:12]}"
+        return self.key_alias or self.document.get("key_name") or self.token_hash[:12]
 
     @classmethod
     def from_document(cls, doc: dict[str, Any]) -> "KeyRecord":

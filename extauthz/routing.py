@@ -27,7 +27,10 @@ class Route:
     @classmethod
     def of(cls, d: Deployment) -> "Route":
         upstream = providers.upstream(d.api_base)
-        headers = [(CLUSTER_HEADER, upstream.cluster), (":authority", upstream.authority)]
+        # The body was parsed as JSON to be checked; saying so makes Envoy's transform filter
+        # rewrite "model" even when the client sent no or another content type.
+        headers = [(CLUSTER_HEADER, upstream.cluster), (":authority", upstream.authority),
+                   ("content-type", "application/json")]
         if d.api_key:
             headers.append(providers.credential_header(d.provider, d.api_key))
         overwritten = {name for name, _ in headers}

@@ -93,7 +93,7 @@ def http(method: str, url: str, body: Any = None, headers: dict[str, str] | None
          raw: bytes | None = None, timeout: float = 10.0) -> Response:
     data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
     req = urllib.request.Request(url, data=data, method=method, headers=dict(headers or {}))
-    if data is not None and "Content-Type" not in req.headers:
+    if data is not None and not req.has_header("Content-type"):
         req.add_header("Content-Type", "application/json")
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:

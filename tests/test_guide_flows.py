@@ -193,3 +193,14 @@ def test_v1_models_lists_exactly_what_the_key_can_call(gateway: Gateway) -> None
     assert gateway.admin("/v1/models/gpt-4", method="GET", key=key).status == 200
     assert_error(gateway.admin("/v1/models/gpt-4o", method="GET", key=key), 404, "model_not_found")
     assert_error(gateway.admin("/v1/models", method="GET", key="sk-nope"), 401, "invalid_api_key")
+
+
+def test_model_is_rewritten_whatever_the_content_type(gateway: Gateway) -> None:
+    """curl -d sends form encoding; the checked JSON body must still reach the provider rewritten."""
+    from tests.harness import http
+    key = gateway.new_key(models=["default-models"])
+    for content_type in ("application/x-www-form-urlencoded", "text/plain"):
+        r = http("POST", gateway.envoy.url + "/v1/chat/completions", raw=b'{"model": "openai/gpt-4o", "messages": []}',
+                 headers={"Authorization": f"Bearer {key}", "Content-Type": content_type})
+        assert_reached(r, ("authorization", "Bearer sk-upstream-openai-wildcard"), "gpt-4o",
+                       "/v1/chat/completions", key)
