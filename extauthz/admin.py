@@ -48,6 +48,15 @@ def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat()
 
 
+def applying(changes: dict[str, Any]) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """A record update; it runs inside the store's transaction, on the current record."""
+    def change(doc: dict[str, Any]) -> dict[str, Any]:
+        doc.update(changes)
+        doc["updated_at"] = now_iso()
+        return doc
+    return change
+
+
 def lower_headers(request: web.Request) -> dict[str, str]:
     return {k.lower(): v for k, v in request.headers.items()}
 
@@ -113,6 +122,10 @@ class AdminApi:
             if e.status >= 400:
                 return error_response(Deny(e.status, "http_error", e.reason))
             raise
+        except Exception:
+            # The traceback names code, not request values, so no key reaches the log.
+            log.exception("admin %s %s failed", request.method, request.path)
+            return error_response(Deny(500, "internal_error", "The admin API failed; nothing was changed."))
 
     @web.middleware
     async def auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -150,26 +163,14 @@ class AdminApi:
         body = await self.body(request)
         token_hash = token_hash_of(body.get("key"))
         changes = fixed if fixed is not None else schema.key_fields(body, self.runtime().catalog, {"key"})
-
-        def change(doc: dict[str, Any]) -> dict[str, Any]:
-            doc.update(changes)
-            doc["updated_at"] = now_iso()
-            return doc
-
-        doc = await self.store.update_key(token_hash, change, self.check_team)
+        doc = await self.store.update_key(token_hash, applying(changes), self.check_team)
         return web.json_response(self.key_view(doc))
 
     async def update_team(self, request: web.Request, fixed: dict[str, Any] | None = None) -> web.Response:
         body = await self.body(request)
         team_id = schema.expect(body, "team_id", str, nullable=False)
         changes = fixed if fixed is not None else schema.team_fields(body, self.runtime().catalog, {"team_id"})
-
-        def change(doc: dict[str, Any]) -> dict[str, Any]:
-            doc.update(changes)
-            doc["updated_at"] = now_iso()
-            return doc
-
-        doc = await self.store.update_team(team_id, change)
+        doc = await self.store.update_team(team_id, applying(changes))
         return web.json_response(dict(doc, not_enforced=schema.not_enforced(doc)))
 
     # -- keys -----------------------------------------------------------------------------

@@ -69,23 +69,29 @@ def models_list(body: dict[str, Any], catalog: Catalog) -> list[str] | None:
     return models
 
 
-def key_fields(body: dict[str, Any], catalog: Catalog, extra: set[str] = frozenset()) -> dict[str, Any]:
-    """The stored fields a /key/generate or /key/update body sets (only those present)."""
-    reject_unknown(body, KEY_FIELDS | extra)
+def record_fields(body: dict[str, Any], catalog: Catalog, allowed: set[str]) -> dict[str, Any]:
+    """The fields keys and teams share: models, metadata, blocked and the not-enforced ones."""
+    reject_unknown(body, allowed)
     out: dict[str, Any] = {k: body[k] for k in body if k in NOT_ENFORCED}
     models = models_list(body, catalog)
     if models is not None:
         out["models"] = models
+    if "metadata" in body:
+        out["metadata"] = expect(body, "metadata", dict) or {}
+    if "blocked" in body:
+        out["blocked"] = bool(expect(body, "blocked", bool))
+    return out
+
+
+def key_fields(body: dict[str, Any], catalog: Catalog, extra: set[str] = frozenset()) -> dict[str, Any]:
+    """The stored fields a /key/generate or /key/update body sets (only those present)."""
+    out = record_fields(body, catalog, KEY_FIELDS | extra)
     for name in ("team_id", "key_alias"):
         if name in body:
             value = expect(body, name, str)
             if value == "":
                 raise Invalid(f"'{name}' must not be empty", name)
             out[name] = value
-    if "metadata" in body:
-        out["metadata"] = expect(body, "metadata", dict) or {}
-    if "blocked" in body:
-        out["blocked"] = bool(expect(body, "blocked", bool))
     if body.get("duration") is not None:
         out["expires"] = format_time(time.time() + duration_seconds(expect(body, "duration", str)))
     elif "expires" in body:
@@ -100,17 +106,9 @@ def key_fields(body: dict[str, Any], catalog: Catalog, extra: set[str] = frozens
 
 
 def team_fields(body: dict[str, Any], catalog: Catalog, extra: set[str] = frozenset()) -> dict[str, Any]:
-    reject_unknown(body, TEAM_FIELDS | extra)
-    out: dict[str, Any] = {k: body[k] for k in body if k in NOT_ENFORCED}
-    models = models_list(body, catalog)
-    if models is not None:
-        out["models"] = models
+    out = record_fields(body, catalog, TEAM_FIELDS | extra)
     if "team_alias" in body:
         out["team_alias"] = expect(body, "team_alias", str)
-    if "metadata" in body:
-        out["metadata"] = expect(body, "metadata", dict) or {}
-    if "blocked" in body:
-        out["blocked"] = bool(expect(body, "blocked", bool))
     return out
 
 

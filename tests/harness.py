@@ -59,14 +59,15 @@ class Proc:
         raise RuntimeError(f"{self.name} not ready after {timeout}s; log:\n{self.log_text()}")
 
     def stop(self, sig_timeout: float = 10.0) -> int | None:
-        if self.popen is None or self.popen.poll() is not None:
-            return self.popen.returncode if self.popen else None
-        self.popen.terminate()
-        try:
-            self.popen.wait(sig_timeout)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait()
+        if self.popen is None:
+            return None
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(sig_timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
         self._log_file.close()
         return self.popen.returncode
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import sys
 from pathlib import Path
 
 from tests import harness
@@ -19,12 +20,13 @@ def test_sigterm_exits_zero(workdir: Path, config_path: Path, redis_port: int) -
 
 def test_port_in_use_fails_with_a_message(workdir: Path, config_path: Path, redis_port: int) -> None:
     first = harness.start_sidecar(workdir, config_path, f"redis://127.0.0.1:{redis_port}/0")
+    second = harness.Proc("extauthz", [sys.executable, "-m", "extauthz", "serve", "--config", str(config_path),
+                                       "--grpc-port", str(first.grpc_port), "--admin-port", str(harness.free_port())],
+                          workdir / "port-clash.log")
     try:
-        second = harness.Proc("extauthz", [harness.sys.executable, "-m", "extauthz", "serve", "--config",
-                                           str(config_path), "--grpc-port", str(first.grpc_port),
-                                           "--admin-port", str(harness.free_port())],
-                              workdir / "port-clash.log").start()
+        second.start()
         assert second.popen.wait(30) == 1
         assert "cannot start" in second.log_text() and "Traceback" not in second.log_text()
     finally:
+        second.stop()
         first.proc.stop()
