@@ -19,7 +19,8 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from extauthz import admin_schema as schema
-from extauthz.policy import Deny, Facts, authenticate, visible_models
+from extauthz.facts import Facts
+from extauthz.policy import Deny, authenticate, visible_models
 from extauthz.records import hash_token
 from extauthz.request import credentials
 from extauthz.runtime import Runtime
@@ -313,7 +314,9 @@ class AdminApi:
         return visible_models(key, team, runtime.catalog)
 
     def model_entry(self, name: str) -> dict[str, Any]:
-        group = self.runtime().catalog.groups[name]
+        resolution = self.runtime().catalog.resolve(name)
+        assert resolution is not None
+        group = resolution.group
         return {"id": name, "object": "model", "created": 0, "owned_by": group.deployments[0].provider}
 
     async def models(self, request: web.Request) -> web.Response:

@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from extauthz.catalog import ALL_MODELS, ALL_TEAM_MODELS, SPECIAL_ENTRIES, Catalog, Resolution, matches
-from extauthz.policy import admits
+from extauthz.policy import admits, list_admits
 from extauthz.records import NOT_ENFORCED, format_time, parse_time
 
 DURATION = re.compile(r"(\d+)(s|m|h|d|w|mo)")
@@ -137,6 +137,7 @@ def within(entry: str, team_models: tuple[str, ...], catalog: Catalog) -> bool:
     if entry in catalog.access_groups:
         return all(admits(team_models, Resolution(name, catalog.groups[name]))
                    for name in catalog.access_groups[entry])
-    if entry in catalog.groups:
-        return admits(team_models, Resolution(entry, catalog.groups[entry]))
+    if entry in catalog.groups or entry in catalog.aliases:
+        resolution = catalog.resolve(entry)
+        return resolution is not None and list_admits(team_models, resolution)
     return any("*" in t and matches(t, entry) for t in team_models)

@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-from extauthz.config import Deployment
-from extauthz.routing import Route
+from extauthz.config import Alias, Deployment, PassThroughConfig
+from extauthz.routing import PassThroughRoute, Route
 
 # Entries of an allowed-models list that are not model or group names.
 ALL_MODELS = frozenset({"*", "all-proxy-models"})
@@ -50,10 +50,12 @@ class Resolution:
     requested: str
     group: ModelGroup
     capture: str | None = None
+    alias_of: str | None = None  # the model group an alias named
 
 
 class Catalog:
-    def __init__(self, deployments: tuple[Deployment, ...]) -> None:
+    def __init__(self, deployments: tuple[Deployment, ...], aliases: tuple[Alias, ...] = (),
+                 pass_through: tuple[PassThroughConfig, ...] = ()) -> None:
         by_name: dict[str, list[Deployment]] = {}
         for d in deployments:
             by_name.setdefault(d.model_name, []).append(d)
@@ -71,13 +73,18 @@ class Catalog:
             for access_group in sorted(group.access_groups):
                 members.setdefault(access_group, []).append(group.name)
         self.access_groups: dict[str, tuple[str, ...]] = {k: tuple(v) for k, v in members.items()}
+        self.aliases: dict[str, Alias] = {a.name: a for a in aliases}
         self.routes: dict[int, Route] = {d.index: Route.of(d) for d in deployments}
+        self.pass_through: tuple[PassThroughRoute, ...] = tuple(PassThroughRoute.of(c) for c in pass_through)
         self.resolve = lru_cache(maxsize=65536)(self._resolve)
 
     def _resolve(self, name: str) -> Resolution | None:
         group = self.groups.get(name)
         if group is not None:
             return Resolution(name, group)
+        alias = self.aliases.get(name)
+        if alias is not None:
+            return Resolution(name, self.groups[alias.target], alias_of=alias.target)
         for group in self.patterns:
             m = wildcard(group.name).fullmatch(name)
             if m is not None:
@@ -89,5 +96,5 @@ class Catalog:
 
     def knows_entry(self, entry: str) -> bool:
         """Whether an allowed-models entry means something here (admin API validation)."""
-        return (entry in SPECIAL_ENTRIES or entry in self.groups
+        return (entry in SPECIAL_ENTRIES or entry in self.groups or entry in self.aliases
                 or entry in self.access_groups or "*" in entry)

@@ -16,12 +16,13 @@ from typing import Any, Mapping
 import yaml
 
 from extauthz import providers
+from extauthz.endpoints import classify
 
 ENV_PREFIX = "os.environ/"
 
 # LiteLLM sections that a config may carry and that this service does not use.
 IGNORED_SECTIONS = frozenset({
-    "litellm_settings", "router_settings", "environment_variables", "callback_settings",
+    "litellm_settings", "environment_variables", "callback_settings",
     "guardrails", "credential_list", "mcp_servers", "mcp_aliases", "search_tools",
     "vector_store_registry", "files_settings", "finetune_settings", "assistant_settings",
     "include", "prompts",
@@ -76,12 +77,33 @@ class Deployment:
 
 
 @dataclass(frozen=True)
+class Alias:
+    """``router_settings.model_group_alias``: a requested name served by another model group."""
+
+    name: str
+    target: str
+    hidden: bool = False
+
+
+@dataclass(frozen=True)
+class PassThroughConfig:
+    """``general_settings.pass_through_endpoints``: a path forwarded after key authentication."""
+
+    path: str
+    target: str
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    include_subpath: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     deployments: tuple[Deployment, ...]
     master_key: str | None = field(repr=False)
     settings: Settings
     warnings: tuple[str, ...] = ()
+    aliases: tuple[Alias, ...] = ()
+    pass_through: tuple[PassThroughConfig, ...] = ()
 
 
 def load(path: str, environ: Mapping[str, str] | None = None, require_secrets: bool = True) -> Config:
@@ -138,7 +160,7 @@ class _Parser:
         for key in top:
             if key in IGNORED_SECTIONS:
                 self.warnings.append(f"{key}: LiteLLM section not used by extauthz, ignored")
-            elif key not in ("model_list", "general_settings", "extauthz_settings"):
+            elif key not in ("model_list", "general_settings", "router_settings", "extauthz_settings"):
                 raise self.error(str(key), "unknown top-level key")
         models = top.get("model_list")
         if not isinstance(models, list) or not models:
@@ -149,7 +171,65 @@ class _Parser:
         if master_key is not None and not master_key:
             raise self.error("general_settings.master_key", "must not be empty")
         settings = self.settings(self.mapping(top.get("extauthz_settings"), "extauthz_settings"))
-        return Config(self.file, deployments, master_key, settings, tuple(self.warnings))
+        router = self.mapping(top.get("router_settings"), "router_settings")
+        ignored = sorted(str(k) for k in router if k != "model_group_alias")
+        if ignored:
+            self.warnings.append(f"router_settings: not used by extauthz: {', '.join(ignored)}")
+        aliases = self.aliases(router.get("model_group_alias"), {d.model_name for d in deployments})
+        pass_through = tuple(self.pass_through(i, e) for i, e in enumerate(
+            self.sequence(general.get("pass_through_endpoints"), "general_settings.pass_through_endpoints")))
+        return Config(self.file, deployments, master_key, settings, tuple(self.warnings), aliases, pass_through)
+
+    def sequence(self, value: Any, where: str) -> list:
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise self.error(where, f"expected a list, got {type(value).__name__}")
+        return value
+
+    def aliases(self, raw: Any, model_names: set[str]) -> tuple[Alias, ...]:
+        out = []
+        for name, value in self.mapping(raw, "router_settings.model_group_alias").items():
+            where = f"router_settings.model_group_alias.{name}"
+            hidden = False
+            if isinstance(value, dict):
+                unknown = sorted(set(value) - {"model", "hidden"})
+                if unknown:
+                    raise self.error(f"{where}.{unknown[0]}", "unknown key (expected model, hidden)")
+                hidden = value.get("hidden", False)
+                if not isinstance(hidden, bool):
+                    raise self.error(f"{where}.hidden", "expected true or false")
+                value = value.get("model")
+            if not isinstance(value, str) or value not in model_names:
+                raise self.error(where, f"must name a model_name of model_list, got {value!r}")
+            if name in model_names:
+                raise self.error(where, "an alias cannot have the name of a model in model_list")
+            out.append(Alias(str(name), value, hidden))
+        return tuple(out)
+
+    def pass_through(self, index: int, entry: Any) -> PassThroughConfig:
+        where = f"general_settings.pass_through_endpoints[{index}]"
+        entry = self.mapping(entry, where)
+        for key in entry:
+            if key not in ("path", "target", "headers", "include_subpath"):
+                self.warnings.append(f"{where}.{key}: not used by extauthz (key authentication is always on)")
+        path = self.string(entry.get("path"), f"{where}.path")
+        if not path or not path.startswith("/") or "?" in path:
+            raise self.error(f"{where}.path", "must be a path starting with '/'")
+        path = path.rstrip("/") or "/"
+        if path == "/" or classify(path) is not None or classify(path + "/x") is not None:
+            raise self.error(f"{where}.path", f"{path!r} overlaps the LLM endpoints, whose model is checked")
+        target = self.string(entry.get("target"), f"{where}.target")
+        problem = providers.base_problem(target) if target else "is required"
+        if problem:
+            raise self.error(f"{where}.target", problem)
+        headers = self.mapping(entry.get("headers"), f"{where}.headers")
+        pairs = tuple((str(k).lower(), self.string(v, f"{where}.headers.{k}", secret=True) or "")
+                      for k, v in headers.items())
+        subpath = entry.get("include_subpath", False)
+        if not isinstance(subpath, bool):
+            raise self.error(f"{where}.include_subpath", "expected true or false")
+        return PassThroughConfig(path, target, pairs, subpath)
 
     def deployment(self, index: int, entry: Any) -> Deployment:
         where = f"model_list[{index}]"

@@ -18,6 +18,7 @@ from extauthz.routing import CLUSTER_HEADER, MODEL_HEADER
 
 AUTHZ_CLUSTER = "extauthz"
 ADMIN_CLUSTER = "extauthz_admin"
+DECOMPRESSOR_FILTER = "envoy.filters.http.decompressor"
 EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
 TRANSFORM_FILTER = "envoy.filters.http.transform"
 ROUTER_FILTER = "envoy.filters.http.router"
@@ -95,7 +96,7 @@ def _listener(s: Settings, port: int) -> dict[str, Any]:
         normalize_path=True,
         merge_slashes=True,
         access_log=[_access_log()],
-        http_filters=[_ext_authz_filter(s), _transform_filter(), _router_filter()],
+        http_filters=[_decompressor_filter(), _ext_authz_filter(s), _transform_filter(), _router_filter()],
         route_config=_route_config(),
     )
     return {
@@ -128,6 +129,22 @@ def _access_log() -> dict[str, Any]:
     return {"name": "envoy.access_loggers.stdout",
             "typed_config": _typed("envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
                                    log_format={"json_format": fields})}
+
+
+def _decompressor_filter() -> dict[str, Any]:
+    # Envoy hands ext_authz the body as received: a gzip body must be inflated first so
+    # the sidecar checks the model the provider will read (other encodings it refuses).
+    def enabled(on: bool, direction: str) -> dict[str, Any]:
+        return {"common_config": {"enabled": {"default_value": on,
+                                              "runtime_key": f"decompressor.{direction}.enabled"}}}
+
+    return {"name": DECOMPRESSOR_FILTER, "typed_config": _typed(
+        "envoy.extensions.filters.http.decompressor.v3.Decompressor",
+        decompressor_library={"name": "gzip", "typed_config": _typed(
+            "envoy.extensions.compression.gzip.decompressor.v3.Gzip")},
+        request_direction_config=enabled(True, "request"),
+        response_direction_config=enabled(False, "response"),
+    )}
 
 
 def _ext_authz_filter(s: Settings) -> dict[str, Any]:
@@ -244,8 +261,8 @@ def _authz_cluster(host: str, port: int) -> dict[str, Any]:
 
 def _upstream_clusters(config: Config) -> list[dict[str, Any]]:
     upstreams: dict[str, providers.Upstream] = {}
-    for d in config.deployments:
-        u = providers.upstream(d.api_base)
+    for base in [d.api_base for d in config.deployments] + [p.target for p in config.pass_through]:
+        u = providers.upstream(base)
         upstreams.setdefault(u.cluster, u)
     return [_upstream_cluster(u) for u in upstreams.values()]
 

@@ -10,34 +10,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from extauthz.catalog import ALL_MODELS, ALL_TEAM_MODELS, Catalog, Resolution, matches
+from extauthz.endpoints import PassThrough
+from extauthz.facts import Facts, Problem
 from extauthz.records import KeyRecord, TeamRecord
-from extauthz.routing import Route
 
 LISTED_MODELS_MAX = 50
 
 
 @dataclass(frozen=True)
-class Problem:
-    code: str
-    message: str
-
-
-@dataclass(frozen=True)
-class Facts:
-    """What a request says about itself, extracted from the CheckRequest."""
-
-    token: str | None
-    model: str | None
-    path: str = "/"
-    method: str = "POST"
-    token_problem: Problem | None = None
-    body_problem: Problem | None = None
-    request_id: str = ""
-
-
-@dataclass(frozen=True)
 class Allow:
-    route: Route
     headers: tuple[tuple[str, str], ...]
     headers_to_remove: tuple[str, ...]
     metadata: dict[str, Any]
@@ -62,13 +43,14 @@ ERROR_TYPES = {
     403: "permission_error",
     404: "not_found_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     500: "api_error",
     503: "service_unavailable_error",
 }
 
 Decision = Allow | Deny
 
-MISSING_KEY = Problem("missing_api_key", "No API key: send it as 'Authorization: Bearer <key>'.")
+MISSING_KEY = Problem("missing_api_key", "No API key: send it as 'Authorization: Bearer <key>'.", 401)
 UNAVAILABLE = Deny(503, "authz_unavailable", "Authorization is temporarily unavailable; try again.")
 
 
@@ -86,22 +68,32 @@ def admits(allowed: tuple[str, ...], resolution: Resolution) -> bool:
     return False
 
 
+def list_admits(allowed: tuple[str, ...], resolution: Resolution) -> bool:
+    """An alias must be admitted both as asked and as the model group it names, so an
+    alias can never reach a model the list does not grant."""
+    if resolution.alias_of is None:
+        return admits(allowed, resolution)
+    return admits(allowed, resolution) and admits(allowed, Resolution(resolution.alias_of, resolution.group))
+
+
 def key_admits(key: KeyRecord, team: TeamRecord | None, resolution: Resolution) -> bool:
     if ALL_TEAM_MODELS not in key.models:
-        return admits(key.models, resolution)
+        return list_admits(key.models, resolution)
     if team is not None:
         return True  # the team's own list decides
     others = tuple(m for m in key.models if m != ALL_TEAM_MODELS)
-    return bool(others) and admits(others, resolution)
+    return bool(others) and list_admits(others, resolution)
+
+
+def allowed_by(key: KeyRecord, team: TeamRecord | None, resolution: Resolution) -> bool:
+    return key_admits(key, team, resolution) and (team is None or list_admits(team.models, resolution))
 
 
 def visible_models(key: KeyRecord, team: TeamRecord | None, catalog: Catalog) -> list[str]:
     """The model names a key can call; /v1/models and deny messages both use this."""
-    names = []
-    for group in catalog.groups.values():
-        resolution = Resolution(group.name, group)
-        if key_admits(key, team, resolution) and (team is None or admits(team.models, resolution)):
-            names.append(group.name)
+    names = [g.name for g in catalog.groups.values() if allowed_by(key, team, Resolution(g.name, g))]
+    names += [a.name for a in catalog.aliases.values() if not a.hidden
+              and allowed_by(key, team, Resolution(a.name, catalog.groups[a.target], alias_of=a.target))]
     return names
 
 
@@ -109,7 +101,7 @@ def authenticate(facts: Facts, key: KeyRecord | None, team: TeamRecord | None, n
     """The checks that depend on the key alone, before any model is looked at."""
     if facts.token is None:
         problem = facts.token_problem or MISSING_KEY
-        return Deny(401, problem.code, problem.message)
+        return Deny(problem.status, problem.code, problem.message)
     if key is None:
         return Deny(401, "invalid_api_key", "Invalid API key.")
     meta = _metadata(facts, key)
@@ -133,19 +125,34 @@ def decide(facts: Facts, key: KeyRecord | None, team: TeamRecord | None,
         return denied
     assert key is not None
     meta = _metadata(facts, key)
+    endpoint = facts.endpoint
+    if endpoint is None:
+        return Deny(404, "unsupported_endpoint",
+                    f"{facts.path.partition('?')[0]!r} is not an LLM endpoint this gateway serves.", None, meta)
+    if isinstance(endpoint, PassThrough):
+        route = catalog.pass_through[endpoint.index]
+        meta["deployment"] = f"pass_through:{route.config.path}"
+        return Allow(route.allow_headers(endpoint), route.headers_to_remove, meta)
     if facts.body_problem is not None:
-        return Deny(400, facts.body_problem.code, facts.body_problem.message, "model", meta)
+        return _problem(facts.body_problem, meta)
     model = facts.model or ""
     resolution = catalog.resolve(model)
     if resolution is None:
         return _model_denied(model, "no such model", key, team, team is not None, catalog, meta)
     if not key_admits(key, team, resolution):
         return _model_denied(model, "not allowed", key, team, False, catalog, meta)
-    if team is not None and not admits(team.models, resolution):
+    if team is not None and not list_admits(team.models, resolution):
         return _model_denied(model, "not allowed", key, team, True, catalog, meta)
     route = catalog.routes[_pick(resolution, draw)]
     meta["deployment"] = route.deployment.name
-    return Allow(route, route.allow_headers(facts.path, resolution.capture), route.headers_to_remove, meta)
+    headers = route.allow_headers(endpoint, model, resolution.capture, facts.headers)
+    if isinstance(headers, Problem):
+        return _problem(headers, meta)
+    return Allow(headers, route.headers_to_remove, meta)
+
+
+def _problem(problem: Problem, meta: dict[str, Any]) -> Deny:
+    return Deny(problem.status, problem.code, problem.message, problem.param, meta)
 
 
 def _model_denied(model: str, why: str, key: KeyRecord, team: TeamRecord | None, by_team: bool,

@@ -16,10 +16,12 @@ DEFAULT_BASES = {
     "fireworks_ai": "https://api.fireworks.ai/inference/v1",
     "openrouter": "https://openrouter.ai/api/v1",
     "xai": "https://api.x.ai/v1",
+    "gemini": "https://generativelanguage.googleapis.com",
 }
+ANTHROPIC_VERSION = "2023-06-01"
 
 # Headers through which a caller may present a virtual key; all are stripped on allow.
-CLIENT_KEY_HEADERS = ("authorization", "x-api-key", "api-key")
+CLIENT_KEY_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key")
 
 
 def default_base(provider: str) -> str | None:
@@ -76,15 +78,11 @@ def credential_header(provider: str, api_key: str) -> tuple[str, str]:
         return ("api-key", api_key)
     if provider == "anthropic":
         return ("x-api-key", api_key)
+    if provider == "gemini":
+        return ("x-goog-api-key", api_key)
     return ("authorization", f"Bearer {api_key}")
 
 
-def upstream_path(base_path: str, request_path: str) -> str:
-    """Join the base's path and the client's path without doubling a version segment
-    (``/v1`` base + ``/v1/chat/completions`` gives ``/v1/chat/completions``)."""
-    if not base_path:
-        return request_path
-    last = base_path.rsplit("/", 1)[-1]
-    if last and (request_path == f"/{last}" or request_path.startswith(f"/{last}/")):
-        request_path = request_path[len(last) + 1:]
-    return base_path + request_path
+def api_format(provider: str) -> str:
+    """The request format a provider reads; every other provider speaks OpenAI's."""
+    return provider if provider in ("anthropic", "gemini") else "openai"

@@ -1,63 +1,121 @@
 """How an allowed request reaches its deployment: the headers Envoy applies on allow.
 
-Everything that depends only on the deployment is computed once, at config load.
+Everything that depends only on the deployment is computed once, at config load;
+per request only the path and the provider-side model name are built.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
+from urllib.parse import parse_qsl, quote, urlencode
 
 from extauthz import providers
-from extauthz.config import Deployment
+from extauthz.config import Deployment, PassThroughConfig
+from extauthz.endpoints import ANTHROPIC, GEMINI, JSON, Endpoint, PassThrough
+from extauthz.facts import Problem
 
 # Set on every allow; Envoy routes on it (cluster_header). A client's own value never
 # survives an allow, and a request without it matches no upstream route.
 CLUSTER_HEADER = "x-extauthz-cluster"
 # The provider-side model name; Envoy's transform filter writes it into the body's "model".
 MODEL_HEADER = "x-extauthz-model"
+# Query parameters that address a provider or carry a key: the sidecar sets its own.
+PROVIDER_QUERY = frozenset({"api-version", "key"})
+
+Headers = tuple[tuple[str, str], ...]
+
+
+def _static_headers(upstream: providers.Upstream, credential: Headers) -> tuple[Headers, tuple[str, ...]]:
+    headers = ((CLUSTER_HEADER, upstream.cluster), (":authority", upstream.authority)) + credential
+    overwritten = {name for name, _ in headers}
+    # Envoy applies sets before removes: a header we overwrite must not also be removed.
+    remove = tuple(h for h in providers.CLIENT_KEY_HEADERS if h not in overwritten)
+    return headers, remove
+
+
+def _client_query(query: str) -> str:
+    if not query:
+        return ""
+    kept = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k not in PROVIDER_QUERY]
+    return urlencode(kept)
+
+
+def _join(path: str, query: str) -> str:
+    return f"{path}?{query}" if query else path
 
 
 @dataclass(frozen=True)
 class Route:
     deployment: Deployment
     upstream: providers.Upstream
-    headers: tuple[tuple[str, str], ...]
+    api_format: str
+    headers: Headers
     headers_to_remove: tuple[str, ...]
 
     @classmethod
     def of(cls, d: Deployment) -> "Route":
         upstream = providers.upstream(d.api_base)
-        # The body was parsed as JSON to be checked; saying so makes Envoy's transform filter
-        # rewrite "model" even when the client sent no or another content type.
-        headers = [(CLUSTER_HEADER, upstream.cluster), (":authority", upstream.authority),
-                   ("content-type", "application/json")]
-        if d.api_key:
-            headers.append(providers.credential_header(d.provider, d.api_key))
-        overwritten = {name for name, _ in headers}
-        # Envoy applies sets before removes: a header we overwrite must not also be removed.
-        remove = tuple(h for h in providers.CLIENT_KEY_HEADERS if h not in overwritten)
-        return cls(d, upstream, tuple(headers), remove)
+        credential = (providers.credential_header(d.provider, d.api_key),) if d.api_key else ()
+        headers, remove = _static_headers(upstream, credential)
+        return cls(d, upstream, providers.api_format(d.provider), headers, remove)
 
     def provider_model(self, capture: str | None) -> str:
         model = self.deployment.provider_model
         return model.replace("*", capture, 1) if capture is not None and "*" in model else model
 
-    def path(self, request_path: str, provider_model: str) -> str:
-        d = self.deployment
+    def path(self, endpoint: Endpoint, model: str) -> str:
+        base, d = self.upstream.base_path, self.deployment
+        query = _client_query(endpoint.query)
         if d.provider == "azure":
-            operation = _operation(request_path)
-            query = f"?api-version={d.api_version}" if d.api_version else ""
-            return f"{self.upstream.base_path}/openai/deployments/{provider_model}/{operation}{query}"
-        return providers.upstream_path(self.upstream.base_path, request_path)
+            version = urlencode({"api-version": d.api_version}) if d.api_version else ""
+            query = "&".join(q for q in (version, query) if q)
+            return _join(f"{base}/openai/deployments/{quote(model, safe='')}/{endpoint.operation}", query)
+        if self.api_format == ANTHROPIC:
+            prefix = base if base.endswith("/v1") else f"{base}/v1"
+            return _join(f"{prefix}/{endpoint.operation}", query)
+        if self.api_format == GEMINI:
+            prefix = base if base.endswith(("/v1", "/v1beta")) else f"{base}/v1beta"
+            return _join(f"{prefix}/models/{quote(model, safe='')}:{endpoint.operation}", query)
+        return _join(f"{base}/{endpoint.operation}", query)
 
-    def allow_headers(self, request_path: str, capture: str | None) -> tuple[tuple[str, str], ...]:
+    def allow_headers(self, endpoint: Endpoint, requested: str, capture: str | None,
+                      client_headers: Mapping[str, str]) -> Headers | Problem:
+        if endpoint.api_format != self.api_format:
+            return Problem("unsupported_route", (
+                f"{endpoint.operation!r} is an {endpoint.api_format} API request and model {requested!r} "
+                f"is served by an {self.api_format} API deployment; extauthz routes requests, it does not "
+                f"translate between API formats."))
         model = self.provider_model(capture)
-        return self.headers + ((":path", self.path(request_path, model)), (MODEL_HEADER, model))
+        extra: Headers = ((":path", self.path(endpoint, model)),)
+        if endpoint.body == JSON and self.api_format != GEMINI:
+            # The body was parsed as JSON to be checked; saying so makes Envoy's transform
+            # filter rewrite "model" whatever content type the client declared.
+            extra += (("content-type", "application/json"), (MODEL_HEADER, model))
+        elif model != requested and self.deployment.provider != "azure" and self.api_format != GEMINI:
+            return Problem("unsupported_route", (
+                f"Model {requested!r} is called {model!r} by its provider, and a multipart/form-data body "
+                "cannot be rewritten; name the model as the provider does."))
+        if self.api_format == ANTHROPIC and "anthropic-version" not in client_headers:
+            extra += (("anthropic-version", providers.ANTHROPIC_VERSION),)
+        return self.headers + extra
 
 
-def _operation(request_path: str) -> str:
-    """``/v1/chat/completions?x`` -> ``chat/completions``; Azure-style paths keep their operation."""
-    path = request_path.split("?", 1)[0].strip("/")
-    if path.startswith("openai/deployments/"):
-        return path.split("/", 3)[3] if path.count("/") >= 3 else ""
-    return path[3:] if path.startswith("v1/") else path
+@dataclass(frozen=True)
+class PassThroughRoute:
+    """An operator-declared path forwarded to a fixed target with key authentication only."""
+
+    config: PassThroughConfig
+    upstream: providers.Upstream
+    headers: Headers
+    headers_to_remove: tuple[str, ...]
+
+    @classmethod
+    def of(cls, c: PassThroughConfig) -> "PassThroughRoute":
+        upstream = providers.upstream(c.target)
+        headers, remove = _static_headers(upstream, c.headers)
+        return cls(c, upstream, headers, remove)
+
+    def allow_headers(self, request: PassThrough) -> Headers:
+        subpath = request.path[len(self.config.path):] if self.config.include_subpath else ""
+        return self.headers + ((":path", _join(self.upstream.base_path + subpath or "/", request.query)),)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from extauthz.catalog import Catalog
 from extauthz.config import Config
 from extauthz.records import hash_token
+from extauthz.request import PassThroughPaths
 
 
 @dataclass(frozen=True)
@@ -15,11 +16,14 @@ class Runtime:
     config: Config
     catalog: Catalog
     master_hash: str | None
+    pass_through: PassThroughPaths
 
     @classmethod
     def of(cls, config: Config) -> "Runtime":
         master = hash_token(config.master_key) if config.master_key else None
-        return cls(config, Catalog(config.deployments), master)
+        catalog = Catalog(config.deployments, config.aliases, config.pass_through)
+        paths = PassThroughPaths(tuple((c.path, c.include_subpath) for c in config.pass_through))
+        return cls(config, catalog, master, paths)
 
     def is_master(self, token_hash: str) -> bool:
         # Comparing digests in constant time keeps the master key's prefix from leaking by timing.

@@ -85,7 +85,7 @@ class AuthorizationService(external_auth_pb2_grpc.AuthorizationServicer):
 
     async def decide(self, request: external_auth_pb2.CheckRequest) -> Decision:
         runtime = self.runtime()
-        facts = facts_from_check(request)
+        facts = facts_from_check(request, runtime.pass_through)
         try:
             key, team = await lookup(facts.token, runtime, self.store)
         except StoreUnavailable as e:

@@ -101,7 +101,7 @@ def test_credential_problems(stub, headers: dict[str, str], code: str) -> None:
 
 def test_truncated_body_is_denied(stub, key: str) -> None:
     headers = {"authorization": f"Bearer {key}", "x-envoy-auth-partial-body": "true"}
-    assert denied(stub.Check(check_request(headers, b'{"model": "gpt-4"'), timeout=5)) == (400, "body_too_large")
+    assert denied(stub.Check(check_request(headers, b'{"model": "gpt-4"'), timeout=5)) == (413, "body_too_large")
 
 
 def test_unreachable_redis_fails_closed(workdir: Path, config_path: Path) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from extauthz.config import from_dict
-from extauthz.policy import Allow, Deny, Facts, Problem, decide, visible_models
+from extauthz.endpoints import classify
+from extauthz.facts import Facts, Problem
+from extauthz.policy import Allow, Deny, decide, visible_models
 from extauthz.records import MASTER, KeyRecord, TeamRecord
 from extauthz.routing import CLUSTER_HEADER, MODEL_HEADER
 from extauthz.runtime import Runtime
@@ -41,8 +43,8 @@ def team(models=(), alias="litellm-dev", blocked=False, team_id="t1"):
     return TeamRecord(team_id, alias, tuple(models), blocked, {})
 
 
-def facts(model="gpt-4", token="sk-virtual", **kw):
-    return Facts(token=token, model=model, path=kw.pop("path", "/v1/chat/completions"), **kw)
+def facts(model="gpt-4", token="sk-virtual", path="/v1/chat/completions", **kw):
+    return Facts(token=token, model=model, path=path, endpoint=classify(path), **kw)
 
 
 def run(k, t=None, f=None, draw=0.0):
@@ -59,8 +61,8 @@ CASES = [
     ("guide: key with two models may not call gpt-4o", key(["gpt-3.5-turbo", "gpt-4"]), None, "gpt-4o",
      (403, "model_not_allowed")),
     ("empty list admits every model", key([]), None, "gpt-4o", "allow"),
-    ("'*' admits every model", key(["*"]), None, "claude", "allow"),
-    ("all-proxy-models admits every model", key(["all-proxy-models"]), None, "claude", "allow"),
+    ("'*' admits every model", key(["*"]), None, "azure-gpt-3.5", "allow"),
+    ("all-proxy-models admits every model", key(["all-proxy-models"]), None, "azure-gpt-3.5", "allow"),
     ("model the catalog lacks is denied even for '*'", key(["*"]), None, "gpt-5", (403, "model_not_allowed")),
     ("guide: team models bind a team key", key([], team_id="t1"), team(["azure-gpt-3.5"]), "azure-gpt-3.5", "allow"),
     ("guide: team key cannot leave the team's models", key([], team_id="t1"), team(["azure-gpt-3.5"]),
@@ -95,7 +97,8 @@ CASES = [
     ("blocked team", key(team_id="t1"), team(blocked=True), "gpt-4", (403, "team_blocked")),
     ("team record missing", key(team_id="t1"), None, "gpt-4", (403, "team_not_found")),
     ("unknown key", None, None, "gpt-4", (401, "invalid_api_key")),
-    ("master key may call everything", MASTER, None, "claude", "allow"),
+    ("master key may call everything", MASTER, None, "openai/o1-pro", "allow"),
+    ("OpenAI-format request to an Anthropic deployment", key(), None, "claude", (400, "unsupported_route")),
     ("master key cannot call what does not exist", MASTER, None, "nope", (403, "model_not_allowed")),
 ]
 
@@ -134,7 +137,7 @@ def test_allow_routes_swaps_credential_and_rewrites_model():
     assert headers[CLUSTER_HEADER] == "upstream_http_upstream_8000"
     assert headers[":authority"] == "upstream:8000"
     assert headers[":path"] == "/v1/chat/completions"
-    assert set(d.headers_to_remove) == {"x-api-key", "api-key"}
+    assert set(d.headers_to_remove) == {"x-api-key", "api-key", "x-goog-api-key"}
     assert d.metadata["deployment"] == "6:openai/*" and d.metadata["model"] == "openai/gpt-4"
     assert d.metadata["key_alias"] == "my-key" and d.metadata["key_hash"] == "ab" * 6
 
@@ -151,7 +154,11 @@ def test_anthropic_deployment_gets_x_api_key():
     d = run(key(), f=facts("claude", path="/v1/messages"))
     headers = dict(d.headers)
     assert headers["x-api-key"] == "ant-secret" and "x-api-key" not in d.headers_to_remove
-    assert set(d.headers_to_remove) == {"authorization", "api-key"}
+    assert set(d.headers_to_remove) == {"authorization", "api-key", "x-goog-api-key"}
+    assert headers["anthropic-version"] == "2023-06-01" and headers[MODEL_HEADER] == "claude-3-5-sonnet"
+    assert headers[":path"] == "/v1/messages"
+    kept = run(key(), f=facts("claude", path="/v1/messages", headers={"anthropic-version": "2024-01-01"}))
+    assert "anthropic-version" not in dict(kept.headers)
 
 
 def test_weighted_choice_follows_draw():
@@ -176,7 +183,8 @@ def test_21032_every_listed_model_is_callable():
                  (key(["gpt-4", "claude"], team_id="t1"), team(["claude", "gpt-4o"])), (key(["*"]), None)]:
         for name in visible_models(k, t, CATALOG):
             if "*" not in name:
-                assert isinstance(run(k, t, facts(name)), Allow), name
+                path = "/v1/messages" if name == "claude" else "/v1/chat/completions"
+                assert isinstance(run(k, t, facts(name, path=path)), Allow), name
         assert "all-team-models" not in visible_models(k, t, CATALOG)
 
 

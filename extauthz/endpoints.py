@@ -1,0 +1,74 @@
+"""Which LLM endpoint a path is, what API format it speaks and where its model is named.
+
+Every path a client can send is classified here; a path that is none of these is an
+unsupported endpoint (denied), unless the operator declared it a pass-through.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+OPENAI, ANTHROPIC, GEMINI = "openai", "anthropic", "gemini"
+JSON, MULTIPART = "json", "multipart"
+
+# operation -> (API format, body kind); the path may come with or without "/v1".
+OPERATIONS = {
+    "chat/completions": (OPENAI, JSON),
+    "completions": (OPENAI, JSON),
+    "embeddings": (OPENAI, JSON),
+    "images/generations": (OPENAI, JSON),
+    "responses": (OPENAI, JSON),
+    "moderations": (OPENAI, JSON),
+    "audio/transcriptions": (OPENAI, MULTIPART),
+    "audio/translations": (OPENAI, MULTIPART),
+    "images/edits": (OPENAI, MULTIPART),
+    "messages": (ANTHROPIC, JSON),
+    "messages/count_tokens": (ANTHROPIC, JSON),
+}
+AZURE_PATH = re.compile(r"/openai/deployments/([^/]+)/(.+)")
+GEMINI_PATH = re.compile(r"/(v1beta|v1)/models/([^/:]+):(generateContent|streamGenerateContent)")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    operation: str            # provider-independent: "chat/completions", "generateContent", ...
+    api_format: str           # OPENAI | ANTHROPIC | GEMINI
+    body: str                 # JSON | MULTIPART
+    path_model: str | None = None  # a model named by the path (Azure deployment, Gemini model)
+    query: str = ""           # the client's query string, without "?"
+
+
+@dataclass(frozen=True)
+class PassThrough:
+    """An operator-declared path forwarded with key authentication only."""
+
+    index: int  # which entry of general_settings.pass_through_endpoints
+    path: str
+    query: str
+
+
+def split_query(path: str) -> tuple[str, str]:
+    route, _, query = path.partition("?")
+    return route, query
+
+
+def classify(path: str) -> Endpoint | None:
+    route, query = split_query(path)
+    route = route.rstrip("/") or "/"
+    azure = AZURE_PATH.fullmatch(route)
+    if azure:
+        deployment, operation = unquote(azure.group(1)), azure.group(2)
+        known = OPERATIONS.get(operation)
+        if known is None or known[0] != OPENAI:
+            return None
+        return Endpoint(operation, OPENAI, known[1], deployment, query)
+    gemini = GEMINI_PATH.fullmatch(route)
+    if gemini:
+        return Endpoint(gemini.group(3), GEMINI, JSON, unquote(gemini.group(2)), query)
+    operation = route[4:] if route.startswith("/v1/") else route[1:]
+    known = OPERATIONS.get(operation)
+    if known is None:
+        return None
+    return Endpoint(operation, known[0], known[1], None, query)

@@ -1,0 +1,32 @@
+"""What a request says about itself: the input of the decision, built by request.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from extauthz.endpoints import Endpoint, PassThrough
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something wrong with the request itself; the decision turns it into a deny."""
+
+    code: str
+    message: str
+    status: int = 400
+    param: str | None = None
+
+
+@dataclass(frozen=True)
+class Facts:
+    token: str | None
+    model: str | None
+    path: str = "/"
+    method: str = "POST"
+    endpoint: Endpoint | PassThrough | None = None
+    token_problem: Problem | None = None
+    body_problem: Problem | None = None
+    request_id: str = ""
+    # The client's headers, lower-case, as Envoy sent them (read-only).
+    headers: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
