@@ -137,7 +137,7 @@ def within(entry: str, team_models: tuple[str, ...], catalog: Catalog) -> bool:
     if entry in catalog.access_groups:
         return all(admits(team_models, Resolution(name, catalog.groups[name]))
                    for name in catalog.access_groups[entry])
-    if entry in catalog.groups or entry in catalog.aliases:
-        resolution = catalog.resolve(entry)
-        return resolution is not None and list_admits(team_models, resolution)
-    return any("*" in t and matches(t, entry) for t in team_models)
+    if "*" in entry:
+        return any("*" in t and matches(t, entry) for t in team_models)
+    resolution = catalog.resolve(entry)
+    return resolution is not None and list_admits(team_models, resolution)

@@ -96,5 +96,5 @@ class Catalog:
 
     def knows_entry(self, entry: str) -> bool:
         """Whether an allowed-models entry means something here (admin API validation)."""
-        return (entry in SPECIAL_ENTRIES or entry in self.groups or entry in self.aliases
-                or entry in self.access_groups or "*" in entry)
+        return (entry in SPECIAL_ENTRIES or entry in self.access_groups or "*" in entry
+                or self.resolve(entry) is not None)

@@ -85,3 +85,48 @@ class Gateway:
 @pytest.fixture(scope="session")
 def gateway(envoy: Envoy, upstream_port: int) -> Gateway:
     return Gateway(envoy, upstream_port)
+
+
+FLAVOURS = ("openai", "azure", "anthropic", "gemini")
+
+
+@dataclass
+class ProviderGateway(Gateway):
+    """The gateway in front of one fake upstream per provider flavour."""
+
+    upstreams: dict[str, int]
+
+    def seen(self, flavour: str) -> list[dict]:
+        return http("GET", f"http://127.0.0.1:{self.upstreams[flavour]}/__fake/requests").json()
+
+    def forget(self) -> None:
+        for port in self.upstreams.values():
+            http("DELETE", f"http://127.0.0.1:{port}/__fake/requests")
+
+    def base(self, flavour: str) -> str:
+        return f"127.0.0.1:{self.upstreams[flavour]}"
+
+
+@pytest.fixture(scope="session")
+def provider_gateway(workdir: Path, redis_port: int) -> Iterator[ProviderGateway]:
+    procs = {}
+    try:
+        for flavour in FLAVOURS:
+            procs[flavour] = harness.start_upstream(workdir)
+        text = (Path(__file__).parent / "configs" / "providers.yaml").read_text()
+        for flavour, (_, port) in procs.items():
+            text = text.replace("{" + flavour + "}", f"http://127.0.0.1:{port}")
+        config = workdir / "providers.yaml"
+        config.write_text(text)
+        side = harness.start_sidecar(workdir, config, f"redis://127.0.0.1:{redis_port}/0")
+        try:
+            proxy = harness.start_envoy(workdir, config, side)
+            try:
+                yield ProviderGateway(proxy, procs["openai"][1], {f: p for f, (_, p) in procs.items()})
+            finally:
+                proxy.proc.stop()
+        finally:
+            side.proc.stop()
+    finally:
+        for proc, _ in procs.values():
+            proc.stop()

@@ -1,18 +1,19 @@
-"""A fake OpenAI-compatible upstream for demos and tests.
+"""A fake LLM provider for demos and tests: OpenAI, Azure OpenAI, Anthropic and Gemini shapes.
 
-It answers every request with a chat-completion-shaped JSON body whose ``echo`` field
-shows what arrived: method, path, host, headers and the parsed body. Each deployment
-of the example config carries its own fake credential, so the echo tells which
-deployment Envoy routed to and proves the virtual key did not reach the provider.
+It answers every request with the response shape of the endpoint called (so official
+SDKs parse it), plus an ``echo`` field showing what arrived: method, path, host, headers
+and the body (JSON parsed; multipart as its fields and file sizes). Each deployment of
+the example config carries its own fake credential, so the echo tells which deployment
+Envoy routed to and proves the virtual key did not reach the provider.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 from aiohttp import web
-
 
 SEEN: list[dict] = []
 SEEN_PATH = "/__fake/requests"
@@ -25,12 +26,63 @@ async def seen(request: web.Request) -> web.Response:
     return web.json_response(SEEN)
 
 
-async def echo(request: web.Request) -> web.Response:
+async def read_body(request: web.Request) -> Any:
+    if request.content_type.startswith("multipart/"):
+        fields: dict[str, Any] = {}
+        files: dict[str, int] = {}
+        async for part in await request.multipart():
+            data = await part.read()
+            if part.filename:
+                files[part.name or ""] = len(data)
+            else:
+                fields[part.name or ""] = data.decode("utf-8", "replace")
+        return {"fields": fields, "files": files}
     raw = await request.read()
     try:
-        body = json.loads(raw) if raw else None
+        return json.loads(raw) if raw else None
     except ValueError:
-        body = raw.decode("utf-8", "replace")
+        return raw.decode("utf-8", "replace")
+
+
+def answer(path: str, model: Any, text: str) -> dict[str, Any]:
+    """The response body an SDK expects from this endpoint."""
+    usage = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
+    if path.endswith(":generateContent") or path.endswith(":streamGenerateContent"):
+        return {"candidates": [{"content": {"role": "model", "parts": [{"text": text}]}, "finishReason": "STOP",
+                                "index": 0}], "modelVersion": model}
+    if path.endswith("/messages/count_tokens"):
+        return {"input_tokens": 3}
+    if path.endswith("/messages"):
+        return {"id": "msg_fake", "type": "message", "role": "assistant", "model": model,
+                "content": [{"type": "text", "text": text}], "stop_reason": "end_turn", "stop_sequence": None,
+                "usage": {"input_tokens": 1, "output_tokens": 1}}
+    if path.endswith("/embeddings"):
+        return {"object": "list", "model": model, "usage": {"prompt_tokens": 1, "total_tokens": 1},
+                "data": [{"object": "embedding", "index": 0, "embedding": [0.25, 0.5]}]}
+    if path.endswith(("/images/generations", "/images/edits")):
+        return {"created": 0, "data": [{"url": "https://images.invalid/fake.png", "revised_prompt": text}]}
+    if path.endswith(("/audio/transcriptions", "/audio/translations")):
+        return {"text": text}
+    if path.endswith("/moderations"):
+        return {"id": "modr-fake", "model": model, "results": [{"flagged": False, "categories": {},
+                                                                 "category_scores": {}}]}
+    if path.endswith("/responses"):
+        return {"id": "resp_fake", "object": "response", "created_at": 0, "model": model, "status": "completed",
+                "output": [{"type": "message", "id": "msg_fake", "status": "completed", "role": "assistant",
+                            "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+                "parallel_tool_calls": True, "tool_choice": "auto", "tools": [],
+                "usage": {"input_tokens": 1, "output_tokens": 1, "total_tokens": 2,
+                          "input_tokens_details": {"cached_tokens": 0},
+                          "output_tokens_details": {"reasoning_tokens": 0}}}
+    if path.endswith("/completions") and not path.endswith("/chat/completions"):
+        return {"id": "cmpl-fake", "object": "text_completion", "created": 0, "model": model, "usage": usage,
+                "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}]}
+    return {"id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": model, "usage": usage,
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}]}
+
+
+async def echo(request: web.Request) -> web.Response:
+    body = await read_body(request)
     arrived = {
         "method": request.method,
         "path": request.path_qs,
@@ -39,20 +91,13 @@ async def echo(request: web.Request) -> web.Response:
         "body": body,
     }
     SEEN.append(arrived)
-    model = body.get("model") if isinstance(body, dict) else None
+    fields = body.get("fields", body) if isinstance(body, dict) else {}
+    model = fields.get("model") if isinstance(fields, dict) else None
     headers = arrived["headers"]
-    credential = headers.get("authorization") or headers.get("api-key") or headers.get("x-api-key")
-    return web.json_response({
-        "id": "chatcmpl-fake",
-        "object": "chat.completion",
-        "created": 0,
-        "model": model,
-        "choices": [{"index": 0, "finish_reason": "stop", "message": {
-            "role": "assistant",
-            "content": f"fake upstream: {request.method} {request.path_qs} model={model} credential={credential}"}}],
-        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-        "echo": arrived,
-    })
+    credential = headers.get("authorization") or headers.get("api-key") or headers.get("x-api-key") \
+        or headers.get("x-goog-api-key")
+    text = f"fake upstream: {request.method} {request.path} model={model} credential={credential}"
+    return web.json_response({**answer(request.path, model, text), "echo": arrived})
 
 
 def main() -> None:
