@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=getattr(args, "log_level", "WARNING"), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # The multipart parser warns about every malformed client body; the deny says it already.
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)
     log = logging.getLogger("extauthz")
     try:
         config = config_module.load(args.config, require_secrets=args.command == "serve")

@@ -1,0 +1,90 @@
+"""CheckRequest -> Facts, without I/O: endpoints, credentials, models from bodies and paths."""
+
+from __future__ import annotations
+
+import pytest
+
+from extauthz.endpoints import ANTHROPIC, GEMINI, JSON, MULTIPART, OPENAI, Endpoint, PassThrough, classify
+from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2
+from extauthz.request import PassThroughPaths, facts_from_check, model_from_multipart
+
+
+@pytest.mark.parametrize("path,expected", [
+    ("/v1/chat/completions", Endpoint("chat/completions", OPENAI, JSON)),
+    ("/chat/completions?x=1", Endpoint("chat/completions", OPENAI, JSON, None, "x=1")),
+    ("/v1/messages/count_tokens", Endpoint("messages/count_tokens", ANTHROPIC, JSON)),
+    ("/v1/audio/translations", Endpoint("audio/translations", OPENAI, MULTIPART)),
+    ("/openai/deployments/my%20dep/chat/completions?api-version=1",
+     Endpoint("chat/completions", OPENAI, JSON, "my dep", "api-version=1")),
+    ("/openai/deployments/d/audio/transcriptions", Endpoint("audio/transcriptions", OPENAI, MULTIPART, "d")),
+    ("/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse",
+     Endpoint("streamGenerateContent", GEMINI, JSON, "gemini-2.0-flash", "alt=sse")),
+    ("/v1/files", None),
+    ("/openai/deployments/d/messages", None),
+    ("/v1beta/models/x:countTokens", None),
+    ("/", None),
+])
+def test_classify(path: str, expected: Endpoint | None) -> None:
+    assert classify(path) == expected
+
+
+def check(path: str, body: bytes, headers: dict[str, str] | None = None) -> external_auth_pb2.CheckRequest:
+    req = external_auth_pb2.CheckRequest()
+    http = req.attributes.request.http
+    http.path, http.method, http.raw_body = path, "POST", body
+    http.headers.update({"authorization": "Bearer sk-v", **(headers or {})})
+    return req
+
+
+def test_pass_through_paths_take_precedence_and_match_subpaths_only_when_asked() -> None:
+    paths = PassThroughPaths((("/v1/rerank", False), ("/files-api", True)))
+    assert facts_from_check(check("/v1/rerank?x=1", b""), paths).endpoint == PassThrough(0, "/v1/rerank", "x=1")
+    assert facts_from_check(check("/v1/rerank/more", b""), paths).endpoint is None
+    assert facts_from_check(check("/files-api/a/b", b""), paths).endpoint == PassThrough(1, "/files-api/a/b", "")
+
+
+def form(*parts: bytes, boundary: bytes = b"XyZ") -> bytes:
+    return b"".join(b"--" + boundary + b"\r\n" + p + b"\r\n" for p in parts) + b"--" + boundary + b"--\r\n"
+
+
+FIELD = b'Content-Disposition: form-data; name="model"\r\n\r\nwhisper-1'
+FILE = b'Content-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n' + bytes(range(256)) * 100
+
+
+@pytest.mark.parametrize("body,content_type,expected", [
+    (form(FILE, FIELD), "multipart/form-data; boundary=XyZ", ("whisper-1", None)),
+    (form(FIELD, FIELD), "multipart/form-data; boundary=XyZ", (None, "invalid_model")),
+    (form(FILE), "multipart/form-data; boundary=XyZ", (None, "missing_model")),
+    (form(FIELD), "application/json", (None, "invalid_request_body")),
+    (form(FIELD), "multipart/form-data", (None, "invalid_request_body")),
+    (b"--XyZ\r\ngarbage without headers end", "multipart/form-data; boundary=XyZ", (None, "invalid_request_body")),
+    (b"\x00\xff" * 50, "multipart/form-data; boundary=XyZ", (None, "invalid_request_body")),
+    (form(b'Content-Disposition: form-data; name="model"\r\n\r\n' + b"m" * 5000),
+     "multipart/form-data; boundary=XyZ", (None, "invalid_model")),
+    (form(b'Content-Disposition: form-data; name="model"\r\n\r\n\xff\xfe'),
+     "multipart/form-data; boundary=XyZ", (None, "invalid_model")),
+])
+def test_model_from_multipart(body: bytes, content_type: str, expected: tuple) -> None:
+    model, problem = model_from_multipart(body, content_type)
+    assert (model, problem.code if problem else None) == expected
+
+
+@pytest.mark.parametrize("path,body,headers,model,code", [
+    ("/openai/deployments/dep/chat/completions", b'{"messages": []}', {}, "dep", None),
+    ("/openai/deployments/dep/chat/completions", b'{"model": "dep"}', {}, "dep", None),
+    ("/openai/deployments/dep/chat/completions", b'{"model": "other"}', {}, None, "model_mismatch"),
+    ("/openai/deployments/dep/chat/completions", b"", {}, "dep", None),
+    ("/v1/chat/completions", b'{"model": "m"}', {"content-encoding": "br"}, None, "unsupported_content_encoding"),
+    ("/v1/chat/completions", b'{"model": "m"}', {"content-encoding": "identity"}, "m", None),
+    ("/v1/chat/completions", b'{"model": "m"}', {"x-envoy-auth-partial-body": "true"}, None, "body_too_large"),
+])
+def test_model_from_path_and_body(path: str, body: bytes, headers: dict, model: str | None,
+                                  code: str | None) -> None:
+    facts = facts_from_check(check(path, body, headers))
+    assert facts.model == model
+    assert (facts.body_problem.code if facts.body_problem else None) == code
+
+
+def test_gemini_key_header_is_a_credential() -> None:
+    req = check("/v1beta/models/g:generateContent", b"{}", {"x-goog-api-key": "sk-v"})
+    assert facts_from_check(req).token == "sk-v"
