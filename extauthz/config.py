@@ -42,6 +42,9 @@ class ConfigError(ValueError):
 class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_timeout_ms: int = 250
+    cache_max_entries: int = 100_000
+    cache_negative_ttl_s: float = 5.0
+    workers: int = 1
     key_prefix: str = "extauthz:"
     grpc_host: str = "127.0.0.1"
     grpc_port: int = 9000
@@ -305,8 +308,10 @@ class _Parser:
             value = float(value)
         if not isinstance(value, kind) or isinstance(value, bool):
             raise self.error(where, f"expected {kind.__name__}, got {type(value).__name__}")
-        if kind is int and key.endswith(("port", "_ms", "_bytes")) and value <= 0:
+        if kind is int and key.endswith(("port", "_ms", "_bytes", "workers")) and value <= 0:
             raise self.error(where, "must be positive")
+        if kind in (int, float) and value < 0:
+            raise self.error(where, "must not be negative")
         if key.endswith("_port") and value > 65535:
             raise self.error(where, "not a TCP port")
         return value

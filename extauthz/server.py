@@ -13,10 +13,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from extauthz.admin import AdminApi
+from extauthz.cache import CachedStore, RecordCache
 from extauthz.config import Config
 from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from extauthz.runtime import Runtime
 from extauthz.service import AuthorizationService
+from extauthz.invalidation import Invalidator
 from extauthz.store import RedisStore
 
 log = logging.getLogger("extauthz.server")
@@ -38,10 +40,15 @@ async def serve(config: Config) -> None:
     settings = config.settings
     runtime = RuntimeBox(Runtime.of(config))
     store = RedisStore(settings.redis_url, settings.redis_timeout_ms, settings.key_prefix)
+    cache = RecordCache(settings.cache_max_entries, settings.cache_negative_ttl_s)
+    invalidator = Invalidator(settings.redis_url, (store.key_id(""), store.team_id("")), cache,
+                              settings.redis_timeout_ms / 1000)
+    # Without a cache there is nothing to invalidate: every lookup reads Redis.
+    invalidation = asyncio.create_task(invalidator.run()) if settings.cache_max_entries > 0 else None
 
     # No SO_REUSEPORT: a second instance on the same port must fail, not silently share it.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationService(runtime, store), server)
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationService(runtime, CachedStore(store, cache)), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     address = f"{settings.grpc_host}:{settings.grpc_port}"
@@ -72,4 +79,6 @@ async def serve(config: Config) -> None:
     await health.enter_graceful_shutdown()
     await server.stop(settings.shutdown_grace_s)
     await runner.cleanup()
+    if invalidation is not None:
+        invalidation.cancel()
     await store.close()
