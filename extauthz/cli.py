@@ -21,6 +21,7 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--redis-url", help="overrides extauthz_settings.redis_url and $EXTAUTHZ_REDIS_URL")
     serve.add_argument("--grpc-port", type=int, help="Check and health service port (default 9000)")
     serve.add_argument("--admin-port", type=int, help="admin API port (default 4001)")
+    serve.add_argument("--workers", type=int, help="processes sharing the ports (SO_REUSEPORT; default 1)")
     serve.add_argument("--log-level", default="INFO")
 
     render = sub.add_parser("envoy-config", help="print an Envoy bootstrap for this config")
@@ -58,8 +59,12 @@ def main(argv: list[str] | None = None) -> int:
                                      admin_port=args.admin_port, envoy_admin_port=args.envoy_admin_port))
         return 0
 
+    config = with_overrides(config, redis_url=args.redis_url, grpc_port=args.grpc_port, admin_port=args.admin_port,
+                            workers=args.workers)
+    if config.settings.workers > 1:
+        from extauthz.workers import supervise
+        return supervise(config)
     from extauthz.server import serve
-    config = with_overrides(config, redis_url=args.redis_url, grpc_port=args.grpc_port, admin_port=args.admin_port)
     try:
         asyncio.run(serve(config))
     except OSError as e:

@@ -7,6 +7,7 @@ the same listener, without ext_authz, because it authenticates callers itself.
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 from typing import Any, TypeVar
 
@@ -27,6 +28,7 @@ CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 LLM_TIMEOUT = "600s"
 # Envoy warns at start-up when there is no cap; this is its edge-proxy recommendation.
 MAX_DOWNSTREAM_CONNECTIONS = 50_000
+AUTHZ_CONNECTIONS_PER_WORKER = 4
 
 # Paths served by the admin API (extauthz/admin.py); everything else is an LLM call.
 ADMIN_PATHS = ("/v1/models", "/models")
@@ -49,7 +51,7 @@ def render(config: Config, listen_port: int | None = None, authz_port: int | Non
         "static_resources": {
             "listeners": [_listener(s, _pick(listen_port, s.listen_port))],
             "clusters": [
-                _authz_cluster(_pick(authz_host, s.grpc_host), _pick(authz_port, s.grpc_port)),
+                _authz_cluster(_pick(authz_host, s.grpc_host), _pick(authz_port, s.grpc_port), s.workers),
                 _cluster(ADMIN_CLUSTER, _pick(admin_host, s.admin_host), _pick(admin_port, s.admin_port), "1s"),
                 *_upstream_clusters(config),
             ],
@@ -68,7 +70,15 @@ def render_yaml(config: Config, listen_port: int | None = None, authz_port: int 
                 authz_host: str | None = None, admin_host: str | None = None) -> str:
     bootstrap = render(config, listen_port=listen_port, authz_port=authz_port, admin_port=admin_port,
                        envoy_admin_port=envoy_admin_port, authz_host=authz_host, admin_host=admin_host)
-    return yaml.safe_dump(bootstrap, sort_keys=False)
+    return yaml.dump(bootstrap, Dumper=_PlainDumper, sort_keys=False)
+
+
+class _PlainDumper(yaml.SafeDumper):
+    """Writes repeated values out in full: operators read and copy this file, and
+    YAML anchors (&id001 / *id001) make that harder for no gain."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
 
 
 def _pick(value: T | None, default: T) -> T:
@@ -249,9 +259,16 @@ def _cluster(name: str, host: str, port: int, connect_timeout: str, dns_type: st
     return cluster
 
 
-def _authz_cluster(host: str, port: int) -> dict[str, Any]:
+def _authz_cluster(host: str, port: int, workers: int) -> dict[str, Any]:
     # The sidecar is local: a connect that takes long means it is down, so fail fast.
     cluster = _cluster(AUTHZ_CLUSTER, host, port, "0.250s")
+    if workers > 1:
+        # Envoy multiplexes checks over one HTTP/2 connection per host and worker thread,
+        # and the kernel spreads connections, not requests, over SO_REUSEPORT workers:
+        # listing the sidecar several times opens several connections, round-robined.
+        (locality,) = cluster["load_assignment"]["endpoints"]
+        (endpoint,) = locality["lb_endpoints"]
+        locality["lb_endpoints"] = [copy.deepcopy(endpoint) for _ in range(AUTHZ_CONNECTIONS_PER_WORKER * workers)]
     options = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
     # gRPC runs over HTTP/2 only.
     cluster["typed_extension_protocol_options"] = {

@@ -36,7 +36,9 @@ class RuntimeBox:
         return self.current
 
 
-async def serve(config: Config) -> None:
+async def serve(config: Config, reuse_port: bool = False) -> None:
+    """Serve until SIGTERM/SIGINT. ``reuse_port``: one of several worker processes sharing
+    the ports (SO_REUSEPORT); a lone process refuses a port already taken instead."""
     settings = config.settings
     runtime = RuntimeBox(Runtime.of(config))
     store = RedisStore(settings.redis_url, settings.redis_timeout_ms, settings.key_prefix)
@@ -46,8 +48,7 @@ async def serve(config: Config) -> None:
     # Without a cache there is nothing to invalidate: every lookup reads Redis.
     invalidation = asyncio.create_task(invalidator.run()) if settings.cache_max_entries > 0 else None
 
-    # No SO_REUSEPORT: a second instance on the same port must fail, not silently share it.
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(options=[("grpc.so_reuseport", int(reuse_port))])
     external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationService(runtime, CachedStore(store, cache)), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -62,7 +63,7 @@ async def serve(config: Config) -> None:
 
     runner = web.AppRunner(AdminApi(runtime, store).app(), access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, settings.admin_host, settings.admin_port).start()
+    await web.TCPSite(runner, settings.admin_host, settings.admin_port, reuse_port=reuse_port).start()
 
     for service in ("", AUTHZ_SERVICE):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
