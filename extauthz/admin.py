@@ -24,7 +24,8 @@ from extauthz.policy import Deny, authenticate, visible_models
 from extauthz.records import hash_token
 from extauthz.request import credentials
 from extauthz.runtime import Runtime
-from extauthz.service import error_body, lookup
+from extauthz.responses import error_body
+from extauthz.service import lookup
 from extauthz.store import Conflict, MissingTeam, NotFound, RedisStore, StoreUnavailable
 
 log = logging.getLogger("extauthz.admin")

@@ -54,7 +54,15 @@ def split_query(path: str) -> tuple[str, str]:
     return route, query
 
 
+# The common case, a known path without a query, answered by one dict lookup.
+PLAIN = {f"{prefix}/{operation}": Endpoint(operation, api_format, body)
+         for operation, (api_format, body) in OPERATIONS.items() for prefix in ("", "/v1")}
+
+
 def classify(path: str) -> Endpoint | None:
+    plain = PLAIN.get(path)
+    if plain is not None:
+        return plain
     route, query = split_query(path)
     route = route.rstrip("/") or "/"
     azure = AZURE_PATH.fullmatch(route)

