@@ -71,9 +71,11 @@ def token_hash_of(value: Any) -> str:
 
 
 class AdminApi:
-    def __init__(self, runtime: Callable[[], Runtime], store: RedisStore) -> None:
+    def __init__(self, runtime: Callable[[], Runtime], store: RedisStore,
+                 stats: Callable[[], dict[str, Any]] = dict) -> None:
         self.runtime = runtime
         self.store = store
+        self.stats = stats
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self.errors, self.auth])
@@ -338,4 +340,5 @@ class AdminApi:
     async def readiness(self, request: web.Request) -> web.Response:
         ok = await self.store.ping()
         return web.json_response({"status": "healthy" if ok else "unhealthy",
-                                  "redis": "connected" if ok else "unreachable"}, status=200 if ok else 503)
+                                  "redis": "connected" if ok else "unreachable", **self.stats()},
+                                 status=200 if ok else 503)

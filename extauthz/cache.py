@@ -1,8 +1,12 @@
 """A bounded local cache of key and team records in front of the Redis store.
 
 Entries are dropped by Redis's own invalidation messages (see invalidation.py), so the
-cache is consulted only while that channel is live; otherwise every lookup reads Redis.
+cache answers only while that channel is live; otherwise every lookup reads Redis.
 Unknown keys are cached too, briefly, so floods of bad keys do not reach Redis.
+
+When Redis cannot answer, a key already cached keeps being decided from its cached
+record for at most ``max_stale_s`` after the channel went down (each such lookup is
+counted); anything else fails closed.
 """
 
 from __future__ import annotations
@@ -12,22 +16,27 @@ from collections import OrderedDict
 from typing import Any, Awaitable, Callable
 
 from extauthz.records import KeyRecord, TeamRecord
-from extauthz.store import RedisStore
+from extauthz.store import RedisStore, StoreUnavailable
 
 MISS = object()
+RETRY_AFTER_FAILURE_S = 0.25
 
 
 class RecordCache:
-    def __init__(self, max_entries: int, negative_ttl_s: float) -> None:
+    def __init__(self, max_entries: int, negative_ttl_s: float, max_stale_s: float = 60.0) -> None:
         self.max_entries = max_entries
         self.negative_ttl_s = negative_ttl_s
+        self.max_stale_s = max_stale_s
+        self.untrusted_since = time.monotonic()
         # Redis key -> record, or the monotonic deadline of a "no such record" entry.
         self._entries: OrderedDict[str, object] = OrderedDict()
         # Bumped by every invalidation: a read that overlapped one must not fill the cache
         # with what may be the value from before the change.
         self.epoch = 0
         self.trusted = False
-        self.hits = self.misses = self.evictions = self.invalidations = 0
+        # Until then lookups do not try Redis (set on a failure, cleared when it is back).
+        self.redis_down_until = 0.0
+        self.hits = self.misses = self.evictions = self.invalidations = self.stale_served = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -47,8 +56,19 @@ class RecordCache:
         self.hits += 1
         return entry
 
+    def stale(self, redis_key: str) -> object:
+        """A cached record to decide with while Redis is unreachable, within max_stale_s."""
+        entry = self._entries.get(redis_key, MISS)
+        if entry is MISS or type(entry) is float or self.trusted \
+                or time.monotonic() - self.untrusted_since > self.max_stale_s:
+            return MISS
+        self.stale_served += 1
+        return entry
+
     def put(self, redis_key: str, record: object | None, epoch: int) -> None:
-        if epoch != self.epoch or not self.trusted or self.max_entries <= 0:
+        # Also while distrusted: a fresh read keeps the stale fallback as recent as possible
+        # (a revocation read from Redis must not be undone by an older entry).
+        if epoch != self.epoch or self.max_entries <= 0:
             return
         self._entries[redis_key] = record if record is not None else time.monotonic() + self.negative_ttl_s
         self._entries.move_to_end(redis_key)
@@ -67,9 +87,17 @@ class RecordCache:
             self._entries.pop(redis_key, None)
 
     def distrust(self) -> None:
-        """The invalidation channel is down: forget everything and stop serving from memory."""
+        """The invalidation channel is down: stop answering from memory. Entries stay, as
+        the fallback while Redis is unreachable; they are flushed before trust returns."""
+        if self.trusted:
+            self.untrusted_since = time.monotonic()
         self.trusted = False
-        self.invalidate(None)
+        self.epoch += 1
+
+    def stats(self) -> dict[str, int | bool]:
+        return {"entries": len(self._entries), "trusted": self.trusted, "hits": self.hits, "misses": self.misses,
+                "evictions": self.evictions, "invalidations": self.invalidations,
+                "stale_served": self.stale_served}
 
 
 class CachedStore:
@@ -86,9 +114,23 @@ class CachedStore:
             if entry is not MISS:
                 return entry
         epoch = cache.epoch
-        record = await load()
+        if time.monotonic() < cache.redis_down_until:
+            # Fail fast for a moment after a failure instead of making every check wait
+            # for the Redis timeout; what is cached still answers, within max_stale_s.
+            return self._stale_or_raise(redis_key)
+        try:
+            record = await load()
+        except StoreUnavailable:
+            cache.redis_down_until = time.monotonic() + RETRY_AFTER_FAILURE_S
+            return self._stale_or_raise(redis_key)
         cache.put(redis_key, record, epoch)
         return record
+
+    def _stale_or_raise(self, redis_key: str) -> Any:
+        entry = self.cache.stale(redis_key)
+        if entry is MISS:
+            raise StoreUnavailable("redis unreachable")
+        return entry
 
     async def get_key(self, token_hash: str) -> KeyRecord | None:
         return await self._lookup(self.store.key_id(token_hash), lambda: self.store.get_key(token_hash))

@@ -44,6 +44,7 @@ class Settings:
     redis_timeout_ms: int = 250
     cache_max_entries: int = 100_000
     cache_negative_ttl_s: float = 5.0
+    max_stale_s: float = 60.0
     workers: int = 1
     key_prefix: str = "extauthz:"
     grpc_host: str = "127.0.0.1"

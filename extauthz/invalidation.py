@@ -71,6 +71,7 @@ class Invalidator:
         # Whatever changed while nobody listened is unknown: start empty, then trust.
         self.cache.invalidate(None)
         self.cache.trusted = True
+        self.cache.redis_down_until = 0.0
         log.info("invalidation channel up; cache trusted")
 
     async def _serve(self, subscriber: AbstractConnection, tracker: AbstractConnection) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 from dataclasses import dataclass
@@ -14,7 +15,8 @@ from grpc_health.v1.health import aio as health_aio
 
 from extauthz.admin import AdminApi
 from extauthz.cache import CachedStore, RecordCache
-from extauthz.config import Config
+from extauthz import config as config_module
+from extauthz.config import Config, ConfigError
 from extauthz.runtime import Runtime
 from extauthz.service import SERVICE as AUTHZ_SERVICE, AuthorizationService
 from extauthz.invalidation import Invalidator
@@ -29,9 +31,30 @@ class RuntimeBox:
     """The current runtime; swapping it is how a new config takes effect."""
 
     current: Runtime
+    reloads: int = 0
+    reload_failures: int = 0
 
     def __call__(self) -> Runtime:
         return self.current
+
+    def reload(self) -> None:
+        """Read the config file again; swap it in whole, or keep the running one.
+
+        The model list, aliases, pass-through paths and master key change at once; the
+        process settings (ports, Redis, workers) need a restart and are kept."""
+        old = self.current.config
+        try:
+            new = config_module.load(old.path)
+        except ConfigError as e:
+            self.reload_failures += 1
+            log.error("config reload failed, keeping the running config: %s", e)
+            return
+        self.current = Runtime.of(dataclasses.replace(new, settings=old.settings))
+        self.reloads += 1
+        log.info("config reloaded from %s: %d deployments", old.path, len(new.deployments))
+
+    def stats(self) -> dict[str, int]:
+        return {"reloads": self.reloads, "reload_failures": self.reload_failures}
 
 
 async def serve(config: Config, reuse_port: bool = False) -> None:
@@ -40,7 +63,7 @@ async def serve(config: Config, reuse_port: bool = False) -> None:
     settings = config.settings
     runtime = RuntimeBox(Runtime.of(config))
     store = RedisStore(settings.redis_url, settings.redis_timeout_ms, settings.key_prefix)
-    cache = RecordCache(settings.cache_max_entries, settings.cache_negative_ttl_s)
+    cache = RecordCache(settings.cache_max_entries, settings.cache_negative_ttl_s, settings.max_stale_s)
     invalidator = Invalidator(settings.redis_url, (store.key_id(""), store.team_id("")), cache,
                               settings.redis_timeout_ms / 1000)
     # Without a cache there is nothing to invalidate: every lookup reads Redis.
@@ -59,7 +82,8 @@ async def serve(config: Config, reuse_port: bool = False) -> None:
         raise OSError(f"cannot listen for gRPC on {address}")
     await server.start()
 
-    runner = web.AppRunner(AdminApi(runtime, store).app(), access_log=None)
+    stats = lambda: {"cache": cache.stats(), "config": runtime.stats()}  # noqa: E731
+    runner = web.AppRunner(AdminApi(runtime, store, stats).app(), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, settings.admin_host, settings.admin_port, reuse_port=reuse_port).start()
 
@@ -72,6 +96,7 @@ async def serve(config: Config, reuse_port: bool = False) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    loop.add_signal_handler(signal.SIGHUP, runtime.reload)
     await stopping.wait()
 
     log.info("shutting down: health NOT_SERVING, finishing in-flight checks")

@@ -19,6 +19,9 @@ import json
 from typing import Any, Awaitable, Callable, Protocol
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, WatchError
 
 from extauthz.records import KeyRecord, TeamRecord
@@ -58,8 +61,11 @@ class RedisStore:
     def __init__(self, url: str, timeout_ms: int, prefix: str = "extauthz:") -> None:
         timeout = timeout_ms / 1000
         self.timeout = timeout
+        # One retry, on a broken connection only (a pooled connection from before a Redis
+        # restart); a timeout is not retried: the caller's deadline is the lookup timeout.
         self.redis = aioredis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout, retry_on_timeout=False)
+            url, socket_timeout=timeout, socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
         self.prefix = prefix
 
     def key_id(self, token_hash: str) -> str:

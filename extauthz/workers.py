@@ -53,8 +53,13 @@ def supervise(config: Config) -> int:
         for child in children:
             os.kill(child, signum)
 
+    def reload(signum: int, _frame: object) -> None:
+        for child in children:
+            os.kill(child, signum)
+
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, reload)
     failed = False
     while children:
         pid, status = os.wait()

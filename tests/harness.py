@@ -199,3 +199,35 @@ def start_envoy(workdir: Path, config: Path, sidecar: Sidecar) -> Envoy:
                           "--log-level", "warn"], workdir / f"envoy-{port}.log").start()
     proc.wait_ready(lambda: http_ok(f"http://127.0.0.1:{admin_port}/ready"))
     return Envoy(proc, port, admin_port, bootstrap)
+
+
+@dataclass
+class Stack:
+    """A sidecar and an Envoy of a test's own, on a Redis it names."""
+
+    sidecar: Sidecar
+    envoy: Envoy
+
+    def stop(self) -> None:
+        self.envoy.proc.stop()
+        self.sidecar.proc.stop()
+
+
+def start_stack(workdir: Path, config: Path, redis_url: str, extra_env: dict[str, str] | None = None) -> Stack:
+    side = start_sidecar(workdir, config, redis_url, extra_env)
+    try:
+        return Stack(side, start_envoy(workdir, config, side))
+    except Exception:
+        side.proc.stop()
+        raise
+
+
+def start_redis_at(workdir: Path, port: int, *extra: str) -> Proc:
+    """A redis-server on a given port (to restart one where it was), with extra options."""
+    data = workdir / f"redis-data-{port}"
+    data.mkdir(exist_ok=True)
+    proc = Proc("redis-server", [shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind",
+                                 "127.0.0.1", "--save", "", "--dir", str(data), *extra],
+                workdir / f"redis-{port}.log").start()
+    proc.wait_ready(lambda: _redis_ping(port))
+    return proc
