@@ -136,7 +136,10 @@ def model_from_json(body: bytes, required: bool = True) -> tuple[str | None, Pro
 
 
 def model_from_multipart(body: bytes, content_type: str) -> tuple[str | None, Problem | None]:
-    kind, options = parse_options_header(content_type)
+    try:
+        kind, options = parse_options_header(content_type)
+    except ValueError:  # e.g. characters outside latin-1
+        return None, NOT_MULTIPART
     boundary = options.get(b"boundary")
     if kind != b"multipart/form-data" or not boundary:
         return None, NOT_MULTIPART

@@ -204,3 +204,16 @@ def test_model_is_rewritten_whatever_the_content_type(gateway: Gateway) -> None:
                  headers={"Authorization": f"Bearer {key}", "Content-Type": content_type})
         assert_reached(r, ("authorization", "Bearer sk-upstream-openai-wildcard"), "gpt-4o",
                        "/v1/chat/completions", key)
+
+
+def test_duplicate_model_keys_check_what_the_provider_reads(gateway: Gateway) -> None:
+    """JSON's last-wins is what the check reads, and the provider gets one rewritten model."""
+    from tests.harness import http
+    key = gateway.new_key(models=["gpt-4"])
+    r = http("POST", gateway.envoy.url + "/v1/chat/completions", raw=b'{"model": "gpt-4o", "model": "gpt-4"}',
+             headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    echo = assert_reached(r, ("authorization", "Bearer sk-upstream-gpt-4"), "gpt-4", "/v1/chat/completions", key)
+    assert echo["body"] == {"model": "gpt-4"}
+    r = http("POST", gateway.envoy.url + "/v1/chat/completions", raw=b'{"model": "gpt-4", "model": "gpt-4o"}',
+             headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    assert_error(r, 403, "model_not_allowed")

@@ -57,6 +57,7 @@ FILE = b'Content-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n' 
     (form(FILE), "multipart/form-data; boundary=XyZ", (None, "missing_model")),
     (form(FIELD), "application/json", (None, "invalid_request_body")),
     (form(FIELD), "multipart/form-data", (None, "invalid_request_body")),
+    (form(FIELD), "multipart/form-data; boundary=\u0100", (None, "invalid_request_body")),
     (b"--XyZ\r\ngarbage without headers end", "multipart/form-data; boundary=XyZ", (None, "invalid_request_body")),
     (b"\x00\xff" * 50, "multipart/form-data; boundary=XyZ", (None, "invalid_request_body")),
     (form(b'Content-Disposition: form-data; name="model"\r\n\r\n' + b"m" * 5000),
