@@ -75,7 +75,7 @@ class Catalog:
         self.access_groups: dict[str, tuple[str, ...]] = {k: tuple(v) for k, v in members.items()}
         self.aliases: dict[str, Alias] = {a.name: a for a in aliases}
         self.routes: dict[int, Route] = {d.index: Route.of(d) for d in deployments}
-        self.pass_through: tuple[PassThroughRoute, ...] = tuple(PassThroughRoute.of(i, c) for i, c in enumerate(pass_through))
+        self.pass_through: tuple[PassThroughRoute, ...] = tuple(PassThroughRoute.of(c) for c in pass_through)
         self.resolve = lru_cache(maxsize=65536)(self._resolve)
 
     def _resolve(self, name: str) -> Resolution | None:

@@ -137,7 +137,7 @@ def decide(facts: Facts, key: KeyRecord | None, team: TeamRecord | None,
                     f"{facts.path.partition('?')[0]!r} is not an LLM endpoint this gateway serves.", None, meta)
     if isinstance(endpoint, PassThrough):
         route = catalog.pass_through[endpoint.index]
-        meta["deployment"] = f"pass_through:{route.config.path}"
+        meta["deployment"] = route.route_id
         return Allow(route.route_id, route.headers, route.allow_headers(endpoint), route.headers_to_remove, meta)
     if facts.body_problem is not None:
         return _problem(facts.body_problem, meta)
@@ -150,7 +150,7 @@ def decide(facts: Facts, key: KeyRecord | None, team: TeamRecord | None,
     if team is not None and not list_admits(team.models, resolution):
         return _model_denied(model, "not allowed", key, team, True, catalog, meta)
     route = catalog.routes[_pick(resolution, draw)]
-    meta["deployment"] = route.deployment.name
+    meta["deployment"] = route.route_id
     headers = route.allow_headers(endpoint, model, resolution.capture, facts.headers)
     if isinstance(headers, Problem):
         return _problem(headers, meta)

@@ -52,17 +52,14 @@ class Route:
     api_format: str
     headers: Headers
     headers_to_remove: tuple[str, ...]
+    route_id: str  # also the "deployment" of the dynamic metadata
 
     @classmethod
     def of(cls, d: Deployment) -> "Route":
         upstream = providers.upstream(d.api_base)
         credential = (providers.credential_header(d.provider, d.api_key),) if d.api_key else ()
         headers, remove = _static_headers(upstream, credential)
-        return cls(d, upstream, providers.api_format(d.provider), headers, remove)
-
-    @property
-    def route_id(self) -> str:
-        return self.deployment.name
+        return cls(d, upstream, providers.api_format(d.provider), headers, remove, d.name)
 
     def provider_model(self, capture: str | None) -> str:
         model = self.deployment.provider_model
@@ -110,21 +107,17 @@ class Route:
 class PassThroughRoute:
     """An operator-declared path forwarded to a fixed target with key authentication only."""
 
-    index: int
     config: PassThroughConfig
     upstream: providers.Upstream
     headers: Headers
     headers_to_remove: tuple[str, ...]
+    route_id: str  # also the "deployment" of the dynamic metadata
 
     @classmethod
-    def of(cls, index: int, c: PassThroughConfig) -> "PassThroughRoute":
+    def of(cls, c: PassThroughConfig) -> "PassThroughRoute":
         upstream = providers.upstream(c.target)
         headers, remove = _static_headers(upstream, c.headers)
-        return cls(index, c, upstream, headers, remove)
-
-    @property
-    def route_id(self) -> str:
-        return f"pass_through:{self.index}"
+        return cls(c, upstream, headers, remove, f"pass_through:{c.path}")
 
     def allow_headers(self, request: PassThrough) -> Headers:
         subpath = request.path[len(self.config.path):] if self.config.include_subpath else ""
