@@ -19,6 +19,7 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from extauthz import admin_schema as schema
+from extauthz import metrics
 from extauthz.facts import Facts
 from extauthz.policy import Deny, authenticate, visible_models
 from extauthz.records import hash_token
@@ -78,7 +79,7 @@ class AdminApi:
         self.stats = stats
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self.errors, self.auth])
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self.count, self.errors, self.auth])
         post, get = app.router.add_post, app.router.add_get
         post("/key/generate", self.key_generate)
         post("/key/update", self.key_update)
@@ -103,6 +104,14 @@ class AdminApi:
         return app
 
     # -- middlewares ----------------------------------------------------------------------
+
+    @web.middleware
+    async def count(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        response = await handler(request)
+        route = request.match_info.route.resource
+        name = route.canonical if route is not None else "unmatched"
+        metrics.ADMIN_REQUESTS.labels(name, str(response.status)).inc()
+        return response
 
     @web.middleware
     async def errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:

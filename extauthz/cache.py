@@ -37,6 +37,7 @@ class RecordCache:
         # Until then lookups do not try Redis (set on a failure, cleared when it is back).
         self.redis_down_until = 0.0
         self.hits = self.misses = self.evictions = self.invalidations = self.stale_served = 0
+        self.redis_errors = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -97,7 +98,7 @@ class RecordCache:
     def stats(self) -> dict[str, int | bool]:
         return {"entries": len(self._entries), "trusted": self.trusted, "hits": self.hits, "misses": self.misses,
                 "evictions": self.evictions, "invalidations": self.invalidations,
-                "stale_served": self.stale_served}
+                "stale_served": self.stale_served, "redis_errors": self.redis_errors}
 
 
 class CachedStore:
@@ -121,6 +122,7 @@ class CachedStore:
         try:
             record = await load()
         except StoreUnavailable:
+            cache.redis_errors += 1
             cache.redis_down_until = time.monotonic() + RETRY_AFTER_FAILURE_S
             return self._stale_or_raise(redis_key)
         cache.put(redis_key, record, epoch)

@@ -9,6 +9,7 @@ import logging
 import sys
 
 from extauthz import config as config_module
+from extauthz import logs
 from extauthz.config import Config, ConfigError
 
 
@@ -40,16 +41,13 @@ def with_overrides(config: Config, **overrides: object) -> Config:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    logging.basicConfig(level=getattr(args, "log_level", "WARNING"), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    # The multipart parser warns about every malformed client body; the deny says it already.
-    logging.getLogger("python_multipart").setLevel(logging.ERROR)
-    log = logging.getLogger("extauthz")
     try:
         config = config_module.load(args.config, require_secrets=args.command == "serve")
     except ConfigError as e:
         print(f"extauthz: invalid config: {e}", file=sys.stderr)
         return 2
+    logs.setup(getattr(args, "log_level", "WARNING"), config.settings.log_format)
+    log = logging.getLogger("extauthz")
     for warning in config.warnings:
         log.warning("config: %s", warning)
 

@@ -46,6 +46,10 @@ class Settings:
     cache_negative_ttl_s: float = 5.0
     max_stale_s: float = 60.0
     workers: int = 1
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = 9464
+    log_format: str = "json"
+    log_allowed: bool = False
     key_prefix: str = "extauthz:"
     grpc_host: str = "127.0.0.1"
     grpc_port: int = 9000
@@ -297,18 +301,24 @@ class _Parser:
         return dataclasses.replace(defaults, **values)
 
     def setting(self, key: str, value: Any, kind: type, where: str) -> Any:
-        if isinstance(value, str) and kind is not str:
+        if isinstance(value, str) and kind not in (str, bool):
             value = self.string(value, where)
             try:
                 value = kind(value)
             except ValueError:
                 raise self.error(where, f"expected {kind.__name__}, got {value!r}") from None
+        if kind is bool and isinstance(value, str):
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise self.error(where, f"expected true or false, got {value!r}")
+            value = value.lower() in ("true", "1", "yes")
         if kind is str:
             value = self.string(value, where)
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if not isinstance(value, kind) or isinstance(value, bool):
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             raise self.error(where, f"expected {kind.__name__}, got {type(value).__name__}")
+        if key == "log_format" and value not in ("json", "text"):
+            raise self.error(where, "must be json or text")
         if kind is int and key.endswith(("port", "_ms", "_bytes", "workers")) and value <= 0:
             raise self.error(where, "must be positive")
         if kind in (int, float) and value < 0:

@@ -10,12 +10,14 @@ from dataclasses import dataclass
 
 import grpc
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
 from extauthz.admin import AdminApi
 from extauthz.cache import CachedStore, RecordCache
 from extauthz import config as config_module
+from extauthz import metrics
 from extauthz.config import Config, ConfigError
 from extauthz.runtime import Runtime
 from extauthz.service import SERVICE as AUTHZ_SERVICE, AuthorizationService
@@ -47,19 +49,31 @@ class RuntimeBox:
             new = config_module.load(old.path)
         except ConfigError as e:
             self.reload_failures += 1
+            metrics.CONFIG_RELOADS.labels("failed").inc()
             log.error("config reload failed, keeping the running config: %s", e)
             return
         self.current = Runtime.of(dataclasses.replace(new, settings=old.settings))
         self.reloads += 1
+        metrics.CONFIG_RELOADS.labels("ok").inc()
         log.info("config reloaded from %s: %d deployments", old.path, len(new.deployments))
 
     def stats(self) -> dict[str, int]:
         return {"reloads": self.reloads, "reload_failures": self.reload_failures}
 
 
+def metrics_app() -> web.Application:
+    async def scrape(request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/metrics", scrape)
+    return app
+
+
 async def serve(config: Config, reuse_port: bool = False) -> None:
     """Serve until SIGTERM/SIGINT. ``reuse_port``: one of several worker processes sharing
-    the ports (SO_REUSEPORT); a lone process refuses a port already taken instead."""
+    the ports (SO_REUSEPORT), whose metrics the supervisor serves; a lone process serves
+    its own and refuses a port already taken."""
     settings = config.settings
     runtime = RuntimeBox(Runtime.of(config))
     store = RedisStore(settings.redis_url, settings.redis_timeout_ms, settings.key_prefix)
@@ -70,7 +84,7 @@ async def serve(config: Config, reuse_port: bool = False) -> None:
     invalidation = asyncio.create_task(invalidator.run()) if settings.cache_max_entries > 0 else None
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", int(reuse_port))])
-    AuthorizationService(runtime, CachedStore(store, cache)).add_to(server)
+    AuthorizationService(runtime, CachedStore(store, cache), settings.log_allowed).add_to(server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     address = f"{settings.grpc_host}:{settings.grpc_port}"
@@ -86,6 +100,13 @@ async def serve(config: Config, reuse_port: bool = False) -> None:
     runner = web.AppRunner(AdminApi(runtime, store, stats).app(), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, settings.admin_host, settings.admin_port, reuse_port=reuse_port).start()
+    counters = lambda: {**cache.stats(), "reconnects": invalidator.reconnects}  # noqa: E731
+    metrics_sync = asyncio.create_task(metrics.sync_forever(counters))
+    metrics_runner = None
+    if not reuse_port:
+        metrics_runner = web.AppRunner(metrics_app(), access_log=None)
+        await metrics_runner.setup()
+        await web.TCPSite(metrics_runner, settings.metrics_host, settings.metrics_port).start()
 
     for service in ("", AUTHZ_SERVICE):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -103,6 +124,9 @@ async def serve(config: Config, reuse_port: bool = False) -> None:
     await health.enter_graceful_shutdown()
     await server.stop(settings.shutdown_grace_s)
     await runner.cleanup()
+    if metrics_runner is not None:
+        await metrics_runner.cleanup()
+    metrics_sync.cancel()
     if invalidation is not None:
         invalidation.cancel()
     await store.close()

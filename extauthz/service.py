@@ -9,6 +9,9 @@ from typing import Any, Callable
 
 import grpc
 
+from extauthz import logs
+from extauthz.facts import Facts
+from extauthz.metrics import CheckMetrics
 from extauthz.policy import UNAVAILABLE, Allow, Decision, Deny, decide
 from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2
 from extauthz.records import MASTER, KeyRecord, TeamRecord, hash_token
@@ -24,9 +27,11 @@ INTERNAL = Deny(500, "internal_error", "The authorization service failed to deci
 
 
 class AuthorizationService:
-    def __init__(self, runtime: Callable[[], Runtime], store: RecordStore) -> None:
+    def __init__(self, runtime: Callable[[], Runtime], store: RecordStore, log_allowed: bool = False) -> None:
         self.runtime = runtime
         self.store = store
+        self.log_allowed = log_allowed
+        self.metrics = CheckMetrics(SERVICE)
 
     def add_to(self, server: grpc.aio.Server) -> None:
         # Registered by hand so Check can return bytes it assembled (see responses.py)
@@ -37,21 +42,30 @@ class AuthorizationService:
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Check": handler}),))
 
     async def Check(self, request: external_auth_pb2.CheckRequest, context: Any) -> bytes:
+        started = time.perf_counter()
         runtime = self.runtime()
+        request_id = ""
         try:
-            decision = await self.decide(request, runtime)
+            facts = facts_from_check(request, runtime.pass_through)
+            request_id = facts.request_id
+            decision = await self.decide(facts, runtime)
             if isinstance(decision, Allow):
-                return allow_bytes(runtime.allow_prefixes[decision.route_id], decision)
+                answer = allow_bytes(runtime.allow_prefixes[decision.route_id], decision)
+                seconds = time.perf_counter() - started
+                self.metrics.record("allow", "ok", seconds)
+                if self.log_allowed:
+                    logs.decision("allow", "ok", 200, decision.metadata, request_id, seconds)
+                return answer
         except Exception:
             # A bug must still answer with a deny, never a gRPC error that Envoy might fail open on.
             log.exception("check failed")
             decision = INTERNAL
-        if log.isEnabledFor(logging.DEBUG):  # a formatted line per deny costs more than the decision
-            log.debug("deny %s %s", decision.status, decision.code)
+        seconds = time.perf_counter() - started
+        self.metrics.record("deny", decision.code, seconds)
+        logs.decision("deny", decision.code, decision.status, decision.metadata, request_id, seconds)
         return deny_bytes(decision)
 
-    async def decide(self, request: external_auth_pb2.CheckRequest, runtime: Runtime) -> Decision:
-        facts = facts_from_check(request, runtime.pass_through)
+    async def decide(self, facts: Facts, runtime: Runtime) -> Decision:
         try:
             key, team = await lookup(facts.token, runtime, self.store)
         except StoreUnavailable as e:

@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 
 from extauthz.config import Config
 
@@ -31,9 +33,28 @@ def _worker(config: Config) -> int:
 
 
 def supervise(config: Config) -> int:
-    """Fork the workers, pass SIGTERM/SIGINT on, and exit when they have all exited:
-    0 if every worker stopped cleanly, 1 if one died on its own (the rest are stopped,
-    so the orchestrator restarts the whole set)."""
+    """Fork the workers, pass SIGTERM/SIGINT/SIGHUP on, serve their metrics, and exit when
+    they have all exited: 0 if every worker stopped cleanly, 1 if one died on its own (the
+    rest are stopped, so the orchestrator restarts the whole set)."""
+    # prometheus_client reads this when first imported: the workers write their values
+    # there and this process sums them.
+    metrics_dir = tempfile.mkdtemp(prefix="extauthz-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        return _supervise(config)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _serve_metrics(config: Config) -> None:
+    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)
+    start_http_server(config.settings.metrics_port, config.settings.metrics_host, registry=registry)
+
+
+def _supervise(config: Config) -> int:
     children: set[int] = set()
     for _ in range(config.settings.workers):
         pid = os.fork()
@@ -44,6 +65,8 @@ def supervise(config: Config) -> int:
             os._exit(code)
         children.add(pid)
     log.info("started %d workers: %s", len(children), sorted(children))
+    _serve_metrics(config)
+    from prometheus_client import multiprocess
 
     stopping = False
 
@@ -64,6 +87,7 @@ def supervise(config: Config) -> int:
     while children:
         pid, status = os.wait()
         children.discard(pid)
+        multiprocess.mark_process_dead(pid)
         if os.waitstatus_to_exitcode(status) != 0 or not stopping:
             failed = True
             if not stopping:

@@ -151,6 +151,7 @@ class Sidecar:
     proc: Proc
     grpc_port: int
     admin_port: int
+    metrics_port: int
 
     @property
     def admin(self) -> str:
@@ -159,14 +160,14 @@ class Sidecar:
 
 def start_sidecar(workdir: Path, config: Path, redis_url: str, extra_env: dict[str, str] | None = None,
                   extra_args: list[str] | None = None) -> Sidecar:
-    grpc_port, admin_port = free_port(), free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+    grpc_port, admin_port, metrics_port = free_port(), free_port(), free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "EXTAUTHZ_METRICS_PORT": str(metrics_port), **(extra_env or {})}
     proc = Proc("extauthz", [sys.executable, "-m", "extauthz", "serve", "--config", str(config),
                              "--redis-url", redis_url, "--grpc-port", str(grpc_port),
                              "--admin-port", str(admin_port), *(extra_args or [])],
                 workdir / f"extauthz-{grpc_port}.log", env).start()
     proc.wait_ready(lambda: http_ok(f"http://127.0.0.1:{admin_port}/health/liveliness") and tcp_open(grpc_port))
-    return Sidecar(proc, grpc_port, admin_port)
+    return Sidecar(proc, grpc_port, admin_port, metrics_port)
 
 
 @dataclass

@@ -1,0 +1,59 @@
+"""Logging: one JSON object per line (or plain text), and the decision log.
+
+A decision log entry names the request, the key (alias and a 12-hex prefix of its
+hash), the team, the model, the deployment, the outcome and the time taken: enough to
+answer "why was this call refused" without ever holding a secret.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from datetime import datetime, timezone
+from typing import Any
+
+DECISIONS = logging.getLogger("extauthz.decision")
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if fields:
+            entry.update(fields)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, "fields", None)
+        line = super().format(record)
+        return line + " " + " ".join(f"{k}={v}" for k, v in fields.items()) if fields else line
+
+
+def setup(level: str = "INFO", fmt: str = "json") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # The multipart parser warns about every malformed client body; the deny says it already.
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)
+
+
+def decision(outcome: str, code: str, status: int, metadata: dict[str, Any] | None, request_id: str,
+             seconds: float) -> None:
+    fields = {"request_id": request_id, "outcome": outcome, "code": code, "status": status,
+              "latency_ms": round(seconds * 1000, 3), **(metadata or {})}
+    DECISIONS.info(outcome, extra={"fields": fields})

@@ -1,0 +1,74 @@
+"""Prometheus metrics.
+
+One process: the default registry, served by the process itself. ``--workers N``: the
+supervisor sets PROMETHEUS_MULTIPROC_DIR before the workers import prometheus_client,
+each worker writes its values there, and the supervisor serves their sum.
+
+Counters the hot path would otherwise touch per request (cache hits and misses) stay
+plain integers in the cache and are copied here once a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Callable
+
+from prometheus_client import Counter, Histogram
+
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+SYNC_INTERVAL_S = 1.0
+
+DECISIONS = Counter("extauthz_decisions_total", "Check decisions by outcome and reason code",
+                    ["outcome", "code"])
+DECISION_SECONDS = Histogram("extauthz_decision_seconds", "Time to decide one Check, lookups included",
+                             buckets=LATENCY_BUCKETS)
+GRPC_HANDLED = Counter("grpc_server_handled_total", "RPCs completed on the server",
+                       ["grpc_type", "grpc_service", "grpc_method", "grpc_code"])
+GRPC_SECONDS = Histogram("grpc_server_handling_seconds", "RPC handling time on the server",
+                         ["grpc_type", "grpc_service", "grpc_method"], buckets=LATENCY_BUCKETS)
+CACHE_EVENTS = Counter("extauthz_cache_events_total", "Record cache events",
+                       ["event"])  # hit, miss, eviction, invalidation
+STALE_DECISIONS = Counter("extauthz_stale_decisions_total",
+                          "Lookups answered from the cache while Redis was unreachable")
+REDIS_ERRORS = Counter("extauthz_redis_errors_total", "Redis lookups that failed or timed out")
+REDIS_RECONNECTS = Counter("extauthz_redis_reconnects_total", "Reconnections of the invalidation channel")
+CONFIG_RELOADS = Counter("extauthz_config_reloads_total", "Config reloads", ["result"])  # ok, failed
+ADMIN_REQUESTS = Counter("extauthz_admin_requests_total", "Admin API requests", ["route", "status"])
+
+
+class CheckMetrics:
+    """Pre-bound label sets for the Check path: a label lookup costs more than the increment."""
+
+    def __init__(self, service: str) -> None:
+        self.handled = GRPC_HANDLED.labels("unary", service, "Check", "OK")
+        self.handling = GRPC_SECONDS.labels("unary", service, "Check")
+        self._decisions: dict[tuple[str, str], Counter] = {}
+
+    def record(self, outcome: str, code: str, seconds: float) -> None:
+        child = self._decisions.get((outcome, code))
+        if child is None:
+            child = self._decisions[(outcome, code)] = DECISIONS.labels(outcome, code)
+        child.inc()
+        DECISION_SECONDS.observe(seconds)
+        self.handled.inc()
+        self.handling.observe(seconds)
+
+
+async def sync_forever(read: Callable[[], dict[str, int]]) -> None:
+    """Copy counters kept as plain integers (``read`` gives their current totals) into
+    Prometheus counters, as deltas, once a second."""
+    targets = {
+        "hits": CACHE_EVENTS.labels("hit"), "misses": CACHE_EVENTS.labels("miss"),
+        "evictions": CACHE_EVENTS.labels("eviction"), "invalidations": CACHE_EVENTS.labels("invalidation"),
+        "stale_served": STALE_DECISIONS, "redis_errors": REDIS_ERRORS, "reconnects": REDIS_RECONNECTS,
+    }
+    seen: dict[str, int] = {}
+    while True:
+        current = read()
+        for name, target in targets.items():
+            delta = current.get(name, 0) - seen.get(name, 0)
+            if delta > 0:
+                target.inc(delta)
+            seen[name] = current.get(name, 0)
+        await asyncio.sleep(SYNC_INTERVAL_S)
+
