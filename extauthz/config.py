@@ -50,6 +50,7 @@ class Settings:
     metrics_port: int = 9464
     log_format: str = "json"
     log_allowed: bool = False
+    tracing: str = "none"
     key_prefix: str = "extauthz:"
     grpc_host: str = "127.0.0.1"
     grpc_port: int = 9000
@@ -319,6 +320,8 @@ class _Parser:
             raise self.error(where, f"expected {kind.__name__}, got {type(value).__name__}")
         if key == "log_format" and value not in ("json", "text"):
             raise self.error(where, "must be json or text")
+        if key == "tracing" and value not in ("none", "otlp", "console"):
+            raise self.error(where, "must be none, otlp or console")
         if kind is int and key.endswith(("port", "_ms", "_bytes", "workers")) and value <= 0:
             raise self.error(where, "must be positive")
         if kind in (int, float) and value < 0:

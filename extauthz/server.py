@@ -17,7 +17,7 @@ from grpc_health.v1.health import aio as health_aio
 from extauthz.admin import AdminApi
 from extauthz.cache import CachedStore, RecordCache
 from extauthz import config as config_module
-from extauthz import metrics
+from extauthz import metrics, tracing
 from extauthz.config import Config, ConfigError
 from extauthz.runtime import Runtime
 from extauthz.service import SERVICE as AUTHZ_SERVICE, AuthorizationService
@@ -75,6 +75,7 @@ async def serve(config: Config, reuse_port: bool = False) -> None:
     the ports (SO_REUSEPORT), whose metrics the supervisor serves; a lone process serves
     its own and refuses a port already taken."""
     settings = config.settings
+    tracing.setup(settings.tracing)
     runtime = RuntimeBox(Runtime.of(config))
     store = RedisStore(settings.redis_url, settings.redis_timeout_ms, settings.key_prefix)
     cache = RecordCache(settings.cache_max_entries, settings.cache_negative_ttl_s, settings.max_stale_s)

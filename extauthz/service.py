@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import grpc
 
-from extauthz import logs
+from extauthz import logs, tracing
 from extauthz.facts import Facts
 from extauthz.metrics import CheckMetrics
 from extauthz.policy import UNAVAILABLE, Allow, Decision, Deny, decide
@@ -42,6 +42,12 @@ class AuthorizationService:
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Check": handler}),))
 
     async def Check(self, request: external_auth_pb2.CheckRequest, context: Any) -> bytes:
+        if tracing.enabled():
+            with tracing.check_span(request.attributes.request.http.headers):
+                return await self.check(request)
+        return await self.check(request)
+
+    async def check(self, request: external_auth_pb2.CheckRequest) -> bytes:
         started = time.perf_counter()
         runtime = self.runtime()
         request_id = ""

@@ -24,6 +24,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, WatchError
 
+from extauthz import tracing
 from extauthz.records import KeyRecord, TeamRecord
 
 TRANSACTION_ATTEMPTS = 100
@@ -93,6 +94,9 @@ class RedisStore:
 
     async def _get(self, redis_key: str) -> bytes | None:
         try:
+            if tracing.enabled():
+                with tracing.redis_span("GET"):
+                    return await asyncio.wait_for(self.redis.get(redis_key), self.timeout)
             return await asyncio.wait_for(self.redis.get(redis_key), self.timeout)
         except (RedisError, OSError, asyncio.TimeoutError) as e:
             raise StoreUnavailable(type(e).__name__) from None

@@ -106,3 +106,24 @@ def test_metrics_sum_over_workers(workdir: Path, config_path: Path, redis_port: 
         assert value(samples, "extauthz_decisions_total", outcome="allow", code="ok") == 200
     finally:
         side.proc.stop()
+
+
+def test_tracing_continues_the_callers_trace(workdir: Path, config_path: Path, redis_port: int) -> None:
+    side = harness.start_sidecar(workdir, config_path, f"redis://127.0.0.1:{redis_port}/0",
+                                 {"EXTAUTHZ_TRACING": "console"})
+    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    try:
+        headers = {"authorization": "Bearer sk-unknown-for-tracing", "traceparent": f"00-{trace_id}-{parent_id}-01"}
+        with grpc.insecure_channel(f"127.0.0.1:{side.grpc_port}") as channel:
+            external_auth_pb2_grpc.AuthorizationStub(channel).Check(
+                check_request(headers, b'{"model": "gpt-4"}'), timeout=5)
+        wait_for(lambda: '"redis GET"' in side.proc.log_text())
+        spans = [json.loads(line) for line in side.proc.log_text().splitlines()
+                 if line.startswith("{") and '"trace_id"' in line]
+        check = next(s for s in spans if s["name"] == "envoy.service.auth.v3.Authorization/Check")
+        redis_get = next(s for s in spans if s["name"] == "redis GET")
+        assert check["context"]["trace_id"] == "0x" + trace_id and check["parent_id"] == "0x" + parent_id
+        assert redis_get["context"]["trace_id"] == "0x" + trace_id
+        assert redis_get["parent_id"] == check["context"]["span_id"]
+    finally:
+        side.proc.stop()
