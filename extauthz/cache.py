@@ -20,6 +20,7 @@ from extauthz.store import RedisStore, StoreUnavailable
 
 MISS = object()
 RETRY_AFTER_FAILURE_S = 0.25
+FAILURES_BEFORE_FAIL_FAST = 3
 
 
 class RecordCache:
@@ -107,35 +108,43 @@ class CachedStore:
     def __init__(self, store: RedisStore, cache: RecordCache) -> None:
         self.store = store
         self.cache = cache
+        self.failures = 0  # consecutive failed lookups
 
-    async def _lookup(self, redis_key: str, load: Callable[[], Awaitable[Any]]) -> Any:
+    async def _lookup(self, redis_key: str, load: Callable[[], Awaitable[Any]], make: Callable[[tuple], Any]) -> Any:
         cache = self.cache
         if cache.trusted:
-            entry = cache.get(redis_key)
-            if entry is not MISS:
-                return entry
+            row = cache.get(redis_key)
+            if row is not MISS:
+                return None if row is None else make(row)
         epoch = cache.epoch
         if time.monotonic() < cache.redis_down_until:
-            # Fail fast for a moment after a failure instead of making every check wait
-            # for the Redis timeout; what is cached still answers, within max_stale_s.
-            return self._stale_or_raise(redis_key)
+            # Redis failed several times in a row: fail fast for a moment instead of making
+            # every check wait for the timeout; what is cached still answers, within max_stale_s.
+            return self._stale_or_raise(redis_key, make)
         try:
             record = await load()
         except StoreUnavailable:
             cache.redis_errors += 1
-            cache.redis_down_until = time.monotonic() + RETRY_AFTER_FAILURE_S
-            return self._stale_or_raise(redis_key)
-        cache.put(redis_key, record, epoch)
+            self.failures += 1
+            if self.failures >= FAILURES_BEFORE_FAIL_FAST:
+                cache.redis_down_until = time.monotonic() + RETRY_AFTER_FAILURE_S
+            return self._stale_or_raise(redis_key, make)
+        self.failures = 0
+        # Stored as a plain tuple: the cycle collector skips those, so a large cache adds
+        # no collection pauses.
+        cache.put(redis_key, None if record is None else tuple(record), epoch)
         return record
 
-    def _stale_or_raise(self, redis_key: str) -> Any:
-        entry = self.cache.stale(redis_key)
-        if entry is MISS:
+    def _stale_or_raise(self, redis_key: str, make: Callable[[tuple], Any]) -> Any:
+        row = self.cache.stale(redis_key)
+        if row is MISS:
             raise StoreUnavailable("redis unreachable")
-        return entry
+        return make(row)
 
     async def get_key(self, token_hash: str) -> KeyRecord | None:
-        return await self._lookup(self.store.key_id(token_hash), lambda: self.store.get_key(token_hash))
+        return await self._lookup(self.store.key_id(token_hash), lambda: self.store.get_key(token_hash),
+                                  KeyRecord._make)
 
     async def get_team(self, team_id: str) -> TeamRecord | None:
-        return await self._lookup(self.store.team_id(team_id), lambda: self.store.get_team(team_id))
+        return await self._lookup(self.store.team_id(team_id), lambda: self.store.get_team(team_id),
+                                  TeamRecord._make)

@@ -36,11 +36,11 @@ CATALOG = Runtime.of(from_dict({"model_list": [
 
 
 def key(models=(), team_id=None, alias="my-key", expires_at=None, blocked=False):
-    return KeyRecord("ab" * 32, alias, tuple(models), team_id, expires_at, blocked, {})
+    return KeyRecord("ab" * 32, alias, tuple(models), team_id, expires_at, blocked)
 
 
 def team(models=(), alias="litellm-dev", blocked=False, team_id="t1"):
-    return TeamRecord(team_id, alias, tuple(models), blocked, {})
+    return TeamRecord(team_id, alias, tuple(models), blocked)
 
 
 def facts(model="gpt-4", token="sk-virtual", path="/v1/chat/completions", **kw):

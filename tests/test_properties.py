@@ -30,12 +30,12 @@ RUNTIME = Runtime.of(from_dict({
     "general_settings": {"master_key": "sk-master", "pass_through_endpoints": [
         {"path": "/v1/rerank", "target": "https://rerank.example/v1/rerank"}]},
 }))
-TEAM = TeamRecord("t1", "team", ("gpt-4", "openai/*"), False, {})
+TEAM = TeamRecord("t1", "team", ("gpt-4", "openai/*"), False)
 KEYS = {
-    "sk-beta": KeyRecord(hash_token("sk-beta"), "beta", ("beta",), None, None, False, {}),
-    "sk-team": KeyRecord(hash_token("sk-team"), None, (), "t1", None, False, {}),
-    "sk-blocked": KeyRecord(hash_token("sk-blocked"), None, (), None, None, True, {}),
-    "sk-expired": KeyRecord(hash_token("sk-expired"), None, (), None, 1.0, False, {}),
+    "sk-beta": KeyRecord(hash_token("sk-beta"), "beta", ("beta",), None, None, False),
+    "sk-team": KeyRecord(hash_token("sk-team"), None, (), "t1", None, False),
+    "sk-blocked": KeyRecord(hash_token("sk-blocked"), None, (), None, None, True),
+    "sk-expired": KeyRecord(hash_token("sk-expired"), None, (), None, 1.0, False),
 }
 TOKENS = st.sampled_from([*KEYS, "sk-master", "sk-unknown", "", " ", "sk-beta\r\n"])
 MODELS = st.one_of(st.sampled_from(["gpt-4", "claude", "az", "openai/gpt-4o", "openai/", "nope", "GPT-4"]),
