@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONFIG ?= examples/config.yaml
 
-.PHONY: install redis-server test run protos envoy-config clean
+.PHONY: install redis-server kubectl test run protos envoy-config deploy-envoy-config bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,10 @@ install: $(STAMP)
 redis-server:
 	@scripts/ensure-redis-server
 
-test: install redis-server
+kubectl:
+	@scripts/ensure-kubectl
+
+test: install redis-server kubectl
 	$(PY) -m pytest
 
 run: install
@@ -29,6 +32,13 @@ protos: install
 
 envoy-config: install
 	$(PY) -m extauthz envoy-config --config $(CONFIG) > envoy/envoy.yaml
+
+deploy-envoy-config: install
+	$(PY) -m extauthz envoy-config --config deploy/kubernetes/base/config.yaml > deploy/kubernetes/overlays/sidecar/envoy.yaml
+
+bench: install redis-server
+	@scripts/ensure-bench-tools
+	$(PY) -m bench.run
 
 clean:
 	rm -rf $(VENV) .run .pytest_cache

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from extauthz.config import Alias, Deployment, PassThroughConfig
+from extauthz.memo import Memo
 from extauthz.routing import PassThroughRoute, Route
 
 # Entries of an allowed-models list that are not model or group names.
@@ -77,6 +78,7 @@ class Catalog:
         self.routes: dict[int, Route] = {d.index: Route.of(d) for d in deployments}
         self.pass_through: tuple[PassThroughRoute, ...] = tuple(PassThroughRoute.of(c) for c in pass_through)
         self.resolve = lru_cache(maxsize=65536)(self._resolve)
+        self.visible: Memo[tuple[str, ...]] = Memo(4096)  # (key models, team models) -> visible names
 
     def _resolve(self, name: str) -> Resolution | None:
         group = self.groups.get(name)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from datetime import datetime, timezone
 from typing import Any
@@ -52,8 +53,39 @@ def setup(level: str = "INFO", fmt: str = "json") -> None:
     logging.getLogger("python_multipart").setLevel(logging.ERROR)
 
 
-def decision(outcome: str, code: str, status: int, metadata: dict[str, Any] | None, request_id: str,
-             seconds: float) -> None:
-    fields = {"request_id": request_id, "outcome": outcome, "code": code, "status": status,
-              "latency_ms": round(seconds * 1000, 3), **(metadata or {})}
-    DECISIONS.info(outcome, extra={"fields": fields})
+class DecisionLog:
+    """The decision log: one line per decision, written in batches.
+
+    A line through the logging module costs more than the decision it records, so lines
+    are formatted here and written to stderr together, at most ``FLUSH_S`` late (and at
+    shutdown)."""
+
+    BATCH = 256
+
+    def __init__(self, fmt: str = "json") -> None:
+        self.fmt = fmt
+        self.enabled = DECISIONS.isEnabledFor(logging.INFO)
+        self.lines: list[str] = []
+
+    def write(self, outcome: str, code: str, status: int, metadata: dict[str, Any] | None, request_id: str,
+              seconds: float) -> None:
+        if not self.enabled:
+            return
+        entry = {"ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "level": "info",
+                 "logger": DECISIONS.name, "msg": outcome, "request_id": request_id, "outcome": outcome,
+                 "code": code, "status": status, "latency_ms": round(seconds * 1000, 3), **(metadata or {})}
+        if self.fmt == "json":
+            self.lines.append(json.dumps(entry))
+        else:
+            self.lines.append(" ".join(f"{k}={v}" for k, v in entry.items()))
+        if len(self.lines) >= self.BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.lines:
+            return
+        data = ("\n".join(self.lines) + "\n").encode()
+        self.lines = []
+        while data:
+            written = os.write(sys.stderr.fileno(), data)
+            data = data[written:]

@@ -11,6 +11,7 @@ plain integers in the cache and are copied here once a second.
 from __future__ import annotations
 
 import asyncio
+from bisect import bisect_left
 from typing import Callable
 
 from prometheus_client import Counter, Histogram
@@ -37,26 +38,41 @@ ADMIN_REQUESTS = Counter("extauthz_admin_requests_total", "Admin API requests", 
 
 
 class CheckMetrics:
-    """Pre-bound label sets for the Check path: a label lookup costs more than the increment."""
+    """Per-request counts kept in plain Python and added to the Prometheus metrics once a
+    second: a Prometheus increment takes a lock (and a file write with --workers), which
+    would cost more than the decision itself."""
 
     def __init__(self, service: str) -> None:
         self.handled = GRPC_HANDLED.labels("unary", service, "Check", "OK")
         self.handling = GRPC_SECONDS.labels("unary", service, "Check")
-        self._decisions: dict[tuple[str, str], Counter] = {}
+        self.decisions: dict[tuple[str, str], int] = {}
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.seconds = 0.0
 
     def record(self, outcome: str, code: str, seconds: float) -> None:
-        child = self._decisions.get((outcome, code))
-        if child is None:
-            child = self._decisions[(outcome, code)] = DECISIONS.labels(outcome, code)
-        child.inc()
-        DECISION_SECONDS.observe(seconds)
-        self.handled.inc()
-        self.handling.observe(seconds)
+        key = (outcome, code)
+        self.decisions[key] = self.decisions.get(key, 0) + 1
+        self.buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.seconds += seconds
+
+    def flush(self) -> None:
+        decisions, buckets, seconds = self.decisions, self.buckets, self.seconds
+        self.decisions, self.buckets, self.seconds = {}, [0] * len(buckets), 0.0
+        for (outcome, code), n in decisions.items():
+            DECISIONS.labels(outcome, code).inc(n)
+        self.handled.inc(sum(buckets))
+        for histogram in (DECISION_SECONDS, self.handling):
+            # Histogram.observe adds one observation; these are many, added bucket by bucket
+            # (its internal buckets are per bound, not cumulative).
+            histogram._sum.inc(seconds)
+            for i, n in enumerate(buckets):
+                if n:
+                    histogram._buckets[i].inc(n)
 
 
-async def sync_forever(read: Callable[[], dict[str, int]]) -> None:
+async def sync_forever(read: Callable[[], dict[str, int]], flush: Callable[[], None]) -> None:
     """Copy counters kept as plain integers (``read`` gives their current totals) into
-    Prometheus counters, as deltas, once a second."""
+    Prometheus counters, as deltas, once a second; ``flush`` does the same for others."""
     targets = {
         "hits": CACHE_EVENTS.labels("hit"), "misses": CACHE_EVENTS.labels("miss"),
         "evictions": CACHE_EVENTS.labels("eviction"), "invalidations": CACHE_EVENTS.labels("invalidation"),
@@ -64,6 +80,7 @@ async def sync_forever(read: Callable[[], dict[str, int]]) -> None:
     }
     seen: dict[str, int] = {}
     while True:
+        flush()
         current = read()
         for name, target in targets.items():
             delta = current.get(name, 0) - seen.get(name, 0)

@@ -96,11 +96,17 @@ def allowed_by(key: KeyRecord, team: TeamRecord | None, resolution: Resolution) 
 
 
 def visible_models(key: KeyRecord, team: TeamRecord | None, catalog: Catalog) -> list[str]:
-    """The model names a key can call; /v1/models and deny messages both use this."""
+    """The model names a key can call; /v1/models and deny messages both use this.
+    It depends only on the two lists, so it is computed once per catalog and pair of lists."""
+    lists = (key.models, team.models if team is not None else None)
+    return list(catalog.visible.get(lists, lambda: _visible(key, team, catalog)))
+
+
+def _visible(key: KeyRecord, team: TeamRecord | None, catalog: Catalog) -> tuple[str, ...]:
     names = [g.name for g in catalog.groups.values() if allowed_by(key, team, Resolution(g.name, g))]
     names += [a.name for a in catalog.aliases.values() if not a.hidden
               and allowed_by(key, team, Resolution(a.name, catalog.groups[a.target], alias_of=a.target))]
-    return names
+    return tuple(names)
 
 
 def authenticate(facts: Facts, key: KeyRecord | None, team: TeamRecord | None, now: float) -> Deny | None:

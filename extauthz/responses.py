@@ -10,10 +10,10 @@ reads one response; per request only a few headers are encoded.
 from __future__ import annotations
 
 import json
-from typing import Callable
 
 from google.protobuf import struct_pb2, wrappers_pb2
 
+from extauthz.memo import Memo
 from extauthz.policy import Allow, Deny
 from extauthz.proto.envoy.config.core.v3 import base_pb2
 from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2
@@ -51,23 +51,6 @@ def _with_metadata(response: external_auth_pb2.CheckResponse, metadata: dict[str
             fields[name].string_value = value
 
 
-class _Encoded:
-    """A bounded memo of encoded response parts: most allows repeat the same path and
-    model headers, and a key's metadata repeats for all its calls to one model."""
-
-    def __init__(self, size: int = 8192) -> None:
-        self.size = size
-        self.parts: dict[tuple, bytes] = {}
-
-    def get(self, value: tuple, encode: Callable[[tuple], bytes]) -> bytes:
-        part = self.parts.get(value)
-        if part is None:
-            if len(self.parts) >= self.size:
-                self.parts.clear()  # cheap and rare: a churn of distinct values just re-encodes
-            part = self.parts[value] = encode(value)
-        return part
-
-
 def _headers_part(headers: tuple) -> bytes:
     response = external_auth_pb2.CheckResponse()
     response.ok_response.headers.extend([header(k, v) for k, v in headers])
@@ -80,12 +63,18 @@ def _metadata_part(items: tuple) -> bytes:
     return response.SerializeToString()
 
 
-_HEADERS, _METADATA = _Encoded(), _Encoded()
+# Most allows repeat the same path and model headers, a key's metadata repeats for all
+# its calls to one model, and a refused call is usually refused again the same way.
+_HEADERS: Memo[bytes] = Memo(8192)
+_METADATA: Memo[bytes] = Memo(8192)
+_DENIES: Memo[bytes] = Memo(8192)
 
 
 def allow_bytes(prefix: bytes, allow: Allow) -> bytes:
-    return (prefix + _HEADERS.get(allow.dynamic_headers, _headers_part)
-            + _METADATA.get(tuple(allow.metadata.items()), _metadata_part))
+    headers = allow.dynamic_headers
+    items = tuple(allow.metadata.items())
+    return (prefix + _HEADERS.get(headers, lambda: _headers_part(headers))
+            + _METADATA.get(items, lambda: _metadata_part(items)))
 
 
 def error_body(deny: Deny) -> str:
@@ -94,6 +83,11 @@ def error_body(deny: Deny) -> str:
 
 
 def deny_bytes(deny: Deny) -> bytes:
+    key = (deny.status, deny.code, deny.message, deny.param, tuple((deny.metadata or {}).items()))
+    return _DENIES.get(key, lambda: _deny_bytes(deny))
+
+
+def _deny_bytes(deny: Deny) -> bytes:
     grpc_code = {401: GRPC_UNAUTHENTICATED, 503: GRPC_UNAVAILABLE}.get(deny.status, GRPC_PERMISSION_DENIED)
     response = external_auth_pb2.CheckResponse(
         status=status_pb2.Status(code=grpc_code, message=deny.code),

@@ -17,7 +17,7 @@ from grpc_health.v1.health import aio as health_aio
 from extauthz.admin import AdminApi
 from extauthz.cache import CachedStore, RecordCache
 from extauthz import config as config_module
-from extauthz import metrics, tracing
+from extauthz import logs, metrics, tracing
 from extauthz.config import Config, ConfigError
 from extauthz.runtime import Runtime
 from extauthz.service import SERVICE as AUTHZ_SERVICE, AuthorizationService
@@ -25,6 +25,7 @@ from extauthz.invalidation import Invalidator
 from extauthz.store import RedisStore
 
 log = logging.getLogger("extauthz.server")
+DECISION_LOG_FLUSH_S = 0.2
 
 
 
@@ -61,6 +62,12 @@ class RuntimeBox:
         return {"reloads": self.reloads, "reload_failures": self.reload_failures}
 
 
+async def flush_forever(decision_log: logs.DecisionLog) -> None:
+    while True:
+        await asyncio.sleep(DECISION_LOG_FLUSH_S)
+        decision_log.flush()
+
+
 def metrics_app() -> web.Application:
     async def scrape(request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -85,7 +92,9 @@ async def serve(config: Config, reuse_port: bool = False) -> None:
     invalidation = asyncio.create_task(invalidator.run()) if settings.cache_max_entries > 0 else None
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", int(reuse_port))])
-    AuthorizationService(runtime, CachedStore(store, cache), settings.log_allowed).add_to(server)
+    service = AuthorizationService(runtime, CachedStore(store, cache), settings.log_allowed,
+                                   logs.DecisionLog(settings.log_format))
+    service.add_to(server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     address = f"{settings.grpc_host}:{settings.grpc_port}"
@@ -102,15 +111,16 @@ async def serve(config: Config, reuse_port: bool = False) -> None:
     await runner.setup()
     await web.TCPSite(runner, settings.admin_host, settings.admin_port, reuse_port=reuse_port).start()
     counters = lambda: {**cache.stats(), "reconnects": invalidator.reconnects}  # noqa: E731
-    metrics_sync = asyncio.create_task(metrics.sync_forever(counters))
+    metrics_sync = asyncio.create_task(metrics.sync_forever(counters, service.metrics.flush))
+    log_flush = asyncio.create_task(flush_forever(service.decision_log))
     metrics_runner = None
     if not reuse_port:
         metrics_runner = web.AppRunner(metrics_app(), access_log=None)
         await metrics_runner.setup()
         await web.TCPSite(metrics_runner, settings.metrics_host, settings.metrics_port).start()
 
-    for service in ("", AUTHZ_SERVICE):
-        await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+    for name in ("", AUTHZ_SERVICE):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving Check on %s, admin API on %s:%s, %d deployments",
              address, settings.admin_host, settings.admin_port, len(config.deployments))
 
@@ -128,6 +138,9 @@ async def serve(config: Config, reuse_port: bool = False) -> None:
     if metrics_runner is not None:
         await metrics_runner.cleanup()
     metrics_sync.cancel()
+    log_flush.cancel()
+    service.metrics.flush()
+    service.decision_log.flush()
     if invalidation is not None:
         invalidation.cancel()
     await store.close()

@@ -27,11 +27,13 @@ INTERNAL = Deny(500, "internal_error", "The authorization service failed to deci
 
 
 class AuthorizationService:
-    def __init__(self, runtime: Callable[[], Runtime], store: RecordStore, log_allowed: bool = False) -> None:
+    def __init__(self, runtime: Callable[[], Runtime], store: RecordStore, log_allowed: bool = False,
+                 decision_log: logs.DecisionLog | None = None) -> None:
         self.runtime = runtime
         self.store = store
         self.log_allowed = log_allowed
         self.metrics = CheckMetrics(SERVICE)
+        self.decision_log = decision_log or logs.DecisionLog()
 
     def add_to(self, server: grpc.aio.Server) -> None:
         # Registered by hand so Check can return bytes it assembled (see responses.py)
@@ -60,7 +62,7 @@ class AuthorizationService:
                 seconds = time.perf_counter() - started
                 self.metrics.record("allow", "ok", seconds)
                 if self.log_allowed:
-                    logs.decision("allow", "ok", 200, decision.metadata, request_id, seconds)
+                    self.decision_log.write("allow", "ok", 200, decision.metadata, request_id, seconds)
                 return answer
         except Exception:
             # A bug must still answer with a deny, never a gRPC error that Envoy might fail open on.
@@ -68,7 +70,7 @@ class AuthorizationService:
             decision = INTERNAL
         seconds = time.perf_counter() - started
         self.metrics.record("deny", decision.code, seconds)
-        logs.decision("deny", decision.code, decision.status, decision.metadata, request_id, seconds)
+        self.decision_log.write("deny", decision.code, decision.status, decision.metadata, request_id, seconds)
         return deny_bytes(decision)
 
     async def decide(self, facts: Facts, runtime: Runtime) -> Decision:

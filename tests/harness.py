@@ -39,6 +39,11 @@ class Proc:
     env: dict[str, str] | None = None
     popen: subprocess.Popen | None = field(default=None, init=False)
 
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None
+        return self.popen.pid
+
     def start(self) -> "Proc":
         self._log_file = open(self.log, "ab")
         self.popen = subprocess.Popen(self.args, stdout=self._log_file, stderr=subprocess.STDOUT,

@@ -59,6 +59,8 @@ def test_metrics_and_decision_logs(workdir: Path, config_path: Path, redis_port:
                                  {"EXTAUTHZ_LOG_ALLOWED": "true"})
     try:
         key, counts = run_script(side)
+        # Per-request counts reach the Prometheus metrics once a second.
+        wait_for(lambda: value(scrape(side.metrics_port), "grpc_server_handled_total", **SERVICE, grpc_code="OK") == 13)
         samples = scrape(side.metrics_port)
         for outcome_code, n in counts.items():
             outcome, code = outcome_code.split("/")
@@ -73,10 +75,12 @@ def test_metrics_and_decision_logs(workdir: Path, config_path: Path, redis_port:
         wait_for(lambda: value(scrape(side.metrics_port), "extauthz_cache_events_total", event="hit") >= 1)
         assert value(scrape(side.metrics_port), "extauthz_cache_events_total", event="miss") >= 2
 
-        entries = [json.loads(line) for line in side.proc.log_text().splitlines() if line.startswith("{")]
-        decisions = [e for e in entries if e["logger"] == "extauthz.decision"]
-        assert len(decisions) == 13
-        by_request = {e["request_id"]: e for e in decisions}
+        def decisions() -> list[dict]:  # the decision log is written in batches, at most 0.2 s late
+            entries = [json.loads(line) for line in side.proc.log_text().splitlines() if line.startswith("{")]
+            return [e for e in entries if e["logger"] == "extauthz.decision"]
+
+        wait_for(lambda: len(decisions()) == 13)
+        by_request = {e["request_id"]: e for e in decisions()}
         denied = by_request["req-7"]
         assert denied["outcome"] == "deny" and denied["code"] == "model_not_allowed" and denied["status"] == 403
         assert denied["key_alias"] == f"obs-{side.grpc_port}" and len(denied["key_hash"]) == 12
@@ -102,8 +106,7 @@ def test_metrics_sum_over_workers(workdir: Path, config_path: Path, redis_port: 
                 stub = external_auth_pb2_grpc.AuthorizationStub(channel)
                 for _ in range(25):
                     stub.Check(request, timeout=5)
-        samples = scrape(side.metrics_port)
-        assert value(samples, "extauthz_decisions_total", outcome="allow", code="ok") == 200
+        wait_for(lambda: value(scrape(side.metrics_port), "extauthz_decisions_total", outcome="allow", code="ok") == 200)
     finally:
         side.proc.stop()
 
