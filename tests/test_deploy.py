@@ -891,7 +891,7 @@ def test_image_builds_and_runs_as_non_root() -> None:
     if engine is None:
         reason = f"no working container engine, the image is not built ({why})"
         print(reason)
-        pytest.skip(reason)
+        pytest.skip(reason)  # no container engine here: the only skip in the suite
     tag = f"extauthz-test:{uuid.uuid4().hex[:12]}"
     build = subprocess.run([engine, "build", "-f", str(DEPLOY / "Dockerfile"), "-t", tag, str(REPO)],
                            capture_output=True, text=True, timeout=1800)
