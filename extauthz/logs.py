@@ -25,27 +25,15 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        fields = getattr(record, "fields", None)
-        if fields:
-            entry.update(fields)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
 
 
-class TextFormatter(logging.Formatter):
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
-
-    def format(self, record: logging.LogRecord) -> str:
-        fields = getattr(record, "fields", None)
-        line = super().format(record)
-        return line + " " + " ".join(f"{k}={v}" for k, v in fields.items()) if fields else line
-
-
 def setup(level: str = "INFO", fmt: str = "json") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.setFormatter(JsonFormatter() if fmt == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
@@ -57,7 +45,7 @@ class DecisionLog:
     """The decision log: one line per decision, written in batches.
 
     A line through the logging module costs more than the decision it records, so lines
-    are formatted here and written to stderr together, at most ``FLUSH_S`` late (and at
+    are formatted here and written to stderr together, a fraction of a second late (and at
     shutdown)."""
 
     BATCH = 256

@@ -37,7 +37,7 @@ def base_problem(api_base: str) -> str | None:
     if parts.query or parts.fragment:
         return f"{api_base!r} must not carry a query or fragment"
     try:
-        parts.port
+        _ = parts.port  # parsing it is the check
     except ValueError:
         return f"{api_base!r} has an invalid port"
     return None

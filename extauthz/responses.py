@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 
-from google.protobuf import struct_pb2, wrappers_pb2
+from google.protobuf import wrappers_pb2
 
 from extauthz.memo import Memo
 from extauthz.policy import Allow, Deny
