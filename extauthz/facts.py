@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Mapping, NamedTuple
 
 from extauthz.endpoints import Endpoint, PassThrough
 
@@ -18,8 +19,11 @@ class Problem:
     param: str | None = None
 
 
-@dataclass(frozen=True)
-class Facts:
+NO_HEADERS: Mapping[str, str] = MappingProxyType({})
+
+
+# A named tuple: built once per request, where a frozen dataclass costs several times more.
+class Facts(NamedTuple):
     token: str | None
     model: str | None
     path: str = "/"
@@ -29,4 +33,4 @@ class Facts:
     body_problem: Problem | None = None
     request_id: str = ""
     # The client's headers, lower-case, as Envoy sent them (read-only).
-    headers: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
+    headers: Mapping[str, str] = NO_HEADERS

@@ -7,7 +7,7 @@ random draw in, so every rule is testable as a table.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from extauthz.catalog import ALL_MODELS, ALL_TEAM_MODELS, Catalog, Resolution, matches
 from extauthz.endpoints import PassThrough
@@ -17,8 +17,7 @@ from extauthz.records import KeyRecord, TeamRecord
 LISTED_MODELS_MAX = 50
 
 
-@dataclass(frozen=True)
-class Allow:
+class Allow(NamedTuple):
     route_id: str
     static_headers: tuple[tuple[str, str], ...]   # fixed per route, encoded once at load
     dynamic_headers: tuple[tuple[str, str], ...]  # built for this request

@@ -70,19 +70,21 @@ def facts_from_check(check: Any, pass_through: PassThroughPaths = NO_PASS_THROUG
 
 def credentials(headers: Mapping[str, str]) -> tuple[str | None, Problem | None]:
     """The virtual key from ``Authorization: Bearer`` or one of the providers' key headers."""
+    auth = headers.get("authorization")
+    others = [v for v in map(headers.get, CLIENT_KEY_HEADERS[1:]) if v]
+    if auth and not others and auth[:7].lower() == "bearer ":  # the common case, in short
+        token = auth[7:].strip()
+        if token:
+            return token, None
     found: list[str] = []
     problem = None
-    auth = headers.get("authorization")
     if auth:
         scheme, _, value = auth.strip().partition(" ")
         if scheme.lower() == "bearer" and value.strip():
             found.append(value.strip())
         else:
             problem = NOT_BEARER
-    for name in CLIENT_KEY_HEADERS[1:]:
-        value = headers.get(name, "").strip()
-        if value:
-            found.append(value)
+    found.extend(v.strip() for v in others if v.strip())
     if len(set(found)) > 1:
         return None, CONFLICTING_KEYS
     return (found[0], None) if found else (None, problem)
