@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import subprocess
 import sys
 from pathlib import Path
@@ -259,3 +261,17 @@ def test_settings_are_the_defaults_for_ports(tmp_path: Path) -> None:
     bootstrap = envoy_config.render(load(path))
     assert bootstrap["admin"]["address"]["socket_address"]["port_value"] == 19901
     assert endpoint(clusters(bootstrap)["extauthz"]) == ("localhost", 9555)
+
+
+def test_workers_get_enough_connections(example: dict[str, Any], tmp_path: Path) -> None:
+    """Envoy balances per connection: with N sidecar workers it must open several."""
+    config = load(EXAMPLE)
+    config = dataclasses.replace(config, settings=dataclasses.replace(config.settings, workers=3))
+    bootstrap = envoy_config.render(config)
+    (locality,) = clusters(bootstrap)["extauthz"]["load_assignment"]["endpoints"]
+    assert len(locality["lb_endpoints"]) == 12
+    assert {endpoint({"load_assignment": {"endpoints": [{"lb_endpoints": [e]}]}}) for e in locality["lb_endpoints"]} \
+        == {(config.settings.grpc_host, config.settings.grpc_port)}
+    validate(envoy_config.render_yaml(config), tmp_path)
+    (single,) = clusters(example)["extauthz"]["load_assignment"]["endpoints"]
+    assert len(single["lb_endpoints"]) == 1
