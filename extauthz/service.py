@@ -34,6 +34,7 @@ class AuthorizationService:
         self.log_allowed = log_allowed
         self.metrics = CheckMetrics(SERVICE)
         self.decision_log = decision_log or logs.DecisionLog()
+        self.last_store_warning = 0.0
 
     def add_to(self, server: grpc.aio.Server) -> None:
         # Registered by hand so Check can return bytes it assembled (see responses.py)
@@ -77,7 +78,10 @@ class AuthorizationService:
         try:
             key, team = await lookup(facts.token, runtime, self.store)
         except StoreUnavailable as e:
-            log.warning("store unavailable: %s", e)
+            now = time.monotonic()
+            if now - self.last_store_warning >= 1.0:  # one line a second, not one per request of an outage
+                self.last_store_warning = now
+                log.warning("store unavailable: %s", e)
             return UNAVAILABLE
         return decide(facts, key, team, runtime.catalog, time.time(), random.random())
 
