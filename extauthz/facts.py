@@ -27,7 +27,6 @@ class Facts(NamedTuple):
     token: str | None
     model: str | None
     path: str = "/"
-    method: str = "POST"
     endpoint: Endpoint | PassThrough | None = None
     token_problem: Problem | None = None
     body_problem: Problem | None = None

@@ -108,14 +108,15 @@ def _visible(key: KeyRecord, team: TeamRecord | None, catalog: Catalog) -> tuple
     return tuple(names)
 
 
-def authenticate(facts: Facts, key: KeyRecord | None, team: TeamRecord | None, now: float) -> Deny | None:
+def authenticate(facts: Facts, key: KeyRecord | None, team: TeamRecord | None, now: float,
+                 meta: dict[str, Any] | None = None) -> Deny | None:
     """The checks that depend on the key alone, before any model is looked at."""
     if facts.token is None:
         problem = facts.token_problem or MISSING_KEY
         return Deny(problem.status, problem.code, problem.message)
     if key is None:
         return Deny(401, "invalid_api_key", "Invalid API key.")
-    meta = _metadata(facts, key)
+    meta = meta if meta is not None else _metadata(facts, key)
     if key.expires_at is not None and key.expires_at <= now:
         return Deny(401, "key_expired", f"Key {key.label!r} has expired.", metadata=meta)
     if key.blocked:
@@ -131,11 +132,11 @@ def authenticate(facts: Facts, key: KeyRecord | None, team: TeamRecord | None, n
 def decide(facts: Facts, key: KeyRecord | None, team: TeamRecord | None,
            catalog: Catalog, now: float, draw: float = 0.0) -> Decision:
     """``draw`` in [0, 1) picks among a model group's deployments by weight."""
-    denied = authenticate(facts, key, team, now)
+    meta = _metadata(facts, key) if key is not None else None
+    denied = authenticate(facts, key, team, now, meta)
     if denied is not None:
         return denied
-    assert key is not None
-    meta = _metadata(facts, key)
+    assert key is not None and meta is not None
     endpoint = facts.endpoint
     if endpoint is None:
         return Deny(404, "unsupported_endpoint",

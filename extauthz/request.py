@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from extauthz.endpoints import MULTIPART, Endpoint, PassThrough, classify
+from extauthz.endpoints import MULTIPART, Endpoint, PassThrough, classify, split_query
 from extauthz.facts import Facts, Problem
 from extauthz.providers import CLIENT_KEY_HEADERS
 
@@ -44,7 +44,7 @@ class PassThroughPaths:
     def match(self, path: str) -> PassThrough | None:
         if not self.entries:
             return None
-        route, _, query = path.partition("?")
+        route, query = split_query(path)
         for index, (prefix, subpaths) in enumerate(self.entries):
             if route == prefix or (subpaths and route.startswith(prefix + "/")):
                 return PassThrough(index, route, query)
@@ -63,7 +63,7 @@ def facts_from_check(check: Any, pass_through: PassThroughPaths = NO_PASS_THROUG
     model, body_problem = None, None
     if isinstance(endpoint, Endpoint):
         model, body_problem = requested_model(endpoint, http, headers)
-    return Facts(token=token, model=model, path=path, method=http.method, endpoint=endpoint,
+    return Facts(token=token, model=model, path=path, endpoint=endpoint,
                  token_problem=token_problem, body_problem=body_problem,
                  request_id=headers.get("x-request-id", ""), headers=headers)
 
