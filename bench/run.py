@@ -58,7 +58,7 @@ import yaml
 from tests.harness import BIN, Proc, Sidecar, free_port, http, http_ok, start_redis, start_sidecar, tcp_open
 from extauthz import config as config_module
 from extauthz import providers
-from extauthz.envoy_config import EXT_AUTHZ_FILTER, TRANSFORM_FILTER, render
+from extauthz.envoy_config import EXT_AUTHZ_FILTER, SPLICE_FILTER, render
 from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2
 from extauthz.records import hash_token
 
@@ -607,7 +607,7 @@ def upstream_listener(port: int) -> dict[str, Any]:
 def bootstrap(kind: str, cfg: config_module.Config, listen: int, envoy_admin: int, authz_port: int,
               admin_port: int, upstream_port: int) -> dict[str, Any]:
     """The rendered bootstrap plus the upstream listener, its cluster pointed at it.
-    ``direct`` drops ext_authz and transform; ``direct`` and ``noop`` route every request
+    ``direct`` drops ext_authz and the splice filter; ``direct`` and ``noop`` route every request
     to the upstream cluster (the no-op server sets no routing header); ``sidecar`` is
     the rendered config as it is."""
     b = copy.deepcopy(render(cfg, listen_port=listen, authz_port=authz_port, admin_port=admin_port,
@@ -618,7 +618,7 @@ def bootstrap(kind: str, cfg: config_module.Config, listen: int, envoy_admin: in
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
     upstream_cluster = providers.upstream(cfg.deployments[0].api_base).cluster
     if kind == "direct":
-        hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] not in (EXT_AUTHZ_FILTER, TRANSFORM_FILTER)]
+        hcm["http_filters"] = [f for f in hcm["http_filters"] if f["name"] not in (EXT_AUTHZ_FILTER, SPLICE_FILTER)]
     if kind in ("direct", "noop"):
         hcm["route_config"] = {"name": "bench_fixed", "virtual_hosts": [{
             "name": "all", "domains": ["*"],
@@ -973,7 +973,7 @@ def run(workdir: Path, procs: list[Proc]) -> dict[str, Any]:
                       "denied_share": round(denied, 3), "round": [f"{p.label}: {p.key} {p.model}" for p in rounds[0]]},
         "envoy_load": {"tool": "wrk", "threads": 1, "connections": WRK_CONNECTIONS, "repetitions": WRK_REPS,
                        "run_seconds": WRK_S, "script": "bench/mix.lua", "envoy_concurrency": 1,
-                       "envoy_noop_filters": "as rendered (decompressor, ext_authz, transform, router), fixed route",
+                       "envoy_noop_filters": "as rendered (decompressor, ext_authz, lua splice, router), fixed route",
                        "envoy_direct_filters": "decompressor, router, fixed route",
                        "envoy_sidecar_filters": "the rendered bootstrap as it is",
                        "all": "listener bound to 127.0.0.1; the upstream cluster (its rendered name) pointed at a "

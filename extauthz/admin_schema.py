@@ -11,12 +11,18 @@ import re
 import time
 from typing import Any
 
-from extauthz.catalog import ALL_MODELS, ALL_TEAM_MODELS, SPECIAL_ENTRIES, Catalog, Resolution, matches
+from extauthz.catalog import ALL_MODELS, ALL_TEAM_MODELS, SPECIAL_ENTRIES, Catalog, Resolution
 from extauthz.policy import admits, list_admits
 from extauthz.records import NOT_ENFORCED, format_time, parse_time
+from extauthz.wildcard import matches
 
-DURATION = re.compile(r"(\d+)(s|m|h|d|w|mo)")
+DURATION = re.compile(r"([0-9]+)(s|m|h|d|w|mo)")
 DURATION_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "mo": 30 * 86400}
+MAX_DURATION_DAYS = 36500  # 100 years: longer is a typo, and past year 9999 no expiry time can be written
+MAX_DURATION_SECONDS = MAX_DURATION_DAYS * 86400
+# Matching is linear whatever the count; the cap keeps allowed-models entries readable
+# and bounds the work a stored pattern costs on every request.
+MAX_PATTERN_STARS = 4
 KEY_FIELDS = {"models", "team_id", "key_alias", "duration", "expires", "metadata", "blocked"}
 TEAM_FIELDS = {"team_alias", "models", "blocked", "metadata"}
 
@@ -48,10 +54,33 @@ def not_enforced(doc: dict[str, Any]) -> list[str]:
 
 
 def duration_seconds(text: str) -> int:
+    """Seconds in a LiteLLM duration, from 1s up to 100 years; Invalid for anything else."""
     m = DURATION.fullmatch(text.strip())
     if not m:
         raise Invalid(f"'duration' must look like 30s, 5m, 1h, 7d, 2w or 1mo, got {text!r}", "duration")
-    return int(m.group(1)) * DURATION_SECONDS[m.group(2)]
+    digits, unit = m.group(1).lstrip("0") or "0", m.group(2)
+    # Only short numbers are converted: int() of thousands of digits is slow, then refused.
+    seconds = int(digits) * DURATION_SECONDS[unit] if len(digits) <= 12 else MAX_DURATION_SECONDS + 1
+    if seconds == 0:
+        raise Invalid(f"'duration' must be longer than zero, got {text!r}; use null for a key that never expires",
+                      "duration")
+    if seconds > MAX_DURATION_SECONDS:
+        raise Invalid(f"'duration' must be at most {MAX_DURATION_DAYS}d (100 years), got {text!r}", "duration")
+    return seconds
+
+
+def expires_time(text: str) -> str:
+    """An ``expires`` value as stored: ISO 8601 in UTC. Invalid when it is not a time
+    (an empty string included: it is neither a time nor the null that means "never")
+    or names one that cannot be written back (before year 1 or after 9999 in UTC)."""
+    try:
+        epoch = parse_time(text) if text.strip() else None
+        if epoch is not None:
+            return format_time(epoch)
+    except (ValueError, OverflowError, OSError):
+        pass
+    raise Invalid(f"'expires' must be an ISO 8601 time between years 1 and 9999 such as 2030-01-31T00:00:00Z, "
+                  f"got {text!r}; use null for a key that never expires", "expires")
 
 
 def models_list(body: dict[str, Any], catalog: Catalog) -> list[str] | None:
@@ -60,6 +89,9 @@ def models_list(body: dict[str, Any], catalog: Catalog) -> list[str] | None:
         return None
     if not all(isinstance(m, str) and m for m in models):
         raise Invalid("'models' must be a list of non-empty strings", "models")
+    too_many_stars = [m for m in models if m.count("*") > MAX_PATTERN_STARS]
+    if too_many_stars:
+        raise Invalid(f"Pattern(s) {too_many_stars} have more than {MAX_PATTERN_STARS} '*'", "models")
     unknown = [m for m in models if not catalog.knows_entry(m)]
     if unknown:
         raise Invalid(
@@ -96,10 +128,7 @@ def key_fields(body: dict[str, Any], catalog: Catalog, extra: set[str] = frozens
         out["expires"] = format_time(time.time() + duration_seconds(expect(body, "duration", str)))
     elif "expires" in body:
         expires = expect(body, "expires", str)
-        try:
-            out["expires"] = None if expires is None else format_time(parse_time(expires) or 0)
-        except ValueError:
-            raise Invalid(f"'expires' must be an ISO 8601 time, got {expires!r}", "expires") from None
+        out["expires"] = None if expires is None else expires_time(expires)
     elif "duration" in body:
         out["expires"] = None
     return out

@@ -5,17 +5,22 @@ resolves to the group of that exact name, or else to the single most specific
 wildcard group (``*`` is the only metacharacter; everything else is literal and the
 whole name must match). More specific means a longer literal prefix, then a longer
 pattern, then earlier in the config.
+
+A name that differs from another only in letter case or by a repeated leading path
+segment (``openai/O1-mini``, ``openai/openai/o1-mini``) must not reach a less
+restricted group than the name it imitates; ``Catalog.variant_of`` finds such names so
+the decision can refuse them.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from functools import lru_cache
 
 from extauthz.config import Alias, Deployment, PassThroughConfig
 from extauthz.memo import Memo
 from extauthz.routing import PassThroughRoute, Route
+from extauthz.wildcard import capture, matches
 
 # Entries of an allowed-models list that are not model or group names.
 ALL_MODELS = frozenset({"*", "all-proxy-models"})
@@ -23,14 +28,14 @@ ALL_TEAM_MODELS = "all-team-models"
 SPECIAL_ENTRIES = ALL_MODELS | {ALL_TEAM_MODELS}
 
 
-@lru_cache(maxsize=4096)
-def wildcard(pattern: str) -> re.Pattern[str]:
-    """Compile a ``*`` pattern; every other character matches only itself."""
-    return re.compile("(.*)".join(re.escape(part) for part in pattern.split("*")), re.DOTALL)
-
-
-def matches(pattern: str, name: str) -> bool:
-    return wildcard(pattern).fullmatch(name) is not None
+def canonical_name(name: str) -> str:
+    """The form a name's case and separator variants share: casefolded, and without
+    leading path segments that repeat the next one (``OpenAI/openai/x`` -> ``openai/x``)."""
+    segments = name.casefold().split("/")
+    first = 0
+    while first + 1 < len(segments) and segments[first] == segments[first + 1]:
+        first += 1
+    return "/".join(segments[first:])
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,17 @@ class Catalog:
         self.routes: dict[int, Route] = {d.index: Route.of(d) for d in deployments}
         self.pass_through: tuple[PassThroughRoute, ...] = tuple(PassThroughRoute.of(c) for c in pass_through)
         self.resolve = lru_cache(maxsize=65536)(self._resolve)
+        # Case-insensitive views for variant_of: a casefolded name can stand for several
+        # groups or aliases that differ only in case, so each maps to every group it names.
+        folded: dict[str, list[str]] = {}
+        for name in self.groups:
+            folded.setdefault(name.casefold(), []).append(name)
+        for alias in self.aliases.values():
+            folded.setdefault(alias.name.casefold(), []).append(alias.target)
+        self.folded_names: dict[str, tuple[str, ...]] = {k: tuple(v) for k, v in folded.items()}
+        self.folded_patterns: tuple[tuple[str, ModelGroup], ...] = tuple(
+            (g.name.casefold(), g) for g in self.patterns)
+        self.variant_of = lru_cache(maxsize=65536)(self._variant_of)
         self.visible: Memo[tuple[str, ...]] = Memo(4096)  # (key models, team models) -> visible names
 
     def _resolve(self, name: str) -> Resolution | None:
@@ -88,10 +104,34 @@ class Catalog:
         if alias is not None:
             return Resolution(name, self.groups[alias.target], alias_of=alias.target)
         for group in self.patterns:
-            m = wildcard(group.name).fullmatch(name)
-            if m is not None:
-                return Resolution(name, group, m.group(1))
+            if matches(group.name, name):
+                return Resolution(name, group, capture(group.name, name))
         return None
+
+    def _variant_of(self, name: str) -> str | None:
+        """The model group serving ``name``'s canonical form, when ``resolve(name)``
+        reached a different one through a pattern; else None.
+
+        Such a name is a case or separator variant of a name served elsewhere
+        (``openai/O1-mini`` reaching ``openai/*`` while ``openai/o1-mini`` belongs to
+        ``openai/o1-*``), and the decision refuses it. Only pattern resolutions count:
+        an exact model group or alias is a name the config spells out, and its own access
+        groups apply. An unknown name, or a canonical form nothing serves, is not a
+        variant of anything. Patterns whose names differ only in case all serve the
+        canonical form, so a name that one of them matches as spelled is not a variant.
+        """
+        resolution = self.resolve(name)
+        if resolution is None or resolution.capture is None:
+            return None  # unknown, or a group or alias the config names exactly
+        canonical = canonical_name(name)
+        servers = self.folded_names.get(canonical)
+        if servers is None:
+            # The most specific matching pattern, in _resolve's order, and its case twins.
+            first = next((folded for folded, _ in self.folded_patterns if matches(folded, canonical)), None)
+            if first is None:
+                return None
+            servers = tuple(g.name for folded, g in self.folded_patterns if folded == first)
+        return None if resolution.group.name in servers else servers[0]
 
     def model_names(self) -> list[str]:
         return list(self.groups)

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import yaml
 
 from extauthz import providers
-from extauthz.endpoints import classify
+from extauthz.endpoints import OPERATIONS, classify
 
 ENV_PREFIX = "os.environ/"
 
@@ -29,7 +29,7 @@ IGNORED_SECTIONS = frozenset({
 })
 MODEL_ENTRY_KEYS = frozenset({"model_name", "litellm_params", "model_info"})
 # litellm_params this service reads; any other parameter is a provider knob it ignores.
-USED_PARAMS = frozenset({"model", "api_key", "api_base", "api_version", "weight"})
+USED_PARAMS = frozenset({"model", "api_key", "api_base", "api_version", "weight", "organization"})
 
 
 class ConfigError(ValueError):
@@ -78,6 +78,7 @@ class Deployment:
     api_key: str | None = field(repr=False)
     access_groups: tuple[str, ...]
     weight: float
+    organization: str | None = None  # OpenAI's organization header, set by the gateway
 
     @property
     def name(self) -> str:
@@ -113,6 +114,41 @@ class Config:
     warnings: tuple[str, ...] = ()
     aliases: tuple[Alias, ...] = ()
     pass_through: tuple[PassThroughConfig, ...] = ()
+
+
+def model_call_paths(base_path: str) -> tuple[set[str], tuple[str, ...]]:
+    """Where an upstream whose API lives under ``base_path`` serves model calls: exact
+    paths (OpenAI and Anthropic operations, with and without /v1) and path prefixes
+    (Azure deployments, Gemini models)."""
+    exact = {f"{base_path}{v1}/{op}" for op in OPERATIONS for v1 in ("", "/v1")}
+    prefixes = tuple(f"{base_path}{p}" for p in ("/openai/deployments/", "/v1beta/models/", "/v1/models/"))
+    return exact, prefixes
+
+
+def model_call_reached(target: str, include_subpath: bool, deployments: tuple[Deployment, ...]) -> str | None:
+    """A model-call path that a pass-through to ``target`` reaches (with any subpath a
+    client appends when ``include_subpath``), or None. Model calls are known by the
+    gateway's own endpoint table, under the base path of every deployment on the same
+    upstream and of the provider defaults on the same host."""
+    upstream = providers.upstream(target)
+    path = upstream.base_path
+    bases = {""}
+    for base in [d.api_base for d in deployments] + [b for b in providers.DEFAULT_BASES.values() if b]:
+        other = providers.upstream(base)
+        if (other.host, other.port) == (upstream.host, upstream.port):
+            bases.add(other.base_path)
+    for base in sorted(bases):
+        exact, prefixes = model_call_paths(base)
+        if path in exact:
+            return path
+        if include_subpath:
+            for call in sorted(exact):
+                if call.startswith(path + "/"):
+                    return call
+        for prefix in prefixes:
+            if path.startswith(prefix) or (include_subpath and prefix.startswith(path + "/")):
+                return prefix + "…"
+    return None
 
 
 def load(path: str, environ: Mapping[str, str] | None = None, require_secrets: bool = True) -> Config:
@@ -185,7 +221,7 @@ class _Parser:
         if ignored:
             self.warnings.append(f"router_settings: not used by extauthz: {', '.join(ignored)}")
         aliases = self.aliases(router.get("model_group_alias"), {d.model_name for d in deployments})
-        pass_through = tuple(self.pass_through(i, e) for i, e in enumerate(
+        pass_through = tuple(self.pass_through(i, e, deployments) for i, e in enumerate(
             self.sequence(general.get("pass_through_endpoints"), "general_settings.pass_through_endpoints")))
         return Config(self.file, deployments, master_key, settings, tuple(self.warnings), aliases, pass_through)
 
@@ -216,7 +252,7 @@ class _Parser:
             out.append(Alias(str(name), value, hidden))
         return tuple(out)
 
-    def pass_through(self, index: int, entry: Any) -> PassThroughConfig:
+    def pass_through(self, index: int, entry: Any, deployments: tuple[Deployment, ...]) -> PassThroughConfig:
         where = f"general_settings.pass_through_endpoints[{index}]"
         entry = self.mapping(entry, where)
         for key in entry:
@@ -232,12 +268,17 @@ class _Parser:
         problem = providers.base_problem(target) if target else "is required"
         if problem:
             raise self.error(f"{where}.target", problem)
-        headers = self.mapping(entry.get("headers"), f"{where}.headers")
-        pairs = tuple((str(k).lower(), self.string(v, f"{where}.headers.{k}", secret=True) or "")
-                      for k, v in headers.items())
         subpath = entry.get("include_subpath", False)
         if not isinstance(subpath, bool):
             raise self.error(f"{where}.include_subpath", "expected true or false")
+        reached = model_call_reached(target, subpath, deployments)
+        if reached:
+            raise self.error(f"{where}.target", (
+                f"{target!r}{' and its subpaths' if subpath else ''} reach {reached!r}, where a provider serves "
+                "model calls; a pass-through forwards without checking the model"))
+        headers = self.mapping(entry.get("headers"), f"{where}.headers")
+        pairs = tuple((str(k).lower(), self.string(v, f"{where}.headers.{k}", secret=True) or "")
+                      for k, v in headers.items())
         return PassThroughConfig(path, target, pairs, subpath)
 
     def deployment(self, index: int, entry: Any) -> Deployment:
@@ -286,6 +327,7 @@ class _Parser:
             api_key=self.string(params.get("api_key"), f"{where}.litellm_params.api_key", secret=True),
             access_groups=tuple(groups),
             weight=float(weight),
+            organization=self.string(params.get("organization"), f"{where}.litellm_params.organization") or None,
         )
 
     def settings(self, section: dict) -> Settings:

@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import copy
 import ipaddress
+from importlib import resources
 from typing import Any, TypeVar
 
 import yaml
 
 from extauthz import providers
 from extauthz.config import Config, Settings
-from extauthz.routing import CLUSTER_HEADER, MODEL_HEADER
+from extauthz.routing import CLUSTER_HEADER, INTERNAL_HEADERS
 
 AUTHZ_CLUSTER = "extauthz"
 ADMIN_CLUSTER = "extauthz_admin"
 DECOMPRESSOR_FILTER = "envoy.filters.http.decompressor"
 EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
-TRANSFORM_FILTER = "envoy.filters.http.transform"
+SPLICE_FILTER = "envoy.filters.http.lua"
 ROUTER_FILTER = "envoy.filters.http.router"
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 # Non-streamed answers of large models can take minutes, silent until the first byte.
@@ -34,7 +35,7 @@ AUTHZ_CONNECTIONS_PER_WORKER = 4
 ADMIN_PATHS = ("/v1/models", "/models")
 ADMIN_PREFIXES = ("/key/", "/team/", "/model/", "/v1/models/", "/models/", "/health/")
 # The admin API checks the master key itself, and its JSON bodies are not LLM requests.
-ADMIN_DISABLED_FILTERS = (EXT_AUTHZ_FILTER, TRANSFORM_FILTER)
+ADMIN_DISABLED_FILTERS = (EXT_AUTHZ_FILTER, SPLICE_FILTER)
 # Dynamic metadata the sidecar returns on a decision (see policy.py).
 EXT_AUTHZ_METADATA = ("key_alias", "key_hash", "team_id", "model", "deployment")
 
@@ -105,8 +106,11 @@ def _listener(s: Settings, port: int) -> dict[str, Any]:
         # admin API will see: "/v1/x/../../key/y" and "//key/y" are resolved first.
         normalize_path=True,
         merge_slashes=True,
+        # An encoded slash or backslash is a path an upstream may decode into another one.
+        path_with_escaped_slashes_action="REJECT_REQUEST",
         access_log=[_access_log()],
-        http_filters=[_decompressor_filter(), _ext_authz_filter(s), _transform_filter(), _router_filter()],
+        local_reply_config=_local_reply_config(s),
+        http_filters=[_decompressor_filter(), _ext_authz_filter(s), _splice_filter(), _router_filter()],
         route_config=_route_config(),
     )
     return {
@@ -176,14 +180,42 @@ def _ext_authz_filter(s: Settings) -> dict[str, Any]:
     )}
 
 
-def _transform_filter() -> dict[str, Any]:
-    # Writes the provider-side model name the sidecar chose into the body's top-level
-    # "model"; without the header (a deny never gets here) the body is left as it is.
-    body = {"action": "MERGE",
-            "body_format": {"omit_empty_values": True, "json_format": {"model": f"%REQ({MODEL_HEADER})%"}}}
-    return {"name": TRANSFORM_FILTER,
-            "typed_config": _typed("envoy.extensions.filters.http.transform.v3.TransformConfig",
-                                   request_transformation={"body_transformation": body})}
+def _splice_filter() -> dict[str, Any]:
+    # Writes the provider-side model name into the body's top-level "model", replacing
+    # those bytes only, as the sidecar planned (splice.lua); every other byte is the client's.
+    code = resources.files("extauthz").joinpath("splice.lua").read_text(encoding="utf-8")
+    return {"name": SPLICE_FILTER,
+            "typed_config": _typed("envoy.extensions.filters.http.lua.v3.Lua",
+                                   default_source_code={"inline_string": code})}
+
+
+def _error_body(message: str, error_type: str, code: str) -> dict[str, Any]:
+    # The shape of every deny the sidecar answers, so clients parse Envoy's own refusals too.
+    return {"json_format": {"error": {"message": message, "type": error_type, "param": None, "code": code}}}
+
+
+def _local_reply_config(s: Settings) -> dict[str, Any]:
+    """Envoy's own replies (its check failing, a body over the limit, an upstream that
+    cannot be reached) get the JSON error body of the sidecar's denies. The sidecar's
+    denies and the splice filter's refusals already have it and are left alone."""
+    def mapper(expression: str, body: dict[str, Any]) -> dict[str, Any]:
+        return {"filter": {"extension_filter": {"name": "envoy.access_loggers.extension_filters.cel", "typed_config":
+                _typed("envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter", expression=expression)}},
+                "body_format_override": body}
+
+    not_ours = "response.code_details != 'ext_authz_denied' && !(response.code_details.startsWith('lua'))"
+    return {"mappers": [
+        mapper("response.code_details == 'ext_authz_error'", _error_body(
+            "The authorization service did not answer; the request was not forwarded. Try again.",
+            "service_unavailable_error", "authz_unavailable")),
+        mapper("response.code_details == 'request_payload_too_large'", _error_body(
+            f"The request body is larger than {s.max_request_bytes} bytes, the most this gateway checks.",
+            "invalid_request_error", "body_too_large")),
+        mapper(f"response.code >= 500 && {not_ours}", _error_body(
+            "%LOCAL_REPLY_BODY%", "api_error", "%RESPONSE_CODE_DETAILS%")),
+        mapper(f"response.code >= 400 && {not_ours}", _error_body(
+            "%LOCAL_REPLY_BODY%", "invalid_request_error", "%RESPONSE_CODE_DETAILS%")),
+    ]}
 
 
 def _router_filter() -> dict[str, Any]:
@@ -211,7 +243,7 @@ def _admin_route(match: dict[str, str]) -> dict[str, Any]:
         "route": {"cluster": ADMIN_CLUSTER},
         "typed_per_filter_config": {name: disabled for name in ADMIN_DISABLED_FILTERS},
         # No ext_authz here to overwrite them, so a client's values are dropped.
-        "request_headers_to_remove": [CLUSTER_HEADER, MODEL_HEADER],
+        "request_headers_to_remove": list(INTERNAL_HEADERS),
     }
 
 
@@ -229,9 +261,9 @@ def _llm_route(after_allow: bool = False) -> dict[str, Any]:
             # The sidecar sets :authority to the provider's host itself.
             "auto_host_rewrite": False,
         },
-        # Applied by the router, after routing and the transform filter have used them:
+        # Applied by the router, after routing and the splice filter have used them:
         # internal headers the provider has no business seeing.
-        "request_headers_to_remove": [CLUSTER_HEADER, MODEL_HEADER],
+        "request_headers_to_remove": list(INTERNAL_HEADERS),
     }
 
 

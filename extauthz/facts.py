@@ -22,6 +22,18 @@ class Problem:
 NO_HEADERS: Mapping[str, str] = MappingProxyType({})
 
 
+class ModelSpan(NamedTuple):
+    """Where a JSON body names its model: the bytes the rewrite may replace, and no others.
+    A body that names none gets an empty span just inside its opening brace, where a
+    "model" member can be inserted when the path named the model (see routing.py)."""
+
+    start: int         # byte offsets of the value's token, quotes included
+    end: int
+    original: bytes    # the token as the client wrote it; b"" when the body names no model
+    body_length: int
+    members_after: bool = False  # an insertion is followed by other members (needs a comma)
+
+
 # A named tuple: built once per request, where a frozen dataclass costs several times more.
 class Facts(NamedTuple):
     token: str | None
@@ -33,3 +45,6 @@ class Facts(NamedTuple):
     request_id: str = ""
     # The client's headers, lower-case, as Envoy sent them (read-only).
     headers: Mapping[str, str] = NO_HEADERS
+    # Read from the body once the key is known (see request.with_body).
+    model_span: ModelSpan | None = None
+    form_content_type: str | None = None  # a multipart body's content type, as forwarded

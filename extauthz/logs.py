@@ -37,8 +37,6 @@ def setup(level: str = "INFO", fmt: str = "json") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # The multipart parser warns about every malformed client body; the deny says it already.
-    logging.getLogger("python_multipart").setLevel(logging.ERROR)
 
 
 class DecisionLog:

@@ -141,14 +141,18 @@ def decide(facts: Facts, key: KeyRecord | None, team: TeamRecord | None,
     if endpoint is None:
         return Deny(404, "unsupported_endpoint",
                     f"{facts.path.partition('?')[0]!r} is not an LLM endpoint this gateway serves.", None, meta)
+    if facts.body_problem is not None:
+        return _problem(facts.body_problem, meta)
     if isinstance(endpoint, PassThrough):
         route = catalog.pass_through[endpoint.index]
         meta["deployment"] = route.route_id
         return Allow(route.route_id, route.headers, route.allow_headers(endpoint), route.headers_to_remove, meta)
-    if facts.body_problem is not None:
-        return _problem(facts.body_problem, meta)
     model = facts.model or ""
     resolution = catalog.resolve(model)
+    served_by = catalog.variant_of(model)  # e.g. openai/O1-mini reaching openai/* past openai/o1-*
+    if served_by is not None:
+        return Deny(400, "invalid_model", f"{model!r} differs only in letter case or separators from a name "
+                    f"served by {served_by!r}; send the model's exact name.", "model", meta)
     if resolution is None:
         return _model_denied(model, "no such model", key, team, team is not None, catalog, meta)
     if not key_admits(key, team, resolution):
@@ -157,7 +161,7 @@ def decide(facts: Facts, key: KeyRecord | None, team: TeamRecord | None,
         return _model_denied(model, "not allowed", key, team, True, catalog, meta)
     route = catalog.routes[_pick(resolution, draw)]
     meta["deployment"] = route.route_id
-    headers = route.allow_headers(endpoint, model, resolution.capture, facts.headers)
+    headers = route.allow_headers(facts, resolution.capture)
     if isinstance(headers, Problem):
         return _problem(headers, meta)
     return Allow(route.route_id, route.headers, headers, route.headers_to_remove, meta)

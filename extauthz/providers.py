@@ -22,6 +22,11 @@ ANTHROPIC_VERSION = "2023-06-01"
 
 # Headers through which a caller may present a virtual key; all are stripped on allow.
 CLIENT_KEY_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key")
+# Client headers that never reach a provider beside the operator's credential: the
+# caller's own credentials and session, and headers that pick which organisation or
+# project the operator's key bills (a deployment's `organization` is set by the gateway).
+CLIENT_ONLY_HEADERS = ("cookie", "proxy-authorization", "x-litellm-api-key",
+                       "openai-organization", "openai-project", "x-goog-user-project")
 
 
 def default_base(provider: str) -> str | None:

@@ -6,32 +6,57 @@ per request only the path and the provider-side model name are built.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Mapping
 from urllib.parse import parse_qsl, quote, urlencode
 
 from extauthz import providers
 from extauthz.config import Deployment, PassThroughConfig
 from extauthz.endpoints import ANTHROPIC, GEMINI, JSON, Endpoint, PassThrough
-from extauthz.facts import Problem
+from extauthz.facts import Facts, ModelSpan, Problem
 
 # Set on every allow; Envoy routes on it (cluster_header). A client's own value never
 # survives an allow, and a request without it matches no upstream route.
 CLUSTER_HEADER = "x-extauthz-cluster"
-# The provider-side model name; Envoy's transform filter writes it into the body's "model".
-MODEL_HEADER = "x-extauthz-model"
+# The body rewrite that Envoy's Lua filter applies (splice.lua): "-" for none, else the
+# byte span of the body's "model" value and the provider-side name to put there. Set on
+# every allow, so a client's own value never survives.
+SPLICE_HEADER = "x-extauthz-splice"
+NO_SPLICE = "-"
+# Headers only the gateway may set; Envoy's routes remove them before the provider too.
+INTERNAL_HEADERS = (CLUSTER_HEADER, SPLICE_HEADER)
 # Query parameters that address a provider or carry a key: the sidecar sets its own.
 PROVIDER_QUERY = frozenset({"api-version", "key"})
 
 Headers = tuple[tuple[str, str], ...]
 
 
-def _static_headers(upstream: providers.Upstream, credential: Headers) -> tuple[Headers, tuple[str, ...]]:
+def _static_headers(upstream: providers.Upstream, credential: Headers,
+                    per_request: tuple[str, ...] = ()) -> tuple[Headers, tuple[str, ...]]:
+    """The headers every allow to this upstream sets, and those it removes: the client's
+    keys and headers that choose what the operator's credential bills, unless the
+    deployment sets them itself. ``per_request`` names headers each allow sets anew."""
     headers = ((CLUSTER_HEADER, upstream.cluster), (":authority", upstream.authority)) + credential
-    overwritten = {name for name, _ in headers}
+    overwritten = {name for name, _ in headers} | set(per_request)
     # Envoy applies sets before removes: a header we overwrite must not also be removed.
-    remove = tuple(h for h in providers.CLIENT_KEY_HEADERS if h not in overwritten)
+    remove = tuple(h for h in (*providers.CLIENT_KEY_HEADERS, *providers.CLIENT_ONLY_HEADERS, *INTERNAL_HEADERS)
+                   if h not in overwritten)
     return headers, remove
+
+
+def splice_plan(span: ModelSpan | None, model: str, insert: bool) -> str:
+    """The SPLICE_HEADER value that puts ``model`` where the body named its model, or,
+    with ``insert``, adds a "model" member to a body that names none."""
+    if span is None:
+        return NO_SPLICE
+    token = json.dumps(model)  # ASCII only, so it is a valid header value
+    if not span.original:
+        if not insert:
+            return NO_SPLICE
+        token = f'"model": {token}' + (", " if span.members_after else "")
+    elif token.encode() == span.original:
+        return NO_SPLICE  # the provider's name is what the client wrote: no body change
+    return f"{span.body_length} {span.start} {span.end} {span.original.hex()} {token}"
 
 
 def _client_query(query: str) -> str:
@@ -58,7 +83,9 @@ class Route:
     def of(cls, d: Deployment) -> "Route":
         upstream = providers.upstream(d.api_base)
         credential = (providers.credential_header(d.provider, d.api_key),) if d.api_key else ()
-        headers, remove = _static_headers(upstream, credential)
+        if d.organization and providers.api_format(d.provider) == "openai" and d.provider != "azure":
+            credential += (("openai-organization", d.organization),)
+        headers, remove = _static_headers(upstream, credential, (SPLICE_HEADER,))
         return cls(d, upstream, providers.api_format(d.provider), headers, remove, d.name)
 
     def provider_model(self, capture: str | None) -> str:
@@ -80,9 +107,10 @@ class Route:
             return _join(f"{prefix}/models/{quote(model, safe='')}:{endpoint.operation}", query)
         return _join(f"{base}/{endpoint.operation}", query)
 
-    def allow_headers(self, endpoint: Endpoint, requested: str, capture: str | None,
-                      client_headers: Mapping[str, str]) -> Headers | Problem:
+    def allow_headers(self, facts: Facts, capture: str | None) -> Headers | Problem:
         """The per-request headers (``self.headers`` come with them), or why there are none."""
+        endpoint, requested = facts.endpoint, facts.model or ""
+        assert isinstance(endpoint, Endpoint)
         if endpoint.api_format != self.api_format:
             return Problem("unsupported_route", (
                 f"{endpoint.operation!r} is an {endpoint.api_format} API request and model {requested!r} "
@@ -90,15 +118,23 @@ class Route:
                 f"translate between API formats."))
         model = self.provider_model(capture)
         extra: Headers = ((":path", self.path(endpoint, model)),)
-        if endpoint.body == JSON and self.api_format != GEMINI:
-            # The body was parsed as JSON to be checked; saying so makes Envoy's transform
-            # filter rewrite "model" whatever content type the client declared.
-            extra += (("content-type", "application/json"), (MODEL_HEADER, model))
-        elif model != requested and self.deployment.provider != "azure" and self.api_format != GEMINI:
-            return Problem("unsupported_route", (
-                f"Model {requested!r} is called {model!r} by its provider, and a multipart/form-data body "
-                "cannot be rewritten; name the model as the provider does."))
-        if self.api_format == ANTHROPIC and "anthropic-version" not in client_headers:
+        if endpoint.body == JSON:
+            # The provider is told it reads JSON, as the body was checked, whatever the client
+            # declared; the model's bytes change only where the provider names it otherwise
+            # (Gemini reads its model from the path only).
+            # A body that names no model gets one only where the provider reads it from the
+            # body: an Azure-style path routed to a deployment of another provider.
+            insert = self.deployment.provider != "azure"
+            plan = NO_SPLICE if self.api_format == GEMINI else splice_plan(facts.model_span, model, insert)
+            extra += (("content-type", "application/json"), (SPLICE_HEADER, plan))
+        else:
+            if model != requested and self.deployment.provider != "azure" and self.api_format != GEMINI:
+                return Problem("unsupported_route", (
+                    f"Model {requested!r} is called {model!r} by its provider, and a multipart/form-data body "
+                    "cannot be rewritten; name the model as the provider does."))
+            # The boundary the body was checked with, as one header however the client sent it.
+            extra += (("content-type", facts.form_content_type or ""), (SPLICE_HEADER, NO_SPLICE))
+        if self.api_format == ANTHROPIC and "anthropic-version" not in facts.headers:
             extra += (("anthropic-version", providers.ANTHROPIC_VERSION),)
         return extra
 
@@ -116,7 +152,7 @@ class PassThroughRoute:
     @classmethod
     def of(cls, c: PassThroughConfig) -> "PassThroughRoute":
         upstream = providers.upstream(c.target)
-        headers, remove = _static_headers(upstream, c.headers)
+        headers, remove = _static_headers(upstream, c.headers + ((SPLICE_HEADER, NO_SPLICE),))
         return cls(c, upstream, headers, remove, f"pass_through:{c.path}")
 
     def allow_headers(self, request: PassThrough) -> Headers:

@@ -26,6 +26,13 @@ from extauthz.store import RedisStore
 
 log = logging.getLogger("extauthz.server")
 DECISION_LOG_FLUSH_S = 0.2
+# Room in a CheckRequest beside the body: headers (Envoy's own limit is 60 KiB by
+# default, up to 8 MiB when raised), path, addresses, metadata.
+CHECK_REQUEST_HEADROOM = 9 * 1024 * 1024
+
+
+def grpc_message_limit(settings: config_module.Settings) -> int:
+    return settings.max_request_bytes + CHECK_REQUEST_HEADROOM
 
 
 
@@ -91,7 +98,11 @@ async def serve(config: Config, reuse_port: bool = False) -> None:
     # Without a cache there is nothing to invalidate: every lookup reads Redis.
     invalidation = asyncio.create_task(invalidator.run()) if settings.cache_max_entries > 0 else None
 
-    server = grpc.aio.server(options=[("grpc.so_reuseport", int(reuse_port))])
+    server = grpc.aio.server(options=[("grpc.so_reuseport", int(reuse_port)),
+                                      # A check carries the whole body (Envoy buffers up to
+                                      # max_request_bytes) plus headers: gRPC's 4 MiB default
+                                      # would refuse the larger ones with an empty 503.
+                                      ("grpc.max_receive_message_length", grpc_message_limit(settings))])
     service = AuthorizationService(runtime, CachedStore(store, cache), settings.log_allowed,
                                    logs.DecisionLog(settings.log_format))
     service.add_to(server)
@@ -139,6 +150,7 @@ async def serve(config: Config, reuse_port: bool = False) -> None:
         await metrics_runner.cleanup()
     metrics_sync.cancel()
     log_flush.cancel()
+    service.close()
     service.metrics.flush()
     service.decision_log.flush()
     if invalidation is not None:

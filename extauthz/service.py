@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import grpc
@@ -12,10 +14,10 @@ import grpc
 from extauthz import logs, tracing
 from extauthz.facts import Facts
 from extauthz.metrics import CheckMetrics
-from extauthz.policy import UNAVAILABLE, Allow, Decision, Deny, decide
+from extauthz.policy import UNAVAILABLE, Allow, Decision, Deny, authenticate, decide
 from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2
 from extauthz.records import MASTER, KeyRecord, TeamRecord, hash_token
-from extauthz.request import facts_from_check
+from extauthz.request import body_size, facts_from_check, with_body
 from extauthz.responses import allow_bytes, deny_bytes
 from extauthz.runtime import Runtime
 from extauthz.store import RecordStore, StoreUnavailable
@@ -24,6 +26,9 @@ log = logging.getLogger("extauthz.check")
 
 SERVICE = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
 INTERNAL = Deny(500, "internal_error", "The authorization service failed to decide; the request was not forwarded.")
+# Bodies larger than this are read on a thread of their own: the event loop goes on
+# answering other checks meanwhile (the parser gives up the GIL between its steps).
+INLINE_BODY_BYTES = 64 * 1024
 
 
 class AuthorizationService:
@@ -35,6 +40,8 @@ class AuthorizationService:
         self.metrics = CheckMetrics(SERVICE)
         self.decision_log = decision_log or logs.DecisionLog()
         self.last_store_warning = 0.0
+        # One thread: large bodies queue for it rather than crowd the event loop out.
+        self.body_reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="extauthz-body")
 
     def add_to(self, server: grpc.aio.Server) -> None:
         # Registered by hand so Check can return bytes it assembled (see responses.py)
@@ -57,7 +64,7 @@ class AuthorizationService:
         try:
             facts = facts_from_check(request, runtime.pass_through)
             request_id = facts.request_id
-            decision = await self.decide(facts, runtime)
+            decision = await self.decide(facts, request, runtime)
             if isinstance(decision, Allow):
                 answer = allow_bytes(runtime.allow_prefixes[decision.route_id], decision)
                 seconds = time.perf_counter() - started
@@ -74,7 +81,7 @@ class AuthorizationService:
         self.decision_log.write("deny", decision.code, decision.status, decision.metadata, request_id, seconds)
         return deny_bytes(decision)
 
-    async def decide(self, facts: Facts, runtime: Runtime) -> Decision:
+    async def decide(self, facts: Facts, request: external_auth_pb2.CheckRequest, runtime: Runtime) -> Decision:
         try:
             key, team = await lookup(facts.token, runtime, self.store)
         except StoreUnavailable as e:
@@ -83,7 +90,19 @@ class AuthorizationService:
                 self.last_store_warning = now
                 log.warning("store unavailable: %s", e)
             return UNAVAILABLE
-        return decide(facts, key, team, runtime.catalog, time.time(), random.random())
+        now = time.time()
+        # The key first: a caller without a valid one never costs a body parse.
+        denied = authenticate(facts, key, team, now)
+        if denied is not None:
+            return denied
+        if body_size(request) <= INLINE_BODY_BYTES:
+            facts = with_body(facts, request)
+        else:
+            facts = await asyncio.get_running_loop().run_in_executor(self.body_reader, with_body, facts, request)
+        return decide(facts, key, team, runtime.catalog, now, random.random())
+
+    def close(self) -> None:
+        self.body_reader.shutdown(wait=False, cancel_futures=True)
 
 
 async def lookup(token: str | None, runtime: Runtime, store: RecordStore) -> tuple[KeyRecord | None, TeamRecord | None]:

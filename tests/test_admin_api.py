@@ -51,6 +51,60 @@ def test_key_generate_rejects_bad_input(sidecar: Sidecar, body: Any, raw: bytes 
     assert error["message"] and error["param"] == param
 
 
+def key_count(sidecar: Sidecar) -> int:
+    return call(sidecar, "/key/list?size=1", method="GET").json()["total_count"]
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"duration": "99999999999999d"}, "duration"),  # once a 500: the expiry time overflowed
+    ({"duration": "9" * 5000 + "s"}, "duration"),  # past int()'s digit limit
+    ({"duration": "0s"}, "duration"),
+    ({"duration": "000d"}, "duration"),
+    ({"duration": "36501d"}, "duration"),  # over 100 years
+    ({"duration": "1217mo"}, "duration"),  # 36510 days
+    ({"expires": ""}, "expires"),  # once a key that expired in 1970
+    ({"expires": " "}, "expires"),
+    ({"expires": "tomorrow"}, "expires"),
+    ({"expires": "2030-13-01T00:00:00Z"}, "expires"),
+    ({"expires": "9999-12-31T23:59:59-01:00"}, "expires"),  # year 10000 in UTC
+    ({"expires": "0001-01-01T00:00:00+01:00"}, "expires"),  # year 0 in UTC
+    ({"expires": 1893456000}, "expires"),
+    ({"models": ["*-*-*-*-*-x"]}, "models"),  # more than 4 '*'
+    ({"models": ["gpt-4", "a*b*c*d*e*f"]}, "models"),
+])
+def test_key_generate_refuses_bad_expiry_and_starry_patterns(sidecar: Sidecar, body: Any, param: str) -> None:
+    before = key_count(sidecar)
+    r = call(sidecar, "/key/generate", body)
+    assert r.status == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
+    assert "key" not in r.json() and key_count(sidecar) == before
+
+
+def test_key_update_refuses_bad_expiry_and_keeps_the_old_one(sidecar: Sidecar) -> None:
+    key = call(sidecar, "/key/generate", {"duration": "1h"}).json()["key"]
+    expires = call(sidecar, f"/key/info?key={key}", method="GET").json()["info"]["expires"]
+    for body, param in [({"duration": "0s"}, "duration"), ({"duration": "99999999999999d"}, "duration"),
+                        ({"expires": ""}, "expires"), ({"models": ["*-*-*-*-*"]}, "models")]:
+        r = call(sidecar, "/key/update", {"key": key, **body})
+        assert r.status == 400 and r.json()["error"]["param"] == param, (body, r.text)
+    assert call(sidecar, f"/key/info?key={key}", method="GET").json()["info"]["expires"] == expires
+
+
+def test_expiry_limits_that_are_accepted(sidecar: Sidecar) -> None:
+    for body in [{"duration": "36500d"}, {"duration": "1s"}, {"expires": "2030-01-31T00:00:00Z"},
+                 {"expires": None}, {"duration": None}, {"models": ["openai/*-*-*-*"]}]:
+        r = call(sidecar, "/key/generate", body)
+        assert r.status == 200, (body, r.text)
+    assert call(sidecar, "/key/generate", {"expires": "2030-01-31T00:00:00Z"}).json()["expires"] == \
+        "2030-01-31T00:00:00+00:00"
+
+
+def test_team_models_refuse_more_than_four_stars(sidecar: Sidecar) -> None:
+    r = call(sidecar, "/team/new", {"models": ["*-*-*-*-*"]})
+    assert r.status == 400 and r.json()["error"]["param"] == "models"
+
+
 def test_unknown_model_error_lists_what_is_valid(sidecar: Sidecar) -> None:
     r = call(sidecar, "/key/generate", {"models": ["gpt-5"]})
     message = r.json()["error"]["message"]

@@ -819,7 +819,7 @@ def test_envoy_gateway_admin_route_reaches_the_admin_api_unchecked() -> None:
     assert removed_headers(rule) >= INTERNAL_HEADERS, "a client's routing headers must not reach the admin API"
 
 
-INTERNAL_HEADERS = {routing.CLUSTER_HEADER, routing.MODEL_HEADER}
+INTERNAL_HEADERS = set(routing.INTERNAL_HEADERS)
 
 
 def removed_headers(rule: dict[str, Any]) -> set[str]:

@@ -15,7 +15,7 @@ import yaml
 from extauthz import config as config_module
 from extauthz import envoy_config, providers
 from extauthz.config import Config
-from extauthz.routing import CLUSTER_HEADER, MODEL_HEADER
+from extauthz.routing import CLUSTER_HEADER, INTERNAL_HEADERS
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "config.yaml"
@@ -118,7 +118,7 @@ def test_committed_demo_config_is_current() -> None:
 
 def test_filter_order(example: dict[str, Any]) -> None:
     names = [f["name"] for f in hcm(example)["http_filters"]]
-    assert names == ["envoy.filters.http.decompressor", "envoy.filters.http.ext_authz", "envoy.filters.http.transform",
+    assert names == ["envoy.filters.http.decompressor", "envoy.filters.http.ext_authz", "envoy.filters.http.lua",
                      "envoy.filters.http.router"]
 
 
@@ -137,13 +137,25 @@ def test_ext_authz_fails_closed_and_sends_the_whole_body(example: dict[str, Any]
                                           "allow_partial_message": False, "pack_as_bytes": True}
 
 
-def test_transform_writes_the_model_from_the_sidecar_header(example: dict[str, Any]) -> None:
-    transform = http_filter(example, "envoy.filters.http.transform")
-    assert transform["@type"] == "type.googleapis.com/envoy.extensions.filters.http.transform.v3.TransformConfig"
-    assert transform["request_transformation"]["body_transformation"] == {
-        "action": "MERGE",
-        "body_format": {"omit_empty_values": True, "json_format": {"model": f"%REQ({MODEL_HEADER})%"}},
-    }
+def test_the_splice_filter_runs_the_packaged_lua(example: dict[str, Any]) -> None:
+    splice = http_filter(example, "envoy.filters.http.lua")
+    assert splice["@type"] == "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
+    code = splice["default_source_code"]["inline_string"]
+    assert code == (Path(envoy_config.__file__).parent / "splice.lua").read_text()
+    assert "x-extauthz-splice" in code and "function envoy_on_request" in code
+
+
+def test_envoys_own_refusals_are_mapped_to_json_errors(example: dict[str, Any]) -> None:
+    mappers = hcm(example)["local_reply_config"]["mappers"]
+    expressions = [m["filter"]["extension_filter"]["typed_config"]["expression"] for m in mappers]
+    assert expressions[0] == "response.code_details == 'ext_authz_error'"
+    assert expressions[1] == "response.code_details == 'request_payload_too_large'"
+    # The sidecar's denies and the splice filter's refusals keep their own bodies.
+    assert all("ext_authz_denied" in e for e in expressions[2:])
+    for m in mappers:
+        error = m["body_format_override"]["json_format"]["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["param"] is None
+    assert hcm(example)["path_with_escaped_slashes_action"] == "REJECT_REQUEST"
 
 
 def test_connection_manager(example: dict[str, Any]) -> None:
@@ -163,16 +175,16 @@ def test_connection_manager(example: dict[str, Any]) -> None:
         assert fields[key] == f"%DYNAMIC_METADATA(envoy.filters.http.ext_authz:{key})%"
 
 
-def test_admin_routes_skip_ext_authz_and_transform(example: dict[str, Any]) -> None:
+def test_admin_routes_skip_ext_authz_and_the_splice(example: dict[str, Any]) -> None:
     admin = [r for r in routes(example) if r["route"].get("cluster") == "extauthz_admin"]
     assert sorted(r["match"]["path"] for r in admin if "path" in r["match"]) == sorted(ADMIN_PATHS)
     assert sorted(r["match"]["prefix"] for r in admin if "prefix" in r["match"]) == sorted(ADMIN_PREFIXES)
     for route in admin:
         per_filter = route["typed_per_filter_config"]
-        for name in ("envoy.filters.http.ext_authz", "envoy.filters.http.transform"):
+        for name in ("envoy.filters.http.ext_authz", "envoy.filters.http.lua"):
             assert per_filter[name] == {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
                                         "disabled": True}
-        assert set(route["request_headers_to_remove"]) == {CLUSTER_HEADER, MODEL_HEADER}
+        assert set(route["request_headers_to_remove"]) == set(INTERNAL_HEADERS)
 
 
 def test_everything_else_is_routed_by_the_sidecar_header(example: dict[str, Any]) -> None:
@@ -187,7 +199,7 @@ def test_everything_else_is_routed_by_the_sidecar_header(example: dict[str, Any]
     assert int(llm["route"]["timeout"].rstrip("s")) >= 300
     assert "typed_per_filter_config" not in llm  # ext_authz stays on for every LLM call
     # Internal headers are not forwarded to the provider.
-    assert set(llm["request_headers_to_remove"]) == {CLUSTER_HEADER, MODEL_HEADER}
+    assert set(llm["request_headers_to_remove"]) == set(INTERNAL_HEADERS)
 
 
 def test_sidecar_clusters(example: dict[str, Any]) -> None:

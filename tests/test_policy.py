@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from extauthz.catalog import canonical_name
 from extauthz.config import from_dict
 from extauthz.endpoints import classify
 from extauthz.facts import Facts, Problem
 from extauthz.policy import Allow, Deny, decide, visible_models
 from extauthz.records import MASTER, KeyRecord, TeamRecord
-from extauthz.routing import CLUSTER_HEADER, MODEL_HEADER
+from extauthz.json_body import read_json_model
+from extauthz.routing import CLUSTER_HEADER, NO_SPLICE, SPLICE_HEADER
 from extauthz.runtime import Runtime
 
 NOW = 1_800_000_000.0
@@ -43,8 +47,25 @@ def team(models=(), alias="litellm-dev", blocked=False, team_id="t1"):
     return TeamRecord(team_id, alias, tuple(models), blocked)
 
 
+def body_of(model):
+    return json.dumps({"messages": [], "model": model}).encode()
+
+
 def facts(model="gpt-4", token="sk-virtual", path="/v1/chat/completions", **kw):
-    return Facts(token=token, model=model, path=path, endpoint=classify(path), **kw)
+    endpoint = classify(path)
+    if isinstance(model, str) and endpoint is not None and endpoint.body == "json" and "model_span" not in kw:
+        kw["model_span"] = read_json_model(body_of(model)).span  # as if the body were {"model": model}
+    return Facts(token=token, model=model, path=path, endpoint=endpoint, **kw)
+
+
+def written_model(decision, model):
+    """The model the provider reads once Envoy applied the decision's splice plan to body_of(model)."""
+    body, plan = body_of(model), dict(decision.headers)[SPLICE_HEADER]
+    if plan != NO_SPLICE:
+        length, start, end, original, token = plan.split(" ", 4)
+        assert int(length) == len(body) and body[int(start):int(end)] == bytes.fromhex(original)
+        body = body[:int(start)] + token.encode() + body[int(end):]
+    return json.loads(body)["model"]
 
 
 def run(k, t=None, f=None, draw=0.0):
@@ -132,30 +153,33 @@ def test_key_denial_names_the_key_alias():
 def test_allow_routes_swaps_credential_and_rewrites_model():
     d = run(key(["default-models"]), f=facts("openai/gpt-4"))
     headers = dict(d.headers)
-    assert headers[MODEL_HEADER] == "gpt-4"
+    assert written_model(d, "openai/gpt-4") == "gpt-4"
     assert headers["authorization"] == "Bearer sk-prov"
     assert headers[CLUSTER_HEADER] == "upstream_http_upstream_8000"
     assert headers[":authority"] == "upstream:8000"
     assert headers[":path"] == "/v1/chat/completions"
-    assert set(d.headers_to_remove) == {"x-api-key", "api-key", "x-goog-api-key"}
+    assert set(d.headers_to_remove) == {"x-api-key", "api-key", "x-goog-api-key", "cookie", "proxy-authorization",
+                                        "x-litellm-api-key", "openai-organization", "openai-project",
+                                        "x-goog-user-project"}
     assert d.metadata["deployment"] == "6:openai/*" and d.metadata["model"] == "openai/gpt-4"
     assert d.metadata["key_alias"] == "my-key" and d.metadata["key_hash"] == "ab" * 6
 
 
 def test_azure_deployment_gets_api_key_and_deployment_path():
-    headers = dict(run(key(), f=facts("azure-gpt-3.5")).headers)
+    d = run(key(), f=facts("azure-gpt-3.5"))
+    headers = dict(d.headers)
     assert headers["api-key"] == "az-secret" and "authorization" not in headers
     assert headers[":path"] == "/openai/deployments/chatgpt-v-2/chat/completions?api-version=2024-02-01"
     assert headers[":authority"] == "corp.openai.azure.com"
-    assert headers[MODEL_HEADER] == "chatgpt-v-2"
+    assert written_model(d, "azure-gpt-3.5") == "chatgpt-v-2"
 
 
 def test_anthropic_deployment_gets_x_api_key():
     d = run(key(), f=facts("claude", path="/v1/messages"))
     headers = dict(d.headers)
     assert headers["x-api-key"] == "ant-secret" and "x-api-key" not in d.headers_to_remove
-    assert set(d.headers_to_remove) == {"authorization", "api-key", "x-goog-api-key"}
-    assert headers["anthropic-version"] == "2023-06-01" and headers[MODEL_HEADER] == "claude-3-5-sonnet"
+    assert {"authorization", "api-key", "x-goog-api-key"} <= set(d.headers_to_remove)
+    assert headers["anthropic-version"] == "2023-06-01" and written_model(d, "claude") == "claude-3-5-sonnet"
     assert headers[":path"] == "/v1/messages"
     kept = run(key(), f=facts("claude", path="/v1/messages", headers={"anthropic-version": "2024-01-01"}))
     assert "anthropic-version" not in dict(kept.headers)
@@ -197,3 +221,83 @@ def test_most_specific_wildcard_wins_regardless_of_config_order():
     assert res.group.name == "openai/o1-*" and res.capture == "mini"
     assert catalog.resolve("openai/gpt-4").group.name == "openai/*"
     assert catalog.resolve("azure/gpt-4") is None
+
+
+# Case and separator variants: a name that differs from another only in letter case or
+# a repeated leading path segment must not reach a less restricted group through a pattern.
+
+def catalog_of(*deployments, aliases=None):
+    config = {"model_list": list(deployments)}
+    if aliases:
+        config["router_settings"] = {"model_group_alias": aliases}
+    return Runtime.of(from_dict(config)).catalog
+
+
+STAR_AND_GPT4 = catalog_of(deployment("gpt-4", "openai/gpt-4", ["beta-models"]), deployment("*", "openai/*"))
+
+
+@pytest.mark.parametrize("k,model", [
+    (key(["default-models"]), "openai/O1-mini"),
+    (key(["default-models"]), "openai/openai/o1-mini"),
+    (key(["default-models"]), "openai/openai/openai/O1-Preview"),
+    (key(["restricted-models", "default-models"]), "openai/O1-mini"),  # refused even when both groups are granted
+    (MASTER, "openai/O1-mini"),
+])
+def test_variant_reaching_a_less_restricted_pattern_is_invalid_model(k, model):
+    d = run(k, f=facts(model))
+    assert outcome(d) == (400, "invalid_model") and d.param == "model"
+    assert repr(model) in d.message and "'openai/o1-*'" in d.message and "exact name" in d.message
+
+
+@pytest.mark.parametrize("k,model,expected", [
+    (key(["default-models"]), "openai/o1-mini", (403, "model_not_allowed")),  # the canonical name: as before
+    (key(["restricted-models"]), "openai/o1-mini", "allow"),
+    (key(["default-models"]), "openai/gpt-4", "allow"),
+    (key(["default-models"]), "openai/GPT-4o", "allow"),  # canonical openai/gpt-4o is served by openai/* too
+    (key(["beta-models"]), "gpt-4", "allow"),
+    (key(["beta-models"]), "GPT-4", (403, "model_not_allowed")),  # no pattern serves it: unknown, as before
+    (key(["default-models"]), "OpenAI/openai/o1-mini", (403, "model_not_allowed")),  # unknown as spelled
+])
+def test_canonical_and_ordinary_names_are_unaffected(k, model, expected):
+    assert outcome(run(k, f=facts(model))) == expected
+
+
+def test_case_variant_keeps_its_capture_when_allowed():
+    d = run(key(["default-models"]), f=facts("openai/GPT-4o"))
+    assert written_model(d, "openai/GPT-4o") == "GPT-4o"
+
+
+def test_case_variant_of_an_exact_group_is_refused_rather_than_served_by_star():
+    d = decide(facts("GPT-4"), key(["*"]), None, STAR_AND_GPT4, NOW)
+    assert outcome(d) == (400, "invalid_model") and "'GPT-4'" in d.message and "'gpt-4'" in d.message
+    assert outcome(decide(facts("gpt-4"), key(["*"]), None, STAR_AND_GPT4, NOW)) == "allow"
+    assert outcome(decide(facts("mistral-large"), key(["*"]), None, STAR_AND_GPT4, NOW)) == "allow"
+
+
+def test_groups_differing_only_in_case_each_resolve_to_themselves():
+    catalog = catalog_of(deployment("gpt-4", "openai/gpt-4", key="sk-lower"),
+                         deployment("GPT-4", "openai/GPT-4", key="sk-upper"),
+                         deployment("OpenAI/*", "openai/*", key="sk-upper-star"),
+                         deployment("openai/*", "openai/*", key="sk-lower-star"),
+                         deployment("*", "openai/*"))
+    for model, upstream_key in [("gpt-4", "sk-lower"), ("GPT-4", "sk-upper"),
+                                ("OpenAI/x", "sk-upper-star"), ("openai/x", "sk-lower-star")]:
+        d = decide(facts(model), key(), None, catalog, NOW)
+        assert outcome(d) == "allow" and dict(d.headers)["authorization"] == f"Bearer {upstream_key}", model
+    assert outcome(decide(facts("Gpt-4"), key(), None, catalog, NOW)) == (400, "invalid_model")
+
+
+def test_exact_names_the_config_spells_out_are_not_variants():
+    catalog = catalog_of(deployment("openai/openai/x", "openai/x", key="sk-doubled"),
+                         deployment("openai/x", "openai/x"), deployment("GPT4", "openai/gpt-4"),
+                         deployment("*", "openai/*"), aliases={"gpt4": "GPT4", "OPENAI/X": "openai/x"})
+    for model in ["openai/openai/x", "openai/x", "GPT4", "gpt4", "OPENAI/X"]:
+        assert outcome(decide(facts(model), key(), None, catalog, NOW)) == "allow", model
+    assert outcome(decide(facts("Gpt4"), key(), None, catalog, NOW)) == (400, "invalid_model")
+
+
+def test_canonical_name():
+    assert canonical_name("openai/O1-mini") == "openai/o1-mini"
+    assert canonical_name("OpenAI/openai/OPENAI/o1-mini") == "openai/o1-mini"
+    assert canonical_name("openai/gpt-4/gpt-4") == "openai/gpt-4/gpt-4"  # only leading repeats go
+    assert canonical_name("a/a") == "a"

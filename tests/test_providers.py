@@ -3,6 +3,7 @@ and what is denied. One fake upstream per flavour, so the host proves the routin
 
 from __future__ import annotations
 
+import base64
 import gzip
 import json
 import re
@@ -135,10 +136,19 @@ def test_azure_style_paths(provider_gateway: ProviderGateway) -> None:
                         {"api-key": key}),
                    gw, "azure", "/openai/deployments/gpt4o-deployment/chat/completions?api-version=2024-10-21",
                    ("api-key", "az-prov"), key)
+    assert echo["body"] == body  # Azure reads the deployment from the path: the body is left alone
+    # An Azure-style path naming an OpenAI deployment goes to OpenAI, without Azure's query;
+    # OpenAI reads the model from the body, where it is inserted.
+    echo = reached(post(gw, "/openai/deployments/gpt-4o/chat/completions?api-version=2024-02-01", key, body),
+                   gw, "openai", "/v1/chat/completions", OPENAI, key)
+    assert base64.b64decode(echo["raw_body"]) == b'{"model": "gpt-4o", ' + json.dumps(body).encode()[1:]
+    echo = reached(post(gw, "/openai/deployments/gpt-4o/chat/completions", key, raw=b" { } "),
+                   gw, "openai", "/v1/chat/completions", OPENAI, key)
+    assert base64.b64decode(echo["raw_body"]) == b' {"model": "gpt-4o" } '
+    echo = reached(post(gw, "/openai/deployments/azure-gpt-4o/chat/completions", key, {**body, "model": "azure-gpt-4o"}),
+                   gw, "azure", "/openai/deployments/gpt4o-deployment/chat/completions?api-version=2024-10-21",
+                   ("api-key", "az-prov"), key)
     assert echo["body"]["model"] == "gpt4o-deployment"
-    # An Azure-style path naming an OpenAI deployment goes to OpenAI, without Azure's query.
-    reached(post(gw, "/openai/deployments/gpt-4o/chat/completions?api-version=2024-02-01", key, body),
-            gw, "openai", "/v1/chat/completions", OPENAI, key)
     denied(post(gw, "/openai/deployments/azure-gpt-4o/chat/completions", key, {**body, "model": "gpt-4o"}),
            400, "model_mismatch")
     outsider = gw.new_key(models=["gpt-4o"])

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from extauthz.endpoints import ANTHROPIC, GEMINI, JSON, MULTIPART, OPENAI, Endpoint, PassThrough, classify
+from extauthz.facts import Facts
 from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2
-from extauthz.request import PassThroughPaths, facts_from_check, model_from_multipart
+from extauthz.request import PassThroughPaths, facts_from_check, with_body
 
 
 @pytest.mark.parametrize("path,expected", [
@@ -26,6 +27,10 @@ from extauthz.request import PassThroughPaths, facts_from_check, model_from_mult
 ])
 def test_classify(path: str, expected: Endpoint | None) -> None:
     assert classify(path) == expected
+
+
+def read(req: external_auth_pb2.CheckRequest) -> Facts:
+    return with_body(facts_from_check(req), req)
 
 
 def check(path: str, body: bytes, headers: dict[str, str] | None = None) -> external_auth_pb2.CheckRequest:
@@ -66,8 +71,8 @@ FILE = b'Content-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n' 
      "multipart/form-data; boundary=XyZ", (None, "invalid_model")),
 ])
 def test_model_from_multipart(body: bytes, content_type: str, expected: tuple) -> None:
-    model, problem = model_from_multipart(body, content_type)
-    assert (model, problem.code if problem else None) == expected
+    facts = read(check("/v1/audio/transcriptions", body, {"content-type": content_type}))
+    assert (facts.model, facts.body_problem.code if facts.body_problem else None) == expected
 
 
 @pytest.mark.parametrize("path,body,headers,model,code", [
@@ -81,7 +86,7 @@ def test_model_from_multipart(body: bytes, content_type: str, expected: tuple) -
 ])
 def test_model_from_path_and_body(path: str, body: bytes, headers: dict, model: str | None,
                                   code: str | None) -> None:
-    facts = facts_from_check(check(path, body, headers))
+    facts = read(check(path, body, headers))
     assert facts.model == model
     assert (facts.body_problem.code if facts.body_problem else None) == code
 
@@ -89,3 +94,30 @@ def test_model_from_path_and_body(path: str, body: bytes, headers: dict, model: 
 def test_gemini_key_header_is_a_credential() -> None:
     req = check("/v1beta/models/g:generateContent", b"{}", {"x-goog-api-key": "sk-v"})
     assert facts_from_check(req).token == "sk-v"
+
+
+def test_the_body_is_not_read_before_the_key_is_known() -> None:
+    facts = facts_from_check(check("/v1/chat/completions", b'{"model": "m"}'))
+    assert facts.model is None and facts.body_problem is None and facts.model_span is None
+
+
+@pytest.mark.parametrize("model,code", [
+    ("openai/ o1-mini", "invalid_model"), ("openai//o1-mini", "invalid_model"), ("/gpt-4", "invalid_model"),
+    ("gpt-4/", "invalid_model"), ("gpt 4", "invalid_model"), ("gpt-4\u00a0", "invalid_model"),
+    ("openai/gpt-4", None),
+])
+def test_names_with_spaces_or_empty_segments_are_refused(model: str, code: str | None) -> None:
+    facts = read(check("/v1/chat/completions", b'{"model": "%s"}' % model.encode()))
+    assert (facts.body_problem.code if facts.body_problem else None) == code
+
+
+@pytest.mark.parametrize("path,refused", [
+    ("/files-api/a/b", False), ("/files-api/..%2Fchat", True), ("/files-api/%2e%2e/x", True), ("/files-api/a/../b", True),
+    ("/files-api/./b", True), ("/files-api/a%5Cb", True), ("/files-api/a//b", True), ("/files-api/a\\b", True),
+    ("/files-api/a.b/c..d", False),
+])
+def test_pass_through_paths_that_an_upstream_could_resolve_elsewhere_are_refused(path: str, refused: bool) -> None:
+    paths = PassThroughPaths((("/files-api", True),))
+    facts = facts_from_check(check(path, b""), paths)
+    assert isinstance(facts.endpoint, PassThrough)
+    assert (facts.body_problem is not None) == refused

@@ -10,6 +10,9 @@ Envoy routed to and proves the virtual key did not reach the provider.
 from __future__ import annotations
 
 import argparse
+import base64
+import email.parser
+import email.policy
 import json
 from typing import Any
 
@@ -27,17 +30,21 @@ async def seen(request: web.Request) -> web.Response:
 
 
 async def read_body(request: web.Request) -> Any:
+    raw = await request.read()
     if request.content_type.startswith("multipart/"):
+        # Python's email parser, as a provider built on it would read the form.
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+            b"Content-Type: " + request.headers["Content-Type"].encode("latin-1") + b"\r\n\r\n" + raw)
         fields: dict[str, Any] = {}
         files: dict[str, int] = {}
-        async for part in await request.multipart():
-            data = await part.read()
-            if part.filename:
-                files[part.name or ""] = len(data)
+        for part in message.iter_parts() if message.is_multipart() else ():
+            name = part.get_param("name", header="content-disposition") or ""
+            data = part.get_payload(decode=True) or b""
+            if part.get_filename():
+                files[name] = len(data)
             else:
-                fields[part.name or ""] = data.decode("utf-8", "replace")
+                fields[name] = data.decode("utf-8", "replace")
         return {"fields": fields, "files": files}
-    raw = await request.read()
     try:
         return json.loads(raw) if raw else None
     except ValueError:
@@ -89,6 +96,8 @@ async def echo(request: web.Request) -> web.Response:
         "host": request.host,
         "headers": {k.lower(): v for k, v in request.headers.items()},
         "body": body,
+        # The bytes as they arrived, so tests can tell what any parser would read of them.
+        "raw_body": base64.b64encode(await request.read()).decode(),
     }
     SEEN.append(arrived)
     fields = body.get("fields", body) if isinstance(body, dict) else {}

@@ -1,0 +1,200 @@
+"""Read the top-level "model" of a JSON request body, strictly, and where its bytes are.
+
+The provider must read the model that was checked, and the gateway forwards the
+client's bytes (only the model's value may be replaced, see ``splice.lua``). So a body
+is accepted only when every reasonable JSON parser reads it the same way (I-JSON,
+RFC 7493): no member named twice in one object at any depth (first-wins and last-wins
+parsers would disagree), no top-level member that is ``model`` in another letter case
+(case-insensitive parsers such as Go's would read it), no ``NaN``/``Infinity`` (not
+JSON, nor a decimal that overflows to infinity such as ``1e999``), no unpaired surrogate
+escape, UTF-8 only, and nesting at most ``MAX_DEPTH`` deep. Everything else passes
+through untouched: big integers and long decimals reach the provider exactly as written
+(a parser that cannot represent one refuses the body; none reads another model).
+
+The top-level object is walked here, member by member, so the model's value comes with
+its byte span; each member's value is read by the standard library's C scanner.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from json.decoder import scanstring
+from typing import Any, NamedTuple
+
+from extauthz.facts import ModelSpan, Problem
+
+MAX_DEPTH = 64  # well inside every common parser's own limit (serde_json: 128)
+# Counting brackets is cheaper than walking the parsed containers for small bodies.
+COUNT_BRACKETS_BELOW = 65536
+
+NOT_JSON = Problem("invalid_request_body", "The request body must be a JSON object.")
+NOT_UTF8 = Problem("invalid_request_body", "The request body must be UTF-8 encoded JSON.")
+NON_FINITE = Problem("invalid_request_body", "The JSON body contains NaN or Infinity, which JSON does not allow.")
+OUT_OF_RANGE = Problem("invalid_request_body", "The JSON body contains a number that overflows a double.")
+LONE_SURROGATE = Problem("invalid_request_body",
+                         "The JSON body contains an unpaired surrogate escape (\\ud800-\\udfff).")
+TOO_DEEP = Problem("invalid_request_body", f"The JSON body nests deeper than {MAX_DEPTH} levels.")
+
+
+def duplicate(name: str) -> Problem:
+    return Problem("invalid_request_body",
+                   f"The JSON body names member {name[:64]!r} twice in one object; parsers disagree on which counts.")
+
+
+def model_variant(name: str) -> Problem:
+    return Problem("invalid_model", f"The JSON body has a member {name[:64]!r} besides 'model'; some parsers "
+                   "match member names without regard to case. Send 'model' only.", param="model")
+
+
+class JsonModel(NamedTuple):
+    model: Any                 # the top-level "model" value, as parsed (None when absent)
+    span: ModelSpan            # where its bytes are (empty, just inside "{", when absent)
+
+    @property
+    def present(self) -> bool:
+        return bool(self.span.original)
+
+
+class _Refused(ValueError):
+    def __init__(self, problem: Problem) -> None:
+        super().__init__(problem.message)
+        self.problem = problem
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                raise _Refused(duplicate(name))
+            seen.add(name)
+    return obj
+
+
+def _constant(name: str) -> Any:
+    raise _Refused(NON_FINITE)
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise _Refused(OUT_OF_RANGE)
+    return value
+
+
+_scan_value = json.JSONDecoder(object_pairs_hook=_object, parse_constant=_constant,
+                               parse_float=_float).scan_once
+_BLANK = " \t\n\r"  # JSON's whitespace; "" is in it too, which is harmless here
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+_skip = _WHITESPACE.match
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+_LOW_SURROGATE_ESCAPE = re.compile(r"\\u[dD][c-fC-F][0-9a-fA-F]{2}")
+
+
+def read_json_model(body: bytes) -> JsonModel | Problem:
+    """The body's top-level ``model`` and its span, or why the body is refused."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return NOT_UTF8
+    try:
+        model, start, end, members = _top_level(text)
+    except _Refused as e:
+        return e.problem
+    except RecursionError:
+        return TOO_DEEP
+    except (ValueError, StopIteration):
+        return NOT_JSON
+    if "\\" in text and _has_lone_surrogate(text):
+        return LONE_SURROGATE
+    if not text.isascii():  # the span is wanted in bytes, the parse counted characters
+        start, end = len(text[:start].encode("utf-8")), len(text[:end].encode("utf-8"))
+    return JsonModel(model, ModelSpan(start, end, body[start:end], len(body), members > 0))
+
+
+def _top_level(text: str) -> tuple[Any, int, int, int]:
+    """Walks the top-level object; returns the model value, its character span (an empty
+    one just inside the opening brace when there is no model) and the number of members."""
+    i = _skip(text, 0).end()
+    if text[i:i + 1] != "{":
+        raise ValueError("not an object")
+    i += 1
+    names: set[str] = set()
+    values: list[Any] = []
+    model, start, end = None, i, i
+    while True:
+        if text[i:i + 1] in _BLANK:  # tested first: most bodies have no or single blanks
+            i = _skip(text, i).end()
+        if text[i:i + 1] != '"':
+            if text[i:i + 1] == "}" and not names:
+                i += 1
+                break
+            raise ValueError("member name expected")
+        name, i = scanstring(text, i + 1, True)
+        if name in names:
+            raise _Refused(duplicate(name))
+        names.add(name)
+        if name != "model" and name.casefold() == "model":
+            raise _Refused(model_variant(name))
+        if text[i:i + 1] in _BLANK:
+            i = _skip(text, i).end()
+        if text[i:i + 1] != ":":
+            raise ValueError("':' expected")
+        i += 1
+        if text[i:i + 1] in _BLANK:
+            i = _skip(text, i).end()
+        value, j = _scan_value(text, i)
+        if name == "model":
+            model, start, end = value, i, j
+        values.append(value)
+        i = j
+        if text[i:i + 1] in _BLANK:
+            i = _skip(text, i).end()
+        separator = text[i:i + 1]
+        i += 1
+        if separator == "}":
+            break
+        if separator != ",":
+            raise ValueError("',' or '}' expected")
+    if _skip(text, i).end() != len(text):
+        raise ValueError("data after the object")
+    if len(text) < COUNT_BRACKETS_BELOW and text.count("[") + text.count("{") <= MAX_DEPTH:
+        return model, start, end, len(names)
+    if _deeper_than(values, MAX_DEPTH - 1):
+        raise _Refused(TOO_DEEP)
+    return model, start, end, len(names)
+
+
+def _deeper_than(values: list[Any], limit: int) -> bool:
+    """Whether containers among ``values`` nest more than ``limit`` levels (level by
+    level: cheap for the many small containers of a long conversation)."""
+    frontier = [v for v in values if type(v) is dict or type(v) is list]
+    for _ in range(limit):
+        if not frontier:
+            return False
+        frontier = [v for x in frontier for v in (x.values() if type(x) is dict else x)
+                    if type(v) is dict or type(v) is list]
+    return bool(frontier)
+
+
+def _has_lone_surrogate(text: str) -> bool:
+    """Whether a ``\\uD800``-``\\uDFFF`` escape lacks its other half. Python's parser keeps
+    such a character; others refuse the body or replace it."""
+    paired_until = 0
+    for m in _SURROGATE_ESCAPE.finditer(text):
+        start = m.start()
+        if start < paired_until:
+            continue  # the low half of a pair already seen
+        backslashes = start
+        while backslashes > 0 and text[backslashes - 1] == "\\":
+            backslashes -= 1
+        if (start - backslashes) % 2:
+            continue  # "\\ud800": an escaped backslash, then plain text
+        if text[start + 3] not in "89abAB":
+            return True  # a low half with no high half before it
+        if not _LOW_SURROGATE_ESCAPE.match(text, m.end()):
+            return True
+        paired_until = m.end() + 6
+    return False
