@@ -81,7 +81,7 @@ def bootstrap(case: str, port: int, upstream: int, admin: int) -> dict[str, Any]
 
 def wrk_script(workdir: Path, case: str, body: bytes) -> Path:
     if case == "splice":
-        plan = splice_plan(read_json_model(body).span, "gpt-4o", insert=False)
+        plan = splice_plan(read_json_model(body), "gpt-4o", insert=False)
         header = f'wrk.headers["x-extauthz-splice"] = {json.dumps(plan)}'
     elif case == "splice-none":
         header = 'wrk.headers["x-extauthz-splice"] = "-"'

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Mapping, NamedTuple
+from typing import TYPE_CHECKING, Mapping, NamedTuple
 
 from extauthz.endpoints import Endpoint, PassThrough
+
+if TYPE_CHECKING:
+    from extauthz.json_body import JsonModel
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class Facts(NamedTuple):
     request_id: str = ""
     # The client's headers, lower-case, as Envoy sent them (read-only).
     headers: Mapping[str, str] = NO_HEADERS
-    # Read from the body once the key is known (see request.with_body).
-    model_span: ModelSpan | None = None
+    # Read from the body once the key is known (see request.with_body); a JSON body's
+    # bytes come along for the rewrite (routing.splice_plan).
+    json_model: "JsonModel | None" = None
     form_content_type: str | None = None  # a multipart body's content type, as forwarded

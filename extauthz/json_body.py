@@ -11,8 +11,9 @@ escape, UTF-8 only, and nesting at most ``MAX_DEPTH`` deep. Everything else pass
 through untouched: big integers and long decimals reach the provider exactly as written
 (a parser that cannot represent one refuses the body; none reads another model).
 
-The top-level object is walked here, member by member, so the model's value comes with
-its byte span; each member's value is read by the standard library's C scanner.
+A body is validated by the standard library's C parser, with hooks for what it would
+let through. Where the model's bytes are is found only when a rewrite needs them
+(``model_span``): most requests name their model as the provider does.
 """
 
 from __future__ import annotations
@@ -48,12 +49,11 @@ def model_variant(name: str) -> Problem:
 
 
 class JsonModel(NamedTuple):
-    model: Any                 # the top-level "model" value, as parsed (None when absent)
-    span: ModelSpan            # where its bytes are (empty, just inside "{", when absent)
+    """A body that every parser reads the same way, and the model it names."""
 
-    @property
-    def present(self) -> bool:
-        return bool(self.span.original)
+    model: Any       # the top-level "model" value, as parsed (None when absent)
+    present: bool    # whether the body has a top-level "model" member
+    body: bytes      # the body as checked: model_span() finds where its model is
 
 
 class _Refused(ValueError):
@@ -84,9 +84,8 @@ def _float(text: str) -> float:
     return value
 
 
-_scan_value = json.JSONDecoder(object_pairs_hook=_object, parse_constant=_constant,
-                               parse_float=_float).scan_once
-_BLANK = " \t\n\r"  # JSON's whitespace; "" is in it too, which is harmless here
+_DECODER = json.JSONDecoder(object_pairs_hook=_object, parse_constant=_constant, parse_float=_float)
+_scan_value = _DECODER.scan_once
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 _skip = _WHITESPACE.match
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
@@ -94,77 +93,53 @@ _LOW_SURROGATE_ESCAPE = re.compile(r"\\u[dD][c-fC-F][0-9a-fA-F]{2}")
 
 
 def read_json_model(body: bytes) -> JsonModel | Problem:
-    """The body's top-level ``model`` and its span, or why the body is refused."""
+    """The body's top-level ``model``, or why the body is refused."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         return NOT_UTF8
     try:
-        model, start, end, members = _top_level(text)
+        # The C scanner with hooks refusing duplicates, NaN and overflowing decimals.
+        doc, end = _scan_value(text, _skip(text, 0).end())
     except _Refused as e:
         return e.problem
     except RecursionError:
         return TOO_DEEP
     except (ValueError, StopIteration):
         return NOT_JSON
+    if type(doc) is not dict or _skip(text, end).end() != len(text):
+        return NOT_JSON
+    for name in doc:
+        if len(name) <= 5 and name != "model" and name.casefold() == "model":  # no longer name folds to it
+            return model_variant(name)
+    if not (len(text) < COUNT_BRACKETS_BELOW and text.count("[") + text.count("{") <= MAX_DEPTH) \
+            and _deeper_than(list(doc.values()), MAX_DEPTH - 1):
+        return TOO_DEEP
     if "\\" in text and _has_lone_surrogate(text):
         return LONE_SURROGATE
+    return JsonModel(doc.get("model"), "model" in doc, body)
+
+
+def model_span(checked: JsonModel) -> ModelSpan:
+    """Where the bytes of the model's value are in a body ``read_json_model`` accepted; for
+    a body without a model, the empty span just inside its opening brace."""
+    body = checked.body
+    text = body.decode("utf-8")
+    i = _skip(text, 0).end() + 1  # past "{": the body is known to be one valid object
+    if not checked.present:
+        return ModelSpan(i, i, b"", len(body), members_after=text[_skip(text, i).end()] != "}")
+    while True:  # member by member, to the one named "model" (it is there, and only once)
+        i = _skip(text, i).end()
+        name, i = scanstring(text, i + 1, True)
+        i = _skip(text, _skip(text, i).end() + 1).end()  # past ":"
+        _, end = _scan_value(text, i)
+        if name == "model":
+            break
+        i = _skip(text, end).end() + 1  # past ","
+    start = i
     if not text.isascii():  # the span is wanted in bytes, the parse counted characters
         start, end = len(text[:start].encode("utf-8")), len(text[:end].encode("utf-8"))
-    return JsonModel(model, ModelSpan(start, end, body[start:end], len(body), members > 0))
-
-
-def _top_level(text: str) -> tuple[Any, int, int, int]:
-    """Walks the top-level object; returns the model value, its character span (an empty
-    one just inside the opening brace when there is no model) and the number of members."""
-    i = _skip(text, 0).end()
-    if text[i:i + 1] != "{":
-        raise ValueError("not an object")
-    i += 1
-    names: set[str] = set()
-    values: list[Any] = []
-    model, start, end = None, i, i
-    while True:
-        if text[i:i + 1] in _BLANK:  # tested first: most bodies have no or single blanks
-            i = _skip(text, i).end()
-        if text[i:i + 1] != '"':
-            if text[i:i + 1] == "}" and not names:
-                i += 1
-                break
-            raise ValueError("member name expected")
-        name, i = scanstring(text, i + 1, True)
-        if name in names:
-            raise _Refused(duplicate(name))
-        names.add(name)
-        if name != "model" and name.casefold() == "model":
-            raise _Refused(model_variant(name))
-        if text[i:i + 1] in _BLANK:
-            i = _skip(text, i).end()
-        if text[i:i + 1] != ":":
-            raise ValueError("':' expected")
-        i += 1
-        if text[i:i + 1] in _BLANK:
-            i = _skip(text, i).end()
-        value, j = _scan_value(text, i)
-        if name == "model":
-            model, start, end = value, i, j
-        values.append(value)
-        i = j
-        if text[i:i + 1] in _BLANK:
-            i = _skip(text, i).end()
-        separator = text[i:i + 1]
-        i += 1
-        if separator == "}":
-            break
-        if separator != ",":
-            raise ValueError("',' or '}' expected")
-    if _skip(text, i).end() != len(text):
-        raise ValueError("data after the object")
-    if len(text) < COUNT_BRACKETS_BELOW and text.count("[") + text.count("{") <= MAX_DEPTH:
-        return model, start, end, len(names)
-    if _deeper_than(values, MAX_DEPTH - 1):
-        raise _Refused(TOO_DEEP)
-    return model, start, end, len(names)
+    return ModelSpan(start, end, body[start:end], len(body))
 
 
 def _deeper_than(values: list[Any], limit: int) -> bool:

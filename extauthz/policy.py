@@ -132,11 +132,16 @@ def authenticate(facts: Facts, key: KeyRecord | None, team: TeamRecord | None, n
 def decide(facts: Facts, key: KeyRecord | None, team: TeamRecord | None,
            catalog: Catalog, now: float, draw: float = 0.0) -> Decision:
     """``draw`` in [0, 1) picks among a model group's deployments by weight."""
-    meta = _metadata(facts, key) if key is not None else None
-    denied = authenticate(facts, key, team, now, meta)
+    denied = authenticate(facts, key, team, now)
     if denied is not None:
         return denied
-    assert key is not None and meta is not None
+    assert key is not None
+    return authorize(facts, key, team, catalog, draw)
+
+
+def authorize(facts: Facts, key: KeyRecord, team: TeamRecord | None, catalog: Catalog, draw: float) -> Decision:
+    """The decision for a caller ``authenticate`` let through, once the body is read."""
+    meta = _metadata(facts, key)
     endpoint = facts.endpoint
     if endpoint is None:
         return Deny(404, "unsupported_endpoint",

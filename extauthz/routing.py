@@ -13,7 +13,8 @@ from urllib.parse import parse_qsl, quote, urlencode
 from extauthz import providers
 from extauthz.config import Deployment, PassThroughConfig
 from extauthz.endpoints import ANTHROPIC, GEMINI, JSON, Endpoint, PassThrough
-from extauthz.facts import Facts, ModelSpan, Problem
+from extauthz.facts import Facts, Problem
+from extauthz.json_body import JsonModel, model_span
 
 # Set on every allow; Envoy routes on it (cluster_header). A client's own value never
 # survives an allow, and a request without it matches no upstream route.
@@ -44,18 +45,17 @@ def _static_headers(upstream: providers.Upstream, credential: Headers,
     return headers, remove
 
 
-def splice_plan(span: ModelSpan | None, model: str, insert: bool) -> str:
+def splice_plan(body: JsonModel | None, model: str, insert: bool) -> str:
     """The SPLICE_HEADER value that puts ``model`` where the body named its model, or,
     with ``insert``, adds a "model" member to a body that names none."""
-    if span is None:
+    if body is None or (body.model == model if body.present else not insert):
+        # Nothing to change: a name written with escapes ("gpt\u002d4") reads the same
+        # to every parser once the body is known to be unambiguous.
         return NO_SPLICE
+    span = model_span(body)
     token = json.dumps(model)  # ASCII only, so it is a valid header value
-    if not span.original:
-        if not insert:
-            return NO_SPLICE
+    if not body.present:
         token = f'"model": {token}' + (", " if span.members_after else "")
-    elif token.encode() == span.original:
-        return NO_SPLICE  # the provider's name is what the client wrote: no body change
     return f"{span.body_length} {span.start} {span.end} {span.original.hex()} {token}"
 
 
@@ -125,7 +125,7 @@ class Route:
             # A body that names no model gets one only where the provider reads it from the
             # body: an Azure-style path routed to a deployment of another provider.
             insert = self.deployment.provider != "azure"
-            plan = NO_SPLICE if self.api_format == GEMINI else splice_plan(facts.model_span, model, insert)
+            plan = NO_SPLICE if self.api_format == GEMINI else splice_plan(facts.json_model, model, insert)
             extra += (("content-type", "application/json"), (SPLICE_HEADER, plan))
         else:
             if model != requested and self.deployment.provider != "azure" and self.api_format != GEMINI:

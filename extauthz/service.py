@@ -14,7 +14,7 @@ import grpc
 from extauthz import logs, tracing
 from extauthz.facts import Facts
 from extauthz.metrics import CheckMetrics
-from extauthz.policy import UNAVAILABLE, Allow, Decision, Deny, authenticate, decide
+from extauthz.policy import UNAVAILABLE, Allow, Decision, Deny, authenticate, authorize
 from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2
 from extauthz.records import MASTER, KeyRecord, TeamRecord, hash_token
 from extauthz.request import body_size, facts_from_check, with_body
@@ -99,7 +99,7 @@ class AuthorizationService:
             facts = with_body(facts, request)
         else:
             facts = await asyncio.get_running_loop().run_in_executor(self.body_reader, with_body, facts, request)
-        return decide(facts, key, team, runtime.catalog, now, random.random())
+        return authorize(facts, key, team, runtime.catalog, random.random())  # type: ignore[arg-type]
 
     def close(self) -> None:
         self.body_reader.shutdown(wait=False, cancel_futures=True)

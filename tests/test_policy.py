@@ -53,8 +53,8 @@ def body_of(model):
 
 def facts(model="gpt-4", token="sk-virtual", path="/v1/chat/completions", **kw):
     endpoint = classify(path)
-    if isinstance(model, str) and endpoint is not None and endpoint.body == "json" and "model_span" not in kw:
-        kw["model_span"] = read_json_model(body_of(model)).span  # as if the body were {"model": model}
+    if isinstance(model, str) and endpoint is not None and endpoint.body == "json" and "json_model" not in kw:
+        kw["json_model"] = read_json_model(body_of(model))  # as if the body were {"model": model}
     return Facts(token=token, model=model, path=path, endpoint=endpoint, **kw)
 
 

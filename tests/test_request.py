@@ -98,7 +98,7 @@ def test_gemini_key_header_is_a_credential() -> None:
 
 def test_the_body_is_not_read_before_the_key_is_known() -> None:
     facts = facts_from_check(check("/v1/chat/completions", b'{"model": "m"}'))
-    assert facts.model is None and facts.body_problem is None and facts.model_span is None
+    assert facts.model is None and facts.body_problem is None and facts.json_model is None
 
 
 @pytest.mark.parametrize("model,code", [
