@@ -13,8 +13,6 @@ readers, and with Python's email parser and python-multipart for forms.
 from __future__ import annotations
 
 import base64
-import email.parser
-import email.policy
 import json
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -22,10 +20,10 @@ from typing import Any, Callable, Iterator
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from python_multipart.multipart import MultipartParser, parse_options_header
 
 from extauthz.json_body import model_span, read_json_model
 from tests import harness
+from tests.form_readers import email_reading, python_multipart_reading
 from tests.harness import MASTER_KEY, Stack, http
 
 PROVIDER_MODELS = {"Bearer k-alpha": "provider-alpha", "Bearer k-beta": "provider-beta", "Bearer k-wa": "whisper-a"}
@@ -228,47 +226,6 @@ def form_body(draw: st.DrawFn) -> tuple[bytes, str]:
     return body, content_type
 
 
-def email_models(raw: bytes, content_type: str) -> list[str]:
-    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-        b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + raw)
-    return [part.get_payload(decode=True).decode() for part in message.iter_parts()
-            if part.get_param("name", header="content-disposition") == "model"]
-
-
-def python_multipart_models(raw: bytes, content_type: str) -> list[str]:
-    _, options = parse_options_header(content_type)
-    found: list[str] = []
-    state: dict[str, Any] = {}
-
-    def on_part_begin() -> None:
-        state.update(field=b"", value=b"", disposition=b"", data=b"")
-
-    def on_header_field(data: bytes, start: int, end: int) -> None:
-        state["field"] += data[start:end]
-
-    def on_header_value(data: bytes, start: int, end: int) -> None:
-        state["value"] += data[start:end]
-
-    def on_header_end() -> None:
-        if state["field"].lower() == b"content-disposition":
-            state["disposition"] = state["value"]  # the last one, as Starlette reads it
-        state["field"] = state["value"] = b""
-
-    def on_part_data(data: bytes, start: int, end: int) -> None:
-        state["data"] += data[start:end]
-
-    def on_part_end() -> None:
-        if parse_options_header(state["disposition"])[1].get(b"name") == b"model":
-            found.append(state["data"].decode())
-
-    parser = MultipartParser(options[b"boundary"], {
-        "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
-        "on_header_end": on_header_end, "on_part_data": on_part_data, "on_part_end": on_part_end})
-    parser.write(raw)
-    parser.finalize()
-    return found
-
-
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.function_scoped_fixture])
 @given(form=form_body())
@@ -285,5 +242,5 @@ def test_every_form_parser_reads_the_model_the_gateway_checked(stack: Stack, key
     got, forwarded_type = base64.b64decode(echo["raw_body"]), echo["headers"]["content-type"]
     assert got == body
     expected = FORM_MODELS[echo["headers"]["authorization"]]
-    assert email_models(got, forwarded_type) == [expected]
-    assert python_multipart_models(got, forwarded_type) == [expected]
+    assert email_reading(forwarded_type, got)[1] == [expected.encode()]
+    assert python_multipart_reading(forwarded_type, got)[1] == [expected.encode()]
