@@ -14,6 +14,7 @@ the decision can refuse them.
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -29,8 +30,11 @@ SPECIAL_ENTRIES = ALL_MODELS | {ALL_TEAM_MODELS}
 
 
 def canonical_name(name: str) -> str:
-    """The form a name's case and separator variants share: casefolded, and without
-    leading path segments that repeat the next one (``OpenAI/openai/x`` -> ``openai/x``)."""
+    """The form a name's case and separator variants share: compatibility-normalized
+    (full-width ``ｏ1`` is ``o1``), casefolded, and without leading path segments that
+    repeat the next one (``OpenAI/openai/x`` -> ``openai/x``)."""
+    if not name.isascii():
+        name = unicodedata.normalize("NFKC", name)
     segments = name.casefold().split("/")
     first = 0
     while first + 1 < len(segments) and segments[first] == segments[first + 1]:

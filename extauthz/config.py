@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import yaml
 
 from extauthz import providers
-from extauthz.endpoints import OPERATIONS, classify
+from extauthz.endpoints import OPERATIONS, classify, model_call_segment, unsafe_path
 
 ENV_PREFIX = "os.environ/"
 
@@ -131,12 +131,15 @@ def model_call_reached(target: str, include_subpath: bool, deployments: tuple[De
     gateway's own endpoint table, under the base path of every deployment on the same
     upstream and of the provider defaults on the same host."""
     upstream = providers.upstream(target)
-    path = upstream.base_path
+    path = upstream.base_path.lower()
+    segment = model_call_segment(path)
+    if segment is not None:
+        return segment
     bases = {""}
     for base in [d.api_base for d in deployments] + [b for b in providers.DEFAULT_BASES.values() if b]:
         other = providers.upstream(base)
-        if (other.host, other.port) == (upstream.host, upstream.port):
-            bases.add(other.base_path)
+        if (_host(other.host), other.port) == (_host(upstream.host), upstream.port):
+            bases.add(other.base_path.lower())
     for base in sorted(bases):
         exact, prefixes = model_call_paths(base)
         if path in exact:
@@ -149,6 +152,10 @@ def model_call_reached(target: str, include_subpath: bool, deployments: tuple[De
             if path.startswith(prefix) or (include_subpath and prefix.startswith(path + "/")):
                 return prefix + "…"
     return None
+
+
+def _host(name: str) -> str:
+    return name.rstrip(".").lower()  # "API.openai.com." is api.openai.com
 
 
 def load(path: str, environ: Mapping[str, str] | None = None, require_secrets: bool = True) -> Config:
@@ -223,7 +230,19 @@ class _Parser:
         aliases = self.aliases(router.get("model_group_alias"), {d.model_name for d in deployments})
         pass_through = tuple(self.pass_through(i, e, deployments) for i, e in enumerate(
             self.sequence(general.get("pass_through_endpoints"), "general_settings.pass_through_endpoints")))
+        self.distinct_clusters([d.api_base for d in deployments] + [p.target for p in pass_through])
         return Config(self.file, deployments, master_key, settings, tuple(self.warnings), aliases, pass_through)
+
+    def distinct_clusters(self, bases: list[str]) -> None:
+        """Envoy routes on the cluster name: two upstreams sharing one would send one's
+        credential to the other's host."""
+        seen: dict[str, providers.Upstream] = {}
+        for base in bases:
+            upstream = providers.upstream(base)
+            other = seen.setdefault(upstream.cluster, upstream)
+            if (other.scheme, other.host, other.port) != (upstream.scheme, upstream.host, upstream.port):
+                raise self.error("model_list", f"{other.host!r} and {upstream.host!r} map to one Envoy cluster name "
+                                 f"({upstream.cluster}); use one spelling of each host")
 
     def sequence(self, value: Any, where: str) -> list:
         if value is None:
@@ -268,14 +287,17 @@ class _Parser:
         problem = providers.base_problem(target) if target else "is required"
         if problem:
             raise self.error(f"{where}.target", problem)
+        if unsafe_path(providers.upstream(target).base_path):
+            raise self.error(f"{where}.target", "must be a plain path: no percent-escapes but of letters, digits, "
+                             "'-', '_', '~', no dot or empty segments, ';' or '\\'")
         subpath = entry.get("include_subpath", False)
         if not isinstance(subpath, bool):
             raise self.error(f"{where}.include_subpath", "expected true or false")
         reached = model_call_reached(target, subpath, deployments)
         if reached:
             raise self.error(f"{where}.target", (
-                f"{target!r}{' and its subpaths' if subpath else ''} reach {reached!r}, where a provider serves "
-                "model calls; a pass-through forwards without checking the model"))
+                f"{target!r}{' and its subpaths' if subpath else ''} reach {reached!r}, a model call at a "
+                "provider; a pass-through forwards without checking the model"))
         headers = self.mapping(entry.get("headers"), f"{where}.headers")
         pairs = tuple((str(k).lower(), self.string(v, f"{where}.headers.{k}", secret=True) or "")
                       for k, v in headers.items())

@@ -49,6 +49,40 @@ class PassThrough:
     query: str
 
 
+# Path segments naming an operation that calls a model at some provider: the gateway's
+# own endpoints and those it does not serve (speech, realtime, batches, assistants,
+# fine-tuning, Azure deployments, Bedrock's invoke/converse, Ollama's generate). Gemini
+# and Vertex name their methods in a segment with a ':' (":generateContent", ":predict").
+MODEL_CALL_SEGMENTS = frozenset({
+    "chat", "completions", "complete", "embeddings", "embed", "images", "audio", "responses", "moderations",
+    "messages", "realtime", "batches", "threads", "assistants", "fine_tuning", "fine-tuning", "fine-tunes",
+    "deployments", "invoke", "invoke-with-response-stream", "converse", "converse-stream", "generate",
+})
+# Percent-escapes every server decodes to the same plain character: letters, digits, '-', '_', '~'.
+_PLAIN_ESCAPES = frozenset(f"%{c:02x}" for c in range(128) if chr(c).isalnum() or chr(c) in "-_~")
+_ESCAPE = re.compile(r"%.{0,2}", re.DOTALL)
+
+
+def model_call_segment(path: str) -> str | None:
+    """The segment of ``path`` that names a model call at some provider, or None."""
+    for segment in path.lower().split("/"):
+        if segment in MODEL_CALL_SEGMENTS or ":" in segment:
+            return segment
+    return None
+
+
+def unsafe_path(path: str) -> bool:
+    """Whether some server could read ``path`` as another path: a dot or empty segment, a
+    backslash or ';' (path parameters: "..;/" is ".." to some), or a percent-escape of
+    anything but a letter, digit, '-', '_' or '~' (encoded slashes and dots, double or
+    overlong encodings, "%u002e")."""
+    if "\\" in path or ";" in path or "//" in path:
+        return True
+    if any(segment in (".", "..") for segment in path.split("/")):
+        return True
+    return "%" in path and any(e.lower() not in _PLAIN_ESCAPES for e in _ESCAPE.findall(path))
+
+
 def split_query(path: str) -> tuple[str, str]:
     route, _, query = path.partition("?")
     return route, query

@@ -16,6 +16,8 @@ import yaml
 
 from extauthz import providers
 from extauthz.config import Config, Settings
+from extauthz.policy import MISSING_KEY, Deny
+from extauthz.responses import error_body
 from extauthz.routing import CLUSTER_HEADER, INTERNAL_HEADERS
 
 AUTHZ_CLUSTER = "extauthz"
@@ -33,6 +35,8 @@ AUTHZ_CONNECTIONS_PER_WORKER = 4
 
 # Paths served by the admin API (extauthz/admin.py); everything else is an LLM call.
 ADMIN_PATHS = ("/v1/models", "/models")
+# Gemini's calls on its v1 path, which the admin API's /v1/models/ prefix would take.
+GEMINI_V1_CALL = r"^/v1/models/[^/:]+:(generateContent|streamGenerateContent)$"  # matched without the query
 ADMIN_PREFIXES = ("/key/", "/team/", "/model/", "/v1/models/", "/models/", "/health/")
 # The admin API checks the master key itself, and its JSON bodies are not LLM requests.
 ADMIN_DISABLED_FILTERS = (EXT_AUTHZ_FILTER, SPLICE_FILTER)
@@ -108,6 +112,14 @@ def _listener(s: Settings, port: int) -> dict[str, Any]:
         merge_slashes=True,
         # An encoded slash or backslash is a path an upstream may decode into another one.
         path_with_escaped_slashes_action="REJECT_REQUEST",
+        # "OpenAI_Organization" is OpenAI-Organization to servers that map '_' to '-' (CGI,
+        # WSGI): dropped, so a header the sidecar strips cannot come back spelled that way.
+        common_http_protocol_options={"headers_with_underscores_action": "DROP_HEADER"},
+        # The gateway's own headers never come from a client, not even for route matching.
+        early_header_mutation_extensions=[{
+            "name": "envoy.http.early_header_mutation.header_mutation",
+            "typed_config": _typed("envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation",
+                                   mutations=[{"remove": h} for h in INTERNAL_HEADERS])}],
         access_log=[_access_log()],
         local_reply_config=_local_reply_config(s),
         http_filters=[_decompressor_filter(), _ext_authz_filter(s), _splice_filter(), _router_filter()],
@@ -203,7 +215,8 @@ def _local_reply_config(s: Settings) -> dict[str, Any]:
                 _typed("envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter", expression=expression)}},
                 "body_format_override": body}
 
-    not_ours = "response.code_details != 'ext_authz_denied' && !(response.code_details.startsWith('lua'))"
+    not_ours = ("!(response.code_details in ['ext_authz_denied', 'direct_response'])"
+                " && !response.code_details.startsWith('lua')")
     return {"mappers": [
         mapper("response.code_details == 'ext_authz_error'", _error_body(
             "The authorization service did not answer; the request was not forwarded. Try again.",
@@ -229,10 +242,27 @@ def _route_config() -> dict[str, Any]:
     return {
         "name": "extauthz_routes",
         "virtual_hosts": [{"name": "all", "domains": ["*"],
-                           # After an allow the sidecar's header is present and the rewritten
-                           # path must reach the provider, whatever prefix it starts with.
-                           "routes": [_llm_route(after_allow=True), *(_admin_route(m) for m in matches),
-                                      _llm_route()]}],
+                           "routes": [_llm_route({"prefix": "/", "headers": [
+                                                      {"name": CLUSTER_HEADER, "present_match": True}]}),
+                                      _llm_route({"safe_regex": {"regex": GEMINI_V1_CALL}}),
+                                      *(_admin_route(m) for m in matches),
+                                      _no_credential_route(),
+                                      _llm_route({"prefix": "/"})]}],
+    }
+
+
+def _no_credential_route() -> dict[str, Any]:
+    """A request that carries no key at all is answered here, before Envoy buffers its
+    body or asks the sidecar: a flood without keys costs the sidecar nothing."""
+    disabled = _typed("envoy.config.route.v3.FilterConfig", disabled=True)
+    absent = [{"name": h, "present_match": True, "invert_match": True} for h in providers.CLIENT_KEY_HEADERS]
+    return {
+        "match": {"prefix": "/", "headers": absent},
+        "direct_response": {"status": 401, "body": {"inline_string": error_body(
+            Deny(401, MISSING_KEY.code, MISSING_KEY.message))}},
+        "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"},
+                                     "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
+        "typed_per_filter_config": {name: disabled for name in ADMIN_DISABLED_FILTERS},
     }
 
 
@@ -247,10 +277,9 @@ def _admin_route(match: dict[str, str]) -> dict[str, Any]:
     }
 
 
-def _llm_route(after_allow: bool = False) -> dict[str, Any]:
-    match: dict[str, Any] = {"prefix": "/"}
-    if after_allow:
-        match["headers"] = [{"name": CLUSTER_HEADER, "present_match": True}]
+def _llm_route(match: dict[str, Any]) -> dict[str, Any]:
+    # Once allowed (the sidecar's header present), the rewritten path goes to the provider
+    # whatever prefix it starts with; before, this route only says that ext_authz runs.
     return {
         "match": match,
         "route": {

@@ -10,6 +10,7 @@ from extauthz.endpoints import Endpoint, PassThrough
 
 if TYPE_CHECKING:
     from extauthz.json_body import JsonModel
+    from extauthz.multipart_body import FormModel
 
 
 @dataclass(frozen=True)
@@ -51,4 +52,4 @@ class Facts(NamedTuple):
     # Read from the body once the key is known (see request.with_body); a JSON body's
     # bytes come along for the rewrite (routing.splice_plan).
     json_model: "JsonModel | None" = None
-    form_content_type: str | None = None  # a multipart body's content type, as forwarded
+    form: "FormModel | None" = None  # a multipart body's model and the content type to forward

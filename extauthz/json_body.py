@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from json.decoder import scanstring
 from typing import Any, NamedTuple
 
@@ -110,7 +111,7 @@ def read_json_model(body: bytes) -> JsonModel | Problem:
     if type(doc) is not dict or _skip(text, end).end() != len(text):
         return NOT_JSON
     for name in doc:
-        if len(name) <= 5 and name != "model" and name.casefold() == "model":  # no longer name folds to it
+        if name != "model" and _reads_as_model(name):
             return model_variant(name)
     if not (len(text) < COUNT_BRACKETS_BELOW and text.count("[") + text.count("{") <= MAX_DEPTH) \
             and _deeper_than(list(doc.values()), MAX_DEPTH - 1):
@@ -118,6 +119,17 @@ def read_json_model(body: bytes) -> JsonModel | Problem:
     if "\\" in text and _has_lone_surrogate(text):
         return LONE_SURROGATE
     return JsonModel(doc.get("model"), "model" in doc, body)
+
+
+def _reads_as_model(name: str) -> bool:
+    """Whether a lenient reader could take member ``name`` for "model": Go matches names
+    without regard to case, C readers stop at a NUL, some trim spaces or normalize."""
+    if name.isascii():
+        if len(name) < 5 or "\0" not in name and len(name.strip()) != 5:
+            return False  # the common case, decided without building a string
+        return name.split("\0", 1)[0].strip().casefold() == "model"
+    folded = unicodedata.normalize("NFKC", name.split("\0", 1)[0]).casefold()
+    return "".join(c for c in folded if not c.isspace() and unicodedata.category(c) != "Cf") == "model"
 
 
 def model_span(checked: JsonModel) -> ModelSpan:

@@ -151,7 +151,10 @@ def authorize(facts: Facts, key: KeyRecord, team: TeamRecord | None, catalog: Ca
     if isinstance(endpoint, PassThrough):
         route = catalog.pass_through[endpoint.index]
         meta["deployment"] = route.route_id
-        return Allow(route.route_id, route.headers, route.allow_headers(endpoint), route.headers_to_remove, meta)
+        forwarded = route.allow_headers(endpoint)
+        if isinstance(forwarded, Problem):
+            return _problem(forwarded, meta)
+        return Allow(route.route_id, route.headers, forwarded, route.headers_to_remove, meta)
     model = facts.model or ""
     resolution = catalog.resolve(model)
     served_by = catalog.variant_of(model)  # e.g. openai/O1-mini reaching openai/* past openai/o1-*

@@ -59,7 +59,8 @@ class Upstream:
 
     @property
     def cluster(self) -> str:
-        host = "".join(c if c.isalnum() else "_" for c in self.host)
+        # '.' (and anything odd) becomes '_': Envoy splits stat names on '.'.
+        host = "".join(c if c.isalnum() or c == "-" else "_" for c in self.host.lower())
         return f"upstream_{self.scheme}_{host}_{self.port}"
 
     @property

@@ -8,10 +8,9 @@ becomes a Problem that the decision turns into a deny.
 
 from __future__ import annotations
 
-import re
 from typing import Any, Mapping
 
-from extauthz.endpoints import MULTIPART, Endpoint, PassThrough, classify, split_query
+from extauthz.endpoints import MULTIPART, Endpoint, PassThrough, classify, split_query, unsafe_path
 from extauthz.facts import Facts, Problem
 from extauthz.json_body import read_json_model
 from extauthz.multipart_body import form_model
@@ -34,11 +33,8 @@ ENCODED_BODY = Problem("unsupported_content_encoding",
 NOT_BEARER = Problem("missing_api_key", "The Authorization header must use the Bearer scheme.", status=401)
 CONFLICTING_KEYS = Problem("conflicting_api_keys", "Several different API keys were sent; send exactly one.",
                            status=401)
-UNSAFE_PATH = Problem("invalid_path", "Pass-through paths may not contain encoded slashes, backslashes, encoded "
-                      "dots, dot segments or empty segments.", status=400)
-# What the path of a pass-through request may not hold: anything an upstream could decode
-# or resolve into another path than the one matched here.
-_UNSAFE_PATH = re.compile(r"%(?:2[fFeE]|5[cC]|00)|\\|//|(?:^|/)\.{1,2}(?:/|$)")
+UNSAFE_PATH = Problem("invalid_path", "A pass-through path may not hold dot or empty segments, backslashes, ';' "
+                      "or percent-escapes of anything but letters, digits, '-', '_' and '~'.", status=400)
 
 
 class PassThroughPaths:
@@ -67,7 +63,8 @@ def facts_from_check(check: Any, pass_through: PassThroughPaths = NO_PASS_THROUG
     token, token_problem = credentials(headers)
     path = http.path or headers.get(":path", "/")
     endpoint = pass_through.match(path) or classify(path)
-    body_problem = UNSAFE_PATH if isinstance(endpoint, PassThrough) and _UNSAFE_PATH.search(endpoint.path) else None
+    # Upstreams decode and resolve paths their own way: a pass-through's is taken only plain.
+    body_problem = UNSAFE_PATH if isinstance(endpoint, PassThrough) and unsafe_path(endpoint.path) else None
     return Facts(token=token, model=None, path=path, endpoint=endpoint,
                  token_problem=token_problem, body_problem=body_problem,
                  request_id=headers.get("x-request-id", ""), headers=headers)
@@ -90,12 +87,12 @@ def with_body(facts: Facts, check: Any) -> Facts:
     if headers.get("content-encoding", "identity").strip().lower() not in ("", "identity"):
         return facts._replace(body_problem=ENCODED_BODY)
     body = http.raw_body or http.body.encode("utf-8")
-    json_model, form_type = None, None
+    json_model, form = None, None
     if endpoint.body == MULTIPART:
         form = form_model(body, headers.get("content-type", ""))
         if isinstance(form, Problem):
             return facts._replace(body_problem=form)
-        body_model, form_type = form.model, form.content_type
+        body_model = form.model
         if body_model is None and endpoint.path_model is None:
             return facts._replace(body_problem=NO_MODEL)
     elif not body:
@@ -117,7 +114,7 @@ def with_body(facts: Facts, check: Any) -> Facts:
         model, problem = checked_name(endpoint.path_model)
     # Built whole: on the hot path, NamedTuple._replace costs several times more.
     return Facts(facts.token, model, facts.path, endpoint, facts.token_problem, problem, facts.request_id,
-                 headers, json_model, form_type)
+                 headers, json_model, form)
 
 
 def credentials(headers: Mapping[str, str]) -> tuple[str | None, Problem | None]:

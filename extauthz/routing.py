@@ -12,7 +12,7 @@ from urllib.parse import parse_qsl, quote, urlencode
 
 from extauthz import providers
 from extauthz.config import Deployment, PassThroughConfig
-from extauthz.endpoints import ANTHROPIC, GEMINI, JSON, Endpoint, PassThrough
+from extauthz.endpoints import ANTHROPIC, GEMINI, JSON, Endpoint, PassThrough, model_call_segment
 from extauthz.facts import Facts, Problem
 from extauthz.json_body import JsonModel, model_span
 
@@ -26,8 +26,9 @@ SPLICE_HEADER = "x-extauthz-splice"
 NO_SPLICE = "-"
 # Headers only the gateway may set; Envoy's routes remove them before the provider too.
 INTERNAL_HEADERS = (CLUSTER_HEADER, SPLICE_HEADER)
-# Query parameters that address a provider or carry a key: the sidecar sets its own.
-PROVIDER_QUERY = frozenset({"api-version", "key"})
+# Query parameters that address a provider, carry a key or pick who is billed (Google's
+# userProject): the sidecar sets its own or none.
+PROVIDER_QUERY = frozenset({"api-version", "key", "userProject", "$userProject"})
 
 Headers = tuple[tuple[str, str], ...]
 
@@ -68,6 +69,10 @@ def _client_query(query: str) -> str:
 
 def _join(path: str, query: str) -> str:
     return f"{path}?{query}" if query else path
+
+
+_MODEL_IN_BODY = Problem("missing_model", "This model's provider reads the model from the request body, which "
+                         "names none; send it in the body ('model').", param="model")
 
 
 @dataclass(frozen=True)
@@ -118,22 +123,26 @@ class Route:
                 f"translate between API formats."))
         model = self.provider_model(capture)
         extra: Headers = ((":path", self.path(endpoint, model)),)
+        # Azure and Gemini read the model from the path; the others from the body, which
+        # must then name it (an Azure-style path may send a body that does not).
+        body_names_model = self.deployment.provider != "azure" and self.api_format != GEMINI
         if endpoint.body == JSON:
+            if facts.json_model is None and body_names_model:
+                return _MODEL_IN_BODY
             # The provider is told it reads JSON, as the body was checked, whatever the client
-            # declared; the model's bytes change only where the provider names it otherwise
-            # (Gemini reads its model from the path only).
-            # A body that names no model gets one only where the provider reads it from the
-            # body: an Azure-style path routed to a deployment of another provider.
-            insert = self.deployment.provider != "azure"
-            plan = NO_SPLICE if self.api_format == GEMINI else splice_plan(facts.json_model, model, insert)
+            # declared; the model's bytes change only where the provider names it otherwise,
+            # and a body naming none gets one where the provider reads it there.
+            plan = splice_plan(facts.json_model, model, insert=body_names_model)
             extra += (("content-type", "application/json"), (SPLICE_HEADER, plan))
         else:
-            if model != requested and self.deployment.provider != "azure" and self.api_format != GEMINI:
+            if body_names_model and (facts.form is None or facts.form.model is None):
+                return _MODEL_IN_BODY
+            if model != requested and body_names_model:
                 return Problem("unsupported_route", (
                     f"Model {requested!r} is called {model!r} by its provider, and a multipart/form-data body "
                     "cannot be rewritten; name the model as the provider does."))
             # The boundary the body was checked with, as one header however the client sent it.
-            extra += (("content-type", facts.form_content_type or ""), (SPLICE_HEADER, NO_SPLICE))
+            extra += (("content-type", facts.form.content_type if facts.form else ""), (SPLICE_HEADER, NO_SPLICE))
         if self.api_format == ANTHROPIC and "anthropic-version" not in facts.headers:
             extra += (("anthropic-version", providers.ANTHROPIC_VERSION),)
         return extra
@@ -155,6 +164,13 @@ class PassThroughRoute:
         headers, remove = _static_headers(upstream, c.headers + ((SPLICE_HEADER, NO_SPLICE),))
         return cls(c, upstream, headers, remove, f"pass_through:{c.path}")
 
-    def allow_headers(self, request: PassThrough) -> Headers:
+    def allow_headers(self, request: PassThrough) -> Headers | Problem:
         subpath = request.path[len(self.config.path):] if self.config.include_subpath else ""
-        return ((":path", _join(self.upstream.base_path + subpath or "/", request.query)),)
+        upstream_path = self.upstream.base_path + subpath or "/"
+        # The target itself was checked at load; a client's subpath is checked here.
+        called = model_call_segment(subpath) if subpath else None
+        if called is not None:
+            return Problem("pass_through_model_call", (
+                f"{request.path!r} would reach {called!r}, a model call, through a pass-through that checks no "
+                "model; call the model through the gateway's own endpoints."), status=403)
+        return ((":path", _join(upstream_path, request.query)),)

@@ -96,3 +96,49 @@ def test_envoy_config_needs_no_secrets(tmp_path: Path) -> None:
                        text=True, cwd=ROOT, env={"PATH": ""}, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "api.openai.com" in r.stdout
+
+
+def pass_through(target: str, subpath: bool = False, deployments: list[dict] | None = None) -> dict:
+    plain = {"model_name": "gpt-4", "litellm_params": {"model": "openai/gpt-4"}}
+    return {"model_list": deployments or [plain], "general_settings": {"pass_through_endpoints": [
+        {"path": "/p", "target": target, "include_subpath": subpath}]}}
+
+
+@pytest.mark.parametrize("target, subpath", [
+    ("http://upstream.local/v1", True),                    # /p/chat/completions -> /v1/chat/completions
+    ("http://upstream.local", True),
+    ("http://upstream.local/openai", True),                # Azure deployments
+    ("https://api.openai.com/v1/chat/completions", False),
+    ("https://api.openai.com/V1/Chat/Completions", False),
+    ("https://api.openai.com/v1/audio/speech", False),     # model calls the gateway does not serve either
+    ("https://api.openai.com/v1/realtime", True),
+    ("https://api.openai.com/v1/batches", True),
+    ("https://api.anthropic.com/v1/messages/batches", True),
+    ("https://api.groq.com./openai/v1", True),             # the same host spelled with a trailing dot
+    ("https://generativelanguage.googleapis.com/v1beta/models/gemini-pro:generateContent", False),
+])
+def test_a_pass_through_that_reaches_a_model_call_is_refused(target: str, subpath: bool) -> None:
+    with pytest.raises(ConfigError, match="model call"):
+        config.from_dict(pass_through(target, subpath))
+
+
+@pytest.mark.parametrize("target", ["https://api.openai.com/v1/./chat/completions", "https://h/v1//files",
+                                    "https://h/v1/chat%2Fcompletions", "https://h/v1/x/../files", "https://h/v1/a;b"])
+def test_a_pass_through_target_must_be_a_plain_path(target: str) -> None:
+    with pytest.raises(ConfigError, match="plain path"):
+        config.from_dict(pass_through(target))
+
+
+@pytest.mark.parametrize("target, subpath", [("https://api.openai.com/v1/files", True), ("https://api.cohere.com/v1/rerank",
+                                                                                        False)])
+def test_pass_throughs_beside_model_calls_load(target: str, subpath: bool) -> None:
+    assert config.from_dict(pass_through(target, subpath)).pass_through[0].target == target
+
+
+def test_two_hosts_that_would_share_an_envoy_cluster_are_refused() -> None:
+    deployments = [{"model_name": "a", "litellm_params": {"model": "openai/a", "api_base": "https://llm_a.example.com/v1"}},
+                   {"model_name": "b", "litellm_params": {"model": "openai/b", "api_base": "https://llm.a.example.com/v1"}}]
+    with pytest.raises(ConfigError, match="one Envoy cluster"):
+        config.from_dict({"model_list": deployments})
+    deployments[1]["litellm_params"]["api_base"] = "https://llm-a.example.com/v1"  # '-' and '.' stay distinct
+    assert len(config.from_dict({"model_list": deployments}).deployments) == 2

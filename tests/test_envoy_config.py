@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import subprocess
 import sys
@@ -176,7 +177,7 @@ def test_connection_manager(example: dict[str, Any]) -> None:
 
 
 def test_admin_routes_skip_ext_authz_and_the_splice(example: dict[str, Any]) -> None:
-    admin = [r for r in routes(example) if r["route"].get("cluster") == "extauthz_admin"]
+    admin = [r for r in routes(example) if r.get("route", {}).get("cluster") == "extauthz_admin"]
     assert sorted(r["match"]["path"] for r in admin if "path" in r["match"]) == sorted(ADMIN_PATHS)
     assert sorted(r["match"]["prefix"] for r in admin if "prefix" in r["match"]) == sorted(ADMIN_PREFIXES)
     for route in admin:
@@ -188,11 +189,13 @@ def test_admin_routes_skip_ext_authz_and_the_splice(example: dict[str, Any]) -> 
 
 
 def test_everything_else_is_routed_by_the_sidecar_header(example: dict[str, Any]) -> None:
-    allowed, *admin, llm = routes(example)
+    allowed, gemini_v1, *admin, no_key, llm = routes(example)
     assert all(r["route"]["cluster"] == "extauthz_admin" for r in admin)
     # Once allowed, the rewritten path goes upstream even if it starts like an admin path.
     assert allowed["match"] == {"prefix": "/", "headers": [{"name": CLUSTER_HEADER, "present_match": True}]}
-    assert allowed["route"] == llm["route"]
+    # Gemini's /v1/models/{model}:generateContent is a model call, not the admin API's /v1/models/.
+    assert gemini_v1["match"] == {"safe_regex": {"regex": envoy_config.GEMINI_V1_CALL}}
+    assert allowed["route"] == gemini_v1["route"] == llm["route"]
     assert llm["match"] == {"prefix": "/"}
     assert llm["route"]["cluster_header"] == CLUSTER_HEADER
     assert llm["route"]["auto_host_rewrite"] is False
@@ -200,6 +203,18 @@ def test_everything_else_is_routed_by_the_sidecar_header(example: dict[str, Any]
     assert "typed_per_filter_config" not in llm  # ext_authz stays on for every LLM call
     # Internal headers are not forwarded to the provider.
     assert set(llm["request_headers_to_remove"]) == set(INTERNAL_HEADERS)
+    # A request with no key header at all is answered by Envoy: no body buffered, no check.
+    assert no_key["direct_response"]["status"] == 401
+    assert {h["name"] for h in no_key["match"]["headers"]} == set(providers.CLIENT_KEY_HEADERS)
+    assert all(h["invert_match"] and h["present_match"] for h in no_key["match"]["headers"])
+    assert json.loads(no_key["direct_response"]["body"]["inline_string"])["error"]["code"] == "missing_api_key"
+
+
+def test_client_headers_are_sanitized_before_routing(example: dict[str, Any]) -> None:
+    manager = hcm(example)
+    assert manager["common_http_protocol_options"] == {"headers_with_underscores_action": "DROP_HEADER"}
+    (early,) = manager["early_header_mutation_extensions"]
+    assert [m["remove"] for m in early["typed_config"]["mutations"]] == list(INTERNAL_HEADERS)
 
 
 def test_sidecar_clusters(example: dict[str, Any]) -> None:

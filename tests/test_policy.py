@@ -301,3 +301,8 @@ def test_canonical_name():
     assert canonical_name("OpenAI/openai/OPENAI/o1-mini") == "openai/o1-mini"
     assert canonical_name("openai/gpt-4/gpt-4") == "openai/gpt-4/gpt-4"  # only leading repeats go
     assert canonical_name("a/a") == "a"
+
+
+@pytest.mark.parametrize("model", ["openai/\uff4f1-mini", "openai/\U0001d428\U0001d7cf-mini"])
+def test_compatibility_forms_of_a_restricted_name_are_refused(model):
+    assert outcome(run(key(["default-models"]), f=facts(model))) == (400, "invalid_model")

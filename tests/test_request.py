@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from extauthz.endpoints import ANTHROPIC, GEMINI, JSON, MULTIPART, OPENAI, Endpoint, PassThrough, classify
+from extauthz.endpoints import (ANTHROPIC, GEMINI, JSON, MULTIPART, OPENAI, Endpoint, PassThrough, classify,
+                                model_call_segment, unsafe_path)
 from extauthz.facts import Facts
 from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2
 from extauthz.request import PassThroughPaths, facts_from_check, with_body
@@ -121,3 +122,21 @@ def test_pass_through_paths_that_an_upstream_could_resolve_elsewhere_are_refused
     facts = facts_from_check(check(path, b""), paths)
     assert isinstance(facts.endpoint, PassThrough)
     assert (facts.body_problem is not None) == refused
+
+
+@pytest.mark.parametrize("path,unsafe", [
+    ("/v1/files/file-abc/content", False), ("/v1/files/a%41b", False), ("/a-b_c~d", False),
+    ("/x/%2e%2e/y", True), ("/x/%252e%252e/y", True), ("/x/%c0%ae", True), ("/x/%u002e", True), ("/x/..;/y", True),
+    ("/x/a%3Bb", True), ("/x/%09", True), ("/x/%", True), ("/x/%4", True), ("/x/./y", True), ("/x//y", True),
+    ("/x/a\\b", True),
+])
+def test_unsafe_path(path: str, unsafe: bool) -> None:
+    assert unsafe_path(path) is unsafe
+
+
+@pytest.mark.parametrize("path,segment", [
+    ("/v1/files/x", None), ("/v1/rerank", None), ("/v1/chat/completions", "chat"), ("/v1/Audio/speech", "audio"),
+    ("/v1beta/models/g:generateContent", "g:generatecontent"), ("/model/m/invoke", "invoke"),
+])
+def test_model_call_segment(path: str, segment: str | None) -> None:
+    assert model_call_segment(path) == segment

@@ -70,6 +70,11 @@ AMBIGUOUS_BODIES = [
     (b'\xef\xbb\xbf{"model":"gpt-4","messages":[]}', "invalid_request_body"),
     (b'{"model":"gpt-4","messages":[],}', "invalid_request_body"),
     (b'{"model":"gpt-4","x":"\xff"}', "invalid_request_body"),
+    # member names a lenient reader takes for "model" (a C reader stops at NUL; some trim)
+    (b'{"model\\u0000":"gpt-4o","model":"gpt-4"}', "invalid_model"),
+    (b'{"model ":"gpt-4o","model":"gpt-4"}', "invalid_model"),
+    (b'{"model\\u200b":"gpt-4o","model":"gpt-4"}', "invalid_model"),
+    ('{"\uff4d\uff4f\uff44\uff45\uff4c":"gpt-4o","model":"gpt-4"}'.encode(), "invalid_model"),
 ]
 
 
@@ -118,14 +123,15 @@ def test_a_client_splice_plan_never_survives(gateway: Gateway, provider_gateway:
               "x-extauthz-model": "o1-mini", "x-extauthz-cluster": "extauthz_admin"}
     echo, got = received(post(gateway, key, body, headers=forged))
     assert got == body and echo["headers"]["authorization"] == "Bearer sk-upstream-gpt-4"
-    # Where the sidecar rewrites nothing (Gemini: the path names the model) the plan is "-".
+    # On Gemini the path names the model; a body that names it too gets the provider's name,
+    # as the sidecar planned it, not as the client did.
     pkey = provider_gateway.new_key(models=["gemini-flash"])
     gbody = b'{"contents":[{"parts":[{"text":"hi"}]}],"model":"gemini-flash"}'
     r = http("POST", provider_gateway.envoy.url + "/v1beta/models/gemini-flash:generateContent", raw=gbody,
              headers={"x-goog-api-key": pkey, "Content-Type": "application/json",
                       "x-extauthz-splice": f'{len(gbody)} 53 67 {GEMINI_TOKEN.hex()} "gemini-ultra"'})
     _, got = received(r)
-    assert got == gbody
+    assert got == gbody.replace(b'"gemini-flash"', b'"gemini-2.0-flash"')
 
 
 def test_large_bodies_up_to_the_limit_are_checked_and_rewritten(gateway: Gateway) -> None:
@@ -235,7 +241,8 @@ def test_work_on_a_form_is_bounded(provider_gateway: ProviderGateway) -> None:
 # -- 5, 6. wildcard variants and patterns -----------------------------------------------------
 
 @pytest.mark.parametrize("model", ["openai/O1-mini", "openai/ o1-mini", "openai//o1-mini", "openai/openai/o1-mini",
-                                   "OpenAI/o1-mini", "openai/o1-mini ", " openai/o1-mini", "openai/o1-mini/"])
+                                   "OpenAI/o1-mini", "openai/o1-mini ", " openai/o1-mini", "openai/o1-mini/",
+                                   "openai/\uff4f1-mini", "openai/\U0001d428\U0001d7cf-mini", "openai/o\u200b1-mini"])
 def test_variants_of_a_restricted_name_never_reach_a_wider_pattern(gateway: Gateway, nothing_forwarded: None,
                                                                    model: str) -> None:
     key = gateway.new_key(models=["default-models"])
@@ -261,6 +268,8 @@ def test_a_backtracking_pattern_answers_at_once(gateway: Gateway) -> None:
 
 # -- 7, 8. headers ------------------------------------------------------------------------------
 
+UNDERSCORED = {"OpenAI_Organization": "org-attacker", "OpenAI_Project": "p", "x_api_key": "sk-other",
+               "proxy_authorization": "x", "x_goog_user_project": "p", "x_litellm_api_key": "q", "x_extauthz_splice": "-"}
 CLIENT_ONLY = {"OpenAI-Organization": "org-attacker", "OpenAI-Project": "proj-attacker", "Cookie": "session=1",
                "Proxy-Authorization": "Basic eDp5", "x-litellm-api-key": "sk-other", "x-goog-user-project": "p"}
 
@@ -283,6 +292,49 @@ def test_billing_and_credential_headers_of_the_client_never_reach_the_provider(
                                                                                **CLIENT_ONLY})
     echo, _ = received(r)
     assert not set(map(str.lower, CLIENT_ONLY)) & set(echo["headers"])
+
+
+def test_underscore_spellings_of_stripped_headers_never_reach_the_provider(provider_gateway: ProviderGateway) -> None:
+    """Servers that map '_' to '-' (CGI, WSGI) would read them as the stripped headers."""
+    key = provider_gateway.new_key(models=["gpt-4o"])
+    for path, body in (("/v1/chat/completions", {"model": "gpt-4o", "messages": []}), ("/v1/rerank", {"q": 1})):
+        echo, _ = received(http("POST", provider_gateway.envoy.url + path, body,
+                                {"Authorization": f"Bearer {key}", **UNDERSCORED}))
+        assert not {h for h in echo["headers"] if "_" in h}, echo["headers"]
+
+
+def test_a_billing_project_in_the_query_never_reaches_gemini(provider_gateway: ProviderGateway) -> None:
+    key = provider_gateway.new_key(models=["gemini-flash"])
+    echo, _ = received(http("POST", provider_gateway.envoy.url
+                            + "/v1beta/models/gemini-flash:generateContent?alt=sse&$userProject=p&userProject=q",
+                            {"contents": []}, {"x-goog-api-key": key}))
+    assert echo["path"] == "/v1beta/models/gemini-2.0-flash:generateContent?alt=sse"
+
+
+def test_geminis_v1_path_is_a_model_call_not_the_admin_api(provider_gateway: ProviderGateway) -> None:
+    key = provider_gateway.new_key(models=["gemini-flash"])
+    echo, _ = received(http("POST", provider_gateway.envoy.url + "/v1/models/gemini-flash:generateContent",
+                            {"contents": []}, {"x-goog-api-key": key}))
+    assert echo["path"] == "/v1beta/models/gemini-2.0-flash:generateContent"
+    refused(http("POST", provider_gateway.envoy.url + "/v1/models/gemini-ultra:generateContent", {"contents": []},
+                 {"x-goog-api-key": key}), 403, "model_not_allowed")
+
+
+@pytest.mark.parametrize("path, body, ctype", [
+    ("/openai/deployments/gpt-4o/chat/completions", b"", "application/json"),
+    ("/openai/deployments/whisper-1/audio/transcriptions", None, CTYPE),
+])
+def test_a_provider_that_reads_the_model_from_the_body_gets_one(provider_gateway: ProviderGateway, path: str,
+                                                                 body: bytes | None, ctype: str) -> None:
+    """An Azure-style path names the model; routed to an OpenAI deployment, a body naming
+    none would leave the provider to pick its own default model, unchecked."""
+    key = provider_gateway.new_key(models=["gpt-4o", "whisper-1"])
+    raw = form(AUDIO) if body is None else body
+    provider_gateway.forget()
+    r = http("POST", provider_gateway.envoy.url + path, raw=raw, headers={"Authorization": f"Bearer {key}",
+                                                                          "Content-Type": ctype})
+    refused(r, 400, "missing_model")
+    assert provider_gateway.seen("openai") == []
 
 
 def test_internal_headers_never_come_from_the_client(provider_gateway: ProviderGateway) -> None:
@@ -319,6 +371,53 @@ def test_encoded_pass_through_paths_never_leave_the_pass_through(provider_gatewa
         assert r.status == 400, r.text
         assert r.headers["content-type"].startswith("application/json") and r.json()["error"]["code"]
         assert provider_gateway.seen("openai") == []
+
+
+@pytest.mark.parametrize("path", ["/files-api/%252e%252e/chat/completions", "/files-api/%c0%ae%c0%ae/chat/completions",
+                                  "/files-api/%u002e%u002e/chat/completions", "/files-api/..%3B/chat/completions",
+                                  "/files-api/..;/chat/completions", "/files-api/..%09/x",
+                                  "/files-api/%252F..%252Fchat%252Fcompletions"])
+def test_double_overlong_and_parameter_encodings_are_refused(provider_gateway: ProviderGateway, path: str) -> None:
+    """Upstreams that decode twice, or treat '..;' as '..' (Tomcat), would resolve these."""
+    key = provider_gateway.new_key(models=["gpt-4o"])
+    provider_gateway.forget()
+    r = http("GET", provider_gateway.envoy.url + path, headers={"Authorization": f"Bearer {key}"})
+    assert r.status == 400, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    assert provider_gateway.seen("openai") == []
+
+
+@pytest.mark.parametrize("subpath", ["/x/chat/completions", "/batches", "/x/audio/speech", "/realtime/sessions",
+                                     "/models/gpt-4o:generateContent", "/threads/t/runs", "/x/MESSAGES"])
+def test_a_pass_through_subpath_never_reaches_a_model_call(provider_gateway: ProviderGateway, subpath: str) -> None:
+    key = provider_gateway.new_key(models=["gpt-4o"])
+    provider_gateway.forget()
+    r = http("POST", provider_gateway.envoy.url + "/files-api" + subpath, {"model": "gpt-4o"},
+             {"Authorization": f"Bearer {key}"})
+    refused(r, 403, "pass_through_model_call")
+    assert provider_gateway.seen("openai") == []
+
+
+def test_a_request_without_any_key_is_answered_by_envoy_alone(gateway: Gateway) -> None:
+    """No body buffered, no check sent: a keyless flood costs the sidecar nothing."""
+    def checks() -> int:
+        stats = http("GET", f"http://127.0.0.1:{gateway.envoy.admin_port}/stats?filter=ext_authz").text
+        return sum(int(line.rsplit(":", 1)[1]) for line in stats.splitlines()
+                   if line.startswith("http.extauthz_ingress.ext_authz.") and line.rsplit(".", 1)[1].split(":")[0]
+                   in ("ok", "denied", "error"))
+    before = checks()
+    for path in ("/v1/chat/completions", "/v1/unknown", "/files-api/x"):
+        r = post(gateway, None, b'{"model": "gpt-4", "messages": []}', path=path)
+        assert "API key" in refused(r, 401, "missing_api_key")
+    # A large body is not even read: Envoy answers at once and closes the connection
+    # (a client that sends 'Expect: 100-continue', as curl does, reads the 401 first).
+    try:
+        post(gateway, None, b'{"model": "gpt-4", "x": "' + b"A" * 5_000_000 + b'"}')
+    except OSError:
+        pass
+    assert checks() == before
+    refused(post(gateway, "sk-unknown", b'{"model": "gpt-4"}'), 401, "invalid_api_key")
+    assert checks() == before + 1
 
 
 def test_a_plain_pass_through_subpath_still_works(provider_gateway: ProviderGateway) -> None:
