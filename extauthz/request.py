@@ -70,23 +70,21 @@ def facts_from_check(check: Any, pass_through: PassThroughPaths = NO_PASS_THROUG
                  request_id=headers.get("x-request-id", ""), headers=headers)
 
 
-def body_size(check: Any) -> int:
+def body_of(check: Any) -> bytes:
     http = check.attributes.request.http
-    return len(http.raw_body) or len(http.body)
+    return http.raw_body or http.body.encode("utf-8")
 
 
-def with_body(facts: Facts, check: Any) -> Facts:
+def with_body(facts: Facts, body: bytes) -> Facts:
     """``facts`` with the model the request names (body, or path), or the body's problem."""
     endpoint = facts.endpoint
     if not isinstance(endpoint, Endpoint):
         return facts
-    http = check.attributes.request.http
     headers = facts.headers
     if headers.get("x-envoy-auth-partial-body") == "true":
         return facts._replace(body_problem=PARTIAL_BODY)
     if headers.get("content-encoding", "identity").strip().lower() not in ("", "identity"):
         return facts._replace(body_problem=ENCODED_BODY)
-    body = http.raw_body or http.body.encode("utf-8")
     json_model, form = None, None
     if endpoint.body == MULTIPART:
         form = form_model(body, headers.get("content-type", ""))

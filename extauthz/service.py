@@ -17,7 +17,7 @@ from extauthz.metrics import CheckMetrics
 from extauthz.policy import UNAVAILABLE, Allow, Decision, Deny, authenticate, authorize
 from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2
 from extauthz.records import MASTER, KeyRecord, TeamRecord, hash_token
-from extauthz.request import body_size, facts_from_check, with_body
+from extauthz.request import body_of, facts_from_check, with_body
 from extauthz.responses import allow_bytes, deny_bytes
 from extauthz.runtime import Runtime
 from extauthz.store import RecordStore, StoreUnavailable
@@ -95,10 +95,11 @@ class AuthorizationService:
         denied = authenticate(facts, key, team, now)
         if denied is not None:
             return denied
-        if body_size(request) <= INLINE_BODY_BYTES:
-            facts = with_body(facts, request)
+        body = body_of(request)
+        if len(body) <= INLINE_BODY_BYTES:
+            facts = with_body(facts, body)
         else:
-            facts = await asyncio.get_running_loop().run_in_executor(self.body_reader, with_body, facts, request)
+            facts = await asyncio.get_running_loop().run_in_executor(self.body_reader, with_body, facts, body)
         return authorize(facts, key, team, runtime.catalog, random.random())  # type: ignore[arg-type]
 
     def close(self) -> None:

@@ -14,7 +14,7 @@ from extauthz.config import from_dict
 from extauthz.policy import Allow, allowed_by, decide
 from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2
 from extauthz.records import MASTER, KeyRecord, TeamRecord, hash_token
-from extauthz.request import facts_from_check, with_body
+from extauthz.request import body_of, facts_from_check, with_body
 from extauthz.responses import allow_bytes, deny_bytes
 from extauthz.runtime import Runtime
 
@@ -68,7 +68,7 @@ def test_every_check_request_gets_an_admitted_allow_or_a_well_formed_deny(
     http.path, http.method, http.raw_body = path, "POST", body
     http.headers.update({**extra, header: (scheme if header == "authorization" else "") + token})
 
-    facts = with_body(facts_from_check(request, RUNTIME.pass_through), request)
+    facts = with_body(facts_from_check(request, RUNTIME.pass_through), body_of(request))
     key = MASTER if facts.token == "sk-master" else KEYS.get(facts.token or "")
     team = TEAM if key is not None and key.team_id == "t1" else None
     decision = decide(facts, key, team, RUNTIME.catalog, time.time(), 0.5)

@@ -8,7 +8,7 @@ from extauthz.endpoints import (ANTHROPIC, GEMINI, JSON, MULTIPART, OPENAI, Endp
                                 model_call_segment, unsafe_path)
 from extauthz.facts import Facts
 from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2
-from extauthz.request import PassThroughPaths, facts_from_check, with_body
+from extauthz.request import PassThroughPaths, body_of, facts_from_check, with_body
 
 
 @pytest.mark.parametrize("path,expected", [
@@ -31,7 +31,7 @@ def test_classify(path: str, expected: Endpoint | None) -> None:
 
 
 def read(req: external_auth_pb2.CheckRequest) -> Facts:
-    return with_body(facts_from_check(req), req)
+    return with_body(facts_from_check(req), body_of(req))
 
 
 def check(path: str, body: bytes, headers: dict[str, str] | None = None) -> external_auth_pb2.CheckRequest:
