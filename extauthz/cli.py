@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import os
 import sys
 
 from extauthz import config as config_module
@@ -62,13 +63,22 @@ def main(argv: list[str] | None = None) -> int:
     if config.settings.workers > 1:
         from extauthz.workers import supervise
         return supervise(config)
-    from extauthz.server import serve
+    from extauthz.app import StartupError, serve
     try:
         asyncio.run(serve(config))
-    except OSError as e:
-        log.error("cannot start: %s", e)
-        return 1
-    return 0
+    except StartupError as e:
+        log.error("cannot start: %s", e)  # one line, no traceback: the cause is all there is to say
+        return exit_now(1)
+    return exit_now(0)
+
+
+def exit_now(code: int) -> int:
+    """Every part has been stopped and awaited: exit without the interpreter's teardown,
+    where gRPC's C threads can keep a process alive (seen as a hang after SIGTERM)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -63,6 +63,8 @@ class Settings:
     shutdown_grace_s: float = 10.0
 
 
+# Settings whose 0 turns the thing off rather than being an error.
+ZERO_TURNS_OFF = frozenset({"metrics_port"})
 # Environment variables that override a setting: EXTAUTHZ_<FIELD IN UPPER CASE>.
 SETTINGS_ENV = {f.name: "EXTAUTHZ_" + f.name.upper() for f in dataclasses.fields(Settings)}
 
@@ -386,8 +388,9 @@ class _Parser:
             raise self.error(where, "must be json or text")
         if key == "tracing" and value not in ("none", "otlp", "console"):
             raise self.error(where, "must be none, otlp or console")
-        if kind is int and key.endswith(("port", "_ms", "_bytes", "workers")) and value <= 0:
-            raise self.error(where, "must be positive")
+        if kind is int and key.endswith(("port", "_ms", "_bytes", "workers")) and value <= 0 \
+                and not (key in ZERO_TURNS_OFF and value == 0):
+            raise self.error(where, "must be positive" + (" (or 0: off)" if key in ZERO_TURNS_OFF else ""))
         if kind in (int, float) and value < 0:
             raise self.error(where, "must not be negative")
         if key.endswith("_port") and value > 65535:

@@ -37,6 +37,9 @@ class Invalidator:
         self.timeout_s = timeout_s
         self.reconnects = 0
 
+    async def close(self) -> None:
+        await self.pool.disconnect()
+
     async def run(self) -> None:
         """Keep the channel up for as long as the process runs (cancel to stop)."""
         backoff = BACKOFF_MIN_S

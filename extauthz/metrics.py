@@ -43,7 +43,9 @@ class CheckMetrics:
     would cost more than the decision itself."""
 
     def __init__(self, service: str) -> None:
+        self.service = service
         self.handled = GRPC_HANDLED.labels("unary", service, "Check", "OK")
+        self.not_answered: dict[str, int] = {}  # grpc_code -> calls that ended without an answer
         self.handling = GRPC_SECONDS.labels("unary", service, "Check")
         self.decisions: dict[tuple[str, str], int] = {}
         self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
@@ -55,9 +57,15 @@ class CheckMetrics:
         self.buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self.seconds += seconds
 
+    def aborted(self, grpc_code: str) -> None:
+        self.not_answered[grpc_code] = self.not_answered.get(grpc_code, 0) + 1
+
     def flush(self) -> None:
         decisions, buckets, seconds = self.decisions, self.buckets, self.seconds
         self.decisions, self.buckets, self.seconds = {}, [0] * len(buckets), 0.0
+        not_answered, self.not_answered = self.not_answered, {}
+        for code, n in not_answered.items():
+            GRPC_HANDLED.labels("unary", self.service, "Check", code).inc(n)
         for (outcome, code), n in decisions.items():
             DECISIONS.labels(outcome, code).inc(n)
         self.handled.inc(sum(buckets))

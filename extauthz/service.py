@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from extauthz import logs, tracing
 from extauthz.facts import Facts
@@ -26,6 +27,10 @@ log = logging.getLogger("extauthz.check")
 
 SERVICE = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
 INTERNAL = Deny(500, "internal_error", "The authorization service failed to decide; the request was not forwarded.")
+TOO_LARGE = Deny(413, "body_too_large", "The check request is larger than this gateway reads; the request "
+                "was not forwarded.")
+UNREADABLE = Deny(400, "invalid_check_request", "The check request could not be decoded; the request was "
+                  "not forwarded.")
 # Bodies larger than this are read on a thread of their own: the event loop goes on
 # answering other checks meanwhile (the parser gives up the GIL between its steps).
 INLINE_BODY_BYTES = 64 * 1024
@@ -33,7 +38,8 @@ INLINE_BODY_BYTES = 64 * 1024
 
 class AuthorizationService:
     def __init__(self, runtime: Callable[[], Runtime], store: RecordStore, log_allowed: bool = False,
-                 decision_log: logs.DecisionLog | None = None) -> None:
+                 decision_log: logs.DecisionLog | None = None, max_message_bytes: int = 64 * 1024 * 1024) -> None:
+        self.max_message_bytes = max_message_bytes
         self.runtime = runtime
         self.store = store
         self.log_allowed = log_allowed
@@ -47,15 +53,34 @@ class AuthorizationService:
         # Registered by hand so Check can return bytes it assembled (see responses.py)
         # instead of a message gRPC would serialize again.
         handler = grpc.unary_unary_rpc_method_handler(
-            self.Check, request_deserializer=external_auth_pb2.CheckRequest.FromString,
-            response_serializer=bytes)
+            self.Check, request_deserializer=self.read_request, response_serializer=bytes)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Check": handler}),))
 
-    async def Check(self, request: external_auth_pb2.CheckRequest, context: Any) -> bytes:
-        if tracing.enabled():
-            with tracing.check_span(request.attributes.request.http.headers):
-                return await self.check(request)
-        return await self.check(request)
+    def read_request(self, data: bytes) -> external_auth_pb2.CheckRequest | Deny:
+        """gRPC's deserializer: a check too large or unreadable becomes a deny here, where
+        it is answered and counted, rather than a gRPC error Envoy turns into a bare 503."""
+        if len(data) > self.max_message_bytes:
+            return TOO_LARGE
+        try:
+            return external_auth_pb2.CheckRequest.FromString(data)
+        except DecodeError:
+            return UNREADABLE
+
+    async def Check(self, request: external_auth_pb2.CheckRequest | Deny, context: Any) -> bytes:
+        if isinstance(request, Deny):
+            self.metrics.record("deny", request.code, 0.0)
+            self.decision_log.write("deny", request.code, request.status, None, "", 0.0)
+            return deny_bytes(request)
+        try:
+            if tracing.enabled():
+                with tracing.check_span(request.attributes.request.http.headers):
+                    return await self.check(request)
+            return await self.check(request)
+        except asyncio.CancelledError:
+            # Envoy gave up (its timeout) or went away: no answer is sent, but it is counted.
+            remaining = context.time_remaining() if context is not None else None
+            self.metrics.aborted("DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED")
+            raise
 
     async def check(self, request: external_auth_pb2.CheckRequest) -> bytes:
         started = time.perf_counter()

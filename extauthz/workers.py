@@ -9,6 +9,7 @@ and Envoy spreads its connections over them.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import shutil
@@ -22,11 +23,11 @@ log = logging.getLogger("extauthz.workers")
 
 
 def _worker(config: Config) -> int:
-    from extauthz.server import serve  # imported after the fork, like everything gRPC
+    from extauthz.app import StartupError, serve  # imported after the fork, like everything gRPC
 
     try:
         asyncio.run(serve(config, reuse_port=True))
-    except OSError as e:
+    except StartupError as e:
         log.error("worker %d cannot start: %s", os.getpid(), e)
         return 1
     return 0
@@ -46,15 +47,28 @@ def supervise(config: Config) -> int:
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-def _serve_metrics(config: Config) -> None:
+def _serve_metrics(config: Config) -> bool:
+    """The workers' summed metrics, served by this process; False (logged) when the port
+    cannot be had. Started before any worker, so a taken port serves nothing at all."""
     from prometheus_client import CollectorRegistry, multiprocess, start_http_server
 
+    s = config.settings
+    if not s.metrics_port:
+        return True
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
-    start_http_server(config.settings.metrics_port, config.settings.metrics_host, registry=registry)
+    try:
+        start_http_server(s.metrics_port, s.metrics_host, registry=registry)
+    except OSError as e:
+        reason = "address in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e)).lower()
+        log.error("cannot start: cannot listen for metrics on %s:%s: %s", s.metrics_host, s.metrics_port, reason)
+        return False
+    return True
 
 
 def _supervise(config: Config) -> int:
+    if not _serve_metrics(config):
+        return 1
     children: set[int] = set()
     for _ in range(config.settings.workers):
         pid = os.fork()
@@ -65,7 +79,6 @@ def _supervise(config: Config) -> int:
             os._exit(code)
         children.add(pid)
     log.info("started %d workers: %s", len(children), sorted(children))
-    _serve_metrics(config)
     from prometheus_client import multiprocess
 
     stopping = False

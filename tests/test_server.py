@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import os
 import signal
+import socket
 import sys
+import threading
+import time
 from pathlib import Path
 
+import grpc
+import pytest
+import redis
+
+from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2_grpc
 from tests import harness
+from tests.harness import http
+from tests.test_reliability import redis_asleep
 
 
 def test_sigterm_exits_zero(workdir: Path, config_path: Path, redis_port: int) -> None:
@@ -74,3 +86,155 @@ def test_workers_share_the_port_and_stop_together(workdir: Path, config_path: Pa
         assert side.proc.popen.wait(15) == 0
         side.proc.stop()
     assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+
+
+# -- start-up fails before anything is served, in one line ---------------------------------
+
+def held_port() -> socket.socket:
+    """A port some other process holds, as another sidecar on the host network would."""
+    holder = socket.create_server(("0.0.0.0", 0))
+    return holder
+
+
+def failed_start(workdir: Path, config_path: Path, env: dict[str, str], args: list[str] | None = None) -> str:
+    grpc_port, admin_port = harness.free_port(), harness.free_port()
+    proc = harness.Proc("extauthz", [sys.executable, "-m", "extauthz", "serve", "--config", str(config_path),
+                                     "--grpc-port", str(grpc_port), "--admin-port", str(admin_port), *(args or [])],
+                        workdir / f"failed-start-{grpc_port}.log", {**os.environ, **env})
+    try:
+        proc.start()
+        assert proc.popen.wait(30) == 1
+        log = proc.log_text()
+        assert "Traceback" not in log and "never awaited" not in log and "serving Check" not in log, log
+        assert not harness.tcp_open(grpc_port) and not harness.tcp_open(admin_port)
+        return log
+    finally:
+        proc.stop()
+
+
+def test_a_taken_metrics_port_stops_the_start_before_anything_is_served(workdir: Path, config_path: Path,
+                                                                        redis_port: int) -> None:
+    with held_port() as holder:
+        port = holder.getsockname()[1]
+        log = failed_start(workdir, config_path, {"EXTAUTHZ_METRICS_PORT": str(port),
+                                                  "EXTAUTHZ_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"})
+    assert f"cannot listen for metrics on 0.0.0.0:{port}: address in use" in log
+    assert len([line for line in log.splitlines() if "cannot start" in line]) == 1
+
+
+def test_a_taken_metrics_port_stops_the_workers_too(workdir: Path, config_path: Path, redis_port: int) -> None:
+    with held_port() as holder:
+        port = holder.getsockname()[1]
+        log = failed_start(workdir, config_path, {"EXTAUTHZ_METRICS_PORT": str(port),
+                                                  "EXTAUTHZ_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"},
+                           ["--workers", "2"])
+    assert f"cannot listen for metrics on 0.0.0.0:{port}: address in use" in log
+
+
+def test_a_taken_admin_port_or_an_unusable_redis_url_stops_the_start(workdir: Path, config_path: Path,
+                                                                    redis_port: int) -> None:
+    with held_port() as holder:
+        port = holder.getsockname()[1]
+        log = failed_start(workdir, config_path, {"EXTAUTHZ_METRICS_PORT": "0", "EXTAUTHZ_ADMIN_HOST": "0.0.0.0",
+                                                  "EXTAUTHZ_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"},
+                           ["--admin-port", str(port)])
+    assert f"cannot listen for the admin API on 0.0.0.0:{port}: address in use" in log
+    log = failed_start(workdir, config_path, {"EXTAUTHZ_METRICS_PORT": "0",
+                                              "EXTAUTHZ_REDIS_URL": "rediss+nope://user:s3cret@127.0.0.1:1/0"})
+    assert "unusable Redis URL" in log and "s3cret" not in log
+
+
+def test_metrics_port_zero_turns_the_listener_off(workdir: Path, config_path: Path, redis_port: int) -> None:
+    """Two sidecars on one host network, neither serving metrics, both start."""
+    sides = [harness.start_sidecar(workdir, config_path, f"redis://127.0.0.1:{redis_port}/0",
+                                   {"EXTAUTHZ_METRICS_PORT": "0"}) for _ in range(2)]
+    try:
+        for side in sides:
+            assert http("GET", side.admin + "/health/liveliness").status == 200
+            assert "metrics" not in side.proc.log_text()
+    finally:
+        for side in sides:
+            side.proc.stop()
+
+
+# -- shutdown ends every task and flushes the decision log ---------------------------------------
+
+def test_sigterm_ends_every_task_and_flushes_the_decision_log(workdir: Path, config_path: Path,
+                                                              redis_port: int) -> None:
+    from tests.test_check_grpc import check_request
+
+    side = harness.start_sidecar(workdir, config_path, f"redis://127.0.0.1:{redis_port}/0",
+                                 {"PYTHONWARNINGS": "always", "PYTHONASYNCIODEBUG": "0"})
+    with grpc.insecure_channel(f"127.0.0.1:{side.grpc_port}") as channel:
+        stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+        denied = stub.Check(check_request({"x-request-id": "last-before-sigterm", "authorization": "Bearer sk-x"},
+                                          b'{"model": "gpt-4"}'), timeout=5)
+        assert denied.denied_response.status.code == 401
+    side.proc.popen.send_signal(signal.SIGTERM)  # before the decision log's next flush
+    assert side.proc.popen.wait(15) == 0
+    side.proc.stop()
+    log = side.proc.log.read_text()
+    for trouble in ("Task was destroyed", "never awaited", "Traceback", "Exception ignored", "Unclosed"):
+        assert trouble not in log, log[-3000:]
+    decisions = [json.loads(line) for line in log.splitlines() if '"extauthz.decision"' in line]
+    assert any(d.get("request_id") == "last-before-sigterm" for d in decisions), log[-3000:]
+
+
+# -- checks that never reach the decision are answered or counted ---------------------------------
+
+def scrape(side: harness.Sidecar, sample: str) -> float:
+    text = http("GET", f"http://127.0.0.1:{side.metrics_port}/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(sample))
+
+
+def test_a_check_too_large_is_a_counted_json_deny(workdir: Path, config_path: Path, redis_port: int) -> None:
+    from tests.test_check_grpc import check_request
+
+    side = harness.start_sidecar(workdir, config_path, f"redis://127.0.0.1:{redis_port}/0",
+                                 {"EXTAUTHZ_MAX_REQUEST_BYTES": "1000"})
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{side.grpc_port}", options=[
+                ("grpc.max_send_message_length", -1)]) as channel:
+            stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+            big = check_request({"authorization": "Bearer sk-1234"}, b'{"model": "gpt-4", "x": "'
+                                + b"A" * (10 * 1024 * 1024) + b'"}')
+            answer = stub.Check(big, timeout=30)
+        assert answer.denied_response.status.code == 413
+        assert json.loads(answer.denied_response.body)["error"]["code"] == "body_too_large"
+        sample = 'extauthz_decisions_total{code="body_too_large",outcome="deny"}'
+        harness_wait(lambda: scrape(side, sample) == 1)
+    finally:
+        side.proc.stop()
+
+
+def test_a_check_envoy_gave_up_on_is_counted(workdir: Path, config_path: Path) -> None:
+    from tests.test_check_grpc import check_request
+
+    port = harness.free_port()
+    redis_proc = harness.start_redis_at(workdir, port, "--enable-debug-command", "yes")
+    side = harness.start_sidecar(workdir, config_path, f"redis://127.0.0.1:{port}/0",
+                                 {"EXTAUTHZ_REDIS_TIMEOUT_MS": "3000"})
+    stall = redis.Redis(port=port)
+    try:
+        sleeper = threading.Thread(target=lambda: stall.execute_command("DEBUG", "SLEEP", "2"))
+        sleeper.start()
+        harness_wait(lambda: redis_asleep(port))
+        with grpc.insecure_channel(f"127.0.0.1:{side.grpc_port}") as channel:
+            stub = external_auth_pb2_grpc.AuthorizationStub(channel)
+            with pytest.raises(grpc.RpcError) as error:
+                stub.Check(check_request({"authorization": "Bearer sk-never-seen"}, b'{"model": "gpt-4"}'),
+                           timeout=0.3)
+            assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        sleeper.join()
+        harness_wait(lambda: scrape(side, 'grpc_server_handled_total{grpc_code="DEADLINE_EXCEEDED"') == 1)
+    finally:
+        stall.close()
+        side.proc.stop()
+        redis_proc.stop()
+
+
+def harness_wait(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)

@@ -1,0 +1,236 @@
+"""The serving process, composed in one place.
+
+``App`` builds the parts (records, check service, admin API, metrics), then ``start``
+binds every listening socket before it serves anything, so a port in use or an unusable
+setting ends the process before Envoy or a probe can reach a half-started sidecar.
+``stop`` takes the parts down in reverse order and awaits every task it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import errno
+import logging
+import signal
+import socket
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+from extauthz import config as config_module
+from extauthz import logs, metrics, tracing
+from extauthz.admin import AdminApi
+from extauthz.cache import CachedStore, RecordCache
+from extauthz.config import Config, ConfigError, Settings
+from extauthz.invalidation import Invalidator
+from extauthz.runtime import Runtime
+from extauthz.service import SERVICE as AUTHZ_SERVICE, AuthorizationService
+from extauthz.store import RedisStore
+
+log = logging.getLogger("extauthz.server")
+DECISION_LOG_FLUSH_S = 0.2
+STOP_MARGIN_S = 5.0  # beyond shutdown_grace_s, for the parts after the gRPC server
+# Room in a CheckRequest beside the body: headers (Envoy's own limit is 60 KiB by
+# default, up to 8 MiB when raised), path, addresses, metadata.
+CHECK_REQUEST_HEADROOM = 9 * 1024 * 1024
+
+
+class StartupError(Exception):
+    """Why the process cannot serve, in one line for the operator (no traceback)."""
+
+
+def check_message_limit(settings: Settings) -> int:
+    """The largest CheckRequest the service reads; larger ones are denied (413) by it."""
+    return settings.max_request_bytes + CHECK_REQUEST_HEADROOM
+
+
+@dataclass
+class RuntimeBox:
+    """The current runtime; swapping it is how a new config takes effect."""
+
+    current: Runtime
+    reloads: int = 0
+    reload_failures: int = 0
+
+    def __call__(self) -> Runtime:
+        return self.current
+
+    def reload(self) -> None:
+        """Read the config file again; swap it in whole, or keep the running one.
+
+        The model list, aliases, pass-through paths and master key change at once; the
+        process settings (ports, Redis, workers) need a restart and are kept."""
+        old = self.current.config
+        try:
+            new = config_module.load(old.path)
+        except ConfigError as e:
+            self.reload_failures += 1
+            metrics.CONFIG_RELOADS.labels("failed").inc()
+            log.error("config reload failed, keeping the running config: %s", e)
+            return
+        self.current = Runtime.of(dataclasses.replace(new, settings=old.settings))
+        self.reloads += 1
+        metrics.CONFIG_RELOADS.labels("ok").inc()
+        log.info("config reloaded from %s: %d deployments", old.path, len(new.deployments))
+
+    def stats(self) -> dict[str, int]:
+        return {"reloads": self.reloads, "reload_failures": self.reload_failures}
+
+
+def metrics_app() -> web.Application:
+    async def scrape(request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/metrics", scrape)
+    return app
+
+
+def without_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def listening_socket(what: str, host: str, port: int, reuse_port: bool) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=1024, reuse_port=reuse_port)
+    except OSError as e:
+        reason = "address in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e)).lower()
+        raise StartupError(f"cannot listen for {what} on {host}:{port}: {reason}") from None
+
+
+async def flush_forever(decision_log: logs.DecisionLog) -> None:
+    while True:
+        await asyncio.sleep(DECISION_LOG_FLUSH_S)
+        decision_log.flush()
+
+
+class App:
+    """The sidecar's parts and their order. ``reuse_port``: one of several worker
+    processes sharing the ports (SO_REUSEPORT), whose metrics the supervisor serves."""
+
+    def __init__(self, config: Config, reuse_port: bool = False) -> None:
+        s = self.settings = config.settings
+        self.config, self.reuse_port = config, reuse_port
+        self.runtime = RuntimeBox(Runtime.of(config))
+        try:
+            self.store = RedisStore(s.redis_url, s.redis_timeout_ms, s.key_prefix)
+            self.invalidator = Invalidator(s.redis_url, (self.store.key_id(""), self.store.team_id("")),
+                                           self.cache_for(s), s.redis_timeout_ms / 1000)
+        except ValueError as e:
+            raise StartupError(f"unusable Redis URL {without_password(s.redis_url)!r}: {e}") from None
+        self.cache = self.invalidator.cache
+        self.service = AuthorizationService(self.runtime, CachedStore(self.store, self.cache), s.log_allowed,
+                                            logs.DecisionLog(s.log_format), check_message_limit(s))
+        self.health = health_aio.HealthServicer()
+        self.grpc: grpc.aio.Server | None = None
+        self.runners: list[web.AppRunner] = []
+        self.sockets: list[socket.socket] = []
+        self.tasks: list[asyncio.Task[Any]] = []
+
+    @staticmethod
+    def cache_for(s: Settings) -> RecordCache:
+        return RecordCache(s.cache_max_entries, s.cache_negative_ttl_s, s.max_stale_s)
+
+    async def start(self) -> None:
+        s = self.settings
+        tracing.setup(s.tracing)
+        # Every socket first: a failure here serves nothing.
+        self.grpc = grpc.aio.server(options=[
+            ("grpc.so_reuseport", int(self.reuse_port)),
+            # A check carries the whole body plus headers, so gRPC's 4 MiB default is far too
+            # small. The service reads up to check_message_limit itself and denies larger
+            # checks with a JSON error (and counts them); gRPC's own limit is only a guard.
+            ("grpc.max_receive_message_length", 2 * check_message_limit(s))])
+        self.service.add_to(self.grpc)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        address = f"{s.grpc_host}:{s.grpc_port}"
+        try:
+            bound = self.grpc.add_insecure_port(address)
+        except RuntimeError:
+            bound = 0
+        if bound == 0:
+            raise StartupError(f"cannot listen for gRPC on {address}: address in use or not available")
+        admin_socket = listening_socket("the admin API", s.admin_host, s.admin_port, self.reuse_port)
+        self.sockets.append(admin_socket)
+        metrics_socket = None
+        if s.metrics_port and not self.reuse_port:
+            metrics_socket = listening_socket("metrics", s.metrics_host, s.metrics_port, False)
+            self.sockets.append(metrics_socket)
+
+        # Then serve, in the order requests will need the parts.
+        if s.cache_max_entries > 0:  # without a cache there is nothing to invalidate
+            self.tasks.append(asyncio.create_task(self.invalidator.run(), name="invalidation"))
+        await self.grpc.start()
+        stats = lambda: {"cache": self.cache.stats(), "config": self.runtime.stats()}  # noqa: E731
+        await self.serve_http(AdminApi(self.runtime, self.store, stats).app(), admin_socket)
+        if metrics_socket is not None:
+            await self.serve_http(metrics_app(), metrics_socket)
+        counters = lambda: {**self.cache.stats(), "reconnects": self.invalidator.reconnects}  # noqa: E731
+        self.tasks.append(asyncio.create_task(metrics.sync_forever(counters, self.service.metrics.flush),
+                                              name="metrics sync"))
+        self.tasks.append(asyncio.create_task(flush_forever(self.service.decision_log), name="decision log"))
+        for name in ("", AUTHZ_SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving Check on %s, admin API on %s:%s, %d deployments",
+                 address, s.admin_host, s.admin_port, len(self.config.deployments))
+
+    async def serve_http(self, app: web.Application, sock: socket.socket) -> None:
+        # Open keep-alive connections get the same grace as in-flight checks, not aiohttp's 60 s.
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=self.settings.shutdown_grace_s)
+        await runner.setup()
+        self.runners.append(runner)
+        await web.SockSite(runner, sock).start()
+
+    async def stop(self) -> None:
+        """Everything ``start`` began, in reverse; safe after a failed or partial start."""
+        if self.grpc is not None:
+            await self.health.enter_graceful_shutdown()
+            await self.grpc.stop(self.settings.shutdown_grace_s)  # in-flight checks finish
+        for runner in reversed(self.runners):
+            await runner.cleanup()
+        for sock in self.sockets:
+            sock.close()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.service.close()
+        self.service.metrics.flush()
+        self.service.decision_log.flush()
+        for close in (self.invalidator.close, self.store.close):
+            try:  # a Redis that stopped answering must not hold the exit
+                await asyncio.wait_for(close(), self.settings.redis_timeout_ms / 1000)
+            except (asyncio.TimeoutError, OSError):
+                pass
+
+
+async def serve(config: Config, reuse_port: bool = False) -> None:
+    """Serve until SIGTERM/SIGINT; raises StartupError when the process cannot serve."""
+    app = App(config, reuse_port)
+    try:
+        await app.start()
+    except BaseException:
+        await app.stop()
+        raise
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    loop.add_signal_handler(signal.SIGHUP, app.runtime.reload)
+    await stopping.wait()
+    log.info("shutting down: health NOT_SERVING, finishing in-flight checks")
+    try:  # bounded: a part that does not stop must not keep the process alive
+        await asyncio.wait_for(app.stop(), app.settings.shutdown_grace_s + STOP_MARGIN_S)
+    except asyncio.TimeoutError:
+        log.error("shutdown did not finish within %.0f s; exiting anyway", app.settings.shutdown_grace_s + STOP_MARGIN_S)
