@@ -8,7 +8,7 @@ instruction that the authorization service would send given by the client as a h
 - ``transform``: ``envoy.filters.http.transform`` merging ``"model"`` from a header (what
   the gateway used before: it re-serializes the whole body and forwards it unchanged when
   its parser refuses it);
-- ``splice``: the gateway's Lua filter (``extauthz/splice.lua``) replacing the bytes of the
+- ``splice``: the gateway's Lua filter (``extauthz/envoy/splice.lua``) replacing the bytes of the
   model's value, with the plan ``x-extauthz-splice`` as the sidecar computes it;
 - ``splice-none``: the same filter when the plan is ``-`` (the provider's name is the
   client's: the body is not touched, the common case).
@@ -30,9 +30,9 @@ from typing import Any
 import yaml
 
 from bench.run import cpu_seconds
-from extauthz import envoy_config
-from extauthz.json_body import read_json_model
-from extauthz.routing import splice_plan
+from extauthz.envoy import render as envoy_config
+from extauthz.check.json_body import read_json_model
+from extauthz.check.routing import splice_plan
 from tests.harness import BIN, Proc, free_port, http_ok
 
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"

@@ -58,9 +58,9 @@ import yaml
 from tests.harness import BIN, Proc, Sidecar, free_port, http, http_ok, start_redis, start_sidecar, tcp_open
 from extauthz import config as config_module
 from extauthz import providers
-from extauthz.envoy_config import EXT_AUTHZ_FILTER, SPLICE_FILTER, render
+from extauthz.envoy.render import EXT_AUTHZ_FILTER, SPLICE_FILTER, render
 from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2
-from extauthz.records import hash_token
+from extauthz.records.record import hash_token
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results.json"
@@ -537,13 +537,13 @@ def cache_hit_share(port: int, r: redis.Redis) -> float:
 
 
 def record_memory_estimate() -> dict[str, float]:
-    """What a cache of every key and team costs, built directly from extauthz.records in a
+    """What a cache of every key and team costs, built directly from extauthz.records.record in a
     fresh process: a cross-check for the RSS figure, and a figure when the cache does not hold."""
     code = (
         "import json, os\n"
         "from collections import OrderedDict\n"
         "from bench.run import N_KEYS, N_TEAMS, key_doc, team_doc, PREFIX\n"
-        "from extauthz.records import KeyRecord, TeamRecord\n"
+        "from extauthz.records.record import KeyRecord, TeamRecord\n"
         "rss = lambda: int([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1]) / 1024\n"
         "keys = [json.dumps(key_doc(n), separators=(',', ':')).encode() for n in range(N_KEYS)]\n"
         "teams = [json.dumps(team_doc(t), separators=(',', ':')).encode() for t in range(N_TEAMS)]\n"
@@ -934,7 +934,7 @@ def run(workdir: Path, procs: list[Proc]) -> dict[str, Any]:
     results["sidecar_rss_mb_100k_keys_estimate"] = {
         "mb": round(rss_before + estimate["mb"], 1),
         "how": f"RSS before the pass ({rss_before:.1f}) + {estimate['mb']} MiB for {estimate['records']:,} "
-               f"records built with extauthz.records in an OrderedDict, in a separate process"}
+               f"records built with extauthz.records.record in an OrderedDict, in a separate process"}
 
     step("three Envoys: direct, ext_authz to the no-op server, ext_authz to the sidecar")
     cases = []

@@ -25,14 +25,14 @@ from grpc_health.v1.health import aio as health_aio
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from extauthz import config as config_module
-from extauthz import logs, metrics, tracing
-from extauthz.admin import AdminApi
-from extauthz.cache import CachedStore, RecordCache
+from extauthz.telemetry import logs, metrics, tracing
+from extauthz.admin.api import AdminApi
+from extauthz.records.cache import CachedStore, RecordCache
 from extauthz.config import Config, ConfigError, Settings
-from extauthz.invalidation import Invalidator
-from extauthz.runtime import Runtime
-from extauthz.service import SERVICE as AUTHZ_SERVICE, AuthorizationService
-from extauthz.store import RedisStore
+from extauthz.records.invalidation import Invalidator
+from extauthz.check.runtime import Runtime
+from extauthz.check.service import SERVICE as AUTHZ_SERVICE, AuthorizationService
+from extauthz.records.store import RedisStore
 
 log = logging.getLogger("extauthz.server")
 DECISION_LOG_FLUSH_S = 0.2

@@ -10,7 +10,7 @@ import os
 import sys
 
 from extauthz import config as config_module
-from extauthz import logs
+from extauthz.telemetry import logs
 from extauthz.config import Config, ConfigError
 
 
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("config: %s", warning)
 
     if args.command == "envoy-config":
-        from extauthz.envoy_config import render_yaml
+        from extauthz.envoy.render import render_yaml
         sys.stdout.write(render_yaml(config, listen_port=args.listen_port, authz_port=args.authz_port,
                                      admin_port=args.admin_port, envoy_admin_port=args.envoy_admin_port))
         return 0

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import yaml
 
 from extauthz import providers
-from extauthz.endpoints import OPERATIONS, classify, model_call_segment, unsafe_path
+from extauthz.check.endpoints import OPERATIONS, classify, model_call_segment, unsafe_path
 
 ENV_PREFIX = "os.environ/"
 

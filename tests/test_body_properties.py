@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from extauthz.json_body import model_span, read_json_model
+from extauthz.check.json_body import model_span, read_json_model
 from tests import harness
 from tests.form_readers import email_reading, python_multipart_reading
 from tests.harness import MASTER_KEY, Stack, http

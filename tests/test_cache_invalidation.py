@@ -180,8 +180,8 @@ def test_lost_invalidation_channel_flushes_and_recovers(
 def test_a_quiet_invalidation_channel_is_not_timed_out() -> None:
     """The subscriber may wait for minutes between messages; only the heartbeat on the
     tracking connection has a deadline (a read timeout here once flushed the cache every 5 s)."""
-    from extauthz.cache import RecordCache
-    from extauthz.invalidation import Invalidator
+    from extauthz.records.cache import RecordCache
+    from extauthz.records.invalidation import Invalidator
 
     invalidator = Invalidator("redis://127.0.0.1:1/0", ("p:",), RecordCache(10, 1.0), 0.25)
     assert invalidator.pool.make_connection().socket_timeout is None

@@ -42,7 +42,8 @@ from cloudcoil.models.istio.networking.v1 import ServiceEntry
 from cloudcoil.models.istio.security.v1 import AuthorizationPolicy
 
 from extauthz import config as config_module
-from extauthz import envoy_config, routing
+from extauthz.envoy import render as envoy_config
+from extauthz.check import routing
 from extauthz.config import Settings
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,9 +14,10 @@ import pytest
 import yaml
 
 from extauthz import config as config_module
-from extauthz import envoy_config, providers
+from extauthz.envoy import render as envoy_config
+from extauthz import providers
 from extauthz.config import Config
-from extauthz.routing import CLUSTER_HEADER, INTERNAL_HEADERS
+from extauthz.check.routing import CLUSTER_HEADER, INTERNAL_HEADERS
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "config.yaml"

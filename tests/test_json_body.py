@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from extauthz.json_body import MAX_DEPTH, JsonModel, model_span, read_json_model
-from extauthz.facts import Problem
+from extauthz.check.json_body import MAX_DEPTH, JsonModel, model_span, read_json_model
+from extauthz.check.facts import Problem
 
 
 def code(body: bytes) -> str | None:

@@ -1,4 +1,4 @@
-"""extauthz.multipart_body: what it accepts, what it refuses, and that other parsers agree with what it accepts."""
+"""extauthz.check.multipart_body: what it accepts, what it refuses, and that other parsers agree with what it accepts."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from extauthz.facts import Problem
-from extauthz.multipart_body import _MAX_PART_HEADER_LINES, MAX_PART_HEADER_BYTES, MAX_PARTS, FormModel, form_model
+from extauthz.check.facts import Problem
+from extauthz.check.multipart_body import _MAX_PART_HEADER_LINES, MAX_PART_HEADER_BYTES, MAX_PARTS, FormModel, form_model
 from tests.form_readers import email_reading, python_multipart_reading
 
 BOUNDARY = "6435993f0447af850676c6e3d1e0f797"  # httpx: os.urandom(16).hex()

@@ -6,15 +6,15 @@ import json
 
 import pytest
 
-from extauthz.catalog import canonical_name
+from extauthz.check.catalog import canonical_name
 from extauthz.config import from_dict
-from extauthz.endpoints import classify
-from extauthz.facts import Facts, Problem
-from extauthz.policy import Allow, Deny, decide, visible_models
-from extauthz.records import MASTER, KeyRecord, TeamRecord
-from extauthz.json_body import read_json_model
-from extauthz.routing import CLUSTER_HEADER, NO_SPLICE, SPLICE_HEADER
-from extauthz.runtime import Runtime
+from extauthz.check.endpoints import classify
+from extauthz.check.facts import Facts, Problem
+from extauthz.check.policy import Allow, Deny, decide, visible_models
+from extauthz.records.record import MASTER, KeyRecord, TeamRecord
+from extauthz.check.json_body import read_json_model
+from extauthz.check.routing import CLUSTER_HEADER, NO_SPLICE, SPLICE_HEADER
+from extauthz.check.runtime import Runtime
 
 NOW = 1_800_000_000.0
 

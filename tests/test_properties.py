@@ -11,12 +11,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from extauthz.config import from_dict
-from extauthz.policy import Allow, allowed_by, decide
+from extauthz.check.policy import Allow, allowed_by, decide
 from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2
-from extauthz.records import MASTER, KeyRecord, TeamRecord, hash_token
-from extauthz.request import body_of, facts_from_check, with_body
-from extauthz.responses import allow_bytes, deny_bytes
-from extauthz.runtime import Runtime
+from extauthz.records.record import MASTER, KeyRecord, TeamRecord, hash_token
+from extauthz.check.request import body_of, facts_from_check, with_body
+from extauthz.check.responses import allow_bytes, deny_bytes
+from extauthz.check.runtime import Runtime
 
 RUNTIME = Runtime.of(from_dict({
     "model_list": [

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from extauthz.endpoints import (ANTHROPIC, GEMINI, JSON, MULTIPART, OPENAI, Endpoint, PassThrough, classify,
+from extauthz.check.endpoints import (ANTHROPIC, GEMINI, JSON, MULTIPART, OPENAI, Endpoint, PassThrough, classify,
                                 model_call_segment, unsafe_path)
-from extauthz.facts import Facts
+from extauthz.check.facts import Facts
 from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2
-from extauthz.request import PassThroughPaths, body_of, facts_from_check, with_body
+from extauthz.check.request import PassThroughPaths, body_of, facts_from_check, with_body
 
 
 @pytest.mark.parametrize("path,expected", [

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from extauthz.wildcard import capture, matches, parts
+from extauthz.check.wildcard import capture, matches, parts
 
 
 def regex(pattern: str) -> re.Pattern[str]:

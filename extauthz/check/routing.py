@@ -12,14 +12,14 @@ from urllib.parse import parse_qsl, quote, urlencode
 
 from extauthz import providers
 from extauthz.config import Deployment, PassThroughConfig
-from extauthz.endpoints import ANTHROPIC, GEMINI, JSON, Endpoint, PassThrough, model_call_segment
-from extauthz.facts import Facts, Problem
-from extauthz.json_body import JsonModel, model_span
+from extauthz.check.endpoints import ANTHROPIC, GEMINI, JSON, Endpoint, PassThrough, model_call_segment
+from extauthz.check.facts import Facts, Problem
+from extauthz.check.json_body import JsonModel, model_span
 
 # Set on every allow; Envoy routes on it (cluster_header). A client's own value never
 # survives an allow, and a request without it matches no upstream route.
 CLUSTER_HEADER = "x-extauthz-cluster"
-# The body rewrite that Envoy's Lua filter applies (splice.lua): "-" for none, else the
+# The body rewrite that Envoy's Lua filter applies (envoy/splice.lua): "-" for none, else the
 # byte span of the body's "model" value and the provider-side name to put there. Set on
 # every allow, so a client's own value never survives.
 SPLICE_HEADER = "x-extauthz-splice"

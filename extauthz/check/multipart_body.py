@@ -21,7 +21,7 @@ import unicodedata
 from typing import NamedTuple
 from urllib.parse import unquote_plus
 
-from extauthz.facts import Problem
+from extauthz.check.facts import Problem
 
 MAX_PARTS = 100  # a transcription form has about 10 parts
 MAX_PART_HEADER_BYTES = 8192  # the header block of one part, its closing empty line included

@@ -24,7 +24,7 @@ import unicodedata
 from json.decoder import scanstring
 from typing import Any, NamedTuple
 
-from extauthz.facts import ModelSpan, Problem
+from extauthz.check.facts import ModelSpan, Problem
 
 MAX_DEPTH = 64  # well inside every common parser's own limit (serde_json: 128)
 # Counting brackets is cheaper than walking the parsed containers for small bodies.

@@ -16,9 +16,9 @@ import yaml
 
 from extauthz import providers
 from extauthz.config import Config, Settings
-from extauthz.policy import MISSING_KEY, Deny
-from extauthz.responses import error_body
-from extauthz.routing import CLUSTER_HEADER, INTERNAL_HEADERS
+from extauthz.check.policy import MISSING_KEY, Deny
+from extauthz.check.responses import error_body
+from extauthz.check.routing import CLUSTER_HEADER, INTERNAL_HEADERS
 
 AUTHZ_CLUSTER = "extauthz"
 ADMIN_CLUSTER = "extauthz_admin"
@@ -195,7 +195,7 @@ def _ext_authz_filter(s: Settings) -> dict[str, Any]:
 def _splice_filter() -> dict[str, Any]:
     # Writes the provider-side model name into the body's top-level "model", replacing
     # those bytes only, as the sidecar planned (splice.lua); every other byte is the client's.
-    code = resources.files("extauthz").joinpath("splice.lua").read_text(encoding="utf-8")
+    code = resources.files("extauthz.envoy").joinpath("splice.lua").read_text(encoding="utf-8")
     return {"name": SPLICE_FILTER,
             "typed_config": _typed("envoy.extensions.filters.http.lua.v3.Lua",
                                    default_source_code={"inline_string": code})}

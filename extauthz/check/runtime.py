@@ -5,11 +5,11 @@ from __future__ import annotations
 import hmac
 from dataclasses import dataclass
 
-from extauthz.catalog import Catalog
+from extauthz.check.catalog import Catalog
 from extauthz.config import Config
-from extauthz.records import hash_token
-from extauthz.request import PassThroughPaths
-from extauthz.responses import allow_prefix
+from extauthz.records.record import hash_token
+from extauthz.check.request import PassThroughPaths
+from extauthz.check.responses import allow_prefix
 
 
 @dataclass(frozen=True)

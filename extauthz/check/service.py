@@ -12,16 +12,16 @@ from typing import Any, Callable
 import grpc
 from google.protobuf.message import DecodeError
 
-from extauthz import logs, tracing
-from extauthz.facts import Facts
-from extauthz.metrics import CheckMetrics
-from extauthz.policy import UNAVAILABLE, Allow, Decision, Deny, authenticate, authorize
+from extauthz.telemetry import logs, tracing
+from extauthz.check.facts import Facts
+from extauthz.telemetry.metrics import CheckMetrics
+from extauthz.check.policy import UNAVAILABLE, Allow, Decision, Deny, authenticate, authorize
 from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2
-from extauthz.records import MASTER, KeyRecord, TeamRecord, hash_token
-from extauthz.request import body_of, facts_from_check, with_body
-from extauthz.responses import allow_bytes, deny_bytes
-from extauthz.runtime import Runtime
-from extauthz.store import RecordStore, StoreUnavailable
+from extauthz.records.record import MASTER, KeyRecord, TeamRecord, hash_token
+from extauthz.check.request import body_of, facts_from_check, with_body
+from extauthz.check.responses import allow_bytes, deny_bytes
+from extauthz.check.runtime import Runtime
+from extauthz.records.store import RecordStore, StoreUnavailable
 
 log = logging.getLogger("extauthz.check")
 

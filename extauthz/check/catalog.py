@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from extauthz.config import Alias, Deployment, PassThroughConfig
-from extauthz.memo import Memo
-from extauthz.routing import PassThroughRoute, Route
-from extauthz.wildcard import capture, matches
+from extauthz.check.memo import Memo
+from extauthz.check.routing import PassThroughRoute, Route
+from extauthz.check.wildcard import capture, matches
 
 # Entries of an allowed-models list that are not model or group names.
 ALL_MODELS = frozenset({"*", "all-proxy-models"})

@@ -11,10 +11,10 @@ import re
 import time
 from typing import Any
 
-from extauthz.catalog import ALL_MODELS, ALL_TEAM_MODELS, SPECIAL_ENTRIES, Catalog, Resolution
-from extauthz.policy import admits, list_admits
-from extauthz.records import NOT_ENFORCED, format_time, parse_time
-from extauthz.wildcard import matches
+from extauthz.check.catalog import ALL_MODELS, ALL_TEAM_MODELS, SPECIAL_ENTRIES, Catalog, Resolution
+from extauthz.check.policy import admits, list_admits
+from extauthz.records.record import NOT_ENFORCED, format_time, parse_time
+from extauthz.check.wildcard import matches
 
 DURATION = re.compile(r"([0-9]+)(s|m|h|d|w|mo)")
 DURATION_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "mo": 30 * 86400}

@@ -24,8 +24,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, WatchError
 
-from extauthz import tracing
-from extauthz.records import KeyRecord, TeamRecord
+from extauthz.telemetry import tracing
+from extauthz.records.record import KeyRecord, TeamRecord
 
 TRANSACTION_ATTEMPTS = 100
 

@@ -15,7 +15,7 @@ import logging
 
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 
-from extauthz.cache import RecordCache
+from extauthz.records.cache import RecordCache
 
 log = logging.getLogger("extauthz.invalidation")
 

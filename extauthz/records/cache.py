@@ -15,8 +15,8 @@ import time
 from collections import OrderedDict
 from typing import Any, Awaitable, Callable
 
-from extauthz.records import KeyRecord, TeamRecord
-from extauthz.store import RedisStore, StoreUnavailable
+from extauthz.records.record import KeyRecord, TeamRecord
+from extauthz.records.store import RedisStore, StoreUnavailable
 
 MISS = object()
 RETRY_AFTER_FAILURE_S = 0.25

@@ -18,16 +18,16 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from extauthz import admin_schema as schema
-from extauthz import metrics
-from extauthz.facts import Facts
-from extauthz.policy import Deny, authenticate, visible_models
-from extauthz.records import hash_token
-from extauthz.request import credentials
-from extauthz.runtime import Runtime
-from extauthz.responses import error_body
-from extauthz.service import lookup
-from extauthz.store import Conflict, MissingTeam, NotFound, RedisStore, StoreUnavailable
+from extauthz.admin import schema as schema
+from extauthz.telemetry import metrics
+from extauthz.check.facts import Facts
+from extauthz.check.policy import Deny, authenticate, visible_models
+from extauthz.records.record import hash_token
+from extauthz.check.request import credentials
+from extauthz.check.runtime import Runtime
+from extauthz.check.responses import error_body
+from extauthz.check.service import lookup
+from extauthz.records.store import Conflict, MissingTeam, NotFound, RedisStore, StoreUnavailable
 
 log = logging.getLogger("extauthz.admin")
 

@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from extauthz.catalog import ALL_MODELS, ALL_TEAM_MODELS, Catalog, Resolution, matches
-from extauthz.endpoints import PassThrough
-from extauthz.facts import Facts, Problem
-from extauthz.records import KeyRecord, TeamRecord
+from extauthz.check.catalog import ALL_MODELS, ALL_TEAM_MODELS, Catalog, Resolution, matches
+from extauthz.check.endpoints import PassThrough
+from extauthz.check.facts import Facts, Problem
+from extauthz.records.record import KeyRecord, TeamRecord
 
 LISTED_MODELS_MAX = 50
 

@@ -6,11 +6,11 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Mapping, NamedTuple
 
-from extauthz.endpoints import Endpoint, PassThrough
+from extauthz.check.endpoints import Endpoint, PassThrough
 
 if TYPE_CHECKING:
-    from extauthz.json_body import JsonModel
-    from extauthz.multipart_body import FormModel
+    from extauthz.check.json_body import JsonModel
+    from extauthz.check.multipart_body import FormModel
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ import json
 
 from google.protobuf import wrappers_pb2
 
-from extauthz.memo import Memo
-from extauthz.policy import Allow, Deny
+from extauthz.check.memo import Memo
+from extauthz.check.policy import Allow, Deny
 from extauthz.proto.envoy.config.core.v3 import base_pb2
 from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2
 from extauthz.proto.envoy.type.v3 import http_status_pb2

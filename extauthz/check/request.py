@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from extauthz.endpoints import MULTIPART, Endpoint, PassThrough, classify, split_query, unsafe_path
-from extauthz.facts import Facts, Problem
-from extauthz.json_body import read_json_model
-from extauthz.multipart_body import form_model
+from extauthz.check.endpoints import MULTIPART, Endpoint, PassThrough, classify, split_query, unsafe_path
+from extauthz.check.facts import Facts, Problem
+from extauthz.check.json_body import read_json_model
+from extauthz.check.multipart_body import form_model
 from extauthz.providers import CLIENT_KEY_HEADERS
 
 MODEL_NAME_MAX = 256

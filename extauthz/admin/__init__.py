@@ -1,0 +1,1 @@
+"""The LiteLLM-compatible admin API and its request validation."""

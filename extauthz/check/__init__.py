@@ -1,0 +1,1 @@
+"""The Check path: request -> facts -> decision -> route -> response bytes."""

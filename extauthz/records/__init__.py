@@ -1,0 +1,1 @@
+"""Key and team records: their form, the Redis store, the local cache and its invalidation."""
