@@ -138,7 +138,8 @@ def model_call_reached(target: str, include_subpath: bool, deployments: tuple[De
     if segment is not None:
         return segment
     bases = {""}
-    for base in [d.api_base for d in deployments] + [b for b in providers.DEFAULT_BASES.values() if b]:
+    defaults = [p.default_base for p in providers.PROVIDERS.values() if p.default_base]
+    for base in [d.api_base for d in deployments] + defaults:
         other = providers.upstream(base)
         if (_host(other.host), other.port) == (_host(upstream.host), upstream.port):
             bases.add(other.base_path.lower())

@@ -1,23 +1,20 @@
-"""What each provider expects: default base URL and the header that carries its credential."""
+"""One table of providers: what each expects of a request routed to it.
+
+A provider is named by the prefix of ``litellm_params.model`` (``azure/gpt-4o``). Its
+record says which request format it reads, which header carries its credential, its
+default base URL, where it reads the model (the path or the body), how the upstream
+path is built, and the headers it needs that a client may leave out. Routing reads
+this table; nothing else knows a provider by name.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from typing import Callable
+from urllib.parse import quote, urlencode, urlsplit
 
-DEFAULT_BASES = {
-    "openai": "https://api.openai.com/v1",
-    "azure": None,
-    "anthropic": "https://api.anthropic.com",
-    "groq": "https://api.groq.com/openai/v1",
-    "mistral": "https://api.mistral.ai/v1",
-    "deepseek": "https://api.deepseek.com/v1",
-    "together_ai": "https://api.together.xyz/v1",
-    "fireworks_ai": "https://api.fireworks.ai/inference/v1",
-    "openrouter": "https://openrouter.ai/api/v1",
-    "xai": "https://api.x.ai/v1",
-    "gemini": "https://generativelanguage.googleapis.com",
-}
+# The request formats ("API formats") the gateway routes; it does not translate between them.
+OPENAI, ANTHROPIC, GEMINI = "openai", "anthropic", "gemini"
 ANTHROPIC_VERSION = "2023-06-01"
 
 # Headers through which a caller may present a virtual key; all are stripped on allow.
@@ -28,9 +25,73 @@ CLIENT_KEY_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key")
 CLIENT_ONLY_HEADERS = ("cookie", "proxy-authorization", "x-litellm-api-key",
                        "openai-organization", "openai-project", "x-goog-user-project")
 
+# (upstream base path, operation, provider model, api_version) -> (path, query to add)
+PathBuilder = Callable[[str, str, str, "str | None"], "tuple[str, str]"]
 
-def default_base(provider: str) -> str | None:
-    return DEFAULT_BASES.get(provider)
+
+def _openai_path(base: str, operation: str, model: str, version: str | None) -> tuple[str, str]:
+    return f"{base}/{operation}", ""
+
+
+def _azure_path(base: str, operation: str, model: str, version: str | None) -> tuple[str, str]:
+    return (f"{base}/openai/deployments/{quote(model, safe='')}/{operation}",
+            urlencode({"api-version": version}) if version else "")
+
+
+def _anthropic_path(base: str, operation: str, model: str, version: str | None) -> tuple[str, str]:
+    prefix = base if base.endswith("/v1") else f"{base}/v1"
+    return f"{prefix}/{operation}", ""
+
+
+def _gemini_path(base: str, operation: str, model: str, version: str | None) -> tuple[str, str]:
+    prefix = base if base.endswith(("/v1", "/v1beta")) else f"{base}/v1beta"
+    return f"{prefix}/models/{quote(model, safe='')}:{operation}", ""
+
+
+@dataclass(frozen=True)
+class Provider:
+    api_format: str                  # the request format it reads
+    credential_header: str           # "authorization" carries "Bearer <key>"; others the key itself
+    default_base: str | None         # None: api_base is required
+    build_path: PathBuilder = _openai_path
+    model_in_path: bool = False      # the path names the model (Azure deployments, Gemini models)
+    takes_organization: bool = False  # OpenAI's organization header (litellm_params.organization)
+    default_headers: tuple[tuple[str, str], ...] = ()  # added when the client sent none
+
+    def credential(self, api_key: str) -> tuple[str, str]:
+        value = f"Bearer {api_key}" if self.credential_header == "authorization" else api_key
+        return (self.credential_header, value)
+
+
+def _openai_compatible(base: str | None) -> Provider:
+    return Provider(OPENAI, "authorization", base, takes_organization=True)
+
+
+PROVIDERS: dict[str, Provider] = {
+    "openai": _openai_compatible("https://api.openai.com/v1"),
+    "azure": Provider(OPENAI, "api-key", None, _azure_path, model_in_path=True),
+    "anthropic": Provider(ANTHROPIC, "x-api-key", "https://api.anthropic.com", _anthropic_path,
+                          default_headers=(("anthropic-version", ANTHROPIC_VERSION),)),
+    "gemini": Provider(GEMINI, "x-goog-api-key", "https://generativelanguage.googleapis.com", _gemini_path,
+                       model_in_path=True),
+    "groq": _openai_compatible("https://api.groq.com/openai/v1"),
+    "mistral": _openai_compatible("https://api.mistral.ai/v1"),
+    "deepseek": _openai_compatible("https://api.deepseek.com/v1"),
+    "together_ai": _openai_compatible("https://api.together.xyz/v1"),
+    "fireworks_ai": _openai_compatible("https://api.fireworks.ai/inference/v1"),
+    "openrouter": _openai_compatible("https://openrouter.ai/api/v1"),
+    "xai": _openai_compatible("https://api.x.ai/v1"),
+}
+# Any other prefix is an OpenAI-compatible server at the deployment's own api_base.
+OTHER = _openai_compatible(None)
+
+
+def provider(name: str) -> Provider:
+    return PROVIDERS.get(name, OTHER)
+
+
+def default_base(name: str) -> str | None:
+    return provider(name).default_base
 
 
 def base_problem(api_base: str) -> str | None:
@@ -77,18 +138,3 @@ def upstream(api_base: str) -> Upstream:
     parts = urlsplit(api_base)
     port = parts.port or (443 if parts.scheme == "https" else 80)
     return Upstream(parts.scheme, parts.hostname or "", port, parts.path.rstrip("/"))
-
-
-def credential_header(provider: str, api_key: str) -> tuple[str, str]:
-    if provider == "azure":
-        return ("api-key", api_key)
-    if provider == "anthropic":
-        return ("x-api-key", api_key)
-    if provider == "gemini":
-        return ("x-goog-api-key", api_key)
-    return ("authorization", f"Bearer {api_key}")
-
-
-def api_format(provider: str) -> str:
-    """The request format a provider reads; every other provider speaks OpenAI's."""
-    return provider if provider in ("anthropic", "gemini") else "openai"

@@ -10,7 +10,8 @@ import re
 from dataclasses import dataclass
 from urllib.parse import unquote
 
-OPENAI, ANTHROPIC, GEMINI = "openai", "anthropic", "gemini"
+from extauthz.providers import ANTHROPIC, GEMINI, OPENAI  # the API formats
+
 JSON, MULTIPART = "json", "multipart"
 
 # operation -> (API format, body kind); the path may come with or without "/v1".

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from urllib.parse import parse_qsl, quote, urlencode
+from urllib.parse import parse_qsl, urlencode
 
 from extauthz import providers
 from extauthz.config import Deployment, PassThroughConfig
-from extauthz.check.endpoints import ANTHROPIC, GEMINI, JSON, Endpoint, PassThrough, model_call_segment
+from extauthz.check.endpoints import JSON, Endpoint, PassThrough, model_call_segment
 from extauthz.check.facts import Facts, Problem
 from extauthz.check.json_body import JsonModel, model_span
 
@@ -78,39 +78,34 @@ _MODEL_IN_BODY = Problem("missing_model", "This model's provider reads the model
 @dataclass(frozen=True)
 class Route:
     deployment: Deployment
+    provider: providers.Provider
     upstream: providers.Upstream
-    api_format: str
     headers: Headers
     headers_to_remove: tuple[str, ...]
     route_id: str  # also the "deployment" of the dynamic metadata
 
     @classmethod
     def of(cls, d: Deployment) -> "Route":
+        provider = providers.provider(d.provider)
         upstream = providers.upstream(d.api_base)
-        credential = (providers.credential_header(d.provider, d.api_key),) if d.api_key else ()
-        if d.organization and providers.api_format(d.provider) == "openai" and d.provider != "azure":
+        credential = (provider.credential(d.api_key),) if d.api_key else ()
+        if d.organization and provider.takes_organization:
             credential += (("openai-organization", d.organization),)
         headers, remove = _static_headers(upstream, credential, (SPLICE_HEADER,))
-        return cls(d, upstream, providers.api_format(d.provider), headers, remove, d.name)
+        return cls(d, provider, upstream, headers, remove, d.name)
+
+    @property
+    def api_format(self) -> str:
+        return self.provider.api_format
 
     def provider_model(self, capture: str | None) -> str:
         model = self.deployment.provider_model
         return model.replace("*", capture, 1) if capture is not None and "*" in model else model
 
     def path(self, endpoint: Endpoint, model: str) -> str:
-        base, d = self.upstream.base_path, self.deployment
-        query = _client_query(endpoint.query)
-        if d.provider == "azure":
-            version = urlencode({"api-version": d.api_version}) if d.api_version else ""
-            query = "&".join(q for q in (version, query) if q)
-            return _join(f"{base}/openai/deployments/{quote(model, safe='')}/{endpoint.operation}", query)
-        if self.api_format == ANTHROPIC:
-            prefix = base if base.endswith("/v1") else f"{base}/v1"
-            return _join(f"{prefix}/{endpoint.operation}", query)
-        if self.api_format == GEMINI:
-            prefix = base if base.endswith(("/v1", "/v1beta")) else f"{base}/v1beta"
-            return _join(f"{prefix}/models/{quote(model, safe='')}:{endpoint.operation}", query)
-        return _join(f"{base}/{endpoint.operation}", query)
+        path, provider_query = self.provider.build_path(self.upstream.base_path, endpoint.operation, model,
+                                                        self.deployment.api_version)
+        return _join(path, "&".join(q for q in (provider_query, _client_query(endpoint.query)) if q))
 
     def allow_headers(self, facts: Facts, capture: str | None) -> Headers | Problem:
         """The per-request headers (``self.headers`` come with them), or why there are none."""
@@ -123,9 +118,9 @@ class Route:
                 f"translate between API formats."))
         model = self.provider_model(capture)
         extra: Headers = ((":path", self.path(endpoint, model)),)
-        # Azure and Gemini read the model from the path; the others from the body, which
-        # must then name it (an Azure-style path may send a body that does not).
-        body_names_model = self.deployment.provider != "azure" and self.api_format != GEMINI
+        # A provider that reads the model from the body gets a body that names it (an
+        # Azure-style path may send one that does not).
+        body_names_model = not self.provider.model_in_path
         if endpoint.body == JSON:
             if facts.json_model is None and body_names_model:
                 return _MODEL_IN_BODY
@@ -143,8 +138,9 @@ class Route:
                     "cannot be rewritten; name the model as the provider does."))
             # The boundary the body was checked with, as one header however the client sent it.
             extra += (("content-type", facts.form.content_type if facts.form else ""), (SPLICE_HEADER, NO_SPLICE))
-        if self.api_format == ANTHROPIC and "anthropic-version" not in facts.headers:
-            extra += (("anthropic-version", providers.ANTHROPIC_VERSION),)
+        for name, value in self.provider.default_headers:
+            if name not in facts.headers:
+                extra += ((name, value),)
         return extra
 
 
