@@ -51,17 +51,21 @@ class Proc:
         return self
 
     def log_text(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
+        """The whole log: a tail can lose the line a test looks for to later output."""
+        return self.log.read_text(errors="replace")
+
+    def log_tail(self) -> str:
+        return self.log_text()[-4000:]
 
     def wait_ready(self, probe: Callable[[], bool], timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.popen.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.popen.returncode}; log:\n{self.log_text()}")
+                raise RuntimeError(f"{self.name} exited with {self.popen.returncode}; log:\n{self.log_tail()}")
             if probe():
                 return
             time.sleep(0.05)
-        raise RuntimeError(f"{self.name} not ready after {timeout}s; log:\n{self.log_text()}")
+        raise RuntimeError(f"{self.name} not ready after {timeout}s; log:\n{self.log_tail()}")
 
     def stop(self, sig_timeout: float = 10.0) -> int | None:
         if self.popen is None:

@@ -22,11 +22,11 @@ from extauthz.admin import schema as schema
 from extauthz.telemetry import metrics
 from extauthz.check.facts import Facts
 from extauthz.check.policy import Deny, authenticate, visible_models
+from extauthz.records.lookup import lookup
 from extauthz.records.record import hash_token
 from extauthz.check.request import credentials
 from extauthz.check.runtime import Runtime
 from extauthz.check.responses import error_body
-from extauthz.check.service import lookup
 from extauthz.records.store import Conflict, MissingTeam, NotFound, RedisStore, StoreUnavailable
 
 log = logging.getLogger("extauthz.admin")
@@ -318,7 +318,7 @@ class AdminApi:
         runtime = self.runtime()
         token, problem = credentials(lower_headers(request))
         facts = Facts(token=token, model=None, token_problem=problem)
-        key, team = await lookup(token, runtime, self.store)
+        key, team = await lookup(token, self.store, runtime.is_master)
         denied = authenticate(facts, key, team, time.time())
         if denied is not None:
             raise ApiError(denied.status, denied.code, denied.message)

@@ -12,16 +12,16 @@ from typing import Any, Callable
 import grpc
 from google.protobuf.message import DecodeError
 
-from extauthz.telemetry import logs, tracing
 from extauthz.check.facts import Facts
-from extauthz.telemetry.metrics import CheckMetrics
 from extauthz.check.policy import UNAVAILABLE, Allow, Decision, Deny, authenticate, authorize
-from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2
-from extauthz.records.record import MASTER, KeyRecord, TeamRecord, hash_token
 from extauthz.check.request import body_of, facts_from_check, with_body
 from extauthz.check.responses import allow_bytes, deny_bytes
 from extauthz.check.runtime import Runtime
-from extauthz.records.store import RecordStore, StoreUnavailable
+from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2
+from extauthz.records.lookup import lookup
+from extauthz.records.store import RecordReader, StoreUnavailable
+from extauthz.telemetry import logs, tracing
+from extauthz.telemetry.metrics import CheckMetrics
 
 log = logging.getLogger("extauthz.check")
 
@@ -37,7 +37,7 @@ INLINE_BODY_BYTES = 64 * 1024
 
 
 class AuthorizationService:
-    def __init__(self, runtime: Callable[[], Runtime], store: RecordStore, log_allowed: bool = False,
+    def __init__(self, runtime: Callable[[], Runtime], store: RecordReader, log_allowed: bool = False,
                  decision_log: logs.DecisionLog | None = None, max_message_bytes: int = 64 * 1024 * 1024) -> None:
         self.max_message_bytes = max_message_bytes
         self.runtime = runtime
@@ -108,7 +108,7 @@ class AuthorizationService:
 
     async def decide(self, facts: Facts, request: external_auth_pb2.CheckRequest, runtime: Runtime) -> Decision:
         try:
-            key, team = await lookup(facts.token, runtime, self.store)
+            key, team = await lookup(facts.token, self.store, runtime.is_master)
         except StoreUnavailable as e:
             now = time.monotonic()
             if now - self.last_store_warning >= 1.0:  # one line a second, not one per request of an outage
@@ -129,17 +129,3 @@ class AuthorizationService:
 
     def close(self) -> None:
         self.body_reader.shutdown(wait=False, cancel_futures=True)
-
-
-async def lookup(token: str | None, runtime: Runtime, store: RecordStore) -> tuple[KeyRecord | None, TeamRecord | None]:
-    """The records behind a presented key; raises StoreUnavailable."""
-    if token is None:
-        return None, None
-    token_hash = hash_token(token)
-    if runtime.is_master(token_hash):
-        return MASTER, None
-    key = await store.get_key(token_hash)
-    team = None
-    if key is not None and key.team_id is not None:
-        team = await store.get_team(key.team_id)
-    return key, team

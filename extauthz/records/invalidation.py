@@ -74,10 +74,7 @@ class Invalidator:
         await self._command(subscriber, "SUBSCRIBE", CHANNEL)
         prefixes = [arg for p in self.prefixes for arg in ("PREFIX", p)]
         await self._command(tracker, "CLIENT", "TRACKING", "ON", "REDIRECT", str(client_id), "BCAST", *prefixes)
-        # Whatever changed while nobody listened is unknown: start empty, then trust.
-        self.cache.invalidate(None)
-        self.cache.trusted = True
-        self.cache.redis_down_until = 0.0
+        self.cache.mark_trusted()
         log.info("invalidation channel up; cache trusted")
 
     async def _serve(self, subscriber: AbstractConnection, tracker: AbstractConnection) -> None:

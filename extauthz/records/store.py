@@ -46,8 +46,8 @@ class MissingTeam(Exception):
     """A key names a team that does not exist."""
 
 
-class RecordStore(Protocol):
-    """What the Check path needs; a cache can wrap any implementation of it."""
+class RecordReader(Protocol):
+    """What the check path reads; the cache (cache.CachedStore) is one, Redis another."""
 
     async def get_key(self, token_hash: str) -> KeyRecord | None: ...
 
