@@ -10,7 +10,8 @@ from extauthz.check.catalog import canonical_name
 from extauthz.config import from_dict
 from extauthz.check.endpoints import classify
 from extauthz.check.facts import Facts, Problem
-from extauthz.check.policy import Allow, Deny, decide, visible_models
+from extauthz.check.decision import Allow, Deny
+from extauthz.check.policy import decide, visible_models
 from extauthz.records.record import MASTER, KeyRecord, TeamRecord
 from extauthz.check.json_body import read_json_model
 from extauthz.check.routing import CLUSTER_HEADER, NO_SPLICE, SPLICE_HEADER

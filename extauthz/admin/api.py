@@ -21,7 +21,8 @@ from aiohttp import web
 from extauthz.admin import schema as schema
 from extauthz.telemetry import metrics
 from extauthz.check.facts import Facts
-from extauthz.check.policy import Deny, authenticate, visible_models
+from extauthz.check.decision import Deny
+from extauthz.check.policy import authenticate, visible_models
 from extauthz.records.lookup import lookup
 from extauthz.records.record import hash_token
 from extauthz.check.request import credentials

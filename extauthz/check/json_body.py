@@ -111,6 +111,8 @@ def read_json_model(body: bytes) -> JsonModel | Problem:
     if type(doc) is not dict or _skip(text, end).end() != len(text):
         return NOT_JSON
     for name in doc:
+        if len(name) != 5 and name.isascii() and "\0" not in name and name.strip() is name:
+            continue  # most names: no lenient reader could take them for "model"
         if name != "model" and _reads_as_model(name):
             return model_variant(name)
     if not (len(text) < COUNT_BRACKETS_BELOW and text.count("[") + text.count("{") <= MAX_DEPTH) \

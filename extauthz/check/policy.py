@@ -1,57 +1,23 @@
-"""The decision, pure: request facts + key + team + catalog -> Allow or Deny.
+"""The decision, pure: request facts + key + team + catalog -> Grant or Deny.
 
-No I/O happens here: the caller looks the records up and passes the clock and a
-random draw in, so every rule is testable as a table.
+It answers one question: may this caller use this model, and through which deployment?
+What the upstream request then becomes is routing's (routing.forward). No I/O happens
+here: the caller looks the records up and passes the clock and a random draw in, so
+every rule is testable as a table.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 from extauthz.check.catalog import ALL_MODELS, ALL_TEAM_MODELS, Catalog, Resolution, matches
+from extauthz.check.decision import Allow, Deny, Grant
 from extauthz.check.endpoints import PassThrough
 from extauthz.check.facts import Facts, Problem
 from extauthz.records.record import KeyRecord, TeamRecord
 
 LISTED_MODELS_MAX = 50
 
-
-class Allow(NamedTuple):
-    route_id: str
-    static_headers: tuple[tuple[str, str], ...]   # fixed per route, encoded once at load
-    dynamic_headers: tuple[tuple[str, str], ...]  # built for this request
-    headers_to_remove: tuple[str, ...]
-    metadata: dict[str, Any]
-
-    @property
-    def headers(self) -> tuple[tuple[str, str], ...]:
-        return self.static_headers + self.dynamic_headers
-
-
-@dataclass(frozen=True)
-class Deny:
-    status: int
-    code: str
-    message: str
-    param: str | None = None
-    metadata: dict[str, Any] | None = None
-
-    @property
-    def type(self) -> str:
-        return ERROR_TYPES.get(self.status, "api_error")
-
-
-ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "invalid_request_error",
-    415: "invalid_request_error",
-    500: "api_error",
-    503: "service_unavailable_error",
-}
 
 Decision = Allow | Deny
 
@@ -136,10 +102,12 @@ def decide(facts: Facts, key: KeyRecord | None, team: TeamRecord | None,
     if denied is not None:
         return denied
     assert key is not None
-    return authorize(facts, key, team, catalog, draw)
+    granted = authorize(facts, key, team, catalog, draw)
+    return forward(granted, facts) if isinstance(granted, Grant) else granted
 
 
-def authorize(facts: Facts, key: KeyRecord, team: TeamRecord | None, catalog: Catalog, draw: float) -> Decision:
+def authorize(facts: Facts, key: KeyRecord, team: TeamRecord | None, catalog: Catalog,
+              draw: float) -> Grant | Deny:
     """The decision for a caller ``authenticate`` let through, once the body is read."""
     meta = _metadata(facts, key)
     endpoint = facts.endpoint
@@ -151,10 +119,7 @@ def authorize(facts: Facts, key: KeyRecord, team: TeamRecord | None, catalog: Ca
     if isinstance(endpoint, PassThrough):
         route = catalog.pass_through[endpoint.index]
         meta["deployment"] = route.route_id
-        forwarded = route.allow_headers(endpoint)
-        if isinstance(forwarded, Problem):
-            return _problem(forwarded, meta)
-        return Allow(route.route_id, route.headers, forwarded, route.headers_to_remove, meta)
+        return Grant(route, None, meta)
     model = facts.model or ""
     resolution = catalog.resolve(model)
     served_by = catalog.variant_of(model)  # e.g. openai/O1-mini reaching openai/* past openai/o1-*
@@ -169,10 +134,16 @@ def authorize(facts: Facts, key: KeyRecord, team: TeamRecord | None, catalog: Ca
         return _model_denied(model, "not allowed", key, team, True, catalog, meta)
     route = catalog.routes[_pick(resolution, draw)]
     meta["deployment"] = route.route_id
-    headers = route.allow_headers(facts, resolution.capture)
+    return Grant(route, resolution.capture, meta)
+
+
+def forward(grant: Grant, facts: Facts) -> Allow | Deny:
+    """Routing's step: what the upstream request becomes, or why it cannot be sent
+    (a format the deployment does not read, a body that cannot carry its model)."""
+    headers = grant.route.forward_headers(facts, grant.capture)
     if isinstance(headers, Problem):
-        return _problem(headers, meta)
-    return Allow(route.route_id, route.headers, headers, route.headers_to_remove, meta)
+        return _problem(headers, grant.metadata)
+    return Allow(grant.route, headers, grant.metadata)
 
 
 def _problem(problem: Problem, meta: dict[str, Any]) -> Deny:

@@ -14,7 +14,7 @@ import json
 from google.protobuf import wrappers_pb2
 
 from extauthz.check.memo import Memo
-from extauthz.check.policy import Allow, Deny
+from extauthz.check.decision import Allow, Deny
 from extauthz.proto.envoy.config.core.v3 import base_pb2
 from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2
 from extauthz.proto.envoy.type.v3 import http_status_pb2
@@ -70,10 +70,10 @@ _METADATA: Memo[bytes] = Memo(8192)
 _DENIES: Memo[bytes] = Memo(8192)
 
 
-def allow_bytes(prefix: bytes, allow: Allow) -> bytes:
+def allow_bytes(allow: Allow) -> bytes:
     headers = allow.dynamic_headers
     items = tuple(allow.metadata.items())
-    return (prefix + _HEADERS.get(headers, lambda: _headers_part(headers))
+    return (allow.route.prefix + _HEADERS.get(headers, lambda: _headers_part(headers))
             + _METADATA.get(items, lambda: _metadata_part(items)))
 
 

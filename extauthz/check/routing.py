@@ -14,6 +14,7 @@ from extauthz import providers
 from extauthz.config import Deployment, PassThroughConfig
 from extauthz.check.endpoints import JSON, Endpoint, PassThrough, model_call_segment
 from extauthz.check.facts import Facts, Problem
+from extauthz.check.responses import allow_prefix
 from extauthz.check.json_body import JsonModel, model_span
 
 # Set on every allow; Envoy routes on it (cluster_header). A client's own value never
@@ -83,6 +84,7 @@ class Route:
     headers: Headers
     headers_to_remove: tuple[str, ...]
     route_id: str  # also the "deployment" of the dynamic metadata
+    prefix: bytes  # the CheckResponse part every allow to this route shares, encoded at load
 
     @classmethod
     def of(cls, d: Deployment) -> "Route":
@@ -92,7 +94,7 @@ class Route:
         if d.organization and provider.takes_organization:
             credential += (("openai-organization", d.organization),)
         headers, remove = _static_headers(upstream, credential, (SPLICE_HEADER,))
-        return cls(d, provider, upstream, headers, remove, d.name)
+        return cls(d, provider, upstream, headers, remove, d.name, allow_prefix(headers, remove))
 
     @property
     def api_format(self) -> str:
@@ -107,7 +109,7 @@ class Route:
                                                         self.deployment.api_version)
         return _join(path, "&".join(q for q in (provider_query, _client_query(endpoint.query)) if q))
 
-    def allow_headers(self, facts: Facts, capture: str | None) -> Headers | Problem:
+    def forward_headers(self, facts: Facts, capture: str | None) -> Headers | Problem:
         """The per-request headers (``self.headers`` come with them), or why there are none."""
         endpoint, requested = facts.endpoint, facts.model or ""
         assert isinstance(endpoint, Endpoint)
@@ -153,14 +155,17 @@ class PassThroughRoute:
     headers: Headers
     headers_to_remove: tuple[str, ...]
     route_id: str  # also the "deployment" of the dynamic metadata
+    prefix: bytes  # the CheckResponse part every allow to this route shares, encoded at load
 
     @classmethod
     def of(cls, c: PassThroughConfig) -> "PassThroughRoute":
         upstream = providers.upstream(c.target)
         headers, remove = _static_headers(upstream, c.headers + ((SPLICE_HEADER, NO_SPLICE),))
-        return cls(c, upstream, headers, remove, f"pass_through:{c.path}")
+        return cls(c, upstream, headers, remove, f"pass_through:{c.path}", allow_prefix(headers, remove))
 
-    def allow_headers(self, request: PassThrough) -> Headers | Problem:
+    def forward_headers(self, facts: Facts, capture: str | None = None) -> Headers | Problem:
+        request = facts.endpoint
+        assert isinstance(request, PassThrough)
         subpath = request.path[len(self.config.path):] if self.config.include_subpath else ""
         upstream_path = self.upstream.base_path + subpath or "/"
         # The target itself was checked at load; a client's subpath is checked here.

@@ -13,7 +13,8 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from extauthz.check.facts import Facts
-from extauthz.check.policy import UNAVAILABLE, Allow, Decision, Deny, authenticate, authorize
+from extauthz.check.decision import Allow, Deny, Grant
+from extauthz.check.policy import UNAVAILABLE, Decision, authenticate, authorize, forward
 from extauthz.check.request import body_of, facts_from_check, with_body
 from extauthz.check.responses import allow_bytes, deny_bytes
 from extauthz.check.runtime import Runtime
@@ -91,7 +92,7 @@ class AuthorizationService:
             request_id = facts.request_id
             decision = await self.decide(facts, request, runtime)
             if isinstance(decision, Allow):
-                answer = allow_bytes(runtime.allow_prefixes[decision.route_id], decision)
+                answer = allow_bytes(decision)
                 seconds = time.perf_counter() - started
                 self.metrics.record("allow", "ok", seconds)
                 if self.log_allowed:
@@ -125,7 +126,9 @@ class AuthorizationService:
             facts = with_body(facts, body)
         else:
             facts = await asyncio.get_running_loop().run_in_executor(self.body_reader, with_body, facts, body)
-        return authorize(facts, key, team, runtime.catalog, random.random())  # type: ignore[arg-type]
+        # Decide (pure), then route: what the upstream request becomes.
+        granted = authorize(facts, key, team, runtime.catalog, random.random())  # type: ignore[arg-type]
+        return forward(granted, facts) if isinstance(granted, Grant) else granted
 
     def close(self) -> None:
         self.body_reader.shutdown(wait=False, cancel_futures=True)

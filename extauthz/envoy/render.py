@@ -16,7 +16,8 @@ import yaml
 
 from extauthz import providers
 from extauthz.config import Config, Settings
-from extauthz.check.policy import MISSING_KEY, Deny
+from extauthz.check.decision import Deny
+from extauthz.check.policy import MISSING_KEY
 from extauthz.check.responses import error_body
 from extauthz.check.routing import CLUSTER_HEADER, INTERNAL_HEADERS
 
