@@ -38,35 +38,52 @@ class ConfigError(ValueError):
         super().__init__(f"{file}: {yaml_path or '<top>'}: {problem}")
 
 
+def setting(default: Any, *, minimum: float | None = None, maximum: float | None = None,
+            choices: tuple[str, ...] = (), off: int | None = None) -> Any:
+    """A setting's default and the values it admits; ``off``: a value outside ``minimum``
+    that turns the thing off (``metrics_port: 0``)."""
+    return field(default=default, metadata={"min": minimum, "max": maximum, "choices": choices, "off": off})
+
+
+PORT = {"minimum": 1, "maximum": 65535}
+
+
 @dataclass(frozen=True)
 class Settings:
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    redis_timeout_ms: int = 250
-    cache_max_entries: int = 100_000
-    cache_negative_ttl_s: float = 5.0
-    max_stale_s: float = 60.0
-    workers: int = 1
-    metrics_host: str = "0.0.0.0"
-    metrics_port: int = 9464
-    log_format: str = "json"
-    log_allowed: bool = False
-    tracing: str = "none"
-    key_prefix: str = "extauthz:"
-    grpc_host: str = "127.0.0.1"
-    grpc_port: int = 9000
-    admin_host: str = "127.0.0.1"
-    admin_port: int = 4001
-    listen_port: int = 4000
-    envoy_admin_port: int = 9901
-    authz_timeout_ms: int = 1000
-    max_request_bytes: int = 10 * 1024 * 1024
-    shutdown_grace_s: float = 10.0
+    """The sidecar's own settings (``extauthz_settings``; each also ``EXTAUTHZ_<NAME>``)."""
+
+    redis_url: str = setting("redis://127.0.0.1:6379/0")
+    redis_timeout_ms: int = setting(250, minimum=1)
+    cache_max_entries: int = setting(100_000, minimum=0)
+    cache_negative_ttl_s: float = setting(5.0, minimum=0)
+    max_stale_s: float = setting(60.0, minimum=0)
+    workers: int = setting(1, minimum=1)
+    metrics_host: str = setting("0.0.0.0")
+    metrics_port: int = setting(9464, **PORT, off=0)
+    log_format: str = setting("json", choices=("json", "text"))
+    log_allowed: bool = setting(False)
+    tracing: str = setting("none", choices=("none", "otlp", "console"))
+    key_prefix: str = setting("extauthz:")
+    grpc_host: str = setting("127.0.0.1")
+    grpc_port: int = setting(9000, **PORT)
+    admin_host: str = setting("127.0.0.1")
+    admin_port: int = setting(4001, **PORT)
+    max_request_bytes: int = setting(10 * 1024 * 1024, minimum=1)  # also Envoy's buffer limit
+    shutdown_grace_s: float = setting(10.0, minimum=0)
 
 
-# Settings whose 0 turns the thing off rather than being an error.
-ZERO_TURNS_OFF = frozenset({"metrics_port"})
+@dataclass(frozen=True)
+class EnvoySettings:
+    """Settings only the rendered Envoy bootstrap reads (same section, same overrides)."""
+
+    listen_port: int = setting(4000, **PORT)
+    envoy_admin_port: int = setting(9901, **PORT)
+    authz_timeout_ms: int = setting(1000, minimum=1)
+
+
+SETTING_FIELDS = {f.name: f for cls in (Settings, EnvoySettings) for f in dataclasses.fields(cls)}
 # Environment variables that override a setting: EXTAUTHZ_<FIELD IN UPPER CASE>.
-SETTINGS_ENV = {f.name: "EXTAUTHZ_" + f.name.upper() for f in dataclasses.fields(Settings)}
+SETTINGS_ENV = {name: "EXTAUTHZ_" + name.upper() for name in SETTING_FIELDS}
 
 
 @dataclass(frozen=True)
@@ -113,6 +130,7 @@ class Config:
     deployments: tuple[Deployment, ...]
     master_key: str | None = field(repr=False)
     settings: Settings
+    envoy: EnvoySettings = EnvoySettings()
     warnings: tuple[str, ...] = ()
     aliases: tuple[Alias, ...] = ()
     pass_through: tuple[PassThroughConfig, ...] = ()
@@ -225,7 +243,7 @@ class _Parser:
         master_key = self.string(general.get("master_key"), "general_settings.master_key", secret=True)
         if master_key is not None and not master_key:
             raise self.error("general_settings.master_key", "must not be empty")
-        settings = self.settings(self.mapping(top.get("extauthz_settings"), "extauthz_settings"))
+        settings, envoy = self.settings(self.mapping(top.get("extauthz_settings"), "extauthz_settings"))
         router = self.mapping(top.get("router_settings"), "router_settings")
         ignored = sorted(str(k) for k in router if k != "model_group_alias")
         if ignored:
@@ -234,7 +252,8 @@ class _Parser:
         pass_through = tuple(self.pass_through(i, e, deployments) for i, e in enumerate(
             self.sequence(general.get("pass_through_endpoints"), "general_settings.pass_through_endpoints")))
         self.distinct_clusters([d.api_base for d in deployments] + [p.target for p in pass_through])
-        return Config(self.file, deployments, master_key, settings, tuple(self.warnings), aliases, pass_through)
+        return Config(self.file, deployments, master_key, settings, envoy, tuple(self.warnings), aliases,
+                      pass_through)
 
     def distinct_clusters(self, bases: list[str]) -> None:
         """Envoy routes on the cluster name: two upstreams sharing one would send one's
@@ -355,20 +374,21 @@ class _Parser:
             organization=self.string(params.get("organization"), f"{where}.litellm_params.organization") or None,
         )
 
-    def settings(self, section: dict) -> Settings:
-        defaults = Settings()
+    def settings(self, section: dict) -> tuple[Settings, EnvoySettings]:
         values: dict[str, Any] = {}
         for key, value in section.items():
-            if key not in SETTINGS_ENV:
+            if key not in SETTING_FIELDS:
                 raise self.error(f"extauthz_settings.{key}",
-                                 f"unknown setting (known: {', '.join(sorted(SETTINGS_ENV))})")
-            values[key] = self.setting(key, value, type(getattr(defaults, key)), f"extauthz_settings.{key}")
+                                 f"unknown setting (known: {', '.join(sorted(SETTING_FIELDS))})")
+            values[key] = self.setting(SETTING_FIELDS[key], value, f"extauthz_settings.{key}")
         for key, env in SETTINGS_ENV.items():
             if env in self.environ:
-                values[key] = self.setting(key, self.environ[env], type(getattr(defaults, key)), f"${env}")
-        return dataclasses.replace(defaults, **values)
+                values[key] = self.setting(SETTING_FIELDS[key], self.environ[env], f"${env}")
+        return tuple(cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
+                     for cls in (Settings, EnvoySettings))  # type: ignore[return-value]
 
-    def setting(self, key: str, value: Any, kind: type, where: str) -> Any:
+    def setting(self, spec: dataclasses.Field, value: Any, where: str) -> Any:
+        kind, rules = type(spec.default), spec.metadata
         if isinstance(value, str) and kind not in (str, bool):
             value = self.string(value, where)
             try:
@@ -385,15 +405,14 @@ class _Parser:
             value = float(value)
         if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             raise self.error(where, f"expected {kind.__name__}, got {type(value).__name__}")
-        if key == "log_format" and value not in ("json", "text"):
-            raise self.error(where, "must be json or text")
-        if key == "tracing" and value not in ("none", "otlp", "console"):
-            raise self.error(where, "must be none, otlp or console")
-        if kind is int and key.endswith(("port", "_ms", "_bytes", "workers")) and value <= 0 \
-                and not (key in ZERO_TURNS_OFF and value == 0):
-            raise self.error(where, "must be positive" + (" (or 0: off)" if key in ZERO_TURNS_OFF else ""))
-        if kind in (int, float) and value < 0:
-            raise self.error(where, "must not be negative")
-        if key.endswith("_port") and value > 65535:
-            raise self.error(where, "not a TCP port")
+        if rules["choices"] and value not in rules["choices"]:
+            raise self.error(where, f"must be {', '.join(rules['choices'][:-1])} or {rules['choices'][-1]}")
+        if rules["off"] is not None and value == rules["off"]:
+            return value
+        low, high = rules["min"], rules["max"]
+        if low is not None and value < low:
+            must = "must be positive" if low == 1 else "must not be negative"
+            raise self.error(where, must + (f" (or {rules['off']}: off)" if rules["off"] is not None else ""))
+        if high is not None and value > high:
+            raise self.error(where, "not a TCP port" if high == 65535 else f"must be at most {high}")
         return value

@@ -142,3 +142,14 @@ def test_two_hosts_that_would_share_an_envoy_cluster_are_refused() -> None:
         config.from_dict({"model_list": deployments})
     deployments[1]["litellm_params"]["api_base"] = "https://llm-a.example.com/v1"  # '-' and '.' stay distinct
     assert len(config.from_dict({"model_list": deployments}).deployments) == 2
+
+
+def test_settings_are_checked_by_what_each_admits() -> None:
+    base = {"model_list": [{"model_name": "a", "litellm_params": {"model": "openai/a"}}]}
+    c = config.from_dict({**base, "extauthz_settings": {"metrics_port": 0, "listen_port": 8080}})
+    assert c.settings.metrics_port == 0 and c.envoy.listen_port == 8080  # the sidecar's and Envoy's own
+    for key, value, problem in (("grpc_port", 0, "must be positive"), ("metrics_port", -1, "(or 0: off)"),
+                                ("admin_port", 70000, "not a TCP port"), ("cache_max_entries", -1, "not be negative"),
+                                ("log_format", "xml", "must be json or text"), ("authz_timeout_ms", 0, "positive")):
+        with pytest.raises(ConfigError, match=problem.replace("(", r"\(").replace(")", r"\)")):
+            config.from_dict({**base, "extauthz_settings": {key: value}})

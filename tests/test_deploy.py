@@ -714,7 +714,7 @@ def test_istio_providers_fail_closed_and_send_the_whole_body_as_bytes() -> None:
         assert p["port"] == SETTINGS.grpc_port, name
         assert p["failOpen"] is False, name
         assert p["statusOnError"] == "503", name
-        assert duration_ms(p["timeout"]) == settings.authz_timeout_ms, name
+        assert duration_ms(p["timeout"]) == base_config().envoy.authz_timeout_ms, name
         assert p["includeRequestBodyInCheck"] == {"maxRequestBytes": settings.max_request_bytes,
                                                   "allowPartialMessage": False, "packAsBytes": True}, name
     # The shared provider is the standalone overlay's Service.
@@ -756,7 +756,7 @@ def test_envoy_gateway_security_policy() -> None:
     ext = policy["spec"]["extAuth"]
     assert ext["failOpen"] is False
     assert ext["bodyToExtAuth"] == {"maxRequestBytes": settings.max_request_bytes}
-    assert duration_ms(ext["timeout"]) == settings.authz_timeout_ms
+    assert duration_ms(ext["timeout"]) == base_config().envoy.authz_timeout_ms
     assert ext["recomputeRoute"] is True, "routing by x-extauthz-cluster needs the route chosen again"
     # The backend is the standalone overlay's Service, in the same namespace.
     standalone = kustomize(OVERLAYS["standalone"])

@@ -129,7 +129,7 @@ def test_ext_authz_fails_closed_and_sends_the_whole_body(example: dict[str, Any]
     authz = http_filter(example, "envoy.filters.http.ext_authz")
     assert authz["@type"].endswith("envoy.extensions.filters.http.ext_authz.v3.ExtAuthz")
     assert authz["grpc_service"]["envoy_grpc"] == {"cluster_name": "extauthz"}
-    assert authz["grpc_service"]["timeout"] == f"{settings.authz_timeout_ms / 1000:.3f}s"
+    assert authz["grpc_service"]["timeout"] == f"{load(EXAMPLE).envoy.authz_timeout_ms / 1000:.3f}s"
     assert authz["transport_api_version"] == "V3"
     assert authz["failure_mode_allow"] is False
     assert authz["status_on_error"] == {"code": "ServiceUnavailable"}  # HTTP 503
@@ -228,9 +228,9 @@ def test_sidecar_clusters(example: dict[str, Any]) -> None:
     assert "http2_protocol_options" in options["explicit_http_config"]
     assert "typed_extension_protocol_options" not in admin  # plain HTTP/1.1
     assert example["admin"]["address"]["socket_address"] == {"address": "127.0.0.1",
-                                                             "port_value": settings.envoy_admin_port}
+                                                             "port_value": load(EXAMPLE).envoy.envoy_admin_port}
     (listener,) = example["static_resources"]["listeners"]
-    assert listener["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": settings.listen_port}
+    assert listener["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": load(EXAMPLE).envoy.listen_port}
 
 
 def test_one_cluster_per_upstream(example: dict[str, Any]) -> None:

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import yaml
 
 from extauthz import providers
-from extauthz.config import Config, Settings
+from extauthz.config import Config, EnvoySettings, Settings
 from extauthz.check.decision import Deny
 from extauthz.check.policy import MISSING_KEY
 from extauthz.check.responses import error_body
@@ -50,12 +50,12 @@ T = TypeVar("T")
 def render(config: Config, listen_port: int | None = None, authz_port: int | None = None,
            admin_port: int | None = None, envoy_admin_port: int | None = None,
            authz_host: str | None = None, admin_host: str | None = None) -> dict[str, Any]:
-    """A complete v3 bootstrap; an argument left as None comes from ``config.settings``."""
-    s = config.settings
+    """A complete v3 bootstrap; an argument left as None comes from the config's settings."""
+    s, e = config.settings, config.envoy
     return {
-        "admin": {"address": _address("127.0.0.1", _pick(envoy_admin_port, s.envoy_admin_port))},
+        "admin": {"address": _address("127.0.0.1", _pick(envoy_admin_port, e.envoy_admin_port))},
         "static_resources": {
-            "listeners": [_listener(s, _pick(listen_port, s.listen_port))],
+            "listeners": [_listener(s, e, _pick(listen_port, e.listen_port))],
             "clusters": [
                 _authz_cluster(_pick(authz_host, s.grpc_host), _pick(authz_port, s.grpc_port), s.workers),
                 _cluster(ADMIN_CLUSTER, _pick(admin_host, s.admin_host), _pick(admin_port, s.admin_port), "1s"),
@@ -101,7 +101,7 @@ def _address(host: str, port: int) -> dict[str, Any]:
 
 # -- listener -----------------------------------------------------------------------------
 
-def _listener(s: Settings, port: int) -> dict[str, Any]:
+def _listener(s: Settings, e: EnvoySettings, port: int) -> dict[str, Any]:
     hcm = _typed(
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         stat_prefix="extauthz_ingress",
@@ -123,7 +123,7 @@ def _listener(s: Settings, port: int) -> dict[str, Any]:
                                    mutations=[{"remove": h} for h in INTERNAL_HEADERS])}],
         access_log=[_access_log()],
         local_reply_config=_local_reply_config(s),
-        http_filters=[_decompressor_filter(), _ext_authz_filter(s), _splice_filter(), _router_filter()],
+        http_filters=[_decompressor_filter(), _ext_authz_filter(s, e), _splice_filter(), _router_filter()],
         route_config=_route_config(),
     )
     return {
@@ -174,11 +174,11 @@ def _decompressor_filter() -> dict[str, Any]:
     )}
 
 
-def _ext_authz_filter(s: Settings) -> dict[str, Any]:
+def _ext_authz_filter(s: Settings, e: EnvoySettings) -> dict[str, Any]:
     return {"name": EXT_AUTHZ_FILTER, "typed_config": _typed(
         "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
         grpc_service={"envoy_grpc": {"cluster_name": AUTHZ_CLUSTER},
-                      "timeout": f"{s.authz_timeout_ms / 1000:.3f}s"},
+                      "timeout": f"{e.authz_timeout_ms / 1000:.3f}s"},
         transport_api_version="V3",
         # The sidecar reads "model" from the body and a cut body could hide it, so Envoy
         # answers 413 itself above the limit. Bytes, because a body need not be UTF-8.
