@@ -32,7 +32,7 @@ from extauthz.config import Config, ConfigError, Settings
 from extauthz.records.invalidation import Invalidator
 from extauthz.check.runtime import Runtime
 from extauthz.check.service import SERVICE as AUTHZ_SERVICE, AuthorizationService
-from extauthz.records.store import RedisStore
+from extauthz.records.store import RedisReader, RedisWriter
 
 log = logging.getLogger("extauthz.server")
 DECISION_LOG_FLUSH_S = 0.2
@@ -125,7 +125,7 @@ class App:
         self.config, self.reuse_port = config, reuse_port
         self.runtime = RuntimeBox(Runtime.of(config))
         try:
-            self.store = RedisStore(s.redis_url, s.redis_timeout_ms, s.key_prefix)
+            self.store = RedisReader(s.redis_url, s.redis_timeout_ms, s.key_prefix)
             self.invalidator = Invalidator(s.redis_url, (self.store.key_id(""), self.store.team_id("")),
                                            self.cache_for(s), s.redis_timeout_ms / 1000)
         except ValueError as e:
@@ -174,7 +174,7 @@ class App:
             self.tasks.append(asyncio.create_task(self.invalidator.run(), name="invalidation"))
         await self.grpc.start()
         stats = lambda: {"cache": self.cache.stats(), "config": self.runtime.stats()}  # noqa: E731
-        await self.serve_http(AdminApi(self.runtime, self.store, stats).app(), admin_socket)
+        await self.serve_http(AdminApi(self.runtime, RedisWriter(self.store), stats).app(), admin_socket)
         if metrics_socket is not None:
             await self.serve_http(metrics_app(), metrics_socket)
         counters = lambda: {**self.cache.stats(), "reconnects": self.invalidator.reconnects}  # noqa: E731

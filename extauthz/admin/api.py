@@ -28,7 +28,7 @@ from extauthz.records.record import hash_token
 from extauthz.check.request import credentials
 from extauthz.check.runtime import Runtime
 from extauthz.check.responses import error_body
-from extauthz.records.store import Conflict, MissingTeam, NotFound, RedisStore, StoreUnavailable
+from extauthz.records.store import Conflict, MissingTeam, NotFound, RedisWriter, StoreUnavailable
 
 log = logging.getLogger("extauthz.admin")
 
@@ -73,7 +73,7 @@ def token_hash_of(value: Any) -> str:
 
 
 class AdminApi:
-    def __init__(self, runtime: Callable[[], Runtime], store: RedisStore,
+    def __init__(self, runtime: Callable[[], Runtime], store: RedisWriter,
                  stats: Callable[[], dict[str, Any]] = dict) -> None:
         self.runtime = runtime
         self.store = store
@@ -319,7 +319,7 @@ class AdminApi:
         runtime = self.runtime()
         token, problem = credentials(lower_headers(request))
         facts = Facts(token=token, model=None, token_problem=problem)
-        key, team = await lookup(token, self.store, runtime.is_master)
+        key, team = await lookup(token, self.store.reader, runtime.is_master)
         denied = authenticate(facts, key, team, time.time())
         if denied is not None:
             raise ApiError(denied.status, denied.code, denied.message)
@@ -348,7 +348,7 @@ class AdminApi:
         return web.json_response("I'm alive!")
 
     async def readiness(self, request: web.Request) -> web.Response:
-        ok = await self.store.ping()
+        ok = await self.store.reader.ping()
         return web.json_response({"status": "healthy" if ok else "unhealthy",
                                   "redis": "connected" if ok else "unreachable", **self.stats()},
                                  status=200 if ok else 503)

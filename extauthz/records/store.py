@@ -58,15 +58,10 @@ Doc = dict[str, Any]
 Pipeline = aioredis.client.Pipeline
 
 
-class RedisStore:
-    def __init__(self, url: str, timeout_ms: int, prefix: str = "extauthz:") -> None:
-        timeout = timeout_ms / 1000
-        self.timeout = timeout
-        # One retry, on a broken connection only (a pooled connection from before a Redis
-        # restart); a timeout is not retried: the caller's deadline is the lookup timeout.
-        self.redis = aioredis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
+class Keyspace:
+    """Where each record lives in Redis (see the README's schema section)."""
+
+    def __init__(self, prefix: str) -> None:
         self.prefix = prefix
 
     def key_id(self, token_hash: str) -> str:
@@ -81,6 +76,19 @@ class RedisStore:
     def team_keys_id(self, team_id: str) -> str:
         return f"{self.prefix}team_keys:{team_id}"
 
+
+class RedisReader(Keyspace):
+    """The check path's reads: one GET per record, within the lookup timeout."""
+
+    def __init__(self, url: str, timeout_ms: int, prefix: str = "extauthz:") -> None:
+        super().__init__(prefix)
+        timeout = self.timeout = timeout_ms / 1000
+        # One retry, on a broken connection only (a pooled connection from before a Redis
+        # restart); a timeout is not retried: the caller's deadline is the lookup timeout.
+        self.redis = aioredis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
+
     async def close(self) -> None:
         await self.redis.aclose()
 
@@ -90,9 +98,7 @@ class RedisStore:
         except (RedisError, OSError, asyncio.TimeoutError):
             return False
 
-    # -- reads on the Check path ------------------------------------------------------
-
-    async def _get(self, redis_key: str) -> bytes | None:
+    async def get(self, redis_key: str) -> bytes | None:
         try:
             if tracing.enabled():
                 with tracing.redis_span("GET"):
@@ -102,25 +108,36 @@ class RedisStore:
             raise StoreUnavailable(type(e).__name__) from None
 
     async def get_key(self, token_hash: str) -> KeyRecord | None:
-        raw = await self._get(self.key_id(token_hash))
+        raw = await self.get(self.key_id(token_hash))
         return None if raw is None else KeyRecord.from_json(raw)
 
     async def get_team(self, team_id: str) -> TeamRecord | None:
-        raw = await self._get(self.team_id(team_id))
+        raw = await self.get(self.team_id(team_id))
         return None if raw is None else TeamRecord.from_json(raw)
+
+
+class RedisWriter(Keyspace):
+    """The admin API's side: whole documents, listings and atomic WATCH/MULTI writes, on
+    the reader's connections."""
+
+    def __init__(self, reader: RedisReader) -> None:
+        super().__init__(reader.prefix)
+        self.reader = reader
+        self.redis = reader.redis
+        self.timeout = reader.timeout
 
     # -- admin reads ----------------------------------------------------------------------
 
     async def key_doc(self, token_hash: str) -> Doc | None:
-        raw = await self._get(self.key_id(token_hash))
+        raw = await self.reader.get(self.key_id(token_hash))
         return None if raw is None else json.loads(raw)
 
     async def team_doc(self, team_id: str) -> Doc | None:
-        raw = await self._get(self.team_id(team_id))
+        raw = await self.reader.get(self.team_id(team_id))
         return None if raw is None else json.loads(raw)
 
     async def alias_owner(self, alias: str) -> str | None:
-        raw = await self._get(self.alias_id(alias))
+        raw = await self.reader.get(self.alias_id(alias))
         return None if raw is None else raw.decode()
 
     async def _docs(self, set_key: str, id_of: Callable[[str], str]) -> list[Doc]:
