@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import errno
+import json
 import logging
+import os
 import signal
 import socket
 from dataclasses import dataclass
@@ -120,7 +122,9 @@ class App:
     """The sidecar's parts and their order. ``reuse_port``: one of several worker
     processes sharing the ports (SO_REUSEPORT), whose metrics the supervisor serves."""
 
-    def __init__(self, config: Config, reuse_port: bool = False) -> None:
+    def __init__(self, config: Config, reuse_port: bool = False, ready_file: str | None = None) -> None:
+        self.ready_file = ready_file
+        self.ports: dict[str, int] = {}  # what was bound: port 0 in a setting means any free port
         s = self.settings = config.settings
         self.config, self.reuse_port = config, reuse_port
         self.runtime = RuntimeBox(Runtime.of(config))
@@ -164,10 +168,12 @@ class App:
             raise StartupError(f"cannot listen for gRPC on {address}: address in use or not available")
         admin_socket = listening_socket("the admin API", s.admin_host, s.admin_port, self.reuse_port)
         self.sockets.append(admin_socket)
+        self.ports = {"grpc_port": bound, "admin_port": admin_socket.getsockname()[1]}
         metrics_socket = None
         if s.metrics_port and not self.reuse_port:
             metrics_socket = listening_socket("metrics", s.metrics_host, s.metrics_port, False)
             self.sockets.append(metrics_socket)
+            self.ports["metrics_port"] = metrics_socket.getsockname()[1]
 
         # Then serve, in the order requests will need the parts.
         if s.cache_max_entries > 0:  # without a cache there is nothing to invalidate
@@ -183,8 +189,18 @@ class App:
         self.tasks.append(asyncio.create_task(flush_forever(self.service.decision_log), name="decision log"))
         for name in ("", AUTHZ_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving Check on %s, admin API on %s:%s, %d deployments",
-                 address, s.admin_host, s.admin_port, len(self.config.deployments))
+        log.info("serving Check on %s:%d, admin API on %s:%d, %d deployments", s.grpc_host,
+                 self.ports["grpc_port"], s.admin_host, self.ports["admin_port"], len(self.config.deployments))
+        if self.ready_file:
+            self.announce_ready(self.ready_file)
+
+    def announce_ready(self, path: str) -> None:
+        """Say, once everything serves, which ports were bound: a supervisor (or a test)
+        reads readiness and ports from the process instead of guessing them beforehand."""
+        partial = f"{path}.{os.getpid()}.tmp"
+        with open(partial, "w", encoding="utf-8") as f:
+            json.dump({"pid": os.getpid(), **self.ports}, f)
+        os.replace(partial, path)  # whole or absent, never half-written
 
     async def serve_http(self, app: web.Application, sock: socket.socket) -> None:
         # Open keep-alive connections get the same grace as in-flight checks, not aiohttp's 60 s.
@@ -215,9 +231,9 @@ class App:
                 pass
 
 
-async def serve(config: Config, reuse_port: bool = False) -> None:
+async def serve(config: Config, reuse_port: bool = False, ready_file: str | None = None) -> None:
     """Serve until SIGTERM/SIGINT; raises StartupError when the process cannot serve."""
-    app = App(config, reuse_port)
+    app = App(config, reuse_port, ready_file)
     try:
         await app.start()
     except BaseException:

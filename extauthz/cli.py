@@ -24,6 +24,8 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--grpc-port", type=int, help="Check and health service port (default 9000)")
     serve.add_argument("--admin-port", type=int, help="admin API port (default 4001)")
     serve.add_argument("--workers", type=int, help="processes sharing the ports (SO_REUSEPORT; default 1)")
+    serve.add_argument("--ready-file", help="once serving, write the bound ports there as JSON (with port 0: "
+                                            "any free port)")
     serve.add_argument("--log-level", default="INFO")
 
     render = sub.add_parser("envoy-config", help="print an Envoy bootstrap for this config")
@@ -60,12 +62,17 @@ def main(argv: list[str] | None = None) -> int:
 
     config = with_overrides(config, redis_url=args.redis_url, grpc_port=args.grpc_port, admin_port=args.admin_port,
                             workers=args.workers)
+    s = config.settings
+    if s.workers > 1 and (not s.grpc_port or not s.admin_port or args.ready_file):
+        print("extauthz: --workers needs fixed gRPC and admin ports (the workers share them) and no --ready-file",
+              file=sys.stderr)
+        return 2
     if config.settings.workers > 1:
         from extauthz.workers import supervise
         return supervise(config)
     from extauthz.app import StartupError, serve
     try:
-        asyncio.run(serve(config))
+        asyncio.run(serve(config, ready_file=args.ready_file))
     except StartupError as e:
         log.error("cannot start: %s", e)  # one line, no traceback: the cause is all there is to say
         return exit_now(1)

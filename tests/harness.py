@@ -1,7 +1,11 @@
 """Real processes for integration tests: redis-server, the fake upstream, the sidecar, Envoy.
 
-Each is started on a free port, waited for by a readiness probe (never a fixed sleep),
-and stopped by PID. A component that does not come up fails the test with its log.
+The fake upstream, the sidecar and Envoy bind port 0 and report the ports they got
+(a ready file, Envoy's admin address file and its listener list), so no port is picked
+free here and taken by someone else before the process binds it; their readiness is
+what the process itself reports. redis-server, which cannot report an ephemeral port,
+gets a port picked free. Every process is stopped by PID; one that does not come up
+fails the test with its log.
 """
 
 from __future__ import annotations
@@ -139,12 +143,24 @@ def _redis_ping(port: int) -> bool:
         return False
 
 
+_serial = iter(range(10**9))
+
+
+def ready_file(workdir: Path, what: str) -> Path:
+    return workdir / f"{what}-{os.getpid()}-{next(_serial)}.ready.json"
+
+
+def reported(proc: Proc, path: Path) -> dict[str, Any]:
+    """Wait for the process to say it serves (its ready file), and read what it says."""
+    proc.wait_ready(path.exists)
+    return json.loads(path.read_text())
+
+
 def start_upstream(workdir: Path) -> tuple[Proc, int]:
-    port = free_port()
-    proc = Proc("fake upstream", [sys.executable, str(ROOT / "tools" / "fake_upstream.py"), "--port", str(port)],
-                workdir / f"upstream-{port}.log").start()
-    proc.wait_ready(lambda: http_ok(f"http://127.0.0.1:{port}/__fake/requests"))
-    return proc, port
+    ready = ready_file(workdir, "upstream")
+    proc = Proc("fake upstream", [sys.executable, str(ROOT / "tools" / "fake_upstream.py"), "--port", "0",
+                                  "--ready-file", str(ready)], workdir / f"{ready.stem}.log").start()
+    return proc, reported(proc, ready)["port"]
 
 
 def write_config(workdir: Path, upstream_port: int, text: str | None = None) -> Path:
@@ -169,14 +185,24 @@ class Sidecar:
 
 def start_sidecar(workdir: Path, config: Path, redis_url: str, extra_env: dict[str, str] | None = None,
                   extra_args: list[str] | None = None) -> Sidecar:
-    grpc_port, admin_port, metrics_port = free_port(), free_port(), free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "EXTAUTHZ_METRICS_PORT": str(metrics_port), **(extra_env or {})}
+    args = list(extra_args or [])
+    # Metrics stay on a port picked here: 0 turns them off. Workers share fixed ports.
+    metrics_port = int((extra_env or {}).get("EXTAUTHZ_METRICS_PORT") or free_port())
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {}), "EXTAUTHZ_METRICS_PORT": str(metrics_port)}
+    if "--workers" in args:
+        grpc_port, admin_port = free_port(), free_port()
+        proc = Proc("extauthz", [sys.executable, "-m", "extauthz", "serve", "--config", str(config),
+                                 "--redis-url", redis_url, "--grpc-port", str(grpc_port),
+                                 "--admin-port", str(admin_port), *args], workdir / f"extauthz-{grpc_port}.log",
+                    env).start()
+        proc.wait_ready(lambda: http_ok(f"http://127.0.0.1:{admin_port}/health/liveliness") and tcp_open(grpc_port))
+        return Sidecar(proc, grpc_port, admin_port, metrics_port)
+    ready = ready_file(workdir, "extauthz")
     proc = Proc("extauthz", [sys.executable, "-m", "extauthz", "serve", "--config", str(config),
-                             "--redis-url", redis_url, "--grpc-port", str(grpc_port),
-                             "--admin-port", str(admin_port), *(extra_args or [])],
-                workdir / f"extauthz-{grpc_port}.log", env).start()
-    proc.wait_ready(lambda: http_ok(f"http://127.0.0.1:{admin_port}/health/liveliness") and tcp_open(grpc_port))
-    return Sidecar(proc, grpc_port, admin_port, metrics_port)
+                             "--redis-url", redis_url, "--grpc-port", "0", "--admin-port", "0",
+                             "--ready-file", str(ready), *args], workdir / f"{ready.stem}.log", env).start()
+    ports = reported(proc, ready)
+    return Sidecar(proc, ports["grpc_port"], ports["admin_port"], ports.get("metrics_port", 0))
 
 
 @dataclass
@@ -203,12 +229,22 @@ def render_envoy(config: Path, out: Path, listen: int, sidecar: Sidecar, envoy_a
 
 
 def start_envoy(workdir: Path, config: Path, sidecar: Sidecar) -> Envoy:
-    port, admin_port = free_port(), free_port()
-    bootstrap = render_envoy(config, workdir / f"envoy-{port}.yaml", port, sidecar, admin_port)
-    proc = Proc("envoy", [str(BIN / "envoy"), "-c", str(bootstrap), "--disable-hot-restart",
-                          "--log-level", "warn"], workdir / f"envoy-{port}.log").start()
+    name = ready_file(workdir, "envoy").stem
+    bootstrap = render_envoy(config, workdir / f"{name}.yaml", 0, sidecar, 0)
+    admin_file = workdir / f"{name}.admin"
+    proc = Proc("envoy", [str(BIN / "envoy"), "-c", str(bootstrap), "--disable-hot-restart", "--log-level", "warn",
+                          "--admin-address-path", str(admin_file)], workdir / f"{name}.log").start()
+    proc.wait_ready(lambda: admin_file.exists() and admin_file.read_text().strip() != "")
+    admin_port = int(admin_file.read_text().strip().rsplit(":", 1)[1])
     proc.wait_ready(lambda: http_ok(f"http://127.0.0.1:{admin_port}/ready"))
-    return Envoy(proc, port, admin_port, bootstrap)
+    return Envoy(proc, listener_port(admin_port, "ingress"), admin_port, bootstrap)
+
+
+def listener_port(admin_port: int, name: str) -> int:
+    """The port Envoy bound for a listener configured on port 0, from its admin API."""
+    statuses = http("GET", f"http://127.0.0.1:{admin_port}/listeners?format=json").json()["listener_statuses"]
+    (status,) = [s for s in statuses if s["name"] == name]
+    return int(status["local_address"]["socket_address"]["port_value"])
 
 
 @dataclass

@@ -10,10 +10,13 @@ Envoy routed to and proves the virtual key did not reach the provider.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import email.parser
 import email.policy
 import json
+import os
+import signal
 from typing import Any
 
 from aiohttp import web
@@ -112,13 +115,32 @@ async def echo(request: web.Request) -> web.Response:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8081)
+    p.add_argument("--port", type=int, default=8081, help="0: any free port (see --ready-file)")
+    p.add_argument("--ready-file", help="once serving, write {\"port\": N} there")
     args = p.parse_args()
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app.router.add_route("GET", SEEN_PATH, seen)
     app.router.add_route("DELETE", SEEN_PATH, seen)
     app.router.add_route("*", "/{tail:.*}", echo)
-    web.run_app(app, host=args.host, port=args.port, access_log=None, print=None)
+    asyncio.run(serve(app, args.host, args.port, args.ready_file))
+
+
+async def serve(app: web.Application, host: str, port: int, ready_file: str | None) -> None:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    if ready_file:
+        bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        with open(ready_file + ".tmp", "w") as f:
+            json.dump({"port": bound}, f)
+        os.replace(ready_file + ".tmp", ready_file)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runner.cleanup()
 
 
 if __name__ == "__main__":
