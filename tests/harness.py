@@ -23,6 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import redis
+
+from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 EXAMPLE_CONFIG = ROOT / "examples" / "config.yaml"
@@ -83,6 +87,37 @@ class Proc:
                 self.popen.wait()
         self._log_file.close()
         return self.popen.returncode
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 15.0, what: str = "condition") -> float:
+    """Poll ``condition`` until it holds; the seconds it took. Fails past ``timeout``, which
+    is a bound for a loaded machine, not a measurement."""
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < timeout, f"{what} not reached in {timeout} s"
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+def check_request(headers: dict[str, str], raw_body: bytes = b"", body: str = "",
+                  path: str = "/v1/chat/completions") -> external_auth_pb2.CheckRequest:
+    """A CheckRequest as Envoy sends one for a POST to ``path``."""
+    req = external_auth_pb2.CheckRequest()
+    http_req = req.attributes.request.http
+    http_req.method, http_req.path, http_req.host = "POST", path, "gateway"
+    http_req.headers.update({":path": path, ":method": "POST", **headers})
+    http_req.raw_body, http_req.body = raw_body, body
+    return req
+
+
+def redis_asleep(port: int) -> bool:
+    """Whether the redis-server on ``port`` is stalled (DEBUG SLEEP) and not answering."""
+    try:
+        with redis.Redis(port=port, socket_timeout=0.05, retry=None) as probe:
+            probe.ping()
+            return False
+    except redis.RedisError:
+        return True
 
 
 def tcp_open(port: int) -> bool:

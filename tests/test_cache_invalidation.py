@@ -19,8 +19,7 @@ import redis
 
 from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2_grpc
 from tests import harness
-from tests.harness import MASTER_KEY, Sidecar, http
-from tests.test_check_grpc import check_request
+from tests.harness import MASTER_KEY, Sidecar, check_request, http, wait_until
 
 # The target is 100 ms at p99 (measured here: a few ms, printed by the test); the bound
 # asserted is wide enough for a loaded 2-core CI machine and still far below what a
@@ -51,13 +50,6 @@ class Replica:
     def channel_ups(self) -> int:
         """Read from the process itself: a log tail can be pushed away by other lines."""
         return http("GET", self.sidecar.admin + "/health/readiness").json()["cache"]["times_trusted"]
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.01)
 
 
 @pytest.fixture(scope="module")

@@ -12,19 +12,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extauthz.proto.envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
 from tests import harness
-from tests.harness import MASTER_KEY, Sidecar, http
+from tests.harness import MASTER_KEY, Sidecar, check_request, http
 
 HttpRequest = attribute_context_pb2.AttributeContext.HttpRequest
-
-
-def check_request(headers: dict[str, str], raw_body: bytes = b"", body: str = "",
-                  path: str = "/v1/chat/completions") -> external_auth_pb2.CheckRequest:
-    req = external_auth_pb2.CheckRequest()
-    http_req = req.attributes.request.http
-    http_req.method, http_req.path, http_req.host = "POST", path, "gateway"
-    http_req.headers.update({":path": path, ":method": "POST", **headers})
-    http_req.raw_body, http_req.body = raw_body, body
-    return req
 
 
 @pytest.fixture(scope="module")

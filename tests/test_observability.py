@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
-from typing import Callable
 
 import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2_grpc
 from tests import harness
-from tests.harness import MASTER_KEY, Sidecar, http
-from tests.test_check_grpc import check_request
+from tests.harness import MASTER_KEY, Sidecar, check_request, http, wait_until
 
 SERVICE = {"grpc_type": "unary", "grpc_service": "envoy.service.auth.v3.Authorization", "grpc_method": "Check"}
 
@@ -26,13 +23,6 @@ def scrape(port: int) -> dict[tuple[str, frozenset], float]:
 
 def value(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "metric never reached its value"
-        time.sleep(0.05)
 
 
 def run_script(side: Sidecar) -> tuple[str, dict[str, int]]:
@@ -60,7 +50,7 @@ def test_metrics_and_decision_logs(workdir: Path, config_path: Path, redis_port:
     try:
         key, counts = run_script(side)
         # Per-request counts reach the Prometheus metrics once a second.
-        wait_for(lambda: value(scrape(side.metrics_port), "grpc_server_handled_total", **SERVICE, grpc_code="OK") == 13)
+        wait_until(lambda: value(scrape(side.metrics_port), "grpc_server_handled_total", **SERVICE, grpc_code="OK") == 13)
         samples = scrape(side.metrics_port)
         for outcome_code, n in counts.items():
             outcome, code = outcome_code.split("/")
@@ -72,14 +62,14 @@ def test_metrics_and_decision_logs(workdir: Path, config_path: Path, redis_port:
         assert value(samples, "extauthz_admin_requests_total", route="/key/generate", status="400") == 1
         assert value(samples, "extauthz_admin_requests_total", route="/team/list", status="401") == 1
         # Cache counters are copied once a second.
-        wait_for(lambda: value(scrape(side.metrics_port), "extauthz_cache_events_total", event="hit") >= 1)
+        wait_until(lambda: value(scrape(side.metrics_port), "extauthz_cache_events_total", event="hit") >= 1)
         assert value(scrape(side.metrics_port), "extauthz_cache_events_total", event="miss") >= 2
 
         def decisions() -> list[dict]:  # the decision log is written in batches, at most 0.2 s late
             entries = [json.loads(line) for line in side.proc.log_text().splitlines() if line.startswith("{")]
             return [e for e in entries if e["logger"] == "extauthz.decision"]
 
-        wait_for(lambda: len(decisions()) == 13)
+        wait_until(lambda: len(decisions()) == 13)
         by_request = {e["request_id"]: e for e in decisions()}
         denied = by_request["req-7"]
         assert denied["outcome"] == "deny" and denied["code"] == "model_not_allowed" and denied["status"] == 403
@@ -106,7 +96,7 @@ def test_metrics_sum_over_workers(workdir: Path, config_path: Path, redis_port: 
                 stub = external_auth_pb2_grpc.AuthorizationStub(channel)
                 for _ in range(25):
                     stub.Check(request, timeout=5)
-        wait_for(lambda: value(scrape(side.metrics_port), "extauthz_decisions_total", outcome="allow", code="ok") == 200)
+        wait_until(lambda: value(scrape(side.metrics_port), "extauthz_decisions_total", outcome="allow", code="ok") == 200)
     finally:
         side.proc.stop()
 
@@ -120,7 +110,7 @@ def test_tracing_continues_the_callers_trace(workdir: Path, config_path: Path, r
         with grpc.insecure_channel(f"127.0.0.1:{side.grpc_port}") as channel:
             external_auth_pb2_grpc.AuthorizationStub(channel).Check(
                 check_request(headers, b'{"model": "gpt-4"}'), timeout=5)
-        wait_for(lambda: '"redis GET"' in side.proc.log_text())
+        wait_until(lambda: '"redis GET"' in side.proc.log_text())
         spans = [json.loads(line) for line in side.proc.log_text().splitlines()
                  if line.startswith("{") and '"trace_id"' in line]
         check = next(s for s in spans if s["name"] == "envoy.service.auth.v3.Authorization/Check")

@@ -7,14 +7,13 @@ import base64
 import gzip
 import json
 import re
-import time
 import zlib
 from collections import Counter
 
 import pytest
 
 from tests.conftest import ProviderGateway
-from tests.harness import Response, http
+from tests.harness import Response, http, wait_until
 
 VIRTUAL_KEY_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key")
 WAV = b"RIFF\x24\x00\x00\x00WAVEfmt " + bytes(range(256)) * 4
@@ -267,23 +266,14 @@ def test_weighted_choice_over_1000_requests(provider_gateway: ProviderGateway) -
     assert 681 <= credentials["Bearer vllm-a"] <= 819, credentials
     assert credentials["Bearer vllm-a"] + credentials["Bearer vllm-b"] == 1000
     expected = {"12:llama": credentials["Bearer vllm-a"], "13:llama": credentials["Bearer vllm-b"]}
-    assert wait_for(lambda: logged_deployments(gw, "llama") == expected, 20), logged_deployments(gw, "llama")
+    # Envoy flushes its access log on its own schedule: poll, bounded.
+    wait_until(lambda: logged_deployments(gw, "llama") == expected, 20, "the access log's deployments")
 
 
 def logged_deployments(gw: ProviderGateway, model: str) -> Counter[str]:
     """Envoy's access log lines (JSON) carry the sidecar's dynamic metadata."""
     lines = [json.loads(line) for line in gw.envoy.proc.log.read_text().splitlines() if line.startswith("{")]
     return Counter(entry["deployment"] for entry in lines if entry.get("model") == model)
-
-
-def wait_for(condition, timeout: float) -> bool:
-    """Envoy flushes its access log on its own schedule: poll, bounded."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return condition()
 
 
 def test_path_model_and_body_model_must_agree_before_any_lookup(provider_gateway: ProviderGateway) -> None:

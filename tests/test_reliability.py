@@ -6,14 +6,12 @@ from __future__ import annotations
 import json
 import signal
 import threading
-import time
 from pathlib import Path
-from typing import Callable
 
 import redis
 
 from tests import harness
-from tests.harness import MASTER_KEY, Stack, http
+from tests.harness import MASTER_KEY, Stack, http, redis_asleep, wait_until
 from tests.tcp_proxy import TcpProxy
 
 
@@ -32,15 +30,6 @@ def admin(stack: Stack, path: str, body: object) -> harness.Response:
 def readiness(stack: Stack) -> tuple[int, dict]:
     r = http("GET", stack.sidecar.admin + "/health/readiness")
     return r.status, r.json()
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 15.0) -> float:
-    """Seconds it took; fails past the timeout."""
-    start = time.monotonic()
-    while not condition():
-        assert time.monotonic() - start < timeout, "condition not reached"
-        time.sleep(0.02)
-    return time.monotonic() - start
 
 
 def test_redis_killed_then_restarted(workdir: Path, config_path: Path) -> None:
@@ -131,15 +120,6 @@ def test_slow_redis_answers_503_before_envoy_times_out(workdir: Path, config_pat
         stall.close()
         stack.stop()
         redis_proc.stop()
-
-
-def redis_asleep(port: int) -> bool:
-    try:
-        with redis.Redis(port=port, socket_timeout=0.05, retry=None) as probe:
-            probe.ping()
-            return False
-    except redis.RedisError:
-        return True
 
 
 def test_sidecar_down_means_503_and_nothing_forwarded(workdir: Path, config_path: Path, redis_port: int,

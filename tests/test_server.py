@@ -8,7 +8,6 @@ import signal
 import socket
 import sys
 import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -17,8 +16,7 @@ import redis
 
 from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2_grpc
 from tests import harness
-from tests.harness import http
-from tests.test_reliability import redis_asleep
+from tests.harness import check_request, http, redis_asleep, wait_until
 
 
 def test_sigterm_exits_zero(workdir: Path, config_path: Path, redis_port: int) -> None:
@@ -64,8 +62,6 @@ def test_workers_share_the_port_and_stop_together(workdir: Path, config_path: Pa
     import grpc
 
     from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2_grpc
-    from tests.test_check_grpc import check_request
-
     side = harness.start_sidecar(workdir, config_path, f"redis://127.0.0.1:{redis_port}/0",
                                  extra_args=["--workers", "2"])
     try:
@@ -161,8 +157,6 @@ def test_metrics_port_zero_turns_the_listener_off(workdir: Path, config_path: Pa
 
 def test_sigterm_ends_every_task_and_flushes_the_decision_log(workdir: Path, config_path: Path,
                                                               redis_port: int) -> None:
-    from tests.test_check_grpc import check_request
-
     side = harness.start_sidecar(workdir, config_path, f"redis://127.0.0.1:{redis_port}/0",
                                  {"PYTHONWARNINGS": "always", "PYTHONASYNCIODEBUG": "0"})
     with grpc.insecure_channel(f"127.0.0.1:{side.grpc_port}") as channel:
@@ -188,8 +182,6 @@ def scrape(side: harness.Sidecar, sample: str) -> float:
 
 
 def test_a_check_too_large_is_a_counted_json_deny(workdir: Path, config_path: Path, redis_port: int) -> None:
-    from tests.test_check_grpc import check_request
-
     side = harness.start_sidecar(workdir, config_path, f"redis://127.0.0.1:{redis_port}/0",
                                  {"EXTAUTHZ_MAX_REQUEST_BYTES": "1000"})
     try:
@@ -202,14 +194,12 @@ def test_a_check_too_large_is_a_counted_json_deny(workdir: Path, config_path: Pa
         assert answer.denied_response.status.code == 413
         assert json.loads(answer.denied_response.body)["error"]["code"] == "body_too_large"
         sample = 'extauthz_decisions_total{code="body_too_large",outcome="deny"}'
-        harness_wait(lambda: scrape(side, sample) == 1)
+        wait_until(lambda: scrape(side, sample) == 1)
     finally:
         side.proc.stop()
 
 
 def test_a_check_envoy_gave_up_on_is_counted(workdir: Path, config_path: Path) -> None:
-    from tests.test_check_grpc import check_request
-
     port = harness.free_port()
     redis_proc = harness.start_redis_at(workdir, port, "--enable-debug-command", "yes")
     side = harness.start_sidecar(workdir, config_path, f"redis://127.0.0.1:{port}/0",
@@ -218,7 +208,7 @@ def test_a_check_envoy_gave_up_on_is_counted(workdir: Path, config_path: Path) -
     try:
         sleeper = threading.Thread(target=lambda: stall.execute_command("DEBUG", "SLEEP", "2"))
         sleeper.start()
-        harness_wait(lambda: redis_asleep(port))
+        wait_until(lambda: redis_asleep(port))
         with grpc.insecure_channel(f"127.0.0.1:{side.grpc_port}") as channel:
             stub = external_auth_pb2_grpc.AuthorizationStub(channel)
             with pytest.raises(grpc.RpcError) as error:
@@ -226,15 +216,8 @@ def test_a_check_envoy_gave_up_on_is_counted(workdir: Path, config_path: Path) -
                            timeout=0.3)
             assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         sleeper.join()
-        harness_wait(lambda: scrape(side, 'grpc_server_handled_total{grpc_code="DEADLINE_EXCEEDED"') == 1)
+        wait_until(lambda: scrape(side, 'grpc_server_handled_total{grpc_code="DEADLINE_EXCEEDED"') == 1)
     finally:
         stall.close()
         side.proc.stop()
         redis_proc.stop()
-
-
-def harness_wait(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
