@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from bench.run import cpu_seconds
+from bench.measure import cpu_seconds
 from extauthz.envoy import render as envoy_config
 from extauthz.check.json_body import read_json_model
 from extauthz.check.routing import splice_plan
