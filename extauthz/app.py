@@ -218,9 +218,8 @@ class App:
             await runner.cleanup()
         for sock in self.sockets:
             sock.close()
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.invalidator.stop()
+        await end_tasks(self.tasks)
         self.service.close()
         self.service.metrics.flush()
         self.service.decision_log.flush()
@@ -229,6 +228,21 @@ class App:
                 await asyncio.wait_for(close(), self.settings.redis_timeout_ms / 1000)
             except (asyncio.TimeoutError, OSError):
                 pass
+
+
+async def end_tasks(tasks: list[asyncio.Task[Any]], patience_s: float = 2.0) -> None:
+    """Cancel the tasks and wait for them to end, cancelling again any that went on: a
+    cancellation can be lost (Python 3.11's wait_for), and a task must not outlive stop."""
+    pending = {t for t in tasks if not t.done()}
+    deadline = asyncio.get_running_loop().time() + patience_s
+    while pending:
+        for task in pending:
+            task.cancel()
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            log.error("tasks did not end when cancelled: %s", sorted(t.get_name() for t in pending))
+            return
+        _, pending = await asyncio.wait(pending, timeout=min(0.2, remaining))
 
 
 async def serve(config: Config, reuse_port: bool = False, ready_file: str | None = None) -> None:

@@ -10,6 +10,12 @@ from tests import harness
 from tests.harness import MASTER_KEY, Envoy, Response, Sidecar, http
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_process_outlives_the_run() -> Iterator[None]:
+    yield
+    harness.stop_all()
+
+
 @pytest.fixture(scope="session")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("stack")

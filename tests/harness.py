@@ -39,6 +39,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Every process a test started, so that none outlives the run when a test fails before
+# stopping what it started (conftest.py stops them all at the end of the session).
+STARTED: list["Proc"] = []
+
+
+def stop_all() -> None:
+    for proc in reversed(STARTED):
+        proc.stop(sig_timeout=5)
+    STARTED.clear()
+
+
 @dataclass
 class Proc:
     name: str
@@ -56,6 +67,7 @@ class Proc:
         self._log_file = open(self.log, "ab")
         self.popen = subprocess.Popen(self.args, stdout=self._log_file, stderr=subprocess.STDOUT,
                                       env=self.env, cwd=ROOT, start_new_session=True)
+        STARTED.append(self)
         return self
 
     def log_text(self) -> str:
@@ -85,7 +97,8 @@ class Proc:
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait()
-        self._log_file.close()
+        if not self._log_file.closed:
+            self._log_file.close()
         return self.popen.returncode
 
 

@@ -36,14 +36,21 @@ class Invalidator:
         self.cache = cache
         self.timeout_s = timeout_s
         self.reconnects = 0
+        self.stopping = False
 
     async def close(self) -> None:
         await self.pool.disconnect()
 
+    def stop(self) -> None:
+        """Ends ``run`` at its next turn even if a cancellation is lost: Python 3.11's
+        ``asyncio.wait_for`` can swallow one that races with the connect it waits for,
+        which once left a stopped process reconnecting every 5 s forever."""
+        self.stopping = True
+
     async def run(self) -> None:
-        """Keep the channel up for as long as the process runs (cancel to stop)."""
+        """Keep the channel up for as long as the process runs (``stop`` and cancel to end it)."""
         backoff = BACKOFF_MIN_S
-        while True:
+        while not self.stopping:
             subscriber = self.pool.make_connection()
             tracker = self.pool.make_connection()
             try:
