@@ -128,13 +128,13 @@ class App:
         s = self.settings = config.settings
         self.config, self.reuse_port = config, reuse_port
         self.runtime = RuntimeBox(Runtime.of(config))
+        self.cache = RecordCache(s.cache_max_entries, s.cache_negative_ttl_s, s.max_stale_s)
         try:
             self.store = RedisReader(s.redis_url, s.redis_timeout_ms, s.key_prefix)
             self.invalidator = Invalidator(s.redis_url, (self.store.key_id(""), self.store.team_id("")),
-                                           self.cache_for(s), s.redis_timeout_ms / 1000)
+                                           self.cache, s.redis_timeout_ms / 1000)
         except ValueError as e:
             raise StartupError(f"unusable Redis URL {without_password(s.redis_url)!r}: {e}") from None
-        self.cache = self.invalidator.cache
         self.service = AuthorizationService(self.runtime, CachedStore(self.store, self.cache), s.log_allowed,
                                             logs.DecisionLog(s.log_format), check_message_limit(s))
         self.health = health_aio.HealthServicer()
@@ -142,10 +142,6 @@ class App:
         self.runners: list[web.AppRunner] = []
         self.sockets: list[socket.socket] = []
         self.tasks: list[asyncio.Task[Any]] = []
-
-    @staticmethod
-    def cache_for(s: Settings) -> RecordCache:
-        return RecordCache(s.cache_max_entries, s.cache_negative_ttl_s, s.max_stale_s)
 
     async def start(self) -> None:
         s = self.settings

@@ -6,6 +6,7 @@ import string
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -50,7 +51,6 @@ def test_httpx_and_openai_sdk_body() -> None:
 
 
 def test_body_built_by_httpx_itself() -> None:
-    httpx = pytest.importorskip("httpx")
     request = httpx.Request("POST", "http://gateway/v1/images/edits", data={"prompt": "a cat", "model": "gpt-image-1"},
                             files={"image": ("cat.png", b"\x89PNG\r\n\x1a\n--" + bytes(200), "image/png")})
     result = form_model(request.read(), request.headers["content-type"])

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
 from urllib.parse import parse_qsl, urlencode
 
 from extauthz import providers
@@ -47,6 +49,10 @@ def _static_headers(upstream: providers.Upstream, credential: Headers,
     return headers, remove
 
 
+# The few provider names, as JSON strings, without encoding one per request.
+_json_string = lru_cache(maxsize=4096)(json.dumps)
+
+
 def splice_plan(body: JsonModel | None, model: str, insert: bool) -> str:
     """The SPLICE_HEADER value that puts ``model`` where the body named its model, or,
     with ``insert``, adds a "model" member to a body that names none."""
@@ -55,7 +61,7 @@ def splice_plan(body: JsonModel | None, model: str, insert: bool) -> str:
         # to every parser once the body is known to be unambiguous.
         return NO_SPLICE
     span = model_span(body)
-    token = json.dumps(model)  # ASCII only, so it is a valid header value
+    token = _json_string(model)  # ASCII only, so it is a valid header value
     if not body.present:
         token = f'"model": {token}' + (", " if span.members_after else "")
     return f"{span.body_length} {span.start} {span.end} {span.original.hex()} {token}"
@@ -77,24 +83,37 @@ _MODEL_IN_BODY = Problem("missing_model", "This model's provider reads the model
 
 
 @dataclass(frozen=True)
-class Route:
-    deployment: Deployment
-    provider: providers.Provider
+class Fixed:
+    """What every allow to one route shares, built once at load."""
+
     upstream: providers.Upstream
     headers: Headers
     headers_to_remove: tuple[str, ...]
     route_id: str  # also the "deployment" of the dynamic metadata
-    prefix: bytes  # the CheckResponse part every allow to this route shares, encoded at load
+    prefix: bytes  # those headers as the CheckResponse part every allow to this route starts with
+
+
+def _fixed(upstream: providers.Upstream, route_id: str, credential: Headers,
+           per_request: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The fields of ``Fixed`` for one upstream and its fixed headers."""
+    headers, remove = _static_headers(upstream, credential, per_request)
+    return {"upstream": upstream, "headers": headers, "headers_to_remove": remove, "route_id": route_id,
+            "prefix": allow_prefix(headers, remove)}
+
+
+@dataclass(frozen=True)
+class Route(Fixed):
+    deployment: Deployment
+    provider: providers.Provider
 
     @classmethod
     def of(cls, d: Deployment) -> "Route":
         provider = providers.provider(d.provider)
-        upstream = providers.upstream(d.api_base)
         credential = (provider.credential(d.api_key),) if d.api_key else ()
         if d.organization and provider.takes_organization:
             credential += (("openai-organization", d.organization),)
-        headers, remove = _static_headers(upstream, credential, (SPLICE_HEADER,))
-        return cls(d, provider, upstream, headers, remove, d.name, allow_prefix(headers, remove))
+        return cls(**_fixed(providers.upstream(d.api_base), d.name, credential, (SPLICE_HEADER,)),
+                   deployment=d, provider=provider)
 
     @property
     def api_format(self) -> str:
@@ -147,21 +166,15 @@ class Route:
 
 
 @dataclass(frozen=True)
-class PassThroughRoute:
+class PassThroughRoute(Fixed):
     """An operator-declared path forwarded to a fixed target with key authentication only."""
 
     config: PassThroughConfig
-    upstream: providers.Upstream
-    headers: Headers
-    headers_to_remove: tuple[str, ...]
-    route_id: str  # also the "deployment" of the dynamic metadata
-    prefix: bytes  # the CheckResponse part every allow to this route shares, encoded at load
 
     @classmethod
     def of(cls, c: PassThroughConfig) -> "PassThroughRoute":
-        upstream = providers.upstream(c.target)
-        headers, remove = _static_headers(upstream, c.headers + ((SPLICE_HEADER, NO_SPLICE),))
-        return cls(c, upstream, headers, remove, f"pass_through:{c.path}", allow_prefix(headers, remove))
+        return cls(**_fixed(providers.upstream(c.target), f"pass_through:{c.path}",
+                            c.headers + ((SPLICE_HEADER, NO_SPLICE),)), config=c)
 
     def forward_headers(self, facts: Facts, capture: str | None = None) -> Headers | Problem:
         request = facts.endpoint

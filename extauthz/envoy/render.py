@@ -39,8 +39,10 @@ ADMIN_PATHS = ("/v1/models", "/models")
 # Gemini's calls on its v1 path, which the admin API's /v1/models/ prefix would take.
 GEMINI_V1_CALL = r"^/v1/models/[^/:]+:(generateContent|streamGenerateContent)$"  # matched without the query
 ADMIN_PREFIXES = ("/key/", "/team/", "/model/", "/v1/models/", "/models/", "/health/")
-# The admin API checks the master key itself, and its JSON bodies are not LLM requests.
-ADMIN_DISABLED_FILTERS = (EXT_AUTHZ_FILTER, SPLICE_FILTER)
+# Routes the sidecar is not asked about: the admin API checks the master key itself (its
+# JSON bodies are not LLM requests), and a request with no key at all is refused by Envoy.
+UNCHECKED_ROUTE_FILTERS = {name: {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}
+                           for name in (EXT_AUTHZ_FILTER, SPLICE_FILTER)}
 # Dynamic metadata the sidecar returns on a decision (see policy.py).
 EXT_AUTHZ_METADATA = ("key_alias", "key_hash", "team_id", "model", "deployment")
 
@@ -255,7 +257,6 @@ def _route_config() -> dict[str, Any]:
 def _no_credential_route() -> dict[str, Any]:
     """A request that carries no key at all is answered here, before Envoy buffers its
     body or asks the sidecar: a flood without keys costs the sidecar nothing."""
-    disabled = _typed("envoy.config.route.v3.FilterConfig", disabled=True)
     absent = [{"name": h, "present_match": True, "invert_match": True} for h in providers.CLIENT_KEY_HEADERS]
     return {
         "match": {"prefix": "/", "headers": absent},
@@ -263,16 +264,15 @@ def _no_credential_route() -> dict[str, Any]:
             Deny(401, MISSING_KEY.code, MISSING_KEY.message))}},
         "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"},
                                      "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
-        "typed_per_filter_config": {name: disabled for name in ADMIN_DISABLED_FILTERS},
+        "typed_per_filter_config": UNCHECKED_ROUTE_FILTERS,
     }
 
 
 def _admin_route(match: dict[str, str]) -> dict[str, Any]:
-    disabled = _typed("envoy.config.route.v3.FilterConfig", disabled=True)
     return {
         "match": match,
         "route": {"cluster": ADMIN_CLUSTER},
-        "typed_per_filter_config": {name: disabled for name in ADMIN_DISABLED_FILTERS},
+        "typed_per_filter_config": UNCHECKED_ROUTE_FILTERS,
         # No ext_authz here to overwrite them, so a client's values are dropped.
         "request_headers_to_remove": list(INTERNAL_HEADERS),
     }
