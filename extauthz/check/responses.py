@@ -63,8 +63,17 @@ def _metadata_part(items: tuple) -> bytes:
     return response.SerializeToString()
 
 
+def metadata_part(metadata: dict[str, str] | None) -> bytes:
+    """``metadata`` as a CheckResponse holding only ``dynamic_metadata``."""
+    if not metadata:
+        return b""
+    items = tuple(metadata.items())
+    return _METADATA.get(items, lambda: _metadata_part(items))
+
+
 # Most allows repeat the same path and model headers, a key's metadata repeats for all
-# its calls to one model, and a refused call is usually refused again the same way.
+# its calls to one model, and a refused call is usually refused again the same way (its
+# metadata, the key's, is appended to the refusal).
 _HEADERS: Memo[bytes] = Memo(8192)
 _METADATA: Memo[bytes] = Memo(8192)
 _DENIES: Memo[bytes] = Memo(8192)
@@ -72,9 +81,7 @@ _DENIES: Memo[bytes] = Memo(8192)
 
 def allow_bytes(allow: Allow) -> bytes:
     headers = allow.dynamic_headers
-    items = tuple(allow.metadata.items())
-    return (allow.route.prefix + _HEADERS.get(headers, lambda: _headers_part(headers))
-            + _METADATA.get(items, lambda: _metadata_part(items)))
+    return allow.route.prefix + _HEADERS.get(headers, lambda: _headers_part(headers)) + metadata_part(allow.metadata)
 
 
 def error_body(deny: Deny) -> str:
@@ -83,8 +90,8 @@ def error_body(deny: Deny) -> str:
 
 
 def deny_bytes(deny: Deny) -> bytes:
-    key = (deny.status, deny.code, deny.message, deny.param, tuple((deny.metadata or {}).items()))
-    return _DENIES.get(key, lambda: _deny_bytes(deny))
+    key = (deny.status, deny.code, deny.message, deny.param)
+    return _DENIES.get(key, lambda: _deny_bytes(deny)) + metadata_part(deny.metadata)
 
 
 def _deny_bytes(deny: Deny) -> bytes:
@@ -93,5 +100,4 @@ def _deny_bytes(deny: Deny) -> bytes:
         status=status_pb2.Status(code=grpc_code, message=deny.code),
         denied_response=external_auth_pb2.DeniedHttpResponse(
             status=http_status_pb2.HttpStatus(code=deny.status), headers=[JSON_CONTENT_TYPE], body=error_body(deny)))
-    _with_metadata(response, deny.metadata)
     return response.SerializeToString()
