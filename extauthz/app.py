@@ -81,9 +81,23 @@ class RuntimeBox:
         self.reloads += 1
         metrics.CONFIG_RELOADS.labels("ok").inc()
         log.info("config reloaded from %s: %d deployments", old.path, len(new.deployments))
+        report_config(new)
 
     def stats(self) -> dict[str, int]:
         return {"reloads": self.reloads, "reload_failures": self.reload_failures}
+
+
+def report_config(config: Config) -> None:
+    """What the operator must know of a config that loaded: deployments the gateway cannot
+    route, and settings deciding access that it does not enforce (each request relying on
+    them is refused)."""
+    routable = len(config.routable)
+    metrics.count_deployments(routable, len(config.deployments) - routable)
+    for d in config.deployments:
+        if not d.routable:
+            log.warning("deployment %s is not routable: %s", d.name, d.unavailable)
+    for setting, effect in config.unenforced:
+        log.error("config: general_settings.%s is not enforced by extauthz: %s", setting, effect)
 
 
 def metrics_app() -> web.Application:
@@ -128,6 +142,7 @@ class App:
         s = self.settings = config.settings
         self.config, self.reuse_port = config, reuse_port
         self.runtime = RuntimeBox(Runtime.of(config))
+        report_config(config)
         self.cache = RecordCache(s.cache_max_entries, s.cache_negative_ttl_s, s.max_stale_s)
         try:
             self.store = RedisReader(s.redis_url, s.redis_timeout_ms, s.key_prefix)

@@ -1,4 +1,4 @@
-"""Command line: ``extauthz serve`` and ``extauthz envoy-config``."""
+"""Command line: ``extauthz serve``, ``extauthz check-config`` and ``extauthz envoy-config``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 
-from extauthz import config as config_module
+from extauthz import config as config_module, providers
 from extauthz.telemetry import logs
 from extauthz.config import Config, ConfigError
 
@@ -28,6 +28,11 @@ def parser() -> argparse.ArgumentParser:
                                             "any free port)")
     serve.add_argument("--log-level", default="INFO")
 
+    check = sub.add_parser("check-config", help="load the config and report what the gateway makes of it")
+    check.add_argument("--config", required=True)
+    check.add_argument("--strict", action="store_true",
+                       help="also exit 1 when a deployment is unavailable or a setting is not enforced")
+
     render = sub.add_parser("envoy-config", help="print an Envoy bootstrap for this config")
     render.add_argument("--config", required=True)
     render.add_argument("--listen-port", type=int)
@@ -45,12 +50,15 @@ def with_overrides(config: Config, **overrides: object) -> Config:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        config = config_module.load(args.config, require_secrets=args.command == "serve")
+        # Rendering Envoy's config needs no credentials; serving and checking read them.
+        config = config_module.load(args.config, require_secrets=args.command != "envoy-config")
     except ConfigError as e:
         print(f"extauthz: invalid config: {e}", file=sys.stderr)
         return 2
     logs.setup(getattr(args, "log_level", "WARNING"), config.settings.log_format)
     log = logging.getLogger("extauthz")
+    if args.command == "check-config":
+        return check_config(config, args.strict)
     for warning in config.warnings:
         log.warning("config: %s", warning)
 
@@ -77,6 +85,33 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot start: %s", e)  # one line, no traceback: the cause is all there is to say
         return exit_now(1)
     return exit_now(0)
+
+
+def check_config(config: Config, strict: bool) -> int:
+    """One line per deployment, the access groups, then what is not used or enforced."""
+    out = sys.stdout
+    out.write(f"config {config.path}: loads\n")
+    for d in config.deployments:
+        where = providers.upstream(d.api_base).authority if d.routable else "-"
+        state = "routable" if d.routable else f"NOT ROUTABLE: {d.unavailable}"
+        out.write(f"deployment {d.name}  provider={d.provider}  upstream={where}  {state}\n")
+    groups: dict[str, list[str]] = {}
+    for d in config.deployments:
+        for g in d.access_groups:
+            if d.model_name not in groups.setdefault(g, []):
+                groups[g].append(d.model_name)
+    for g, names in sorted(groups.items()):
+        out.write(f"access group {g}: {', '.join(names)}\n")
+    for alias in config.aliases:
+        out.write(f"alias {alias.name} -> {alias.target}{' (hidden)' if alias.hidden else ''}\n")
+    for warning in config.warnings:
+        out.write(f"warning: {warning}\n")
+    for setting, effect in config.unenforced:
+        out.write(f"error: general_settings.{setting} is not enforced by extauthz: {effect}\n")
+    unavailable = sum(not d.routable for d in config.deployments)
+    out.write(f"{len(config.deployments)} deployments, {unavailable} not routable, "
+              f"{len(config.unenforced)} settings not enforced\n")
+    return 1 if strict and (unavailable or config.unenforced) else 0
 
 
 def exit_now(code: int) -> int:

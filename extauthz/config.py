@@ -22,12 +22,27 @@ ENV_PREFIX = "os.environ/"
 
 # LiteLLM sections that a config may carry and that this service does not use.
 IGNORED_SECTIONS = frozenset({
-    "litellm_settings", "environment_variables", "callback_settings",
+    "litellm_settings", "callback_settings",
     "guardrails", "credential_list", "mcp_servers", "mcp_aliases", "search_tools",
     "vector_store_registry", "files_settings", "finetune_settings", "assistant_settings",
-    "include", "prompts",
+    "include", "prompts", "model_group_settings",
 })
+USED_SECTIONS = frozenset({"model_list", "general_settings", "router_settings", "extauthz_settings",
+                           "environment_variables"})
 MODEL_ENTRY_KEYS = frozenset({"model_name", "litellm_params", "model_info"})
+# general_settings that decide who may call what and that the gateway does not enforce.
+# Those that admit callers another way (tokens, custom code) admit no one here: such a
+# caller presents no virtual key and is refused. Those that restrict who may call what
+# would be lifted by ignoring them, so while one is set every LLM request is refused.
+ADMITTING_SETTINGS = {
+    "enable_jwt_auth": "JWT callers are refused (401): only virtual keys and the master key are checked",
+    "litellm_jwtauth": "JWT callers are refused (401): only virtual keys and the master key are checked",
+    "custom_auth": "callers admitted by custom auth code are refused (401): only virtual keys are checked",
+    "enable_oauth2_auth": "OAuth2 callers are refused (401): only virtual keys are checked",
+    "enable_oauth2_proxy_auth": "OAuth2-proxy callers are refused (401): only virtual keys are checked",
+}
+RESTRICTING_SETTINGS = ("allowed_routes", "admin_only_routes", "allowed_ips", "enforce_user_param",
+                        "public_routes", "admin_allowed_routes", "user_header_name")
 # litellm_params this service reads; any other parameter is a provider knob it ignores.
 USED_PARAMS = frozenset({"model", "api_key", "api_base", "api_version", "weight", "organization"})
 
@@ -36,6 +51,18 @@ class ConfigError(ValueError):
     def __init__(self, file: str, yaml_path: str, problem: str) -> None:
         self.file, self.yaml_path, self.problem = file, yaml_path, problem
         super().__init__(f"{file}: {yaml_path or '<top>'}: {problem}")
+
+
+class UnsetVariable(ConfigError):
+    """An ``os.environ/NAME`` reference to a variable that is not set."""
+
+    def __init__(self, file: str, where: str, name: str) -> None:
+        super().__init__(file, where, f"environment variable {name} is not set")
+        self.name, self.where = name, where
+
+
+class Unroutable(Exception):
+    """Why the gateway cannot route a deployment (the config still loads)."""
 
 
 def setting(default: Any, *, minimum: float | None = None, maximum: float | None = None,
@@ -98,6 +125,11 @@ class Deployment:
     access_groups: tuple[str, ...]
     weight: float
     organization: str | None = None  # OpenAI's organization header, set by the gateway
+    unavailable: str | None = None   # why the gateway cannot route it (then api_base is "")
+
+    @property
+    def routable(self) -> bool:
+        return self.unavailable is None
 
     @property
     def name(self) -> str:
@@ -134,6 +166,17 @@ class Config:
     warnings: tuple[str, ...] = ()
     aliases: tuple[Alias, ...] = ()
     pass_through: tuple[PassThroughConfig, ...] = ()
+    # Settings that decide who may call what and are not enforced: (setting, what happens).
+    unenforced: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def routable(self) -> tuple[Deployment, ...]:
+        return tuple(d for d in self.deployments if d.routable)
+
+    @property
+    def refuses_all(self) -> tuple[str, ...]:
+        """The restricting settings set: while any is, every LLM request is refused."""
+        return tuple(name for name, _ in self.unenforced if name in RESTRICTING_SETTINGS)
 
 
 def model_call_paths(base_path: str) -> tuple[set[str], tuple[str, ...]]:
@@ -157,7 +200,7 @@ def model_call_reached(target: str, include_subpath: bool, deployments: tuple[De
         return segment
     bases = {""}
     defaults = [p.default_base for p in providers.PROVIDERS.values() if p.default_base]
-    for base in [d.api_base for d in deployments] + defaults:
+    for base in [d.api_base for d in deployments if d.routable] + defaults:
         other = providers.upstream(base)
         if (_host(other.host), other.port) == (_host(upstream.host), upstream.port):
             bases.add(other.base_path.lower())
@@ -225,7 +268,7 @@ class _Parser:
                 return self.environ[name]
             if secret and not self.require_secrets:
                 return None
-            raise self.error(where, f"environment variable {name} is not set")
+            raise UnsetVariable(self.file, where, name)
         return value
 
     def config(self, raw: Any) -> Config:
@@ -233,13 +276,15 @@ class _Parser:
         for key in top:
             if key in IGNORED_SECTIONS:
                 self.warnings.append(f"{key}: LiteLLM section not used by extauthz, ignored")
-            elif key not in ("model_list", "general_settings", "router_settings", "extauthz_settings"):
-                raise self.error(str(key), "unknown top-level key")
+            elif key not in USED_SECTIONS:
+                self.warnings.append(f"{key}: unknown top-level section, ignored")
+        self.apply_environment_variables(top.get("environment_variables"))
         models = top.get("model_list")
         if not isinstance(models, list) or not models:
             raise self.error("model_list", "must be a non-empty list of models")
         deployments = tuple(self.deployment(i, entry) for i, entry in enumerate(models))
         general = self.mapping(top.get("general_settings"), "general_settings")
+        unenforced = self.unenforced(general)
         master_key = self.string(general.get("master_key"), "general_settings.master_key", secret=True)
         if master_key is not None and not master_key:
             raise self.error("general_settings.master_key", "must not be empty")
@@ -251,9 +296,31 @@ class _Parser:
         aliases = self.aliases(router.get("model_group_alias"), {d.model_name for d in deployments})
         pass_through = tuple(self.pass_through(i, e, deployments) for i, e in enumerate(
             self.sequence(general.get("pass_through_endpoints"), "general_settings.pass_through_endpoints")))
-        self.distinct_clusters([d.api_base for d in deployments] + [p.target for p in pass_through])
+        self.distinct_clusters([d.api_base for d in deployments if d.routable] + [p.target for p in pass_through])
         return Config(self.file, deployments, master_key, settings, envoy, tuple(self.warnings), aliases,
-                      pass_through)
+                      pass_through, unenforced)
+
+    def apply_environment_variables(self, raw: Any) -> None:
+        """LiteLLM sets ``environment_variables`` before it reads ``os.environ/`` references
+        (and a value set there wins over the process's own); so do references here. The
+        process environment itself is left alone."""
+        values = self.mapping(raw, "environment_variables")
+        if values:
+            merged = dict(self.environ)
+            for name, value in values.items():
+                merged[str(name)] = self.string(value, f"environment_variables.{name}", secret=True) or ""
+            self.environ = merged
+
+    def unenforced(self, general: dict) -> tuple[tuple[str, str], ...]:
+        out = []
+        for name, effect in ADMITTING_SETTINGS.items():
+            if general.get(name) not in (None, False, "", {}, []):
+                out.append((name, effect))
+        for name in RESTRICTING_SETTINGS:
+            if general.get(name) not in (None, False, "", {}, []):
+                out.append((name, "not enforced by extauthz, so every LLM request is refused (403) while it is "
+                                  "set; remove it, or enforce the rule with keys' and teams' models"))
+        return tuple(out)
 
     def distinct_clusters(self, bases: list[str]) -> None:
         """Envoy routes on the cluster name: two upstreams sharing one would send one's
@@ -328,9 +395,9 @@ class _Parser:
     def deployment(self, index: int, entry: Any) -> Deployment:
         where = f"model_list[{index}]"
         entry = self.mapping(entry, where)
-        for key in entry:
-            if key not in MODEL_ENTRY_KEYS:
-                raise self.error(f"{where}.{key}", "unknown key (expected model_name, litellm_params, model_info)")
+        unused = sorted(str(k) for k in entry if k not in MODEL_ENTRY_KEYS)
+        if unused:  # LiteLLM reads entry-level tpm, rpm and others; the gateway does not
+            self.warnings.append(f"{where}: not used by extauthz: {', '.join(unused)}")
         model_name = self.string(entry.get("model_name"), f"{where}.model_name")
         if not model_name:
             raise self.error(f"{where}.model_name", "is required")
@@ -338,20 +405,10 @@ class _Parser:
         ignored = sorted(str(k) for k in params if k not in USED_PARAMS)
         if ignored:
             self.warnings.append(f"{where}.litellm_params: not used by extauthz: {', '.join(ignored)}")
-        model = self.string(params.get("model"), f"{where}.litellm_params.model")
+        model = self.plain_string(params.get("model"), f"{where}.litellm_params.model")
         if not model:
             raise self.error(f"{where}.litellm_params.model", "is required (provider/model)")
         provider, _, provider_model = model.partition("/") if "/" in model else ("openai", "", model)
-        if not provider_model:
-            raise self.error(f"{where}.litellm_params.model", f"{model!r} names no model after the provider")
-        api_base = self.string(params.get("api_base"), f"{where}.litellm_params.api_base")
-        api_base = api_base or providers.default_base(provider)
-        if not api_base:
-            raise self.error(f"{where}.litellm_params.api_base",
-                             f"is required for provider {provider!r} (no default base URL)")
-        problem = providers.base_problem(api_base)
-        if problem:
-            raise self.error(f"{where}.litellm_params.api_base", problem)
         if "*" in provider_model and "*" not in model_name:
             raise self.error(f"{where}.litellm_params.model", "a wildcard model needs a wildcard model_name")
         weight = params.get("weight", 1)
@@ -361,18 +418,43 @@ class _Parser:
         groups = info.get("access_groups", [])
         if not isinstance(groups, list) or not all(isinstance(g, str) and g for g in groups):
             raise self.error(f"{where}.model_info.access_groups", "must be a list of non-empty strings")
-        return Deployment(
-            index=index,
-            model_name=model_name,
-            provider=provider,
-            provider_model=provider_model,
-            api_base=api_base,
-            api_version=self.string(params.get("api_version"), f"{where}.litellm_params.api_version"),
-            api_key=self.string(params.get("api_key"), f"{where}.litellm_params.api_key", secret=True),
-            access_groups=tuple(groups),
-            weight=float(weight),
-            organization=self.string(params.get("organization"), f"{where}.litellm_params.organization") or None,
-        )
+        deployment = Deployment(index=index, model_name=model_name, provider=provider, provider_model=provider_model,
+                                api_base="", api_version=None, api_key=None, access_groups=tuple(groups),
+                                weight=float(weight))
+        try:
+            return dataclasses.replace(deployment, **self.route_params(where, provider, provider_model, params))
+        except Unroutable as e:  # reported by serve and check-config, with the deployment
+            return dataclasses.replace(deployment, unavailable=str(e))
+
+    def route_params(self, where: str, provider: str, provider_model: str, params: dict) -> dict[str, Any]:
+        """What routing needs of a deployment, or ``Unroutable``: the rest of the config
+        still loads, and this deployment is reported as unavailable."""
+        unsupported = providers.unsupported(provider)
+        if unsupported:
+            raise Unroutable(unsupported)
+        if not provider_model:
+            raise Unroutable(f"{provider + '/'!r} names no model (for azure/: the deployment name)")
+        try:
+            api_base = self.string(params.get("api_base"), f"{where}.litellm_params.api_base")
+            api_key = self.string(params.get("api_key"), f"{where}.litellm_params.api_key", secret=True)
+            api_version = self.string(params.get("api_version"), f"{where}.litellm_params.api_version")
+            organization = self.string(params.get("organization"), f"{where}.litellm_params.organization")
+        except UnsetVariable as e:
+            raise Unroutable(f"environment variable {e.name} ({e.where}) is not set") from None
+        api_base = api_base or providers.default_base(provider)
+        if not api_base:
+            raise Unroutable(f"provider {provider!r} has no default base URL: set litellm_params.api_base")
+        problem = providers.base_problem(api_base)
+        if problem:
+            raise Unroutable(f"litellm_params.api_base: {problem}")
+        return {"api_base": api_base, "api_key": api_key, "api_version": api_version,
+                "organization": organization or None}
+
+    def plain_string(self, value: Any, where: str) -> str | None:
+        try:
+            return self.string(value, where)
+        except UnsetVariable as e:
+            raise self.error(where, f"environment variable {e.name} is not set") from None
 
     def settings(self, section: dict) -> tuple[Settings, EnvoySettings]:
         values: dict[str, Any] = {}

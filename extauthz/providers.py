@@ -43,6 +43,13 @@ def _anthropic_path(base: str, operation: str, model: str, version: str | None) 
     return f"{prefix}/{operation}", ""
 
 
+def _v1_path(base: str, operation: str, model: str, version: str | None) -> tuple[str, str]:
+    """Servers whose OpenAI-compatible API lives under /v1 of the base LiteLLM is given
+    (Ollama: LiteLLM's own ollama/ calls its native API at the same base)."""
+    prefix = base if base.endswith("/v1") else f"{base}/v1"
+    return f"{prefix}/{operation}", ""
+
+
 def _gemini_path(base: str, operation: str, model: str, version: str | None) -> tuple[str, str]:
     prefix = base if base.endswith(("/v1", "/v1beta")) else f"{base}/v1beta"
     return f"{prefix}/models/{quote(model, safe='')}:{operation}", ""
@@ -81,6 +88,25 @@ PROVIDERS: dict[str, Provider] = {
     "fireworks_ai": _openai_compatible("https://api.fireworks.ai/inference/v1"),
     "openrouter": _openai_compatible("https://openrouter.ai/api/v1"),
     "xai": _openai_compatible("https://api.x.ai/v1"),
+    "perplexity": _openai_compatible("https://api.perplexity.ai"),
+    "cerebras": _openai_compatible("https://api.cerebras.ai/v1"),
+    "deepinfra": _openai_compatible("https://api.deepinfra.com/v1/openai"),
+    "nvidia_nim": _openai_compatible("https://integrate.api.nvidia.com/v1"),
+    "sambanova": _openai_compatible("https://api.sambanova.ai/v1"),
+    "ollama": Provider(OPENAI, "authorization", "http://localhost:11434", _v1_path),
+    "ollama_chat": Provider(OPENAI, "authorization", "http://localhost:11434", _v1_path),
+    "lm_studio": Provider(OPENAI, "authorization", "http://localhost:1234", _v1_path),
+}
+# Providers LiteLLM knows that read a format of their own, or sign requests in a way the
+# gateway does not (yet): their deployments load as unavailable, with this reason.
+UNSUPPORTED: dict[str, str] = {
+    **{name: "AWS request signing is not supported yet" for name in (
+        "bedrock", "bedrock_converse", "sagemaker", "sagemaker_chat")},
+    **{name: "Vertex AI's OAuth tokens are not supported yet" for name in ("vertex_ai", "vertex_ai_beta")},
+    **{name: "its API is not OpenAI-, Anthropic- or Gemini-compatible, and the gateway does not translate formats"
+       for name in ("cohere", "cohere_chat", "replicate", "huggingface", "ai21", "nlp_cloud", "aleph_alpha",
+                    "petals", "baseten", "cloudflare", "watsonx", "predibase", "triton", "clarifai",
+                    "oobabooga", "palm", "vllm")},
 }
 # Any other prefix is an OpenAI-compatible server at the deployment's own api_base.
 OTHER = _openai_compatible(None)
@@ -88,6 +114,12 @@ OTHER = _openai_compatible(None)
 
 def provider(name: str) -> Provider:
     return PROVIDERS.get(name, OTHER)
+
+
+def unsupported(name: str) -> str | None:
+    """Why deployments of provider ``name`` cannot be routed, or None."""
+    reason = UNSUPPORTED.get(name)
+    return f"provider {name!r}: {reason}" if reason else None
 
 
 def default_base(name: str) -> str | None:

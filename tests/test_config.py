@@ -50,16 +50,15 @@ def test_environment_overrides_settings(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("doc,yaml_path,problem", [
     ("model_list: [", "", "not valid YAML"),
-    ({"model_lists": [MODEL]}, "model_lists", "unknown top-level key"),
+    ({"model_lists": [MODEL]}, "model_list", "non-empty list"),
     ({"model_list": []}, "model_list", "non-empty list"),
-    ({"model_list": [{**MODEL, "extra": 1}]}, "model_list[0].extra", "unknown key"),
     ({"model_list": [{"litellm_params": MODEL["litellm_params"]}]}, "model_list[0].model_name", "is required"),
-    ({"model_list": [{"model_name": "x", "litellm_params": {"model": "azure/gpt"}}]},
-     "model_list[0].litellm_params.api_base", "is required for provider 'azure'"),
-    ({"model_list": [{"model_name": "x", "litellm_params": {"model": "openai/x", "api_base": "ftp://h"}}]},
-     "model_list[0].litellm_params.api_base", "not an http(s) URL"),
-    ({"model_list": [{"model_name": "x", "litellm_params": {"model": "openai/x", "api_key": "os.environ/NOPE"}}]},
-     "model_list[0].litellm_params.api_key", "NOPE is not set"),
+    ({"model_list": [{"model_name": "x", "litellm_params": {"model": "os.environ/NOPE"}}]},
+     "model_list[0].litellm_params.model", "NOPE is not set"),
+    ({"model_list": [{"model_name": "x", "litellm_params": {"model": "openai/x", "weight": "heavy"}}]},
+     "model_list[0].litellm_params.weight", "positive number"),
+    ({"model_list": [MODEL], "general_settings": {"master_key": "os.environ/NOPE"}}, "general_settings.master_key",
+     "NOPE is not set"),
     ({"model_list": [{**MODEL, "model_info": {"access_groups": "beta"}}]}, "model_list[0].model_info.access_groups",
      "list of non-empty strings"),
     ({"model_list": [{"model_name": "x", "litellm_params": {"model": "openai/*"}}]},
@@ -153,3 +152,63 @@ def test_settings_are_checked_by_what_each_admits() -> None:
                                 ("log_format", "xml", "must be json or text"), ("authz_timeout_ms", 0, "positive")):
         with pytest.raises(ConfigError, match=problem.replace("(", r"\(").replace(")", r"\)")):
             config.from_dict({**base, "extauthz_settings": {key: value}})
+
+
+# --- what LiteLLM loads, this loads ------------------------------------------------------------
+
+LITELLM_STYLE = {
+    "model_list": [
+        {"model_name": "gpt-4o", "litellm_params": {"model": "openai/gpt-4o", "api_key": "os.environ/OPENAI_API_KEY"},
+         "tpm": 100000, "rpm": 1000, "model_info": {"mode": "chat", "base_model": "gpt-4o", "id": "x"}},
+        {"model_name": "llama2", "litellm_params": {"model": "ollama/llama2"}},
+        {"model_name": "claude", "litellm_params": {"model": "bedrock/anthropic.claude-3-sonnet",
+                                                   "aws_region_name": "us-east-1"}},
+        {"model_name": "gpt-4o", "litellm_params": {"model": "azure/", "api_base": "https://x.openai.azure.com"}},
+        {"model_name": "gpt-4o", "litellm_params": {"model": "openai/gpt-4o", "api_key": "os.environ/UNSET_KEY"}},
+        {"model_name": "mine", "litellm_params": {"model": "mycloud/mine"}},
+        {"model_name": "bad-url", "litellm_params": {"model": "openai/x", "api_base": "ftp://h"}},
+        {"model_name": "sonar", "litellm_params": {"model": "perplexity/sonar"}},
+        {"model_name": "3.5", "litellm_params": {"model": "gpt-3.5-turbo"}},
+    ],
+    "litellm_settings": {"success_callback": ["langfuse"], "drop_params": True},
+    "router_settings": {"routing_strategy": "usage-based-routing-v2", "redis_host": "x"},
+    "environment_variables": {"OPENAI_API_KEY": "sk-from-config"},
+    "general_settings": {"master_key": "sk-m", "database_url": "postgres://x", "alerting": ["slack"]},
+    "some_future_section": {"a": 1},
+}
+
+
+def test_a_litellm_config_with_what_the_gateway_cannot_route_loads(tmp_path: Path) -> None:
+    c = config.load(write(tmp_path, LITELLM_STYLE), environ={"OPENAI_API_KEY": "sk-from-process"})
+    by_index = {d.index: d for d in c.deployments}
+    # environment_variables are applied before references are read, and win, as in LiteLLM
+    assert by_index[0].routable and by_index[0].api_key == "sk-from-config"
+    assert by_index[1].routable and by_index[1].api_base == "http://localhost:11434"   # LiteLLM's default
+    assert by_index[7].api_base == "https://api.perplexity.ai" and by_index[8].provider == "openai"
+    reasons = {i: by_index[i].unavailable for i in (2, 3, 4, 5, 6)}
+    assert "AWS request signing" in reasons[2]
+    assert "names no model" in reasons[3]
+    assert "UNSET_KEY" in reasons[4] and "UNSET_KEY" not in repr(by_index[4].api_key)
+    assert "no default base URL" in reasons[5]
+    assert "http(s)" in reasons[6]
+    assert all(by_index[i].api_base == "" and by_index[i].api_key is None for i in reasons)
+    text = "\n".join(c.warnings)
+    for expected in ("rpm, tpm", "some_future_section", "litellm_settings", "aws_region_name"):
+        assert expected in text
+    assert c.unenforced == ()
+
+
+def test_settings_that_decide_access_and_are_not_enforced_are_named(tmp_path: Path) -> None:
+    doc = {"model_list": [MODEL], "general_settings": {"enable_jwt_auth": True, "allowed_ips": ["10.0.0.1"],
+                                                       "custom_auth": None, "allowed_routes": []}}
+    c = config.load(write(tmp_path, doc), environ={"OPENAI_API_KEY": "x"})
+    assert [name for name, _ in c.unenforced] == ["enable_jwt_auth", "allowed_ips"]
+    assert c.refuses_all == ("allowed_ips",)
+
+
+def test_only_routable_deployments_get_an_envoy_cluster(tmp_path: Path) -> None:
+    from extauthz.envoy.render import render
+    c = config.load(write(tmp_path, LITELLM_STYLE), environ={})
+    clusters = {cl["name"] for cl in render(c)["static_resources"]["clusters"]}
+    assert "upstream_http_localhost_11434" in clusters and "upstream_https_api_perplexity_ai_443" in clusters
+    assert not any("azure" in name or "amazonaws" in name for name in clusters)

@@ -307,3 +307,33 @@ def test_canonical_name():
 @pytest.mark.parametrize("model", ["openai/\uff4f1-mini", "openai/\U0001d428\U0001d7cf-mini"])
 def test_compatibility_forms_of_a_restricted_name_are_refused(model):
     assert outcome(run(key(["default-models"]), f=facts(model))) == (400, "invalid_model")
+
+
+# --- deployments the gateway cannot route ---------------------------------------------------------
+
+MIXED = Runtime.of(from_dict({"model_list": [
+    deployment("claude", "bedrock/anthropic.claude-3"),                        # unroutable
+    deployment("claude", "anthropic/claude-3-5-sonnet", base="https://api.anthropic.com"),
+    deployment("titan", "bedrock/amazon.titan"),                               # unroutable only
+    deployment("gpt-4o", "openai/gpt-4o", key="os.environ/EXTAUTHZ_TEST_UNSET_VARIABLE"),
+]}))
+
+
+def test_a_model_group_serves_from_its_routable_deployments_only() -> None:
+    for draw in (0.0, 0.3, 0.99):
+        d = decide(facts("claude", path="/v1/messages"), key(), None, MIXED.catalog, NOW, draw)
+        assert isinstance(d, Allow) and d.route.deployment.provider == "anthropic"
+
+
+@pytest.mark.parametrize("model,reason", [("titan", "AWS request signing"),
+                                          ("gpt-4o", "EXTAUTHZ_TEST_UNSET_VARIABLE")])
+def test_a_model_with_no_routable_deployment_is_a_503_naming_why(model: str, reason: str) -> None:
+    d = decide(facts(model), key(), None, MIXED.catalog, NOW)
+    assert isinstance(d, Deny) and (d.status, d.code, d.type) == (503, "deployment_unavailable",
+                                                                  "service_unavailable_error")
+    assert reason in d.message
+
+
+def test_a_caller_not_allowed_the_model_still_gets_403_not_the_reason() -> None:
+    d = decide(facts("titan"), key(["claude"]), None, MIXED.catalog, NOW)
+    assert isinstance(d, Deny) and d.status == 403 and "AWS" not in d.message

@@ -308,9 +308,10 @@ class AdminApi:
 
     async def model_info(self, request: web.Request) -> web.Response:
         data = [{"model_name": d.model_name,
-                 "litellm_params": {"model": f"{d.provider}/{d.provider_model}", "api_base": d.api_base,
+                 "litellm_params": {"model": f"{d.provider}/{d.provider_model}", "api_base": d.api_base or None,
                                     "api_version": d.api_version, "weight": d.weight},
-                 "model_info": {"id": d.name, "access_groups": list(d.access_groups)}}
+                 "model_info": {"id": d.name, "access_groups": list(d.access_groups), "routable": d.routable,
+                                **({"reason": d.unavailable} if not d.routable else {})}}
                 for d in self.runtime().config.deployments]
         return web.json_response({"data": data})
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import unicodedata
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 from extauthz.config import Alias, Deployment, PassThroughConfig
 from extauthz.check.memo import Memo
@@ -52,6 +52,10 @@ class ModelGroup:
     def is_pattern(self) -> bool:
         return "*" in self.name
 
+    @cached_property
+    def routable_deployments(self) -> tuple[Deployment, ...]:
+        return tuple(d for d in self.deployments if d.routable)
+
 
 @dataclass(frozen=True)
 class Resolution:
@@ -84,7 +88,7 @@ class Catalog:
                 members.setdefault(access_group, []).append(group.name)
         self.access_groups: dict[str, tuple[str, ...]] = {k: tuple(v) for k, v in members.items()}
         self.aliases: dict[str, Alias] = {a.name: a for a in aliases}
-        self.routes: dict[int, Route] = {d.index: Route.of(d) for d in deployments}
+        self.routes: dict[int, Route] = {d.index: Route.of(d) for d in deployments if d.routable}
         self.pass_through: tuple[PassThroughRoute, ...] = tuple(PassThroughRoute.of(c) for c in pass_through)
         self.resolve = lru_cache(maxsize=65536)(self._resolve)
         # Case-insensitive views for variant_of: a casefolded name can stand for several

@@ -132,7 +132,12 @@ def authorize(facts: Facts, key: KeyRecord, team: TeamRecord | None, catalog: Ca
         return _model_denied(model, "not allowed", key, team, False, catalog, meta)
     if team is not None and not list_admits(team.models, resolution):
         return _model_denied(model, "not allowed", key, team, True, catalog, meta)
-    route = catalog.routes[_pick(resolution, draw)]
+    index = _pick(resolution, draw)
+    if index is None:
+        reasons = sorted({d.unavailable or "" for d in resolution.group.deployments})
+        return Deny(503, "deployment_unavailable", f"Model {model!r} has no deployment this gateway can route: "
+                    f"{'; '.join(reasons)}.", "model", meta)
+    route = catalog.routes[index]
     meta["deployment"] = route.route_id
     return Grant(route, resolution.capture, meta)
 
@@ -161,10 +166,11 @@ def _model_denied(model: str, why: str, key: KeyRecord, team: TeamRecord | None,
                 "model", meta)
 
 
-def _pick(resolution: Resolution, draw: float) -> int:
-    deployments = resolution.group.deployments
-    if len(deployments) == 1:
-        return deployments[0].index
+def _pick(resolution: Resolution, draw: float) -> int | None:
+    """A routable deployment of the group, by weight; None when it has none."""
+    deployments = resolution.group.routable_deployments
+    if len(deployments) <= 1:
+        return deployments[0].index if deployments else None
     point = draw * sum(d.weight for d in deployments)
     for d in deployments:
         point -= d.weight

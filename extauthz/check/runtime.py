@@ -7,6 +7,7 @@ import hmac
 from dataclasses import dataclass
 
 from extauthz.check.catalog import Catalog
+from extauthz.check.decision import Deny
 from extauthz.config import Config
 from extauthz.records.record import hash_token
 from extauthz.check.request import PassThroughPaths
@@ -18,13 +19,21 @@ class Runtime:
     catalog: Catalog
     master_hash: str | None
     pass_through: PassThroughPaths
+    # Set while the config holds a setting that restricts callers and is not enforced:
+    # every LLM request gets this refusal instead of being let through past the rule.
+    refusal: Deny | None = None
 
     @classmethod
     def of(cls, config: Config) -> "Runtime":
         master = hash_token(config.master_key) if config.master_key else None
         catalog = Catalog(config.deployments, config.aliases, config.pass_through)
         paths = PassThroughPaths(tuple((c.path, c.include_subpath) for c in config.pass_through))
-        return cls(config, catalog, master, paths)
+        refusal = None
+        if config.refuses_all:
+            names = ", ".join(f"general_settings.{n}" for n in config.refuses_all)
+            refusal = Deny(403, "unenforced_setting", f"This gateway's config sets {names}, which it does not "
+                           "enforce; every model request is refused until the operator removes it.")
+        return cls(config, catalog, master, paths, refusal)
 
     def is_master(self, token_hash: str) -> bool:
         # Comparing digests in constant time keeps the master key's prefix from leaking by timing.

@@ -125,6 +125,8 @@ class AuthorizationService:
         denied = authenticate(facts, key, team, now)
         if denied is not None:
             return denied
+        if runtime.refusal is not None:
+            return runtime.refusal
         body = body_of(request)
         if len(body) <= INLINE_BODY_BYTES:
             facts = with_body(facts, body)

@@ -14,7 +14,7 @@ import asyncio
 from bisect import bisect_left
 from typing import Callable
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 SYNC_INTERVAL_S = 1.0
@@ -34,7 +34,14 @@ STALE_DECISIONS = Counter("extauthz_stale_decisions_total",
 REDIS_ERRORS = Counter("extauthz_redis_errors_total", "Redis lookups that failed or timed out")
 REDIS_RECONNECTS = Counter("extauthz_redis_reconnects_total", "Reconnections of the invalidation channel")
 CONFIG_RELOADS = Counter("extauthz_config_reloads_total", "Config reloads", ["result"])  # ok, failed
+DEPLOYMENTS = Gauge("extauthz_deployments", "Deployments in the config, by whether the gateway can route them",
+                    ["routable"], multiprocess_mode="max")
 ADMIN_REQUESTS = Counter("extauthz_admin_requests_total", "Admin API requests", ["route", "status"])
+
+
+def count_deployments(routable: int, unavailable: int) -> None:
+    DEPLOYMENTS.labels("true").set(routable)
+    DEPLOYMENTS.labels("false").set(unavailable)
 
 
 class CheckMetrics:

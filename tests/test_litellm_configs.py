@@ -1,0 +1,132 @@
+"""LiteLLM configs as teams bring them: they load, what cannot be routed is reported, not fatal."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import yaml
+
+from tests.conftest import Gateway
+from tests.harness import ROOT, http, start_stack
+
+MASTER = "sk-litellm-master"
+
+
+def litellm_config(upstream_port: int) -> dict:
+    base = f"http://127.0.0.1:{upstream_port}/v1"
+    return {
+        "model_list": [
+            {"model_name": "gpt-4o", "litellm_params": {"model": "openai/gpt-4o", "api_base": base,
+                                                       "api_key": "os.environ/LITELLM_TEST_OPENAI_KEY"},
+             "tpm": 100000, "rpm": 1000, "model_info": {"mode": "chat", "input_cost_per_token": 0.000005}},
+            # the same model group through Bedrock: not routable; the OpenAI one keeps serving
+            {"model_name": "gpt-4o", "litellm_params": {"model": "bedrock/anthropic.claude-3-sonnet",
+                                                       "aws_region_name": "us-east-1"}},
+            {"model_name": "titan", "litellm_params": {"model": "bedrock/amazon.titan-text-express-v1"}},
+            {"model_name": "ghost", "litellm_params": {"model": "openai/ghost", "api_base": base,
+                                                      "api_key": "os.environ/LITELLM_TEST_UNSET_KEY"}},
+        ],
+        "litellm_settings": {"success_callback": ["langfuse"], "drop_params": True, "num_retries": 3},
+        "router_settings": {"routing_strategy": "usage-based-routing-v2", "enable_pre_call_checks": True},
+        "environment_variables": {"LITELLM_TEST_OPENAI_KEY": "sk-upstream-from-config"},
+        "general_settings": {"master_key": MASTER, "database_url": "postgresql://user:pw@db/litellm",
+                             "enable_jwt_auth": True},
+    }
+
+
+@pytest.fixture(scope="module")
+def litellm_gateway(workdir: Path, redis_port: int, upstream_port: int) -> Iterator[Gateway]:
+    path = workdir / "litellm-style.yaml"
+    path.write_text(yaml.safe_dump(litellm_config(upstream_port), sort_keys=False))
+    stack = start_stack(workdir, path, f"redis://127.0.0.1:{redis_port}/9")
+    gateway = Gateway(stack.envoy, upstream_port)
+    gateway.sidecar = stack.sidecar  # type: ignore[attr-defined]
+    try:
+        yield gateway
+    finally:
+        stack.stop()
+    log = stack.sidecar.proc.log_text()
+    assert "deployment 1:gpt-4o is not routable: provider 'bedrock': AWS request signing" in log
+    assert "general_settings.enable_jwt_auth is not enforced" in log and '"level": "error"' in log
+    assert "sk-upstream-from-config" not in log
+
+
+def test_what_cannot_be_routed_is_listed_in_model_info(litellm_gateway: Gateway) -> None:
+    r = http("GET", litellm_gateway.envoy.url + "/model/info", headers={"Authorization": f"Bearer {MASTER}"})
+    assert r.status == 200
+    info = {d["model_info"]["id"]: d["model_info"] for d in r.json()["data"]}
+    assert info["0:gpt-4o"]["routable"] is True and "reason" not in info["0:gpt-4o"]
+    assert info["1:gpt-4o"]["routable"] is False and "AWS request signing" in info["1:gpt-4o"]["reason"]
+    assert "LITELLM_TEST_UNSET_KEY" in info["3:ghost"]["reason"]
+
+
+def test_a_model_with_routable_deployments_keeps_serving(litellm_gateway: Gateway) -> None:
+    g = litellm_gateway
+    key = g.admin("/key/generate", {"models": ["gpt-4o", "titan", "ghost"]}, key=MASTER).json()["key"]
+    g.forget_upstream()
+    for _ in range(6):  # weights are equal: a pick among all deployments would hit Bedrock
+        r = g.chat(key, "gpt-4o")
+        assert r.status == 200, r.text
+    seen = g.upstream_seen()
+    assert len(seen) == 6 and {s["headers"]["authorization"] for s in seen} == {"Bearer sk-upstream-from-config"}
+
+
+@pytest.mark.parametrize("model,reason", [("titan", "AWS request signing"), ("ghost", "LITELLM_TEST_UNSET_KEY")])
+def test_a_model_with_none_is_a_503_naming_why(litellm_gateway: Gateway, model: str, reason: str) -> None:
+    g = litellm_gateway
+    key = g.admin("/key/generate", {"models": [model]}, key=MASTER).json()["key"]
+    g.forget_upstream()
+    r = g.chat(key, model)
+    assert r.status == 503 and r.json()["error"]["code"] == "deployment_unavailable"
+    assert reason in r.json()["error"]["message"]
+    assert g.upstream_seen() == []
+
+
+def test_the_count_of_unroutable_deployments_is_a_metric(litellm_gateway: Gateway) -> None:
+    metrics_port = litellm_gateway.sidecar.metrics_port  # type: ignore[attr-defined]
+    text = http("GET", f"http://127.0.0.1:{metrics_port}/metrics").text
+    assert 'extauthz_deployments{routable="false"} 3.0' in text
+    assert 'extauthz_deployments{routable="true"} 1.0' in text
+
+
+def test_envoy_gets_no_cluster_for_what_cannot_be_routed(litellm_gateway: Gateway) -> None:
+    clusters = yaml.safe_load(litellm_gateway.envoy.config.read_text())["static_resources"]["clusters"]
+    assert not any("amazonaws" in str(c) or "bedrock" in str(c) for c in clusters)
+
+
+def test_a_jwt_caller_is_refused_while_enable_jwt_auth_is_not_enforced(litellm_gateway: Gateway) -> None:
+    jwt_like = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ1In0.c2ln"
+    r = litellm_gateway.chat(jwt_like, "gpt-4o")
+    assert r.status == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+def check_config(path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "extauthz", "check-config", "--config", str(path), *args],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)
+
+
+def test_check_config_reports_each_deployment_and_what_is_not_enforced(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(litellm_config(8081)))
+    done = check_config(path)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "deployment 0:gpt-4o  provider=openai  upstream=127.0.0.1:8081  routable" in lines
+    assert any(line.startswith("deployment 2:titan  provider=bedrock  upstream=-  NOT ROUTABLE: provider "
+                               "'bedrock': AWS request signing") for line in lines)
+    assert any(line.startswith("error: general_settings.enable_jwt_auth is not enforced") for line in lines)
+    assert any(line.startswith("warning: model_list[0]: not used by extauthz: rpm, tpm") for line in lines)
+    assert lines[-1] == "4 deployments, 3 not routable, 1 settings not enforced"
+    assert "sk-upstream-from-config" not in done.stdout + done.stderr
+    assert check_config(path, "--strict").returncode == 1
+
+
+def test_check_config_exits_2_on_a_config_that_does_not_load(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("model_list: [")
+    done = check_config(path)
+    assert done.returncode == 2 and "not valid YAML" in done.stderr
