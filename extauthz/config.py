@@ -126,6 +126,8 @@ class Deployment:
     weight: float
     organization: str | None = None  # OpenAI's organization header, set by the gateway
     unavailable: str | None = None   # why the gateway cannot route it (then api_base is "")
+    # model_info as written (mode, pricing, token limits...), for /model_group/info.
+    info: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=False, repr=False)
 
     @property
     def routable(self) -> bool:
@@ -420,7 +422,7 @@ class _Parser:
             raise self.error(f"{where}.model_info.access_groups", "must be a list of non-empty strings")
         deployment = Deployment(index=index, model_name=model_name, provider=provider, provider_model=provider_model,
                                 api_base="", api_version=None, api_key=None, access_groups=tuple(groups),
-                                weight=float(weight))
+                                weight=float(weight), info={str(k): v for k, v in info.items()})
         try:
             return dataclasses.replace(deployment, **self.route_params(where, provider, provider_model, params))
         except Unroutable as e:  # reported by serve and check-config, with the deployment

@@ -37,7 +37,7 @@ model_list:
     litellm_params: {model: openai/llama, api_base: "http://llm.internal:8000/v1"}
 """
 
-ADMIN_PATHS = ["/v1/models", "/models"]
+ADMIN_PATHS = ["/v1/models", "/models", "/v1/model/info", "/model_group/info"]
 ADMIN_PREFIXES = ["/key/", "/team/", "/model/", "/v1/models/", "/models/", "/health/"]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +12,13 @@ from typing import Iterator
 import pytest
 import yaml
 
+from extauthz.check.runtime import Runtime
+from extauthz.check.service import AuthorizationService
+from extauthz.config import from_dict
+from extauthz.proto.envoy.service.auth.v3.external_auth_pb2 import CheckResponse
+from extauthz.records.record import KeyRecord
 from tests.conftest import Gateway
-from tests.harness import ROOT, http, start_stack
+from tests.harness import ROOT, check_request, http, start_stack
 
 MASTER = "sk-litellm-master"
 
@@ -130,3 +137,30 @@ def test_check_config_exits_2_on_a_config_that_does_not_load(tmp_path: Path) -> 
     path.write_text("model_list: [")
     done = check_config(path)
     assert done.returncode == 2 and "not valid YAML" in done.stderr
+
+
+class OneKeyReader:
+    """Every presented key is a key that may call every model."""
+
+    async def get_key(self, token_hash: str) -> KeyRecord:
+        return KeyRecord(token_hash, "any", (), None, None, False)
+
+    async def get_team(self, team_id: str) -> None:
+        return None
+
+
+def test_a_restricting_setting_not_enforced_refuses_every_model_request() -> None:
+    runtime = Runtime.of(from_dict({"model_list": [{"model_name": "m", "litellm_params": {
+        "model": "openai/m", "api_base": "http://upstream:8000/v1"}}],
+        "general_settings": {"master_key": "sk-master", "allowed_ips": ["10.0.0.7"]}}))
+    service = AuthorizationService(lambda: runtime, OneKeyReader())
+    body = json.dumps({"model": "m", "messages": []}).encode()
+    try:
+        for key in ("sk-any-key", "sk-master"):
+            request = check_request({"authorization": f"Bearer {key}", "content-type": "application/json"}, body)
+            response = CheckResponse.FromString(asyncio.run(service.Check(request, None)))
+            assert response.denied_response.status.code == 403
+            error = json.loads(response.denied_response.body)["error"]
+            assert error["code"] == "unenforced_setting" and "general_settings.allowed_ips" in error["message"]
+    finally:
+        service.close()

@@ -1,6 +1,6 @@
 """The admin HTTP API, compatible with LiteLLM's key and team management routes.
 
-Every route but /v1/models and /health/* needs the master key. Errors use the same
+Every route but /v1/models, /model_group/info and /health/* needs the master key. Errors use the same
 JSON shape as the gateway's denies.
 """
 
@@ -34,7 +34,11 @@ log = logging.getLogger("extauthz.admin")
 
 MAX_BODY_BYTES = 1024 * 1024
 HASH = re.compile(r"[0-9a-f]{64}")
-OPEN_ROUTES = ("/v1/models", "/models", "/health/")
+OPEN_ROUTES = ("/v1/models", "/models", "/model_group/info", "/health/")
+# model_info fields /model_group/info reports, as LiteLLM names them.
+GROUP_INFO_FIELDS = ("mode", "input_cost_per_token", "output_cost_per_token", "max_tokens", "max_input_tokens",
+                     "max_output_tokens", "supports_function_calling", "supports_vision",
+                     "supports_parallel_function_calling", "supports_reasoning")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -97,6 +101,8 @@ class AdminApi:
         get("/team/info", self.team_info)
         get("/team/list", self.team_list)
         get("/model/info", self.model_info)
+        get("/v1/model/info", self.model_info)  # LiteLLM serves both (its CLI calls this one)
+        get("/model_group/info", self.model_group_info)
         for prefix in ("/v1", ""):
             get(f"{prefix}/models", self.models)
             get(prefix + "/models/{model_id:.+}", self.model)
@@ -241,6 +247,12 @@ class AdminApi:
 
     async def key_list(self, request: web.Request) -> web.Response:
         docs = await self.store.list_keys(request.query.get("team_id") or None)
+        # LiteLLM's filters, each an exact match on the stored field.
+        for param, field_name in (("key_alias", "key_alias"), ("key_hash", "token"), ("user_id", "user_id"),
+                                  ("organization_id", "organization_id")):
+            wanted = request.query.get(param)
+            if wanted:
+                docs = [d for d in docs if d.get(field_name) == wanted]
         page, size = self.paging(request)
         chunk = docs[(page - 1) * size: page * size]
         full = request.query.get("return_full_object", "").lower() == "true"
@@ -313,6 +325,27 @@ class AdminApi:
                  "model_info": {"id": d.name, "access_groups": list(d.access_groups), "routable": d.routable,
                                 **({"reason": d.unavailable} if not d.routable else {})}}
                 for d in self.runtime().config.deployments]
+        return web.json_response({"data": data})
+
+    async def model_group_info(self, request: web.Request) -> web.Response:
+        """The model groups the calling key may use (the same list as /v1/models), with
+        their mode, pricing and access groups, as LiteLLM's /model_group/info gives them."""
+        catalog = self.runtime().catalog
+        data = []
+        for name in await self.visible(request):
+            resolution = catalog.resolve(name)
+            assert resolution is not None
+            group = resolution.group
+            entry: dict[str, Any] = {"model_group": name,
+                                     "providers": sorted({d.provider for d in group.deployments}),
+                                     "access_groups": sorted(group.access_groups),
+                                     "routable": bool(group.routable_deployments)}
+            for d in group.deployments:
+                for key in GROUP_INFO_FIELDS:
+                    if key in d.info and key not in entry:
+                        entry[key] = d.info[key]
+            entry.setdefault("mode", "chat")
+            data.append(entry)
         return web.json_response({"data": data})
 
     async def visible(self, request: web.Request) -> list[str]:

@@ -35,7 +35,7 @@ MAX_DOWNSTREAM_CONNECTIONS = 50_000
 AUTHZ_CONNECTIONS_PER_WORKER = 4
 
 # Paths served by the admin API (extauthz/admin.py); everything else is an LLM call.
-ADMIN_PATHS = ("/v1/models", "/models")
+ADMIN_PATHS = ("/v1/models", "/models", "/v1/model/info", "/model_group/info")
 # Gemini's calls on its v1 path, which the admin API's /v1/models/ prefix would take.
 GEMINI_V1_CALL = r"^/v1/models/[^/:]+:(generateContent|streamGenerateContent)$"  # matched without the query
 ADMIN_PREFIXES = ("/key/", "/team/", "/model/", "/v1/models/", "/models/", "/health/")
