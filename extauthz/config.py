@@ -390,8 +390,7 @@ class _Parser:
                 f"{target!r}{' and its subpaths' if subpath else ''} reach {reached!r}, a model call at a "
                 "provider; a pass-through forwards without checking the model"))
         headers = self.mapping(entry.get("headers"), f"{where}.headers")
-        pairs = tuple((str(k).lower(), self.string(v, f"{where}.headers.{k}", secret=True) or "")
-                      for k, v in headers.items())
+        pairs = tuple((str(k).lower(), self.header_value(v, f"{where}.headers.{k}")) for k, v in headers.items())
         return PassThroughConfig(path, target, pairs, subpath)
 
     def deployment(self, index: int, entry: Any) -> Deployment:
@@ -451,6 +450,14 @@ class _Parser:
             raise Unroutable(f"litellm_params.api_base: {problem}")
         return {"api_base": api_base, "api_key": api_key, "api_version": api_version,
                 "organization": organization or None}
+
+    def header_value(self, value: Any, where: str) -> str:
+        """A pass-through header; as in LiteLLM, a reference may end a longer value
+        (``Bearer os.environ/COHERE_API_KEY``)."""
+        if isinstance(value, str) and ENV_PREFIX in value and not value.startswith(ENV_PREFIX):
+            start = value.index(ENV_PREFIX)
+            return value[:start] + (self.string(value[start:], where, secret=True) or "")
+        return self.string(value, where, secret=True) or ""
 
     def plain_string(self, value: Any, where: str) -> str | None:
         try:

@@ -14,11 +14,12 @@ import yaml
 
 from extauthz.check.runtime import Runtime
 from extauthz.check.service import AuthorizationService
-from extauthz.config import from_dict
+from extauthz.config import from_dict, load
+from extauthz.envoy.render import render_yaml
 from extauthz.proto.envoy.service.auth.v3.external_auth_pb2 import CheckResponse
 from extauthz.records.record import KeyRecord
 from tests.conftest import Gateway
-from tests.harness import ROOT, check_request, http, start_stack
+from tests.harness import BIN, ROOT, check_request, http, start_stack
 
 MASTER = "sk-litellm-master"
 
@@ -164,3 +165,42 @@ def test_a_restricting_setting_not_enforced_refuses_every_model_request() -> Non
             assert error["code"] == "unenforced_setting" and "general_settings.allowed_ips" in error["message"]
     finally:
         service.close()
+
+
+# --- configs written the way LiteLLM's docs show them --------------------------------------------
+
+LITELLM_CONFIGS = sorted((ROOT / "tests" / "configs" / "litellm").glob("*.yaml"))
+ENVIRON = {name: f"value-of-{name.lower()}" for name in (
+    "AZURE_API_BASE", "AZURE_API_KEY", "OPENAI_API_KEY", "ANTHROPIC_API_KEY", "AZURE_API_KEY_EU",
+    "AZURE_API_KEY_CA", "GROQ_API_KEY", "LITELLM_MASTER_KEY", "DATABASE_URL", "GEMINI_API_KEY",
+    "MISTRAL_API_KEY", "DEEPSEEK_API_KEY", "TOGETHERAI_API_KEY", "FIREWORKS_AI_API_KEY", "OPENROUTER_API_KEY",
+    "PERPLEXITYAI_API_KEY", "XAI_API_KEY", "CEREBRAS_API_KEY", "COHERE_API_KEY", "FIREWORKS")}
+ENVIRON["AZURE_API_BASE"] = "https://my-endpoint.openai.azure.com"
+
+
+@pytest.mark.parametrize("path", LITELLM_CONFIGS, ids=[p.stem for p in LITELLM_CONFIGS])
+def test_litellm_style_configs_load_and_render_a_config_envoy_accepts(path: Path, tmp_path: Path) -> None:
+    assert len(LITELLM_CONFIGS) >= 4
+    c = load(str(path), environ=ENVIRON)
+    assert c.routable, "every one of these serves something"
+    rendered = tmp_path / "envoy.yaml"
+    rendered.write_text(render_yaml(c))
+    done = subprocess.run([str(BIN / "envoy"), "--mode", "validate", "-c", str(rendered)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "value-of-" not in rendered.read_text().replace("value-of-azure_api_base", "")  # no credential in it
+
+
+def test_what_those_configs_come_to() -> None:
+    by_file = {p.stem: load(str(p), environ=ENVIRON) for p in LITELLM_CONFIGS}
+    quick = {d.model_name: d for d in by_file["proxy_quickstart"].deployments}
+    assert quick["llama3"].api_base == "http://localhost:11434" and quick["llama3"].routable
+    balanced = by_file["load_balancing"]
+    assert [d.routable for d in balanced.deployments] == [True, True, True, True, False, False]
+    assert balanced.master_key == "value-of-litellm_master_key"
+    many = {d.model_name: d for d in by_file["many_providers"].deployments}
+    assert not many["command-r"].routable and not many["gemini-vertex"].routable
+    assert many["text-embedding-3-small"].provider == "openai" and many["sonar"].routable
+    keys = by_file["virtual_keys_and_passthrough"]
+    assert dict(keys.pass_through[0].headers)["authorization"] == "bearer value-of-cohere_api_key"
+    assert [name for name, _ in keys.unenforced] == ["enable_jwt_auth", "litellm_jwtauth"]
