@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -44,7 +45,10 @@ ADMITTING_SETTINGS = {
 RESTRICTING_SETTINGS = ("allowed_routes", "admin_only_routes", "allowed_ips", "enforce_user_param",
                         "public_routes", "admin_allowed_routes", "user_header_name")
 # litellm_params this service reads; any other parameter is a provider knob it ignores.
-USED_PARAMS = frozenset({"model", "api_key", "api_base", "api_version", "weight", "organization"})
+USED_PARAMS = frozenset({"model", "api_key", "api_base", "api_version", "weight", "organization",
+                         "aws_region_name", "aws_bedrock_runtime_endpoint"})
+# Where LiteLLM looks for a Bedrock deployment's region when litellm_params names none.
+AWS_REGION_ENV = ("AWS_REGION_NAME", "AWS_REGION", "AWS_DEFAULT_REGION")
 
 
 class ConfigError(ValueError):
@@ -126,6 +130,7 @@ class Deployment:
     weight: float
     organization: str | None = None  # OpenAI's organization header, set by the gateway
     unavailable: str | None = None   # why the gateway cannot route it (then api_base is "")
+    region: str | None = None        # AWS region Envoy signs Bedrock requests for
     # model_info as written (mode, pricing, token limits...), for /model_group/info.
     info: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=False, repr=False)
 
@@ -410,6 +415,8 @@ class _Parser:
         if not model:
             raise self.error(f"{where}.litellm_params.model", "is required (provider/model)")
         provider, _, provider_model = model.partition("/") if "/" in model else ("openai", "", model)
+        if provider == "bedrock":
+            provider_model = provider_model.removeprefix("invoke/")  # LiteLLM's "use InvokeModel" marker
         if "*" in provider_model and "*" not in model_name:
             raise self.error(f"{where}.litellm_params.model", "a wildcard model needs a wildcard model_name")
         weight = params.get("weight", 1)
@@ -435,6 +442,8 @@ class _Parser:
             raise Unroutable(unsupported)
         if not provider_model:
             raise Unroutable(f"{provider + '/'!r} names no model (for azure/: the deployment name)")
+        if provider == "bedrock":
+            return self.bedrock_params(where, provider_model, params)
         try:
             api_base = self.string(params.get("api_base"), f"{where}.litellm_params.api_base")
             api_key = self.string(params.get("api_key"), f"{where}.litellm_params.api_key", secret=True)
@@ -450,6 +459,28 @@ class _Parser:
             raise Unroutable(f"litellm_params.api_base: {problem}")
         return {"api_base": api_base, "api_key": api_key, "api_version": api_version,
                 "organization": organization or None}
+
+    def bedrock_params(self, where: str, provider_model: str, params: dict) -> dict[str, Any]:
+        """Bedrock: the region's runtime endpoint (or the one given), no credential: Envoy
+        signs with the AWS credential chain of its own environment."""
+        _, unsupported = providers.bedrock_flavour(provider_model)
+        if unsupported:
+            raise Unroutable(unsupported)
+        try:
+            region = self.string(params.get("aws_region_name"), f"{where}.litellm_params.aws_region_name")
+            endpoint = self.string(params.get("aws_bedrock_runtime_endpoint") or params.get("api_base"),
+                                   f"{where}.litellm_params.aws_bedrock_runtime_endpoint")
+        except UnsetVariable as e:
+            raise Unroutable(f"environment variable {e.name} ({e.where}) is not set") from None
+        region = region or next((self.environ[n] for n in AWS_REGION_ENV if self.environ.get(n)), None)
+        if not region or not re.fullmatch(r"[a-z]{2}(-[a-z]+)+-\d", region):
+            raise Unroutable("Bedrock needs litellm_params.aws_region_name (or $AWS_REGION_NAME / $AWS_REGION), "
+                             f"a region name like us-east-1, got {region!r}")
+        api_base = endpoint or f"https://bedrock-runtime.{region}.amazonaws.com"
+        problem = providers.base_problem(api_base)
+        if problem:
+            raise Unroutable(f"litellm_params.aws_bedrock_runtime_endpoint: {problem}")
+        return {"api_base": api_base.rstrip("/"), "region": region}
 
     def header_value(self, value: Any, where: str) -> str:
         """A pass-through header; as in LiteLLM, a reference may end a longer value

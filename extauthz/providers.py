@@ -14,8 +14,11 @@ from typing import Callable
 from urllib.parse import quote, urlencode, urlsplit
 
 # The request formats ("API formats") the gateway routes; it does not translate between them.
-OPENAI, ANTHROPIC, GEMINI = "openai", "anthropic", "gemini"
+# BEDROCK_INVOKE is Anthropic's Messages body as Bedrock's InvokeModel reads it: no "model"
+# (the path names it), no "stream" (the path says it), an "anthropic_version" member.
+OPENAI, ANTHROPIC, GEMINI, BEDROCK_INVOKE = "openai", "anthropic", "gemini", "bedrock-invoke"
 ANTHROPIC_VERSION = "2023-06-01"
+BEDROCK_ANTHROPIC_VERSION = "bedrock-2023-05-31"
 
 # Headers through which a caller may present a virtual key; all are stripped on allow.
 CLIENT_KEY_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key")
@@ -50,6 +53,15 @@ def _v1_path(base: str, operation: str, model: str, version: str | None) -> tupl
     return f"{prefix}/{operation}", ""
 
 
+def _bedrock_invoke_path(base: str, operation: str, model: str, version: str | None) -> tuple[str, str]:
+    # The model id's ':' (anthropic.claude-...-v1:0) escaped, as AWS's own SDKs send it.
+    return f"{base}/model/{quote(model, safe='')}/{operation}", ""
+
+
+def _bedrock_openai_path(base: str, operation: str, model: str, version: str | None) -> tuple[str, str]:
+    return f"{base}/openai/v1/{operation}", ""
+
+
 def _gemini_path(base: str, operation: str, model: str, version: str | None) -> tuple[str, str]:
     prefix = base if base.endswith(("/v1", "/v1beta")) else f"{base}/v1beta"
     return f"{prefix}/models/{quote(model, safe='')}:{operation}", ""
@@ -64,8 +76,17 @@ class Provider:
     model_in_path: bool = False      # the path names the model (Azure deployments, Gemini models)
     takes_organization: bool = False  # OpenAI's organization header (litellm_params.organization)
     default_headers: tuple[tuple[str, str], ...] = ()  # added when the client sent none
+    # Other request formats it reads; for BEDROCK_INVOKE deployments an Anthropic Messages
+    # request is rewritten into the invoke body (see routing.py).
+    also_reads: tuple[str, ...] = ()
+    aws_service: str | None = None   # requests are signed by Envoy for this AWS service (SigV4)
+    operations: tuple[str, ...] | None = None  # the only operations it serves (None: any of its format)
+
+    def reads(self, api_format: str) -> bool:
+        return api_format == self.api_format or api_format in self.also_reads
 
     def credential(self, api_key: str) -> tuple[str, str]:
+        assert self.credential_header, "a provider signed by Envoy takes no key"
         value = f"Bearer {api_key}" if self.credential_header == "authorization" else api_key
         return (self.credential_header, value)
 
@@ -97,11 +118,36 @@ PROVIDERS: dict[str, Provider] = {
     "ollama_chat": Provider(OPENAI, "authorization", "http://localhost:11434", _v1_path),
     "lm_studio": Provider(OPENAI, "authorization", "http://localhost:1234", _v1_path),
 }
+# Bedrock, by model family (see bedrock_flavour): no credential of the sidecar's, Envoy
+# signs each request with the AWS credential chain of its own environment.
+BEDROCK_FLAVOURS: dict[str, Provider] = {
+    "anthropic": Provider(BEDROCK_INVOKE, "", None, _bedrock_invoke_path, model_in_path=True,
+                          also_reads=(ANTHROPIC,), aws_service="bedrock",
+                          operations=("invoke", "invoke-with-response-stream", "messages")),
+    "openai": Provider(OPENAI, "", None, _bedrock_openai_path, aws_service="bedrock",
+                       operations=("chat/completions",)),
+}
+# Cross-region inference profiles prefix the model id with a geography.
+_INFERENCE_PROFILE = ("us.", "eu.", "apac.", "us-gov.", "global.", "jp.", "au.", "ca.")
+
+
+def bedrock_flavour(provider_model: str) -> tuple[str, str | None]:
+    """The Bedrock provider record's key for a model id, or why it cannot be routed."""
+    model = provider_model.removeprefix("invoke/")
+    if model.startswith("converse/"):
+        return "", "Bedrock's Converse API needs format translation, which the gateway does not do"
+    for geo in _INFERENCE_PROFILE:
+        model = model.removeprefix(geo)
+    family = model.split(".", 1)[0]
+    if family in BEDROCK_FLAVOURS:
+        return family, None
+    return "", (f"Bedrock model family {family!r} reads a format of its own; the gateway serves Anthropic models "
+                f"(InvokeModel) and OpenAI models (Bedrock's OpenAI-compatible API) on Bedrock")
 # Providers LiteLLM knows that read a format of their own, or sign requests in a way the
 # gateway does not (yet): their deployments load as unavailable, with this reason.
 UNSUPPORTED: dict[str, str] = {
-    **{name: "AWS request signing is not supported yet" for name in (
-        "bedrock", "bedrock_converse", "sagemaker", "sagemaker_chat")},
+    **{name: "SageMaker endpoints are not supported yet" for name in ("sagemaker", "sagemaker_chat")},
+    "bedrock_converse": "Bedrock's Converse API needs format translation, which the gateway does not do",
     **{name: "Vertex AI's OAuth tokens are not supported yet" for name in ("vertex_ai", "vertex_ai_beta")},
     **{name: "its API is not OpenAI-, Anthropic- or Gemini-compatible, and the gateway does not translate formats"
        for name in ("cohere", "cohere_chat", "replicate", "huggingface", "ai21", "nlp_cloud", "aleph_alpha",
@@ -112,7 +158,9 @@ UNSUPPORTED: dict[str, str] = {
 OTHER = _openai_compatible(None)
 
 
-def provider(name: str) -> Provider:
+def provider(name: str, provider_model: str = "") -> Provider:
+    if name == "bedrock":
+        return BEDROCK_FLAVOURS[bedrock_flavour(provider_model)[0]]
     return PROVIDERS.get(name, OTHER)
 
 

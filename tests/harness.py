@@ -276,12 +276,14 @@ def render_envoy(config: Path, out: Path, listen: int, sidecar: Sidecar, envoy_a
     return out
 
 
-def start_envoy(workdir: Path, config: Path, sidecar: Sidecar) -> Envoy:
+def start_envoy(workdir: Path, config: Path, sidecar: Sidecar, env: dict[str, str] | None = None) -> Envoy:
+    """``env``: added to Envoy's environment (AWS credentials for signing, say)."""
     name = ready_file(workdir, "envoy").stem
     bootstrap = render_envoy(config, workdir / f"{name}.yaml", 0, sidecar, 0)
     admin_file = workdir / f"{name}.admin"
     proc = Proc("envoy", [str(BIN / "envoy"), "-c", str(bootstrap), "--disable-hot-restart", "--log-level", "warn",
-                          "--admin-address-path", str(admin_file)], workdir / f"{name}.log").start()
+                          "--admin-address-path", str(admin_file)], workdir / f"{name}.log",
+                {**os.environ, **env} if env else None).start()
     proc.wait_ready(lambda: admin_file.exists() and admin_file.read_text().strip() != "")
     admin_port = int(admin_file.read_text().strip().rsplit(":", 1)[1])
     proc.wait_ready(lambda: http_ok(f"http://127.0.0.1:{admin_port}/ready"))
@@ -307,10 +309,11 @@ class Stack:
         self.sidecar.proc.stop()
 
 
-def start_stack(workdir: Path, config: Path, redis_url: str, extra_env: dict[str, str] | None = None) -> Stack:
+def start_stack(workdir: Path, config: Path, redis_url: str, extra_env: dict[str, str] | None = None,
+                envoy_env: dict[str, str] | None = None) -> Stack:
     side = start_sidecar(workdir, config, redis_url, extra_env)
     try:
-        return Stack(side, start_envoy(workdir, config, side))
+        return Stack(side, start_envoy(workdir, config, side, envoy_env))
     except Exception:
         side.proc.stop()
         raise

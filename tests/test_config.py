@@ -161,7 +161,7 @@ LITELLM_STYLE = {
         {"model_name": "gpt-4o", "litellm_params": {"model": "openai/gpt-4o", "api_key": "os.environ/OPENAI_API_KEY"},
          "tpm": 100000, "rpm": 1000, "model_info": {"mode": "chat", "base_model": "gpt-4o", "id": "x"}},
         {"model_name": "llama2", "litellm_params": {"model": "ollama/llama2"}},
-        {"model_name": "claude", "litellm_params": {"model": "bedrock/anthropic.claude-3-sonnet",
+        {"model_name": "claude", "litellm_params": {"model": "bedrock/amazon.titan-text-express-v1",
                                                    "aws_region_name": "us-east-1"}},
         {"model_name": "gpt-4o", "litellm_params": {"model": "azure/", "api_base": "https://x.openai.azure.com"}},
         {"model_name": "gpt-4o", "litellm_params": {"model": "openai/gpt-4o", "api_key": "os.environ/UNSET_KEY"}},
@@ -186,14 +186,14 @@ def test_a_litellm_config_with_what_the_gateway_cannot_route_loads(tmp_path: Pat
     assert by_index[1].routable and by_index[1].api_base == "http://localhost:11434"   # LiteLLM's default
     assert by_index[7].api_base == "https://api.perplexity.ai" and by_index[8].provider == "openai"
     reasons = {i: by_index[i].unavailable for i in (2, 3, 4, 5, 6)}
-    assert "AWS request signing" in reasons[2]
+    assert "family 'amazon'" in reasons[2]
     assert "names no model" in reasons[3]
     assert "UNSET_KEY" in reasons[4] and "UNSET_KEY" not in repr(by_index[4].api_key)
     assert "no default base URL" in reasons[5]
     assert "http(s)" in reasons[6]
     assert all(by_index[i].api_base == "" and by_index[i].api_key is None for i in reasons)
     text = "\n".join(c.warnings)
-    for expected in ("rpm, tpm", "some_future_section", "litellm_settings", "aws_region_name"):
+    for expected in ("rpm, tpm", "some_future_section", "litellm_settings"):
         assert expected in text
     assert c.unenforced == ()
 
@@ -212,3 +212,25 @@ def test_only_routable_deployments_get_an_envoy_cluster(tmp_path: Path) -> None:
     clusters = {cl["name"] for cl in render(c)["static_resources"]["clusters"]}
     assert "upstream_http_localhost_11434" in clusters and "upstream_https_api_perplexity_ai_443" in clusters
     assert not any("azure" in name or "amazonaws" in name for name in clusters)
+
+
+@pytest.mark.parametrize("params,environ,expected", [
+    ({"model": "bedrock/anthropic.claude-v2", "aws_region_name": "us-west-2"}, {},
+     "https://bedrock-runtime.us-west-2.amazonaws.com"),
+    ({"model": "bedrock/invoke/anthropic.claude-v2"}, {"AWS_REGION": "eu-central-1"},
+     "https://bedrock-runtime.eu-central-1.amazonaws.com"),
+    ({"model": "bedrock/anthropic.claude-v2", "aws_region_name": "us-east-1",
+      "aws_bedrock_runtime_endpoint": "https://vpce-1.bedrock-runtime.us-east-1.vpce.amazonaws.com/"}, {},
+     "https://vpce-1.bedrock-runtime.us-east-1.vpce.amazonaws.com"),
+    ({"model": "bedrock/anthropic.claude-v2"}, {}, "needs litellm_params.aws_region_name"),
+    ({"model": "bedrock/anthropic.claude-v2", "aws_region_name": "us-east-1.evil.com"}, {}, "a region name"),
+    ({"model": "bedrock/converse/anthropic.claude-v2", "aws_region_name": "us-east-1"}, {}, "Converse"),
+    ({"model": "bedrock/meta.llama3-70b-instruct-v1:0", "aws_region_name": "us-east-1"}, {}, "family 'meta'"),
+])
+def test_bedrock_deployments(tmp_path: Path, params: dict, environ: dict, expected: str) -> None:
+    c = config.load(write(tmp_path, {"model_list": [{"model_name": "m", "litellm_params": params}]}), environ=environ)
+    (d,) = c.deployments
+    if expected.startswith("https://"):
+        assert d.routable and d.api_base == expected and d.provider_model == "anthropic.claude-v2"
+    else:
+        assert not d.routable and expected in d.unavailable

@@ -37,8 +37,8 @@ model_list:
     litellm_params: {model: openai/llama, api_base: "http://llm.internal:8000/v1"}
 """
 
-ADMIN_PATHS = ["/v1/models", "/models", "/v1/model/info", "/model_group/info"]
-ADMIN_PREFIXES = ["/key/", "/team/", "/model/", "/v1/models/", "/models/", "/health/"]
+ADMIN_PATHS = ["/v1/models", "/models", "/model/info", "/v1/model/info", "/model_group/info"]
+ADMIN_PREFIXES = ["/key/", "/team/", "/v1/models/", "/models/", "/health/"]
 
 
 def load(path: Path) -> Config:

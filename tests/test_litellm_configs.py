@@ -32,7 +32,7 @@ def litellm_config(upstream_port: int) -> dict:
                                                        "api_key": "os.environ/LITELLM_TEST_OPENAI_KEY"},
              "tpm": 100000, "rpm": 1000, "model_info": {"mode": "chat", "input_cost_per_token": 0.000005}},
             # the same model group through Bedrock: not routable; the OpenAI one keeps serving
-            {"model_name": "gpt-4o", "litellm_params": {"model": "bedrock/anthropic.claude-3-sonnet",
+            {"model_name": "gpt-4o", "litellm_params": {"model": "bedrock/converse/anthropic.claude-3-sonnet",
                                                        "aws_region_name": "us-east-1"}},
             {"model_name": "titan", "litellm_params": {"model": "bedrock/amazon.titan-text-express-v1"}},
             {"model_name": "ghost", "litellm_params": {"model": "openai/ghost", "api_base": base,
@@ -58,7 +58,7 @@ def litellm_gateway(workdir: Path, redis_port: int, upstream_port: int) -> Itera
     finally:
         stack.stop()
     log = stack.sidecar.proc.log_text()
-    assert "deployment 1:gpt-4o is not routable: provider 'bedrock': AWS request signing" in log
+    assert "deployment 1:gpt-4o is not routable: Bedrock's Converse API needs format translation" in log
     assert "general_settings.enable_jwt_auth is not enforced" in log and '"level": "error"' in log
     assert "sk-upstream-from-config" not in log
 
@@ -68,7 +68,7 @@ def test_what_cannot_be_routed_is_listed_in_model_info(litellm_gateway: Gateway)
     assert r.status == 200
     info = {d["model_info"]["id"]: d["model_info"] for d in r.json()["data"]}
     assert info["0:gpt-4o"]["routable"] is True and "reason" not in info["0:gpt-4o"]
-    assert info["1:gpt-4o"]["routable"] is False and "AWS request signing" in info["1:gpt-4o"]["reason"]
+    assert info["1:gpt-4o"]["routable"] is False and "Converse API" in info["1:gpt-4o"]["reason"]
     assert "LITELLM_TEST_UNSET_KEY" in info["3:ghost"]["reason"]
 
 
@@ -83,7 +83,7 @@ def test_a_model_with_routable_deployments_keeps_serving(litellm_gateway: Gatewa
     assert len(seen) == 6 and {s["headers"]["authorization"] for s in seen} == {"Bearer sk-upstream-from-config"}
 
 
-@pytest.mark.parametrize("model,reason", [("titan", "AWS request signing"), ("ghost", "LITELLM_TEST_UNSET_KEY")])
+@pytest.mark.parametrize("model,reason", [("titan", "family 'amazon'"), ("ghost", "LITELLM_TEST_UNSET_KEY")])
 def test_a_model_with_none_is_a_503_naming_why(litellm_gateway: Gateway, model: str, reason: str) -> None:
     g = litellm_gateway
     key = g.admin("/key/generate", {"models": [model]}, key=MASTER).json()["key"]
@@ -124,8 +124,8 @@ def test_check_config_reports_each_deployment_and_what_is_not_enforced(tmp_path:
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert "deployment 0:gpt-4o  provider=openai  upstream=127.0.0.1:8081  routable" in lines
-    assert any(line.startswith("deployment 2:titan  provider=bedrock  upstream=-  NOT ROUTABLE: provider "
-                               "'bedrock': AWS request signing") for line in lines)
+    assert any(line.startswith("deployment 2:titan  provider=bedrock  upstream=-  NOT ROUTABLE: Bedrock model "
+                               "family 'amazon'") for line in lines)
     assert any(line.startswith("error: general_settings.enable_jwt_auth is not enforced") for line in lines)
     assert any(line.startswith("warning: model_list[0]: not used by extauthz: rpm, tpm") for line in lines)
     assert lines[-1] == "4 deployments, 3 not routable, 1 settings not enforced"

@@ -312,7 +312,7 @@ def test_compatibility_forms_of_a_restricted_name_are_refused(model):
 # --- deployments the gateway cannot route ---------------------------------------------------------
 
 MIXED = Runtime.of(from_dict({"model_list": [
-    deployment("claude", "bedrock/anthropic.claude-3"),                        # unroutable
+    deployment("claude", "bedrock/meta.llama3-70b", aws_region_name="us-east-1"),  # unroutable
     deployment("claude", "anthropic/claude-3-5-sonnet", base="https://api.anthropic.com"),
     deployment("titan", "bedrock/amazon.titan"),                               # unroutable only
     deployment("gpt-4o", "openai/gpt-4o", key="os.environ/EXTAUTHZ_TEST_UNSET_VARIABLE"),
@@ -325,7 +325,7 @@ def test_a_model_group_serves_from_its_routable_deployments_only() -> None:
         assert isinstance(d, Allow) and d.route.deployment.provider == "anthropic"
 
 
-@pytest.mark.parametrize("model,reason", [("titan", "AWS request signing"),
+@pytest.mark.parametrize("model,reason", [("titan", "family 'amazon'"),
                                           ("gpt-4o", "EXTAUTHZ_TEST_UNSET_VARIABLE")])
 def test_a_model_with_no_routable_deployment_is_a_503_naming_why(model: str, reason: str) -> None:
     d = decide(facts(model), key(), None, MIXED.catalog, NOW)
@@ -337,3 +337,57 @@ def test_a_model_with_no_routable_deployment_is_a_503_naming_why(model: str, rea
 def test_a_caller_not_allowed_the_model_still_gets_403_not_the_reason() -> None:
     d = decide(facts("titan"), key(["claude"]), None, MIXED.catalog, NOW)
     assert isinstance(d, Deny) and d.status == 403 and "AWS" not in d.message
+
+
+# --- Bedrock ---------------------------------------------------------------------------------------
+
+BEDROCK = Runtime.of(from_dict({"model_list": [
+    {"model_name": "claude", "litellm_params": {"model": "bedrock/us.anthropic.claude-3-5-sonnet-20240620-v1:0",
+                                               "aws_region_name": "eu-west-1"}},
+    {"model_name": "gpt", "litellm_params": {"model": "openai/gpt-4o", "api_base": "http://upstream:8000/v1",
+                                            "api_key": "sk-prov"}},
+]})).catalog
+
+
+def bedrock_facts(raw: bytes, path: str = "/v1/messages") -> Facts:
+    return Facts(token="sk-virtual", model="claude", path=path, endpoint=classify(path),
+                 json_model=read_json_model(raw))
+
+
+def test_an_anthropic_body_to_bedrock_is_planned_as_the_invoke_body() -> None:
+    raw = b'{"stream":false,"model":"claude","max_tokens":1}'
+    d = decide(bedrock_facts(raw), key(), None, BEDROCK, NOW)
+    assert isinstance(d, Allow)
+    headers = dict(d.headers)
+    assert headers[":path"] == "/model/us.anthropic.claude-3-5-sonnet-20240620-v1%3A0/invoke"
+    assert headers[":authority"] == "bedrock-runtime.eu-west-1.amazonaws.com"
+    assert "authorization" not in headers and "authorization" in d.headers_to_remove  # Envoy signs
+    length, star, *edits = headers[SPLICE_HEADER].split(" ")
+    assert (int(length), star) == (len(raw), "*")
+    applied, at = b"", 0
+    for edit in edits:
+        start, end, old, new = edit.split(",")
+        assert raw[int(start):int(end)] == bytes.fromhex(old)
+        applied += raw[at:int(start)] + bytes.fromhex(new)
+        at = int(end)
+    applied += raw[at:]
+    assert json.loads(applied) == {"anthropic_version": "bedrock-2023-05-31", "max_tokens": 1}
+
+
+@pytest.mark.parametrize("raw,code", [
+    (b'{"model":"claude","stream":true}', "unsupported_route"),
+    (b'{"model":"claude","anthropic_version":"x"}', "invalid_request_body"),
+])
+def test_what_an_anthropic_body_to_bedrock_cannot_carry(raw: bytes, code: str) -> None:
+    d = decide(bedrock_facts(raw), key(), None, BEDROCK, NOW)
+    assert isinstance(d, Deny) and d.code == code
+
+
+def test_bedrocks_own_path_forwards_the_body_untouched() -> None:
+    raw = b'{"anthropic_version":"bedrock-2023-05-31","max_tokens":1}'
+    d = decide(bedrock_facts(raw, "/model/claude/invoke-with-response-stream"), key(), None, BEDROCK, NOW)
+    assert isinstance(d, Allow)
+    headers = dict(d.headers)
+    assert headers[SPLICE_HEADER] == NO_SPLICE
+    assert headers[":path"].endswith("/invoke-with-response-stream")
+    assert headers["accept"] == "application/vnd.amazon.eventstream"

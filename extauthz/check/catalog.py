@@ -18,6 +18,7 @@ import unicodedata
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
+from extauthz import providers
 from extauthz.config import Alias, Deployment, PassThroughConfig
 from extauthz.check.memo import Memo
 from extauthz.check.routing import PassThroughRoute, Route
@@ -55,6 +56,17 @@ class ModelGroup:
     @cached_property
     def routable_deployments(self) -> tuple[Deployment, ...]:
         return tuple(d for d in self.deployments if d.routable)
+
+    def serving(self, api_format: str) -> tuple[Deployment, ...]:
+        """The routable deployments that read requests of ``api_format``; all routable ones
+        when none does (routing then says why the request cannot be sent)."""
+        by_format = self.__dict__.setdefault("_by_format", {})
+        found = by_format.get(api_format)
+        if found is None:
+            readers = tuple(d for d in self.routable_deployments
+                            if providers.provider(d.provider, d.provider_model).reads(api_format))
+            found = by_format[api_format] = readers or self.routable_deployments
+        return found
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import unquote
 
-from extauthz.providers import ANTHROPIC, GEMINI, OPENAI  # the API formats
+from extauthz.providers import ANTHROPIC, BEDROCK_INVOKE, GEMINI, OPENAI  # the API formats
 
 JSON, MULTIPART = "json", "multipart"
 
@@ -30,12 +30,14 @@ OPERATIONS = {
 }
 AZURE_PATH = re.compile(r"/openai/deployments/([^/]+)/(.+)")
 GEMINI_PATH = re.compile(r"/(v1beta|v1)/models/([^/:]+):(generateContent|streamGenerateContent)")
+# Bedrock's InvokeModel, as AWS's SDKs (and Anthropic's AnthropicBedrock client) call it.
+BEDROCK_PATH = re.compile(r"/model/([^/]+)/(invoke|invoke-with-response-stream)")
 
 
 @dataclass(frozen=True)
 class Endpoint:
     operation: str            # provider-independent: "chat/completions", "generateContent", ...
-    api_format: str           # OPENAI | ANTHROPIC | GEMINI
+    api_format: str           # OPENAI | ANTHROPIC | GEMINI | BEDROCK_INVOKE
     body: str                 # JSON | MULTIPART
     path_model: str | None = None  # a model named by the path (Azure deployment, Gemini model)
     query: str = ""           # the client's query string, without "?"
@@ -110,6 +112,9 @@ def classify(path: str) -> Endpoint | None:
     gemini = GEMINI_PATH.fullmatch(route)
     if gemini:
         return Endpoint(gemini.group(3), GEMINI, JSON, unquote(gemini.group(2)), query)
+    bedrock = BEDROCK_PATH.fullmatch(route)
+    if bedrock:
+        return Endpoint(bedrock.group(2), BEDROCK_INVOKE, JSON, unquote(bedrock.group(1)), query)
     operation = route[4:] if route.startswith("/v1/") else route[1:]
     known = OPERATIONS.get(operation)
     if known is None:

@@ -156,6 +156,43 @@ def model_span(checked: JsonModel) -> ModelSpan:
     return ModelSpan(start, end, body[start:end], len(body))
 
 
+class Member(NamedTuple):
+    """A top-level member of a checked body, in byte offsets."""
+
+    name: str
+    start: int        # its name's opening quote
+    value_end: int    # just past its value
+
+
+def members(checked: JsonModel) -> list[Member]:
+    """The top-level members of a body ``read_json_model`` accepted, in order."""
+    body = checked.body
+    text = body.decode("utf-8")
+    ascii_only = text.isascii()
+    to_bytes = (lambda i: i) if ascii_only else (lambda i: len(text[:i].encode("utf-8")))
+    out = []
+    i = _skip(text, _skip(text, 0).end() + 1).end()  # past "{"
+    while text[i] != "}":
+        start = i
+        name, i = scanstring(text, i + 1, True)
+        i = _skip(text, _skip(text, i).end() + 1).end()  # past ":"
+        _, end = _scan_value(text, i)
+        out.append(Member(name, to_bytes(start), to_bytes(end)))
+        i = _skip(text, end).end()
+        if text[i] == ",":
+            i = _skip(text, i + 1).end()
+    return out
+
+
+def removal_span(found: list[Member], index: int) -> tuple[int, int]:
+    """The bytes to delete to remove member ``index`` with one of its commas."""
+    if index + 1 < len(found):
+        return found[index].start, found[index + 1].start
+    if index > 0:
+        return found[index - 1].value_end, found[index].value_end
+    return found[index].start, found[index].value_end
+
+
 def _deeper_than(values: list[Any], limit: int) -> bool:
     """Whether containers among ``values`` nest more than ``limit`` levels (level by
     level: cheap for the many small containers of a long conversation)."""

@@ -132,7 +132,7 @@ def authorize(facts: Facts, key: KeyRecord, team: TeamRecord | None, catalog: Ca
         return _model_denied(model, "not allowed", key, team, False, catalog, meta)
     if team is not None and not list_admits(team.models, resolution):
         return _model_denied(model, "not allowed", key, team, True, catalog, meta)
-    index = _pick(resolution, draw)
+    index = _pick(resolution, draw, endpoint.api_format)
     if index is None:
         reasons = sorted({d.unavailable or "" for d in resolution.group.deployments})
         return Deny(503, "deployment_unavailable", f"Model {model!r} has no deployment this gateway can route: "
@@ -166,9 +166,10 @@ def _model_denied(model: str, why: str, key: KeyRecord, team: TeamRecord | None,
                 "model", meta)
 
 
-def _pick(resolution: Resolution, draw: float) -> int | None:
-    """A routable deployment of the group, by weight; None when it has none."""
-    deployments = resolution.group.routable_deployments
+def _pick(resolution: Resolution, draw: float, api_format: str) -> int | None:
+    """A routable deployment of the group that reads this request's format, by weight
+    (a group may mix, say, OpenAI and Bedrock deployments); None when it has none."""
+    deployments = resolution.group.serving(api_format)
     if len(deployments) <= 1:
         return deployments[0].index if deployments else None
     point = draw * sum(d.weight for d in deployments)

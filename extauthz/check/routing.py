@@ -17,7 +17,7 @@ from extauthz.config import Deployment, PassThroughConfig
 from extauthz.check.endpoints import JSON, Endpoint, PassThrough, model_call_segment
 from extauthz.check.facts import Facts, Problem
 from extauthz.check.responses import allow_prefix
-from extauthz.check.json_body import JsonModel, model_span
+from extauthz.check.json_body import JsonModel, members, model_span, removal_span
 
 # Set on every allow; Envoy routes on it (cluster_header). A client's own value never
 # survives an allow, and a request without it matches no upstream route.
@@ -108,8 +108,8 @@ class Route(Fixed):
 
     @classmethod
     def of(cls, d: Deployment) -> "Route":
-        provider = providers.provider(d.provider)
-        credential = (provider.credential(d.api_key),) if d.api_key else ()
+        provider = providers.provider(d.provider, d.provider_model)
+        credential = (provider.credential(d.api_key),) if d.api_key and provider.credential_header else ()
         if d.organization and provider.takes_organization:
             credential += (("openai-organization", d.organization),)
         return cls(**_fixed(providers.upstream(d.api_base), d.name, credential, (SPLICE_HEADER,)),
@@ -123,25 +123,29 @@ class Route(Fixed):
         model = self.deployment.provider_model
         return model.replace("*", capture, 1) if capture is not None and "*" in model else model
 
-    def path(self, endpoint: Endpoint, model: str) -> str:
-        path, provider_query = self.provider.build_path(self.upstream.base_path, endpoint.operation, model,
-                                                        self.deployment.api_version)
+    def path(self, endpoint: Endpoint, model: str, operation: str | None = None) -> str:
+        path, provider_query = self.provider.build_path(self.upstream.base_path, operation or endpoint.operation,
+                                                        model, self.deployment.api_version)
         return _join(path, "&".join(q for q in (provider_query, _client_query(endpoint.query)) if q))
 
     def forward_headers(self, facts: Facts, capture: str | None) -> Headers | Problem:
         """The per-request headers (``self.headers`` come with them), or why there are none."""
         endpoint, requested = facts.endpoint, facts.model or ""
         assert isinstance(endpoint, Endpoint)
-        if endpoint.api_format != self.api_format:
+        provider = self.provider
+        if not provider.reads(endpoint.api_format) or (
+                provider.operations is not None and endpoint.operation not in provider.operations):
             return Problem("unsupported_route", (
                 f"{endpoint.operation!r} is an {endpoint.api_format} API request and model {requested!r} "
-                f"is served by an {self.api_format} API deployment; extauthz routes requests, it does not "
-                f"translate between API formats."))
+                f"is served by an {self.api_format} API deployment{_serving(provider)}; extauthz routes requests, "
+                "it does not translate between API formats."))
         model = self.provider_model(capture)
+        if provider.api_format == providers.BEDROCK_INVOKE:
+            return self.bedrock_invoke(facts, endpoint, model)
         extra: Headers = ((":path", self.path(endpoint, model)),)
         # A provider that reads the model from the body gets a body that names it (an
         # Azure-style path may send one that does not).
-        body_names_model = not self.provider.model_in_path
+        body_names_model = not provider.model_in_path
         if endpoint.body == JSON:
             if facts.json_model is None and body_names_model:
                 return _MODEL_IN_BODY
@@ -159,10 +163,65 @@ class Route(Fixed):
                     "cannot be rewritten; name the model as the provider does."))
             # The boundary the body was checked with, as one header however the client sent it.
             extra += (("content-type", facts.form.content_type if facts.form else ""), (SPLICE_HEADER, NO_SPLICE))
-        for name, value in self.provider.default_headers:
+        for name, value in provider.default_headers:
             if name not in facts.headers:
                 extra += ((name, value),)
         return extra
+
+    def bedrock_invoke(self, facts: Facts, endpoint: Endpoint, model: str) -> Headers | Problem:
+        """InvokeModel: the path names the model and says whether to stream. A body sent to
+        Bedrock's own path goes as it is; an Anthropic Messages body becomes the invoke body
+        (its "model" member replaced by "anthropic_version", a "stream": false removed)."""
+        if endpoint.api_format == providers.BEDROCK_INVOKE:
+            plan, operation = NO_SPLICE, endpoint.operation
+        else:
+            edits = bedrock_edits(facts.json_model)
+            if isinstance(edits, Problem):
+                return edits
+            plan, operation = edits_plan(len(facts.json_model.body), edits), "invoke"  # type: ignore[union-attr]
+        return ((":path", self.path(endpoint, model, operation)), ("content-type", "application/json"),
+                ("accept", "application/json" if operation == "invoke" else "application/vnd.amazon.eventstream"),
+                (SPLICE_HEADER, plan))
+
+
+def _serving(provider: providers.Provider) -> str:
+    return f" (it serves {', '.join(provider.operations)})" if provider.operations else ""
+
+
+_VERSION_MEMBER = f'"anthropic_version": {json.dumps(providers.BEDROCK_ANTHROPIC_VERSION)}'.encode()
+_BEDROCK_STREAM = Problem("unsupported_route", "Bedrock streams in AWS's event-stream format, not server-sent "
+                          "events; stream through Bedrock's own path (/model/{model}/invoke-with-response-stream, "
+                          "as the AnthropicBedrock client does) or send \"stream\": false.", param="stream")
+_BEDROCK_VERSION = Problem("invalid_request_body", "The body already has an 'anthropic_version'; the gateway sets "
+                           "Bedrock's.", param="anthropic_version")
+
+
+def bedrock_edits(body: JsonModel | None) -> list[tuple[int, int, bytes, bytes]] | Problem:
+    """The byte edits that turn a checked Anthropic Messages body into an InvokeModel body."""
+    if body is None or not body.present:
+        return _MODEL_IN_BODY
+    found = members(body)
+    names = [m.name for m in found]
+    if "anthropic_version" in names:
+        return _BEDROCK_VERSION
+    raw = body.body
+    edits = []
+    for index, member in enumerate(found):
+        if member.name == "model":
+            edits.append((member.start, member.value_end, raw[member.start:member.value_end], _VERSION_MEMBER))
+        elif member.name == "stream":
+            value = raw[member.start:member.value_end].rsplit(b":", 1)[1].strip()
+            if value != b"false":
+                return _BEDROCK_STREAM
+            start, end = removal_span(found, index)
+            edits.append((start, end, raw[start:end], b""))
+    return sorted(edits)
+
+
+def edits_plan(body_length: int, edits: list[tuple[int, int, bytes, bytes]]) -> str:
+    """The SPLICE_HEADER value for several edits: each span, its bytes as checked and its
+    replacement, all in hex (see splice.lua)."""
+    return f"{body_length} * " + " ".join(f"{s},{e},{old.hex()},{new.hex()}" for s, e, old, new in edits)
 
 
 @dataclass(frozen=True)

@@ -35,10 +35,11 @@ MAX_DOWNSTREAM_CONNECTIONS = 50_000
 AUTHZ_CONNECTIONS_PER_WORKER = 4
 
 # Paths served by the admin API (extauthz/admin.py); everything else is an LLM call.
-ADMIN_PATHS = ("/v1/models", "/models", "/v1/model/info", "/model_group/info")
+ADMIN_PATHS = ("/v1/models", "/models", "/model/info", "/v1/model/info", "/model_group/info")
 # Gemini's calls on its v1 path, which the admin API's /v1/models/ prefix would take.
 GEMINI_V1_CALL = r"^/v1/models/[^/:]+:(generateContent|streamGenerateContent)$"  # matched without the query
-ADMIN_PREFIXES = ("/key/", "/team/", "/model/", "/v1/models/", "/models/", "/health/")
+# Not "/model/": Bedrock's InvokeModel path (/model/{id}/invoke) is an LLM call.
+ADMIN_PREFIXES = ("/key/", "/team/", "/v1/models/", "/models/", "/health/")
 # Routes the sidecar is not asked about: the admin API checks the master key itself (its
 # JSON bodies are not LLM requests), and a request with no key at all is refused by Envoy.
 UNCHECKED_ROUTE_FILTERS = {name: {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}
@@ -57,7 +58,7 @@ def render(config: Config, listen_port: int | None = None, authz_port: int | Non
     return {
         "admin": {"address": _address("127.0.0.1", _pick(envoy_admin_port, e.envoy_admin_port))},
         "static_resources": {
-            "listeners": [_listener(s, e, _pick(listen_port, e.listen_port))],
+            "listeners": [_listener(s, e, _pick(listen_port, e.listen_port), _signed_upstreams(config))],
             "clusters": [
                 _authz_cluster(_pick(authz_host, s.grpc_host), _pick(authz_port, s.grpc_port), s.workers),
                 _cluster(ADMIN_CLUSTER, _pick(admin_host, s.admin_host), _pick(admin_port, s.admin_port), "1s"),
@@ -103,7 +104,7 @@ def _address(host: str, port: int) -> dict[str, Any]:
 
 # -- listener -----------------------------------------------------------------------------
 
-def _listener(s: Settings, e: EnvoySettings, port: int) -> dict[str, Any]:
+def _listener(s: Settings, e: EnvoySettings, port: int, signed: dict[str, tuple[str, str]]) -> dict[str, Any]:
     hcm = _typed(
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         stat_prefix="extauthz_ingress",
@@ -125,7 +126,8 @@ def _listener(s: Settings, e: EnvoySettings, port: int) -> dict[str, Any]:
                                    mutations=[{"remove": h} for h in INTERNAL_HEADERS])}],
         access_log=[_access_log()],
         local_reply_config=_local_reply_config(s),
-        http_filters=[_decompressor_filter(), _ext_authz_filter(s, e), _splice_filter(), _router_filter()],
+        http_filters=[_decompressor_filter(), _ext_authz_filter(s, e), _splice_filter(),
+                      *_aws_signing_filters(signed), _router_filter()],
         route_config=_route_config(),
     )
     return {
@@ -232,6 +234,55 @@ def _local_reply_config(s: Settings) -> dict[str, Any]:
         mapper(f"response.code >= 400 && {not_ours}", _error_body(
             "%LOCAL_REPLY_BODY%", "invalid_request_error", "%RESPONSE_CODE_DETAILS%")),
     ]}
+
+
+AWS_SIGNING_FILTER = "envoy.filters.http.aws_request_signing"
+AWS_SIGNING = "envoy.extensions.filters.http.aws_request_signing.v3.AwsRequestSigning"
+
+
+def _signed_upstreams(config: Config) -> dict[str, tuple[str, str]]:
+    """Clusters whose requests Envoy signs for AWS: cluster -> (service, region)."""
+    out: dict[str, tuple[str, str]] = {}
+    for d in config.routable:
+        service = providers.provider(d.provider, d.provider_model).aws_service
+        if service and d.region:
+            out[providers.upstream(d.api_base).cluster] = (service, d.region)
+    return out
+
+
+def _aws_signing_filters(signed: dict[str, tuple[str, str]]) -> list[dict[str, Any]]:
+    """One AWS signing filter per (service, region), after the splice so the signature
+    covers the body the provider receives. Each runs only for requests the sidecar sent to
+    one of its clusters: it is chosen on the header the allow set (a route's own filter
+    config would not do: which filters run is fixed by the route chosen before the check).
+    Credentials come from Envoy's own AWS chain (environment, web identity / IRSA,
+    container or instance role), never from the sidecar."""
+    by_signer: dict[tuple[str, str], list[str]] = {}
+    for cluster, how in sorted(signed.items()):
+        by_signer.setdefault(how, []).append(cluster)
+    filters = []
+    for (service, region), clusters in sorted(by_signer.items()):
+        is_ours = [{"single_predicate": {
+            "input": {"name": "request-headers", "typed_config": _typed(
+                "envoy.type.matcher.v3.HttpRequestHeaderMatchInput", header_name=CLUSTER_HEADER)},
+            "value_match": {"exact": cluster}}} for cluster in clusters]
+        predicate = is_ours[0] if len(is_ours) == 1 else {"or_matcher": {"predicate": is_ours}}
+        filters.append({"name": f"{AWS_SIGNING_FILTER}.{service}.{region}", "typed_config": _typed(
+            "envoy.extensions.common.matching.v3.ExtensionWithMatcher",
+            extension_config={"name": AWS_SIGNING_FILTER,
+                              "typed_config": _typed(AWS_SIGNING, **_aws_signing(service, region))},
+            xds_matcher={"matcher_list": {"matchers": [{
+                "predicate": {"not_matcher": predicate},
+                "on_match": {"action": {"name": "skip", "typed_config": _typed(
+                    "envoy.extensions.filters.common.matcher.action.v3.SkipFilter")}}}]}})})
+    return filters
+
+
+def _aws_signing(service: str, region: str) -> dict[str, Any]:
+    # The payload is hashed (the body is buffered for it): never an unsigned payload. The
+    # gateway's own headers are removed after signing, so they are not signed.
+    return {"service_name": service, "region": region, "use_unsigned_payload": False,
+            "match_excluded_headers": [{"exact": h} for h in INTERNAL_HEADERS]}
 
 
 def _router_filter() -> dict[str, Any]:
