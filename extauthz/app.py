@@ -33,6 +33,7 @@ from extauthz.records.cache import CachedStore, RecordCache
 from extauthz.config import Config, ConfigError, Settings
 from extauthz.records.invalidation import Invalidator
 from extauthz.check.runtime import Runtime
+from extauthz.tokens import Tokens
 from extauthz.check.service import SERVICE as AUTHZ_SERVICE, AuthorizationService
 from extauthz.records.store import RedisReader, RedisWriter
 
@@ -58,6 +59,7 @@ class RuntimeBox:
     """The current runtime; swapping it is how a new config takes effect."""
 
     current: Runtime
+    tokens: Tokens
     reloads: int = 0
     reload_failures: int = 0
 
@@ -77,7 +79,8 @@ class RuntimeBox:
             metrics.CONFIG_RELOADS.labels("failed").inc()
             log.error("config reload failed, keeping the running config: %s", e)
             return
-        self.current = Runtime.of(dataclasses.replace(new, settings=old.settings))
+        self.current = Runtime.of(dataclasses.replace(new, settings=old.settings), self.tokens)
+        self.tokens.start()  # a token the new config needs starts being refreshed
         self.reloads += 1
         metrics.CONFIG_RELOADS.labels("ok").inc()
         log.info("config reloaded from %s: %d deployments", old.path, len(new.deployments))
@@ -141,7 +144,8 @@ class App:
         self.ports: dict[str, int] = {}  # what was bound: port 0 in a setting means any free port
         s = self.settings = config.settings
         self.config, self.reuse_port = config, reuse_port
-        self.runtime = RuntimeBox(Runtime.of(config))
+        self.tokens = Tokens()
+        self.runtime = RuntimeBox(Runtime.of(config, self.tokens), self.tokens)
         report_config(config)
         self.cache = RecordCache(s.cache_max_entries, s.cache_negative_ttl_s, s.max_stale_s)
         try:
@@ -187,6 +191,7 @@ class App:
             self.ports["metrics_port"] = metrics_socket.getsockname()[1]
 
         # Then serve, in the order requests will need the parts.
+        self.tokens.start()  # provider tokens, fetched in the background (a check finds none yet: 503)
         if s.cache_max_entries > 0:  # without a cache there is nothing to invalidate
             self.tasks.append(asyncio.create_task(self.invalidator.run(), name="invalidation"))
         await self.grpc.start()
@@ -230,7 +235,7 @@ class App:
         for sock in self.sockets:
             sock.close()
         self.invalidator.stop()
-        await end_tasks(self.tasks)
+        await end_tasks(self.tasks + self.tokens.take_tasks())
         self.service.close()
         self.service.metrics.flush()
         self.service.decision_log.flush()

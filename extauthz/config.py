@@ -17,6 +17,7 @@ from typing import Any, Mapping
 import yaml
 
 from extauthz import providers
+from extauthz.tokens import TokenSpec, missing_library
 from extauthz.check.endpoints import OPERATIONS, classify, model_call_segment, unsafe_path
 
 ENV_PREFIX = "os.environ/"
@@ -44,9 +45,20 @@ ADMITTING_SETTINGS = {
 }
 RESTRICTING_SETTINGS = ("allowed_routes", "admin_only_routes", "allowed_ips", "enforce_user_param",
                         "public_routes", "admin_allowed_routes", "user_header_name")
+# A Bedrock deployment's own AWS identity: Envoy signs with its own (its environment, IRSA,
+# an instance role), so a deployment naming another cannot be honoured. Only references to
+# the standard environment variables, which Envoy reads itself, are the same identity.
+AWS_IDENTITY_PARAMS = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token", "aws_role_name",
+                       "aws_session_name", "aws_profile_name", "aws_web_identity_token", "aws_sts_endpoint",
+                       "aws_external_id")
+AWS_STANDARD_ENV = {"aws_access_key_id": "os.environ/AWS_ACCESS_KEY_ID",
+                    "aws_secret_access_key": "os.environ/AWS_SECRET_ACCESS_KEY",
+                    "aws_session_token": "os.environ/AWS_SESSION_TOKEN"}
 # litellm_params this service reads; any other parameter is a provider knob it ignores.
 USED_PARAMS = frozenset({"model", "api_key", "api_base", "api_version", "weight", "organization",
-                         "aws_region_name", "aws_bedrock_runtime_endpoint"})
+                         "aws_region_name", "aws_bedrock_runtime_endpoint", "vertex_project", "vertex_location",
+                         "vertex_credentials", "azure_ad_token", "tenant_id", "client_id", "client_secret",
+                         "azure_authority_host", "model_id", *AWS_IDENTITY_PARAMS})
 # Where LiteLLM looks for a Bedrock deployment's region when litellm_params names none.
 AWS_REGION_ENV = ("AWS_REGION_NAME", "AWS_REGION", "AWS_DEFAULT_REGION")
 
@@ -131,6 +143,8 @@ class Deployment:
     organization: str | None = None  # OpenAI's organization header, set by the gateway
     unavailable: str | None = None   # why the gateway cannot route it (then api_base is "")
     region: str | None = None        # AWS region Envoy signs Bedrock requests for
+    token: TokenSpec | None = None   # an OAuth token the sidecar keeps fresh (Vertex, Entra ID)
+    key_is_bearer: bool = False      # api_key is a token sent as Authorization: Bearer (azure_ad_token)
     # model_info as written (mode, pricing, token limits...), for /model_group/info.
     info: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=False, repr=False)
 
@@ -325,8 +339,8 @@ class _Parser:
                 out.append((name, effect))
         for name in RESTRICTING_SETTINGS:
             if general.get(name) not in (None, False, "", {}, []):
-                out.append((name, "not enforced by extauthz, so every LLM request is refused (403) while it is "
-                                  "set; remove it, or enforce the rule with keys' and teams' models"))
+                out.append((name, "not enforced by extauthz, so every request but /health/ is refused (403) while "
+                                  "it is set; remove it, or enforce the rule with keys' and teams' models"))
         return tuple(out)
 
     def distinct_clusters(self, bases: list[str]) -> None:
@@ -444,6 +458,8 @@ class _Parser:
             raise Unroutable(f"{provider + '/'!r} names no model (for azure/: the deployment name)")
         if provider == "bedrock":
             return self.bedrock_params(where, provider_model, params)
+        if provider in providers.VERTEX:
+            return self.vertex_params(where, provider_model, params)
         try:
             api_base = self.string(params.get("api_base"), f"{where}.litellm_params.api_base")
             api_key = self.string(params.get("api_key"), f"{where}.litellm_params.api_key", secret=True)
@@ -457,8 +473,67 @@ class _Parser:
         problem = providers.base_problem(api_base)
         if problem:
             raise Unroutable(f"litellm_params.api_base: {problem}")
+        token, bearer = None, False
+        if provider == "azure" and not api_key:
+            api_key, token = self.entra(where, params)
+            bearer = api_key is not None
         return {"api_base": api_base, "api_key": api_key, "api_version": api_version,
-                "organization": organization or None}
+                "organization": organization or None, "token": token, "key_is_bearer": bearer}
+
+    def entra(self, where: str, params: dict) -> tuple[str | None, TokenSpec | None]:
+        """Azure without an api_key: a static Entra ID token (azure_ad_token), or a client
+        credential whose tokens the sidecar refreshes; else no credential at all."""
+        try:
+            static = self.string(params.get("azure_ad_token"), f"{where}.litellm_params.azure_ad_token", secret=True)
+            tenant, client, secret = (self.string(params.get(k), f"{where}.litellm_params.{k}", secret=k == "client_secret")
+                                      for k in ("tenant_id", "client_id", "client_secret"))
+            authority = self.string(params.get("azure_authority_host"), f"{where}.litellm_params.azure_authority_host")
+        except UnsetVariable as e:
+            raise Unroutable(f"environment variable {e.name} ({e.where}) is not set") from None
+        if static:
+            if static.startswith("oidc/"):
+                raise Unroutable("azure_ad_token 'oidc/...' (token exchange) is not supported; use a client credential")
+            return static, None
+        if tenant or client or secret:
+            if not (tenant and client and secret):
+                raise Unroutable("an Entra ID client credential needs tenant_id, client_id and client_secret")
+            problem = missing_library("azure")
+            if problem:
+                raise Unroutable(problem)
+            return None, TokenSpec("azure", tenant_id=tenant, client_id=client, client_secret=secret,
+                                   authority=authority)
+        return None, None
+
+    def vertex_params(self, where: str, provider_model: str, params: dict) -> dict[str, Any]:
+        """Vertex AI: the project and location's endpoint, and a Google OAuth token the
+        sidecar refreshes (from vertex_credentials, else application default credentials:
+        workload identity, a metadata server, gcloud's)."""
+        family, unsupported = providers.vertex_flavour(provider_model)
+        if unsupported:
+            raise Unroutable(unsupported)
+        try:
+            project, location, credentials, base = (
+                self.string(params.get(k), f"{where}.litellm_params.{k}", secret=k == "vertex_credentials")
+                for k in ("vertex_project", "vertex_location", "vertex_credentials", "api_base"))
+        except UnsetVariable as e:
+            raise Unroutable(f"environment variable {e.name} ({e.where}) is not set") from None
+        project = project or self.environ.get("VERTEXAI_PROJECT") or self.environ.get("GOOGLE_CLOUD_PROJECT")
+        location = location or self.environ.get("VERTEXAI_LOCATION") or "us-central1"
+        if not project or not re.fullmatch(r"[a-z][a-z0-9-]{4,61}[a-z0-9]", project):
+            raise Unroutable("Vertex AI needs litellm_params.vertex_project (or $VERTEXAI_PROJECT): a project id")
+        if not re.fullmatch(r"[a-z]+(-[a-z]+[0-9]*)*|global", location):
+            raise Unroutable("litellm_params.vertex_location is not a location name")
+        problem = missing_library("google")
+        if problem:
+            raise Unroutable(problem)
+        host = base or ("https://aiplatform.googleapis.com" if location == "global"
+                        else f"https://{location}-aiplatform.googleapis.com")
+        api_base = f"{host.rstrip('/')}/v1/projects/{project}/locations/{location}"
+        problem = providers.base_problem(api_base)
+        if problem:
+            raise Unroutable(f"litellm_params.api_base: {problem}")
+        model = f"google/{provider_model.removeprefix('google/')}" if family == "gemini" else provider_model
+        return {"api_base": api_base, "provider_model": model, "token": TokenSpec("google", credentials or None)}
 
     def bedrock_params(self, where: str, provider_model: str, params: dict) -> dict[str, Any]:
         """Bedrock: the region's runtime endpoint (or the one given), no credential: Envoy
@@ -466,6 +541,11 @@ class _Parser:
         _, unsupported = providers.bedrock_flavour(provider_model)
         if unsupported:
             raise Unroutable(unsupported)
+        own = sorted(k for k in AWS_IDENTITY_PARAMS if params.get(k) and params.get(k) != AWS_STANDARD_ENV.get(k))
+        if own:
+            raise Unroutable(f"litellm_params {', '.join(own)} name an AWS identity of the deployment's own; Envoy "
+                             "signs with the AWS identity of its environment (AWS_ACCESS_KEY_ID..., IRSA, an "
+                             "instance role): remove them, and give Envoy that identity")
         try:
             region = self.string(params.get("aws_region_name"), f"{where}.litellm_params.aws_region_name")
             endpoint = self.string(params.get("aws_bedrock_runtime_endpoint") or params.get("api_base"),
@@ -473,14 +553,18 @@ class _Parser:
         except UnsetVariable as e:
             raise Unroutable(f"environment variable {e.name} ({e.where}) is not set") from None
         region = region or next((self.environ[n] for n in AWS_REGION_ENV if self.environ.get(n)), None)
-        if not region or not re.fullmatch(r"[a-z]{2}(-[a-z]+)+-\d", region):
-            raise Unroutable("Bedrock needs litellm_params.aws_region_name (or $AWS_REGION_NAME / $AWS_REGION), "
-                             f"a region name like us-east-1, got {region!r}")
+        if not region or not re.fullmatch(r"[a-z]{2}(-[a-z]+)+-[0-9]", region):
+            raise Unroutable("Bedrock needs litellm_params.aws_region_name (or $AWS_REGION_NAME / $AWS_REGION): "
+                             "a region name like us-east-1")
         api_base = endpoint or f"https://bedrock-runtime.{region}.amazonaws.com"
         problem = providers.base_problem(api_base)
         if problem:
             raise Unroutable(f"litellm_params.aws_bedrock_runtime_endpoint: {problem}")
-        return {"api_base": api_base.rstrip("/"), "region": region}
+        try:  # provisioned throughput, custom and imported models are called by their ARN
+            model_id = self.string(params.get("model_id"), f"{where}.litellm_params.model_id")
+        except UnsetVariable as e:
+            raise Unroutable(f"environment variable {e.name} ({e.where}) is not set") from None
+        return {"api_base": api_base.rstrip("/"), "region": region, **({"provider_model": model_id} if model_id else {})}
 
     def header_value(self, value: Any, where: str) -> str:
         """A pass-through header; as in LiteLLM, a reference may end a longer value

@@ -16,9 +16,25 @@ from urllib.parse import quote, urlencode, urlsplit
 # The request formats ("API formats") the gateway routes; it does not translate between them.
 # BEDROCK_INVOKE is Anthropic's Messages body as Bedrock's InvokeModel reads it: no "model"
 # (the path names it), no "stream" (the path says it), an "anthropic_version" member.
-OPENAI, ANTHROPIC, GEMINI, BEDROCK_INVOKE = "openai", "anthropic", "gemini", "bedrock-invoke"
+# VERTEX_RAW_PREDICT likewise for Vertex AI's rawPredict (the "stream" member stays).
+OPENAI, ANTHROPIC, GEMINI = "openai", "anthropic", "gemini"
+BEDROCK_INVOKE, VERTEX_RAW_PREDICT = "bedrock-invoke", "vertex-raw-predict"
 ANTHROPIC_VERSION = "2023-06-01"
-BEDROCK_ANTHROPIC_VERSION = "bedrock-2023-05-31"
+
+
+@dataclass(frozen=True)
+class HostedAnthropic:
+    """Anthropic models on a cloud platform: the path names the model and whether to
+    stream, the body carries the platform's "anthropic_version" instead of "model"."""
+
+    version: str                  # the anthropic_version the gateway writes
+    operations: tuple[str, str]   # (plain, streaming)
+    keeps_stream: bool            # whether the body may keep its "stream" member
+    streams_sse: bool             # whether a streamed answer is server-sent events (else AWS event stream)
+
+
+BEDROCK_ANTHROPIC = HostedAnthropic("bedrock-2023-05-31", ("invoke", "invoke-with-response-stream"), False, False)
+VERTEX_ANTHROPIC = HostedAnthropic("vertex-2023-10-16", ("rawPredict", "streamRawPredict"), True, True)
 
 # Headers through which a caller may present a virtual key; all are stripped on allow.
 CLIENT_KEY_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key")
@@ -26,7 +42,13 @@ CLIENT_KEY_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key")
 # caller's own credentials and session, and headers that pick which organisation or
 # project the operator's key bills (a deployment's `organization` is set by the gateway).
 CLIENT_ONLY_HEADERS = ("cookie", "proxy-authorization", "x-litellm-api-key",
-                       "openai-organization", "openai-project", "x-goog-user-project")
+                       "openai-organization", "openai-project", "x-goog-user-project",
+                       # AWS: what Envoy's signature carries, and what picks what the operator's
+                       # identity is billed for or runs (service tier, guardrails, tracing)
+                       "x-amz-security-token", "x-amz-date", "x-amz-content-sha256", "x-amz-target",
+                       "x-amzn-bedrock-service-tier", "x-amzn-bedrock-guardrailidentifier",
+                       "x-amzn-bedrock-guardrailversion", "x-amzn-bedrock-trace",
+                       "x-amzn-bedrock-performanceconfig-latency")
 
 # (upstream base path, operation, provider model, api_version) -> (path, query to add)
 PathBuilder = Callable[[str, str, str, "str | None"], "tuple[str, str]"]
@@ -81,6 +103,7 @@ class Provider:
     also_reads: tuple[str, ...] = ()
     aws_service: str | None = None   # requests are signed by Envoy for this AWS service (SigV4)
     operations: tuple[str, ...] | None = None  # the only operations it serves (None: any of its format)
+    hosted_anthropic: HostedAnthropic | None = None
 
     def reads(self, api_format: str) -> bool:
         return api_format == self.api_format or api_format in self.also_reads
@@ -123,12 +146,44 @@ PROVIDERS: dict[str, Provider] = {
 BEDROCK_FLAVOURS: dict[str, Provider] = {
     "anthropic": Provider(BEDROCK_INVOKE, "", None, _bedrock_invoke_path, model_in_path=True,
                           also_reads=(ANTHROPIC,), aws_service="bedrock",
-                          operations=("invoke", "invoke-with-response-stream", "messages")),
+                          operations=("invoke", "invoke-with-response-stream", "messages"),
+                          hosted_anthropic=BEDROCK_ANTHROPIC),
     "openai": Provider(OPENAI, "", None, _bedrock_openai_path, aws_service="bedrock",
                        operations=("chat/completions",)),
 }
+def _vertex_openai_path(base: str, operation: str, model: str, version: str | None) -> tuple[str, str]:
+    return f"{base}/endpoints/openapi/{operation}", ""
+
+
+def _vertex_anthropic_path(base: str, operation: str, model: str, version: str | None) -> tuple[str, str]:
+    return f"{base}/publishers/anthropic/models/{quote(model, safe='@')}:{operation}", ""
+
+
+# Vertex AI, by model family: the api_base ends in /v1/projects/{project}/locations/{location};
+# the credential is an OAuth token the sidecar refreshes (tokens.py).
+VERTEX_FLAVOURS: dict[str, Provider] = {
+    "gemini": Provider(OPENAI, "authorization", None, _vertex_openai_path, operations=("chat/completions",)),
+    "claude": Provider(VERTEX_RAW_PREDICT, "authorization", None, _vertex_anthropic_path, model_in_path=True,
+                       also_reads=(ANTHROPIC,), operations=("rawPredict", "streamRawPredict", "messages"),
+                       hosted_anthropic=VERTEX_ANTHROPIC),
+}
+
+
+def vertex_flavour(provider_model: str) -> tuple[str, str | None]:
+    """The Vertex provider record's key for a model id, or why it cannot be routed."""
+    model = provider_model.removeprefix("google/")
+    for family in VERTEX_FLAVOURS:
+        if model.startswith(family):
+            return family, None
+    return "", (f"Vertex AI model {provider_model!r}: the gateway serves Gemini (Vertex's OpenAI-compatible API) "
+                "and Claude (rawPredict) on Vertex; other models need format translation")
+
+
 # Cross-region inference profiles prefix the model id with a geography.
 _INFERENCE_PROFILE = ("us.", "eu.", "apac.", "us-gov.", "global.", "jp.", "au.", "ca.")
+
+
+VERTEX = ("vertex_ai", "vertex_ai_beta")
 
 
 def bedrock_flavour(provider_model: str) -> tuple[str, str | None]:
@@ -148,7 +203,6 @@ def bedrock_flavour(provider_model: str) -> tuple[str, str | None]:
 UNSUPPORTED: dict[str, str] = {
     **{name: "SageMaker endpoints are not supported yet" for name in ("sagemaker", "sagemaker_chat")},
     "bedrock_converse": "Bedrock's Converse API needs format translation, which the gateway does not do",
-    **{name: "Vertex AI's OAuth tokens are not supported yet" for name in ("vertex_ai", "vertex_ai_beta")},
     **{name: "its API is not OpenAI-, Anthropic- or Gemini-compatible, and the gateway does not translate formats"
        for name in ("cohere", "cohere_chat", "replicate", "huggingface", "ai21", "nlp_cloud", "aleph_alpha",
                     "petals", "baseten", "cloudflare", "watsonx", "predibase", "triton", "clarifai",
@@ -161,6 +215,8 @@ OTHER = _openai_compatible(None)
 def provider(name: str, provider_model: str = "") -> Provider:
     if name == "bedrock":
         return BEDROCK_FLAVOURS[bedrock_flavour(provider_model)[0]]
+    if name in VERTEX:
+        return VERTEX_FLAVOURS[vertex_flavour(provider_model)[0]]
     return PROVIDERS.get(name, OTHER)
 
 
@@ -175,17 +231,21 @@ def default_base(name: str) -> str | None:
 
 
 def base_problem(api_base: str) -> str | None:
+    """What is wrong with a base URL, without repeating it: a URL may carry a secret (a
+    query key, a password), and these reasons reach logs, /model/info and callers."""
     parts = urlsplit(api_base)
     if parts.scheme not in ("http", "https"):
-        return f"{api_base!r} is not an http(s) URL"
+        return "is not an http(s) URL"
     if not parts.hostname:
-        return f"{api_base!r} names no host"
+        return "names no host"
+    if parts.username is not None or parts.password is not None:
+        return "must not carry user info (credentials belong in api_key)"
     if parts.query or parts.fragment:
-        return f"{api_base!r} must not carry a query or fragment"
+        return "must not carry a query or fragment"
     try:
         _ = parts.port  # parsing it is the check
     except ValueError:
-        return f"{api_base!r} has an invalid port"
+        return "has an invalid port"
     return None
 
 

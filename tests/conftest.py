@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -60,6 +60,7 @@ class Gateway:
 
     envoy: Envoy
     upstream_port: int
+    sidecar: Sidecar | None = None  # when the test started its own stack
 
     def admin(self, path: str, body: Any = None, method: str = "POST", key: str = MASTER_KEY) -> Response:
         return http(method, self.envoy.url + path, body, {"Authorization": f"Bearer {key}"})
@@ -100,7 +101,7 @@ FLAVOURS = ("openai", "azure", "anthropic", "gemini")
 class ProviderGateway(Gateway):
     """The gateway in front of one fake upstream per provider flavour."""
 
-    upstreams: dict[str, int]
+    upstreams: dict[str, int] = field(default_factory=dict)
 
     def seen(self, flavour: str) -> list[dict]:
         return http("GET", f"http://127.0.0.1:{self.upstreams[flavour]}/__fake/requests").json()
@@ -128,7 +129,7 @@ def provider_gateway(workdir: Path, redis_port: int) -> Iterator[ProviderGateway
         try:
             proxy = harness.start_envoy(workdir, config, side)
             try:
-                yield ProviderGateway(proxy, procs["openai"][1], {f: p for f, (_, p) in procs.items()})
+                yield ProviderGateway(proxy, procs["openai"][1], upstreams={f: p for f, (_, p) in procs.items()})
             finally:
                 proxy.proc.stop()
         finally:

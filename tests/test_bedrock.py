@@ -36,8 +36,12 @@ def bedrock(workdir: Path, redis_port: int, upstream_port: int) -> Iterator[Gate
                 "aws_bedrock_runtime_endpoint": endpoint}},
             {"model_name": "titan", "litellm_params": {"model": "bedrock/amazon.titan-text-express-v1",
                                                       "aws_region_name": "us-east-1"}},
+            # Same host as Bedrock, not Bedrock: never signed with the AWS identity.
+            {"model_name": "same-host-openai", "litellm_params": {"model": "openai/x", "api_base": f"{endpoint}/v1",
+                                                                 "api_key": "sk-same-host"}},
         ],
-        "general_settings": {"master_key": MASTER},
+        "general_settings": {"master_key": MASTER, "pass_through_endpoints": [
+            {"path": "/bedrock-guardrail", "target": f"{endpoint}/guardrail", "include_subpath": True}]},
     }
     path = workdir / "bedrock.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -144,3 +148,28 @@ def test_an_openai_request_for_an_anthropic_bedrock_model_is_refused(bedrock: Ga
     key = new_key(bedrock, ["claude-bedrock"])
     r = bedrock.chat(key, "claude-bedrock")
     assert r.status == 400 and r.json()["error"]["code"] == "unsupported_route"
+
+
+def test_nothing_but_a_bedrock_deployment_is_signed_on_bedrocks_host(bedrock: Gateway) -> None:
+    key = new_key(bedrock, ["same-host-openai"])
+    bedrock.forget_upstream()
+    assert bedrock.chat(key, "same-host-openai").status == 200
+    r = http("POST", bedrock.envoy.url + "/bedrock-guardrail/g1/version/1/apply", {"content": []},
+             {"Authorization": f"Bearer {key}", "X-Amz-Security-Token": "client-chosen"})
+    assert r.status == 200
+    chat, guard = bedrock.upstream_seen()
+    assert chat["headers"]["authorization"] == "Bearer sk-same-host"
+    assert "authorization" not in guard["headers"] and "x-amz-security-token" not in guard["headers"]
+    assert not any(h.startswith("x-amz-date") for h in guard["headers"])
+
+
+def test_a_client_cannot_pick_what_the_operators_aws_identity_is_billed_for(bedrock: Gateway) -> None:
+    key = new_key(bedrock, ["claude-bedrock"])
+    client = anthropic.AnthropicBedrock(api_key=key, base_url=bedrock.envoy.url, aws_region="us-east-1",
+                                        default_headers={"X-Amzn-Bedrock-Service-Tier": "priority",
+                                                         "X-Amzn-Bedrock-GuardrailIdentifier": "theirs"})
+    bedrock.forget_upstream()
+    client.messages.create(model="claude-bedrock", max_tokens=16, messages=[{"role": "user", "content": "Hello"}])
+    seen = only_request(bedrock)
+    assert seen["signature_ok"]
+    assert not any(h.startswith("x-amzn-bedrock-") for h in seen["headers"])

@@ -226,6 +226,14 @@ def test_only_routable_deployments_get_an_envoy_cluster(tmp_path: Path) -> None:
     ({"model": "bedrock/anthropic.claude-v2", "aws_region_name": "us-east-1.evil.com"}, {}, "a region name"),
     ({"model": "bedrock/converse/anthropic.claude-v2", "aws_region_name": "us-east-1"}, {}, "Converse"),
     ({"model": "bedrock/meta.llama3-70b-instruct-v1:0", "aws_region_name": "us-east-1"}, {}, "family 'meta'"),
+    ({"model": "bedrock/anthropic.claude-v2", "aws_region_name": "us-east-1",
+      "aws_access_key_id": "os.environ/AWS_ACCESS_KEY_ID", "aws_secret_access_key": "os.environ/AWS_SECRET_ACCESS_KEY"},
+     {}, "https://bedrock-runtime.us-east-1.amazonaws.com"),   # the identity Envoy reads itself
+    ({"model": "bedrock/anthropic.claude-v2", "aws_region_name": "us-east-1", "aws_access_key_id": "AKIAOTHER",
+      "aws_secret_access_key": "literal-secret"}, {}, "aws_access_key_id, aws_secret_access_key name an AWS identity"),
+    ({"model": "bedrock/anthropic.claude-v2", "aws_region_name": "us-east-1",
+      "aws_role_name": "arn:aws:iam::222222222222:role/other"}, {}, "aws_role_name name an AWS identity"),
+    ({"model": "bedrock/anthropic.claude-v2", "aws_region_name": "us-east-\u0661"}, {}, "a region name"),
 ])
 def test_bedrock_deployments(tmp_path: Path, params: dict, environ: dict, expected: str) -> None:
     c = config.load(write(tmp_path, {"model_list": [{"model_name": "m", "litellm_params": params}]}), environ=environ)
@@ -234,3 +242,21 @@ def test_bedrock_deployments(tmp_path: Path, params: dict, environ: dict, expect
         assert d.routable and d.api_base == expected and d.provider_model == "anthropic.claude-v2"
     else:
         assert not d.routable and expected in d.unavailable
+
+
+def test_a_bedrock_model_id_is_the_model_called(tmp_path: Path) -> None:
+    arn = "arn:aws:bedrock:us-east-1:111111111111:provisioned-model/abc"
+    c = config.load(write(tmp_path, {"model_list": [{"model_name": "m", "litellm_params": {
+        "model": "bedrock/anthropic.claude-instant-v1", "model_id": arn, "aws_region_name": "us-east-1"}}]}),
+        environ={})
+    (d,) = c.deployments
+    assert d.routable and d.provider_model == arn
+
+
+@pytest.mark.parametrize("api_base,secret", [("https://llm.example.com/v1?api-key=TOPSECRET", "TOPSECRET"),
+                                             ("https://user:PASSWORD1@llm.example.com/v1", "PASSWORD1")])
+def test_why_a_base_url_is_refused_never_repeats_it(tmp_path: Path, api_base: str, secret: str) -> None:
+    c = config.load(write(tmp_path, {"model_list": [{"model_name": "m", "litellm_params": {
+        "model": "openai/m", "api_base": api_base}}]}), environ={})
+    (d,) = c.deployments
+    assert not d.routable and secret not in d.unavailable and secret not in repr(c)

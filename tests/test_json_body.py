@@ -106,3 +106,12 @@ def test_any_plain_document_reads_as_json_loads_does_and_its_span_is_exact(doc: 
     span = model_span(read)
     assert json.loads(body[span.start:span.end]) == model
     assert json.loads(body[:span.start] + b'"replaced"' + body[span.end:])["model"] == "replaced"
+
+
+def test_member_offsets_are_bytes_in_a_body_with_multibyte_characters() -> None:
+    from extauthz.check.json_body import members
+    body = '{"a": "é€😀", "bb" : {"c": "ü"},\n "model":"m-ä", "z": 1}'.encode()
+    found = members(read_json_model(body))
+    assert [m.name for m in found] == ["a", "bb", "model", "z"]
+    assert [body[m.start:m.value_end] for m in found] == [
+        '"a": "é€😀"'.encode(), '"bb" : {"c": "ü"}'.encode(), '"model":"m-ä"'.encode(), b'"z": 1']

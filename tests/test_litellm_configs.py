@@ -19,7 +19,7 @@ from extauthz.envoy.render import render_yaml
 from extauthz.proto.envoy.service.auth.v3.external_auth_pb2 import CheckResponse
 from extauthz.records.record import KeyRecord
 from tests.conftest import Gateway
-from tests.harness import BIN, ROOT, check_request, http, start_stack
+from tests.harness import BIN, ROOT, check_request, http, start_sidecar, start_stack
 
 MASTER = "sk-litellm-master"
 
@@ -51,10 +51,8 @@ def litellm_gateway(workdir: Path, redis_port: int, upstream_port: int) -> Itera
     path = workdir / "litellm-style.yaml"
     path.write_text(yaml.safe_dump(litellm_config(upstream_port), sort_keys=False))
     stack = start_stack(workdir, path, f"redis://127.0.0.1:{redis_port}/9")
-    gateway = Gateway(stack.envoy, upstream_port)
-    gateway.sidecar = stack.sidecar  # type: ignore[attr-defined]
     try:
-        yield gateway
+        yield Gateway(stack.envoy, upstream_port, stack.sidecar)
     finally:
         stack.stop()
     log = stack.sidecar.proc.log_text()
@@ -95,7 +93,7 @@ def test_a_model_with_none_is_a_503_naming_why(litellm_gateway: Gateway, model: 
 
 
 def test_the_count_of_unroutable_deployments_is_a_metric(litellm_gateway: Gateway) -> None:
-    metrics_port = litellm_gateway.sidecar.metrics_port  # type: ignore[attr-defined]
+    metrics_port = litellm_gateway.sidecar.metrics_port  # type: ignore[union-attr]
     text = http("GET", f"http://127.0.0.1:{metrics_port}/metrics").text
     assert 'extauthz_deployments{routable="false"} 3.0' in text
     assert 'extauthz_deployments{routable="true"} 1.0' in text
@@ -199,8 +197,26 @@ def test_what_those_configs_come_to() -> None:
     assert [d.routable for d in balanced.deployments] == [True, True, True, True, False, False]
     assert balanced.master_key == "value-of-litellm_master_key"
     many = {d.model_name: d for d in by_file["many_providers"].deployments}
-    assert not many["command-r"].routable and not many["gemini-vertex"].routable
+    assert not many["command-r"].routable and many["gemini-vertex"].routable
+    assert many["gemini-vertex"].api_base == ("https://us-central1-aiplatform.googleapis.com/v1/projects/my-project/"
+                                             "locations/us-central1")
     assert many["text-embedding-3-small"].provider == "openai" and many["sonar"].routable
     keys = by_file["virtual_keys_and_passthrough"]
     assert dict(keys.pass_through[0].headers)["authorization"] == "bearer value-of-cohere_api_key"
     assert [name for name, _ in keys.unenforced] == ["enable_jwt_auth", "litellm_jwtauth"]
+
+
+def test_a_restricting_setting_not_enforced_closes_the_admin_api_too(workdir: Path, redis_port: int) -> None:
+    path = workdir / "allowed-ips.yaml"
+    path.write_text(yaml.safe_dump({"model_list": [{"model_name": "m", "litellm_params": {
+        "model": "openai/m", "api_base": "http://127.0.0.1:9/v1"}}],
+        "general_settings": {"master_key": MASTER, "allowed_ips": ["10.9.9.9"]}}))
+    side = start_sidecar(workdir, path, f"redis://127.0.0.1:{redis_port}/9")
+    try:
+        for method, route in (("POST", "/key/generate"), ("GET", "/v1/models"), ("GET", "/model_group/info")):
+            r = http(method, side.admin + route, {} if method == "POST" else None,
+                     {"Authorization": f"Bearer {MASTER}"})
+            assert r.status == 403 and r.json()["error"]["code"] == "unenforced_setting", (route, r.text)
+        assert http("GET", side.admin + "/health/liveliness").status == 200
+    finally:
+        side.proc.stop()

@@ -120,3 +120,14 @@ def test_tracing_continues_the_callers_trace(workdir: Path, config_path: Path, r
         assert redis_get["parent_id"] == check["context"]["span_id"]
     finally:
         side.proc.stop()
+
+
+def test_reading_a_config_does_not_import_the_metrics_library() -> None:
+    # --workers sets prometheus_client's multiprocess directory after the config is read;
+    # imported before, the workers' values would never reach the supervisor's /metrics.
+    import subprocess
+    import sys
+    code = ("import sys; from extauthz import config; config.load('examples/config.yaml', environ={}, "
+            "require_secrets=False); print('prometheus_client' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=harness.ROOT, timeout=60)
+    assert done.stdout.strip() == "False", done.stderr

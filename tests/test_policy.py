@@ -161,7 +161,11 @@ def test_allow_routes_swaps_credential_and_rewrites_model():
     assert headers[":path"] == "/v1/chat/completions"
     assert set(d.headers_to_remove) == {"x-api-key", "api-key", "x-goog-api-key", "cookie", "proxy-authorization",
                                         "x-litellm-api-key", "openai-organization", "openai-project",
-                                        "x-goog-user-project"}
+                                        "x-goog-user-project", "x-amz-security-token", "x-amz-date",
+                                        "x-amz-content-sha256", "x-amz-target", "x-amzn-bedrock-service-tier",
+                                        "x-amzn-bedrock-guardrailidentifier", "x-amzn-bedrock-guardrailversion",
+                                        "x-amzn-bedrock-trace", "x-amzn-bedrock-performanceconfig-latency",
+                                        "x-extauthz-sign"}
     assert d.metadata["deployment"] == "6:openai/*" and d.metadata["model"] == "openai/gpt-4"
     assert d.metadata["key_alias"] == "my-key" and d.metadata["key_hash"] == "ab" * 6
 

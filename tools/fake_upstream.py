@@ -11,6 +11,13 @@ check what AWS checks: a SigV4 signature computed here, independently, over the 
 arrived (method, path, query, signed headers, body hash), with the fake's one credential
 (``FAKE_AWS_ACCESS_KEY_ID`` / ``FAKE_AWS_SECRET_ACCESS_KEY``), for service ``bedrock``, a
 timestamp within 5 minutes; anything else is answered 403 as AWS would.
+
+Vertex AI's paths (``/v1/projects/…/publishers/anthropic/models/{m}:rawPredict``,
+``…/endpoints/openapi/chat/completions``) take only a bearer token this fake issued and
+that has not expired. It issues them at ``/__fake/google/token`` the way Google's OAuth
+endpoint does for a service account: a JWT assertion signed RS256 by a key registered
+beforehand (``/__fake/google/keys``), for this audience, unexpired, asking for the
+cloud-platform scope. Tests register a key with a short token lifetime to see refreshes.
 """
 
 from __future__ import annotations
@@ -213,7 +220,151 @@ async def bedrock(request: web.Request) -> web.StreamResponse:
     return response
 
 
+GOOGLE_KEYS: dict[str, dict[str, Any]] = {}   # client_email -> {"pem": ..., "lifetime": s}
+GOOGLE_TOKENS: dict[str, float] = {}          # access token -> expiry (epoch)
+GOOGLE_TOKEN_REQUESTS: list[dict[str, Any]] = []
+VERTEX_PATH = re.compile(r"^/v1/projects/[^/]+/locations/[^/]+/(publishers/anthropic/models/[^/:]+:"
+                         r"(rawPredict|streamRawPredict)|endpoints/openapi/chat/completions)$")
+
+
+def _b64url(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+async def google_keys(request: web.Request) -> web.Response:
+    """Register a service account's public key (test set-up; Google knows its own)."""
+    doc = await request.json()
+    GOOGLE_KEYS[doc["client_email"]] = {"pem": doc["public_key_pem"], "lifetime": float(doc.get("lifetime", 3600))}
+    return web.json_response({"ok": True})
+
+
+async def google_token(request: web.Request) -> web.Response:
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    form = await request.post()
+    GOOGLE_TOKEN_REQUESTS.append({"at": time.time(), "grant_type": form.get("grant_type")})
+
+    def refuse(why: str) -> web.Response:
+        return web.json_response({"error": "invalid_grant", "error_description": why}, status=400)
+
+    if form.get("grant_type") != "urn:ietf:params:oauth:grant-type:jwt-bearer":
+        return refuse("unsupported grant_type")
+    try:
+        header_b64, claims_b64, signature_b64 = str(form.get("assertion", "")).split(".")
+        header, claims = json.loads(_b64url(header_b64)), json.loads(_b64url(claims_b64))
+    except ValueError:
+        return refuse("malformed assertion")
+    key = GOOGLE_KEYS.get(claims.get("iss", ""))
+    if header.get("alg") != "RS256" or key is None:
+        return refuse("unknown service account or algorithm")
+    public = serialization.load_pem_public_key(key["pem"].encode())
+    try:
+        public.verify(_b64url(signature_b64), f"{header_b64}.{claims_b64}".encode(), padding.PKCS1v15(),
+                      hashes.SHA256())  # type: ignore[union-attr, call-arg]
+    except InvalidSignature:
+        return refuse("Invalid JWT Signature.")
+    now = time.time()
+    # Google's own token endpoint is the audience its client libraries sign for, wherever they post.
+    if claims.get("aud") not in ("https://oauth2.googleapis.com/token", f"http://{request.host}{request.path}"):
+        return refuse(f"wrong audience {claims.get('aud')}")
+    if not (claims.get("iat", 0) <= now + 60 and now < claims.get("exp", 0) <= claims.get("iat", 0) + 3600):
+        return refuse("Invalid JWT: Token must be a short-lived token and in a reasonable timeframe")
+    if "https://www.googleapis.com/auth/cloud-platform" not in str(claims.get("scope", "")).split():
+        return refuse("scope cloud-platform not requested")
+    token = f"ya29.fake-{len(GOOGLE_TOKENS) + 1}-{os.urandom(6).hex()}"
+    GOOGLE_TOKENS[token] = now + key["lifetime"]
+    return web.json_response({"access_token": token, "expires_in": int(key["lifetime"]), "token_type": "Bearer"})
+
+
+async def google_token_log(request: web.Request) -> web.Response:
+    return web.json_response({"requests": GOOGLE_TOKEN_REQUESTS, "issued": len(GOOGLE_TOKENS)})
+
+
+async def vertex(request: web.Request) -> web.StreamResponse:
+    raw = await request.read()
+    auth = request.headers.get("authorization", "")
+    token = auth[7:] if auth.startswith("Bearer ") else ""
+    expiry = GOOGLE_TOKENS.get(token)
+    arrived = {"method": request.method, "path": request.raw_path, "host": request.host,
+               "headers": {k.lower(): v for k, v in request.headers.items()},
+               "body": json.loads(raw) if raw else None, "raw_body": base64.b64encode(raw).decode(),
+               "token_ok": expiry is not None and time.time() < expiry}
+    SEEN.append(arrived)
+    if not arrived["token_ok"]:
+        return web.json_response({"error": {"code": 401, "status": "UNAUTHENTICATED", "message":
+                                            "Request had invalid authentication credentials."}}, status=401)
+    body = arrived["body"] if isinstance(arrived["body"], dict) else {}
+    if request.path.endswith("/chat/completions"):
+        return web.json_response({**answer("/chat/completions", body.get("model"), "fake vertex"), "echo": arrived})
+    if "model" in body or not isinstance(body.get("anthropic_version"), str):
+        return web.json_response({"error": {"code": 400, "message": "anthropic_version is required; model is "
+                                            "not allowed in the body"}}, status=400)
+    model = request.path.rsplit("/", 1)[1].split(":")[0]
+    message = answer("/messages", model, "fake vertex")
+    if request.path.endswith(":rawPredict"):
+        return web.json_response({**message, "echo": arrived})
+    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await response.prepare(request)
+    for event in ({"type": "message_start", "message": {**message, "content": []}},
+                  {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+                  {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "fake vertex"}},
+                  {"type": "content_block_stop", "index": 0},
+                  {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                   "usage": {"output_tokens": 1}},
+                  {"type": "message_stop"}):
+        await response.write(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode())
+    await response.write_eof()
+    return response
+
+
+ENTRA_CLIENTS: dict[str, dict[str, Any]] = {}  # client_id -> {"secret": ..., "tenant": ..., "lifetime": s}
+ENTRA_TOKENS: dict[str, float] = {}           # access token -> expiry (epoch)
+
+
+async def entra_clients(request: web.Request) -> web.Response:
+    """Register an app's client credential (test set-up; Entra knows its own)."""
+    doc = await request.json()
+    ENTRA_CLIENTS[doc["client_id"]] = {"secret": doc["client_secret"], "tenant": doc["tenant_id"],
+                                       "lifetime": float(doc.get("lifetime", 3600))}
+    return web.json_response({"ok": True})
+
+
+async def entra_discovery(request: web.Request) -> web.Response:
+    tenant = request.match_info["tenant"]
+    base = f"{request.scheme}://{request.host}/{tenant}"
+    return web.json_response({"token_endpoint": f"{base}/oauth2/v2.0/token",
+                              "authorization_endpoint": f"{base}/oauth2/v2.0/authorize",
+                              "issuer": f"{base}/v2.0", "device_authorization_endpoint": f"{base}/oauth2/v2.0/devicecode"})
+
+
+async def entra_token(request: web.Request) -> web.Response:
+    """Entra ID's token endpoint for the client-credentials grant."""
+    form = await request.post()
+    client = ENTRA_CLIENTS.get(str(form.get("client_id", "")))
+    if form.get("grant_type") != "client_credentials" or client is None \
+            or not hmac.compare_digest(str(form.get("client_secret", "")), client["secret"]) \
+            or client["tenant"] != request.match_info["tenant"]:
+        return web.json_response({"error": "invalid_client", "error_description": "AADSTS7000215: Invalid client "
+                                  "secret provided."}, status=401)
+    if str(form.get("scope", "")) != "https://cognitiveservices.azure.com/.default":
+        return web.json_response({"error": "invalid_scope"}, status=400)
+    token = f"eyJ.entra-fake-{len(ENTRA_TOKENS) + 1}-{os.urandom(6).hex()}"
+    ENTRA_TOKENS[token] = time.time() + client["lifetime"]
+    return web.json_response({"token_type": "Bearer", "expires_in": int(client["lifetime"]),
+                              "ext_expires_in": int(client["lifetime"]), "access_token": token})
+
+
+async def entra_valid(request: web.Request) -> web.Response:
+    token = request.query.get("token", "")
+    return web.json_response({"valid": token in ENTRA_TOKENS and time.time() < ENTRA_TOKENS[token],
+                              "issued": len(ENTRA_TOKENS)})
+
+
 async def echo(request: web.Request) -> web.StreamResponse:
+    if VERTEX_PATH.match(request.path):
+        return await vertex(request)
     # Bedrock's own paths always; its OpenAI-compatible one when signed (other fakes serve /openai/v1 too).
     if BEDROCK_PATH.match(request.path) and (request.path.startswith("/model/")
                                              or request.headers.get("authorization", "").startswith("AWS4-")):
@@ -243,18 +394,32 @@ def main() -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8081, help="0: any free port (see --ready-file)")
     p.add_argument("--ready-file", help="once serving, write {\"port\": N} there")
+    p.add_argument("--tls-cert", help="serve HTTPS with this certificate (and --tls-key)")
+    p.add_argument("--tls-key")
     args = p.parse_args()
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app.router.add_route("GET", SEEN_PATH, seen)
     app.router.add_route("DELETE", SEEN_PATH, seen)
+    app.router.add_route("POST", "/__fake/google/keys", google_keys)
+    app.router.add_route("POST", "/__fake/google/token", google_token)
+    app.router.add_route("GET", "/__fake/google/token", google_token_log)
+    app.router.add_route("POST", "/__fake/entra/clients", entra_clients)
+    app.router.add_route("GET", "/__fake/entra/valid", entra_valid)
+    app.router.add_route("GET", "/{tenant}/v2.0/.well-known/openid-configuration", entra_discovery)
+    app.router.add_route("POST", "/{tenant}/oauth2/v2.0/token", entra_token)
     app.router.add_route("*", "/{tail:.*}", echo)
-    asyncio.run(serve(app, args.host, args.port, args.ready_file))
+    tls = None
+    if args.tls_cert:
+        import ssl
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(args.tls_cert, args.tls_key)
+    asyncio.run(serve(app, args.host, args.port, args.ready_file, tls))
 
 
-async def serve(app: web.Application, host: str, port: int, ready_file: str | None) -> None:
+async def serve(app: web.Application, host: str, port: int, ready_file: str | None, tls: Any = None) -> None:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    site = web.TCPSite(runner, host, port, ssl_context=tls)
     await site.start()
     if ready_file:
         bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]

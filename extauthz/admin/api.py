@@ -149,6 +149,11 @@ class AdminApi:
 
     @web.middleware
     async def auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        refusal = self.runtime().refusal
+        if refusal is not None and not request.path.startswith("/health/"):
+            # A restriction the config sets and the gateway does not enforce (allowed_ips...)
+            # would be lifted here too: LiteLLM applies it to its admin routes as well.
+            return error_response(refusal)
         if not request.path.startswith(OPEN_ROUTES):
             token, _ = credentials(lower_headers(request))
             if token is None or not self.runtime().is_master(hash_token(token)):

@@ -23,6 +23,7 @@ from extauthz.config import Alias, Deployment, PassThroughConfig
 from extauthz.check.memo import Memo
 from extauthz.check.routing import PassThroughRoute, Route
 from extauthz.check.wildcard import capture, matches
+from extauthz.tokens import NO_TOKENS, Tokens
 
 # Entries of an allowed-models list that are not model or group names.
 ALL_MODELS = frozenset({"*", "all-proxy-models"})
@@ -81,7 +82,7 @@ class Resolution:
 
 class Catalog:
     def __init__(self, deployments: tuple[Deployment, ...], aliases: tuple[Alias, ...] = (),
-                 pass_through: tuple[PassThroughConfig, ...] = ()) -> None:
+                 pass_through: tuple[PassThroughConfig, ...] = (), tokens: Tokens = NO_TOKENS) -> None:
         by_name: dict[str, list[Deployment]] = {}
         for d in deployments:
             by_name.setdefault(d.model_name, []).append(d)
@@ -100,7 +101,7 @@ class Catalog:
                 members.setdefault(access_group, []).append(group.name)
         self.access_groups: dict[str, tuple[str, ...]] = {k: tuple(v) for k, v in members.items()}
         self.aliases: dict[str, Alias] = {a.name: a for a in aliases}
-        self.routes: dict[int, Route] = {d.index: Route.of(d) for d in deployments if d.routable}
+        self.routes: dict[int, Route] = {d.index: Route.of(d, tokens) for d in deployments if d.routable}
         self.pass_through: tuple[PassThroughRoute, ...] = tuple(PassThroughRoute.of(c) for c in pass_through)
         self.resolve = lru_cache(maxsize=65536)(self._resolve)
         # Case-insensitive views for variant_of: a casefolded name can stand for several

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import unquote
 
-from extauthz.providers import ANTHROPIC, BEDROCK_INVOKE, GEMINI, OPENAI  # the API formats
+from extauthz.providers import ANTHROPIC, BEDROCK_INVOKE, GEMINI, OPENAI, VERTEX_RAW_PREDICT  # the API formats
 
 JSON, MULTIPART = "json", "multipart"
 
@@ -32,12 +32,16 @@ AZURE_PATH = re.compile(r"/openai/deployments/([^/]+)/(.+)")
 GEMINI_PATH = re.compile(r"/(v1beta|v1)/models/([^/:]+):(generateContent|streamGenerateContent)")
 # Bedrock's InvokeModel, as AWS's SDKs (and Anthropic's AnthropicBedrock client) call it.
 BEDROCK_PATH = re.compile(r"/model/([^/]+)/(invoke|invoke-with-response-stream)")
+# Vertex AI's rawPredict for Anthropic models, as Anthropic's AnthropicVertex client calls it
+# (the client's project and location are its own; the deployment's are used upstream).
+VERTEX_PATH = re.compile(r"(?:/v1)?/projects/[^/]+/locations/[^/]+/publishers/anthropic/models/([^/:]+)"
+                         r":(rawPredict|streamRawPredict)")
 
 
 @dataclass(frozen=True)
 class Endpoint:
     operation: str            # provider-independent: "chat/completions", "generateContent", ...
-    api_format: str           # OPENAI | ANTHROPIC | GEMINI | BEDROCK_INVOKE
+    api_format: str           # OPENAI | ANTHROPIC | GEMINI | BEDROCK_INVOKE | VERTEX_RAW_PREDICT
     body: str                 # JSON | MULTIPART
     path_model: str | None = None  # a model named by the path (Azure deployment, Gemini model)
     query: str = ""           # the client's query string, without "?"
@@ -59,7 +63,8 @@ class PassThrough:
 MODEL_CALL_SEGMENTS = frozenset({
     "chat", "completions", "complete", "embeddings", "embed", "images", "audio", "responses", "moderations",
     "messages", "realtime", "batches", "threads", "assistants", "fine_tuning", "fine-tuning", "fine-tunes",
-    "deployments", "invoke", "invoke-with-response-stream", "converse", "converse-stream", "generate",
+    "deployments", "invoke", "invoke-with-response-stream", "invoke-with-bidirectional-stream", "async-invoke",
+    "converse", "converse-stream", "generate", "rawpredict", "streamrawpredict",
 })
 # Percent-escapes every server decodes to the same plain character: letters, digits, '-', '_', '~'.
 _PLAIN_ESCAPES = frozenset(f"%{c:02x}" for c in range(128) if chr(c).isalnum() or chr(c) in "-_~")
@@ -115,6 +120,9 @@ def classify(path: str) -> Endpoint | None:
     bedrock = BEDROCK_PATH.fullmatch(route)
     if bedrock:
         return Endpoint(bedrock.group(2), BEDROCK_INVOKE, JSON, unquote(bedrock.group(1)), query)
+    vertex = VERTEX_PATH.fullmatch(route)
+    if vertex:
+        return Endpoint(vertex.group(2), VERTEX_RAW_PREDICT, JSON, unquote(vertex.group(1)), query)
     operation = route[4:] if route.startswith("/v1/") else route[1:]
     known = OPERATIONS.get(operation)
     if known is None:

@@ -22,7 +22,7 @@ import json
 import re
 import unicodedata
 from json.decoder import scanstring
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 from extauthz.check.facts import ModelSpan, Problem
 
@@ -168,8 +168,16 @@ def members(checked: JsonModel) -> list[Member]:
     """The top-level members of a body ``read_json_model`` accepted, in order."""
     body = checked.body
     text = body.decode("utf-8")
-    ascii_only = text.isascii()
-    to_bytes = (lambda i: i) if ascii_only else (lambda i: len(text[:i].encode("utf-8")))
+    if text.isascii():
+        to_bytes: Callable[[int], int] = int
+    else:  # character offsets to byte offsets, counting only what lies past the last one
+        at, count = 0, 0
+
+        def to_bytes(i: int) -> int:
+            nonlocal at, count
+            count += len(text[at:i].encode("utf-8"))
+            at = i
+            return count
     out = []
     i = _skip(text, _skip(text, 0).end() + 1).end()  # past "{"
     while text[i] != "}":

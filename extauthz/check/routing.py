@@ -18,6 +18,7 @@ from extauthz.check.endpoints import JSON, Endpoint, PassThrough, model_call_seg
 from extauthz.check.facts import Facts, Problem
 from extauthz.check.responses import allow_prefix
 from extauthz.check.json_body import JsonModel, members, model_span, removal_span
+from extauthz.tokens import NO_TOKENS, TokenHolder, Tokens
 
 # Set on every allow; Envoy routes on it (cluster_header). A client's own value never
 # survives an allow, and a request without it matches no upstream route.
@@ -27,8 +28,11 @@ CLUSTER_HEADER = "x-extauthz-cluster"
 # every allow, so a client's own value never survives.
 SPLICE_HEADER = "x-extauthz-splice"
 NO_SPLICE = "-"
+# Set on allows to AWS deployments only ("bedrock:us-east-1"): Envoy's signing filter for
+# that service and region runs on it (and on nothing else, whatever host a route reaches).
+SIGN_HEADER = "x-extauthz-sign"
 # Headers only the gateway may set; Envoy's routes remove them before the provider too.
-INTERNAL_HEADERS = (CLUSTER_HEADER, SPLICE_HEADER)
+INTERNAL_HEADERS = (CLUSTER_HEADER, SPLICE_HEADER, SIGN_HEADER)
 # Query parameters that address a provider, carry a key or pick who is billed (Google's
 # userProject): the sidecar sets its own or none.
 PROVIDER_QUERY = frozenset({"api-version", "key", "userProject", "$userProject"})
@@ -105,15 +109,23 @@ def _fixed(upstream: providers.Upstream, route_id: str, credential: Headers,
 class Route(Fixed):
     deployment: Deployment
     provider: providers.Provider
+    token: TokenHolder | None = None  # a refreshed OAuth token, sent as Authorization: Bearer
 
     @classmethod
-    def of(cls, d: Deployment) -> "Route":
+    def of(cls, d: Deployment, tokens: Tokens = NO_TOKENS) -> "Route":
         provider = providers.provider(d.provider, d.provider_model)
-        credential = (provider.credential(d.api_key),) if d.api_key and provider.credential_header else ()
+        credential: Headers = ()
+        if d.api_key and d.key_is_bearer:
+            credential = (("authorization", f"Bearer {d.api_key}"),)
+        elif d.api_key and provider.credential_header:
+            credential = (provider.credential(d.api_key),)
         if d.organization and provider.takes_organization:
             credential += (("openai-organization", d.organization),)
-        return cls(**_fixed(providers.upstream(d.api_base), d.name, credential, (SPLICE_HEADER,)),
-                   deployment=d, provider=provider)
+        if provider.aws_service and d.region:
+            credential += ((SIGN_HEADER, signer(provider.aws_service, d.region)),)
+        per_request = (SPLICE_HEADER, "authorization") if d.token else (SPLICE_HEADER,)
+        return cls(**_fixed(providers.upstream(d.api_base), d.name, credential, per_request),
+                   deployment=d, provider=provider, token=tokens.holder(d.token) if d.token else None)
 
     @property
     def api_format(self) -> str:
@@ -139,10 +151,18 @@ class Route(Fixed):
                 f"{endpoint.operation!r} is an {endpoint.api_format} API request and model {requested!r} "
                 f"is served by an {self.api_format} API deployment{_serving(provider)}; extauthz routes requests, "
                 "it does not translate between API formats."))
+        credential: Headers = ()
+        if self.token is not None:
+            bearer = self.token.bearer()
+            if bearer is None:
+                return Problem("credential_unavailable", f"The gateway has no valid credential for model "
+                               f"{requested!r} right now; try again shortly.", status=503)
+            credential = (("authorization", f"Bearer {bearer}"),)
         model = self.provider_model(capture)
-        if provider.api_format == providers.BEDROCK_INVOKE:
-            return self.bedrock_invoke(facts, endpoint, model)
-        extra: Headers = ((":path", self.path(endpoint, model)),)
+        if provider.hosted_anthropic is not None:
+            hosted = self.hosted_anthropic(facts, endpoint, model, provider.hosted_anthropic)
+            return hosted if isinstance(hosted, Problem) else hosted + credential
+        extra: Headers = ((":path", self.path(endpoint, model)),) + credential
         # A provider that reads the model from the body gets a body that names it (an
         # Azure-style path may send one that does not).
         body_names_model = not provider.model_in_path
@@ -168,54 +188,71 @@ class Route(Fixed):
                 extra += ((name, value),)
         return extra
 
-    def bedrock_invoke(self, facts: Facts, endpoint: Endpoint, model: str) -> Headers | Problem:
-        """InvokeModel: the path names the model and says whether to stream. A body sent to
-        Bedrock's own path goes as it is; an Anthropic Messages body becomes the invoke body
-        (its "model" member replaced by "anthropic_version", a "stream": false removed)."""
-        if endpoint.api_format == providers.BEDROCK_INVOKE:
+    def hosted_anthropic(self, facts: Facts, endpoint: Endpoint, model: str,
+                         hosted: providers.HostedAnthropic) -> Headers | Problem:
+        """Anthropic models on Bedrock or Vertex: the path names the model and whether to
+        stream. A body sent to the platform's own path goes as it is; an Anthropic Messages
+        body becomes the platform's (its "model" member replaced by "anthropic_version",
+        on Bedrock a "stream": false removed)."""
+        if endpoint.api_format != providers.ANTHROPIC:
             plan, operation = NO_SPLICE, endpoint.operation
         else:
-            edits = bedrock_edits(facts.json_model)
+            edits = hosted_edits(facts.json_model, hosted)
             if isinstance(edits, Problem):
                 return edits
-            plan, operation = edits_plan(len(facts.json_model.body), edits), "invoke"  # type: ignore[union-attr]
+            changes, streams = edits
+            plan = edits_plan(len(facts.json_model.body), changes)  # type: ignore[union-attr]
+            operation = hosted.operations[streams]
+        streaming = operation == hosted.operations[1]
+        accept = "application/vnd.amazon.eventstream" if streaming and not hosted.streams_sse else (
+            "text/event-stream" if streaming else "application/json")
         return ((":path", self.path(endpoint, model, operation)), ("content-type", "application/json"),
-                ("accept", "application/json" if operation == "invoke" else "application/vnd.amazon.eventstream"),
-                (SPLICE_HEADER, plan))
+                ("accept", accept), (SPLICE_HEADER, plan))
+
+
+def signer(service: str, region: str) -> str:
+    """The SIGN_HEADER value naming one AWS signing filter of the rendered Envoy."""
+    return f"{service}:{region}"
 
 
 def _serving(provider: providers.Provider) -> str:
     return f" (it serves {', '.join(provider.operations)})" if provider.operations else ""
 
 
-_VERSION_MEMBER = f'"anthropic_version": {json.dumps(providers.BEDROCK_ANTHROPIC_VERSION)}'.encode()
 _BEDROCK_STREAM = Problem("unsupported_route", "Bedrock streams in AWS's event-stream format, not server-sent "
                           "events; stream through Bedrock's own path (/model/{model}/invoke-with-response-stream, "
                           "as the AnthropicBedrock client does) or send \"stream\": false.", param="stream")
-_BEDROCK_VERSION = Problem("invalid_request_body", "The body already has an 'anthropic_version'; the gateway sets "
-                           "Bedrock's.", param="anthropic_version")
+_PLATFORM_VERSION = Problem("invalid_request_body", "The body already has an 'anthropic_version'; the gateway sets "
+                            "the platform's.", param="anthropic_version")
+_STREAM_NOT_BOOLEAN = Problem("invalid_request_body", "'stream' must be true or false.", param="stream")
 
 
-def bedrock_edits(body: JsonModel | None) -> list[tuple[int, int, bytes, bytes]] | Problem:
-    """The byte edits that turn a checked Anthropic Messages body into an InvokeModel body."""
+def hosted_edits(body: JsonModel | None, hosted: providers.HostedAnthropic
+                 ) -> tuple[list[tuple[int, int, bytes, bytes]], bool] | Problem:
+    """The byte edits that turn a checked Anthropic Messages body into the platform's, and
+    whether it asks to stream."""
     if body is None or not body.present:
         return _MODEL_IN_BODY
     found = members(body)
-    names = [m.name for m in found]
-    if "anthropic_version" in names:
-        return _BEDROCK_VERSION
+    if any(m.name == "anthropic_version" for m in found):
+        return _PLATFORM_VERSION
     raw = body.body
-    edits = []
+    version = f'"anthropic_version": {json.dumps(hosted.version)}'.encode()
+    edits, streams = [], False
     for index, member in enumerate(found):
         if member.name == "model":
-            edits.append((member.start, member.value_end, raw[member.start:member.value_end], _VERSION_MEMBER))
+            edits.append((member.start, member.value_end, raw[member.start:member.value_end], version))
         elif member.name == "stream":
             value = raw[member.start:member.value_end].rsplit(b":", 1)[1].strip()
-            if value != b"false":
+            if value not in (b"true", b"false"):
+                return _STREAM_NOT_BOOLEAN
+            streams = value == b"true"
+            if streams and not hosted.streams_sse:
                 return _BEDROCK_STREAM
-            start, end = removal_span(found, index)
-            edits.append((start, end, raw[start:end], b""))
-    return sorted(edits)
+            if not hosted.keeps_stream:
+                start, end = removal_span(found, index)
+                edits.append((start, end, raw[start:end], b""))
+    return sorted(edits), streams
 
 
 def edits_plan(body_length: int, edits: list[tuple[int, int, bytes, bytes]]) -> str:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from extauthz.check.catalog import Catalog
 from extauthz.check.decision import Deny
+from extauthz.tokens import NO_TOKENS, Tokens
 from extauthz.config import Config
 from extauthz.records.record import hash_token
 from extauthz.check.request import PassThroughPaths
@@ -24,15 +25,15 @@ class Runtime:
     refusal: Deny | None = None
 
     @classmethod
-    def of(cls, config: Config) -> "Runtime":
+    def of(cls, config: Config, tokens: Tokens = NO_TOKENS) -> "Runtime":
         master = hash_token(config.master_key) if config.master_key else None
-        catalog = Catalog(config.deployments, config.aliases, config.pass_through)
+        catalog = Catalog(config.deployments, config.aliases, config.pass_through, tokens)
         paths = PassThroughPaths(tuple((c.path, c.include_subpath) for c in config.pass_through))
         refusal = None
         if config.refuses_all:
             names = ", ".join(f"general_settings.{n}" for n in config.refuses_all)
             refusal = Deny(403, "unenforced_setting", f"This gateway's config sets {names}, which it does not "
-                           "enforce; every model request is refused until the operator removes it.")
+                           "enforce; every request is refused until the operator removes it.")
         return cls(config, catalog, master, paths, refusal)
 
     def is_master(self, token_hash: str) -> bool:

@@ -38,6 +38,13 @@ DEADLINE_SLACK_S = 0.1
 INLINE_BODY_BYTES = 64 * 1024
 
 
+def decide_with_body(facts: Facts, body: bytes, key: Any, team: Any, runtime: Runtime, draw: float) -> Decision:
+    """The model from the body, the decision (pure), then routing: what the upstream request becomes."""
+    facts = with_body(facts, body)
+    granted = authorize(facts, key, team, runtime.catalog, draw)
+    return forward(granted, facts) if isinstance(granted, Grant) else granted
+
+
 class AuthorizationService:
     def __init__(self, runtime: Callable[[], Runtime], store: RecordReader, log_allowed: bool = False,
                  decision_log: logs.DecisionLog | None = None, max_message_bytes: int = 64 * 1024 * 1024) -> None:
@@ -129,12 +136,10 @@ class AuthorizationService:
             return runtime.refusal
         body = body_of(request)
         if len(body) <= INLINE_BODY_BYTES:
-            facts = with_body(facts, body)
-        else:
-            facts = await asyncio.get_running_loop().run_in_executor(self.body_reader, with_body, facts, body)
-        # Decide (pure), then route: what the upstream request becomes.
-        granted = authorize(facts, key, team, runtime.catalog, random.random())  # type: ignore[arg-type]
-        return forward(granted, facts) if isinstance(granted, Grant) else granted
+            return decide_with_body(facts, body, key, team, runtime, random.random())
+        # Reading the body, and a rewrite's plan over it, on the body thread.
+        return await asyncio.get_running_loop().run_in_executor(
+            self.body_reader, decide_with_body, facts, body, key, team, runtime, random.random())
 
     def close(self) -> None:
         self.body_reader.shutdown(wait=False, cancel_futures=True)

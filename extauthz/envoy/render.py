@@ -19,7 +19,7 @@ from extauthz.config import Config, EnvoySettings, Settings
 from extauthz.check.decision import Deny
 from extauthz.check.policy import MISSING_KEY
 from extauthz.check.responses import error_body
-from extauthz.check.routing import CLUSTER_HEADER, INTERNAL_HEADERS
+from extauthz.check.routing import CLUSTER_HEADER, INTERNAL_HEADERS, SIGN_HEADER, signer
 
 AUTHZ_CLUSTER = "extauthz"
 ADMIN_CLUSTER = "extauthz_admin"
@@ -58,7 +58,7 @@ def render(config: Config, listen_port: int | None = None, authz_port: int | Non
     return {
         "admin": {"address": _address("127.0.0.1", _pick(envoy_admin_port, e.envoy_admin_port))},
         "static_resources": {
-            "listeners": [_listener(s, e, _pick(listen_port, e.listen_port), _signed_upstreams(config))],
+            "listeners": [_listener(s, e, _pick(listen_port, e.listen_port), _signers(config))],
             "clusters": [
                 _authz_cluster(_pick(authz_host, s.grpc_host), _pick(authz_port, s.grpc_port), s.workers),
                 _cluster(ADMIN_CLUSTER, _pick(admin_host, s.admin_host), _pick(admin_port, s.admin_port), "1s"),
@@ -104,7 +104,7 @@ def _address(host: str, port: int) -> dict[str, Any]:
 
 # -- listener -----------------------------------------------------------------------------
 
-def _listener(s: Settings, e: EnvoySettings, port: int, signed: dict[str, tuple[str, str]]) -> dict[str, Any]:
+def _listener(s: Settings, e: EnvoySettings, port: int, signers: list[tuple[str, str]]) -> dict[str, Any]:
     hcm = _typed(
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         stat_prefix="extauthz_ingress",
@@ -127,7 +127,7 @@ def _listener(s: Settings, e: EnvoySettings, port: int, signed: dict[str, tuple[
         access_log=[_access_log()],
         local_reply_config=_local_reply_config(s),
         http_filters=[_decompressor_filter(), _ext_authz_filter(s, e), _splice_filter(),
-                      *_aws_signing_filters(signed), _router_filter()],
+                      *_aws_signing_filters(signers), _router_filter()],
         route_config=_route_config(),
     )
     return {
@@ -240,39 +240,36 @@ AWS_SIGNING_FILTER = "envoy.filters.http.aws_request_signing"
 AWS_SIGNING = "envoy.extensions.filters.http.aws_request_signing.v3.AwsRequestSigning"
 
 
-def _signed_upstreams(config: Config) -> dict[str, tuple[str, str]]:
-    """Clusters whose requests Envoy signs for AWS: cluster -> (service, region)."""
-    out: dict[str, tuple[str, str]] = {}
+def _signers(config: Config) -> list[tuple[str, str]]:
+    """The (AWS service, region) pairs Envoy signs requests for."""
+    found = set()
     for d in config.routable:
         service = providers.provider(d.provider, d.provider_model).aws_service
         if service and d.region:
-            out[providers.upstream(d.api_base).cluster] = (service, d.region)
-    return out
+            found.add((service, d.region))
+    return sorted(found)
 
 
-def _aws_signing_filters(signed: dict[str, tuple[str, str]]) -> list[dict[str, Any]]:
+def _aws_signing_filters(signers: list[tuple[str, str]]) -> list[dict[str, Any]]:
     """One AWS signing filter per (service, region), after the splice so the signature
-    covers the body the provider receives. Each runs only for requests the sidecar sent to
-    one of its clusters: it is chosen on the header the allow set (a route's own filter
-    config would not do: which filters run is fixed by the route chosen before the check).
-    Credentials come from Envoy's own AWS chain (environment, web identity / IRSA,
-    container or instance role), never from the sidecar."""
-    by_signer: dict[tuple[str, str], list[str]] = {}
-    for cluster, how in sorted(signed.items()):
-        by_signer.setdefault(how, []).append(cluster)
+    covers the body the provider receives. Each runs only when the sidecar's allow named
+    it in SIGN_HEADER, which it sets only for deployments of that service and region: no
+    other request is signed, whatever host it reaches. (A route's own filter config would
+    not do: which filters run is fixed by the route chosen before the check.) Credentials
+    come from Envoy's own AWS chain (environment, web identity / IRSA, container or
+    instance role), never from the sidecar."""
     filters = []
-    for (service, region), clusters in sorted(by_signer.items()):
-        is_ours = [{"single_predicate": {
+    for service, region in signers:
+        is_ours = {"single_predicate": {
             "input": {"name": "request-headers", "typed_config": _typed(
-                "envoy.type.matcher.v3.HttpRequestHeaderMatchInput", header_name=CLUSTER_HEADER)},
-            "value_match": {"exact": cluster}}} for cluster in clusters]
-        predicate = is_ours[0] if len(is_ours) == 1 else {"or_matcher": {"predicate": is_ours}}
+                "envoy.type.matcher.v3.HttpRequestHeaderMatchInput", header_name=SIGN_HEADER)},
+            "value_match": {"exact": signer(service, region)}}}
         filters.append({"name": f"{AWS_SIGNING_FILTER}.{service}.{region}", "typed_config": _typed(
             "envoy.extensions.common.matching.v3.ExtensionWithMatcher",
             extension_config={"name": AWS_SIGNING_FILTER,
                               "typed_config": _typed(AWS_SIGNING, **_aws_signing(service, region))},
             xds_matcher={"matcher_list": {"matchers": [{
-                "predicate": {"not_matcher": predicate},
+                "predicate": {"not_matcher": is_ours},
                 "on_match": {"action": {"name": "skip", "typed_config": _typed(
                     "envoy.extensions.filters.common.matcher.action.v3.SkipFilter")}}}]}})})
     return filters

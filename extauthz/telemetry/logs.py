@@ -37,6 +37,10 @@ def setup(level: str = "INFO", fmt: str = "json") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # The providers' auth libraries log each token request (URLs, headers) at INFO: their
+    # warnings and errors are enough, and a token never has a reason to be near a log.
+    for noisy in ("azure", "msal", "google.auth", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 class DecisionLog:

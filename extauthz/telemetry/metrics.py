@@ -36,6 +36,8 @@ REDIS_RECONNECTS = Counter("extauthz_redis_reconnects_total", "Reconnections of 
 CONFIG_RELOADS = Counter("extauthz_config_reloads_total", "Config reloads", ["result"])  # ok, failed
 DEPLOYMENTS = Gauge("extauthz_deployments", "Deployments in the config, by whether the gateway can route them",
                     ["routable"], multiprocess_mode="max")
+TOKEN_REFRESHES = Counter("extauthz_token_refreshes_total", "Refreshes of provider OAuth tokens (Vertex, Entra)",
+                          ["result"])  # ok, failed
 ADMIN_REQUESTS = Counter("extauthz_admin_requests_total", "Admin API requests", ["route", "status"])
 
 
