@@ -80,6 +80,7 @@ class RuntimeBox:
             log.error("config reload failed, keeping the running config: %s", e)
             return
         self.current = Runtime.of(dataclasses.replace(new, settings=old.settings), self.tokens)
+        self.tokens.keep({d.token for d in new.deployments if d.token is not None})
         self.tokens.start()  # a token the new config needs starts being refreshed
         self.reloads += 1
         metrics.CONFIG_RELOADS.labels("ok").inc()

@@ -48,13 +48,13 @@ class TokenSpec:
         if self.kind == "google":
             if not self.credentials:
                 return "google application default credentials"
-            email = None
-            if self.credentials.lstrip().startswith("{"):
-                try:
-                    email = json.loads(self.credentials).get("client_email")
-                except ValueError:
-                    pass
-            return f"google service account {email or self.credentials}"
+            if not self.credentials.lstrip().startswith("{"):
+                return f"google service account file {self.credentials}"
+            try:  # inline JSON holds the private key: only its address is named
+                email = json.loads(self.credentials).get("client_email")
+            except (ValueError, AttributeError):
+                email = None
+            return f"google service account {email if isinstance(email, str) else '(inline, no client_email)'}"
         return f"entra client {self.client_id} of tenant {self.tenant_id}"
 
 
@@ -184,6 +184,14 @@ class Tokens:
         holder.set(token, expires_at)
         metrics.TOKEN_REFRESHES.labels("ok").inc()
         log.info("token refreshed for %s, valid for %.0f s", holder.spec.label, expires_at - self.clock())
+
+    def keep(self, specs: set[TokenSpec]) -> None:
+        """After a reload: stop refreshing tokens no deployment uses any more."""
+        for spec in [s for s in self.holders if s not in specs]:
+            task = self.tasks.pop(spec, None)
+            if task is not None:
+                task.cancel()
+            del self.holders[spec]
 
     def take_tasks(self) -> list[asyncio.Task[None]]:
         """The refresh tasks, for the App to end at stop."""
