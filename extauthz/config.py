@@ -9,6 +9,7 @@ and what is wrong, so the process can refuse to start with a useful message.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import Any, Mapping
 import yaml
 
 from extauthz import providers
-from extauthz.tokens import TokenSpec, missing_library
+from extauthz.tokens import TokenSpec, google_info, missing_library
 from extauthz.check.endpoints import OPERATIONS, classify, model_call_segment, unsafe_path
 
 ENV_PREFIX = "os.environ/"
@@ -511,12 +512,18 @@ class _Parser:
         family, unsupported = providers.vertex_flavour(provider_model)
         if unsupported:
             raise Unroutable(unsupported)
+        raw_credentials = params.get("vertex_credentials")
+        if isinstance(raw_credentials, dict):  # LiteLLM takes the document itself too
+            raw_credentials = json.dumps(raw_credentials)
         try:
-            project, location, credentials, base = (
-                self.string(params.get(k), f"{where}.litellm_params.{k}", secret=k == "vertex_credentials")
-                for k in ("vertex_project", "vertex_location", "vertex_credentials", "api_base"))
+            project, location, base = (self.string(params.get(k), f"{where}.litellm_params.{k}")
+                                       for k in ("vertex_project", "vertex_location", "api_base"))
+            credentials = self.string(raw_credentials, f"{where}.litellm_params.vertex_credentials", secret=True)
         except UnsetVariable as e:
             raise Unroutable(f"environment variable {e.name} ({e.where}) is not set") from None
+        if credentials and google_info(credentials) is None:
+            raise Unroutable("litellm_params.vertex_credentials is neither a Google credential JSON (service_account, "
+                             "authorized_user, external_account) nor a readable file holding one")
         project = project or self.environ.get("VERTEXAI_PROJECT") or self.environ.get("GOOGLE_CLOUD_PROJECT")
         location = location or self.environ.get("VERTEXAI_LOCATION") or "us-central1"
         if not project or not re.fullmatch(r"[a-z][a-z0-9-]{4,61}[a-z0-9]", project):

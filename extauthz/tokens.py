@@ -15,8 +15,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -28,6 +30,10 @@ AZURE_SCOPE = "https://cognitiveservices.azure.com/.default"
 # never carries a token about to expire.
 REFRESH_AHEAD_S = 300.0
 RETRY_MIN_S, RETRY_MAX_S = 1.0, 30.0
+# A fetch that takes longer failed: a token endpoint that hangs must not hold a thread, the
+# refresh or the shutdown (the libraries' own HTTP timeouts are set below this).
+FETCH_TIMEOUT_S, HTTP_TIMEOUT_S = 30.0, 10.0
+GOOGLE_TYPES = ("service_account", "authorized_user", "external_account", "impersonated_service_account")
 Clock = Callable[[], float]
 
 
@@ -45,17 +51,32 @@ class TokenSpec:
 
     @property
     def label(self) -> str:
-        if self.kind == "google":
-            if not self.credentials:
-                return "google application default credentials"
-            if not self.credentials.lstrip().startswith("{"):
-                return f"google service account file {self.credentials}"
-            try:  # inline JSON holds the private key: only its address is named
-                email = json.loads(self.credentials).get("client_email")
-            except (ValueError, AttributeError):
-                email = None
-            return f"google service account {email if isinstance(email, str) else '(inline, no client_email)'}"
-        return f"entra client {self.client_id} of tenant {self.tenant_id}"
+        """How logs name the credential: never its text (inline JSON holds the private key)."""
+        if self.kind == "azure":
+            return f"entra client {self.client_id} of tenant {self.tenant_id}"
+        if not self.credentials:
+            return "google application default credentials"
+        info = google_info(self.credentials)
+        if info is None:
+            return "google credentials (unreadable)"
+        email = info.get("client_email")
+        return f"google {info.get('type')} {email if isinstance(email, str) else '(no client_email)'}"
+
+
+def google_info(credentials: str) -> dict[str, Any] | None:
+    """The credential document: inline JSON, or the JSON file it names; None when it is
+    neither (the reason is not told: it would quote the value)."""
+    text = credentials.strip()
+    try:
+        if not text.startswith("{"):
+            if not os.path.isfile(text):
+                return None
+            with open(text, encoding="utf-8") as f:
+                text = f.read()
+        info = json.loads(text)
+    except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) and info.get("type") in GOOGLE_TYPES else None
 
 
 class TokenHolder:
@@ -80,11 +101,12 @@ class TokenHolder:
         self.token, self.expires_at, self.failures, self.last_error = token, expires_at, 0, ""
 
     def next_refresh_in(self) -> float:
-        """Seconds until the next fetch: ahead of expiry, or a backoff after failures."""
+        """Seconds until the next fetch: ahead of expiry, or a backoff after failures; never
+        less than RETRY_MIN_S (a token issued with no life left must not spin the loop)."""
         if self.failures:
             return min(RETRY_MAX_S, RETRY_MIN_S * 2 ** (self.failures - 1)) * random.uniform(0.8, 1.0)
         lifetime = self.expires_at - self.clock()
-        return max(0.0, lifetime - min(REFRESH_AHEAD_S, lifetime / 2))
+        return max(RETRY_MIN_S, lifetime - min(REFRESH_AHEAD_S, lifetime / 2))
 
 
 def fetch(spec: TokenSpec) -> tuple[str, float]:
@@ -98,15 +120,20 @@ def fetch(spec: TokenSpec) -> tuple[str, float]:
 def _fetch_google(spec: TokenSpec) -> tuple[str, float]:
     import google.auth
     import google.auth.transport.requests
-    from google.oauth2 import service_account
+
+    class Request(google.auth.transport.requests.Request):
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            kwargs["timeout"] = min(kwargs.get("timeout") or HTTP_TIMEOUT_S, HTTP_TIMEOUT_S)
+            return super().__call__(*args, **kwargs)
 
     if spec.credentials:
-        text = spec.credentials
-        info = json.loads(text) if text.lstrip().startswith("{") else json.load(open(text, encoding="utf-8"))
-        creds = service_account.Credentials.from_service_account_info(info, scopes=[GOOGLE_SCOPE])
+        info = google_info(spec.credentials)
+        if info is None:
+            raise ValueError("the credentials are neither a Google credential JSON nor a file holding one")
+        creds, _ = google.auth.load_credentials_from_dict(info, scopes=[GOOGLE_SCOPE])
     else:
         creds, _ = google.auth.default(scopes=[GOOGLE_SCOPE])
-    creds.refresh(google.auth.transport.requests.Request())
+    creds.refresh(Request())
     expiry = creds.expiry.replace(tzinfo=None) if creds.expiry else None
     expires_at = (expiry - expiry.__class__(1970, 1, 1)).total_seconds() if expiry else time.time() + 3000
     return creds.token, expires_at
@@ -115,14 +142,16 @@ def _fetch_google(spec: TokenSpec) -> tuple[str, float]:
 def _fetch_azure(spec: TokenSpec) -> tuple[str, float]:
     from azure.identity import ClientSecretCredential, DefaultAzureCredential
 
+    timeouts = {"connection_timeout": HTTP_TIMEOUT_S, "read_timeout": HTTP_TIMEOUT_S}
     if spec.client_secret:
         # Another authority host (a sovereign cloud, a private one) is taken as given: no
         # instance discovery against Microsoft's public cloud.
         extra: dict[str, Any] = {"authority": spec.authority, "disable_instance_discovery": True} \
             if spec.authority else {}
-        credential: Any = ClientSecretCredential(spec.tenant_id, spec.client_id, spec.client_secret, **extra)
+        credential: Any = ClientSecretCredential(spec.tenant_id, spec.client_id, spec.client_secret,
+                                                 **extra, **timeouts)
     else:
-        credential = DefaultAzureCredential()
+        credential = DefaultAzureCredential(**timeouts)
     token = credential.get_token(AZURE_SCOPE)
     return token.token, float(token.expires_on)
 
@@ -146,6 +175,9 @@ class Tokens:
         self.holders: dict[TokenSpec, TokenHolder] = {}
         self.tasks: dict[TokenSpec, asyncio.Task[None]] = {}
         self.fetches = self.fetch_failures = 0
+        # Threads of their own: a token endpoint that hangs holds none of the loop's others
+        # (name resolution for Redis runs on the default executor).
+        self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="extauthz-token")
 
     def holder(self, spec: TokenSpec) -> TokenHolder:
         found = self.holders.get(spec)
@@ -171,13 +203,19 @@ class Tokens:
 
         self.fetches += 1
         try:
-            token, expires_at = await asyncio.to_thread(self.fetcher, holder.spec)
+            fetching = asyncio.get_running_loop().run_in_executor(self.executor, self.fetcher, holder.spec)
+            token, expires_at = await asyncio.wait_for(fetching, FETCH_TIMEOUT_S)
+            if expires_at <= self.clock():
+                raise ValueError("the token endpoint issued a token that has already expired")
+        except asyncio.CancelledError:
+            raise
         except Exception as e:  # any library error: keep the old token while it lasts, retry soon
             self.fetch_failures += 1
             metrics.TOKEN_REFRESHES.labels("failed").inc()
             holder.failures += 1
             # The exception's type and text name the endpoint and the reason, not the secret.
-            holder.last_error = f"{type(e).__name__}: {str(e)[:300]}"
+            holder.last_error = "no answer within %.0f s" % FETCH_TIMEOUT_S if isinstance(e, asyncio.TimeoutError) \
+                else f"{type(e).__name__}: {str(e)[:300]}"
             log.error("token refresh failed for %s (attempt %d): %s", holder.spec.label, holder.failures,
                       holder.last_error)
             return
@@ -194,9 +232,11 @@ class Tokens:
             del self.holders[spec]
 
     def take_tasks(self) -> list[asyncio.Task[None]]:
-        """The refresh tasks, for the App to end at stop."""
+        """The refresh tasks, for the App to end at stop; a fetch still running on its thread
+        is abandoned (the process does not wait for it)."""
         tasks = list(self.tasks.values())
         self.tasks.clear()
+        self.executor.shutdown(wait=False, cancel_futures=True)
         return tasks
 
 

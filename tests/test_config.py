@@ -260,3 +260,20 @@ def test_why_a_base_url_is_refused_never_repeats_it(tmp_path: Path, api_base: st
         "model": "openai/m", "api_base": api_base}}]}), environ={})
     (d,) = c.deployments
     assert not d.routable and secret not in d.unavailable and secret not in repr(c)
+
+
+@pytest.mark.parametrize("credentials,routable", [
+    ({"type": "service_account", "client_email": "a@b.iam.gserviceaccount.com", "private_key": "x"}, True),
+    ('{"type": "authorized_user", "client_id": "c", "client_secret": "s", "refresh_token": "r"}', True),
+    ('{"type": "service_account", "private_key": "SECRETKEY",}', False),
+    ("/no/such/file.json", False),
+])
+def test_vertex_credentials_are_checked_at_load_without_quoting_them(tmp_path: Path, credentials: object,
+                                                                    routable: bool) -> None:
+    c = config.load(write(tmp_path, {"model_list": [{"model_name": "g", "litellm_params": {
+        "model": "vertex_ai/gemini-1.5-pro", "vertex_project": "my-project-1", "vertex_credentials": credentials}}]}),
+        environ={})
+    (d,) = c.deployments
+    assert d.routable is routable
+    if not routable:
+        assert "SECRETKEY" not in d.unavailable and "vertex_credentials is neither" in d.unavailable

@@ -395,3 +395,17 @@ def test_bedrocks_own_path_forwards_the_body_untouched() -> None:
     assert headers[SPLICE_HEADER] == NO_SPLICE
     assert headers[":path"].endswith("/invoke-with-response-stream")
     assert headers["accept"] == "application/vnd.amazon.eventstream"
+
+
+@pytest.mark.parametrize("requested,allowed", [
+    ("claude-x/../../publishers/google/models/gemini", False), ("claude-a%2Fb", False), ("claude-..", False),
+    ("claude-3-5-sonnet-20240620-v1:0", True),
+])
+def test_what_a_wildcard_matched_goes_into_a_path_only_when_plain(requested: str, allowed: bool) -> None:
+    catalog = Runtime.of(from_dict({"model_list": [{"model_name": "claude-*", "litellm_params": {
+        "model": "bedrock/anthropic.claude-*", "aws_region_name": "us-east-1"}}]})).catalog
+    raw = json.dumps({"model": requested, "max_tokens": 1}).encode()
+    d = decide(bedrock_facts(raw)._replace(model=requested), key(), None, catalog, NOW)
+    assert isinstance(d, Allow) is allowed, d
+    if not allowed:
+        assert d.code == "invalid_model"

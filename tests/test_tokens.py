@@ -85,3 +85,46 @@ def test_a_secret_never_shows_in_a_specs_repr() -> None:
     spec = TokenSpec("azure", tenant_id="t", client_id="c", client_secret="very-secret")
     google = TokenSpec("google", '{"private_key": "-----BEGIN PRIVATE KEY-----x"}')
     assert "very-secret" not in repr(spec) and "PRIVATE" not in repr(google) and "PRIVATE" not in google.label
+
+
+def test_a_fetch_that_hangs_fails_and_holds_no_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+    release = threading.Event()
+    monkeypatch.setattr(tokens, "FETCH_TIMEOUT_S", 0.2)
+
+    def hangs(spec: TokenSpec) -> tuple[str, float]:
+        release.wait(10)
+        return "late", 9e9
+
+    async def run() -> None:
+        registry = Tokens(hangs)
+        holder = registry.holder(SPEC)
+        await registry.refresh(holder)
+        assert holder.bearer() is None and "no answer within" in holder.last_error
+        registry.take_tasks()  # the executor lets go of the thread still waiting
+
+    asyncio.run(run())
+    release.set()
+
+
+def test_a_token_issued_already_expired_is_a_failure_and_no_busy_loop() -> None:
+    clock = Clock()
+    registry = Tokens(lambda spec: ("stale", clock.now - 1), clock)
+    holder = registry.holder(SPEC)
+    asyncio.run(registry.refresh(holder))
+    assert holder.bearer() is None and holder.failures == 1
+    holder.set("short", clock.now + 0.01)
+    assert holder.next_refresh_in() >= tokens.RETRY_MIN_S
+
+
+@pytest.mark.parametrize("credentials", [
+    '{"type": "authorized_user", "client_secret": "d-FL95", "refresh_token": "1//0gSECRET"}x',  # not JSON
+    '{"type": "service_account", "private_key": "-----BEGIN PRIVATE KEY-----MIIsecret",}',      # trailing comma
+    "eyJ0eXBlIjogInNlcnZpY2VfYWNjb3VudCJ9c2VjcmV0",                                              # base64, no file
+])
+def test_unreadable_credentials_are_never_quoted(credentials: str) -> None:
+    spec = TokenSpec("google", credentials)
+    assert spec.label == "google credentials (unreadable)"
+    with pytest.raises(ValueError) as e:
+        tokens._fetch_google(spec)
+    assert "SECRET" not in str(e.value) and "secret" not in str(e.value)

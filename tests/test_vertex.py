@@ -67,7 +67,7 @@ def vertex(workdir: Path, redis_port: int, upstream_port: int) -> Iterator[Gatew
         stack.stop()
     log = stack.sidecar.proc.log_text()
     assert "PRIVATE KEY" not in log and "ya29.fake" not in log
-    assert "token refresh failed for google service account" in log
+    assert "token refresh failed for google service_account stranger@" in log
 
 
 def new_key(g: Gateway, models: list[str]) -> str:

@@ -7,6 +7,7 @@ per request only the path and the provider-side model name are built.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -82,6 +83,7 @@ def _join(path: str, query: str) -> str:
     return f"{path}?{query}" if query else path
 
 
+_PATH_SAFE_CAPTURE = re.compile(r"(?!.*\.\.)[A-Za-z0-9._:@-]+")
 _MODEL_IN_BODY = Problem("missing_model", "This model's provider reads the model from the request body, which "
                          "names none; send it in the body ('model').", param="model")
 
@@ -151,6 +153,11 @@ class Route(Fixed):
                 f"{endpoint.operation!r} is an {endpoint.api_format} API request and model {requested!r} "
                 f"is served by an {self.api_format} API deployment{_serving(provider)}; extauthz routes requests, "
                 "it does not translate between API formats."))
+        if capture is not None and provider.model_in_path and not _PATH_SAFE_CAPTURE.fullmatch(capture):
+            # What a wildcard matched goes into the provider's path: no separators, escapes
+            # or dot segments a provider's front end might resolve into another path.
+            return Problem("invalid_model", f"{requested!r} cannot name a model in this provider's path: use "
+                           "letters, digits and . _ : @ - only.", param="model")
         credential: Headers = ()
         if self.token is not None:
             bearer = self.token.bearer()
