@@ -102,6 +102,12 @@ def check_config(config: Config, strict: bool) -> int:
                 groups[g].append(d.model_name)
     for g, names in sorted(groups.items()):
         out.write(f"access group {g}: {', '.join(names)}\n")
+    if config.jwt is not None:
+        j = config.jwt
+        out.write(f"jwt: keys from {', '.join(j.public_key_urls)}; audience {list(j.audiences) or 'any'}; "
+                  f"teams from {j.team_ids_jwt_field or j.team_id_jwt_field or '-'}"
+                  f"{f' (default {j.team_id_default})' if j.team_id_default else ''}; roles from "
+                  f"{j.roles_jwt_field or '-'} {dict(j.role_mappings) or ''}\n")
     for alias in config.aliases:
         out.write(f"alias {alias.name} -> {alias.target}{' (hidden)' if alias.hidden else ''}\n")
     for warning in config.warnings:

@@ -38,7 +38,8 @@ MODEL_ENTRY_KEYS = frozenset({"model_name", "litellm_params", "model_info"})
 # caller presents no virtual key and is refused. Those that restrict who may call what
 # would be lifted by ignoring them, so while one is set every LLM request is refused.
 ADMITTING_SETTINGS = {
-    "enable_jwt_auth": "JWT callers are refused (401): only virtual keys and the master key are checked",
+    "enable_jwt_auth": "JWT callers are refused (401): litellm_jwtauth.public_key_url (or $JWT_PUBLIC_KEY_URL) "
+                       "names no keys to verify them with",
     "litellm_jwtauth": "JWT callers are refused (401): only virtual keys and the master key are checked",
     "custom_auth": "callers admitted by custom auth code are refused (401): only virtual keys are checked",
     "enable_oauth2_auth": "OAuth2 callers are refused (401): only virtual keys are checked",
@@ -179,6 +180,32 @@ class PassThroughConfig:
 
 
 @dataclass(frozen=True)
+class JwtAuth:
+    """``general_settings.litellm_jwtauth`` with ``enable_jwt_auth: true``: Envoy validates
+    the tokens (jwt_authn), the sidecar maps their verified claims to teams and roles."""
+
+    public_key_urls: tuple[str, ...]          # JWKS URLs or OIDC discovery documents
+    issuer: str | None = None
+    audiences: tuple[str, ...] = ()
+    team_id_jwt_field: str | None = None      # claim paths may be nested: "realm_access.roles"
+    team_ids_jwt_field: str | None = None
+    team_id_default: str | None = None
+    user_id_jwt_field: str | None = "sub"
+    user_email_jwt_field: str | None = None
+    org_id_jwt_field: str | None = None
+    roles_jwt_field: str | None = None
+    role_mappings: tuple[tuple[str, str], ...] = ()   # IdP role -> internal role
+    admin_jwt_scope: str | None = None
+    enforce_rbac: bool = False
+    team_id_upsert: bool = False
+    user_id_upsert: bool = False
+    # Beyond LiteLLM: scope -> models or access groups (wildcards allowed), intersected
+    # with the team's models.
+    scope_mappings: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    clock_skew_s: int = 60
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     deployments: tuple[Deployment, ...]
@@ -190,6 +217,7 @@ class Config:
     pass_through: tuple[PassThroughConfig, ...] = ()
     # Settings that decide who may call what and are not enforced: (setting, what happens).
     unenforced: tuple[tuple[str, str], ...] = ()
+    jwt: JwtAuth | None = None
 
     @property
     def routable(self) -> tuple[Deployment, ...]:
@@ -306,7 +334,8 @@ class _Parser:
             raise self.error("model_list", "must be a non-empty list of models")
         deployments = tuple(self.deployment(i, entry) for i, entry in enumerate(models))
         general = self.mapping(top.get("general_settings"), "general_settings")
-        unenforced = self.unenforced(general)
+        jwt = self.jwt_auth(general)
+        unenforced = self.unenforced(general, jwt is not None)
         master_key = self.string(general.get("master_key"), "general_settings.master_key", secret=True)
         if master_key is not None and not master_key:
             raise self.error("general_settings.master_key", "must not be empty")
@@ -320,7 +349,78 @@ class _Parser:
             self.sequence(general.get("pass_through_endpoints"), "general_settings.pass_through_endpoints")))
         self.distinct_clusters([d.api_base for d in deployments if d.routable] + [p.target for p in pass_through])
         return Config(self.file, deployments, master_key, settings, envoy, tuple(self.warnings), aliases,
-                      pass_through, unenforced)
+                      pass_through, unenforced, jwt)
+
+    # litellm_jwtauth keys the gateway reads; others are reported (see jwt_auth).
+    JWT_KEYS = ("public_key_url", "audience", "issuer", "team_id_jwt_field", "team_ids_jwt_field", "team_id_default",
+                "user_id_jwt_field", "user_email_jwt_field", "org_id_jwt_field", "roles_jwt_field", "role_mappings",
+                "admin_jwt_scope", "enforce_rbac", "team_id_upsert", "user_id_upsert", "scope_mappings",
+                "clock_skew_s")
+    INTERNAL_ROLES = ("proxy_admin", "proxy_admin_viewer", "internal_user", "team")
+
+    def jwt_auth(self, general: dict) -> JwtAuth | None:
+        """``enable_jwt_auth`` with its ``litellm_jwtauth`` section, or None when JWTs are off."""
+        enabled = general.get("enable_jwt_auth", False)
+        if not isinstance(enabled, bool):
+            raise self.error("general_settings.enable_jwt_auth", "expected true or false")
+        if not enabled:
+            return None
+        where = "general_settings.litellm_jwtauth"
+        raw = self.mapping(general.get("litellm_jwtauth"), where)
+        unused = sorted(str(k) for k in raw if k not in self.JWT_KEYS)
+        if unused:
+            self.warnings.append(f"{where}: not supported by extauthz, ignored: {', '.join(unused)}")
+        urls = raw.get("public_key_url") or self.environ.get("JWT_PUBLIC_KEY_URL")
+        if isinstance(urls, str):
+            urls = [u.strip() for u in urls.split(",") if u.strip()]
+        if not urls:  # JWTs asked for, but no keys to check them with: none is accepted
+            return None
+        if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+            raise self.error(f"{where}.public_key_url", "expected the identity provider's JWKS URL or OIDC "
+                             "discovery document (a list, or comma-separated)")
+        for url in urls:
+            problem = providers.base_problem(url) or (None if url.startswith("https://") or
+                                                      url.startswith("http://127.") or
+                                                      url.startswith("http://localhost") else "must be https")
+            if problem:
+                raise self.error(f"{where}.public_key_url", problem)
+        audience = raw.get("audience") or self.environ.get("JWT_AUDIENCE")
+        audiences = [audience] if isinstance(audience, str) else audience or []
+        if not isinstance(audiences, list) or not all(isinstance(a, str) and a for a in audiences):
+            raise self.error(f"{where}.audience", "expected a string or a list of strings")
+        text = {k: self.string(raw.get(k), f"{where}.{k}") for k in (
+            "issuer", "team_id_jwt_field", "team_ids_jwt_field", "team_id_default", "user_id_jwt_field",
+            "user_email_jwt_field", "org_id_jwt_field", "roles_jwt_field", "admin_jwt_scope")}
+        mappings = []
+        for i, m in enumerate(self.sequence(raw.get("role_mappings"), f"{where}.role_mappings")):
+            m = self.mapping(m, f"{where}.role_mappings[{i}]")
+            role, internal = m.get("role"), m.get("internal_role")
+            if not isinstance(role, str) or internal not in self.INTERNAL_ROLES:
+                raise self.error(f"{where}.role_mappings[{i}]", "needs 'role' and an 'internal_role' of "
+                                 + ", ".join(self.INTERNAL_ROLES))
+            mappings.append((role, internal))
+        scopes = []
+        for scope, models in self.mapping(raw.get("scope_mappings"), f"{where}.scope_mappings").items():
+            if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
+                raise self.error(f"{where}.scope_mappings.{scope}", "expected a list of models or access groups")
+            scopes.append((str(scope), tuple(models)))
+        flags = {}
+        for k in ("enforce_rbac", "team_id_upsert", "user_id_upsert"):
+            value = raw.get(k, False)
+            if not isinstance(value, bool):
+                raise self.error(f"{where}.{k}", "expected true or false")
+            flags[k] = value
+        for k in ("team_id_upsert", "user_id_upsert"):
+            if flags[k]:
+                self.warnings.append(f"{where}.{k}: not supported yet: a token naming a team that does not exist "
+                                     "is refused (403 team_not_found); create the team with /team/new")
+        skew = raw.get("clock_skew_s", 60)
+        if isinstance(skew, bool) or not isinstance(skew, int) or not 0 <= skew <= 600:
+            raise self.error(f"{where}.clock_skew_s", "expected seconds, 0 to 600")
+        return JwtAuth(public_key_urls=tuple(urls), audiences=tuple(audiences), role_mappings=tuple(mappings),
+                       scope_mappings=tuple(scopes), clock_skew_s=skew,
+                       **{k: v for k, v in text.items() if k != "user_id_jwt_field"},
+                       user_id_jwt_field=text["user_id_jwt_field"] or "sub", **flags)
 
     def apply_environment_variables(self, raw: Any) -> None:
         """LiteLLM sets ``environment_variables`` before it reads ``os.environ/`` references
@@ -333,9 +433,11 @@ class _Parser:
                 merged[str(name)] = self.string(value, f"environment_variables.{name}", secret=True) or ""
             self.environ = merged
 
-    def unenforced(self, general: dict) -> tuple[tuple[str, str], ...]:
+    def unenforced(self, general: dict, jwt_enforced: bool) -> tuple[tuple[str, str], ...]:
         out = []
         for name, effect in ADMITTING_SETTINGS.items():
+            if jwt_enforced and name in ("enable_jwt_auth", "litellm_jwtauth"):
+                continue
             if general.get(name) not in (None, False, "", {}, []):
                 out.append((name, effect))
         for name in RESTRICTING_SETTINGS:

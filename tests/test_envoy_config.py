@@ -150,10 +150,12 @@ def test_the_splice_filter_runs_the_packaged_lua(example: dict[str, Any]) -> Non
 def test_envoys_own_refusals_are_mapped_to_json_errors(example: dict[str, Any]) -> None:
     mappers = hcm(example)["local_reply_config"]["mappers"]
     expressions = [m["filter"]["extension_filter"]["typed_config"]["expression"] for m in mappers]
-    assert expressions[0] == "response.code_details == 'ext_authz_error'"
-    assert expressions[1] == "response.code_details == 'request_payload_too_large'"
+    assert expressions[0] == "response.code_details.startsWith('jwt_authn_access_denied')"
+    assert mappers[0]["status_code"] == 401  # jwt_authn's 403s (audience, issuer) too
+    assert expressions[1] == "response.code_details == 'ext_authz_error'"
+    assert expressions[2] == "response.code_details == 'request_payload_too_large'"
     # The sidecar's denies and the splice filter's refusals keep their own bodies.
-    assert all("ext_authz_denied" in e for e in expressions[2:])
+    assert all("ext_authz_denied" in e for e in expressions[3:])
     for m in mappers:
         error = m["body_format_override"]["json_format"]["error"]
         assert set(error) == {"message", "type", "param", "code"} and error["param"] is None

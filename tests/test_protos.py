@@ -44,7 +44,9 @@ SUBSET: dict[str, set[str]] = {
     "envoy.service.auth.v3.DeniedHttpResponse": {"status", "headers", "body"},
     "envoy.service.auth.v3.OkHttpResponse": {"headers", "headers_to_remove", "response_headers_to_add"},
     "envoy.service.auth.v3.CheckResponse": {"status", "denied_response", "ok_response", "dynamic_metadata"},
-    "envoy.service.auth.v3.AttributeContext": {"request", "context_extensions"},
+    "envoy.service.auth.v3.AttributeContext": {"request", "context_extensions", "metadata_context"},
+    "envoy.config.core.v3.Metadata": {"filter_metadata"},
+    "envoy.config.core.v3.Metadata.FilterMetadataEntry": {"key", "value"},
     "envoy.service.auth.v3.AttributeContext.ContextExtensionsEntry": {"key", "value"},
     "envoy.service.auth.v3.AttributeContext.Request": {"http"},
     "envoy.service.auth.v3.AttributeContext.HttpRequest": {
@@ -276,7 +278,10 @@ def test_official_check_request_parses(official: dict[str, Any]) -> None:
         RAW_BODY.decode("utf-8")
     assert dict(req.attributes.context_extensions) == spec["context_extensions"]
     # The official-only fields really were on the wire, and were kept as unknown fields.
-    assert {f.field_number for f in UnknownFieldSet(req.attributes)} == {1, 2, 11, 12}
+    assert {f.field_number for f in UnknownFieldSet(req.attributes)} == {1, 2, 12}
+    # The filters' metadata (jwt_authn's verified claims) reads as the official message writes it.
+    jwt = req.attributes.metadata_context.filter_metadata["envoy.filters.http.jwt_authn"]
+    assert dict(jwt.fields)["sub"].string_value == "alice"
     assert {f.field_number for f in UnknownFieldSet(req.attributes.request)} == {1}
     assert {f.field_number for f in UnknownFieldSet(http)} == {7, 8, 13}
     assert len(req.SerializeToString()) == len(data)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Mapping, NamedTuple
+from typing import TYPE_CHECKING, Any, Mapping, NamedTuple
 
 from extauthz.check.endpoints import Endpoint, PassThrough
 
@@ -53,3 +53,5 @@ class Facts(NamedTuple):
     # bytes come along for the rewrite (routing.splice_plan).
     json_model: "JsonModel | None" = None
     form: "FormModel | None" = None  # a multipart body's model and the content type to forward
+    # A JWT's claims as Envoy verified them (jwt_authn metadata); None for a virtual key.
+    claims: Mapping[str, Any] | None = None

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from google.protobuf import json_format
+
 from extauthz.check.endpoints import MULTIPART, Endpoint, PassThrough, classify, split_query, unsafe_path
 from extauthz.check.facts import Facts, Problem
 from extauthz.check.json_body import read_json_model
@@ -67,7 +69,26 @@ def facts_from_check(check: Any, pass_through: PassThroughPaths = NO_PASS_THROUG
     body_problem = UNSAFE_PATH if isinstance(endpoint, PassThrough) and unsafe_path(endpoint.path) else None
     return Facts(token=token, model=None, path=path, endpoint=endpoint,
                  token_problem=token_problem, body_problem=body_problem,
-                 request_id=headers.get("x-request-id", ""), headers=headers)
+                 request_id=headers.get("x-request-id", ""), headers=headers, claims=verified_claims(check))
+
+
+JWT_FILTER = "envoy.filters.http.jwt_authn"
+JWT_PAYLOAD = "jwt_payload"
+
+
+def verified_claims(check: Any) -> dict[str, Any] | None:
+    """The claims Envoy's jwt_authn verified (its metadata, which no client can set), or
+    None: no JWT, or an Envoy without the filter (the bearer is then a virtual key)."""
+    attributes = check.attributes
+    if not attributes.HasField("metadata_context"):
+        return None
+    found = attributes.metadata_context.filter_metadata.get(JWT_FILTER)
+    if found is None or JWT_PAYLOAD not in found.fields:
+        return None
+    payload = found.fields[JWT_PAYLOAD]
+    if payload.WhichOneof("kind") != "struct_value":
+        return None
+    return json_format.MessageToDict(payload.struct_value)
 
 
 def body_of(check: Any) -> bytes:
@@ -112,7 +133,7 @@ def with_body(facts: Facts, body: bytes) -> Facts:
         model, problem = checked_name(endpoint.path_model)
     # Built whole: on the hot path, NamedTuple._replace costs several times more.
     return Facts(facts.token, model, facts.path, endpoint, facts.token_problem, problem, facts.request_id,
-                 headers, json_model, form)
+                 headers, json_model, form, facts.claims)
 
 
 def credentials(headers: Mapping[str, str]) -> tuple[str | None, Problem | None]:

@@ -19,7 +19,10 @@ from extauthz.check.request import body_of, facts_from_check, with_body
 from extauthz.check.responses import allow_bytes, deny_bytes
 from extauthz.check.runtime import Runtime
 from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2
+from extauthz.check.catalog import ALL_TEAM_MODELS
+from extauthz.check.identity import identify, scope_models
 from extauthz.records.lookup import lookup
+from extauthz.records.record import MASTER, KeyRecord, TeamRecord
 from extauthz.records.store import RecordReader, StoreUnavailable
 from extauthz.telemetry import logs, tracing
 from extauthz.telemetry.metrics import CheckMetrics
@@ -32,6 +35,8 @@ TOO_LARGE = Deny(413, "body_too_large", "The check request is larger than this g
                 "was not forwarded.")
 UNREADABLE = Deny(400, "invalid_check_request", "The check request could not be decoded; the request was "
                   "not forwarded.")
+JWT_OFF = Deny(401, "jwt_not_accepted", "This gateway no longer accepts JWTs; use a virtual key.")
+NO_ROLE = Deny(403, "no_role", "The token maps to no role, and this gateway requires one (enforce_rbac).")
 DEADLINE_SLACK_S = 0.1
 # Bodies larger than this are read on a thread of their own: the event loop goes on
 # answering other checks meanwhile (the parser gives up the GIL between its steps).
@@ -119,6 +124,8 @@ class AuthorizationService:
         return deny_bytes(decision)
 
     async def decide(self, facts: Facts, request: external_auth_pb2.CheckRequest, runtime: Runtime) -> Decision:
+        if facts.claims is not None:
+            return await self.decide_jwt(facts, request, runtime)
         try:
             key, team = await lookup(facts.token, self.store, runtime.is_master)
         except StoreUnavailable as e:
@@ -134,10 +141,52 @@ class AuthorizationService:
             return denied
         if runtime.refusal is not None:
             return runtime.refusal
+        # Reading the body, and a rewrite's plan over it, on the body thread when large.
+        return await self.with_body(facts, body_of(request), key, team, runtime)
+
+    async def decide_jwt(self, facts: Facts, request: external_auth_pb2.CheckRequest, runtime: Runtime) -> Decision:
+        """A caller whose JWT Envoy verified: its teams' records decide, as a key of each
+        team would be decided (any team that allows the model allows the request)."""
+        jwt = runtime.config.jwt
+        if jwt is None:  # claims from an Envoy rendered for JWTs, a config without them now
+            return JWT_OFF
+        identity = identify(facts.claims or {}, jwt)
+        if identity.role is None:
+            return NO_ROLE
         body = body_of(request)
+        if identity.role == "proxy_admin":
+            return await self.with_body(facts, body, MASTER, None, runtime)
+        models = scope_models(identity, jwt)
+        if models == ():
+            return Deny(403, "scope_not_allowed", "None of the token's scopes grants a model.")
+        try:
+            teams = [t for t in [await self.store.get_team(team_id) for team_id in identity.teams] if t is not None]
+        except StoreUnavailable:
+            return UNAVAILABLE
+        if not teams:
+            named = ", ".join(repr(t) for t in identity.teams) or "none"
+            return Deny(403, "team_not_found", f"None of the token's teams exists (teams in the token: {named}).")
+        label = identity.user_id or identity.email or "jwt"
+        denials = []
+        for team in teams:
+            key = KeyRecord(f"jwt:{label}", label, models if models is not None else (ALL_TEAM_MODELS,),
+                            team.team_id, None, False)
+            decision = authenticate(facts, key, team, time.time()) or await self.with_body(
+                facts, body, key, team, runtime)
+            if isinstance(decision, Allow):
+                decision.metadata["role"] = identity.role
+                return decision
+            denials.append(decision)
+        if len(denials) == 1:
+            return denials[0]
+        listed = "; ".join(f"team {t.label!r}: {list(t.models) or 'all models'}" for t in teams)
+        return Deny(403, "model_not_allowed", f"No team of the token may use {facts.model!r}. {listed}.", "model",
+                    denials[0].metadata)
+
+    async def with_body(self, facts: Facts, body: bytes, key: KeyRecord, team: TeamRecord | None,
+                        runtime: Runtime) -> Decision:
         if len(body) <= INLINE_BODY_BYTES:
             return decide_with_body(facts, body, key, team, runtime, random.random())
-        # Reading the body, and a rewrite's plan over it, on the body thread.
         return await asyncio.get_running_loop().run_in_executor(
             self.body_reader, decide_with_body, facts, body, key, team, runtime, random.random())
 

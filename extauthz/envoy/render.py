@@ -19,6 +19,7 @@ from extauthz.config import Config, EnvoySettings, Settings
 from extauthz.check.decision import Deny
 from extauthz.check.policy import MISSING_KEY
 from extauthz.check.responses import error_body
+from extauthz.envoy import jwt
 from extauthz.check.routing import CLUSTER_HEADER, INTERNAL_HEADERS, SIGN_HEADER, signer
 
 AUTHZ_CLUSTER = "extauthz"
@@ -53,16 +54,20 @@ T = TypeVar("T")
 def render(config: Config, listen_port: int | None = None, authz_port: int | None = None,
            admin_port: int | None = None, envoy_admin_port: int | None = None,
            authz_host: str | None = None, admin_host: str | None = None) -> dict[str, Any]:
-    """A complete v3 bootstrap; an argument left as None comes from the config's settings."""
+    """A complete v3 bootstrap; an argument left as None comes from the config's settings.
+    With JWTs on, an OIDC discovery document is read here (``jwt.fetch_json``)."""
     s, e = config.settings, config.envoy
+    sources = jwt.jwks_sources(config.jwt) if config.jwt else []
     return {
         "admin": {"address": _address("127.0.0.1", _pick(envoy_admin_port, e.envoy_admin_port))},
         "static_resources": {
-            "listeners": [_listener(s, e, _pick(listen_port, e.listen_port), _signers(config))],
+            "listeners": [_listener(s, e, _pick(listen_port, e.listen_port), _signers(config),
+                                    [jwt.jwt_filter(config.jwt, sources)] if config.jwt else [])],
             "clusters": [
                 _authz_cluster(_pick(authz_host, s.grpc_host), _pick(authz_port, s.grpc_port), s.workers),
                 _cluster(ADMIN_CLUSTER, _pick(admin_host, s.admin_host), _pick(admin_port, s.admin_port), "1s"),
                 *_upstream_clusters(config),
+                *jwt.jwks_clusters(sources, _upstream_cluster),
             ],
         },
         "overload_manager": {"resource_monitors": [{
@@ -104,7 +109,8 @@ def _address(host: str, port: int) -> dict[str, Any]:
 
 # -- listener -----------------------------------------------------------------------------
 
-def _listener(s: Settings, e: EnvoySettings, port: int, signers: list[tuple[str, str]]) -> dict[str, Any]:
+def _listener(s: Settings, e: EnvoySettings, port: int, signers: list[tuple[str, str]],
+              identity: list[dict[str, Any]]) -> dict[str, Any]:
     hcm = _typed(
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         stat_prefix="extauthz_ingress",
@@ -126,7 +132,7 @@ def _listener(s: Settings, e: EnvoySettings, port: int, signers: list[tuple[str,
                                    mutations=[{"remove": h} for h in INTERNAL_HEADERS])}],
         access_log=[_access_log()],
         local_reply_config=_local_reply_config(s),
-        http_filters=[_decompressor_filter(), _ext_authz_filter(s, e), _splice_filter(),
+        http_filters=[_decompressor_filter(), *identity, _ext_authz_filter(s, e, bool(identity)), _splice_filter(),
                       *_aws_signing_filters(signers), _router_filter()],
         route_config=_route_config(),
     )
@@ -178,7 +184,9 @@ def _decompressor_filter() -> dict[str, Any]:
     )}
 
 
-def _ext_authz_filter(s: Settings, e: EnvoySettings) -> dict[str, Any]:
+def _ext_authz_filter(s: Settings, e: EnvoySettings, with_jwt: bool = False) -> dict[str, Any]:
+    # With JWTs, the verified claims go to the sidecar as the check's metadata.
+    jwt_metadata = {"metadata_context_namespaces": [jwt.JWT_FILTER]} if with_jwt else {}
     return {"name": EXT_AUTHZ_FILTER, "typed_config": _typed(
         "envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
         grpc_service={"envoy_grpc": {"cluster_name": AUTHZ_CLUSTER},
@@ -194,6 +202,7 @@ def _ext_authz_filter(s: Settings, e: EnvoySettings) -> dict[str, Any]:
         failure_mode_allow=False,
         status_on_error={"code": "ServiceUnavailable"},
         include_peer_certificate=False,
+        **jwt_metadata,
     )}
 
 
@@ -215,14 +224,18 @@ def _local_reply_config(s: Settings) -> dict[str, Any]:
     """Envoy's own replies (its check failing, a body over the limit, an upstream that
     cannot be reached) get the JSON error body of the sidecar's denies. The sidecar's
     denies and the splice filter's refusals already have it and are left alone."""
-    def mapper(expression: str, body: dict[str, Any]) -> dict[str, Any]:
+    def mapper(expression: str, body: dict[str, Any], status: int | None = None) -> dict[str, Any]:
         return {"filter": {"extension_filter": {"name": "envoy.access_loggers.extension_filters.cel", "typed_config":
                 _typed("envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter", expression=expression)}},
-                "body_format_override": body}
+                "body_format_override": body, **({"status_code": status} if status else {})}
 
     not_ours = ("!(response.code_details in ['ext_authz_denied', 'direct_response'])"
                 " && !response.code_details.startsWith('lua')")
     return {"mappers": [
+        # jwt_authn answers 403 for a wrong audience or issuer: every rejected token is a 401.
+        mapper("response.code_details.startsWith('jwt_authn_access_denied')", _error_body(
+            "The bearer token is a JWT that failed validation (%LOCAL_REPLY_BODY%); the request was not forwarded.",
+            "authentication_error", "invalid_jwt"), 401),
         mapper("response.code_details == 'ext_authz_error'", _error_body(
             "The authorization service did not answer; the request was not forwarded. Try again.",
             "service_unavailable_error", "authz_unavailable")),

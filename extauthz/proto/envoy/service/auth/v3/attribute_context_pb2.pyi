@@ -1,3 +1,4 @@
+from extauthz.proto.envoy.config.core.v3 import base_pb2 as _base_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -7,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class AttributeContext(_message.Message):
-    __slots__ = ("request", "context_extensions")
+    __slots__ = ("request", "context_extensions", "metadata_context")
     class Request(_message.Message):
         __slots__ = ("http",)
         HTTP_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +53,8 @@ class AttributeContext(_message.Message):
         def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_EXTENSIONS_FIELD_NUMBER: _ClassVar[int]
+    METADATA_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     request: AttributeContext.Request
     context_extensions: _containers.ScalarMap[str, str]
-    def __init__(self, request: _Optional[_Union[AttributeContext.Request, _Mapping]] = ..., context_extensions: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    metadata_context: _base_pb2.Metadata
+    def __init__(self, request: _Optional[_Union[AttributeContext.Request, _Mapping]] = ..., context_extensions: _Optional[_Mapping[str, str]] = ..., metadata_context: _Optional[_Union[_base_pb2.Metadata, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,117 @@
+"""A JWT's verified claims mapped to user, teams, role and scopes, as litellm_jwtauth reads them."""
+
+from __future__ import annotations
+
+import pytest
+
+from extauthz.check.identity import claim, identify, scope_models
+from extauthz.config import JwtAuth
+
+JWT = JwtAuth(public_key_urls=("https://idp/keys",), team_ids_jwt_field="groups", team_id_jwt_field="team",
+              roles_jwt_field="realm_access.roles", role_mappings=(("viewer", "proxy_admin_viewer"),
+                                                                  ("admin", "proxy_admin"), ("dev", "internal_user")),
+              admin_jwt_scope="gw.admin", user_email_jwt_field="email")
+
+
+def test_nested_and_dotted_claims() -> None:
+    claims = {"realm_access": {"roles": ["a"]}, "https://example.com/groups": ["g"]}
+    assert claim(claims, "realm_access.roles") == ["a"]
+    assert claim(claims, "https://example.com/groups") == ["g"]
+    assert claim(claims, "realm_access.missing") is None and claim(claims, None) is None
+
+
+def test_teams_come_from_both_fields_once_each_else_the_default() -> None:
+    assert identify({"groups": ["ml", "research"], "team": "ml"}, JWT).teams == ("ml", "research")
+    assert identify({}, JWT).teams == ()
+    default = JwtAuth(public_key_urls=("x",), team_id_default="everyone")
+    assert identify({}, default).teams == ("everyone",)
+
+
+@pytest.mark.parametrize("claims,role", [
+    ({"realm_access": {"roles": ["viewer", "admin"]}}, "proxy_admin"),      # the most powerful mapped role
+    ({"realm_access": {"roles": ["dev"]}}, "internal_user"),
+    ({"scope": "openid gw.admin"}, "proxy_admin"),
+    ({"scp": ["gw.admin"]}, "proxy_admin"),
+    ({"realm_access": {"roles": ["unmapped"]}}, "team"),
+    ({"realm_access": "not-a-list"}, "team"),
+])
+def test_roles(claims: dict, role: str) -> None:
+    assert identify(claims, JWT).role == role
+
+
+def test_enforce_rbac_leaves_an_unmapped_token_without_a_role() -> None:
+    strict = JwtAuth(public_key_urls=("x",), roles_jwt_field="roles", enforce_rbac=True)
+    assert identify({"roles": ["unknown"]}, strict).role is None
+
+
+def test_scope_mappings_grant_the_union_of_the_tokens_scopes() -> None:
+    scoped = JwtAuth(public_key_urls=("x",), scope_mappings=(("basic", ("gpt-4o-mini",)), ("beta", ("beta-models",
+                                                                                                      "gpt-4o-mini"))))
+    assert scope_models(identify({"scope": "basic beta"}, scoped), scoped) == ("gpt-4o-mini", "beta-models")
+    assert scope_models(identify({"scope": "other"}, scoped), scoped) == ()
+    assert scope_models(identify({}, JWT), JWT) is None
+
+
+def test_user_and_email() -> None:
+    who = identify({"sub": "u-1", "email": "a@b.c"}, JWT)
+    assert (who.user_id, who.email) == ("u-1", "a@b.c")
+    assert identify({"sub": 42}, JWT).user_id is None
+
+
+# --- the check, in process: claims only from the jwt_authn metadata ---------------------------------
+
+import asyncio  # noqa: E402
+import json  # noqa: E402
+
+from extauthz.check.runtime import Runtime  # noqa: E402
+from extauthz.check.service import AuthorizationService  # noqa: E402
+from extauthz.config import from_dict  # noqa: E402
+from extauthz.proto.envoy.service.auth.v3.external_auth_pb2 import CheckResponse  # noqa: E402
+from extauthz.records.record import TeamRecord  # noqa: E402
+from tests.harness import check_request  # noqa: E402
+
+
+class Teams:
+    async def get_key(self, token_hash: str) -> None:
+        return None
+
+    async def get_team(self, team_id: str) -> TeamRecord | None:
+        return {"ml": TeamRecord("ml", "ml", ("gpt-4", "gpt-4o"), False)}.get(team_id)
+
+
+def checked(claims: dict | None, model: str, **jwtauth: object) -> tuple[int, str]:
+    runtime = Runtime.of(from_dict({"model_list": [
+        {"model_name": m, "litellm_params": {"model": f"openai/{m}", "api_base": "http://up:1/v1"}}
+        for m in ("gpt-4", "gpt-4o")], "general_settings": {"enable_jwt_auth": True, "litellm_jwtauth": {
+            "public_key_url": "https://idp.example.com/keys", "team_ids_jwt_field": "groups", **jwtauth}}}))
+    service = AuthorizationService(lambda: runtime, Teams())
+    request = check_request({"authorization": "Bearer eyJhbGciOiJSUzI1NiJ9.e30.c2ln"},
+                            json.dumps({"model": model}).encode())
+    if claims is not None:
+        request.attributes.metadata_context.filter_metadata["envoy.filters.http.jwt_authn"].update(
+            {"jwt_payload": claims})
+    try:
+        response = CheckResponse.FromString(asyncio.run(service.Check(request, None)))
+    finally:
+        service.close()
+    if response.HasField("denied_response"):
+        return response.denied_response.status.code, json.loads(response.denied_response.body)["error"]["code"]
+    return 200, "ok"
+
+
+def test_claims_come_only_from_the_filters_metadata() -> None:
+    assert checked({"sub": "a", "groups": ["ml"]}, "gpt-4") == (200, "ok")
+    # The same bearer with no verified claims is looked up as a virtual key: unknown.
+    assert checked(None, "gpt-4") == (401, "invalid_api_key")
+
+
+def test_scope_mappings_narrow_the_teams_models() -> None:
+    mappings = {"scope_mappings": {"basic": ["gpt-4"]}}
+    assert checked({"groups": ["ml"], "scope": "basic"}, "gpt-4", **mappings) == (200, "ok")
+    assert checked({"groups": ["ml"], "scope": "basic"}, "gpt-4o", **mappings) == (403, "model_not_allowed")
+    assert checked({"groups": ["ml"], "scope": "other"}, "gpt-4", **mappings) == (403, "scope_not_allowed")
+
+
+def test_enforce_rbac_refuses_a_token_without_a_role() -> None:
+    assert checked({"groups": ["ml"], "roles": ["x"]}, "gpt-4", roles_jwt_field="roles",
+                   enforce_rbac=True) == (403, "no_role")

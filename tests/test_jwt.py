@@ -1,0 +1,198 @@
+"""JWT callers: Envoy verifies (jwt_authn, real cryptography), the sidecar maps the verified
+claims to teams and roles. A local identity provider serves the discovery document and
+the JWKS; tokens are signed with PyJWT."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Iterator
+
+import jwt as pyjwt
+import pytest
+import yaml
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from tests.conftest import Gateway
+from tests.harness import http, start_stack, write_config
+
+MASTER = "sk-1234"
+AUDIENCE = "extauthz-test"
+
+
+class IdentityProvider:
+    """Discovery document and JWKS on loopback, as an IdP serves them."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, Any] = {}
+        self.jwks: list[dict[str, Any]] = []
+        provider = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                if self.path == "/.well-known/openid-configuration":
+                    body = {"issuer": provider.issuer, "jwks_uri": f"{provider.base}/keys"}
+                elif self.path == "/keys":
+                    body = {"keys": provider.jwks}
+                else:
+                    self.send_error(404)
+                    return
+                data = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base = f"http://127.0.0.1:{self.server.server_port}"
+        self.issuer = self.base + "/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def add_key(self, kid: str, key: Any, publish: bool = True) -> None:
+        self.keys[kid] = key
+        if publish:
+            algorithm = pyjwt.algorithms.RSAAlgorithm if isinstance(key, rsa.RSAPrivateKey) \
+                else pyjwt.algorithms.ECAlgorithm
+            jwk = json.loads(algorithm.to_jwk(key.public_key()))
+            self.jwks.append({**jwk, "kid": kid, "use": "sig",
+                              "alg": "RS256" if isinstance(key, rsa.RSAPrivateKey) else "ES256"})
+
+    def token(self, kid: str = "rsa-1", **claims: Any) -> str:
+        key = self.keys[kid]
+        now = int(time.time())
+        payload = {"iss": self.issuer, "aud": AUDIENCE, "sub": "alice", "iat": now, "exp": now + 300, **claims}
+        payload = {k: v for k, v in payload.items() if v is not None}
+        algorithm = "RS256" if isinstance(key, rsa.RSAPrivateKey) else "ES256"
+        return pyjwt.encode(payload, key, algorithm=algorithm, headers={"kid": kid})
+
+
+@pytest.fixture(scope="module")
+def idp() -> Iterator[IdentityProvider]:
+    provider = IdentityProvider()
+    provider.add_key("rsa-1", rsa.generate_private_key(public_exponent=65537, key_size=2048))
+    provider.add_key("ec-1", ec.generate_private_key(ec.SECP256R1()))
+    provider.add_key("stranger", rsa.generate_private_key(public_exponent=65537, key_size=2048), publish=False)
+    yield provider
+    provider.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def gw(workdir: Path, redis_port: int, upstream_port: int, idp: IdentityProvider) -> Iterator[Gateway]:
+    base = yaml.safe_load(write_config(workdir, upstream_port).read_text())
+    base["general_settings"].update({"enable_jwt_auth": True, "litellm_jwtauth": {
+        "public_key_url": f"{idp.base}/.well-known/openid-configuration", "audience": AUDIENCE,
+        "team_ids_jwt_field": "groups", "roles_jwt_field": "realm_access.roles",
+        "role_mappings": [{"role": "gw-admin", "internal_role": "proxy_admin"}]}})
+    path = workdir / "jwt.yaml"
+    path.write_text(yaml.safe_dump(base))
+    stack = start_stack(workdir, path, f"redis://127.0.0.1:{redis_port}/13")
+    g = Gateway(stack.envoy, upstream_port, stack.sidecar)
+    for team_id, models in (("ml", ["gpt-4"]), ("research", ["gpt-4o"]), ("frozen", ["gpt-4"])):
+        assert g.admin("/team/new", {"team_id": team_id, "models": models}).status == 200
+    assert g.admin("/team/block", {"team_id": "frozen"}).status == 200
+    try:
+        yield g
+    finally:
+        stack.stop()
+    log = stack.sidecar.proc.log_text()
+    assert idp.token() not in log and "eyJ" not in log  # no token reaches a log
+
+
+def test_a_token_calls_its_teams_models(gw: Gateway, idp: IdentityProvider) -> None:
+    token = idp.token(groups=["ml"])
+    gw.forget_upstream()
+    r = gw.chat(token, "gpt-4")
+    assert r.status == 200, r.text
+    (seen,) = gw.upstream_seen()
+    assert token not in json.dumps(seen) and seen["headers"]["authorization"].startswith("Bearer sk-")
+    denied = gw.chat(token, "gpt-4o")
+    assert denied.status == 403 and denied.json()["error"]["code"] == "model_not_allowed"
+
+
+def test_with_several_teams_any_that_allows_the_model_allows_it(gw: Gateway, idp: IdentityProvider) -> None:
+    token = idp.token(kid="ec-1", groups=["ml", "research"])
+    assert gw.chat(token, "gpt-4").status == 200
+    assert gw.chat(token, "gpt-4o").status == 200
+    r = gw.chat(token, "gpt-3.5-turbo")
+    assert r.status == 403
+    message = r.json()["error"]["message"]
+    assert "'ml'" in message and "'research'" in message
+
+
+@pytest.mark.parametrize("groups,code", [(["nobody-has-this"], "team_not_found"), ([], "team_not_found"),
+                                         (["frozen"], "team_blocked")])
+def test_a_token_without_a_usable_team_is_refused(gw: Gateway, idp: IdentityProvider, groups: list[str],
+                                                  code: str) -> None:
+    r = gw.chat(idp.token(groups=groups), "gpt-4")
+    assert r.status == 403 and r.json()["error"]["code"] == code
+
+
+def test_an_admin_role_calls_every_model(gw: Gateway, idp: IdentityProvider) -> None:
+    token = idp.token(realm_access={"roles": ["gw-admin"]})
+    assert gw.chat(token, "gpt-3.5-turbo").status == 200
+
+
+def forged(idp: IdentityProvider, kind: str) -> str:
+    now = int(time.time())
+    claims = {"iss": idp.issuer, "aud": AUDIENCE, "sub": "mallory", "iat": now, "exp": now + 300, "groups": ["ml"]}
+    rsa_key = idp.keys["rsa-1"]
+    if kind == "expired":
+        return idp.token(exp=now - 120, iat=now - 600, groups=["ml"])
+    if kind == "not_yet_valid":
+        return idp.token(nbf=now + 600, groups=["ml"])
+    if kind == "wrong_issuer":
+        return idp.token(iss="https://evil.example.com/", groups=["ml"])
+    if kind == "wrong_audience":
+        return idp.token(aud="someone-else", groups=["ml"])
+    if kind == "unknown_kid":
+        return idp.token(kid="stranger", groups=["ml"])
+    if kind == "second_key_pair_claiming_a_known_kid":
+        return pyjwt.encode(claims, idp.keys["stranger"], algorithm="RS256", headers={"kid": "rsa-1"})
+    if kind == "alg_none":
+        return pyjwt.encode(claims, None, algorithm="none", headers={"kid": "rsa-1"}) + "x"
+    if kind == "hs256_with_the_public_key":
+        from cryptography.hazmat.primitives import serialization
+        public = rsa_key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                   serialization.PublicFormat.SubjectPublicKeyInfo)
+        header = pyjwt.utils.base64url_encode(json.dumps({"alg": "HS256", "kid": "rsa-1", "typ": "JWT"}).encode())
+        body = pyjwt.utils.base64url_encode(json.dumps(claims).encode())
+        import hashlib
+        import hmac
+        signature = hmac.new(public, header + b"." + body, hashlib.sha256).digest()
+        return (header + b"." + body + b"." + pyjwt.utils.base64url_encode(signature)).decode()
+    if kind == "no_expiry":
+        return idp.token(exp=None, groups=["ml"])
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["expired", "not_yet_valid", "wrong_issuer", "wrong_audience", "unknown_kid",
+                                  "second_key_pair_claiming_a_known_kid", "alg_none", "hs256_with_the_public_key",
+                                  "no_expiry"])
+def test_a_jwt_envoy_rejects_is_a_json_401_and_reaches_no_one(gw: Gateway, idp: IdentityProvider, kind: str) -> None:
+    gw.forget_upstream()
+    r = gw.chat(forged(idp, kind), "gpt-4")
+    assert r.status == 401, r.text
+    error = r.json()["error"]
+    assert error["code"] == "invalid_jwt" and error["type"] == "authentication_error"
+    assert gw.upstream_seen() == []
+
+
+def test_virtual_keys_keep_working_beside_jwts(gw: Gateway) -> None:
+    key = gw.admin("/key/generate", {"models": ["gpt-4"]}).json()["key"]
+    assert gw.chat(key, "gpt-4").status == 200
+    assert gw.chat(key, "gpt-4o").status == 403
+
+
+def test_a_forged_claims_header_is_not_read(gw: Gateway, idp: IdentityProvider) -> None:
+    key = gw.admin("/key/generate", {"models": ["gpt-4"]}).json()["key"]
+    # Claims come only from Envoy's filter metadata: a header that looks like a payload is nothing.
+    r = http("POST", gw.envoy.url + "/v1/chat/completions", {"model": "gpt-4o", "messages": []},
+             {"Authorization": f"Bearer {key}", "x-jwt-payload": json.dumps({"realm_access": {"roles": ["gw-admin"]}})})
+    assert r.status == 403
