@@ -196,3 +196,10 @@ def test_a_forged_claims_header_is_not_read(gw: Gateway, idp: IdentityProvider) 
     r = http("POST", gw.envoy.url + "/v1/chat/completions", {"model": "gpt-4o", "messages": []},
              {"Authorization": f"Bearer {key}", "x-jwt-payload": json.dumps({"realm_access": {"roles": ["gw-admin"]}})})
     assert r.status == 403
+
+
+def test_a_token_with_a_second_credential_beside_it_is_refused(gw: Gateway, idp: IdentityProvider) -> None:
+    key = gw.admin("/key/generate", {"models": ["gpt-4"]}).json()["key"]
+    token = idp.token(realm_access={"roles": ["gw-admin"]})
+    r = gw.chat(token, "gpt-4", headers={"x-api-key": key})
+    assert r.status == 401 and r.json()["error"]["code"] == "conflicting_api_keys"

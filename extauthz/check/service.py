@@ -150,6 +150,9 @@ class AuthorizationService:
         jwt = runtime.config.jwt
         if jwt is None:  # claims from an Envoy rendered for JWTs, a config without them now
             return JWT_OFF
+        if facts.token_problem is not None:  # a second, different credential beside the token
+            problem = facts.token_problem
+            return Deny(problem.status, problem.code, problem.message)
         identity = identify(facts.claims or {}, jwt)
         if identity.role is None:
             return NO_ROLE
