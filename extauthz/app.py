@@ -79,6 +79,10 @@ class RuntimeBox:
             metrics.CONFIG_RELOADS.labels("failed").inc()
             log.error("config reload failed, keeping the running config: %s", e)
             return
+        if new.jwt != old.jwt:
+            log.error("config reload: litellm_jwtauth changed; Envoy still verifies tokens with the keys it was "
+                      "rendered with: re-render its config (extauthz envoy-config) and restart it. Until then the "
+                      "sidecar accepts only the issuers and audiences of the new config.")
         self.current = Runtime.of(dataclasses.replace(new, settings=old.settings), self.tokens)
         self.tokens.keep({d.token for d in new.deployments if d.token is not None})
         self.tokens.start()  # a token the new config needs starts being refreshed

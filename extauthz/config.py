@@ -22,6 +22,7 @@ from extauthz.tokens import TokenSpec, google_info, missing_library
 from extauthz.check.endpoints import OPERATIONS, classify, model_call_segment, unsafe_path
 
 ENV_PREFIX = "os.environ/"
+DISCOVERY_SUFFIX = "/.well-known/openid-configuration"
 
 # LiteLLM sections that a config may carry and that this service does not use.
 IGNORED_SECTIONS = frozenset({
@@ -186,6 +187,9 @@ class JwtAuth:
 
     public_key_urls: tuple[str, ...]          # JWKS URLs or OIDC discovery documents
     issuer: str | None = None
+    # The issuer each URL's keys sign for: a discovery document's is its URL without
+    # /.well-known/openid-configuration (OIDC Discovery requires it); a JWKS URL's is given.
+    issuers: tuple[str, ...] = ()
     audiences: tuple[str, ...] = ()
     team_id_jwt_field: str | None = None      # claim paths may be nested: "realm_access.roles"
     team_ids_jwt_field: str | None = None
@@ -294,6 +298,7 @@ class _Parser:
     def __init__(self, file: str, environ: Mapping[str, str], require_secrets: bool) -> None:
         self.file, self.environ, self.require_secrets = file, environ, require_secrets
         self.warnings: list[str] = []
+        self.jwt_problem: str | None = None  # why enable_jwt_auth cannot be honoured
 
     def error(self, where: str, problem: str) -> ConfigError:
         return ConfigError(self.file, where, problem)
@@ -375,21 +380,41 @@ class _Parser:
             urls = [u.strip() for u in urls.split(",") if u.strip()]
         if not urls:  # JWTs asked for, but no keys to check them with: none is accepted
             return None
-        if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+        if not isinstance(urls, list):
             raise self.error(f"{where}.public_key_url", "expected the identity provider's JWKS URL or OIDC "
                              "discovery document (a list, or comma-separated)")
-        for url in urls:
-            problem = providers.base_problem(url) or (None if url.startswith("https://") or
-                                                      url.startswith("http://127.") or
-                                                      url.startswith("http://localhost") else "must be https")
+        issuer = self.string(raw.get("issuer"), f"{where}.issuer")
+        sources: list[tuple[str, str]] = []
+        for i, entry in enumerate(urls):
+            # An entry is a URL, or {url, issuer} for a JWKS URL of its own issuer.
+            url, own_issuer = (entry.get("url"), entry.get("issuer")) if isinstance(entry, dict) else (entry, None)
+            if not isinstance(url, str) or (own_issuer is not None and not isinstance(own_issuer, str)):
+                raise self.error(f"{where}.public_key_url[{i}]", "expected a URL or {url, issuer}")
+            problem = providers.base_problem(url) or (None if url.startswith(("https://", "http://127.",
+                                                                              "http://localhost")) else "must be https")
             if problem:
-                raise self.error(f"{where}.public_key_url", problem)
+                raise self.error(f"{where}.public_key_url[{i}]", problem)
+            if url.rstrip("/").endswith(DISCOVERY_SUFFIX):
+                source_issuer = url.rstrip("/")[:-len(DISCOVERY_SUFFIX)]
+            elif own_issuer or (issuer and len(urls) == 1):
+                source_issuer = own_issuer or issuer or ""
+            else:
+                # A key set without an issuer would admit any token its keys sign, whatever
+                # issuer it names (Entra's common key set signs for every tenant).
+                self.jwt_problem = (f"{where}.public_key_url[{i}] is a JWKS URL without an issuer: give "
+                                    "{url, issuer} (or, with one URL, issuer)")
+                return None
+            sources.append((url, source_issuer.rstrip("/")))
         audience = raw.get("audience") or self.environ.get("JWT_AUDIENCE")
         audiences = [audience] if isinstance(audience, str) else audience or []
         if not isinstance(audiences, list) or not all(isinstance(a, str) and a for a in audiences):
             raise self.error(f"{where}.audience", "expected a string or a list of strings")
+        if not audiences:
+            # Without one, a token the IdP issued for any other application would do.
+            self.jwt_problem = f"{where}.audience is not set: give the audience tokens for this gateway carry"
+            return None
         text = {k: self.string(raw.get(k), f"{where}.{k}") for k in (
-            "issuer", "team_id_jwt_field", "team_ids_jwt_field", "team_id_default", "user_id_jwt_field",
+            "team_id_jwt_field", "team_ids_jwt_field", "team_id_default", "user_id_jwt_field",
             "user_email_jwt_field", "org_id_jwt_field", "roles_jwt_field", "admin_jwt_scope")}
         mappings = []
         for i, m in enumerate(self.sequence(raw.get("role_mappings"), f"{where}.role_mappings")):
@@ -417,7 +442,8 @@ class _Parser:
         skew = raw.get("clock_skew_s", 60)
         if isinstance(skew, bool) or not isinstance(skew, int) or not 0 <= skew <= 600:
             raise self.error(f"{where}.clock_skew_s", "expected seconds, 0 to 600")
-        return JwtAuth(public_key_urls=tuple(urls), audiences=tuple(audiences), role_mappings=tuple(mappings),
+        return JwtAuth(public_key_urls=tuple(u for u, _ in sources), issuers=tuple(i for _, i in sources),
+                       issuer=issuer, audiences=tuple(audiences), role_mappings=tuple(mappings),
                        scope_mappings=tuple(scopes), clock_skew_s=skew,
                        **{k: v for k, v in text.items() if k != "user_id_jwt_field"},
                        user_id_jwt_field=text["user_id_jwt_field"] or "sub", **flags)
@@ -435,8 +461,10 @@ class _Parser:
 
     def unenforced(self, general: dict, jwt_enforced: bool) -> tuple[tuple[str, str], ...]:
         out = []
+        if self.jwt_problem:
+            out.append(("enable_jwt_auth", f"JWT callers are refused (401): {self.jwt_problem}"))
         for name, effect in ADMITTING_SETTINGS.items():
-            if jwt_enforced and name in ("enable_jwt_auth", "litellm_jwtauth"):
+            if (jwt_enforced or self.jwt_problem) and name in ("enable_jwt_auth", "litellm_jwtauth"):
                 continue
             if general.get(name) not in (None, False, "", {}, []):
                 out.append((name, effect))

@@ -79,15 +79,17 @@ class Teams:
         return {"ml": TeamRecord("ml", "ml", ("gpt-4", "gpt-4o"), False)}.get(team_id)
 
 
-def checked(claims: dict | None, model: str, **jwtauth: object) -> tuple[int, str]:
+def checked(claims: dict | None, model: str, general: dict | None = None, **jwtauth: object) -> tuple[int, str]:
     runtime = Runtime.of(from_dict({"model_list": [
         {"model_name": m, "litellm_params": {"model": f"openai/{m}", "api_base": "http://up:1/v1"}}
         for m in ("gpt-4", "gpt-4o")], "general_settings": {"enable_jwt_auth": True, "litellm_jwtauth": {
-            "public_key_url": "https://idp.example.com/keys", "team_ids_jwt_field": "groups", **jwtauth}}}))
+            "public_key_url": "https://idp.example.com/keys", "issuer": "https://idp.example.com",
+            "audience": "gw", "team_ids_jwt_field": "groups", **jwtauth}, **(general or {})}}))
     service = AuthorizationService(lambda: runtime, Teams())
     request = check_request({"authorization": "Bearer eyJhbGciOiJSUzI1NiJ9.e30.c2ln"},
                             json.dumps({"model": model}).encode())
     if claims is not None:
+        claims = {"iss": "https://idp.example.com", "aud": "gw", **claims}
         request.attributes.metadata_context.filter_metadata["envoy.filters.http.jwt_authn"].update(
             {"jwt_payload": claims})
     try:
@@ -115,3 +117,45 @@ def test_scope_mappings_narrow_the_teams_models() -> None:
 def test_enforce_rbac_refuses_a_token_without_a_role() -> None:
     assert checked({"groups": ["ml"], "roles": ["x"]}, "gpt-4", roles_jwt_field="roles",
                    enforce_rbac=True) == (403, "no_role")
+
+
+@pytest.mark.parametrize("claims,accepted", [
+    ({}, True),
+    ({"iss": "https://idp.example.com/"}, True),                  # a trailing slash is the same issuer
+    ({"aud": ["other", "gw"]}, True),
+    ({"iss": "https://evil.example.com"}, False),
+    ({"aud": "another-app"}, False),
+    ({"aud": None}, False),
+])
+def test_the_sidecar_checks_issuer_and_audience_against_its_own_config(claims: dict, accepted: bool) -> None:
+    expected = (200, "ok") if accepted else (401, "invalid_jwt")
+    assert checked({"groups": ["ml"], **claims}, "gpt-4") == expected
+
+
+@pytest.mark.parametrize("claims", [{"groups": ["ml"]}, {"scope": "x", "roles": ["admin"]}])
+def test_restricting_settings_refuse_jwt_callers_too(claims: dict) -> None:
+    refused = checked(claims, "gpt-4", general={"allowed_ips": ["10.9.9.9"]}, roles_jwt_field="roles",
+                      role_mappings=[{"role": "admin", "internal_role": "proxy_admin"}])
+    assert refused == (403, "unenforced_setting")
+
+
+@pytest.mark.parametrize("jwtauth,problem", [
+    ({"public_key_url": "https://idp.example.com/keys", "audience": "gw"}, "JWKS URL without an issuer"),
+    ({"public_key_url": ["https://a.example.com/keys", "https://b.example.com/keys"], "issuer": "https://a",
+      "audience": "gw"}, "JWKS URL without an issuer"),
+    ({"public_key_url": "https://idp.example.com/.well-known/openid-configuration"}, "audience is not set"),
+])
+def test_jwt_settings_that_would_admit_foreign_tokens_turn_jwts_off(jwtauth: dict, problem: str) -> None:
+    c = from_dict({"model_list": [{"model_name": "m", "litellm_params": {"model": "openai/m", "api_key": "x"}}],
+                   "general_settings": {"enable_jwt_auth": True, "litellm_jwtauth": jwtauth}})
+    assert c.jwt is None
+    (name, effect), = c.unenforced
+    assert name == "enable_jwt_auth" and problem in effect and "refused (401)" in effect
+
+
+def test_each_key_set_has_its_own_issuer() -> None:
+    c = from_dict({"model_list": [{"model_name": "m", "litellm_params": {"model": "openai/m", "api_key": "x"}}],
+                   "general_settings": {"enable_jwt_auth": True, "litellm_jwtauth": {"audience": "gw", "public_key_url": [
+                       "https://login.example.com/t1/v2.0/.well-known/openid-configuration",
+                       {"url": "https://keys.example.com/jwks", "issuer": "https://keys.example.com/"}]}}})
+    assert c.jwt is not None and c.jwt.issuers == ("https://login.example.com/t1/v2.0", "https://keys.example.com")

@@ -203,3 +203,21 @@ def test_a_token_with_a_second_credential_beside_it_is_refused(gw: Gateway, idp:
     token = idp.token(realm_access={"roles": ["gw-admin"]})
     r = gw.chat(token, "gpt-4", headers={"x-api-key": key})
     assert r.status == 401 and r.json()["error"]["code"] == "conflicting_api_keys"
+
+
+def test_an_admin_token_is_logged_as_its_user_not_as_the_master_key(gw: Gateway, idp: IdentityProvider) -> None:
+    token = idp.token(sub="root-alice", realm_access={"roles": ["gw-admin"]})
+    assert gw.chat(token, "gpt-4o").status == 200
+
+    def logged() -> list[dict]:
+        lines = [json.loads(line) for line in gw.envoy.proc.log_text().splitlines() if line.startswith("{")]
+        return [e for e in lines if e.get("key_alias") == "root-alice"]
+    from tests.harness import wait_until
+    wait_until(lambda: bool(logged()), what="the access log line")
+    assert logged()[-1]["key_hash"] != "master"
+
+
+def test_a_wrong_request_from_several_teams_keeps_its_own_error(gw: Gateway, idp: IdentityProvider) -> None:
+    token = idp.token(groups=["ml", "research"])
+    r = http("POST", gw.envoy.url + "/v1/chat/completions", {"messages": []}, {"Authorization": f"Bearer {token}"})
+    assert r.status == 400 and r.json()["error"]["code"] == "missing_model"

@@ -65,6 +65,15 @@ def identify(claims: Mapping[str, Any], jwt: JwtAuth) -> Identity:
                     tuple(dict.fromkeys(teams)), role, scopes)
 
 
+def issued_for(claims: Mapping[str, Any], jwt: JwtAuth) -> bool:
+    """Whether the token names an issuer and an audience this config accepts."""
+    issuer = claims.get("iss")
+    audience = claims.get("aud")
+    audiences = {audience} if isinstance(audience, str) else set(strings(audience))
+    return (isinstance(issuer, str) and issuer.rstrip("/") in jwt.issuers
+            and not audiences.isdisjoint(jwt.audiences))
+
+
 def scope_models(identity: Identity, jwt: JwtAuth) -> tuple[str, ...] | None:
     """With ``scope_mappings``: the models and access groups the token's scopes grant (to
     be intersected with its team's); None when no mapping is configured."""

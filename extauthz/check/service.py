@@ -20,9 +20,9 @@ from extauthz.check.responses import allow_bytes, deny_bytes
 from extauthz.check.runtime import Runtime
 from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2
 from extauthz.check.catalog import ALL_TEAM_MODELS
-from extauthz.check.identity import identify, scope_models
+from extauthz.check.identity import identify, issued_for, scope_models
 from extauthz.records.lookup import lookup
-from extauthz.records.record import MASTER, KeyRecord, TeamRecord
+from extauthz.records.record import KeyRecord, TeamRecord
 from extauthz.records.store import RecordReader, StoreUnavailable
 from extauthz.telemetry import logs, tracing
 from extauthz.telemetry.metrics import CheckMetrics
@@ -36,6 +36,7 @@ TOO_LARGE = Deny(413, "body_too_large", "The check request is larger than this g
 UNREADABLE = Deny(400, "invalid_check_request", "The check request could not be decoded; the request was "
                   "not forwarded.")
 JWT_OFF = Deny(401, "jwt_not_accepted", "This gateway no longer accepts JWTs; use a virtual key.")
+JWT_NOT_FOR_US = Deny(401, "invalid_jwt", "The token's issuer or audience is not one this gateway accepts.")
 NO_ROLE = Deny(403, "no_role", "The token maps to no role, and this gateway requires one (enforce_rbac).")
 DEADLINE_SLACK_S = 0.1
 # Bodies larger than this are read on a thread of their own: the event loop goes on
@@ -153,12 +154,24 @@ class AuthorizationService:
         if facts.token_problem is not None:  # a second, different credential beside the token
             problem = facts.token_problem
             return Deny(problem.status, problem.code, problem.message)
-        identity = identify(facts.claims or {}, jwt)
+        if runtime.refusal is not None:
+            return runtime.refusal
+        claims = facts.claims or {}
+        # Envoy checked these against the config it was rendered from; the sidecar checks
+        # them against the one it runs now (a reload that drops an IdP takes effect here).
+        if not issued_for(claims, jwt):
+            return JWT_NOT_FOR_US
+        identity = identify(claims, jwt)
         if identity.role is None:
             return NO_ROLE
         body = body_of(request)
-        if identity.role == "proxy_admin":
-            return await self.with_body(facts, body, MASTER, None, runtime)
+        label = identity.user_id or identity.email or "jwt"
+        if identity.role == "proxy_admin":  # every model, like the master key, logged as who it is
+            admin = KeyRecord(f"jwt:{label}", label, (), None, None, False)
+            decision = await self.with_body(facts, body, admin, None, runtime)
+            if isinstance(decision, Allow):
+                decision.metadata["role"] = identity.role
+            return decision
         models = scope_models(identity, jwt)
         if models == ():
             return Deny(403, "scope_not_allowed", "None of the token's scopes grants a model.")
@@ -169,7 +182,6 @@ class AuthorizationService:
         if not teams:
             named = ", ".join(repr(t) for t in identity.teams) or "none"
             return Deny(403, "team_not_found", f"None of the token's teams exists (teams in the token: {named}).")
-        label = identity.user_id or identity.email or "jwt"
         denials = []
         for team in teams:
             key = KeyRecord(f"jwt:{label}", label, models if models is not None else (ALL_TEAM_MODELS,),
@@ -180,8 +192,8 @@ class AuthorizationService:
                 decision.metadata["role"] = identity.role
                 return decision
             denials.append(decision)
-        if len(denials) == 1:
-            return denials[0]
+        if len(denials) == 1 or any(d.code != "model_not_allowed" for d in denials):
+            return denials[0]  # the request itself is wrong, or one team: its own refusal
         listed = "; ".join(f"team {t.label!r}: {list(t.models) or 'all models'}" for t in teams)
         return Deny(403, "model_not_allowed", f"No team of the token may use {facts.model!r}. {listed}.", "model",
                     denials[0].metadata)

@@ -17,11 +17,10 @@ from urllib.parse import urlsplit
 
 from extauthz import providers
 from extauthz.check.request import JWT_FILTER, JWT_PAYLOAD as PAYLOAD_KEY  # where the sidecar reads the claims
-from extauthz.config import JwtAuth
+from extauthz.config import DISCOVERY_SUFFIX, JwtAuth
 # A JWT's first segment is base64url JSON: it starts "eyJ" ('{"'). Anything else after
 # "Bearer " is a virtual key.
 JWT_BEARER = r"^Bearer eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*$"
-DISCOVERY_SUFFIX = "/.well-known/openid-configuration"
 JWKS_CACHE = "120s"
 
 Fetch = Callable[[str], dict[str, Any]]
@@ -32,19 +31,22 @@ def fetch_json(url: str) -> dict[str, Any]:
         return json.loads(response.read())
 
 
-def jwks_sources(jwt: JwtAuth, fetch: Fetch = fetch_json) -> list[tuple[str, str | None]]:
+def jwks_sources(jwt: JwtAuth, fetch: Fetch = fetch_json) -> list[tuple[str, str]]:
     """(JWKS URL, issuer) per configured URL: an OIDC discovery document is read once, at
-    rendering, for its ``jwks_uri`` and ``issuer`` (Envoy fetches JWKS, not discovery)."""
+    rendering, for its ``jwks_uri``; its ``issuer`` must be the one its URL implies (OIDC
+    Discovery requires it), which is the one the sidecar also checks."""
     out = []
-    for url in jwt.public_key_urls:
+    for url, issuer in zip(jwt.public_key_urls, jwt.issuers):
         if url.rstrip("/").endswith(DISCOVERY_SUFFIX):
             doc = fetch(url)
             jwks = doc.get("jwks_uri")
             if not isinstance(jwks, str) or providers.base_problem(jwks):
                 raise ValueError(f"{url}: the discovery document names no usable jwks_uri")
-            out.append((jwks, jwt.issuer or doc.get("issuer")))
+            if str(doc.get("issuer", "")).rstrip("/") != issuer:
+                raise ValueError(f"{url}: the discovery document's issuer is not {issuer!r}")
+            out.append((jwks, str(doc["issuer"])))
         else:
-            out.append((url, jwt.issuer))
+            out.append((url, issuer))
     return out
 
 
@@ -52,7 +54,7 @@ def cluster_name(url: str) -> str:
     return "jwks_" + providers.upstream(url).cluster.removeprefix("upstream_")
 
 
-def jwt_filter(jwt: JwtAuth, sources: list[tuple[str, str | None]]) -> dict[str, Any]:
+def jwt_filter(jwt: JwtAuth, sources: list[tuple[str, str]]) -> dict[str, Any]:
     names = [f"idp{i}" for i in range(len(sources))]
     idps = {}
     for name, (jwks, issuer) in zip(names, sources):
@@ -87,7 +89,7 @@ def jwt_filter(jwt: JwtAuth, sources: list[tuple[str, str | None]]) -> dict[str,
     }}
 
 
-def jwks_clusters(sources: list[tuple[str, str | None]],
+def jwks_clusters(sources: list[tuple[str, str]],
                   upstream_cluster: Callable[[providers.Upstream], dict[str, Any]]) -> list[dict[str, Any]]:
     seen: dict[str, dict[str, Any]] = {}
     for jwks, _ in sources:
