@@ -64,8 +64,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "envoy-config":
         from extauthz.envoy.render import render_yaml
-        sys.stdout.write(render_yaml(config, listen_port=args.listen_port, authz_port=args.authz_port,
-                                     admin_port=args.admin_port, envoy_admin_port=args.envoy_admin_port))
+        try:
+            rendered = render_yaml(config, listen_port=args.listen_port, authz_port=args.authz_port,
+                                   admin_port=args.admin_port, envoy_admin_port=args.envoy_admin_port)
+        except (OSError, ValueError) as e:  # an identity provider's discovery document unreachable or wrong
+            print(f"extauthz: cannot render the Envoy config: {e}", file=sys.stderr)
+            return 2
+        sys.stdout.write(rendered)
         return 0
 
     config = with_overrides(config, redis_url=args.redis_url, grpc_port=args.grpc_port, admin_port=args.admin_port,

@@ -159,3 +159,21 @@ def test_each_key_set_has_its_own_issuer() -> None:
                        "https://login.example.com/t1/v2.0/.well-known/openid-configuration",
                        {"url": "https://keys.example.com/jwks", "issuer": "https://keys.example.com/"}]}}})
     assert c.jwt is not None and c.jwt.issuers == ("https://login.example.com/t1/v2.0", "https://keys.example.com")
+
+
+def test_an_unreachable_discovery_document_fails_rendering_in_one_line(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    import yaml as pyyaml
+
+    from tests.harness import ROOT
+    path = tmp_path / "c.yaml"
+    path.write_text(pyyaml.safe_dump({
+        "model_list": [{"model_name": "m", "litellm_params": {"model": "openai/m", "api_key": "x"}}],
+        "general_settings": {"enable_jwt_auth": True, "litellm_jwtauth": {
+            "public_key_url": "http://127.0.0.1:9/.well-known/openid-configuration", "audience": "gw"}}}))
+    done = subprocess.run([sys.executable, "-m", "extauthz", "envoy-config", "--config", str(path)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 2 and "cannot render the Envoy config" in done.stderr
+    assert "Traceback" not in done.stderr
