@@ -221,3 +221,23 @@ def test_a_wrong_request_from_several_teams_keeps_its_own_error(gw: Gateway, idp
     token = idp.token(groups=["ml", "research"])
     r = http("POST", gw.envoy.url + "/v1/chat/completions", {"messages": []}, {"Authorization": f"Bearer {token}"})
     assert r.status == 400 and r.json()["error"]["code"] == "missing_model"
+
+
+def test_a_token_lists_what_it_may_call(gw: Gateway, idp: IdentityProvider) -> None:
+    def get(path: str, token: str):
+        return http("GET", gw.envoy.url + path, headers={"Authorization": f"Bearer {token}"})
+
+    token = idp.token(groups=["ml", "research", "frozen"])
+    models = get("/v1/models", token)
+    assert models.status == 200, models.text
+    assert [m["id"] for m in models.json()["data"]] == ["gpt-4", "gpt-4o"]
+    assert get("/v1/models/gpt-4o", token).json()["id"] == "gpt-4o"
+    assert get("/v1/models/gpt-3.5-turbo", token).status == 404
+    groups = get("/model_group/info", token).json()["data"]
+    assert [g["model_group"] for g in groups] == ["gpt-4", "gpt-4o"]
+    admin = get("/v1/models", idp.token(realm_access={"roles": ["gw-admin"]})).json()["data"]
+    assert "gpt-3.5-turbo" in [m["id"] for m in admin]
+    assert get("/v1/models", forged(idp, "expired")).status == 401
+    # A virtual key's list still comes from the admin API.
+    key = gw.admin("/key/generate", {"models": ["gpt-4"]}).json()["key"]
+    assert [m["id"] for m in get("/v1/models", key).json()["data"]] == ["gpt-4"]

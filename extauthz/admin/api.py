@@ -18,7 +18,8 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from extauthz.admin import schema as schema
+from extauthz.admin import schema
+from extauthz.check import listing
 from extauthz.telemetry import metrics
 from extauthz.check.facts import Facts
 from extauthz.check.decision import Deny
@@ -35,10 +36,7 @@ log = logging.getLogger("extauthz.admin")
 MAX_BODY_BYTES = 1024 * 1024
 HASH = re.compile(r"[0-9a-f]{64}")
 OPEN_ROUTES = ("/v1/models", "/models", "/model_group/info", "/health/")
-# model_info fields /model_group/info reports, as LiteLLM names them.
-GROUP_INFO_FIELDS = ("mode", "input_cost_per_token", "output_cost_per_token", "max_tokens", "max_input_tokens",
-                     "max_output_tokens", "supports_function_calling", "supports_vision",
-                     "supports_parallel_function_calling", "supports_reasoning")
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -335,23 +333,7 @@ class AdminApi:
     async def model_group_info(self, request: web.Request) -> web.Response:
         """The model groups the calling key may use (the same list as /v1/models), with
         their mode, pricing and access groups, as LiteLLM's /model_group/info gives them."""
-        catalog = self.runtime().catalog
-        data = []
-        for name in await self.visible(request):
-            resolution = catalog.resolve(name)
-            assert resolution is not None
-            group = resolution.group
-            entry: dict[str, Any] = {"model_group": name,
-                                     "providers": sorted({d.provider for d in group.deployments}),
-                                     "access_groups": sorted(group.access_groups),
-                                     "routable": bool(group.routable_deployments)}
-            for d in group.deployments:
-                for key in GROUP_INFO_FIELDS:
-                    if key in d.info and key not in entry:
-                        entry[key] = d.info[key]
-            entry.setdefault("mode", "chat")
-            data.append(entry)
-        return web.json_response({"data": data})
+        return web.json_response(listing.group_info(self.runtime().catalog, await self.visible(request)))
 
     async def visible(self, request: web.Request) -> list[str]:
         """What the calling virtual key may call, by the same rules as Check."""
@@ -365,21 +347,14 @@ class AdminApi:
         assert key is not None
         return visible_models(key, team, runtime.catalog)
 
-    def model_entry(self, name: str) -> dict[str, Any]:
-        resolution = self.runtime().catalog.resolve(name)
-        assert resolution is not None
-        group = resolution.group
-        return {"id": name, "object": "model", "created": 0, "owned_by": group.deployments[0].provider}
-
     async def models(self, request: web.Request) -> web.Response:
-        names = await self.visible(request)
-        return web.json_response({"object": "list", "data": [self.model_entry(n) for n in names]})
+        return web.json_response(listing.models_page(self.runtime().catalog, await self.visible(request)))
 
     async def model(self, request: web.Request) -> web.Response:
         name = request.match_info["model_id"]
         if name not in await self.visible(request):
             raise ApiError(404, "model_not_found", f"The model {name!r} does not exist or this key cannot use it.")
-        return web.json_response(self.model_entry(name))
+        return web.json_response(listing.model_entry(self.runtime().catalog, name))
 
     # -- health ---------------------------------------------------------------------------
 

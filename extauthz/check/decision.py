@@ -55,6 +55,16 @@ class Deny:
         return ERROR_TYPES.get(self.status, "api_error")
 
 
+@dataclass(frozen=True)
+class Reply:
+    """An answer the check gives itself, not forwarded anywhere (a JWT caller's model list:
+    only the check sees its claims). Sent as a denied response with this status and body."""
+
+    status: int
+    body: str
+    metadata: dict[str, Any] | None = None
+
+
 ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",

@@ -14,7 +14,7 @@ import json
 from google.protobuf import wrappers_pb2
 
 from extauthz.check.memo import Memo
-from extauthz.check.decision import Allow, Deny
+from extauthz.check.decision import Allow, Deny, Reply
 from extauthz.proto.envoy.config.core.v3 import base_pb2
 from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2
 from extauthz.proto.envoy.type.v3 import http_status_pb2
@@ -101,3 +101,12 @@ def _deny_bytes(deny: Deny) -> bytes:
         denied_response=external_auth_pb2.DeniedHttpResponse(
             status=http_status_pb2.HttpStatus(code=deny.status), headers=[JSON_CONTENT_TYPE], body=error_body(deny)))
     return response.SerializeToString()
+
+
+def reply_bytes(reply: Reply) -> bytes:
+    # A non-OK gRPC status makes Envoy answer with the denied response, whatever its HTTP status.
+    response = external_auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=GRPC_PERMISSION_DENIED, message="answered by the gateway"),
+        denied_response=external_auth_pb2.DeniedHttpResponse(
+            status=http_status_pb2.HttpStatus(code=reply.status), headers=[JSON_CONTENT_TYPE], body=reply.body))
+    return response.SerializeToString() + metadata_part(reply.metadata)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import time
@@ -13,14 +14,16 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from extauthz.check.facts import Facts
-from extauthz.check.decision import Allow, Deny, Grant
+from extauthz.check.decision import Allow, Deny, Grant, Reply
 from extauthz.check.policy import UNAVAILABLE, Decision, authenticate, authorize, forward
 from extauthz.check.request import body_of, facts_from_check, with_body
-from extauthz.check.responses import allow_bytes, deny_bytes
+from extauthz.check.responses import allow_bytes, deny_bytes, reply_bytes
 from extauthz.check.runtime import Runtime
 from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2
 from extauthz.check.catalog import ALL_TEAM_MODELS
+from extauthz.check import listing
 from extauthz.check.identity import identify, issued_for, scope_models
+from extauthz.check.policy import visible_models
 from extauthz.records.lookup import lookup
 from extauthz.records.record import KeyRecord, TeamRecord
 from extauthz.records.store import RecordReader, StoreUnavailable
@@ -42,6 +45,23 @@ DEADLINE_SLACK_S = 0.1
 # Bodies larger than this are read on a thread of their own: the event loop goes on
 # answering other checks meanwhile (the parser gives up the GIL between its steps).
 INLINE_BODY_BYTES = 64 * 1024
+
+
+def team_key(label: str, models: tuple[str, ...] | None, team: TeamRecord) -> KeyRecord:
+    """A JWT caller as a key of one of its teams: the team's models, narrowed by its scopes."""
+    return KeyRecord(f"jwt:{label}", label, models if models is not None else (ALL_TEAM_MODELS,), team.team_id,
+                     None, False)
+
+
+def list_reply(listed: tuple[str, str | None], names: list[str], runtime: Runtime) -> Decision:
+    kind, model = listed
+    if kind == "groups":
+        return Reply(200, json.dumps(listing.group_info(runtime.catalog, names)))
+    if kind == "models":
+        return Reply(200, json.dumps(listing.models_page(runtime.catalog, names)))
+    if model not in names:
+        return Deny(404, "model_not_found", f"The model {model!r} does not exist or this token cannot use it.")
+    return Reply(200, json.dumps(listing.model_entry(runtime.catalog, model)))
 
 
 def decide_with_body(facts: Facts, body: bytes, key: Any, team: Any, runtime: Runtime, draw: float) -> Decision:
@@ -108,6 +128,9 @@ class AuthorizationService:
             facts = facts_from_check(request, runtime.pass_through)
             request_id = facts.request_id
             decision = await self.decide(facts, request, runtime)
+            if isinstance(decision, Reply):
+                self.metrics.record("reply", str(decision.status), time.perf_counter() - started)
+                return reply_bytes(decision)
             if isinstance(decision, Allow):
                 answer = allow_bytes(decision)
                 seconds = time.perf_counter() - started
@@ -166,8 +189,11 @@ class AuthorizationService:
             return NO_ROLE
         body = body_of(request)
         label = identity.user_id or identity.email or "jwt"
+        listed = listing.listing(facts.path) if facts.endpoint is None else None
         if identity.role == "proxy_admin":  # every model, like the master key, logged as who it is
             admin = KeyRecord(f"jwt:{label}", label, (), None, None, False)
+            if listed is not None:
+                return list_reply(listed, visible_models(admin, None, runtime.catalog), runtime)
             decision = await self.with_body(facts, body, admin, None, runtime)
             if isinstance(decision, Allow):
                 decision.metadata["role"] = identity.role
@@ -182,10 +208,16 @@ class AuthorizationService:
         if not teams:
             named = ", ".join(repr(t) for t in identity.teams) or "none"
             return Deny(403, "team_not_found", f"None of the token's teams exists (teams in the token: {named}).")
+        if listed is not None:  # what any of its usable teams allows, as one list
+            names: list[str] = []
+            for team in teams:
+                if not team.blocked:
+                    visible = visible_models(team_key(label, models, team), team, runtime.catalog)
+                    names.extend(n for n in visible if n not in names)
+            return list_reply(listed, names, runtime)
         denials = []
         for team in teams:
-            key = KeyRecord(f"jwt:{label}", label, models if models is not None else (ALL_TEAM_MODELS,),
-                            team.team_id, None, False)
+            key = team_key(label, models, team)
             decision = authenticate(facts, key, team, time.time()) or await self.with_body(
                 facts, body, key, team, runtime)
             if isinstance(decision, Allow):
@@ -194,8 +226,8 @@ class AuthorizationService:
             denials.append(decision)
         if len(denials) == 1 or any(d.code != "model_not_allowed" for d in denials):
             return denials[0]  # the request itself is wrong, or one team: its own refusal
-        listed = "; ".join(f"team {t.label!r}: {list(t.models) or 'all models'}" for t in teams)
-        return Deny(403, "model_not_allowed", f"No team of the token may use {facts.model!r}. {listed}.", "model",
+        each = "; ".join(f"team {t.label!r}: {list(t.models) or 'all models'}" for t in teams)
+        return Deny(403, "model_not_allowed", f"No team of the token may use {facts.model!r}. {each}.", "model",
                     denials[0].metadata)
 
     async def with_body(self, facts: Facts, body: bytes, key: KeyRecord, team: TeamRecord | None,

@@ -20,6 +20,7 @@ from extauthz.check.decision import Deny
 from extauthz.check.policy import MISSING_KEY
 from extauthz.check.responses import error_body
 from extauthz.envoy import jwt
+from extauthz.envoy.jwt import JWT_BEARER
 from extauthz.check.routing import CLUSTER_HEADER, INTERNAL_HEADERS, SIGN_HEADER, signer
 
 AUTHZ_CLUSTER = "extauthz"
@@ -134,7 +135,7 @@ def _listener(s: Settings, e: EnvoySettings, port: int, signers: list[tuple[str,
         local_reply_config=_local_reply_config(s),
         http_filters=[_decompressor_filter(), *identity, _ext_authz_filter(s, e, bool(identity)), _splice_filter(),
                       *_aws_signing_filters(signers), _router_filter()],
-        route_config=_route_config(),
+        route_config=_route_config(bool(identity)),
     )
     return {
         "name": "ingress",
@@ -301,7 +302,7 @@ def _router_filter() -> dict[str, Any]:
 
 # -- routes -------------------------------------------------------------------------------
 
-def _route_config() -> dict[str, Any]:
+def _route_config(with_jwt: bool = False) -> dict[str, Any]:
     matches = [{"path": p} for p in ADMIN_PATHS] + [{"prefix": p} for p in ADMIN_PREFIXES]
     return {
         "name": "extauthz_routes",
@@ -309,6 +310,7 @@ def _route_config() -> dict[str, Any]:
                            "routes": [_llm_route({"prefix": "/", "headers": [
                                                       {"name": CLUSTER_HEADER, "present_match": True}]}),
                                       _llm_route({"safe_regex": {"regex": GEMINI_V1_CALL}}),
+                                      *(_jwt_listing_route(m) for m in (LISTING_MATCHES if with_jwt else ())),
                                       *(_admin_route(m) for m in matches),
                                       _no_credential_route(),
                                       _llm_route({"prefix": "/"})]}],
@@ -327,6 +329,19 @@ def _no_credential_route() -> dict[str, Any]:
                                      "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}],
         "typed_per_filter_config": UNCHECKED_ROUTE_FILTERS,
     }
+
+
+# The listing routes, for a JWT caller: the check answers them (only it sees the claims).
+LISTING_MATCHES = ({"path": "/v1/models"}, {"path": "/models"}, {"path": "/model_group/info"},
+                   {"prefix": "/v1/models/"}, {"prefix": "/models/"})
+
+
+def _jwt_listing_route(match: dict[str, str]) -> dict[str, Any]:
+    route = _admin_route({**match, "headers": [
+        {"name": "authorization", "string_match": {"safe_regex": {"regex": JWT_BEARER}}},
+        {"name": ":method", "string_match": {"exact": "GET"}}]})
+    route["typed_per_filter_config"] = {SPLICE_FILTER: UNCHECKED_ROUTE_FILTERS[SPLICE_FILTER]}
+    return route
 
 
 def _admin_route(match: dict[str, str]) -> dict[str, Any]:
