@@ -372,6 +372,13 @@ class _Parser:
             return None
         where = "general_settings.litellm_jwtauth"
         raw = self.mapping(general.get("litellm_jwtauth"), where)
+        restricting = sorted(k for k in ("team_allowed_routes", "admin_allowed_routes", "public_allowed_routes",
+                                         "user_allowed_routes", "user_allowed_email_domain")
+                             if raw.get(k) not in (None, [], ""))
+        if restricting:
+            # They narrow what tokens may do: ignoring them would widen it.
+            self.jwt_problem = f"{where}: {', '.join(restricting)} not supported yet"
+            return None
         unused = sorted(str(k) for k in raw if k not in self.JWT_KEYS)
         if unused:
             self.warnings.append(f"{where}: not supported by extauthz, ignored: {', '.join(unused)}")

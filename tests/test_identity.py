@@ -177,3 +177,13 @@ def test_an_unreachable_discovery_document_fails_rendering_in_one_line(tmp_path)
                           capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert done.returncode == 2 and "cannot render the Envoy config" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_route_restrictions_not_supported_yet_turn_jwts_off() -> None:
+    c = from_dict({"model_list": [{"model_name": "m", "litellm_params": {"model": "openai/m", "api_key": "x"}}],
+                   "general_settings": {"enable_jwt_auth": True, "litellm_jwtauth": {
+                       "public_key_url": "https://idp.example.com/.well-known/openid-configuration",
+                       "audience": "gw", "team_allowed_routes": ["/v1/chat/completions"]}}})
+    assert c.jwt is None
+    (name, effect), = c.unenforced
+    assert "team_allowed_routes not supported yet" in effect and "refused (401)" in effect

@@ -89,7 +89,8 @@ def gw(workdir: Path, redis_port: int, upstream_port: int, idp: IdentityProvider
     base["general_settings"].update({"enable_jwt_auth": True, "litellm_jwtauth": {
         "public_key_url": f"{idp.base}/.well-known/openid-configuration", "audience": AUDIENCE,
         "team_ids_jwt_field": "groups", "roles_jwt_field": "realm_access.roles",
-        "role_mappings": [{"role": "gw-admin", "internal_role": "proxy_admin"}]}})
+        "role_mappings": [{"role": "gw-admin", "internal_role": "proxy_admin"},
+                          {"role": "gw-viewer", "internal_role": "proxy_admin_viewer"}]}})
     path = workdir / "jwt.yaml"
     path.write_text(yaml.safe_dump(base))
     stack = start_stack(workdir, path, f"redis://127.0.0.1:{redis_port}/13")
@@ -241,3 +242,22 @@ def test_a_token_lists_what_it_may_call(gw: Gateway, idp: IdentityProvider) -> N
     # A virtual key's list still comes from the admin API.
     key = gw.admin("/key/generate", {"models": ["gpt-4"]}).json()["key"]
     assert [m["id"] for m in get("/v1/models", key).json()["data"]] == ["gpt-4"]
+
+
+def test_the_admin_api_by_role(gw: Gateway, idp: IdentityProvider) -> None:
+    def call(method: str, path: str, token: str, body: Any = None):
+        return http(method, gw.envoy.url + path, body, {"Authorization": f"Bearer {token}"})
+
+    admin = idp.token(sub="ops-admin", realm_access={"roles": ["gw-admin"]})
+    viewer = idp.token(sub="ops-viewer", realm_access={"roles": ["gw-viewer"]})
+    member = idp.token(groups=["ml"])
+    made = call("POST", "/team/new", admin, {"team_id": "made-by-jwt", "models": ["gpt-4"]})
+    assert made.status == 200, made.text
+    assert any(t["team_id"] == "made-by-jwt" for t in call("GET", "/team/list", viewer).json())
+    assert call("GET", "/model/info", viewer).status == 200
+    refused = call("POST", "/key/generate", viewer, {"models": ["gpt-4"]})
+    assert refused.status == 403 and refused.json()["error"]["code"] == "admin_not_allowed"
+    assert call("GET", "/team/list", member).status == 403
+    assert call("GET", "/team/list", forged(idp, "expired")).status == 401
+    # The admin API never sees the token, and nothing it answers carries the master key.
+    assert MASTER not in made.text

@@ -269,6 +269,23 @@ def edits_plan(body_length: int, edits: list[tuple[int, int, bytes, bytes]]) -> 
 
 
 @dataclass(frozen=True)
+class AdminRoute:
+    """A JWT admin's request to the admin API, allowed by the check: the token is swapped
+    for the master key, which the admin API checks as for any admin."""
+
+    headers: Headers
+    headers_to_remove: tuple[str, ...]
+    prefix: bytes
+    route_id: str = "admin_api"
+
+    @classmethod
+    def of(cls, master_key: str) -> "AdminRoute":
+        headers = (("authorization", f"Bearer {master_key}"),)
+        remove = tuple(h for h in (*providers.CLIENT_KEY_HEADERS[1:], *INTERNAL_HEADERS))
+        return cls(headers, remove, allow_prefix(headers, remove))
+
+
+@dataclass(frozen=True)
 class PassThroughRoute(Fixed):
     """An operator-declared path forwarded to a fixed target with key authentication only."""
 

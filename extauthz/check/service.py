@@ -47,6 +47,15 @@ DEADLINE_SLACK_S = 0.1
 INLINE_BODY_BYTES = 64 * 1024
 
 
+ADMIN_PREFIXES = ("/key/", "/team/")
+ADMIN_PATHS = ("/model/info", "/v1/model/info")
+
+
+def admin_path(path: str) -> bool:
+    route = path.partition("?")[0]
+    return route in ADMIN_PATHS or route.startswith(ADMIN_PREFIXES)
+
+
 def team_key(label: str, models: tuple[str, ...] | None, team: TeamRecord) -> KeyRecord:
     """A JWT caller as a key of one of its teams: the team's models, narrowed by its scopes."""
     return KeyRecord(f"jwt:{label}", label, models if models is not None else (ALL_TEAM_MODELS,), team.team_id,
@@ -189,6 +198,8 @@ class AuthorizationService:
             return NO_ROLE
         body = body_of(request)
         label = identity.user_id or identity.email or "jwt"
+        if facts.endpoint is None and admin_path(facts.path):
+            return self.admin_access(identity, label, request.attributes.request.http.method, runtime)
         listed = listing.listing(facts.path) if facts.endpoint is None else None
         if identity.role == "proxy_admin":  # every model, like the master key, logged as who it is
             admin = KeyRecord(f"jwt:{label}", label, (), None, None, False)
@@ -229,6 +240,19 @@ class AuthorizationService:
         each = "; ".join(f"team {t.label!r}: {list(t.models) or 'all models'}" for t in teams)
         return Deny(403, "model_not_allowed", f"No team of the token may use {facts.model!r}. {each}.", "model",
                     denials[0].metadata)
+
+    @staticmethod
+    def admin_access(identity: Any, label: str, method: str, runtime: Runtime) -> Decision:
+        """The admin API for a JWT caller: proxy_admin every route, proxy_admin_viewer the
+        read routes (GET); other roles none. Allowed, the request reaches the admin API
+        with the master key in place of the token."""
+        allowed = identity.role == "proxy_admin" or (identity.role == "proxy_admin_viewer" and method == "GET")
+        if not allowed:
+            return Deny(403, "admin_not_allowed", f"The token's role ({identity.role}) may not use this admin route.")
+        if runtime.admin_route is None:
+            return Deny(403, "admin_not_allowed", "The admin API needs general_settings.master_key.")
+        return Allow(runtime.admin_route, (), {"key_alias": label, "role": identity.role,  # type: ignore[arg-type]
+                                               "deployment": "admin_api"})
 
     async def with_body(self, facts: Facts, body: bytes, key: KeyRecord, team: TeamRecord | None,
                         runtime: Runtime) -> Decision:

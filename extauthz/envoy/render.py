@@ -310,7 +310,8 @@ def _route_config(with_jwt: bool = False) -> dict[str, Any]:
                            "routes": [_llm_route({"prefix": "/", "headers": [
                                                       {"name": CLUSTER_HEADER, "present_match": True}]}),
                                       _llm_route({"safe_regex": {"regex": GEMINI_V1_CALL}}),
-                                      *(_jwt_listing_route(m) for m in (LISTING_MATCHES if with_jwt else ())),
+                                      *(_jwt_listing_route(m) for m in (LISTING_MATCHES + JWT_ADMIN_MATCHES
+                                                                        if with_jwt else ())),
                                       *(_admin_route(m) for m in matches),
                                       _no_credential_route(),
                                       _llm_route({"prefix": "/"})]}],
@@ -336,10 +337,15 @@ LISTING_MATCHES = ({"path": "/v1/models"}, {"path": "/models"}, {"path": "/model
                    {"prefix": "/v1/models/"}, {"prefix": "/models/"})
 
 
+# The admin API for a JWT caller: the check decides by its role and, allowed, swaps the
+# token for the master key (the route then chosen again is the plain admin route).
+JWT_ADMIN_MATCHES = ({"prefix": "/key/"}, {"prefix": "/team/"}, {"path": "/model/info"}, {"path": "/v1/model/info"})
+
+
 def _jwt_listing_route(match: dict[str, str]) -> dict[str, Any]:
+    only_get = [] if match in JWT_ADMIN_MATCHES else [{"name": ":method", "string_match": {"exact": "GET"}}]
     route = _admin_route({**match, "headers": [
-        {"name": "authorization", "string_match": {"safe_regex": {"regex": JWT_BEARER}}},
-        {"name": ":method", "string_match": {"exact": "GET"}}]})
+        {"name": "authorization", "string_match": {"safe_regex": {"regex": JWT_BEARER}}}, *only_get]})
     route["typed_per_filter_config"] = {SPLICE_FILTER: UNCHECKED_ROUTE_FILTERS[SPLICE_FILTER]}
     return route
 
