@@ -375,6 +375,8 @@ class _Parser:
         restricting = sorted(k for k in ("team_allowed_routes", "admin_allowed_routes", "public_allowed_routes",
                                          "user_allowed_routes", "user_allowed_email_domain")
                              if raw.get(k) not in (None, [], ""))
+        if general.get("role_permissions") not in (None, [], {}):  # LiteLLM's routes and models per JWT role
+            restricting.append("general_settings.role_permissions")
         if restricting:
             # They narrow what tokens may do: ignoring them would widen it.
             self.jwt_problem = f"{where}: {', '.join(restricting)} not supported yet"

@@ -187,3 +187,12 @@ def test_route_restrictions_not_supported_yet_turn_jwts_off() -> None:
     assert c.jwt is None
     (name, effect), = c.unenforced
     assert "team_allowed_routes not supported yet" in effect and "refused (401)" in effect
+
+
+def test_role_permissions_not_supported_yet_turn_jwts_off() -> None:
+    c = from_dict({"model_list": [{"model_name": "m", "litellm_params": {"model": "openai/m", "api_key": "x"}}],
+                   "general_settings": {"role_permissions": [{"role": "team", "models": ["m"]}],
+                                        "enable_jwt_auth": True, "litellm_jwtauth": {
+                                            "public_key_url": "https://idp.example.com/.well-known/openid-configuration",
+                                            "audience": "gw"}}})
+    assert c.jwt is None and "role_permissions not supported yet" in c.unenforced[0][1]

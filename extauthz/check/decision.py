@@ -71,6 +71,7 @@ ERROR_TYPES = {
     403: "permission_error",
     404: "not_found_error",
     413: "invalid_request_error",
+    405: "invalid_request_error",
     415: "invalid_request_error",
     500: "api_error",
     503: "service_unavailable_error",

@@ -35,6 +35,7 @@ ENCODED_BODY = Problem("unsupported_content_encoding",
 NOT_BEARER = Problem("missing_api_key", "The Authorization header must use the Bearer scheme.", status=401)
 CONFLICTING_KEYS = Problem("conflicting_api_keys", "Several different API keys were sent; send exactly one.",
                            status=401)
+NOT_POST = Problem("method_not_allowed", "Model calls are POST requests.", status=405)
 UNSAFE_PATH = Problem("invalid_path", "A pass-through path may not hold dot or empty segments, backslashes, ';' "
                       "or percent-escapes of anything but letters, digits, '-', '_' and '~'.", status=400)
 
@@ -67,6 +68,8 @@ def facts_from_check(check: Any, pass_through: PassThroughPaths = NO_PASS_THROUG
     endpoint = pass_through.match(path) or classify(path)
     # Upstreams decode and resolve paths their own way: a pass-through's is taken only plain.
     body_problem = UNSAFE_PATH if isinstance(endpoint, PassThrough) and unsafe_path(endpoint.path) else None
+    if isinstance(endpoint, Endpoint) and http.method not in ("POST", ""):
+        body_problem = NOT_POST  # every model call is a POST; another method is no call this gateway checked
     return Facts(token=token, model=None, path=path, endpoint=endpoint,
                  token_problem=token_problem, body_problem=body_problem,
                  request_id=headers.get("x-request-id", ""), headers=headers, claims=verified_claims(check))
@@ -99,8 +102,8 @@ def body_of(check: Any) -> bytes:
 def with_body(facts: Facts, body: bytes) -> Facts:
     """``facts`` with the model the request names (body, or path), or the body's problem."""
     endpoint = facts.endpoint
-    if not isinstance(endpoint, Endpoint):
-        return facts
+    if not isinstance(endpoint, Endpoint) or facts.body_problem is not None:
+        return facts  # not a model call, or refused whatever its body says
     headers = facts.headers
     if headers.get("x-envoy-auth-partial-body") == "true":
         return facts._replace(body_problem=PARTIAL_BODY)

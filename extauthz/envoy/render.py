@@ -39,7 +39,7 @@ AUTHZ_CONNECTIONS_PER_WORKER = 4
 # Paths served by the admin API (extauthz/admin.py); everything else is an LLM call.
 ADMIN_PATHS = ("/v1/models", "/models", "/model/info", "/v1/model/info", "/model_group/info")
 # Gemini's calls on its v1 path, which the admin API's /v1/models/ prefix would take.
-GEMINI_V1_CALL = r"^/v1/models/[^/:]+:(generateContent|streamGenerateContent)$"  # matched without the query
+GEMINI_V1_CALL = r"^/v1/models/[^/:]+:(generateContent|streamGenerateContent)/?$"  # as classify reads it  # matched without the query
 # Not "/model/": Bedrock's InvokeModel path (/model/{id}/invoke) is an LLM call.
 ADMIN_PREFIXES = ("/key/", "/team/", "/v1/models/", "/models/", "/health/")
 # Routes the sidecar is not asked about: the admin API checks the master key itself (its
