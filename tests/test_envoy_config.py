@@ -17,7 +17,7 @@ from extauthz import config as config_module
 from extauthz.envoy import render as envoy_config
 from extauthz import providers
 from extauthz.config import Config
-from extauthz.check.routing import CLUSTER_HEADER, INTERNAL_HEADERS
+from extauthz.check.routing import CLUSTER_HEADER, ACTING_HEADERS, INTERNAL_HEADERS
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "config.yaml"
@@ -217,7 +217,7 @@ def test_client_headers_are_sanitized_before_routing(example: dict[str, Any]) ->
     manager = hcm(example)
     assert manager["common_http_protocol_options"] == {"headers_with_underscores_action": "DROP_HEADER"}
     (early,) = manager["early_header_mutation_extensions"]
-    assert [m["remove"] for m in early["typed_config"]["mutations"]] == list(INTERNAL_HEADERS)
+    assert [m["remove"] for m in early["typed_config"]["mutations"]] == list(INTERNAL_HEADERS + ACTING_HEADERS)
 
 
 def test_sidecar_clusters(example: dict[str, Any]) -> None:

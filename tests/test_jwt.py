@@ -90,7 +90,8 @@ def gw(workdir: Path, redis_port: int, upstream_port: int, idp: IdentityProvider
         "public_key_url": f"{idp.base}/.well-known/openid-configuration", "audience": AUDIENCE,
         "team_ids_jwt_field": "groups", "roles_jwt_field": "realm_access.roles",
         "role_mappings": [{"role": "gw-admin", "internal_role": "proxy_admin"},
-                          {"role": "gw-viewer", "internal_role": "proxy_admin_viewer"}]}})
+                          {"role": "gw-viewer", "internal_role": "proxy_admin_viewer"},
+                          {"role": "gw-dev", "internal_role": "internal_user"}]}})
     path = workdir / "jwt.yaml"
     path.write_text(yaml.safe_dump(base))
     stack = start_stack(workdir, path, f"redis://127.0.0.1:{redis_port}/13")
@@ -261,3 +262,32 @@ def test_the_admin_api_by_role(gw: Gateway, idp: IdentityProvider) -> None:
     assert call("GET", "/team/list", forged(idp, "expired")).status == 401
     # The admin API never sees the token, and nothing it answers carries the master key.
     assert MASTER not in made.text
+
+
+def test_an_internal_user_manages_its_own_keys_within_its_teams(gw: Gateway, idp: IdentityProvider) -> None:
+    def call(method: str, path: str, token: str, body: Any = None):
+        return http(method, gw.envoy.url + path, body, {"Authorization": f"Bearer {token}"})
+
+    dev = idp.token(sub="dev-bob", groups=["ml"], realm_access={"roles": ["gw-dev"]})
+    other = idp.token(sub="dev-carol", groups=["ml"], realm_access={"roles": ["gw-dev"]})
+    made = call("POST", "/key/generate", dev, {"team_id": "ml", "models": ["gpt-4"], "key_alias": "bob-key"})
+    assert made.status == 200, made.text
+    key = made.json()["key"]
+    assert gw.chat(key, "gpt-4").status == 200
+    # Not for another user, not outside its teams, not beyond its team's models.
+    assert call("POST", "/key/generate", dev, {"team_id": "ml", "user_id": "someone-else"}).status == 403
+    assert call("POST", "/key/generate", dev, {"team_id": "research"}).status == 403
+    assert call("POST", "/key/generate", dev, {"team_id": "ml", "models": ["gpt-4o"]}).status == 400
+    listed = call("GET", "/key/list?return_full_object=true", dev).json()["keys"]
+    assert [k["key_alias"] for k in listed] == ["bob-key"]
+    assert call("GET", "/key/list?return_full_object=true", other).json()["keys"] == []
+    assert call("GET", f"/key/info?key={key}", other).status == 404
+    assert call("POST", "/key/delete", other, {"key_aliases": ["bob-key"]}).status == 404
+    # Nothing else on the admin API; a client's acting headers carry no weight.
+    assert call("GET", "/team/list", dev).status == 403
+    assert call("POST", "/key/block", dev, {"key": key}).status == 403
+    master_list = http("GET", gw.envoy.url + "/key/list", headers={"Authorization": f"Bearer {MASTER}",
+                                                                   "x-extauthz-acting-user": "nobody"})
+    assert master_list.status == 200 and master_list.json()["total_count"] >= 1
+    assert call("POST", "/key/delete", dev, {"key_aliases": ["bob-key"]}).status == 200
+    assert gw.chat(key, "gpt-4").status == 401

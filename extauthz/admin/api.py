@@ -27,6 +27,7 @@ from extauthz.check.policy import authenticate, visible_models
 from extauthz.records.lookup import lookup
 from extauthz.records.record import hash_token
 from extauthz.check.request import credentials
+from extauthz.check.routing import ACTING_ROUTES, ACTING_TEAMS_HEADER, ACTING_USER_HEADER
 from extauthz.check.runtime import Runtime
 from extauthz.check.responses import error_body
 from extauthz.records.store import Conflict, MissingTeam, NotFound, RedisWriter, StoreUnavailable
@@ -35,6 +36,8 @@ log = logging.getLogger("extauthz.admin")
 
 MAX_BODY_BYTES = 1024 * 1024
 HASH = re.compile(r"[0-9a-f]{64}")
+# An internal_user comes through the check with its JWT swapped for the master key and its
+# user and teams in ACTING_* headers, which only narrow what the master key may do.
 OPEN_ROUTES = ("/v1/models", "/models", "/model_group/info", "/health/")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -65,6 +68,17 @@ def applying(changes: dict[str, Any]) -> Callable[[dict[str, Any]], dict[str, An
 
 def lower_headers(request: web.Request) -> dict[str, str]:
     return {k.lower(): v for k, v in request.headers.items()}
+
+
+def acting(request: web.Request) -> tuple[str, tuple[str, ...]] | None:
+    user = request.headers.get(ACTING_USER_HEADER)
+    if not user:
+        return None
+    try:
+        teams = json.loads(request.headers.get(ACTING_TEAMS_HEADER, "[]"))
+    except ValueError:
+        teams = []
+    return user, tuple(t for t in teams if isinstance(t, str)) if isinstance(teams, list) else ()
 
 
 def token_hash_of(value: Any) -> str:
@@ -156,6 +170,8 @@ class AdminApi:
             token, _ = credentials(lower_headers(request))
             if token is None or not self.runtime().is_master(hash_token(token)):
                 raise ApiError(401, "unauthorized", "This route needs the master key as 'Authorization: Bearer'.")
+            if acting(request) is not None and request.path not in ACTING_ROUTES:
+                raise ApiError(403, "admin_not_allowed", "An internal_user manages its own keys only.")
         return await handler(request)
 
     # -- helpers --------------------------------------------------------------------------
@@ -209,6 +225,15 @@ class AdminApi:
                "models": [], "team_id": None, "expires": None, "blocked": False, "metadata": {},
                "created_at": stamp, "updated_at": stamp}
         doc.update(fields)
+        who = acting(request)
+        if who is not None:  # an internal_user's key: its own, in one of its teams
+            user, teams = who
+            if body.get("user_id") not in (None, user):
+                raise ApiError(403, "admin_not_allowed", "An internal_user creates keys for itself only.", "user_id")
+            if doc.get("team_id") not in teams:
+                raise ApiError(403, "admin_not_allowed", f"Give a team_id of the token's teams: {list(teams)}.",
+                               "team_id")
+            doc["user_id"] = user
         if await self.store.key_doc(doc["token"]) is not None:
             raise ApiError(409, "conflict", "This key already exists.", "key")
         await self.store.create_key(doc, self.check_team)
@@ -236,6 +261,12 @@ class AdminApi:
             if owner is None:
                 raise NotFound(f"no key with key_alias {alias!r}")
             hashes.append(owner)
+        who = acting(request)
+        if who is not None:  # all of them its own, or none is deleted
+            for h in hashes:
+                doc = await self.store.key_doc(h)
+                if doc is None or doc.get("user_id") != who[0]:
+                    raise NotFound("none of the given keys exist" if doc is None else "no such key of this user")
         deleted = [h for h in hashes if await self.store.delete_key(h)]
         if not deleted:
             raise NotFound("none of the given keys exist")
@@ -244,7 +275,8 @@ class AdminApi:
     async def key_info(self, request: web.Request) -> web.Response:
         token_hash = token_hash_of(request.query.get("key"))
         doc = await self.store.key_doc(token_hash)
-        if doc is None:
+        who = acting(request)
+        if doc is None or (who is not None and doc.get("user_id") != who[0]):
             raise NotFound("key not found")
         return web.json_response({"key": token_hash, "info": self.key_view(doc)})
 
@@ -256,6 +288,9 @@ class AdminApi:
             wanted = request.query.get(param)
             if wanted:
                 docs = [d for d in docs if d.get(field_name) == wanted]
+        who = acting(request)
+        if who is not None:
+            docs = [d for d in docs if d.get("user_id") == who[0]]
         page, size = self.paging(request)
         chunk = docs[(page - 1) * size: page * size]
         full = request.query.get("return_full_object", "").lower() == "true"

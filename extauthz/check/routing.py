@@ -34,6 +34,13 @@ NO_SPLICE = "-"
 SIGN_HEADER = "x-extauthz-sign"
 # Headers only the gateway may set; Envoy's routes remove them before the provider too.
 INTERNAL_HEADERS = (CLUSTER_HEADER, SPLICE_HEADER, SIGN_HEADER)
+# An internal_user's request to the admin API, swapped to the master key: who it acts as
+# (the user, and its teams as a JSON list). They only narrow the master key's power, and
+# are stripped from client requests with the internal headers (but not by the admin route).
+ACTING_USER_HEADER = "x-extauthz-acting-user"
+ACTING_TEAMS_HEADER = "x-extauthz-acting-teams"
+ACTING_HEADERS = (ACTING_USER_HEADER, ACTING_TEAMS_HEADER)
+ACTING_ROUTES = ("/key/generate", "/key/list", "/key/delete", "/key/info")  # all an internal_user may use
 # Query parameters that address a provider, carry a key or pick who is billed (Google's
 # userProject): the sidecar sets its own or none.
 PROVIDER_QUERY = frozenset({"api-version", "key", "userProject", "$userProject"})

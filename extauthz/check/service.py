@@ -18,6 +18,7 @@ from extauthz.check.decision import Allow, Deny, Grant, Reply
 from extauthz.check.policy import UNAVAILABLE, Decision, authenticate, authorize, forward
 from extauthz.check.request import body_of, facts_from_check, with_body
 from extauthz.check.responses import allow_bytes, deny_bytes, reply_bytes
+from extauthz.check.routing import ACTING_ROUTES, ACTING_TEAMS_HEADER, ACTING_USER_HEADER
 from extauthz.check.runtime import Runtime
 from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2
 from extauthz.check.catalog import ALL_TEAM_MODELS
@@ -199,7 +200,7 @@ class AuthorizationService:
         body = body_of(request)
         label = identity.user_id or identity.email or "jwt"
         if facts.endpoint is None and admin_path(facts.path):
-            return self.admin_access(identity, label, request.attributes.request.http.method, runtime)
+            return self.admin_access(identity, label, request.attributes.request.http.method, facts.path, runtime)
         listed = listing.listing(facts.path) if facts.endpoint is None else None
         if identity.role == "proxy_admin":  # every model, like the master key, logged as who it is
             admin = KeyRecord(f"jwt:{label}", label, (), None, None, False)
@@ -242,17 +243,22 @@ class AuthorizationService:
                     denials[0].metadata)
 
     @staticmethod
-    def admin_access(identity: Any, label: str, method: str, runtime: Runtime) -> Decision:
+    def admin_access(identity: Any, label: str, method: str, path: str, runtime: Runtime) -> Decision:
         """The admin API for a JWT caller: proxy_admin every route, proxy_admin_viewer the
         read routes (GET); other roles none. Allowed, the request reaches the admin API
         with the master key in place of the token."""
-        allowed = identity.role == "proxy_admin" or (identity.role == "proxy_admin_viewer" and method == "GET")
+        acting: tuple[tuple[str, str], ...] = ()
+        if identity.role == "internal_user" and identity.user_id and path.partition("?")[0] in ACTING_ROUTES:
+            # Its own keys only: the admin API narrows the master key to this user and teams.
+            acting = ((ACTING_USER_HEADER, identity.user_id), (ACTING_TEAMS_HEADER, json.dumps(list(identity.teams))))
+        allowed = identity.role == "proxy_admin" or (identity.role == "proxy_admin_viewer" and method == "GET") \
+            or bool(acting)
         if not allowed:
             return Deny(403, "admin_not_allowed", f"The token's role ({identity.role}) may not use this admin route.")
         if runtime.admin_route is None:
             return Deny(403, "admin_not_allowed", "The admin API needs general_settings.master_key.")
-        return Allow(runtime.admin_route, (), {"key_alias": label, "role": identity.role,  # type: ignore[arg-type]
-                                               "deployment": "admin_api"})
+        return Allow(runtime.admin_route, acting, {"key_alias": label, "role": identity.role,  # type: ignore[arg-type]
+                                                   "deployment": "admin_api"})
 
     async def with_body(self, facts: Facts, body: bytes, key: KeyRecord, team: TeamRecord | None,
                         runtime: Runtime) -> Decision:

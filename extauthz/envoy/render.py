@@ -21,7 +21,7 @@ from extauthz.check.policy import MISSING_KEY
 from extauthz.check.responses import error_body
 from extauthz.envoy import jwt
 from extauthz.envoy.jwt import JWT_BEARER
-from extauthz.check.routing import CLUSTER_HEADER, INTERNAL_HEADERS, SIGN_HEADER, signer
+from extauthz.check.routing import ACTING_HEADERS, CLUSTER_HEADER, INTERNAL_HEADERS, SIGN_HEADER, signer
 
 AUTHZ_CLUSTER = "extauthz"
 ADMIN_CLUSTER = "extauthz_admin"
@@ -130,7 +130,7 @@ def _listener(s: Settings, e: EnvoySettings, port: int, signers: list[tuple[str,
         early_header_mutation_extensions=[{
             "name": "envoy.http.early_header_mutation.header_mutation",
             "typed_config": _typed("envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation",
-                                   mutations=[{"remove": h} for h in INTERNAL_HEADERS])}],
+                                   mutations=[{"remove": h} for h in INTERNAL_HEADERS + ACTING_HEADERS])}],
         access_log=[_access_log()],
         local_reply_config=_local_reply_config(s),
         http_filters=[_decompressor_filter(), *identity, _ext_authz_filter(s, e, bool(identity)), _splice_filter(),
