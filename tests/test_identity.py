@@ -79,15 +79,17 @@ class Teams:
         return {"ml": TeamRecord("ml", "ml", ("gpt-4", "gpt-4o"), False)}.get(team_id)
 
 
-def checked(claims: dict | None, model: str, general: dict | None = None, **jwtauth: object) -> tuple[int, str]:
+def checked(claims: dict | None, model: str, general: dict | None = None, path: str = "/v1/chat/completions",
+            **jwtauth: object) -> tuple[int, str]:
     runtime = Runtime.of(from_dict({"model_list": [
         {"model_name": m, "litellm_params": {"model": f"openai/{m}", "api_base": "http://up:1/v1"}}
         for m in ("gpt-4", "gpt-4o")], "general_settings": {"enable_jwt_auth": True, "litellm_jwtauth": {
             "public_key_url": "https://idp.example.com/keys", "issuer": "https://idp.example.com",
-            "audience": "gw", "team_ids_jwt_field": "groups", **jwtauth}, **(general or {})}}))
+            "audience": "gw", "team_ids_jwt_field": "groups", **jwtauth}, "master_key": "sk-master",
+            **(general or {})}}))
     service = AuthorizationService(lambda: runtime, Teams())
     request = check_request({"authorization": "Bearer eyJhbGciOiJSUzI1NiJ9.e30.c2ln"},
-                            json.dumps({"model": model}).encode())
+                            json.dumps({"model": model}).encode(), path=path)
     if claims is not None:
         claims = {"iss": "https://idp.example.com", "aud": "gw", **claims}
         request.attributes.metadata_context.filter_metadata["envoy.filters.http.jwt_authn"].update(
@@ -196,3 +198,11 @@ def test_role_permissions_not_supported_yet_turn_jwts_off() -> None:
                                             "public_key_url": "https://idp.example.com/.well-known/openid-configuration",
                                             "audience": "gw"}}})
     assert c.jwt is None and "role_permissions not supported yet" in c.unenforced[0][1]
+
+
+def test_a_scoped_internal_user_cannot_mint_a_key_wider_than_its_scopes() -> None:
+    dev = {"sub": "bob", "groups": ["ml"], "roles": ["dev"], "scope": "basic"}
+    common = {"roles_jwt_field": "roles", "role_mappings": [{"role": "dev", "internal_role": "internal_user"}]}
+    assert checked(dev, "", path="/key/generate", **common) == (200, "ok")
+    assert checked(dev, "", path="/key/generate", scope_mappings={"basic": ["gpt-4"]},
+                   **common) == (403, "admin_not_allowed")

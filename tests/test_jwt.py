@@ -291,3 +291,19 @@ def test_an_internal_user_manages_its_own_keys_within_its_teams(gw: Gateway, idp
     assert master_list.status == 200 and master_list.json()["total_count"] >= 1
     assert call("POST", "/key/delete", dev, {"key_aliases": ["bob-key"]}).status == 200
     assert gw.chat(key, "gpt-4").status == 401
+
+
+@pytest.mark.parametrize("sub", [" ", "\t", "dev-bob ", " dev-bob"])
+def test_an_acting_user_is_never_trimmed_into_another_or_into_none(gw: Gateway, idp: IdentityProvider,
+                                                                    sub: str) -> None:
+    bob = idp.token(sub="dev-bob", groups=["ml"], realm_access={"roles": ["gw-dev"]})
+    made = http("POST", gw.envoy.url + "/key/generate", {"team_id": "ml", "models": ["gpt-4"]},
+                {"Authorization": f"Bearer {bob}"})
+    assert made.status == 200, made.text
+    odd = idp.token(sub=sub, groups=["ml"], realm_access={"roles": ["gw-dev"]})
+    r = http("GET", gw.envoy.url + "/key/list?return_full_object=true", headers={"Authorization": f"Bearer {odd}"})
+    assert r.status in (200, 403)
+    if r.status == 200:
+        assert all(k.get("user_id") == sub for k in r.json()["keys"])
+    info = http("GET", gw.envoy.url + f"/key/info?key={made.json()['key']}", headers={"Authorization": f"Bearer {odd}"})
+    assert info.status in (403, 404)

@@ -71,14 +71,19 @@ def lower_headers(request: web.Request) -> dict[str, str]:
 
 
 def acting(request: web.Request) -> tuple[str, tuple[str, ...]] | None:
-    user = request.headers.get(ACTING_USER_HEADER)
-    if not user:
+    """Who an internal_user request acts as (JSON in the headers: no trimming, no
+    separators to confuse); either header present at all means acting, and a value that
+    does not read as a user refuses the request rather than leave the master key whole."""
+    if ACTING_USER_HEADER not in request.headers and ACTING_TEAMS_HEADER not in request.headers:
         return None
     try:
+        user = json.loads(request.headers.get(ACTING_USER_HEADER, ""))
         teams = json.loads(request.headers.get(ACTING_TEAMS_HEADER, "[]"))
     except ValueError:
-        teams = []
-    return user, tuple(t for t in teams if isinstance(t, str)) if isinstance(teams, list) else ()
+        user, teams = None, []
+    if not isinstance(user, str) or not user.strip() or not isinstance(teams, list):
+        raise ApiError(403, "admin_not_allowed", "The acting user is unreadable.")
+    return user, tuple(t for t in teams if isinstance(t, str))
 
 
 def token_hash_of(value: Any) -> str:
@@ -259,14 +264,14 @@ class AdminApi:
         for alias in aliases:
             owner = await self.store.alias_owner(alias) if isinstance(alias, str) else None
             if owner is None:
-                raise NotFound(f"no key with key_alias {alias!r}")
+                raise NotFound("no such key of this user" if acting(request) else f"no key with key_alias {alias!r}")
             hashes.append(owner)
         who = acting(request)
-        if who is not None:  # all of them its own, or none is deleted
+        if who is not None:  # all of them its own, or none is deleted (one answer: no oracle)
             for h in hashes:
                 doc = await self.store.key_doc(h)
                 if doc is None or doc.get("user_id") != who[0]:
-                    raise NotFound("none of the given keys exist" if doc is None else "no such key of this user")
+                    raise NotFound("no such key of this user")
         deleted = [h for h in hashes if await self.store.delete_key(h)]
         if not deleted:
             raise NotFound("none of the given keys exist")

@@ -244,13 +244,19 @@ class AuthorizationService:
 
     @staticmethod
     def admin_access(identity: Any, label: str, method: str, path: str, runtime: Runtime) -> Decision:
+        scoped = bool(runtime.config.jwt and runtime.config.jwt.scope_mappings)
         """The admin API for a JWT caller: proxy_admin every route, proxy_admin_viewer the
         read routes (GET); other roles none. Allowed, the request reaches the admin API
         with the master key in place of the token."""
         acting: tuple[tuple[str, str], ...] = ()
-        if identity.role == "internal_user" and identity.user_id and path.partition("?")[0] in ACTING_ROUTES:
+        route = path.partition("?")[0]
+        if identity.role == "internal_user" and identity.user_id and identity.user_id.strip() and route in ACTING_ROUTES:
+            if route == "/key/generate" and scoped:
+                # A key of its team's models would reach more than the token's scopes allow.
+                return Deny(403, "admin_not_allowed", "With scope_mappings, a token cannot create keys.")
             # Its own keys only: the admin API narrows the master key to this user and teams.
-            acting = ((ACTING_USER_HEADER, identity.user_id), (ACTING_TEAMS_HEADER, json.dumps(list(identity.teams))))
+            acting = ((ACTING_USER_HEADER, json.dumps(identity.user_id)),
+                      (ACTING_TEAMS_HEADER, json.dumps(list(identity.teams))))
         allowed = identity.role == "proxy_admin" or (identity.role == "proxy_admin_viewer" and method == "GET") \
             or bool(acting)
         if not allowed:
