@@ -19,6 +19,7 @@ from urllib.parse import quote, urlencode, urlsplit
 # VERTEX_RAW_PREDICT likewise for Vertex AI's rawPredict (the "stream" member stays).
 OPENAI, ANTHROPIC, GEMINI = "openai", "anthropic", "gemini"
 BEDROCK_INVOKE, VERTEX_RAW_PREDICT = "bedrock-invoke", "vertex-raw-predict"
+API_FORMATS = (OPENAI, ANTHROPIC, GEMINI, BEDROCK_INVOKE, VERTEX_RAW_PREDICT)
 ANTHROPIC_VERSION = "2023-06-01"
 
 

@@ -174,7 +174,7 @@ class Tokens:
         self.clock = clock
         self.holders: dict[TokenSpec, TokenHolder] = {}
         self.tasks: dict[TokenSpec, asyncio.Task[None]] = {}
-        self.fetches = self.fetch_failures = 0
+        self.fetch_failures = 0
         # Threads of their own: a token endpoint that hangs holds none of the loop's others
         # (name resolution for Redis runs on the default executor).
         self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="extauthz-token")
@@ -201,7 +201,6 @@ class Tokens:
         # prometheus_client's multiprocess directory, which it reads when first imported.
         from extauthz.telemetry import metrics
 
-        self.fetches += 1
         try:
             fetching = asyncio.get_running_loop().run_in_executor(self.executor, self.fetcher, holder.spec)
             token, expires_at = await asyncio.wait_for(fetching, FETCH_TIMEOUT_S)

@@ -15,8 +15,9 @@ the decision can refuse them.
 from __future__ import annotations
 
 import unicodedata
-from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Mapping
 
 from extauthz import providers
 from extauthz.config import Alias, Deployment, PassThroughConfig
@@ -49,25 +50,27 @@ class ModelGroup:
     name: str
     deployments: tuple[Deployment, ...]
     access_groups: frozenset[str]
+    routable_deployments: tuple[Deployment, ...] = ()
+    # API format -> the routable deployments that read it (a group may mix, say, OpenAI
+    # and Bedrock deployments); built at load, read on every allow.
+    by_format: Mapping[str, tuple[Deployment, ...]] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def of(cls, name: str, deployments: tuple[Deployment, ...]) -> "ModelGroup":
+        routable = tuple(d for d in deployments if d.routable)
+        by_format = {fmt: readers for fmt in providers.API_FORMATS
+                     if (readers := tuple(d for d in routable
+                                          if providers.provider(d.provider, d.provider_model).reads(fmt)))}
+        return cls(name, deployments, frozenset(g for d in deployments for g in d.access_groups), routable, by_format)
 
     @property
     def is_pattern(self) -> bool:
         return "*" in self.name
 
-    @cached_property
-    def routable_deployments(self) -> tuple[Deployment, ...]:
-        return tuple(d for d in self.deployments if d.routable)
-
     def serving(self, api_format: str) -> tuple[Deployment, ...]:
         """The routable deployments that read requests of ``api_format``; all routable ones
         when none does (routing then says why the request cannot be sent)."""
-        by_format = self.__dict__.setdefault("_by_format", {})
-        found = by_format.get(api_format)
-        if found is None:
-            readers = tuple(d for d in self.routable_deployments
-                            if providers.provider(d.provider, d.provider_model).reads(api_format))
-            found = by_format[api_format] = readers or self.routable_deployments
-        return found
+        return self.by_format.get(api_format) or self.routable_deployments
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,7 @@ class Catalog:
         for d in deployments:
             by_name.setdefault(d.model_name, []).append(d)
         self.groups: dict[str, ModelGroup] = {
-            name: ModelGroup(name, tuple(ds), frozenset(g for d in ds for g in d.access_groups))
+            name: ModelGroup.of(name, tuple(ds))
             for name, ds in by_name.items()
         }
         order = {name: i for i, name in enumerate(self.groups)}

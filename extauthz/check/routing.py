@@ -41,6 +41,15 @@ ACTING_USER_HEADER = "x-extauthz-acting-user"
 ACTING_TEAMS_HEADER = "x-extauthz-acting-teams"
 ACTING_HEADERS = (ACTING_USER_HEADER, ACTING_TEAMS_HEADER)
 ACTING_ROUTES = ("/key/generate", "/key/list", "/key/delete", "/key/info")  # all an internal_user may use
+# The admin routes a JWT caller's request reaches through the check (Envoy's routes for
+# them are rendered from these).
+JWT_ADMIN_PREFIXES = ("/key/", "/team/")
+JWT_ADMIN_PATHS = ("/model/info", "/v1/model/info")
+
+
+def jwt_admin_path(path: str) -> bool:
+    route = path.partition("?")[0]
+    return route in JWT_ADMIN_PATHS or route.startswith(JWT_ADMIN_PREFIXES)
 # Query parameters that address a provider, carry a key or pick who is billed (Google's
 # userProject): the sidecar sets its own or none.
 PROVIDER_QUERY = frozenset({"api-version", "key", "userProject", "$userProject"})

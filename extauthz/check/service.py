@@ -18,7 +18,7 @@ from extauthz.check.decision import Allow, Deny, Grant, Reply
 from extauthz.check.policy import UNAVAILABLE, Decision, authenticate, authorize, forward
 from extauthz.check.request import body_of, facts_from_check, with_body
 from extauthz.check.responses import allow_bytes, deny_bytes, reply_bytes
-from extauthz.check.routing import ACTING_ROUTES, ACTING_TEAMS_HEADER, ACTING_USER_HEADER
+from extauthz.check.routing import ACTING_ROUTES, ACTING_TEAMS_HEADER, ACTING_USER_HEADER, jwt_admin_path
 from extauthz.check.runtime import Runtime
 from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2
 from extauthz.check.catalog import ALL_TEAM_MODELS
@@ -46,15 +46,6 @@ DEADLINE_SLACK_S = 0.1
 # Bodies larger than this are read on a thread of their own: the event loop goes on
 # answering other checks meanwhile (the parser gives up the GIL between its steps).
 INLINE_BODY_BYTES = 64 * 1024
-
-
-ADMIN_PREFIXES = ("/key/", "/team/")
-ADMIN_PATHS = ("/model/info", "/v1/model/info")
-
-
-def admin_path(path: str) -> bool:
-    route = path.partition("?")[0]
-    return route in ADMIN_PATHS or route.startswith(ADMIN_PREFIXES)
 
 
 def team_key(label: str, models: tuple[str, ...] | None, team: TeamRecord) -> KeyRecord:
@@ -199,7 +190,7 @@ class AuthorizationService:
             return NO_ROLE
         body = body_of(request)
         label = identity.user_id or identity.email or "jwt"
-        if facts.endpoint is None and admin_path(facts.path):
+        if facts.endpoint is None and jwt_admin_path(facts.path):
             return self.admin_access(identity, label, request.attributes.request.http.method, facts.path, runtime)
         listed = listing.listing(facts.path) if facts.endpoint is None else None
         if identity.role == "proxy_admin":  # every model, like the master key, logged as who it is

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import urllib.request
 from typing import Any, Callable
-from urllib.parse import urlsplit
 
 from extauthz import providers
 from extauthz.check.request import JWT_FILTER, JWT_PAYLOAD as PAYLOAD_KEY  # where the sidecar reads the claims
@@ -98,7 +97,3 @@ def jwks_clusters(sources: list[tuple[str, str]],
         cluster["load_assignment"]["cluster_name"] = cluster["name"]
         seen.setdefault(cluster["name"], cluster)
     return list(seen.values())
-
-
-def host_of(url: str) -> str:
-    return urlsplit(url).hostname or ""

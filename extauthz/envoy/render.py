@@ -21,7 +21,9 @@ from extauthz.check.policy import MISSING_KEY
 from extauthz.check.responses import error_body
 from extauthz.envoy import jwt
 from extauthz.envoy.jwt import JWT_BEARER
-from extauthz.check.routing import ACTING_HEADERS, CLUSTER_HEADER, INTERNAL_HEADERS, SIGN_HEADER, signer
+from extauthz.check import listing
+from extauthz.check.routing import (ACTING_HEADERS, CLUSTER_HEADER, INTERNAL_HEADERS, JWT_ADMIN_PATHS,
+                                    JWT_ADMIN_PREFIXES, SIGN_HEADER, signer)
 
 AUTHZ_CLUSTER = "extauthz"
 ADMIN_CLUSTER = "extauthz_admin"
@@ -333,13 +335,13 @@ def _no_credential_route() -> dict[str, Any]:
 
 
 # The listing routes, for a JWT caller: the check answers them (only it sees the claims).
-LISTING_MATCHES = ({"path": "/v1/models"}, {"path": "/models"}, {"path": "/model_group/info"},
-                   {"prefix": "/v1/models/"}, {"prefix": "/models/"})
+LISTING_MATCHES = (*({"path": p} for p in (*listing.LIST_PATHS, listing.GROUP_INFO_PATH)),
+                   *({"prefix": p + "/"} for p in listing.LIST_PATHS))
 
 
 # The admin API for a JWT caller: the check decides by its role and, allowed, swaps the
 # token for the master key (the route then chosen again is the plain admin route).
-JWT_ADMIN_MATCHES = ({"prefix": "/key/"}, {"prefix": "/team/"}, {"path": "/model/info"}, {"path": "/v1/model/info"})
+JWT_ADMIN_MATCHES = (*({"prefix": p} for p in JWT_ADMIN_PREFIXES), *({"path": p} for p in JWT_ADMIN_PATHS))
 
 
 def _jwt_listing_route(match: dict[str, str]) -> dict[str, Any]:
