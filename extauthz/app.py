@@ -36,6 +36,7 @@ from extauthz.check.runtime import Runtime
 from extauthz.tokens import Tokens
 from extauthz.check.service import SERVICE as AUTHZ_SERVICE, AuthorizationService
 from extauthz.records.store import RedisReader, RedisWriter
+from extauthz.records.upsert import Upserts
 
 log = logging.getLogger("extauthz.server")
 DECISION_LOG_FLUSH_S = 0.2
@@ -155,12 +156,13 @@ class App:
         self.cache = RecordCache(s.cache_max_entries, s.cache_negative_ttl_s, s.max_stale_s)
         try:
             self.store = RedisReader(s.redis_url, s.redis_timeout_ms, s.key_prefix)
-            self.invalidator = Invalidator(s.redis_url, (self.store.key_id(""), self.store.team_id("")),
-                                           self.cache, s.redis_timeout_ms / 1000)
+            prefixes = (self.store.key_id(""), self.store.team_id(""), self.store.user_id(""))
+            self.invalidator = Invalidator(s.redis_url, prefixes, self.cache, s.redis_timeout_ms / 1000)
         except ValueError as e:
             raise StartupError(f"unusable Redis URL {without_password(s.redis_url)!r}: {e}") from None
-        self.service = AuthorizationService(self.runtime, CachedStore(self.store, self.cache), s.log_allowed,
-                                            logs.DecisionLog(s.log_format), check_message_limit(s))
+        cached = CachedStore(self.store, self.cache)
+        self.service = AuthorizationService(self.runtime, cached, s.log_allowed, logs.DecisionLog(s.log_format),
+                                            check_message_limit(s), Upserts(cached, RedisWriter(self.store)))
         self.health = health_aio.HealthServicer()
         self.grpc: grpc.aio.Server | None = None
         self.runners: list[web.AppRunner] = []

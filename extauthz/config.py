@@ -20,6 +20,7 @@ import yaml
 from extauthz import providers
 from extauthz.tokens import TokenSpec, google_info, missing_library
 from extauthz.check.endpoints import OPERATIONS, classify, model_call_segment, unsafe_path
+from extauthz.check import routes
 
 ENV_PREFIX = "os.environ/"
 DISCOVERY_SUFFIX = "/.well-known/openid-configuration"
@@ -207,6 +208,12 @@ class JwtAuth:
     # with the team's models.
     scope_mappings: tuple[tuple[str, tuple[str, ...]], ...] = ()
     clock_skew_s: int = 60
+    # LiteLLM's public_key_ttl: how long Envoy keeps a fetched JWKS before fetching it again.
+    public_key_ttl_s: int = 120
+    # The paths each kind of caller may use (check/routes.py patterns); None: no restriction
+    # beyond its role. Admin: proxy_admin and proxy_admin_viewer; team: the other roles.
+    team_allowed_routes: tuple[str, ...] | None = None
+    admin_allowed_routes: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -360,8 +367,8 @@ class _Parser:
     JWT_KEYS = ("public_key_url", "audience", "issuer", "team_id_jwt_field", "team_ids_jwt_field", "team_id_default",
                 "user_id_jwt_field", "user_email_jwt_field", "org_id_jwt_field", "roles_jwt_field", "role_mappings",
                 "admin_jwt_scope", "enforce_rbac", "team_id_upsert", "user_id_upsert", "scope_mappings",
-                "clock_skew_s")
-    INTERNAL_ROLES = ("proxy_admin", "proxy_admin_viewer", "internal_user", "team")
+                "clock_skew_s", "public_key_ttl", "team_allowed_routes", "admin_allowed_routes")
+    INTERNAL_ROLES = ("proxy_admin", "proxy_admin_viewer", "internal_user", "internal_user_viewer", "team")
 
     def jwt_auth(self, general: dict) -> JwtAuth | None:
         """``enable_jwt_auth`` with its ``litellm_jwtauth`` section, or None when JWTs are off."""
@@ -372,8 +379,7 @@ class _Parser:
             return None
         where = "general_settings.litellm_jwtauth"
         raw = self.mapping(general.get("litellm_jwtauth"), where)
-        restricting = sorted(k for k in ("team_allowed_routes", "admin_allowed_routes", "public_allowed_routes",
-                                         "user_allowed_routes", "user_allowed_email_domain")
+        restricting = sorted(k for k in ("public_allowed_routes", "user_allowed_routes", "user_allowed_email_domain")
                              if raw.get(k) not in (None, [], ""))
         if general.get("role_permissions") not in (None, [], {}):  # LiteLLM's routes and models per JWT role
             restricting.append("general_settings.role_permissions")
@@ -444,16 +450,24 @@ class _Parser:
             if not isinstance(value, bool):
                 raise self.error(f"{where}.{k}", "expected true or false")
             flags[k] = value
-        for k in ("team_id_upsert", "user_id_upsert"):
-            if flags[k]:
-                self.warnings.append(f"{where}.{k}: not supported yet: a token naming a team that does not exist "
-                                     "is refused (403 team_not_found); create the team with /team/new")
         skew = raw.get("clock_skew_s", 60)
         if isinstance(skew, bool) or not isinstance(skew, int) or not 0 <= skew <= 600:
             raise self.error(f"{where}.clock_skew_s", "expected seconds, 0 to 600")
+        allowed_routes = {}
+        for k in ("team_allowed_routes", "admin_allowed_routes"):
+            if raw.get(k) is not None:
+                problem = routes.problem(raw[k])
+                if problem:  # a restriction that cannot be read would be lifted: no JWT is accepted
+                    self.jwt_problem = f"{where}.{k}: {problem}"
+                    return None
+                allowed_routes[k] = tuple(raw[k])
+        ttl = raw.get("public_key_ttl", 120)
+        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 1 <= ttl <= 86400:
+            raise self.error(f"{where}.public_key_ttl", "expected seconds, 1 to 86400")
         return JwtAuth(public_key_urls=tuple(u for u, _ in sources), issuers=tuple(i for _, i in sources),
                        issuer=issuer, audiences=tuple(audiences), role_mappings=tuple(mappings),
-                       scope_mappings=tuple(scopes), clock_skew_s=skew,
+                       scope_mappings=tuple(scopes), clock_skew_s=skew, public_key_ttl_s=int(ttl),
+                       **allowed_routes,
                        **{k: v for k, v in text.items() if k != "user_id_jwt_field"},
                        user_id_jwt_field=text["user_id_jwt_field"] or "sub", **flags)
 

@@ -38,7 +38,7 @@ model_list:
 """
 
 ADMIN_PATHS = ["/v1/models", "/models", "/model/info", "/v1/model/info", "/model_group/info"]
-ADMIN_PREFIXES = ["/key/", "/team/", "/v1/models/", "/models/", "/health/"]
+ADMIN_PREFIXES = ["/key/", "/team/", "/user/", "/v1/models/", "/models/", "/health/"]
 
 
 def load(path: Path) -> Config:
@@ -175,7 +175,7 @@ def test_connection_manager(example: dict[str, Any]) -> None:
                      "%REQ(X-REQUEST-ID)%", "%UPSTREAM_CLUSTER%"):
         assert operator in values, operator
     assert any(v.startswith("%PATH(") for v in values)
-    for key in ("key_alias", "key_hash", "team_id", "model", "deployment"):
+    for key in ("key_alias", "key_hash", "team_id", "user_id", "role", "model", "deployment"):
         assert fields[key] == f"%DYNAMIC_METADATA(envoy.filters.http.ext_authz:{key})%"
 
 

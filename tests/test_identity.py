@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from extauthz.check.identity import claim, identify, scope_models
@@ -181,14 +183,28 @@ def test_an_unreachable_discovery_document_fails_rendering_in_one_line(tmp_path)
     assert "Traceback" not in done.stderr
 
 
-def test_route_restrictions_not_supported_yet_turn_jwts_off() -> None:
-    c = from_dict({"model_list": [{"model_name": "m", "litellm_params": {"model": "openai/m", "api_key": "x"}}],
-                   "general_settings": {"enable_jwt_auth": True, "litellm_jwtauth": {
-                       "public_key_url": "https://idp.example.com/.well-known/openid-configuration",
-                       "audience": "gw", "team_allowed_routes": ["/v1/chat/completions"]}}})
-    assert c.jwt is None
-    (name, effect), = c.unenforced
-    assert "team_allowed_routes not supported yet" in effect and "refused (401)" in effect
+def jwt_config(**jwtauth: object) -> Any:
+    return from_dict({"model_list": [{"model_name": "m", "litellm_params": {"model": "openai/m", "api_key": "x"}}],
+                      "general_settings": {"enable_jwt_auth": True, "litellm_jwtauth": {
+                          "public_key_url": "https://idp.example.com/.well-known/openid-configuration",
+                          "audience": "gw", **jwtauth}}})
+
+
+def test_route_lists_are_read_and_an_unreadable_one_turns_jwts_off() -> None:
+    c = jwt_config(team_allowed_routes=["openai_routes", "/v1/messages"], admin_allowed_routes=["management_routes"],
+                   public_key_ttl=5)
+    assert c.jwt.team_allowed_routes == ("openai_routes", "/v1/messages")
+    assert c.jwt.admin_allowed_routes == ("management_routes",) and c.jwt.public_key_ttl_s == 5
+    for bad in (["openai_routez"], "openai_routes", [""], [3]):
+        c = jwt_config(team_allowed_routes=bad)
+        assert c.jwt is None, bad
+        (name, effect), = c.unenforced
+        assert "team_allowed_routes" in effect and "refused (401)" in effect
+
+
+def test_public_allowed_routes_not_supported_turn_jwts_off() -> None:
+    c = jwt_config(public_allowed_routes=["/v1/chat/completions"])
+    assert c.jwt is None and "public_allowed_routes not supported yet" in c.unenforced[0][1]
 
 
 def test_role_permissions_not_supported_yet_turn_jwts_off() -> None:

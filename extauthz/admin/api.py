@@ -1,7 +1,8 @@
-"""The admin HTTP API, compatible with LiteLLM's key and team management routes.
+"""The admin HTTP API, compatible with LiteLLM's key, team, user and team-member routes.
 
-Every route but /v1/models, /model_group/info and /health/* needs the master key. Errors use the same
-JSON shape as the gateway's denies.
+Every route but /v1/models, /model_group/info and /health/* needs the master key, or a
+caller access.py lets act (a JWT's user through the check, a virtual key by its owner's
+role). Errors use the same JSON shape as the gateway's denies.
 """
 
 from __future__ import annotations
@@ -19,15 +20,16 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from extauthz.admin import schema
+from extauthz.admin.access import Acting, Refused, acting_from_headers, key_owner_power
 from extauthz.check import listing
 from extauthz.telemetry import metrics
 from extauthz.check.facts import Facts
 from extauthz.check.decision import Deny
-from extauthz.check.policy import authenticate, visible_models
+from extauthz.check import routes
+from extauthz.check.policy import authenticate, route_denied, visible_models
 from extauthz.records.lookup import lookup
-from extauthz.records.record import hash_token
+from extauthz.records.record import hash_token, new_key_doc, new_team_doc, new_user_doc, now_iso
 from extauthz.check.request import credentials
-from extauthz.check.routing import ACTING_ROUTES, ACTING_TEAMS_HEADER, ACTING_USER_HEADER
 from extauthz.check.runtime import Runtime
 from extauthz.check.responses import error_body
 from extauthz.records.store import Conflict, MissingTeam, NotFound, RedisWriter, StoreUnavailable
@@ -36,8 +38,8 @@ log = logging.getLogger("extauthz.admin")
 
 MAX_BODY_BYTES = 1024 * 1024
 HASH = re.compile(r"[0-9a-f]{64}")
-# An internal_user comes through the check with its JWT swapped for the master key and its
-# user and teams in ACTING_* headers, which only narrow what the master key may do.
+# What an acting user may change on a key it may touch (blocked, expires... stay the admin's).
+ACTING_KEY_CHANGES = {"key", "key_alias", "models", "metadata", "allowed_routes", "key_type", "team_id", "user_id"}
 OPEN_ROUTES = ("/v1/models", "/models", "/model_group/info", "/health/")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -53,10 +55,6 @@ def error_response(deny: Deny) -> web.Response:
     return web.Response(status=deny.status, text=error_body(deny), content_type="application/json")
 
 
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat()
-
-
 def applying(changes: dict[str, Any]) -> Callable[[dict[str, Any]], dict[str, Any]]:
     """A record update; it runs inside the store's transaction, on the current record."""
     def change(doc: dict[str, Any]) -> dict[str, Any]:
@@ -70,20 +68,9 @@ def lower_headers(request: web.Request) -> dict[str, str]:
     return {k.lower(): v for k, v in request.headers.items()}
 
 
-def acting(request: web.Request) -> tuple[str, tuple[str, ...]] | None:
-    """Who an internal_user request acts as (JSON in the headers: no trimming, no
-    separators to confuse); either header present at all means acting, and a value that
-    does not read as a user refuses the request rather than leave the master key whole."""
-    if ACTING_USER_HEADER not in request.headers and ACTING_TEAMS_HEADER not in request.headers:
-        return None
-    try:
-        user = json.loads(request.headers.get(ACTING_USER_HEADER, ""))
-        teams = json.loads(request.headers.get(ACTING_TEAMS_HEADER, "[]"))
-    except ValueError:
-        user, teams = None, []
-    if not isinstance(user, str) or not user.strip() or not isinstance(teams, list):
-        raise ApiError(403, "admin_not_allowed", "The acting user is unreadable.")
-    return user, tuple(t for t in teams if isinstance(t, str))
+def acting(request: web.Request) -> Acting | None:
+    """The acting user the auth middleware found, or None for the master key's full power."""
+    return request.get("acting")
 
 
 def token_hash_of(value: Any) -> str:
@@ -117,6 +104,13 @@ class AdminApi:
         post("/team/unblock", self.team_unblock)
         get("/team/info", self.team_info)
         get("/team/list", self.team_list)
+        post("/team/member_add", self.team_member_add)
+        post("/team/member_delete", self.team_member_delete)
+        post("/user/new", self.user_new)
+        post("/user/update", self.user_update)
+        post("/user/delete", self.user_delete)
+        get("/user/info", self.user_info)
+        get("/user/list", self.user_list)
         get("/model/info", self.model_info)
         get("/v1/model/info", self.model_info)  # LiteLLM serves both (its CLI calls this one)
         get("/model_group/info", self.model_group_info)
@@ -143,6 +137,9 @@ class AdminApi:
             return await handler(request)
         except ApiError as e:
             return error_response(e.deny)
+        except Refused as e:
+            code = "not_found" if e.status == 404 else "admin_not_allowed"
+            return error_response(Deny(e.status, code, str(e), e.param))
         except schema.Invalid as e:
             return error_response(Deny(400, "invalid_request", str(e), e.param))
         except MissingTeam as e:
@@ -173,11 +170,30 @@ class AdminApi:
             return error_response(refusal)
         if not request.path.startswith(OPEN_ROUTES):
             token, _ = credentials(lower_headers(request))
-            if token is None or not self.runtime().is_master(hash_token(token)):
+            if token is None:
                 raise ApiError(401, "unauthorized", "This route needs the master key as 'Authorization: Bearer'.")
-            if acting(request) is not None and request.path not in ACTING_ROUTES:
-                raise ApiError(403, "admin_not_allowed", "An internal_user manages its own keys only.")
+            who = acting_from_headers(request.headers) if self.runtime().is_master(hash_token(token)) \
+                else await self.key_power(token, request)
+            if who is not None:
+                if not who.may_use(request.method, request.path):
+                    raise Refused(f"A user acting for itself may not use {request.path!r}.")
+                request["acting"] = who.with_admin_teams(await self.store.team_docs(list(who.teams)))
         return await handler(request)
+
+    async def key_power(self, token: str, request: web.Request) -> Acting | None:
+        """A virtual key on the admin API: its allowed_routes, then its owner's role."""
+        key, team, _ = await lookup(token, self.store.reader, self.runtime().is_master)
+        if key is None:
+            raise ApiError(401, "unauthorized", "This route needs the master key as 'Authorization: Bearer'.")
+        denied = authenticate(Facts(token=token, model=None, path=request.path), key, team, time.time())
+        if denied is not None:
+            raise ApiError(denied.status, denied.code, denied.message)
+        if key.allowed_routes is not None and not routes.permits(key.allowed_routes, request.path, None):
+            raise ApiError(403, "route_not_allowed", f"Key {key.label!r} may not call {request.path!r}; its "
+                           f"allowed_routes are {list(key.allowed_routes)}.")
+        owner = await self.store.user_doc(key.user_id) if key.user_id else None
+        power = key_owner_power(owner, request.method)
+        return power if isinstance(power, Acting) else None
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -207,13 +223,33 @@ class AdminApi:
         body = await self.body(request)
         token_hash = token_hash_of(body.get("key"))
         changes = fixed if fixed is not None else schema.key_fields(body, self.runtime().catalog, {"key"})
-        doc = await self.store.update_key(token_hash, applying(changes), self.check_team)
+        change, check = applying(changes), self.check_team
+        who = acting(request)
+        if who is not None and fixed is None and set(body) - ACTING_KEY_CHANGES:
+            # Blocking, expiry and the like are the admin's: a user does not lift them on its own key.
+            raise Refused(f"A user may change only {sorted(ACTING_KEY_CHANGES - {'key'})} of a key.")
+        if who is not None:  # both run in the transaction, on the stored key before and after
+            def change(doc: dict[str, Any]) -> dict[str, Any]:
+                if not who.owns(doc):  # the same answer as a missing key
+                    raise NotFound("key not found")
+                return applying(changes)(doc)
+
+            def check(key: dict[str, Any], team: dict[str, Any] | None) -> None:
+                if not who.owns(key):
+                    raise Refused("The key would leave the caller's keys.", param="user_id")
+                who.check_new_key(key, key.get("user_id"))
+                who.check_key_for_others(key)
+                self.check_team(key, team)
+        doc = await self.store.update_key(token_hash, change, check)
         return web.json_response(self.key_view(doc))
 
     async def update_team(self, request: web.Request, fixed: dict[str, Any] | None = None) -> web.Response:
         body = await self.body(request)
         team_id = schema.expect(body, "team_id", str, nullable=False)
         changes = fixed if fixed is not None else schema.team_fields(body, self.runtime().catalog, {"team_id"})
+        if "members_with_roles" in changes:
+            raise ApiError(400, "invalid_request", "Change members with /team/member_add and /team/member_delete.",
+                           "members_with_roles")
         doc = await self.store.update_team(team_id, applying(changes))
         return web.json_response(dict(doc, not_enforced=schema.not_enforced(doc)))
 
@@ -225,20 +261,13 @@ class AdminApi:
         raw_key = schema.expect(body, "key", str) or "sk-" + secrets.token_urlsafe(24)
         if len(raw_key) < 8:
             raise ApiError(400, "invalid_request", "'key' must be at least 8 characters", "key")
-        stamp = now_iso()
-        doc = {"token": hash_token(raw_key), "key_name": f"sk-...{raw_key[-4:]}", "key_alias": None,
-               "models": [], "team_id": None, "expires": None, "blocked": False, "metadata": {},
-               "created_at": stamp, "updated_at": stamp}
+        doc = new_key_doc(raw_key)
         doc.update(fields)
         who = acting(request)
-        if who is not None:  # an internal_user's key: its own, in one of its teams
-            user, teams = who
-            if body.get("user_id") not in (None, user):
-                raise ApiError(403, "admin_not_allowed", "An internal_user creates keys for itself only.", "user_id")
-            if doc.get("team_id") not in teams:
-                raise ApiError(403, "admin_not_allowed", f"Give a team_id of the token's teams: {list(teams)}.",
-                               "team_id")
-            doc["user_id"] = user
+        if who is not None:  # its own key, in one of its teams (anyone's, in a team it administers)
+            who.check_new_key(doc, body.get("user_id"))
+            doc["user_id"] = doc.get("user_id") or who.user_id
+            who.check_key_for_others(doc)
         if await self.store.key_doc(doc["token"]) is not None:
             raise ApiError(409, "conflict", "This key already exists.", "key")
         await self.store.create_key(doc, self.check_team)
@@ -269,8 +298,7 @@ class AdminApi:
         who = acting(request)
         if who is not None:  # all of them its own, or none is deleted (one answer: no oracle)
             for h in hashes:
-                doc = await self.store.key_doc(h)
-                if doc is None or doc.get("user_id") != who[0]:
+                if not who.owns(await self.store.key_doc(h)):
                     raise NotFound("no such key of this user")
         deleted = [h for h in hashes if await self.store.delete_key(h)]
         if not deleted:
@@ -281,7 +309,7 @@ class AdminApi:
         token_hash = token_hash_of(request.query.get("key"))
         doc = await self.store.key_doc(token_hash)
         who = acting(request)
-        if doc is None or (who is not None and doc.get("user_id") != who[0]):
+        if doc is None or (who is not None and not who.owns(doc)):
             raise NotFound("key not found")
         return web.json_response({"key": token_hash, "info": self.key_view(doc)})
 
@@ -295,7 +323,7 @@ class AdminApi:
                 docs = [d for d in docs if d.get(field_name) == wanted]
         who = acting(request)
         if who is not None:
-            docs = [d for d in docs if d.get("user_id") == who[0]]
+            docs = [d for d in docs if who.owns(d)]
         page, size = self.paging(request)
         chunk = docs[(page - 1) * size: page * size]
         full = request.query.get("return_full_object", "").lower() == "true"
@@ -305,10 +333,10 @@ class AdminApi:
             "total_pages": max(1, math.ceil(len(docs) / size))})
 
     @staticmethod
-    def paging(request: web.Request) -> tuple[int, int]:
+    def paging(request: web.Request, size_param: str = "size") -> tuple[int, int]:
         try:
             page = int(request.query.get("page", "1"))
-            size = int(request.query.get("size", "100"))
+            size = int(request.query.get(size_param, "100"))
         except ValueError:
             raise ApiError(400, "invalid_request", "'page' and 'size' must be integers") from None
         if page < 1 or not 1 <= size <= 1000:
@@ -320,11 +348,11 @@ class AdminApi:
     async def team_new(self, request: web.Request) -> web.Response:
         body = await self.body(request)
         fields = schema.team_fields(body, self.runtime().catalog, {"team_id"})
-        stamp = now_iso()
-        doc = {"team_id": schema.expect(body, "team_id", str) or str(uuid.uuid4()), "team_alias": None,
-               "models": [], "blocked": False, "metadata": {}, "created_at": stamp, "updated_at": stamp}
-        doc.update(fields)
+        members = fields.pop("members_with_roles", [])
+        doc = new_team_doc(schema.expect(body, "team_id", str) or str(uuid.uuid4()), **fields)
         await self.store.create_team(doc)
+        for m in members:
+            doc = await self.add_member(doc["team_id"], m)
         return web.json_response(dict(doc, not_enforced=schema.not_enforced(doc)))
 
     async def team_update(self, request: web.Request) -> web.Response:
@@ -349,15 +377,137 @@ class AdminApi:
 
     async def team_info(self, request: web.Request) -> web.Response:
         team_id = request.query.get("team_id", "")
+        who = acting(request)
+        if who is not None:  # a member sees its team; the keys it may touch only
+            who.check_team(team_id, manage=False)
         doc = await self.store.team_doc(team_id) if team_id else None
         if doc is None:
             raise NotFound(f"team_id {team_id!r} does not exist")
         keys = await self.store.list_keys(team_id)
+        if who is not None:
+            keys = [k for k in keys if who.owns(k)]
         return web.json_response({"team_id": team_id, "team_info": doc,
                                   "keys": [self.key_view(k) for k in keys]})
 
     async def team_list(self, request: web.Request) -> web.Response:
-        return web.json_response(await self.store.list_teams())
+        teams = await self.store.list_teams()
+        user_id = request.query.get("user_id")
+        if user_id:  # LiteLLM's filter: the teams this user is a member of
+            teams = [t for t in teams if any(m.get("user_id") == user_id for m in t.get("members_with_roles") or [])]
+        return web.json_response(teams)
+
+    # -- team members ---------------------------------------------------------------------
+
+    async def add_member(self, team_id: str, member: dict[str, Any]) -> dict[str, Any]:
+        """Add one member; one named by e-mail only is the user with that e-mail, or a new one."""
+        if member["user_id"] is None:
+            known = [u for u in await self.store.list_users() if u.get("user_email") == member["user_email"]]
+            member = dict(member, user_id=known[0]["user_id"] if known else str(uuid.uuid4()))
+        user = new_user_doc(member["user_id"], user_email=member["user_email"])
+        return await self.store.add_member(team_id, member, user)
+
+    async def team_member_add(self, request: web.Request) -> web.Response:
+        body = await self.body(request)
+        schema.reject_unknown(body, {"team_id", "member", "max_budget_in_team", "allowed_models"})
+        team_id = schema.expect(body, "team_id", str, nullable=False)
+        who = acting(request)
+        if who is not None:
+            who.check_team(team_id, manage=True)
+        given = body.get("member")
+        members = [schema.member(m) for m in (given if isinstance(given, list) else [given])]
+        doc: dict[str, Any] = {}
+        for m in members:
+            doc = await self.add_member(team_id, m)
+        users = [await self.store.user_doc(m["user_id"]) for m in doc.get("members_with_roles") or []
+                 if any(m.get("user_id") == n["user_id"] or m.get("user_email") == n["user_email"] for n in members)]
+        return web.json_response(dict(doc, updated_users=[u for u in users if u is not None]))
+
+    async def team_member_delete(self, request: web.Request) -> web.Response:
+        body = await self.body(request)
+        schema.reject_unknown(body, {"team_id", "user_id", "user_email"})
+        team_id = schema.expect(body, "team_id", str, nullable=False)
+        who = acting(request)
+        if who is not None:
+            who.check_team(team_id, manage=True)
+        user_id, email = schema.expect(body, "user_id", str), schema.expect(body, "user_email", str)
+        if not user_id:
+            team = await self.store.team_doc(team_id) or {}
+            found = [m["user_id"] for m in team.get("members_with_roles") or [] if email and m.get("user_email") == email]
+            if not found:
+                raise NotFound(f"no member of team {team_id!r} with that user_id or user_email")
+            user_id = found[0]
+        return web.json_response(await self.store.remove_member(team_id, user_id))
+
+    # -- users ----------------------------------------------------------------------------
+
+    async def user_new(self, request: web.Request) -> web.Response:
+        """A user, and (LiteLLM's default, ``auto_create_key``) a personal key for it."""
+        body = await self.body(request)
+        fields = schema.user_fields(body, self.runtime().catalog, {"user_id", "auto_create_key"})
+        for name in ("key_alias", "duration", "auto_create_key"):
+            fields.pop(name, None)
+        user_id = schema.expect(body, "user_id", str) or str(uuid.uuid4())
+        doc = new_user_doc(user_id, **fields)
+        await self.store.create_user(doc)
+        out = dict(doc, not_enforced=schema.not_enforced(doc))
+        if schema.expect(body, "auto_create_key", bool) is not False:
+            key_body = {k: body[k] for k in ("key_alias", "duration") if body.get(k) is not None}
+            key_fields = schema.key_fields(key_body, self.runtime().catalog)
+            raw_key = "sk-" + secrets.token_urlsafe(24)
+            key = new_key_doc(raw_key, user_id=user_id, **key_fields)
+            await self.store.create_key(key, self.check_team)
+            out.update(key=raw_key, token=key["token"], key_name=key["key_name"], expires=key["expires"])
+        return web.json_response(out)
+
+    async def user_update(self, request: web.Request) -> web.Response:
+        body = await self.body(request)
+        user_id = schema.expect(body, "user_id", str, nullable=False)
+        changes = schema.user_fields(body, self.runtime().catalog, {"user_id"})
+        if "teams" in changes:
+            raise ApiError(400, "invalid_request", "Change a user's teams with /team/member_add and "
+                           "/team/member_delete.", "teams")
+        changes.pop("key_alias", None)
+        changes.pop("duration", None)
+        doc = await self.store.update_user(user_id, applying(changes))
+        return web.json_response(dict(doc, not_enforced=schema.not_enforced(doc)))
+
+    async def user_delete(self, request: web.Request) -> web.Response:
+        body = await self.body(request)
+        schema.reject_unknown(body, {"user_ids"})
+        user_ids = schema.expect(body, "user_ids", list, nullable=False)
+        if not user_ids or not all(isinstance(u, str) and u for u in user_ids):
+            raise ApiError(400, "invalid_request", "'user_ids' must be a non-empty list of strings", "user_ids")
+        deleted_keys = 0
+        for user_id in user_ids:
+            deleted_keys += await self.store.delete_user(user_id)
+        return web.json_response({"deleted_users": user_ids, "deleted_keys": deleted_keys})
+
+    async def user_info(self, request: web.Request) -> web.Response:
+        who = acting(request)
+        user_id = request.query.get("user_id") or (who.user_id if who is not None else "")
+        if who is not None and user_id != who.user_id:
+            raise NotFound("user not found")
+        doc = await self.store.user_doc(user_id) if user_id else None
+        if doc is None:
+            raise NotFound(f"user_id {user_id!r} does not exist")
+        keys = await self.store.list_keys(user_id=user_id)
+        teams = [t for t in [await self.store.team_doc(t) for t in doc.get("teams") or []] if t is not None]
+        return web.json_response({"user_id": user_id, "user_info": dict(doc, not_enforced=schema.not_enforced(doc)),
+                                  "keys": [self.key_view(k) for k in keys], "teams": teams})
+
+    async def user_list(self, request: web.Request) -> web.Response:
+        users = await self.store.list_users()
+        role = request.query.get("role")
+        if role:
+            users = [u for u in users if u.get("user_role") == role]
+        wanted = request.query.get("user_ids")
+        if wanted:
+            ids = set(wanted.split(","))
+            users = [u for u in users if u["user_id"] in ids]
+        page, size = self.paging(request, "page_size")
+        return web.json_response({"users": users[(page - 1) * size: page * size], "total": len(users),
+                                  "page": page, "page_size": size,
+                                  "total_pages": max(1, math.ceil(len(users) / size))})
 
     # -- models ---------------------------------------------------------------------------
 
@@ -379,13 +529,13 @@ class AdminApi:
         """What the calling virtual key may call, by the same rules as Check."""
         runtime = self.runtime()
         token, problem = credentials(lower_headers(request))
-        facts = Facts(token=token, model=None, token_problem=problem)
-        key, team = await lookup(token, self.store.reader, runtime.is_master)
-        denied = authenticate(facts, key, team, time.time())
+        facts = Facts(token=token, model=None, path=request.path, token_problem=problem)
+        key, team, owner = await lookup(token, self.store.reader, runtime.is_master)
+        denied = authenticate(facts, key, team, time.time()) or route_denied(facts, key)  # type: ignore[arg-type]
         if denied is not None:
             raise ApiError(denied.status, denied.code, denied.message)
         assert key is not None
-        return visible_models(key, team, runtime.catalog)
+        return visible_models(key, team, runtime.catalog, owner)
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response(listing.models_page(self.runtime().catalog, await self.visible(request)))

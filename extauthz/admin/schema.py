@@ -11,7 +11,8 @@ import re
 import time
 from typing import Any
 
-from extauthz.check.catalog import ALL_MODELS, ALL_TEAM_MODELS, SPECIAL_ENTRIES, Catalog, Resolution
+from extauthz.check.catalog import ALL_MODELS, ALL_TEAM_MODELS, NO_DEFAULT_MODELS, SPECIAL_ENTRIES, Catalog, Resolution
+from extauthz.check import routes
 from extauthz.check.policy import admits, list_admits
 from extauthz.records.record import NOT_ENFORCED, format_time, parse_time
 from extauthz.check.wildcard import matches
@@ -23,8 +24,12 @@ MAX_DURATION_SECONDS = MAX_DURATION_DAYS * 86400
 # Matching is linear whatever the count; the cap keeps allowed-models entries readable
 # and bounds the work a stored pattern costs on every request.
 MAX_PATTERN_STARS = 4
-KEY_FIELDS = {"models", "team_id", "key_alias", "duration", "expires", "metadata", "blocked"}
-TEAM_FIELDS = {"team_alias", "models", "blocked", "metadata"}
+KEY_FIELDS = {"models", "team_id", "key_alias", "duration", "expires", "metadata", "blocked", "user_id", "key_type",
+              "allowed_routes"}
+TEAM_FIELDS = {"team_alias", "models", "blocked", "metadata", "members_with_roles"}
+USER_FIELDS = {"user_email", "user_role", "models", "teams", "metadata", "key_alias", "duration"}
+USER_ROLES = ("proxy_admin", "proxy_admin_viewer", "internal_user", "internal_user_viewer")
+MEMBER_ROLES = ("admin", "user")
 
 
 class Invalid(ValueError):
@@ -118,7 +123,7 @@ def record_fields(body: dict[str, Any], catalog: Catalog, allowed: set[str]) -> 
 def key_fields(body: dict[str, Any], catalog: Catalog, extra: set[str] = frozenset()) -> dict[str, Any]:
     """The stored fields a /key/generate or /key/update body sets (only those present)."""
     out = record_fields(body, catalog, KEY_FIELDS | extra)
-    for name in ("team_id", "key_alias"):
+    for name in ("team_id", "key_alias", "user_id"):
         if name in body:
             value = expect(body, name, str)
             if value == "":
@@ -131,13 +136,65 @@ def key_fields(body: dict[str, Any], catalog: Catalog, extra: set[str] = frozens
         out["expires"] = None if expires is None else expires_time(expires)
     elif "duration" in body:
         out["expires"] = None
+    if "allowed_routes" in body:
+        allowed = expect(body, "allowed_routes", list)
+        problem = routes.problem(allowed) if allowed else None
+        if problem:
+            raise Invalid(f"'allowed_routes': {problem}", "allowed_routes")
+        out["allowed_routes"] = allowed or None
+    if body.get("key_type") is not None:
+        key_type = expect(body, "key_type", str)
+        if key_type not in routes.KEY_TYPES:
+            raise Invalid(f"'key_type' must be one of {list(routes.KEY_TYPES)}, got {key_type!r}", "key_type")
+        out["key_type"] = key_type
+        preset = routes.KEY_TYPES[key_type]
+        if preset is not None:  # as LiteLLM: the type's routes replace any given
+            out["allowed_routes"] = list(preset)
     return out
+
+
+def user_fields(body: dict[str, Any], catalog: Catalog, extra: set[str] = frozenset()) -> dict[str, Any]:
+    """The stored fields a /user/new or /user/update body sets."""
+    out = record_fields(body, catalog, USER_FIELDS | extra)
+    out.pop("blocked", None)
+    if "models" in body and NO_DEFAULT_MODELS in (out.get("models") or []) and len(out["models"]) > 1:
+        raise Invalid(f"'{NO_DEFAULT_MODELS}' stands alone in 'models'", "models")
+    if "user_email" in body:
+        out["user_email"] = expect(body, "user_email", str)
+    if body.get("user_role") is not None:
+        role = expect(body, "user_role", str)
+        if role not in USER_ROLES:
+            raise Invalid(f"'user_role' must be one of {list(USER_ROLES)}, got {role!r}", "user_role")
+        out["user_role"] = role
+    if "teams" in body:
+        teams = expect(body, "teams", list) or []
+        if not all(isinstance(t, str) and t for t in teams):
+            raise Invalid("'teams' must be a list of team ids", "teams")
+        out["teams"] = list(dict.fromkeys(teams))
+    return out
+
+
+def member(value: Any) -> dict[str, Any]:
+    """One team member, as LiteLLM's /team/member_add takes it: a role, and a user_id or a
+    user_email."""
+    if not isinstance(value, dict):
+        raise Invalid("'member' must be an object with 'role' and 'user_id' or 'user_email'", "member")
+    reject_unknown(value, {"role", "user_id", "user_email"})
+    role = value.get("role", "user")
+    if role not in MEMBER_ROLES:
+        raise Invalid(f"a member's 'role' must be one of {list(MEMBER_ROLES)}, got {role!r}", "member")
+    user_id, email = expect(value, "user_id", str), expect(value, "user_email", str)
+    if not user_id and not email:
+        raise Invalid("a member needs a 'user_id' or a 'user_email'", "member")
+    return {"role": role, "user_id": user_id or None, "user_email": email or None}
 
 
 def team_fields(body: dict[str, Any], catalog: Catalog, extra: set[str] = frozenset()) -> dict[str, Any]:
     out = record_fields(body, catalog, TEAM_FIELDS | extra)
     if "team_alias" in body:
         out["team_alias"] = expect(body, "team_alias", str)
+    if body.get("members_with_roles") is not None:
+        out["members_with_roles"] = [member(m) for m in expect(body, "members_with_roles", list)]
     return out
 
 
@@ -157,7 +214,7 @@ def check_key_against_team(key: dict[str, Any], team: dict[str, Any] | None, cat
 
 
 def within(entry: str, team_models: tuple[str, ...], catalog: Catalog) -> bool:
-    if not team_models or any(m in ALL_MODELS for m in team_models) or entry == ALL_TEAM_MODELS:
+    if not team_models or any(m in ALL_MODELS for m in team_models) or entry in (ALL_TEAM_MODELS, NO_DEFAULT_MODELS):
         return True
     if entry in ALL_MODELS:
         return False

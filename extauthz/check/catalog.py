@@ -29,7 +29,10 @@ from extauthz.tokens import NO_TOKENS, Tokens
 # Entries of an allowed-models list that are not model or group names.
 ALL_MODELS = frozenset({"*", "all-proxy-models"})
 ALL_TEAM_MODELS = "all-team-models"
-SPECIAL_ENTRIES = ALL_MODELS | {ALL_TEAM_MODELS}
+# LiteLLM's entry for "no model of its own": a list holding only it admits nothing (a
+# user who may call its teams' models only; a team created by team_id_upsert).
+NO_DEFAULT_MODELS = "no-default-models"
+SPECIAL_ENTRIES = ALL_MODELS | {ALL_TEAM_MODELS, NO_DEFAULT_MODELS}
 
 
 def canonical_name(name: str) -> str:

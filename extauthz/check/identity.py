@@ -11,7 +11,9 @@ from typing import Any, Mapping
 from extauthz.config import JwtAuth
 
 # Internal roles, most powerful first: a token mapping to several gets the first.
-ROLES = ("proxy_admin", "proxy_admin_viewer", "internal_user", "team")
+ROLES = ("proxy_admin", "proxy_admin_viewer", "internal_user", "internal_user_viewer", "team")
+# The roles LiteLLM's admin_allowed_routes applies to; team_allowed_routes applies to the others.
+ADMIN_ROLES = ("proxy_admin", "proxy_admin_viewer")
 
 
 @dataclass(frozen=True)

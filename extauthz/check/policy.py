@@ -11,10 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 from extauthz.check.catalog import ALL_MODELS, ALL_TEAM_MODELS, Catalog, Resolution, matches
+from extauthz.check import routes
 from extauthz.check.decision import Allow, Deny, Grant
 from extauthz.check.endpoints import PassThrough
 from extauthz.check.facts import Facts, Problem
-from extauthz.records.record import KeyRecord, TeamRecord
+from extauthz.records.record import KeyRecord, TeamRecord, UserRecord
 
 LISTED_MODELS_MAX = 50
 
@@ -56,21 +57,25 @@ def key_admits(key: KeyRecord, team: TeamRecord | None, resolution: Resolution) 
     return bool(others) and list_admits(others, resolution)
 
 
-def allowed_by(key: KeyRecord, team: TeamRecord | None, resolution: Resolution) -> bool:
-    return key_admits(key, team, resolution) and (team is None or list_admits(team.models, resolution))
+def allowed_by(key: KeyRecord, team: TeamRecord | None, resolution: Resolution,
+               owner: UserRecord | None = None) -> bool:
+    return key_admits(key, team, resolution) and (team is None or list_admits(team.models, resolution)) \
+        and (owner is None or list_admits(owner.models, resolution))
 
 
-def visible_models(key: KeyRecord, team: TeamRecord | None, catalog: Catalog) -> list[str]:
+def visible_models(key: KeyRecord, team: TeamRecord | None, catalog: Catalog,
+                   owner: UserRecord | None = None) -> list[str]:
     """The model names a key can call; /v1/models and deny messages both use this.
-    It depends only on the two lists, so it is computed once per catalog and pair of lists."""
-    lists = (key.models, team.models if team is not None else None)
-    return list(catalog.visible.get(lists, lambda: _visible(key, team, catalog)))
+    It depends only on the lists, so it is computed once per catalog and set of lists."""
+    lists = (key.models, team.models if team is not None else None, owner.models if owner is not None else None)
+    return list(catalog.visible.get(lists, lambda: _visible(key, team, catalog, owner)))
 
 
-def _visible(key: KeyRecord, team: TeamRecord | None, catalog: Catalog) -> tuple[str, ...]:
-    names = [g.name for g in catalog.groups.values() if allowed_by(key, team, Resolution(g.name, g))]
+def _visible(key: KeyRecord, team: TeamRecord | None, catalog: Catalog,
+             owner: UserRecord | None) -> tuple[str, ...]:
+    names = [g.name for g in catalog.groups.values() if allowed_by(key, team, Resolution(g.name, g), owner)]
     names += [a.name for a in catalog.aliases.values() if not a.hidden
-              and allowed_by(key, team, Resolution(a.name, catalog.groups[a.target], alias_of=a.target))]
+              and allowed_by(key, team, Resolution(a.name, catalog.groups[a.target], alias_of=a.target), owner)]
     return tuple(names)
 
 
@@ -96,19 +101,28 @@ def authenticate(facts: Facts, key: KeyRecord | None, team: TeamRecord | None, n
 
 
 def decide(facts: Facts, key: KeyRecord | None, team: TeamRecord | None,
-           catalog: Catalog, now: float, draw: float = 0.0) -> Decision:
+           catalog: Catalog, now: float, draw: float = 0.0, owner: UserRecord | None = None) -> Decision:
     """``draw`` in [0, 1) picks among a model group's deployments by weight."""
     denied = authenticate(facts, key, team, now)
     if denied is not None:
         return denied
     assert key is not None
-    granted = authorize(facts, key, team, catalog, draw)
+    granted = authorize(facts, key, team, catalog, draw, owner)
     return forward(granted, facts) if isinstance(granted, Grant) else granted
 
 
+def route_denied(facts: Facts, key: KeyRecord) -> Deny | None:
+    """A key's allowed_routes (its key_type's preset, or its own list), before any body is read."""
+    if key.allowed_routes is None or routes.permits(key.allowed_routes, facts.path, facts.endpoint):
+        return None
+    return Deny(403, "route_not_allowed", f"Key {key.label!r} may not call {facts.path.partition('?')[0]!r}; "
+                f"its allowed_routes are {list(key.allowed_routes)}.", None, _metadata(facts, key))
+
+
 def authorize(facts: Facts, key: KeyRecord, team: TeamRecord | None, catalog: Catalog,
-              draw: float) -> Grant | Deny:
-    """The decision for a caller ``authenticate`` let through, once the body is read."""
+              draw: float, owner: UserRecord | None = None) -> Grant | Deny:
+    """The decision for a caller ``authenticate`` let through, once the body is read.
+    ``owner``: the user record of a key without a team, whose models narrow the key's."""
     meta = _metadata(facts, key)
     endpoint = facts.endpoint
     if endpoint is None:
@@ -127,11 +141,14 @@ def authorize(facts: Facts, key: KeyRecord, team: TeamRecord | None, catalog: Ca
         return Deny(400, "invalid_model", f"{model!r} differs only in letter case or separators from a name "
                     f"served by {served_by!r}; send the model's exact name.", "model", meta)
     if resolution is None:
-        return _model_denied(model, "no such model", key, team, team is not None, catalog, meta)
+        return _model_denied(model, "no such model", key, team, team is not None, catalog, meta, owner)
     if not key_admits(key, team, resolution):
-        return _model_denied(model, "not allowed", key, team, False, catalog, meta)
+        return _model_denied(model, "not allowed", key, team, False, catalog, meta, owner)
     if team is not None and not list_admits(team.models, resolution):
         return _model_denied(model, "not allowed", key, team, True, catalog, meta)
+    if owner is not None and not list_admits(owner.models, resolution):
+        return _model_denied(model, f"not allowed for its user {owner.user_id!r}", key, team, False, catalog, meta,
+                             owner)
     index = _pick(resolution, draw, endpoint.api_format)
     if index is None:
         reasons = sorted({d.unavailable or "" for d in resolution.group.deployments})
@@ -156,9 +173,9 @@ def _problem(problem: Problem, meta: dict[str, Any]) -> Deny:
 
 
 def _model_denied(model: str, why: str, key: KeyRecord, team: TeamRecord | None, by_team: bool,
-                  catalog: Catalog, meta: dict[str, Any]) -> Deny:
+                  catalog: Catalog, meta: dict[str, Any], owner: UserRecord | None = None) -> Deny:
     who = f"team {team.label!r}" if by_team and team is not None else f"key {key.label!r}"
-    usable = visible_models(key, team, catalog)
+    usable = visible_models(key, team, catalog, owner)
     shown = usable[:LISTED_MODELS_MAX]
     more = f" and {len(usable) - len(shown)} more" if len(usable) > len(shown) else ""
     return Deny(403, "model_not_allowed",
@@ -186,4 +203,6 @@ def _metadata(facts: Facts, key: KeyRecord) -> dict[str, Any]:
         meta["key_alias"] = key.key_alias
     if key.team_id:
         meta["team_id"] = key.team_id
+    if key.user_id:
+        meta["user_id"] = key.user_id
     return meta

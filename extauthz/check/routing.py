@@ -40,10 +40,13 @@ INTERNAL_HEADERS = (CLUSTER_HEADER, SPLICE_HEADER, SIGN_HEADER)
 ACTING_USER_HEADER = "x-extauthz-acting-user"
 ACTING_TEAMS_HEADER = "x-extauthz-acting-teams"
 ACTING_HEADERS = (ACTING_USER_HEADER, ACTING_TEAMS_HEADER)
-ACTING_ROUTES = ("/key/generate", "/key/list", "/key/delete", "/key/info")  # all an internal_user may use
+# The admin routes an acting user may use (its own keys; in a team where it is an admin
+# member, the team's keys and members); the admin API narrows each to those records.
+ACTING_ROUTES = ("/key/generate", "/key/list", "/key/delete", "/key/info", "/key/update", "/team/info",
+                 "/team/member_add", "/team/member_delete", "/user/info")
 # The admin routes a JWT caller's request reaches through the check (Envoy's routes for
 # them are rendered from these).
-JWT_ADMIN_PREFIXES = ("/key/", "/team/")
+JWT_ADMIN_PREFIXES = ("/key/", "/team/", "/user/")
 JWT_ADMIN_PATHS = ("/model/info", "/v1/model/info")
 
 

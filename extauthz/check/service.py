@@ -15,7 +15,7 @@ from google.protobuf.message import DecodeError
 
 from extauthz.check.facts import Facts
 from extauthz.check.decision import Allow, Deny, Grant, Reply
-from extauthz.check.policy import UNAVAILABLE, Decision, authenticate, authorize, forward
+from extauthz.check.policy import UNAVAILABLE, Decision, authenticate, authorize, forward, route_denied
 from extauthz.check.request import body_of, facts_from_check, with_body
 from extauthz.check.responses import allow_bytes, deny_bytes, reply_bytes
 from extauthz.check.routing import ACTING_ROUTES, ACTING_TEAMS_HEADER, ACTING_USER_HEADER, jwt_admin_path
@@ -23,10 +23,13 @@ from extauthz.check.runtime import Runtime
 from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2
 from extauthz.check.catalog import ALL_TEAM_MODELS
 from extauthz.check import listing
-from extauthz.check.identity import identify, issued_for, scope_models
+from extauthz.check import routes
+from extauthz.check.identity import ADMIN_ROLES, Identity, identify, issued_for, scope_models
+from extauthz.config import JwtAuth
 from extauthz.check.policy import visible_models
 from extauthz.records.lookup import lookup
-from extauthz.records.record import KeyRecord, TeamRecord
+from extauthz.records.upsert import Upserts
+from extauthz.records.record import KeyRecord, TeamRecord, UserRecord
 from extauthz.records.store import RecordReader, StoreUnavailable
 from extauthz.telemetry import logs, tracing
 from extauthz.telemetry.metrics import CheckMetrics
@@ -48,10 +51,20 @@ DEADLINE_SLACK_S = 0.1
 INLINE_BODY_BYTES = 64 * 1024
 
 
-def team_key(label: str, models: tuple[str, ...] | None, team: TeamRecord) -> KeyRecord:
+def team_key(identity: Identity, label: str, models: tuple[str, ...] | None, team: TeamRecord) -> KeyRecord:
     """A JWT caller as a key of one of its teams: the team's models, narrowed by its scopes."""
     return KeyRecord(f"jwt:{label}", label, models if models is not None else (ALL_TEAM_MODELS,), team.team_id,
-                     None, False)
+                     None, False, None, identity.user_id)
+
+
+def route_refusal(identity: Identity, jwt: JwtAuth, facts: Facts) -> Deny | None:
+    """LiteLLM's admin_allowed_routes (admin roles) and team_allowed_routes (the others)."""
+    allowed = jwt.admin_allowed_routes if identity.role in ADMIN_ROLES else jwt.team_allowed_routes
+    if allowed is None or routes.permits(allowed, facts.path, facts.endpoint):
+        return None
+    which = "admin_allowed_routes" if identity.role in ADMIN_ROLES else "team_allowed_routes"
+    return Deny(403, "route_not_allowed", f"A token with role {identity.role} may not call "
+                f"{facts.path.partition('?')[0]!r} ({which}: {list(allowed)}).")
 
 
 def list_reply(listed: tuple[str, str | None], names: list[str], runtime: Runtime) -> Decision:
@@ -65,17 +78,20 @@ def list_reply(listed: tuple[str, str | None], names: list[str], runtime: Runtim
     return Reply(200, json.dumps(listing.model_entry(runtime.catalog, model)))
 
 
-def decide_with_body(facts: Facts, body: bytes, key: Any, team: Any, runtime: Runtime, draw: float) -> Decision:
+def decide_with_body(facts: Facts, body: bytes, key: Any, team: Any, runtime: Runtime, draw: float,
+                     owner: Any = None) -> Decision:
     """The model from the body, the decision (pure), then routing: what the upstream request becomes."""
     facts = with_body(facts, body)
-    granted = authorize(facts, key, team, runtime.catalog, draw)
+    granted = authorize(facts, key, team, runtime.catalog, draw, owner)
     return forward(granted, facts) if isinstance(granted, Grant) else granted
 
 
 class AuthorizationService:
     def __init__(self, runtime: Callable[[], Runtime], store: RecordReader, log_allowed: bool = False,
-                 decision_log: logs.DecisionLog | None = None, max_message_bytes: int = 64 * 1024 * 1024) -> None:
+                 decision_log: logs.DecisionLog | None = None, max_message_bytes: int = 64 * 1024 * 1024,
+                 upserts: Upserts | None = None) -> None:
         self.max_message_bytes = max_message_bytes
+        self.upserts = upserts
         self.runtime = runtime
         self.store = store
         self.log_allowed = log_allowed
@@ -152,7 +168,7 @@ class AuthorizationService:
         if facts.claims is not None:
             return await self.decide_jwt(facts, request, runtime)
         try:
-            key, team = await lookup(facts.token, self.store, runtime.is_master)
+            key, team, owner = await lookup(facts.token, self.store, runtime.is_master)
         except StoreUnavailable as e:
             now = time.monotonic()
             if now - self.last_store_warning >= 1.0:  # one line a second, not one per request of an outage
@@ -161,13 +177,13 @@ class AuthorizationService:
             return UNAVAILABLE
         now = time.time()
         # The key first: a caller without a valid one never costs a body parse.
-        denied = authenticate(facts, key, team, now)
+        denied = authenticate(facts, key, team, now) or route_denied(facts, key)  # type: ignore[arg-type]
         if denied is not None:
             return denied
         if runtime.refusal is not None:
             return runtime.refusal
         # Reading the body, and a rewrite's plan over it, on the body thread when large.
-        return await self.with_body(facts, body_of(request), key, team, runtime)
+        return await self.with_body(facts, body_of(request), key, team, runtime, owner)
 
     async def decide_jwt(self, facts: Facts, request: external_auth_pb2.CheckRequest, runtime: Runtime) -> Decision:
         """A caller whose JWT Envoy verified: its teams' records decide, as a key of each
@@ -188,13 +204,16 @@ class AuthorizationService:
         identity = identify(claims, jwt)
         if identity.role is None:
             return NO_ROLE
+        refused = route_refusal(identity, jwt, facts)
+        if refused is not None:
+            return refused
         body = body_of(request)
         label = identity.user_id or identity.email or "jwt"
         if facts.endpoint is None and jwt_admin_path(facts.path):
             return self.admin_access(identity, label, request.attributes.request.http.method, facts.path, runtime)
         listed = listing.listing(facts.path) if facts.endpoint is None else None
         if identity.role == "proxy_admin":  # every model, like the master key, logged as who it is
-            admin = KeyRecord(f"jwt:{label}", label, (), None, None, False)
+            admin = KeyRecord(f"jwt:{label}", label, (), None, None, False, None, identity.user_id)
             if listed is not None:
                 return list_reply(listed, visible_models(admin, None, runtime.catalog), runtime)
             decision = await self.with_body(facts, body, admin, None, runtime)
@@ -205,7 +224,9 @@ class AuthorizationService:
         if models == ():
             return Deny(403, "scope_not_allowed", "None of the token's scopes grants a model.")
         try:
-            teams = [t for t in [await self.store.get_team(team_id) for team_id in identity.teams] if t is not None]
+            teams = [t for t in [await self.team_of(team_id, jwt) for team_id in identity.teams] if t is not None]
+            if jwt.user_id_upsert and identity.user_id and self.upserts is not None:
+                await self.upserts.user(identity.user_id, identity.email)
         except StoreUnavailable:
             return UNAVAILABLE
         if not teams:
@@ -215,12 +236,12 @@ class AuthorizationService:
             names: list[str] = []
             for team in teams:
                 if not team.blocked:
-                    visible = visible_models(team_key(label, models, team), team, runtime.catalog)
+                    visible = visible_models(team_key(identity, label, models, team), team, runtime.catalog)
                     names.extend(n for n in visible if n not in names)
             return list_reply(listed, names, runtime)
         denials = []
         for team in teams:
-            key = team_key(label, models, team)
+            key = team_key(identity, label, models, team)
             decision = authenticate(facts, key, team, time.time()) or await self.with_body(
                 facts, body, key, team, runtime)
             if isinstance(decision, Allow):
@@ -233,6 +254,14 @@ class AuthorizationService:
         return Deny(403, "model_not_allowed", f"No team of the token may use {facts.model!r}. {each}.", "model",
                     denials[0].metadata)
 
+    async def team_of(self, team_id: str, jwt: JwtAuth) -> TeamRecord | None:
+        """A token's team; with team_id_upsert, one that does not exist yet is created (with
+        no models: an admin grants them)."""
+        team = await self.store.get_team(team_id)
+        if team is None and jwt.team_id_upsert and self.upserts is not None:
+            team = await self.upserts.team(team_id)
+        return team
+
     @staticmethod
     def admin_access(identity: Any, label: str, method: str, path: str, runtime: Runtime) -> Decision:
         scoped = bool(runtime.config.jwt and runtime.config.jwt.scope_mappings)
@@ -241,10 +270,12 @@ class AuthorizationService:
         with the master key in place of the token."""
         acting: tuple[tuple[str, str], ...] = ()
         route = path.partition("?")[0]
-        if identity.role == "internal_user" and identity.user_id and identity.user_id.strip() and route in ACTING_ROUTES:
-            if route == "/key/generate" and scoped:
+        viewer = identity.role == "internal_user_viewer"
+        if identity.role in ("internal_user", "internal_user_viewer") and identity.user_id \
+                and identity.user_id.strip() and route in ACTING_ROUTES and (method == "GET" or not viewer):
+            if route in ("/key/generate", "/key/update") and scoped:
                 # A key of its team's models would reach more than the token's scopes allow.
-                return Deny(403, "admin_not_allowed", "With scope_mappings, a token cannot create keys.")
+                return Deny(403, "admin_not_allowed", "With scope_mappings, a token cannot create or change keys.")
             # Its own keys only: the admin API narrows the master key to this user and teams.
             acting = ((ACTING_USER_HEADER, json.dumps(identity.user_id)),
                       (ACTING_TEAMS_HEADER, json.dumps(list(identity.teams))))
@@ -254,15 +285,17 @@ class AuthorizationService:
             return Deny(403, "admin_not_allowed", f"The token's role ({identity.role}) may not use this admin route.")
         if runtime.admin_route is None:
             return Deny(403, "admin_not_allowed", "The admin API needs general_settings.master_key.")
-        return Allow(runtime.admin_route, acting, {"key_alias": label, "role": identity.role,  # type: ignore[arg-type]
-                                                   "deployment": "admin_api"})
+        meta = {"key_alias": label, "role": identity.role, "deployment": "admin_api"}
+        if identity.user_id:
+            meta["user_id"] = identity.user_id
+        return Allow(runtime.admin_route, acting, meta)  # type: ignore[arg-type]
 
     async def with_body(self, facts: Facts, body: bytes, key: KeyRecord, team: TeamRecord | None,
-                        runtime: Runtime) -> Decision:
+                        runtime: Runtime, owner: UserRecord | None = None) -> Decision:
         if len(body) <= INLINE_BODY_BYTES:
-            return decide_with_body(facts, body, key, team, runtime, random.random())
+            return decide_with_body(facts, body, key, team, runtime, random.random(), owner)
         return await asyncio.get_running_loop().run_in_executor(
-            self.body_reader, decide_with_body, facts, body, key, team, runtime, random.random())
+            self.body_reader, decide_with_body, facts, body, key, team, runtime, random.random(), owner)
 
     def close(self) -> None:
         self.body_reader.shutdown(wait=False, cancel_futures=True)

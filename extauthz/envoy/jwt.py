@@ -20,7 +20,6 @@ from extauthz.config import DISCOVERY_SUFFIX, JwtAuth
 # A JWT's first segment is base64url JSON: it starts "eyJ" ('{"'). Anything else after
 # "Bearer " is a virtual key.
 JWT_BEARER = r"^Bearer eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*$"
-JWKS_CACHE = "120s"
 
 Fetch = Callable[[str], dict[str, Any]]
 
@@ -60,10 +59,11 @@ def jwt_filter(jwt: JwtAuth, sources: list[tuple[str, str]]) -> dict[str, Any]:
         provider: dict[str, Any] = {
             "remote_jwks": {
                 "http_uri": {"uri": jwks, "cluster": cluster_name(jwks), "timeout": "5s"},
-                "cache_duration": JWKS_CACHE,
-                # Keys are fetched at start-up and again every JWKS_CACHE, not on a request's
-                # path. Envoy 1.40 does not fetch again on an unknown kid: a key the IdP
-                # publishes is used within JWKS_CACHE (IdPs publish keys ahead of signing with them).
+                "cache_duration": f"{jwt.public_key_ttl_s}s",
+                # Keys are fetched at start-up and again every public_key_ttl, not on a
+                # request's path. Envoy 1.40 does not fetch again on an unknown kid: a key the
+                # IdP publishes is used within public_key_ttl (IdPs publish keys ahead of
+                # signing with them).
                 "async_fetch": {"fast_listener": False},
                 "retry_policy": {"num_retries": 3},
             },

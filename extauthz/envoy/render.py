@@ -43,13 +43,13 @@ ADMIN_PATHS = ("/v1/models", "/models", "/model/info", "/v1/model/info", "/model
 # Gemini's calls on its v1 path, which the admin API's /v1/models/ prefix would take.
 GEMINI_V1_CALL = r"^/v1/models/[^/:]+:(generateContent|streamGenerateContent)/?$"  # as classify reads it  # matched without the query
 # Not "/model/": Bedrock's InvokeModel path (/model/{id}/invoke) is an LLM call.
-ADMIN_PREFIXES = ("/key/", "/team/", "/v1/models/", "/models/", "/health/")
+ADMIN_PREFIXES = ("/key/", "/team/", "/user/", "/v1/models/", "/models/", "/health/")
 # Routes the sidecar is not asked about: the admin API checks the master key itself (its
 # JSON bodies are not LLM requests), and a request with no key at all is refused by Envoy.
 UNCHECKED_ROUTE_FILTERS = {name: {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}
                            for name in (EXT_AUTHZ_FILTER, SPLICE_FILTER)}
 # Dynamic metadata the sidecar returns on a decision (see policy.py).
-EXT_AUTHZ_METADATA = ("key_alias", "key_hash", "team_id", "model", "deployment")
+EXT_AUTHZ_METADATA = ("key_alias", "key_hash", "team_id", "user_id", "role", "model", "deployment")
 
 T = TypeVar("T")
 

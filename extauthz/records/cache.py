@@ -1,4 +1,4 @@
-"""A bounded local cache of key and team records in front of the Redis store.
+"""A bounded local cache of key, team and user records in front of the Redis store.
 
 Entries are dropped by Redis's own invalidation messages (see invalidation.py), so the
 cache answers only while that channel is live; otherwise every lookup reads Redis.
@@ -15,7 +15,7 @@ import time
 from collections import OrderedDict
 from typing import Any, Awaitable, Callable, NamedTuple, Protocol
 
-from extauthz.records.record import KeyRecord, TeamRecord
+from extauthz.records.record import KeyRecord, TeamRecord, UserRecord
 from extauthz.records.store import RecordReader, StoreUnavailable
 
 MISS = object()
@@ -148,6 +148,8 @@ class BackingStore(RecordReader, Protocol):
 
     def team_id(self, team_id: str) -> str: ...
 
+    def user_id(self, user_id: str) -> str: ...
+
 
 class CachedStore:
     """A RecordReader that answers from the cache when it can, from the store otherwise."""
@@ -190,3 +192,7 @@ class CachedStore:
     async def get_team(self, team_id: str) -> TeamRecord | None:
         return await self._lookup(self.store.team_id(team_id), lambda: self.store.get_team(team_id),
                                   TeamRecord._make)
+
+    async def get_user(self, user_id: str) -> UserRecord | None:
+        return await self._lookup(self.store.user_id(user_id), lambda: self.store.get_user(user_id),
+                                  UserRecord._make)

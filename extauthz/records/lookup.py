@@ -1,24 +1,34 @@
 """The records behind a presented key, read the same way by the check path and by the
 admin API's /v1/models: the master key is a record of its own, a key's team is read
-only when it has one. Raises StoreUnavailable."""
+only when it has one, its owner only when it has no team (a user's models narrow its
+personal keys, as in LiteLLM). Raises StoreUnavailable."""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from extauthz.records.store import RecordReader
-from extauthz.records.record import MASTER, KeyRecord, TeamRecord, hash_token
+from extauthz.records.record import MASTER, KeyRecord, TeamRecord, UserRecord, hash_token
 
 
-async def lookup(token: str | None, store: RecordReader,
-                 is_master: Callable[[str], bool]) -> tuple[KeyRecord | None, TeamRecord | None]:
+class Records(NamedTuple):
+    key: KeyRecord | None
+    team: TeamRecord | None
+    owner: UserRecord | None    # read for keys without a team only
+
+
+NONE = Records(None, None, None)
+
+
+async def lookup(token: str | None, store: RecordReader, is_master: Callable[[str], bool]) -> Records:
     if token is None:
-        return None, None
+        return NONE
     token_hash = hash_token(token)
     if is_master(token_hash):
-        return MASTER, None
+        return Records(MASTER, None, None)
     key = await store.get_key(token_hash)
-    team = None
-    if key is not None and key.team_id is not None:
-        team = await store.get_team(key.team_id)
-    return key, team
+    if key is None:
+        return NONE
+    if key.team_id is not None:
+        return Records(key, await store.get_team(key.team_id), None)
+    return Records(key, None, await store.get_user(key.user_id) if key.user_id is not None else None)

@@ -16,11 +16,11 @@ from typing import Any, NamedTuple
 # Fields LiteLLM accepts that are stored and returned but not enforced yet.
 NOT_ENFORCED = (
     "max_budget", "budget_duration", "soft_budget", "max_parallel_requests", "rpm_limit",
-    "tpm_limit", "model_rpm_limit", "model_tpm_limit", "model_max_budget", "user_id",
+    "tpm_limit", "model_rpm_limit", "model_tpm_limit", "model_max_budget",
     "organization_id", "tags", "guardrails", "permissions", "aliases", "config",
-    "allowed_cache_controls", "spend", "send_invite_email", "key_type",
-    "allowed_routes", "object_permission", "members_with_roles", "members",
-    "team_member_permissions", "model_aliases", "budget_id", "enforced_params",
+    "allowed_cache_controls", "spend", "send_invite_email",
+    "object_permission", "team_member_permissions", "model_aliases", "budget_id", "enforced_params",
+    "user_alias", "sso_user_id", "auto_create_key",
 )
 
 
@@ -39,6 +39,32 @@ def parse_time(value: Any) -> float | None:
 
 def format_time(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, timezone.utc).isoformat()
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+def new_key_doc(raw_key: str, **fields: Any) -> dict[str, Any]:
+    """A key's stored document: its hash, never the key itself."""
+    stamp = now_iso()
+    return {"token": hash_token(raw_key), "key_name": f"sk-...{raw_key[-4:]}", "key_alias": None, "models": [],
+            "team_id": None, "expires": None, "blocked": False, "metadata": {}, "created_at": stamp,
+            "updated_at": stamp, **fields}
+
+
+def new_team_doc(team_id: str, **fields: Any) -> dict[str, Any]:
+    """A team's stored document, as /team/new (or team_id_upsert) creates it."""
+    stamp = now_iso()
+    return {"team_id": team_id, "team_alias": None, "models": [], "blocked": False, "metadata": {},
+            "members_with_roles": [], "created_at": stamp, "updated_at": stamp, **fields}
+
+
+def new_user_doc(user_id: str, **fields: Any) -> dict[str, Any]:
+    """A user's stored document, as /user/new (or user_id_upsert, or adding a member) creates it."""
+    stamp = now_iso()
+    return {"user_id": user_id, "user_email": None, "user_role": "internal_user", "models": [], "teams": [],
+            "metadata": {}, "created_at": stamp, "updated_at": stamp, **fields}
 
 
 _SHARED: dict[tuple[str, ...], tuple[str, ...]] = {}
@@ -70,6 +96,8 @@ class KeyRecord(NamedTuple):
     expires_at: float | None
     blocked: bool
     key_name: str | None = None
+    user_id: str | None = None          # the key's owner (a user record may narrow its models)
+    allowed_routes: tuple[str, ...] | None = None   # None: every route its kind of caller may use
 
     @property
     def label(self) -> str:
@@ -77,8 +105,10 @@ class KeyRecord(NamedTuple):
 
     @classmethod
     def from_document(cls, doc: dict[str, Any]) -> "KeyRecord":
+        routes = doc.get("allowed_routes")
         return cls(doc["token"], doc.get("key_alias"), _shared(doc.get("models")), _name(doc.get("team_id")),
-                   parse_time(doc.get("expires")), bool(doc.get("blocked")), doc.get("key_name"))
+                   parse_time(doc.get("expires")), bool(doc.get("blocked")), doc.get("key_name"),
+                   _name(doc.get("user_id")), _shared(routes) if routes else None)
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> "KeyRecord":
@@ -101,6 +131,22 @@ class TeamRecord(NamedTuple):
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> "TeamRecord":
+        return cls.from_document(json.loads(raw))
+
+
+class UserRecord(NamedTuple):
+    """A user (LiteLLM's /user/new): its models narrow the keys it owns that have no team."""
+
+    user_id: str
+    user_role: str | None
+    models: tuple[str, ...]
+
+    @classmethod
+    def from_document(cls, doc: dict[str, Any]) -> "UserRecord":
+        return cls(_name(doc["user_id"]), doc.get("user_role"), _shared(doc.get("models")))
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> "UserRecord":
         return cls.from_document(json.loads(raw))
 
 

@@ -6,7 +6,9 @@ Layout (``<p>`` is the configured prefix, ``extauthz:`` by default):
 - ``<p>team:<team_id>``               JSON team record
 - ``<p>alias:<key_alias>``            the hash of the key holding that alias (uniqueness)
 - ``<p>team_keys:<team_id>``          set of the hashes of the team's keys
-- ``<p>keys`` / ``<p>teams``          sets of every key hash / team id (listing)
+- ``<p>user:<user_id>``               JSON user record
+- ``<p>user_keys:<user_id>``          set of the hashes of the keys the user owns
+- ``<p>keys`` / ``<p>teams`` / ``<p>users``  sets of every key hash / team id / user id (listing)
 
 Reads cost one round trip per record. Every write runs in a WATCH/MULTI transaction
 that retries on conflict, so concurrent admin calls lose nothing.
@@ -25,7 +27,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, WatchError
 
 from extauthz.telemetry import tracing
-from extauthz.records.record import KeyRecord, TeamRecord
+from extauthz.records.record import KeyRecord, TeamRecord, UserRecord
 
 TRANSACTION_ATTEMPTS = 100
 
@@ -53,6 +55,8 @@ class RecordReader(Protocol):
 
     async def get_team(self, team_id: str) -> TeamRecord | None: ...
 
+    async def get_user(self, user_id: str) -> UserRecord | None: ...
+
 
 Doc = dict[str, Any]
 Pipeline = aioredis.client.Pipeline
@@ -75,6 +79,12 @@ class Keyspace:
 
     def team_keys_id(self, team_id: str) -> str:
         return f"{self.prefix}team_keys:{team_id}"
+
+    def user_id(self, user_id: str) -> str:
+        return f"{self.prefix}user:{user_id}"
+
+    def user_keys_id(self, user_id: str) -> str:
+        return f"{self.prefix}user_keys:{user_id}"
 
 
 class RedisReader(Keyspace):
@@ -115,6 +125,10 @@ class RedisReader(Keyspace):
         raw = await self.get(self.team_id(team_id))
         return None if raw is None else TeamRecord.from_json(raw)
 
+    async def get_user(self, user_id: str) -> UserRecord | None:
+        raw = await self.get(self.user_id(user_id))
+        return None if raw is None else UserRecord.from_json(raw)
+
 
 class RedisWriter(Keyspace):
     """The admin API's side: whole documents, listings and atomic WATCH/MULTI writes, on
@@ -136,6 +150,20 @@ class RedisWriter(Keyspace):
         raw = await self.reader.get(self.team_id(team_id))
         return None if raw is None else json.loads(raw)
 
+    async def team_docs(self, team_ids: list[str]) -> list[Doc | None]:
+        """Several teams in one round trip (a token may name many)."""
+        if not team_ids:
+            return []
+        try:
+            raws = await asyncio.wait_for(self.redis.mget([self.team_id(t) for t in team_ids]), self.timeout)
+        except (RedisError, OSError, asyncio.TimeoutError) as e:
+            raise StoreUnavailable(type(e).__name__) from None
+        return [None if r is None else json.loads(r) for r in raws]
+
+    async def user_doc(self, user_id: str) -> Doc | None:
+        raw = await self.reader.get(self.user_id(user_id))
+        return None if raw is None else json.loads(raw)
+
     async def alias_owner(self, alias: str) -> str | None:
         raw = await self.reader.get(self.alias_id(alias))
         return None if raw is None else raw.decode()
@@ -148,12 +176,17 @@ class RedisWriter(Keyspace):
             raise StoreUnavailable(type(e).__name__) from None
         return [json.loads(r) for r in raws if r is not None]
 
-    async def list_keys(self, team_id: str | None = None) -> list[Doc]:
-        source = self.team_keys_id(team_id) if team_id else f"{self.prefix}keys"
-        return await self._docs(source, self.key_id)
+    async def list_keys(self, team_id: str | None = None, user_id: str | None = None) -> list[Doc]:
+        source = self.team_keys_id(team_id) if team_id else self.user_keys_id(user_id) if user_id \
+            else f"{self.prefix}keys"
+        docs = await self._docs(source, self.key_id)
+        return [d for d in docs if d.get("user_id") == user_id] if team_id and user_id else docs
 
     async def list_teams(self) -> list[Doc]:
         return await self._docs(f"{self.prefix}teams", self.team_id)
+
+    async def list_users(self) -> list[Doc]:
+        return await self._docs(f"{self.prefix}users", self.user_id)
 
     # -- atomic writes --------------------------------------------------------------------
 
@@ -243,6 +276,11 @@ class RedisWriter(Keyspace):
             pipe.srem(self.team_keys_id(old_team), token_hash)
         if new.get("team_id"):
             pipe.sadd(self.team_keys_id(new["team_id"]), token_hash)
+        old_user = (old or {}).get("user_id")
+        if old_user and old_user != new.get("user_id"):
+            pipe.srem(self.user_keys_id(old_user), token_hash)
+        if new.get("user_id"):
+            pipe.sadd(self.user_keys_id(new["user_id"]), token_hash)
 
     async def delete_key(self, token_hash: str) -> bool:
         async def body(pipe: Pipeline) -> bool:
@@ -262,10 +300,16 @@ class RedisWriter(Keyspace):
             pipe.delete(self.alias_id(doc["key_alias"]))
         if doc.get("team_id"):
             pipe.srem(self.team_keys_id(doc["team_id"]), token_hash)
+        if doc.get("user_id"):
+            pipe.srem(self.user_keys_id(doc["user_id"]), token_hash)
 
-    async def create_team(self, doc: Doc) -> Doc:
+    async def create_team(self, doc: Doc, exists_ok: bool = False) -> Doc:
+        """Store a new team; with ``exists_ok`` (an upsert) an existing one is left as it is."""
         async def body(pipe: Pipeline) -> Doc:
             if await pipe.exists(self.team_id(doc["team_id"])):
+                if exists_ok:
+                    pipe.multi()
+                    return doc
                 raise Conflict(f"team_id {doc['team_id']!r} already exists")
             pipe.multi()
             pipe.set(self.team_id(doc["team_id"]), json.dumps(doc, separators=(",", ":")))
@@ -302,3 +346,113 @@ class RedisWriter(Keyspace):
             return sum(d is not None for d in docs)
 
         return await self._transact(body, self.team_id(team_id), self.team_keys_id(team_id))
+
+    # -- users and team members -----------------------------------------------------------
+
+    async def create_user(self, doc: Doc, exists_ok: bool = False) -> Doc:
+        """Store a new user, and add it to the members of the teams it names (which must exist)."""
+        user_id = doc["user_id"]
+
+        async def body(pipe: Pipeline) -> Doc:
+            if await pipe.exists(self.user_id(user_id)):
+                if exists_ok:
+                    pipe.multi()
+                    return doc
+                raise Conflict(f"user_id {user_id!r} already exists")
+            teams = [(t, await self._team_for(pipe, t)) for t in doc.get("teams") or []]
+            pipe.multi()
+            for team_id, team in teams:
+                self._queue_member(pipe, team_id, team, {"user_id": user_id, "user_email": doc.get("user_email"),
+                                                         "role": "user"})
+            self._queue_user(pipe, doc)
+            return doc
+
+        return await self._transact(body, self.user_id(user_id))
+
+    async def update_user(self, user_id: str, change: Callable[[Doc], Doc]) -> Doc:
+        async def body(pipe: Pipeline) -> Doc:
+            old = await self._read(pipe, self.user_id(user_id))
+            if old is None:
+                raise NotFound(f"user_id {user_id!r} does not exist")
+            new = change(dict(old))
+            pipe.multi()
+            self._queue_user(pipe, new)
+            return new
+
+        return await self._transact(body, self.user_id(user_id))
+
+    async def delete_user(self, user_id: str) -> int:
+        """Delete a user, the keys it owns and its team memberships; returns how many keys went."""
+        async def body(pipe: Pipeline) -> int:
+            doc = await self._read(pipe, self.user_id(user_id))
+            if doc is None:
+                raise NotFound(f"user_id {user_id!r} does not exist")
+            hashes = [m.decode() for m in await pipe.smembers(self.user_keys_id(user_id))]
+            keys = [await self._read(pipe, self.key_id(h)) for h in hashes]
+            teams = []
+            for team_id in doc.get("teams") or []:
+                await pipe.watch(self.team_id(team_id))
+                teams.append((team_id, await self._read(pipe, self.team_id(team_id))))
+            pipe.multi()
+            for key in keys:
+                if key is not None:
+                    self._queue_key_removal(pipe, key)
+            for team_id, team in teams:
+                if team is not None:
+                    self._queue_team(pipe, team_id, dict(team, members_with_roles=[
+                        m for m in team.get("members_with_roles") or [] if m.get("user_id") != user_id]))
+            pipe.delete(self.user_id(user_id), self.user_keys_id(user_id))
+            pipe.srem(f"{self.prefix}users", user_id)
+            return sum(k is not None for k in keys)
+
+        return await self._transact(body, self.user_id(user_id), self.user_keys_id(user_id))
+
+    async def add_member(self, team_id: str, member: Doc, user: Doc) -> Doc:
+        """Add (or re-role) a member of a team; ``user`` is the user record to create when
+        the member has none. Returns the team."""
+        user_id = member["user_id"]
+
+        async def body(pipe: Pipeline) -> Doc:
+            team = await self._team_for(pipe, team_id)
+            assert team is not None
+            await pipe.watch(self.user_id(user_id))
+            existing = await self._read(pipe, self.user_id(user_id))
+            pipe.multi()
+            new_team = self._queue_member(pipe, team_id, team, member)
+            stored = existing or user
+            self._queue_user(pipe, dict(stored, teams=[*(t for t in stored.get("teams") or [] if t != team_id),
+                                                       team_id]))
+            return new_team
+
+        return await self._transact(body)
+
+    async def remove_member(self, team_id: str, user_id: str) -> Doc:
+        async def body(pipe: Pipeline) -> Doc:
+            team = await self._team_for(pipe, team_id)
+            assert team is not None
+            members = team.get("members_with_roles") or []
+            if not any(m.get("user_id") == user_id for m in members):
+                raise NotFound(f"user_id {user_id!r} is not a member of team {team_id!r}")
+            await pipe.watch(self.user_id(user_id))
+            user = await self._read(pipe, self.user_id(user_id))
+            pipe.multi()
+            new_team = dict(team, members_with_roles=[m for m in members if m.get("user_id") != user_id])
+            self._queue_team(pipe, team_id, new_team)
+            if user is not None:
+                self._queue_user(pipe, dict(user, teams=[t for t in user.get("teams") or [] if t != team_id]))
+            return new_team
+
+        return await self._transact(body)
+
+    def _queue_member(self, pipe: Pipeline, team_id: str, team: Doc | None, member: Doc) -> Doc:
+        members = [m for m in (team or {}).get("members_with_roles") or [] if m.get("user_id") != member["user_id"]]
+        new_team = dict(team or {}, members_with_roles=[*members, member])
+        self._queue_team(pipe, team_id, new_team)
+        return new_team
+
+    def _queue_team(self, pipe: Pipeline, team_id: str, doc: Doc) -> None:
+        pipe.set(self.team_id(team_id), json.dumps(doc, separators=(",", ":")))
+
+    def _queue_user(self, pipe: Pipeline, doc: Doc) -> None:
+        pipe.set(self.user_id(doc["user_id"]), json.dumps(doc, separators=(",", ":")))
+        pipe.sadd(f"{self.prefix}users", doc["user_id"])

@@ -1,0 +1,120 @@
+"""Who an admin API request acts as, and which records that lets it touch.
+
+Three kinds of caller reach the admin API:
+
+- the master key: everything;
+- a JWT the check allowed (it swapped the token for the master key and named the user
+  and the token's teams in the acting headers), or a virtual key whose owner's
+  ``user_role`` is ``internal_user`` / ``internal_user_viewer``: an ``Acting`` user, limited
+  to its own keys and, in the teams where it is an ``admin`` member, the team's keys
+  and members;
+- a virtual key whose owner is ``proxy_admin`` (all) or ``proxy_admin_viewer`` (reads).
+
+The rules are pure functions of the caller and the stored documents; api.py reads the
+documents and applies them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from extauthz.admin.schema import USER_ROLES
+from extauthz.check import routes
+from extauthz.check.routing import ACTING_ROUTES, ACTING_TEAMS_HEADER, ACTING_USER_HEADER
+
+Doc = dict[str, Any]
+READ_ROUTES = tuple(r for r in ACTING_ROUTES if r in routes.INFO_ROUTES)
+# Routes a key reaches the admin API on; a key an acting user makes for someone else must
+# reach none of them (it would act with that user's powers).
+ADMIN_PROBES = (*ACTING_ROUTES, "/key/regenerate", "/team/new", "/team/update", "/user/new", "/user/update")
+
+
+class Refused(Exception):
+    """The caller may not do this (403, or 404 where saying more would tell what exists)."""
+
+    def __init__(self, message: str, status: int = 403, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.param = param
+
+
+@dataclass(frozen=True)
+class Acting:
+    user_id: str
+    teams: tuple[str, ...]
+    read_only: bool = False
+    admin_teams: frozenset[str] = frozenset()   # teams where it is an "admin" member
+
+    def with_admin_teams(self, team_docs: list[Doc | None]) -> "Acting":
+        admin = frozenset(d["team_id"] for d in team_docs if d is not None and any(
+            m.get("user_id") == self.user_id and m.get("role") == "admin" for m in d.get("members_with_roles") or []))
+        return Acting(self.user_id, self.teams, self.read_only, admin)
+
+    def may_use(self, method: str, route: str) -> bool:
+        return route in (READ_ROUTES if self.read_only or method == "GET" else ACTING_ROUTES)
+
+    def owns(self, key: Doc | None) -> bool:
+        """A key it may read, change or delete: its own, or one of a team it administers."""
+        return key is not None and (key.get("user_id") == self.user_id or key.get("team_id") in self.admin_teams)
+
+    def check_new_key(self, key: Doc, requested_user: Any) -> None:
+        """A key it may create (or a key's state after an update): in one of its teams, for
+        itself, or for anyone in a team it administers."""
+        team_id = key.get("team_id")
+        if team_id not in self.teams and team_id not in self.admin_teams:
+            raise Refused(f"Give a team_id of the caller's teams: {sorted(set(self.teams) | self.admin_teams)}.",
+                          param="team_id")
+        if requested_user not in (None, self.user_id) and team_id not in self.admin_teams:
+            raise Refused("A user creates keys for itself only (a team admin for the team's members).",
+                          param="user_id")
+
+    def check_key_for_others(self, key: Doc) -> None:
+        """A key of another user may call models only: on the admin API it would act with
+        that user's role, which the caller does not have."""
+        if key.get("user_id") in (None, self.user_id):
+            return
+        allowed = key.get("allowed_routes")
+        if not allowed:
+            key["allowed_routes"] = ["llm_api_routes"]
+        elif any(routes.permits(tuple(allowed), r, None) for r in ADMIN_PROBES):
+            raise Refused("A key for another user may not reach the admin API.", param="allowed_routes")
+
+    def check_team(self, team_id: str, manage: bool) -> None:
+        if team_id not in (self.admin_teams if manage else set(self.teams) | self.admin_teams):
+            raise Refused("team not found" if not manage else "Only an admin member of the team may change its "
+                          "members.", 404 if not manage else 403)
+
+
+def acting_from_headers(headers: Mapping[str, str]) -> Acting | None:
+    """The acting headers the check set (JSON: no trimming, no separators to confuse);
+    either one present at all means acting, and a value that does not read as a user
+    refuses the request rather than leave the master key whole."""
+    if ACTING_USER_HEADER not in headers and ACTING_TEAMS_HEADER not in headers:
+        return None
+    try:
+        user = json.loads(headers.get(ACTING_USER_HEADER, ""))
+        teams = json.loads(headers.get(ACTING_TEAMS_HEADER, "[]"))
+    except ValueError:
+        user, teams = None, []
+    if not isinstance(user, str) or not user.strip() or not isinstance(teams, list):
+        raise Refused("The acting user is unreadable.")
+    return Acting(user, tuple(t for t in teams if isinstance(t, str)))
+
+
+def key_owner_power(owner: Doc | None, method: str) -> Acting | str:
+    """What a virtual key may do on the admin API, by its owner's role: "master" (a
+    proxy_admin), "read" (a proxy_admin_viewer), an Acting user, or Refused."""
+    role = owner.get("user_role") if owner is not None else None
+    if owner is None or role not in USER_ROLES:
+        raise Refused("This key's owner has no admin role (a key needs a user_id whose user has a user_role).")
+    if role == "proxy_admin":
+        return "master"
+    if role == "proxy_admin_viewer":
+        if method != "GET":
+            raise Refused("A proxy_admin_viewer's key may only read.")
+        return "read"
+    teams = owner.get("teams") or []
+    return Acting(owner["user_id"], tuple(t for t in teams if isinstance(t, str)),
+                  read_only=role == "internal_user_viewer")

@@ -1,0 +1,78 @@
+"""Route permissions (allowed_routes, key_type presets, team/admin_allowed_routes): pure."""
+
+from __future__ import annotations
+
+import pytest
+
+from extauthz.check import routes
+from extauthz.check.endpoints import PassThrough, classify
+
+
+def permits(patterns: list[str], path: str) -> bool:
+    return routes.permits(tuple(patterns), path, classify(path))
+
+
+@pytest.mark.parametrize("path, groups", [
+    ("/v1/chat/completions", {"llm_api_routes", "openai_routes"}),
+    ("/chat/completions?x=1", {"llm_api_routes", "openai_routes"}),
+    ("/v1/messages", {"llm_api_routes", "anthropic_routes"}),
+    ("/v1beta/models/gemini-2.0-flash:generateContent", {"llm_api_routes", "google_routes"}),
+    ("/model/anthropic.claude-3/invoke", {"llm_api_routes", "mapped_pass_through_routes"}),
+    ("/v1/models", {"llm_api_routes", "openai_routes", "info_routes"}),
+    ("/v1/models/gpt-4o", {"llm_api_routes", "openai_routes", "info_routes"}),
+    ("/model_group/info", {"llm_api_routes", "model_info_routes", "info_routes"}),
+    ("/key/info", {"management_routes", "info_routes", "key_management_routes", "self_managed_routes"}),
+    ("/key/generate", {"management_routes", "key_management_routes", "self_managed_routes"}),
+    ("/team/new", {"management_routes"}),
+    ("/user/info", {"management_routes", "info_routes"}),
+    ("/health/readiness", {"public_routes", "info_routes"}),
+    ("/anything/else", set()),
+])
+def test_groups_of_a_route(path: str, groups: set[str]) -> None:
+    route = path.partition("?")[0]
+    assert routes.groups_of(route, classify(path)) == groups
+
+
+def test_pass_through_routes_are_llm_api_routes() -> None:
+    assert routes.groups_of("/langfuse/x", PassThrough(0, "/langfuse/x", "")) == {
+        "llm_api_routes", "mapped_pass_through_routes"}
+
+
+@pytest.mark.parametrize("patterns, path, allowed", [
+    (["/chat/completions"], "/chat/completions", True),
+    (["/chat/completions"], "/v1/chat/completions", False),       # exact or below, not a suffix
+    (["/chat/completions"], "/chat/completionsX", False),         # no loose prefix
+    (["/v1"], "/v1/chat/completions", True),                      # a path covers the paths below it
+    (["/v1/chat/*"], "/v1/chat/completions", True),
+    (["/v1/chat/*"], "/v1/embeddings", False),
+    (["/v1/models/{model}"], "/v1/models/gpt-4o", True),
+    (["/v1/models/{model}"], "/v1/models/a/b", False),            # a placeholder is one segment
+    (["/v1/models/{model}"], "/v1/models/", False),
+    (["llm_api_routes"], "/v1/embeddings", True),
+    (["llm_api_routes"], "/key/generate", False),
+    (["info_routes"], "/key/list", True),
+    (["info_routes"], "/key/generate", False),
+    (["info_routes"], "/v1/chat/completions", False),
+    (["management_routes"], "/team/member_add", True),
+    (["management_routes"], "/v1/chat/completions", False),
+    (["spend_tracking_routes"], "/v1/chat/completions", False),   # a group served nowhere here
+    (["openai_routes"], "/v1/messages", False),
+    (["anthropic_routes"], "/v1/messages", True),
+    (["/chat/completions"], "/chat/completions?x=/key/generate", True),  # the query is not the path
+    (["/key/info"], "/key/info/../generate", False),
+])
+def test_patterns(patterns: list[str], path: str, allowed: bool) -> None:
+    assert permits(patterns, path) is allowed
+
+
+@pytest.mark.parametrize("patterns, ok", [
+    (["llm_api_routes", "/v1/chat/completions", "/x/*", "/m/{id}"], True),
+    (["llm_api_route"], False), ([""], False), (["  "], False), ("info_routes", False), ([1], False),
+])
+def test_problem(patterns: object, ok: bool) -> None:
+    assert (routes.problem(patterns) is None) is ok
+
+
+def test_key_types_are_litellms_presets() -> None:
+    assert routes.KEY_TYPES == {"llm_api": ("llm_api_routes",), "management": ("management_routes",),
+                                "read_only": ("info_routes",), "default": None}

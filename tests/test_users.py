@@ -1,0 +1,224 @@
+"""Users, team members and virtual-key RBAC, through Envoy, as LiteLLM users drive them:
+/user/*, /team/member_*, a key's allowed_routes and key_type, and a user's own key on
+the admin API (its powers come from its user_role and its team roles)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Gateway
+from tests.harness import MASTER_KEY, http
+from tests.test_litellm_cli import lite
+
+
+def call(gateway: Gateway, method: str, path: str, key: str, body: Any = None):
+    return http(method, gateway.envoy.url + path, body, {"Authorization": f"Bearer {key}"})
+
+
+def ok(response: Any) -> dict:
+    assert response.status == 200, response.text
+    return response.json()
+
+
+def code(response: Any) -> tuple[int, str]:
+    return response.status, response.json()["error"]["code"]
+
+
+def user_key(gateway: Gateway, user_id: str, **fields: Any) -> str:
+    return ok(gateway.admin("/key/generate", {"user_id": user_id, **fields}))["key"]
+
+
+def test_a_user_and_its_personal_key(gateway: Gateway) -> None:
+    made = ok(gateway.admin("/user/new", {"user_id": "u-ann", "user_email": "ann@example.com", "models": ["gpt-4"]}))
+    assert made["user_role"] == "internal_user" and made["key"].startswith("sk-")
+    key = made["key"]
+    # The key has no models of its own: the user's decide.
+    assert gateway.chat(key, "gpt-4").status == 200
+    assert code(gateway.chat(key, "gpt-4o")) == (403, "model_not_allowed")
+    listed = call(gateway, "GET", "/v1/models", key).json()["data"]
+    assert [m["id"] for m in listed] == ["gpt-4"]
+    ok(gateway.admin("/user/update", {"user_id": "u-ann", "models": ["gpt-4o"]}))
+    assert gateway.chat(key, "gpt-4o").status == 200
+    assert gateway.chat(key, "gpt-4").status == 403
+    ok(gateway.admin("/user/update", {"user_id": "u-ann", "models": ["no-default-models"]}))
+    assert gateway.chat(key, "gpt-4o").status == 403
+    info = ok(gateway.admin("/user/info?user_id=u-ann", method="GET"))
+    assert info["user_info"]["user_email"] == "ann@example.com" and len(info["keys"]) == 1
+    assert key not in json.dumps(info)  # only its hash is stored
+    assert any(u["user_id"] == "u-ann" for u in ok(gateway.admin("/user/list", method="GET"))["users"])
+    deleted = ok(gateway.admin("/user/delete", {"user_ids": ["u-ann"]}))
+    assert deleted["deleted_keys"] == 1
+    assert code(gateway.chat(key, "gpt-4o")) == (401, "invalid_api_key")
+    assert gateway.admin("/user/info?user_id=u-ann", method="GET").status == 404
+
+
+def test_a_team_key_follows_the_team_not_the_user(gateway: Gateway) -> None:
+    # As in LiteLLM: a user's models narrow its personal keys only.
+    ok(gateway.admin("/team/new", {"team_id": "t-pers", "models": ["gpt-4o"]}))
+    ok(gateway.admin("/user/new", {"user_id": "u-pers", "models": ["gpt-4"], "auto_create_key": False}))
+    key = user_key(gateway, "u-pers", team_id="t-pers")
+    assert gateway.chat(key, "gpt-4o").status == 200
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"user_id": "u-bad", "user_role": "superuser"}, "user_role"),
+    ({"user_id": "u-bad", "models": ["no-such-model"]}, "models"),
+    ({"user_id": "u-bad", "teams": ["no-such-team"]}, "team_id"),
+    ({"user_id": "u-bad", "models": ["no-default-models", "gpt-4"]}, "models"),
+    ({"user_id": "u-bad", "teams": "t-one"}, "teams"),
+])
+def test_a_careless_user_record_is_refused(gateway: Gateway, body: dict, param: str) -> None:
+    r = gateway.admin("/user/new", body)
+    assert r.status == 400 and r.json()["error"]["param"] == param, r.text
+    assert gateway.admin("/user/info?user_id=u-bad", method="GET").status == 404
+
+
+def test_team_members_are_added_and_removed(gateway: Gateway) -> None:
+    ok(gateway.admin("/team/new", {"team_id": "t-mem", "models": ["gpt-4"]}))
+    team = ok(gateway.admin("/team/member_add", {"team_id": "t-mem", "member": [
+        {"role": "admin", "user_id": "u-lead"}, {"role": "user", "user_email": "dev@example.com"}]}))
+    roles = {m.get("user_id") if m["role"] == "admin" else m["user_email"]: m["role"]
+             for m in team["members_with_roles"]}
+    assert roles == {"u-lead": "admin", "dev@example.com": "user"}
+    lead = ok(gateway.admin("/user/info?user_id=u-lead", method="GET"))
+    assert lead["user_info"]["teams"] == ["t-mem"] and [t["team_id"] for t in lead["teams"]] == ["t-mem"]
+    ok(gateway.admin("/team/member_delete", {"team_id": "t-mem", "user_email": "dev@example.com"}))
+    team = ok(gateway.admin("/team/info?team_id=t-mem", method="GET"))["team_info"]
+    assert [m["user_id"] for m in team["members_with_roles"]] == ["u-lead"]
+    assert gateway.admin("/team/member_delete", {"team_id": "t-mem", "user_id": "nobody"}).status == 404
+    assert gateway.admin("/team/member_add", {"team_id": "no-team", "member": {"user_id": "x"}}).status == 400
+    bad = gateway.admin("/team/member_add", {"team_id": "t-mem", "member": {"role": "owner", "user_id": "x"}})
+    assert code(bad) == (400, "invalid_request")
+
+
+def test_key_type_and_allowed_routes_limit_what_a_key_calls(gateway: Gateway) -> None:
+    llm = gateway.new_key(key_type="llm_api")
+    assert gateway.chat(llm, "gpt-4").status == 200
+    assert call(gateway, "GET", "/v1/models", llm).status == 200
+    assert code(call(gateway, "GET", "/key/list", llm)) == (403, "route_not_allowed")
+    read_only = gateway.new_key(key_type="read_only")
+    assert code(gateway.chat(read_only, "gpt-4")) == (403, "route_not_allowed")
+    assert call(gateway, "GET", "/v1/models", read_only).status == 200
+    embeddings = gateway.new_key(allowed_routes=["/v1/embeddings"])
+    assert code(gateway.chat(embeddings, "gpt-4")) == (403, "route_not_allowed")
+    r = http("POST", gateway.envoy.url + "/v1/embeddings", {"model": "gpt-4", "input": "x"},
+             {"Authorization": f"Bearer {embeddings}"})
+    assert r.status == 200, r.text
+    assert code(gateway.admin("/key/generate", {"allowed_routes": ["llm_api_route"]})) == (400, "invalid_request")
+    assert code(gateway.admin("/key/generate", {"key_type": "admin"})) == (400, "invalid_request")
+    # A key's routes can be lifted by the admin, and every replica sees it at once.
+    info = ok(gateway.admin(f"/key/info?key={read_only}", method="GET"))["info"]
+    assert info["allowed_routes"] == ["info_routes"] and "allowed_routes" not in info["not_enforced"]
+    ok(gateway.admin("/key/update", {"key": read_only, "key_type": "default", "allowed_routes": None}))
+    assert gateway.chat(read_only, "gpt-4").status == 200
+
+
+def test_a_key_on_the_admin_api_has_its_owners_role(gateway: Gateway) -> None:
+    for user_id, role in (("u-root", "proxy_admin"), ("u-audit", "proxy_admin_viewer")):
+        ok(gateway.admin("/user/new", {"user_id": user_id, "user_role": role, "auto_create_key": False}))
+    root = user_key(gateway, "u-root", key_type="management")
+    assert ok(call(gateway, "POST", "/team/new", root, {"team_id": "t-by-root"}))["team_id"] == "t-by-root"
+    audit = user_key(gateway, "u-audit", key_type="management")
+    assert call(gateway, "GET", "/team/list", audit).status == 200
+    assert code(call(gateway, "POST", "/team/new", audit, {"team_id": "t-by-audit"})) == (403, "admin_not_allowed")
+    # A key with no owner, or an owner without a record, has no admin powers.
+    assert code(call(gateway, "GET", "/team/list", gateway.new_key())) == (403, "admin_not_allowed")
+    assert code(call(gateway, "GET", "/team/list", user_key(gateway, "u-ghost"))) == (403, "admin_not_allowed")
+    assert code(call(gateway, "GET", "/team/list", "sk-not-a-key-at-all")) == (401, "unauthorized")
+    blocked = user_key(gateway, "u-root", blocked=True)
+    assert code(call(gateway, "GET", "/team/list", blocked)) == (403, "key_blocked")
+    assert MASTER_KEY not in call(gateway, "GET", "/team/list", root).text
+
+
+@pytest.fixture(scope="module")
+def team_with_roles(gateway: Gateway) -> dict[str, str]:
+    """Team t-a with lead (admin) and dev (user); t-b where lead is a plain user; keys of each."""
+    ok(gateway.admin("/team/new", {"team_id": "t-a", "models": ["gpt-4", "gpt-4o"]}))
+    ok(gateway.admin("/team/new", {"team_id": "t-b", "models": ["gpt-4"]}))
+    ok(gateway.admin("/user/new", {"user_id": "u-boss", "user_role": "proxy_admin", "auto_create_key": False}))
+    ok(gateway.admin("/team/member_add", {"team_id": "t-a", "member": [
+        {"role": "admin", "user_id": "u-lead"}, {"role": "user", "user_id": "u-dev"}, {"role": "user",
+                                                                                          "user_id": "u-boss"}]}))
+    ok(gateway.admin("/team/member_add", {"team_id": "t-b", "member": {"role": "user", "user_id": "u-lead"}}))
+    return {"lead": user_key(gateway, "u-lead"), "dev": user_key(gateway, "u-dev"),
+            "dev_team_key": user_key(gateway, "u-dev", team_id="t-a", models=["gpt-4"], key_alias="dev-a"),
+            "b_key": gateway.new_key(team_id="t-b", key_alias="in-b")}
+
+
+def test_a_team_admin_manages_the_teams_keys_and_members(gateway: Gateway, team_with_roles: dict) -> None:
+    lead, dev_team_key = team_with_roles["lead"], team_with_roles["dev_team_key"]
+    for_dev = ok(call(gateway, "POST", "/key/generate", lead, {"team_id": "t-a", "user_id": "u-dev",
+                                                               "models": ["gpt-4o"]}))
+    assert gateway.chat(for_dev["key"], "gpt-4o").status == 200
+    # A key for someone else calls models only: it would otherwise act with that user's role.
+    assert for_dev["allowed_routes"] == ["llm_api_routes"]
+    listed = ok(call(gateway, "GET", "/key/list?return_full_object=true", lead))["keys"]
+    # Its own keys, and the team's: none of another team's, none of another user's elsewhere.
+    assert all(k["user_id"] == "u-lead" or k["team_id"] == "t-a" for k in listed)
+    assert "dev-a" in {k["key_alias"] for k in listed} and "in-b" not in {k["key_alias"] for k in listed}
+    assert ok(call(gateway, "GET", "/team/info?team_id=t-a", lead))["team_id"] == "t-a"
+    ok(call(gateway, "POST", "/team/member_add", lead, {"team_id": "t-a", "member": {"user_id": "u-new"}}))
+    ok(call(gateway, "POST", "/key/delete", lead, {"keys": [dev_team_key]}))
+    assert gateway.chat(dev_team_key, "gpt-4").status == 401
+    # Not in a team where it is a plain member, and nothing outside the teams' routes.
+    assert call(gateway, "POST", "/key/generate", lead, {"team_id": "t-b", "user_id": "u-dev"}).status == 403
+    assert call(gateway, "POST", "/team/member_add", lead, {"team_id": "t-b", "member": {"user_id": "x"}}).status \
+        == 403
+    assert call(gateway, "POST", "/key/delete", lead, {"key_aliases": ["in-b"]}).status == 404
+    assert call(gateway, "POST", "/team/new", lead, {"team_id": "t-lead"}).status == 403
+    assert call(gateway, "POST", "/user/new", lead, {"user_id": "u-made-by-lead"}).status == 403
+    assert call(gateway, "GET", "/user/info?user_id=u-dev", lead).status == 404
+
+
+def test_a_team_admin_cannot_lend_itself_another_users_role(gateway: Gateway, team_with_roles: dict) -> None:
+    lead = team_with_roles["lead"]
+    # u-boss (a proxy_admin) is a member of t-a: a management key of its would act as a proxy_admin.
+    refused = call(gateway, "POST", "/key/generate", lead, {"team_id": "t-a", "user_id": "u-boss",
+                                                            "key_type": "management"})
+    assert code(refused) == (403, "admin_not_allowed")
+    plain = ok(call(gateway, "POST", "/key/generate", lead, {"team_id": "t-a", "user_id": "u-boss"}))
+    assert code(call(gateway, "GET", "/team/list", plain["key"])) == (403, "route_not_allowed")
+    widened = call(gateway, "POST", "/key/update", lead, {"key": plain["key"], "allowed_routes": ["/team/*"]})
+    assert code(widened) == (403, "admin_not_allowed")
+    assert code(call(gateway, "GET", "/team/list", plain["key"])) == (403, "route_not_allowed")
+
+
+def test_a_plain_member_manages_its_own_keys_only(gateway: Gateway, team_with_roles: dict) -> None:
+    dev = team_with_roles["dev"]
+    own = ok(call(gateway, "POST", "/key/generate", dev, {"team_id": "t-a", "models": ["gpt-4"]}))
+    assert own["user_id"] == "u-dev"
+    assert call(gateway, "POST", "/key/generate", dev, {"team_id": "t-a", "user_id": "u-lead"}).status == 403
+    assert call(gateway, "POST", "/key/generate", dev, {"team_id": "t-b"}).status == 403
+    lead_key = ok(gateway.admin("/key/generate", {"user_id": "u-lead", "team_id": "t-a"}))["key"]
+    assert call(gateway, "GET", f"/key/info?key={lead_key}", dev).status == 404
+    assert call(gateway, "POST", "/key/delete", dev, {"keys": [lead_key]}).status == 404
+    assert call(gateway, "POST", "/team/member_add", dev, {"team_id": "t-a", "member": {"user_id": "x"}}).status \
+        == 403
+    # What the admin decided on its key stays the admin's.
+    ok(gateway.admin("/key/block", {"key": own["key"]}))
+    lifted = call(gateway, "POST", "/key/update", dev, {"key": own["key"], "blocked": False})
+    assert code(lifted) == (403, "admin_not_allowed")
+    assert call(gateway, "POST", "/key/unblock", dev, {"key": own["key"]}).status == 403
+    assert code(gateway.chat(own["key"], "gpt-4")) == (403, "key_blocked")
+    moved = call(gateway, "POST", "/key/update", dev, {"key": own["key"], "team_id": "t-b"})
+    assert moved.status == 403
+    assert ok(call(gateway, "GET", "/user/info", dev))["user_id"] == "u-dev"
+
+
+def test_litellm_cli_users_and_teams(gateway: Gateway, tmp_path: Path) -> None:
+    ok(gateway.admin("/team/new", {"team_id": "t-cli", "models": ["gpt-4"]}))
+    made = json.loads(lite(gateway, "users", "create", "--email", "cli@example.com", "--role", "internal_user",
+                           "--team", "t-cli", home=tmp_path))
+    user_id = made["user_id"]
+    assert made["teams"] == ["t-cli"] and gateway.chat(made["key"], "gpt-4").status == 200
+    table = lite(gateway, "users", "list", home=tmp_path)
+    assert "cli@example.com" in table and "t-cli" in table
+    got = json.loads(lite(gateway, "users", "get", "--id", user_id, home=tmp_path))
+    assert got["user_info"]["user_email"] == "cli@example.com"
+    assert "t-cli" in lite(gateway, "teams", "list", home=tmp_path)
+    lite(gateway, "users", "delete", user_id, home=tmp_path)
+    assert gateway.chat(made["key"], "gpt-4").status == 401
