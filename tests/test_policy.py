@@ -409,3 +409,40 @@ def test_what_a_wildcard_matched_goes_into_a_path_only_when_plain(requested: str
     assert isinstance(d, Allow) is allowed, d
     if not allowed:
         assert d.code == "invalid_model"
+
+
+# -- a user's models narrow its personal keys ------------------------------------------------
+
+def owner(models=()):
+    from extauthz.records.record import UserRecord
+    return UserRecord("u-ann", "internal_user", tuple(models))
+
+
+@pytest.mark.parametrize("key_models, user_models, model, allowed", [
+    ((), (), "gpt-4", True),                         # neither lists: every model
+    ((), ("gpt-4",), "gpt-4", True),
+    ((), ("gpt-4",), "gpt-4o", False),               # the user's list narrows the key's "every model"
+    (("gpt-4o",), ("gpt-4",), "gpt-4o", False),      # both must allow
+    (("beta-models",), ("gpt-4", "llama"), "llama", True),
+    ((), ("no-default-models",), "gpt-4", False),    # none of its own
+    ((), ("openai/*",), "openai/gpt-4.1", True),
+])
+def test_owner_models(key_models, user_models, model, allowed):
+    decision = decide(facts(model), key(key_models), None, CATALOG, NOW, owner=owner(user_models))
+    assert isinstance(decision, Allow) is allowed
+    if not allowed:
+        assert decision.code == "model_not_allowed"
+        assert visible_models(key(key_models), None, CATALOG, owner(user_models)) == [
+            n for n in visible_models(key(key_models), None, CATALOG) if n in visible_models(
+                key(user_models), None, CATALOG)]
+
+
+def test_a_keys_allowed_routes_refuse_before_the_body():
+    from extauthz.check.policy import route_denied
+    k = KeyRecord("ab" * 32, "k", (), None, None, False, None, None, ("info_routes",))
+    denied = route_denied(facts("gpt-4"), k)
+    assert denied is not None and denied.status == 403 and denied.code == "route_not_allowed"
+    assert route_denied(facts("gpt-4"), key()) is None
+    llm = k._replace(allowed_routes=("llm_api_routes",))
+    assert route_denied(facts("gpt-4"), llm) is None
+    assert route_denied(facts("gpt-4", path="/v1/embeddings"), k._replace(allowed_routes=("/v1/chat/*",))) is not None

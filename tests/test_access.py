@@ -1,0 +1,113 @@
+"""Who an admin API request acts as, and which records that lets it touch: pure rules."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from extauthz.admin.access import Acting, Refused, acting_from_headers, key_owner_power
+
+LEAD = Acting("lead", ("t-a", "t-b")).with_admin_teams([
+    {"team_id": "t-a", "members_with_roles": [{"user_id": "lead", "role": "admin"}]},
+    {"team_id": "t-b", "members_with_roles": [{"user_id": "lead", "role": "user"},
+                                              {"user_id": "other", "role": "admin"}]},
+    None])
+
+
+def test_admin_teams_are_those_where_it_is_an_admin_member() -> None:
+    assert LEAD.admin_teams == {"t-a"}
+
+
+@pytest.mark.parametrize("key, owns", [
+    ({"user_id": "lead", "team_id": None}, True),
+    ({"user_id": "dev", "team_id": "t-a"}, True),
+    ({"user_id": "dev", "team_id": "t-b"}, False),
+    ({"user_id": None, "team_id": None}, False),
+    (None, False),
+])
+def test_owns(key: dict | None, owns: bool) -> None:
+    assert LEAD.owns(key) is owns
+
+
+@pytest.mark.parametrize("key, requested, refused", [
+    ({"team_id": "t-b"}, None, False),             # its own key in a team it is a member of
+    ({"team_id": "t-a"}, "dev", False),            # anyone's in a team it administers
+    ({"team_id": "t-b"}, "dev", True),             # not someone else's where it is a plain member
+    ({"team_id": "t-c"}, None, True),              # not outside its teams
+    ({"team_id": None}, None, True),               # nor without a team
+])
+def test_new_keys(key: dict, requested: str | None, refused: bool) -> None:
+    if refused:
+        with pytest.raises(Refused):
+            LEAD.check_new_key(key, requested)
+    else:
+        LEAD.check_new_key(key, requested)
+
+
+def test_a_key_for_someone_else_calls_models_only() -> None:
+    key: dict = {"user_id": "dev"}
+    LEAD.check_key_for_others(key)
+    assert key["allowed_routes"] == ["llm_api_routes"]
+    for wide in (["management_routes"], ["/key/*"], ["/team/{x}"], ["info_routes"], ["/user"]):
+        with pytest.raises(Refused):
+            LEAD.check_key_for_others({"user_id": "dev", "allowed_routes": wide})
+    own: dict = {"user_id": "lead", "allowed_routes": ["management_routes"]}
+    LEAD.check_key_for_others(own)
+    assert own["allowed_routes"] == ["management_routes"]
+
+
+def test_routes_by_method_and_role() -> None:
+    assert LEAD.may_use("POST", "/key/generate") and LEAD.may_use("GET", "/key/list")
+    assert not LEAD.may_use("POST", "/key/block") and not LEAD.may_use("POST", "/team/new")
+    assert not LEAD.may_use("GET", "/key/generate")  # a write route is not a read because of its method
+    viewer = Acting("v", ("t-a",), read_only=True)
+    assert viewer.may_use("GET", "/key/list") and not viewer.may_use("POST", "/key/generate")
+
+
+def test_teams() -> None:
+    LEAD.check_team("t-b", manage=False)
+    LEAD.check_team("t-a", manage=True)
+    with pytest.raises(Refused):
+        LEAD.check_team("t-b", manage=True)
+    with pytest.raises(Refused) as hidden:
+        LEAD.check_team("t-z", manage=False)
+    assert hidden.value.status == 404
+
+
+@pytest.mark.parametrize("headers", [
+    {"x-extauthz-acting-user": "not json"},
+    {"x-extauthz-acting-user": json.dumps(" ")},
+    {"x-extauthz-acting-user": json.dumps(["a"])},
+    {"x-extauthz-acting-teams": json.dumps(["t-a"])},
+    {"x-extauthz-acting-user": json.dumps("a"), "x-extauthz-acting-teams": json.dumps("t-a")},
+])
+def test_unreadable_acting_headers_refuse(headers: dict) -> None:
+    with pytest.raises(Refused):
+        acting_from_headers(headers)
+
+
+def test_acting_headers() -> None:
+    assert acting_from_headers({}) is None
+    who = acting_from_headers({"x-extauthz-acting-user": json.dumps("a"),
+                               "x-extauthz-acting-teams": json.dumps(["t-a", 3])})
+    assert who == Acting("a", ("t-a",))
+
+
+@pytest.mark.parametrize("owner, method, power", [
+    ({"user_id": "r", "user_role": "proxy_admin"}, "POST", "master"),
+    ({"user_id": "v", "user_role": "proxy_admin_viewer"}, "GET", "read"),
+    ({"user_id": "u", "user_role": "internal_user", "teams": ["t"]}, "POST", Acting("u", ("t",))),
+    ({"user_id": "u", "user_role": "internal_user_viewer"}, "GET", Acting("u", (), read_only=True)),
+])
+def test_a_keys_power_is_its_owners(owner: dict, method: str, power: object) -> None:
+    assert key_owner_power(owner, method) == power
+
+
+@pytest.mark.parametrize("owner, method", [
+    (None, "GET"), ({"user_id": "x"}, "GET"), ({"user_id": "x", "user_role": "team"}, "GET"),
+    ({"user_id": "v", "user_role": "proxy_admin_viewer"}, "POST"),
+])
+def test_a_key_without_an_owners_role_has_no_power(owner: dict | None, method: str) -> None:
+    with pytest.raises(Refused):
+        key_owner_power(owner, method)
