@@ -209,7 +209,7 @@ class JwtAuth:
     scope_mappings: tuple[tuple[str, tuple[str, ...]], ...] = ()
     clock_skew_s: int = 60
     # LiteLLM's public_key_ttl: how long Envoy keeps a fetched JWKS before fetching it again.
-    public_key_ttl_s: int = 120
+    public_key_ttl_s: float = 120
     # The paths each kind of caller may use (check/routes.py patterns); None: no restriction
     # beyond its role. Admin: proxy_admin and proxy_admin_viewer; team: the other roles.
     team_allowed_routes: tuple[str, ...] | None = None
@@ -419,7 +419,8 @@ class _Parser:
                 self.jwt_problem = (f"{where}.public_key_url[{i}] is a JWKS URL without an issuer: give "
                                     "{url, issuer} (or, with one URL, issuer)")
                 return None
-            sources.append((url, source_issuer.rstrip("/")))
+            # As configured: Envoy compares "iss" byte for byte (Auth0's ends in "/").
+            sources.append((url, source_issuer))
         audience = raw.get("audience") or self.environ.get("JWT_AUDIENCE")
         audiences = [audience] if isinstance(audience, str) else audience or []
         if not isinstance(audiences, list) or not all(isinstance(a, str) and a for a in audiences):
@@ -466,7 +467,7 @@ class _Parser:
             raise self.error(f"{where}.public_key_ttl", "expected seconds, 1 to 86400")
         return JwtAuth(public_key_urls=tuple(u for u, _ in sources), issuers=tuple(i for _, i in sources),
                        issuer=issuer, audiences=tuple(audiences), role_mappings=tuple(mappings),
-                       scope_mappings=tuple(scopes), clock_skew_s=skew, public_key_ttl_s=int(ttl),
+                       scope_mappings=tuple(scopes), clock_skew_s=skew, public_key_ttl_s=float(ttl),
                        **allowed_routes,
                        **{k: v for k, v in text.items() if k != "user_id_jwt_field"},
                        user_id_jwt_field=text["user_id_jwt_field"] or "sub", **flags)

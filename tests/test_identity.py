@@ -162,7 +162,12 @@ def test_each_key_set_has_its_own_issuer() -> None:
                    "general_settings": {"enable_jwt_auth": True, "litellm_jwtauth": {"audience": "gw", "public_key_url": [
                        "https://login.example.com/t1/v2.0/.well-known/openid-configuration",
                        {"url": "https://keys.example.com/jwks", "issuer": "https://keys.example.com/"}]}}})
-    assert c.jwt is not None and c.jwt.issuers == ("https://login.example.com/t1/v2.0", "https://keys.example.com")
+    # As configured (Envoy compares "iss" byte for byte); the sidecar's own check ignores a trailing slash.
+    assert c.jwt is not None and c.jwt.issuers == ("https://login.example.com/t1/v2.0", "https://keys.example.com/")
+    from extauthz.check.identity import issued_for
+    for iss in ("https://keys.example.com/", "https://keys.example.com", "https://login.example.com/t1/v2.0"):
+        assert issued_for({"iss": iss, "aud": "gw"}, c.jwt)
+    assert not issued_for({"iss": "https://keys.example.com/x", "aud": "gw"}, c.jwt)
 
 
 def test_an_unreachable_discovery_document_fails_rendering_in_one_line(tmp_path) -> None:

@@ -146,11 +146,11 @@ def rsa_key() -> rsa.RSAPrivateKey:
     return rsa.generate_private_key(public_exponent=65537, key_size=2048)
 
 
-def jwks_url(idp: IdentityProvider) -> list[dict[str, str]]:
+def jwks_url(idp: IdentityProvider, issuer: str) -> list[dict[str, str]]:
     """The JWKS URL with its issuer (no discovery document to read when the Envoy config is
-    rendered). The issuer is given without a trailing slash, as tokens name it here: the
-    configured issuer is stored without one, and Envoy compares ``iss`` exactly."""
-    return [{"url": f"{idp.base}/keys", "issuer": idp.base}]
+    rendered). Envoy compares ``iss`` byte for byte, so the issuer reaches it as configured,
+    with or without a trailing slash (Auth0's has one)."""
+    return [{"url": f"{idp.base}/keys", "issuer": issuer}]
 
 
 def test_a_rotated_key_is_used_once_envoy_fetches_it_and_a_retired_one_is_refused(
@@ -190,7 +190,7 @@ def test_with_the_jwks_down_at_start_up_tokens_are_refused_until_it_answers(
     idp.add_key("k1", rsa_key())
     team = f"keys-down-at-start-{down}"
     # Envoy comes up (ready, its listener serving) with no key set.
-    gw = make_gateway(idp, team, jwks_url(idp))
+    gw = make_gateway(idp, team, jwks_url(idp, idp.base))
     assert idp.failed_fetches_since(0) >= 1 and all(mode == down for _, mode in idp.fetches)
     token = idp.token(kid="k1", iss=idp.base, groups=[team])
     key = gw.new_key(models=["gpt-4"])
@@ -210,8 +210,8 @@ def test_the_last_good_key_set_outlives_a_jwks_outage(make_gateway: Callable[...
     idp.add_key("k1", rsa_key())
     idp.add_key("k2", rsa_key(), publish=False)
     team = "keys-down-later"
-    gw = make_gateway(idp, team, jwks_url(idp))
-    token, later = (idp.token(kid=kid, iss=idp.base, groups=[team]) for kid in ("k1", "k2"))
+    gw = make_gateway(idp, team, jwks_url(idp, idp.issuer))  # "http://127.0.0.1:port/": a trailing slash
+    token, later = (idp.token(kid=kid, groups=[team]) for kid in ("k1", "k2"))
     key = gw.new_key(models=["gpt-4"])
     assert served(gw, token)
 

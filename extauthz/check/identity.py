@@ -72,7 +72,7 @@ def issued_for(claims: Mapping[str, Any], jwt: JwtAuth) -> bool:
     issuer = claims.get("iss")
     audience = claims.get("aud")
     audiences = {audience} if isinstance(audience, str) else set(strings(audience))
-    return (isinstance(issuer, str) and issuer.rstrip("/") in jwt.issuers
+    return (isinstance(issuer, str) and any(issuer.rstrip("/") == i.rstrip("/") for i in jwt.issuers)
             and not audiences.isdisjoint(jwt.audiences))
 
 

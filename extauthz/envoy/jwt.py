@@ -59,7 +59,7 @@ def jwt_filter(jwt: JwtAuth, sources: list[tuple[str, str]]) -> dict[str, Any]:
         provider: dict[str, Any] = {
             "remote_jwks": {
                 "http_uri": {"uri": jwks, "cluster": cluster_name(jwks), "timeout": "5s"},
-                "cache_duration": f"{jwt.public_key_ttl_s}s",
+                "cache_duration": f"{jwt.public_key_ttl_s:g}s",
                 # Keys are fetched at start-up and again every public_key_ttl, not on a
                 # request's path. Envoy 1.40 does not fetch again on an unknown kid: a key the
                 # IdP publishes is used within public_key_ttl (IdPs publish keys ahead of
