@@ -227,7 +227,9 @@ class App:
 
     async def serve_http(self, app: web.Application, sock: socket.socket) -> None:
         # Open keep-alive connections get the same grace as in-flight checks, not aiohttp's 60 s.
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=self.settings.shutdown_grace_s)
+        # Header fields up to 64 KiB: the acting headers name a token's teams (up to 200 of 256 characters).
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=self.settings.shutdown_grace_s,
+                               max_field_size=64 * 1024, max_line_size=64 * 1024)
         await runner.setup()
         self.runners.append(runner)
         await web.SockSite(runner, sock).start()

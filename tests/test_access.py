@@ -45,16 +45,15 @@ def test_new_keys(key: dict, requested: str | None, refused: bool) -> None:
         LEAD.check_new_key(key, requested)
 
 
-def test_a_key_for_someone_else_calls_models_only() -> None:
-    key: dict = {"user_id": "dev"}
-    LEAD.check_key_for_others(key)
-    assert key["allowed_routes"] == ["llm_api_routes"]
-    for wide in (["management_routes"], ["/key/*"], ["/team/{x}"], ["info_routes"], ["/user"]):
-        with pytest.raises(Refused):
-            LEAD.check_key_for_others({"user_id": "dev", "allowed_routes": wide})
-    own: dict = {"user_id": "lead", "allowed_routes": ["management_routes"]}
-    LEAD.check_key_for_others(own)
-    assert own["allowed_routes"] == ["management_routes"]
+def test_a_key_owner_s_teams_count_only_where_the_team_lists_it() -> None:
+    # A key's owner's record says t-a and t-gone; t-gone was deleted and made again without it.
+    who = Acting("dev", ("t-a", "t-gone")).with_admin_teams(
+        [{"team_id": "t-a", "members_with_roles": [{"user_id": "dev", "role": "user"}]},
+         {"team_id": "t-gone", "members_with_roles": []}], members_only=True)
+    assert who.teams == ("t-a",) and who.admin_teams == frozenset()
+    odd = Acting("dev", ("t-x",)).with_admin_teams([{"team_id": "t-x", "members_with_roles": ["dev", 3]}],
+                                                  members_only=True)
+    assert odd.teams == ()
 
 
 def test_routes_by_method_and_role() -> None:
@@ -101,7 +100,11 @@ def test_acting_headers() -> None:
     ({"user_id": "u", "user_role": "internal_user_viewer"}, "GET", Acting("u", (), read_only=True)),
 ])
 def test_a_keys_power_is_its_owners(owner: dict, method: str, power: object) -> None:
-    assert key_owner_power(owner, method) == power
+    assert key_owner_power({"user_id": owner["user_id"]}, owner, method) == power
+    # Made (or last changed) for its owner by someone else: no power at all.
+    with pytest.raises(Refused):
+        key_owner_power({"user_id": owner["user_id"], "created_by": "team-lead"}, owner, method)
+    assert key_owner_power({"user_id": owner["user_id"], "created_by": owner["user_id"]}, owner, method) == power
 
 
 @pytest.mark.parametrize("owner, method", [
@@ -110,4 +113,4 @@ def test_a_keys_power_is_its_owners(owner: dict, method: str, power: object) -> 
 ])
 def test_a_key_without_an_owners_role_has_no_power(owner: dict | None, method: str) -> None:
     with pytest.raises(Refused):
-        key_owner_power(owner, method)
+        key_owner_power({"user_id": "x"}, owner, method)

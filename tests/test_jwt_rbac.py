@@ -91,6 +91,13 @@ def test_an_internal_user_viewer_reads_its_keys_only(rbac: Gateway, idp: Identit
     assert code(call(rbac, "POST", "/key/generate", reader, {"team_id": "core"})) == (403, "admin_not_allowed")
 
 
+def test_a_token_naming_too_many_teams_is_refused(rbac: Gateway, idp: IdentityProvider) -> None:  # noqa: F811
+    # Each team is a lookup (and, with team_id_upsert, a write) on the request's path.
+    token = idp.token(sub="svc", groups=[f"g-{i}" for i in range(201)])
+    assert code(rbac.chat(token, "gpt-4")) == (403, "too_many_teams")
+    assert rbac.admin("/team/info?team_id=g-0", method="GET").status == 404  # nothing was created
+
+
 def test_a_team_admin_member_acts_with_its_token(rbac: Gateway, idp: IdentityProvider) -> None:  # noqa: F811
     assert rbac.admin("/team/new", {"team_id": "squad", "models": ["gpt-4"]}).status == 200
     assert rbac.admin("/team/member_add", {"team_id": "squad", "member": {"role": "admin", "user_id": "u-captain"}}) \
@@ -100,7 +107,7 @@ def test_a_team_admin_member_acts_with_its_token(rbac: Gateway, idp: IdentityPro
     added = call(rbac, "POST", "/team/member_add", captain, {"team_id": "squad", "member": {"user_id": "u-crew"}})
     assert added.status == 200, added.text
     made = call(rbac, "POST", "/key/generate", captain, {"team_id": "squad", "user_id": "u-crew"})
-    assert made.status == 200 and made.json()["allowed_routes"] == ["llm_api_routes"]
+    assert made.status == 200 and made.json()["created_by"] == "u-captain"  # no admin powers as u-crew
     assert code(call(rbac, "POST", "/team/member_add", member, {"team_id": "squad",
                                                                 "member": {"user_id": "u-x"}})) == (403,
                                                                                                     "admin_not_allowed")

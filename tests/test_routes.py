@@ -60,6 +60,12 @@ def test_pass_through_routes_are_llm_api_routes() -> None:
     (["anthropic_routes"], "/v1/messages", True),
     (["/chat/completions"], "/chat/completions?x=/key/generate", True),  # the query is not the path
     (["/key/info"], "/key/info/../generate", False),
+    (["/v1/models"], "/v1/models/gemini-2.0-flash:generateContent", False),  # not a model call below a path
+    (["/v1/models"], "/v1/models/gpt-4o", True),                               # a listing below it is
+    (["/v1/*"], "/v1/models/gemini-2.0-flash:generateContent", True),        # an explicit star is
+    (["/v1/models/{m}"], "/v1/models/gemini-2.0-flash:generateContent", True),
+    (["/openai/deployments/{d}/chat/completions"], "/openai/deployments/gpt-4o/chat/completions", True),
+    (["/openai"], "/openai/deployments/gpt-4o/chat/completions", True),      # a prefix that is no route of its own
 ])
 def test_patterns(patterns: list[str], path: str, allowed: bool) -> None:
     assert permits(patterns, path) is allowed
@@ -68,6 +74,7 @@ def test_patterns(patterns: list[str], path: str, allowed: bool) -> None:
 @pytest.mark.parametrize("patterns, ok", [
     (["llm_api_routes", "/v1/chat/completions", "/x/*", "/m/{id}"], True),
     (["llm_api_route"], False), ([""], False), (["  "], False), ("info_routes", False), ([1], False),
+    (["/{a}{b}x"], False), (["/x{a}"], False), (["/{a}/{b}"], True), (["/a}"], False),
 ])
 def test_problem(patterns: object, ok: bool) -> None:
     assert (routes.problem(patterns) is None) is ok
@@ -76,3 +83,12 @@ def test_problem(patterns: object, ok: bool) -> None:
 def test_key_types_are_litellms_presets() -> None:
     assert routes.KEY_TYPES == {"llm_api": ("llm_api_routes",), "management": ("management_routes",),
                                 "read_only": ("info_routes",), "default": None}
+
+
+def test_many_placeholders_match_segment_by_segment() -> None:
+    # Adjacent placeholders are refused at input (a regex of them backtracks for seconds);
+    # whole-segment ones match segment by segment.
+    pattern = ("/" + "/".join("{p%d}" % i for i in range(200)),)
+    assert routes.permits(pattern, "/" + "/".join("a" * 50 for _ in range(200)), None)
+    assert not routes.permits(pattern, "/" + "/".join("a" * 50 for _ in range(199)), None)
+    assert not routes.permits(pattern, "/" + "/".join("a" * 50 for _ in range(199)) + "/", None)

@@ -154,8 +154,9 @@ def test_a_team_admin_manages_the_teams_keys_and_members(gateway: Gateway, team_
     for_dev = ok(call(gateway, "POST", "/key/generate", lead, {"team_id": "t-a", "user_id": "u-dev",
                                                                "models": ["gpt-4o"]}))
     assert gateway.chat(for_dev["key"], "gpt-4o").status == 200
-    # A key for someone else calls models only: it would otherwise act with that user's role.
-    assert for_dev["allowed_routes"] == ["llm_api_routes"]
+    # A key made for someone else has no admin powers: it would otherwise act with that user's role.
+    assert for_dev["created_by"] == "u-lead"
+    assert code(call(gateway, "GET", "/key/list", for_dev["key"])) == (403, "admin_not_allowed")
     listed = ok(call(gateway, "GET", "/key/list?return_full_object=true", lead))["keys"]
     # Its own keys, and the team's: none of another team's, none of another user's elsewhere.
     assert all(k["user_id"] == "u-lead" or k["team_id"] == "t-a" for k in listed)
@@ -177,14 +178,15 @@ def test_a_team_admin_manages_the_teams_keys_and_members(gateway: Gateway, team_
 def test_a_team_admin_cannot_lend_itself_another_users_role(gateway: Gateway, team_with_roles: dict) -> None:
     lead = team_with_roles["lead"]
     # u-boss (a proxy_admin) is a member of t-a: a management key of its would act as a proxy_admin.
-    refused = call(gateway, "POST", "/key/generate", lead, {"team_id": "t-a", "user_id": "u-boss",
-                                                            "key_type": "management"})
-    assert code(refused) == (403, "admin_not_allowed")
-    plain = ok(call(gateway, "POST", "/key/generate", lead, {"team_id": "t-a", "user_id": "u-boss"}))
-    assert code(call(gateway, "GET", "/team/list", plain["key"])) == (403, "route_not_allowed")
-    widened = call(gateway, "POST", "/key/update", lead, {"key": plain["key"], "allowed_routes": ["/team/*"]})
-    assert code(widened) == (403, "admin_not_allowed")
-    assert code(call(gateway, "GET", "/team/list", plain["key"])) == (403, "route_not_allowed")
+    made = ok(call(gateway, "POST", "/key/generate", lead, {"team_id": "t-a", "user_id": "u-boss",
+                                                            "key_type": "management"}))
+    assert code(call(gateway, "GET", "/team/list", made["key"])) == (403, "admin_not_allowed")
+    assert code(call(gateway, "POST", "/team/new", made["key"], {"team_id": "t-x"})) == (403, "admin_not_allowed")
+    # The master key's own key for u-boss does act as u-boss; a team admin's change takes that away.
+    boss = ok(gateway.admin("/key/generate", {"user_id": "u-boss", "team_id": "t-a"}))["key"]
+    assert call(gateway, "GET", "/team/list", boss).status == 200
+    ok(call(gateway, "POST", "/key/update", lead, {"key": boss, "metadata": {"touched": True}}))
+    assert code(call(gateway, "GET", "/team/list", boss)) == (403, "admin_not_allowed")
 
 
 def test_a_plain_member_manages_its_own_keys_only(gateway: Gateway, team_with_roles: dict) -> None:
@@ -222,3 +224,103 @@ def test_litellm_cli_users_and_teams(gateway: Gateway, tmp_path: Path) -> None:
     assert "t-cli" in lite(gateway, "teams", "list", home=tmp_path)
     lite(gateway, "users", "delete", user_id, home=tmp_path)
     assert gateway.chat(made["key"], "gpt-4").status == 401
+
+
+# -- what an attacker tried ---------------------------------------------------------------------
+
+def test_a_key_a_team_admin_made_for_someone_else_has_no_admin_powers(gateway: Gateway,
+                                                                      team_with_roles: dict) -> None:
+    lead = team_with_roles["lead"]
+    # Routes that no probe list would think of: the key is refused by who made it, not by its routes.
+    made = ok(call(gateway, "POST", "/key/generate", lead, {
+        "team_id": "t-a", "user_id": "u-boss",
+        "allowed_routes": ["/user/list", "/team/list", "/key/unblock", "/team/block", "/user/delete"]}))
+    assert made["created_by"] == "u-lead"
+    for method, path, body in (("GET", "/user/list", None), ("GET", "/team/list", None),
+                               ("POST", "/team/block", {"team_id": "t-b"}),
+                               ("POST", "/user/delete", {"user_ids": ["u-dev"]})):
+        assert code(call(gateway, method, path, made["key"], body)) == (403, "admin_not_allowed"), path
+    # Nor can it hand its own key to a proxy_admin: changed by it, the key is its, not theirs.
+    own = ok(call(gateway, "POST", "/key/generate", lead, {"team_id": "t-a"}))["key"]
+    ok(call(gateway, "POST", "/key/update", lead, {"key": own, "user_id": "u-boss"}))
+    assert code(call(gateway, "GET", "/team/list", own)) == (403, "admin_not_allowed")
+    assert ok(gateway.admin("/user/info?user_id=u-dev", method="GET"))["user_id"] == "u-dev"
+
+
+def test_a_user_cannot_bring_back_a_blocked_secret(gateway: Gateway, team_with_roles: dict) -> None:
+    dev = team_with_roles["dev"]
+    chosen = call(gateway, "POST", "/key/generate", dev, {"team_id": "t-a", "key": "sk-chosen-by-the-user-123"})
+    assert code(chosen) == (403, "admin_not_allowed")
+    own = ok(call(gateway, "POST", "/key/generate", dev, {"team_id": "t-a", "key_type": "llm_api"}))
+    # Routes the admin (or its key_type) set stay: a user does not widen them.
+    lifted = call(gateway, "POST", "/key/update", dev, {"key": own["key"], "allowed_routes": None})
+    assert code(lifted) == (403, "admin_not_allowed")
+
+
+def test_a_team_admin_adds_members_by_user_id_and_learns_nothing_else(gateway: Gateway,
+                                                                      team_with_roles: dict) -> None:
+    lead = team_with_roles["lead"]
+    ok(gateway.admin("/user/new", {"user_id": "u-secret", "user_email": "secret@example.com",
+                                   "user_role": "proxy_admin", "metadata": {"k": "v"}, "auto_create_key": False}))
+    by_email = call(gateway, "POST", "/team/member_add", lead, {"team_id": "t-a",
+                                                                "member": {"user_email": "secret@example.com"}})
+    assert code(by_email) == (403, "admin_not_allowed")
+    added = ok(call(gateway, "POST", "/team/member_add", lead, {"team_id": "t-a", "member": {"user_id": "u-added"}}))
+    assert added["updated_users"] == [{"user_id": "u-added", "user_email": None}]
+    assert "proxy_admin" not in json.dumps(added["updated_users"])
+    assert code(gateway.admin("/team/member_add", {"team_id": "t-a", "member": []})) == (400, "invalid_request")
+
+
+def test_a_deleted_team_leaves_no_membership_behind(gateway: Gateway) -> None:
+    ok(gateway.admin("/team/new", {"team_id": "t-gone", "models": ["gpt-4"]}))
+    ok(gateway.admin("/team/member_add", {"team_id": "t-gone", "member": {"user_id": "u-ex"}}))
+    ex_key = user_key(gateway, "u-ex")
+    ok(gateway.admin("/team/delete", {"team_ids": ["t-gone"]}))
+    assert ok(gateway.admin("/user/info?user_id=u-ex", method="GET"))["user_info"]["teams"] == []
+    ok(gateway.admin("/team/new", {"team_id": "t-gone", "models": ["gpt-4o"]}))
+    assert code(call(gateway, "POST", "/key/generate", ex_key, {"team_id": "t-gone"})) == (403, "admin_not_allowed")
+    assert call(gateway, "GET", "/team/info?team_id=t-gone", ex_key).status == 404
+
+
+def test_a_refused_user_call_writes_nothing(gateway: Gateway) -> None:
+    bad = gateway.admin("/user/new", {"user_id": "u-half", "duration": "forever"})
+    assert bad.status == 400 and gateway.admin("/user/info?user_id=u-half", method="GET").status == 404
+    ok(gateway.admin("/user/new", {"user_id": "u-kept", "auto_create_key": False}))
+    partial = gateway.admin("/user/delete", {"user_ids": ["u-kept", "u-never-was"]})
+    assert partial.status == 404
+    assert gateway.admin("/user/info?user_id=u-kept", method="GET").status == 200
+    assert code(gateway.admin("/key/generate", {"allowed_routes": ["/{a}{b}{c}{d}x"]})) == (400, "invalid_request")
+
+
+def test_records_written_by_hand_fail_closed(gateway: Gateway, redis_port: int) -> None:
+    import redis
+    r = redis.Redis(port=redis_port, db=0)
+    key = gateway.new_key(models=["gpt-4"])
+    from extauthz.records.record import hash_token
+    doc = json.loads(r.get(f"extauthz:key:{hash_token(key)}"))
+    r.set(f"extauthz:key:{hash_token(key)}", json.dumps(dict(doc, allowed_routes=42, user_id={"x": 1})))
+    assert code(gateway.chat(key, "gpt-4")) == (403, "route_not_allowed")
+    r.set(f"extauthz:key:{hash_token(key)}", json.dumps(dict(doc, key_type="read_only")))  # LiteLLM's form
+    assert code(gateway.chat(key, "gpt-4")) == (403, "route_not_allowed")
+    ok(gateway.admin("/team/new", {"team_id": "t-odd"}))
+    team = json.loads(r.get("extauthz:team:t-odd"))
+    r.set("extauthz:team:t-odd", json.dumps(dict(team, members_with_roles=["someone", 3, None])))
+    ok(gateway.admin("/team/member_add", {"team_id": "t-odd", "member": {"user_id": "u-odd", "role": "admin"}}))
+    odd_key = user_key(gateway, "u-odd")
+    assert call(gateway, "GET", "/team/info?team_id=t-odd", odd_key).status == 200
+
+
+def test_concurrent_team_delete_and_key_update_leave_no_dangling_alias(gateway: Gateway) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+    for i in range(15):
+        team = f"t-race-{i}"
+        ok(gateway.admin("/team/new", {"team_id": team}))
+        key = gateway.new_key(team_id=team, key_alias=f"race-old-{i}")
+        with ThreadPoolExecutor(2) as pool:
+            deleting = pool.submit(gateway.admin, "/team/delete", {"team_ids": [team]})
+            renaming = pool.submit(gateway.admin, "/key/update", {"key": key, "key_alias": f"race-new-{i}"})
+            assert deleting.result().status == 200 and renaming.result().status in (200, 400, 404)
+        # Whatever order they ran in, the key is gone and its aliases are free again.
+        assert gateway.chat(key, "gpt-4").status == 401
+        for alias in (f"race-old-{i}", f"race-new-{i}"):
+            ok(gateway.admin("/key/generate", {"key_alias": alias}))

@@ -23,13 +23,10 @@ from typing import Any, Mapping
 from extauthz.admin.schema import USER_ROLES
 from extauthz.check import routes
 from extauthz.check.routing import ACTING_ROUTES, ACTING_TEAMS_HEADER, ACTING_USER_HEADER
+from extauthz.records.record import team_members
 
 Doc = dict[str, Any]
 READ_ROUTES = tuple(r for r in ACTING_ROUTES if r in routes.INFO_ROUTES)
-# Routes a key reaches the admin API on; a key an acting user makes for someone else must
-# reach none of them (it would act with that user's powers).
-ADMIN_PROBES = (*ACTING_ROUTES, "/key/regenerate", "/team/new", "/team/update", "/user/new", "/user/update")
-
 
 class Refused(Exception):
     """The caller may not do this (403, or 404 where saying more would tell what exists)."""
@@ -47,10 +44,16 @@ class Acting:
     read_only: bool = False
     admin_teams: frozenset[str] = frozenset()   # teams where it is an "admin" member
 
-    def with_admin_teams(self, team_docs: list[Doc | None]) -> "Acting":
-        admin = frozenset(d["team_id"] for d in team_docs if d is not None and any(
-            m.get("user_id") == self.user_id and m.get("role") == "admin" for m in d.get("members_with_roles") or []))
-        return Acting(self.user_id, self.teams, self.read_only, admin)
+    def with_admin_teams(self, team_docs: list[Doc | None], members_only: bool = False) -> "Acting":
+        """The teams where it is an admin member, from the teams' records. With
+        ``members_only`` (a key's owner, whose teams come from its own record) only the teams
+        whose records still list it count: a deleted and recreated team is not its team."""
+        def role_in(doc: Doc | None) -> str | None:
+            return next((m.get("role") for m in team_members(doc) if m.get("user_id") == self.user_id), None)
+        pairs = list(zip(self.teams, team_docs))
+        admin = frozenset(t for t, d in pairs if role_in(d) == "admin")
+        teams = tuple(t for t, d in pairs if role_in(d) is not None) if members_only else self.teams
+        return Acting(self.user_id, teams, self.read_only, admin)
 
     def may_use(self, method: str, route: str) -> bool:
         return route in (READ_ROUTES if self.read_only or method == "GET" else ACTING_ROUTES)
@@ -69,17 +72,6 @@ class Acting:
         if requested_user not in (None, self.user_id) and team_id not in self.admin_teams:
             raise Refused("A user creates keys for itself only (a team admin for the team's members).",
                           param="user_id")
-
-    def check_key_for_others(self, key: Doc) -> None:
-        """A key of another user may call models only: on the admin API it would act with
-        that user's role, which the caller does not have."""
-        if key.get("user_id") in (None, self.user_id):
-            return
-        allowed = key.get("allowed_routes")
-        if not allowed:
-            key["allowed_routes"] = ["llm_api_routes"]
-        elif any(routes.permits(tuple(allowed), r, None) for r in ADMIN_PROBES):
-            raise Refused("A key for another user may not reach the admin API.", param="allowed_routes")
 
     def check_team(self, team_id: str, manage: bool) -> None:
         if team_id not in (self.admin_teams if manage else set(self.teams) | self.admin_teams):
@@ -103,9 +95,13 @@ def acting_from_headers(headers: Mapping[str, str]) -> Acting | None:
     return Acting(user, tuple(t for t in teams if isinstance(t, str)))
 
 
-def key_owner_power(owner: Doc | None, method: str) -> Acting | str:
+def key_owner_power(key: Doc, owner: Doc | None, method: str) -> Acting | str:
     """What a virtual key may do on the admin API, by its owner's role: "master" (a
-    proxy_admin), "read" (a proxy_admin_viewer), an Acting user, or Refused."""
+    proxy_admin), "read" (a proxy_admin_viewer), an Acting user, or Refused. A key another
+    user made or last changed for its owner (a team admin, for a member) has none: it
+    would lend that user the owner's role."""
+    if key.get("created_by") not in (None, key.get("user_id")):
+        raise Refused("This key was made for its owner by another user: it has no admin powers.")
     role = owner.get("user_role") if owner is not None else None
     if owner is None or role not in USER_ROLES:
         raise Refused("This key's owner has no admin role (a key needs a user_id whose user has a user_role).")
@@ -115,6 +111,6 @@ def key_owner_power(owner: Doc | None, method: str) -> Acting | str:
         if method != "GET":
             raise Refused("A proxy_admin_viewer's key may only read.")
         return "read"
-    teams = owner.get("teams") or []
-    return Acting(owner["user_id"], tuple(t for t in teams if isinstance(t, str)),
+    teams = owner.get("teams")
+    return Acting(owner["user_id"], tuple(t for t in teams if isinstance(t, str)) if isinstance(teams, list) else (),
                   read_only=role == "internal_user_viewer")

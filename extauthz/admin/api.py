@@ -28,7 +28,7 @@ from extauthz.check.decision import Deny
 from extauthz.check import routes
 from extauthz.check.policy import authenticate, route_denied, visible_models
 from extauthz.records.lookup import lookup
-from extauthz.records.record import hash_token, new_key_doc, new_team_doc, new_user_doc, now_iso
+from extauthz.records.record import KeyRecord, hash_token, team_members, new_key_doc, new_team_doc, new_user_doc, now_iso
 from extauthz.check.request import credentials
 from extauthz.check.runtime import Runtime
 from extauthz.check.responses import error_body
@@ -39,7 +39,8 @@ log = logging.getLogger("extauthz.admin")
 MAX_BODY_BYTES = 1024 * 1024
 HASH = re.compile(r"[0-9a-f]{64}")
 # What an acting user may change on a key it may touch (blocked, expires... stay the admin's).
-ACTING_KEY_CHANGES = {"key", "key_alias", "models", "metadata", "allowed_routes", "key_type", "team_id", "user_id"}
+ACTING_KEY_CHANGES = {"key", "key_alias", "models", "metadata", "team_id", "user_id"}
+MAX_MEMBERS_PER_CALL = 100
 OPEN_ROUTES = ("/v1/models", "/models", "/model_group/info", "/health/")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -172,19 +173,24 @@ class AdminApi:
             token, _ = credentials(lower_headers(request))
             if token is None:
                 raise ApiError(401, "unauthorized", "This route needs the master key as 'Authorization: Bearer'.")
-            who = acting_from_headers(request.headers) if self.runtime().is_master(hash_token(token)) \
-                else await self.key_power(token, request)
+            by_key = not self.runtime().is_master(hash_token(token))
+            who = await self.key_power(token, request) if by_key else acting_from_headers(request.headers)
             if who is not None:
                 if not who.may_use(request.method, request.path):
                     raise Refused(f"A user acting for itself may not use {request.path!r}.")
-                request["acting"] = who.with_admin_teams(await self.store.team_docs(list(who.teams)))
+                # A token's teams are the IdP's word; a key owner's, its record's, each
+                # confirmed by the team's own member list.
+                request["acting"] = who.with_admin_teams(await self.store.team_docs(list(who.teams)),
+                                                         members_only=by_key)
         return await handler(request)
 
     async def key_power(self, token: str, request: web.Request) -> Acting | None:
         """A virtual key on the admin API: its allowed_routes, then its owner's role."""
-        key, team, _ = await lookup(token, self.store.reader, self.runtime().is_master)
-        if key is None:
+        doc = await self.store.key_doc(hash_token(token))
+        if doc is None:
             raise ApiError(401, "unauthorized", "This route needs the master key as 'Authorization: Bearer'.")
+        key = KeyRecord.from_document(doc)
+        team = await self.store.reader.get_team(key.team_id) if key.team_id is not None else None
         denied = authenticate(Facts(token=token, model=None, path=request.path), key, team, time.time())
         if denied is not None:
             raise ApiError(denied.status, denied.code, denied.message)
@@ -192,7 +198,7 @@ class AdminApi:
             raise ApiError(403, "route_not_allowed", f"Key {key.label!r} may not call {request.path!r}; its "
                            f"allowed_routes are {list(key.allowed_routes)}.")
         owner = await self.store.user_doc(key.user_id) if key.user_id else None
-        power = key_owner_power(owner, request.method)
+        power = key_owner_power(doc, owner, request.method)
         return power if isinstance(power, Acting) else None
 
     # -- helpers --------------------------------------------------------------------------
@@ -226,19 +232,19 @@ class AdminApi:
         change, check = applying(changes), self.check_team
         who = acting(request)
         if who is not None and fixed is None and set(body) - ACTING_KEY_CHANGES:
-            # Blocking, expiry and the like are the admin's: a user does not lift them on its own key.
+            # Blocking, expiry, routes are the admin's: a user does not lift them on its own key.
             raise Refused(f"A user may change only {sorted(ACTING_KEY_CHANGES - {'key'})} of a key.")
         if who is not None:  # both run in the transaction, on the stored key before and after
             def change(doc: dict[str, Any]) -> dict[str, Any]:
                 if not who.owns(doc):  # the same answer as a missing key
                     raise NotFound("key not found")
-                return applying(changes)(doc)
+                # Changed by this user: the key's admin powers are its owner's only if the owner is it.
+                return applying(dict(changes, created_by=who.user_id))(doc)
 
             def check(key: dict[str, Any], team: dict[str, Any] | None) -> None:
                 if not who.owns(key):
                     raise Refused("The key would leave the caller's keys.", param="user_id")
                 who.check_new_key(key, key.get("user_id"))
-                who.check_key_for_others(key)
                 self.check_team(key, team)
         doc = await self.store.update_key(token_hash, change, check)
         return web.json_response(self.key_view(doc))
@@ -265,9 +271,12 @@ class AdminApi:
         doc.update(fields)
         who = acting(request)
         if who is not None:  # its own key, in one of its teams (anyone's, in a team it administers)
+            if "key" in body:
+                # A secret the admin blocked or let expire must not come back through delete and create.
+                raise Refused("A user does not choose the key: one is generated.", param="key")
             who.check_new_key(doc, body.get("user_id"))
             doc["user_id"] = doc.get("user_id") or who.user_id
-            who.check_key_for_others(doc)
+            doc["created_by"] = who.user_id
         if await self.store.key_doc(doc["token"]) is not None:
             raise ApiError(409, "conflict", "This key already exists.", "key")
         await self.store.create_key(doc, self.check_team)
@@ -349,10 +358,13 @@ class AdminApi:
         body = await self.body(request)
         fields = schema.team_fields(body, self.runtime().catalog, {"team_id"})
         members = fields.pop("members_with_roles", [])
+        if len(members) > MAX_MEMBERS_PER_CALL:
+            raise ApiError(400, "invalid_request", f"Give at most {MAX_MEMBERS_PER_CALL} members.",
+                           "members_with_roles")
         doc = new_team_doc(schema.expect(body, "team_id", str) or str(uuid.uuid4()), **fields)
         await self.store.create_team(doc)
-        for m in members:
-            doc = await self.add_member(doc["team_id"], m)
+        if members:
+            doc, _ = await self.add_members(doc["team_id"], members)
         return web.json_response(dict(doc, not_enforced=schema.not_enforced(doc)))
 
     async def team_update(self, request: web.Request) -> web.Response:
@@ -393,18 +405,32 @@ class AdminApi:
         teams = await self.store.list_teams()
         user_id = request.query.get("user_id")
         if user_id:  # LiteLLM's filter: the teams this user is a member of
-            teams = [t for t in teams if any(m.get("user_id") == user_id for m in t.get("members_with_roles") or [])]
+            teams = [t for t in teams if any(m.get("user_id") == user_id for m in team_members(t))]
         return web.json_response(teams)
 
     # -- team members ---------------------------------------------------------------------
 
-    async def add_member(self, team_id: str, member: dict[str, Any]) -> dict[str, Any]:
-        """Add one member; one named by e-mail only is the user with that e-mail, or a new one."""
-        if member["user_id"] is None:
-            known = [u for u in await self.store.list_users() if u.get("user_email") == member["user_email"]]
-            member = dict(member, user_id=known[0]["user_id"] if known else str(uuid.uuid4()))
-        user = new_user_doc(member["user_id"], user_email=member["user_email"])
-        return await self.store.add_member(team_id, member, user)
+    async def add_members(self, team_id: str, given: list[dict[str, Any]]) -> tuple[dict[str, Any], list[str]]:
+        """Add members; one named by e-mail only is the one user with that e-mail, or a new
+        one. Returns the team and the members' user ids."""
+        by_email: dict[str, list[str]] = {}
+        if any(m["user_id"] is None for m in given):
+            for u in await self.store.list_users():
+                if isinstance(u.get("user_email"), str):
+                    by_email.setdefault(u["user_email"], []).append(u["user_id"])
+        team: dict[str, Any] = {}
+        ids = []
+        for member in given:
+            if member["user_id"] is None:
+                known = by_email.get(member["user_email"], [])
+                if len(known) > 1:
+                    raise ApiError(400, "invalid_request", f"Several users have the e-mail {member['user_email']!r}: "
+                                   "name the member by user_id.", "member")
+                member = dict(member, user_id=known[0] if known else str(uuid.uuid4()))
+            user = new_user_doc(member["user_id"], user_email=member["user_email"])
+            team = await self.store.add_member(team_id, member, user)
+            ids.append(member["user_id"])
+        return team, ids
 
     async def team_member_add(self, request: web.Request) -> web.Response:
         body = await self.body(request)
@@ -415,12 +441,18 @@ class AdminApi:
             who.check_team(team_id, manage=True)
         given = body.get("member")
         members = [schema.member(m) for m in (given if isinstance(given, list) else [given])]
-        doc: dict[str, Any] = {}
-        for m in members:
-            doc = await self.add_member(team_id, m)
-        users = [await self.store.user_doc(m["user_id"]) for m in doc.get("members_with_roles") or []
-                 if any(m.get("user_id") == n["user_id"] or m.get("user_email") == n["user_email"] for n in members)]
-        return web.json_response(dict(doc, updated_users=[u for u in users if u is not None]))
+        if not members or len(members) > MAX_MEMBERS_PER_CALL:
+            raise ApiError(400, "invalid_request", f"Give 1 to {MAX_MEMBERS_PER_CALL} members.", "member")
+        if who is not None and any(m["user_id"] is None for m in members):
+            # By e-mail, a team admin would look users up across every team (and pull them in).
+            raise Refused("A team admin adds members by user_id.", param="member")
+        if await self.store.team_doc(team_id) is None:
+            raise MissingTeam(f"team_id {team_id!r} does not exist")
+        doc, ids = await self.add_members(team_id, members)
+        users = [u for u in [await self.store.user_doc(i) for i in dict.fromkeys(ids)] if u is not None]
+        if who is not None:  # who they are in this team, not the rest of their records
+            users = [{"user_id": u["user_id"], "user_email": u.get("user_email")} for u in users]
+        return web.json_response(dict(doc, updated_users=users))
 
     async def team_member_delete(self, request: web.Request) -> web.Response:
         body = await self.body(request)
@@ -431,8 +463,8 @@ class AdminApi:
             who.check_team(team_id, manage=True)
         user_id, email = schema.expect(body, "user_id", str), schema.expect(body, "user_email", str)
         if not user_id:
-            team = await self.store.team_doc(team_id) or {}
-            found = [m["user_id"] for m in team.get("members_with_roles") or [] if email and m.get("user_email") == email]
+            team = await self.store.team_doc(team_id)
+            found = [m["user_id"] for m in team_members(team) if email and m.get("user_email") == email]
             if not found:
                 raise NotFound(f"no member of team {team_id!r} with that user_id or user_email")
             user_id = found[0]
@@ -448,13 +480,16 @@ class AdminApi:
             fields.pop(name, None)
         user_id = schema.expect(body, "user_id", str) or str(uuid.uuid4())
         doc = new_user_doc(user_id, **fields)
+        key = raw_key = None
+        if schema.expect(body, "auto_create_key", bool) is not False:  # checked before anything is written
+            key_body = {k: body[k] for k in ("key_alias", "duration") if body.get(k) is not None}
+            raw_key = "sk-" + secrets.token_urlsafe(24)
+            key = new_key_doc(raw_key, user_id=user_id, **schema.key_fields(key_body, self.runtime().catalog))
+            if key.get("key_alias") and await self.store.alias_owner(key["key_alias"]) is not None:
+                raise ApiError(409, "conflict", f"key_alias {key['key_alias']!r} is already in use", "key_alias")
         await self.store.create_user(doc)
         out = dict(doc, not_enforced=schema.not_enforced(doc))
-        if schema.expect(body, "auto_create_key", bool) is not False:
-            key_body = {k: body[k] for k in ("key_alias", "duration") if body.get(k) is not None}
-            key_fields = schema.key_fields(key_body, self.runtime().catalog)
-            raw_key = "sk-" + secrets.token_urlsafe(24)
-            key = new_key_doc(raw_key, user_id=user_id, **key_fields)
+        if key is not None:
             await self.store.create_key(key, self.check_team)
             out.update(key=raw_key, token=key["token"], key_name=key["key_name"], expires=key["expires"])
         return web.json_response(out)
@@ -477,6 +512,9 @@ class AdminApi:
         user_ids = schema.expect(body, "user_ids", list, nullable=False)
         if not user_ids or not all(isinstance(u, str) and u for u in user_ids):
             raise ApiError(400, "invalid_request", "'user_ids' must be a non-empty list of strings", "user_ids")
+        missing = [u for u in user_ids if await self.store.user_doc(u) is None]
+        if missing:  # all of them or none
+            raise NotFound(f"user_id(s) {missing} do not exist")
         deleted_keys = 0
         for user_id in user_ids:
             deleted_keys += await self.store.delete_user(user_id)

@@ -1,10 +1,12 @@
 """Route permissions, as LiteLLM writes them: a key's ``allowed_routes`` (and the presets
 its ``key_type`` stands for), and a JWT's ``team_allowed_routes`` / ``admin_allowed_routes``.
 
-A pattern is a path (that path and the paths under it: ``/chat/completions``), a path
-ending in ``*`` (a prefix), a path with ``{placeholders}`` (one segment each), or the name
-of one of LiteLLM's route groups (``llm_api_routes``, ``info_routes``...). Pure: a route
-and the endpoint the request was classified as come in, a yes or no comes out.
+A pattern is a path (that path and, unless they are model calls, the paths under it:
+``/chat/completions``, ``/my-pass-through``), a path ending in ``*`` (a prefix), a path
+with ``{placeholder}`` segments (one whole segment each), or the name of one of LiteLLM's
+route groups (``llm_api_routes``, ``info_routes``...). Pure: a route and the endpoint the
+request was classified as come in, a yes or no comes out; matching is linear in the
+pattern's and the route's length.
 """
 
 from __future__ import annotations
@@ -75,6 +77,10 @@ def problem(patterns: object) -> str | None:
     unknown = [p for p in patterns if not p.startswith("/") and p not in GROUPS]
     if unknown:
         return f"unknown route group(s) {unknown}; known: {sorted(GROUPS)}, or a path starting with '/'"
+    odd = [p for p in patterns if ("{" in p or "}" in p)
+           and not all(_PLACEHOLDER.fullmatch(s) or ("{" not in s and "}" not in s) for s in p.split("/"))]
+    if odd:
+        return f"pattern(s) {odd}: a {{placeholder}} must be a whole path segment, as in /v1/models/{{model}}"
     return None
 
 
@@ -85,7 +91,7 @@ def permits(patterns: tuple[str, ...], path: str, endpoint: Endpoint | PassThrou
     groups: frozenset[str] | None = None
     for pattern in patterns:
         if pattern.startswith("/"):
-            if _path_matches(pattern, route):
+            if _path_matches(pattern, route, isinstance(endpoint, Endpoint)):
                 return True
         else:
             if groups is None:
@@ -95,15 +101,17 @@ def permits(patterns: tuple[str, ...], path: str, endpoint: Endpoint | PassThrou
     return False
 
 
-def _path_matches(pattern: str, route: str) -> bool:
+def _path_matches(pattern: str, route: str, model_call: bool) -> bool:
     if pattern.endswith("*"):
         return route.startswith(pattern[:-1])
     if "{" in pattern:
-        return _template(pattern).fullmatch(route) is not None
-    return route == pattern or route.startswith(pattern.rstrip("/") + "/")
-
-
-@lru_cache(maxsize=256)
-def _template(pattern: str) -> re.Pattern[str]:
-    parts = _PLACEHOLDER.split(pattern)
-    return re.compile("[^/]+".join(re.escape(p) for p in parts))
+        wanted, given = pattern.split("/"), route.split("/")
+        return len(wanted) == len(given) and all(
+            (w.startswith("{") and g != "") if w.startswith("{") else w == g for w, g in zip(wanted, given))
+    if route == pattern:
+        return True
+    # The paths under a path (LiteLLM's rule: "/v1", a pass-through prefix), but a route of
+    # its own does not reach model calls below it: "/v1/models" lists models, and must not
+    # admit Gemini's "/v1/models/gemini-2.0-flash:generateContent".
+    base = pattern.rstrip("/")
+    return route.startswith(base + "/") and not (model_call and _admin_groups(base))

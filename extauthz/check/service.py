@@ -46,6 +46,9 @@ JWT_OFF = Deny(401, "jwt_not_accepted", "This gateway no longer accepts JWTs; us
 JWT_NOT_FOR_US = Deny(401, "invalid_jwt", "The token's issuer or audience is not one this gateway accepts.")
 NO_ROLE = Deny(403, "no_role", "The token maps to no role, and this gateway requires one (enforce_rbac).")
 DEADLINE_SLACK_S = 0.1
+# A token's teams and ids, bounded: Entra ID puts at most 200 groups in a token.
+MAX_TOKEN_TEAMS = 200
+MAX_ID_CHARS = 256
 # Bodies larger than this are read on a thread of their own: the event loop goes on
 # answering other checks meanwhile (the parser gives up the GIL between its steps).
 INLINE_BODY_BYTES = 64 * 1024
@@ -207,6 +210,11 @@ class AuthorizationService:
         refused = route_refusal(identity, jwt, facts)
         if refused is not None:
             return refused
+        if len(identity.teams) > MAX_TOKEN_TEAMS or any(len(t) > MAX_ID_CHARS for t in identity.teams) \
+                or len(identity.user_id or "") > MAX_ID_CHARS:
+            # Each team costs a lookup (and with team_id_upsert a write) on this request's path.
+            return Deny(403, "too_many_teams", f"The token names more than {MAX_TOKEN_TEAMS} teams, or an id over "
+                        f"{MAX_ID_CHARS} characters.")
         body = body_of(request)
         label = identity.user_id or identity.email or "jwt"
         if facts.endpoint is None and jwt_admin_path(facts.path):

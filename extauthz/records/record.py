@@ -13,6 +13,8 @@ import sys
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
 
+from extauthz.check import routes
+
 # Fields LiteLLM accepts that are stored and returned but not enforced yet.
 NOT_ENFORCED = (
     "max_budget", "budget_duration", "soft_budget", "max_parallel_requests", "rpm_limit",
@@ -43,6 +45,12 @@ def format_time(epoch: float) -> str:
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat()
+
+
+def team_members(team: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """A team document's members that read as members (a record written by hand may hold anything)."""
+    found = (team or {}).get("members_with_roles")
+    return [m for m in found if isinstance(m, dict)] if isinstance(found, list) else []
 
 
 def new_key_doc(raw_key: str, **fields: Any) -> dict[str, Any]:
@@ -105,14 +113,30 @@ class KeyRecord(NamedTuple):
 
     @classmethod
     def from_document(cls, doc: dict[str, Any]) -> "KeyRecord":
-        routes = doc.get("allowed_routes")
+        user_id = doc.get("user_id")
         return cls(doc["token"], doc.get("key_alias"), _shared(doc.get("models")), _name(doc.get("team_id")),
                    parse_time(doc.get("expires")), bool(doc.get("blocked")), doc.get("key_name"),
-                   _name(doc.get("user_id")), _shared(routes) if routes else None)
+                   _name(user_id) if isinstance(user_id, str) and user_id else None, _allowed_routes(doc))
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> "KeyRecord":
         return cls.from_document(json.loads(raw))
+
+
+UNREADABLE_ROUTES = ("<unreadable allowed_routes>",)  # admits no route: a key written by hand fails closed
+
+
+def _allowed_routes(doc: dict[str, Any]) -> tuple[str, ...] | None:
+    """A key's allowed_routes as the check reads them: a record from before they were
+    enforced may hold a string, or only a key_type (LiteLLM stores both; its preset then)."""
+    value = doc.get("allowed_routes")
+    if value in (None, []):
+        return routes.KEY_TYPES.get(doc.get("key_type")) if isinstance(doc.get("key_type"), str) else None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        return UNREADABLE_ROUTES
+    return _shared(value)
 
 
 class TeamRecord(NamedTuple):

@@ -27,7 +27,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, WatchError
 
 from extauthz.telemetry import tracing
-from extauthz.records.record import KeyRecord, TeamRecord, UserRecord
+from extauthz.records.record import KeyRecord, TeamRecord, UserRecord, team_members
 
 TRANSACTION_ATTEMPTS = 100
 
@@ -330,20 +330,36 @@ class RedisWriter(Keyspace):
 
         return await self._transact(body, self.team_id(team_id))
 
+    async def _watched_keys(self, pipe: Pipeline, set_key: str) -> list[Doc]:
+        """The key documents a set names, watched: a concurrent change to one of them
+        (a new alias, another team) reruns the transaction instead of leaving an index behind."""
+        hashes = [m.decode() for m in await pipe.smembers(set_key)]
+        if hashes:
+            await pipe.watch(*(self.key_id(h) for h in hashes))
+        return [d for d in [await self._read(pipe, self.key_id(h)) for h in hashes] if d is not None]
+
     async def delete_team(self, team_id: str) -> int:
-        """Delete a team and every key of the team; returns how many keys went with it."""
+        """Delete a team, every key of the team and its members' memberships; returns how
+        many keys went with it."""
         async def body(pipe: Pipeline) -> int:
-            if not await pipe.exists(self.team_id(team_id)):
+            team = await self._read(pipe, self.team_id(team_id))
+            if team is None:
                 raise NotFound(f"team_id {team_id!r} does not exist")
-            hashes = [m.decode() for m in await pipe.smembers(self.team_keys_id(team_id))]
-            docs = [await self._read(pipe, self.key_id(h)) for h in hashes]
+            docs = await self._watched_keys(pipe, self.team_keys_id(team_id))
+            users = []
+            for member in team_members(team):
+                if isinstance(member.get("user_id"), str):
+                    await pipe.watch(self.user_id(member["user_id"]))
+                    users.append(await self._read(pipe, self.user_id(member["user_id"])))
             pipe.multi()
             for doc in docs:
-                if doc is not None:
-                    self._queue_key_removal(pipe, doc)
+                self._queue_key_removal(pipe, doc)
+            for user in users:
+                if user is not None:
+                    self._queue_user(pipe, dict(user, teams=[t for t in user.get("teams") or [] if t != team_id]))
             pipe.delete(self.team_id(team_id), self.team_keys_id(team_id))
             pipe.srem(f"{self.prefix}teams", team_id)
-            return sum(d is not None for d in docs)
+            return len(docs)
 
         return await self._transact(body, self.team_id(team_id), self.team_keys_id(team_id))
 
@@ -387,23 +403,21 @@ class RedisWriter(Keyspace):
             doc = await self._read(pipe, self.user_id(user_id))
             if doc is None:
                 raise NotFound(f"user_id {user_id!r} does not exist")
-            hashes = [m.decode() for m in await pipe.smembers(self.user_keys_id(user_id))]
-            keys = [await self._read(pipe, self.key_id(h)) for h in hashes]
+            keys = await self._watched_keys(pipe, self.user_keys_id(user_id))
             teams = []
-            for team_id in doc.get("teams") or []:
+            for team_id in [t for t in doc.get("teams") or [] if isinstance(t, str)]:
                 await pipe.watch(self.team_id(team_id))
                 teams.append((team_id, await self._read(pipe, self.team_id(team_id))))
             pipe.multi()
             for key in keys:
-                if key is not None:
-                    self._queue_key_removal(pipe, key)
+                self._queue_key_removal(pipe, key)
             for team_id, team in teams:
                 if team is not None:
                     self._queue_team(pipe, team_id, dict(team, members_with_roles=[
-                        m for m in team.get("members_with_roles") or [] if m.get("user_id") != user_id]))
+                        m for m in team_members(team) if m.get("user_id") != user_id]))
             pipe.delete(self.user_id(user_id), self.user_keys_id(user_id))
             pipe.srem(f"{self.prefix}users", user_id)
-            return sum(k is not None for k in keys)
+            return len(keys)
 
         return await self._transact(body, self.user_id(user_id), self.user_keys_id(user_id))
 
@@ -430,7 +444,7 @@ class RedisWriter(Keyspace):
         async def body(pipe: Pipeline) -> Doc:
             team = await self._team_for(pipe, team_id)
             assert team is not None
-            members = team.get("members_with_roles") or []
+            members = team_members(team)
             if not any(m.get("user_id") == user_id for m in members):
                 raise NotFound(f"user_id {user_id!r} is not a member of team {team_id!r}")
             await pipe.watch(self.user_id(user_id))
@@ -445,7 +459,7 @@ class RedisWriter(Keyspace):
         return await self._transact(body)
 
     def _queue_member(self, pipe: Pipeline, team_id: str, team: Doc | None, member: Doc) -> Doc:
-        members = [m for m in (team or {}).get("members_with_roles") or [] if m.get("user_id") != member["user_id"]]
+        members = [m for m in team_members(team) if m.get("user_id") != member["user_id"]]
         new_team = dict(team or {}, members_with_roles=[*members, member])
         self._queue_team(pipe, team_id, new_team)
         return new_team
