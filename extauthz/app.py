@@ -37,6 +37,7 @@ from extauthz.tokens import Tokens
 from extauthz.check.service import SERVICE as AUTHZ_SERVICE, AuthorizationService
 from extauthz.records.store import RedisReader, RedisWriter
 from extauthz.records.upsert import Upserts
+from extauthz.usage.counters import RateCounters
 
 log = logging.getLogger("extauthz.server")
 DECISION_LOG_FLUSH_S = 0.2
@@ -162,7 +163,8 @@ class App:
             raise StartupError(f"unusable Redis URL {without_password(s.redis_url)!r}: {e}") from None
         cached = CachedStore(self.store, self.cache)
         self.service = AuthorizationService(self.runtime, cached, s.log_allowed, logs.DecisionLog(s.log_format),
-                                            check_message_limit(s), Upserts(cached, RedisWriter(self.store)))
+                                            check_message_limit(s), Upserts(cached, RedisWriter(self.store)),
+                                            RateCounters(self.store.redis, s.key_prefix, s.redis_timeout_ms / 1000))
         self.health = health_aio.HealthServicer()
         self.grpc: grpc.aio.Server | None = None
         self.runners: list[web.AppRunner] = []

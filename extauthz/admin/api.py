@@ -488,7 +488,7 @@ class AdminApi:
             if key.get("key_alias") and await self.store.alias_owner(key["key_alias"]) is not None:
                 raise ApiError(409, "conflict", f"key_alias {key['key_alias']!r} is already in use", "key_alias")
         await self.store.create_user(doc)
-        out = dict(doc, not_enforced=schema.not_enforced(doc))
+        out = dict(doc, not_enforced=schema.not_enforced(doc, user=True))
         if key is not None:
             await self.store.create_key(key, self.check_team)
             out.update(key=raw_key, token=key["token"], key_name=key["key_name"], expires=key["expires"])
@@ -504,7 +504,7 @@ class AdminApi:
         changes.pop("key_alias", None)
         changes.pop("duration", None)
         doc = await self.store.update_user(user_id, applying(changes))
-        return web.json_response(dict(doc, not_enforced=schema.not_enforced(doc)))
+        return web.json_response(dict(doc, not_enforced=schema.not_enforced(doc, user=True)))
 
     async def user_delete(self, request: web.Request) -> web.Response:
         body = await self.body(request)
@@ -530,7 +530,7 @@ class AdminApi:
             raise NotFound(f"user_id {user_id!r} does not exist")
         keys = await self.store.list_keys(user_id=user_id)
         teams = [t for t in [await self.store.team_doc(t) for t in doc.get("teams") or []] if t is not None]
-        return web.json_response({"user_id": user_id, "user_info": dict(doc, not_enforced=schema.not_enforced(doc)),
+        return web.json_response({"user_id": user_id, "user_info": dict(doc, not_enforced=schema.not_enforced(doc, user=True)),
                                   "keys": [self.key_view(k) for k in keys], "teams": teams})
 
     async def user_list(self, request: web.Request) -> web.Response:

@@ -13,6 +13,7 @@ from typing import Any
 
 from extauthz.check.catalog import ALL_MODELS, ALL_TEAM_MODELS, NO_DEFAULT_MODELS, SPECIAL_ENTRIES, Catalog, Resolution
 from extauthz.check import routes
+from extauthz.usage import limits
 from extauthz.check.policy import admits, list_admits
 from extauthz.records.record import NOT_ENFORCED, format_time, parse_time
 from extauthz.check.wildcard import matches
@@ -24,10 +25,12 @@ MAX_DURATION_SECONDS = MAX_DURATION_DAYS * 86400
 # Matching is linear whatever the count; the cap keeps allowed-models entries readable
 # and bounds the work a stored pattern costs on every request.
 MAX_PATTERN_STARS = 4
-KEY_FIELDS = {"models", "team_id", "key_alias", "duration", "expires", "metadata", "blocked", "user_id", "key_type",
+# Limits enforced on keys and teams (see usage/limits.py); on users they are stored only.
+LIMIT_FIELDS = {"rpm_limit", "model_rpm_limit"}
+KEY_FIELDS = LIMIT_FIELDS | {"models", "team_id", "key_alias", "duration", "expires", "metadata", "blocked", "user_id", "key_type",
               "allowed_routes"}
-TEAM_FIELDS = {"team_alias", "models", "blocked", "metadata", "members_with_roles"}
-USER_FIELDS = {"user_email", "user_role", "models", "teams", "metadata", "key_alias", "duration"}
+TEAM_FIELDS = LIMIT_FIELDS | {"team_alias", "models", "blocked", "metadata", "members_with_roles"}
+USER_FIELDS = LIMIT_FIELDS | {"user_email", "user_role", "models", "teams", "metadata", "key_alias", "duration"}
 USER_ROLES = ("proxy_admin", "proxy_admin_viewer", "internal_user", "internal_user_viewer")
 MEMBER_ROLES = ("admin", "user")
 
@@ -54,8 +57,9 @@ def reject_unknown(body: dict[str, Any], allowed: set[str]) -> None:
         raise Invalid(f"Unknown field(s): {', '.join(unknown)}", unknown[0])
 
 
-def not_enforced(doc: dict[str, Any]) -> list[str]:
-    return sorted(k for k in doc if k in NOT_ENFORCED and doc[k] is not None)
+def not_enforced(doc: dict[str, Any], user: bool = False) -> list[str]:
+    stored_only = NOT_ENFORCED + tuple(LIMIT_FIELDS) if user else NOT_ENFORCED
+    return sorted(k for k in doc if k in stored_only and doc[k] is not None)
 
 
 def duration_seconds(text: str) -> int:
@@ -110,6 +114,12 @@ def record_fields(body: dict[str, Any], catalog: Catalog, allowed: set[str]) -> 
     """The fields keys and teams share: models, metadata, blocked and the not-enforced ones."""
     reject_unknown(body, allowed)
     out: dict[str, Any] = {k: body[k] for k in body if k in NOT_ENFORCED}
+    for name in LIMIT_FIELDS & body.keys():
+        try:
+            limits.parse({name: body[name]})
+        except ValueError as e:
+            raise Invalid(str(e), name) from None
+        out[name] = body[name]
     models = models_list(body, catalog)
     if models is not None:
         out["models"] = models

@@ -49,10 +49,12 @@ class Deny:
     message: str
     param: str | None = None
     metadata: dict[str, Any] | None = None
+    headers: Headers = ()           # sent to the client with the error (retry-after)
+    error_type: str | None = None   # LiteLLM's own type where it has one (budget_exceeded)
 
     @property
     def type(self) -> str:
-        return ERROR_TYPES.get(self.status, "api_error")
+        return self.error_type or ERROR_TYPES.get(self.status, "api_error")
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ ERROR_TYPES = {
     413: "invalid_request_error",
     405: "invalid_request_error",
     415: "invalid_request_error",
+    429: "rate_limit_error",
     500: "api_error",
     503: "service_unavailable_error",
 }

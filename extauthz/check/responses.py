@@ -90,7 +90,7 @@ def error_body(deny: Deny) -> str:
 
 
 def deny_bytes(deny: Deny) -> bytes:
-    key = (deny.status, deny.code, deny.message, deny.param)
+    key = (deny.status, deny.code, deny.message, deny.param, deny.headers, deny.error_type)
     return _DENIES.get(key, lambda: _deny_bytes(deny)) + metadata_part(deny.metadata)
 
 
@@ -99,7 +99,8 @@ def _deny_bytes(deny: Deny) -> bytes:
     response = external_auth_pb2.CheckResponse(
         status=status_pb2.Status(code=grpc_code, message=deny.code),
         denied_response=external_auth_pb2.DeniedHttpResponse(
-            status=http_status_pb2.HttpStatus(code=deny.status), headers=[JSON_CONTENT_TYPE], body=error_body(deny)))
+            status=http_status_pb2.HttpStatus(code=deny.status),
+            headers=[JSON_CONTENT_TYPE, *(header(k, v) for k, v in deny.headers)], body=error_body(deny)))
     return response.SerializeToString()
 
 

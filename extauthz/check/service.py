@@ -29,6 +29,8 @@ from extauthz.config import JwtAuth
 from extauthz.check.policy import visible_models
 from extauthz.records.lookup import lookup
 from extauthz.records.upsert import Upserts
+from extauthz.usage.counters import RateCounters
+from extauthz.usage.limits import rate_counters, refusal
 from extauthz.records.record import KeyRecord, TeamRecord, UserRecord
 from extauthz.records.store import RecordReader, StoreUnavailable
 from extauthz.telemetry import logs, tracing
@@ -92,9 +94,10 @@ def decide_with_body(facts: Facts, body: bytes, key: Any, team: Any, runtime: Ru
 class AuthorizationService:
     def __init__(self, runtime: Callable[[], Runtime], store: RecordReader, log_allowed: bool = False,
                  decision_log: logs.DecisionLog | None = None, max_message_bytes: int = 64 * 1024 * 1024,
-                 upserts: Upserts | None = None) -> None:
+                 upserts: Upserts | None = None, counters: RateCounters | None = None) -> None:
         self.max_message_bytes = max_message_bytes
         self.upserts = upserts
+        self.counters = counters
         self.runtime = runtime
         self.store = store
         self.log_allowed = log_allowed
@@ -186,7 +189,8 @@ class AuthorizationService:
         if runtime.refusal is not None:
             return runtime.refusal
         # Reading the body, and a rewrite's plan over it, on the body thread when large.
-        return await self.with_body(facts, body_of(request), key, team, runtime, owner)
+        decision = await self.with_body(facts, body_of(request), key, team, runtime, owner)
+        return await self.within_limits(decision, key, team)  # type: ignore[arg-type]
 
     async def decide_jwt(self, facts: Facts, request: external_auth_pb2.CheckRequest, runtime: Runtime) -> Decision:
         """A caller whose JWT Envoy verified: its teams' records decide, as a key of each
@@ -254,13 +258,38 @@ class AuthorizationService:
                 facts, body, key, team, runtime)
             if isinstance(decision, Allow):
                 decision.metadata["role"] = identity.role
-                return decision
+                return await self.within_limits(decision, key, team)
             denials.append(decision)
         if len(denials) == 1 or any(d.code != "model_not_allowed" for d in denials):
             return denials[0]  # the request itself is wrong, or one team: its own refusal
         each = "; ".join(f"team {t.label!r}: {list(t.models) or 'all models'}" for t in teams)
         return Deny(403, "model_not_allowed", f"No team of the token may use {facts.model!r}. {each}.", "model",
                     denials[0].metadata)
+
+    async def within_limits(self, decision: Decision, key: KeyRecord, team: TeamRecord | None) -> Decision:
+        """An allowed request takes a place in its key's and team's rate windows (one Redis
+        round trip, for callers with rate limits only), or is refused with 429."""
+        if not isinstance(decision, Allow) or self.counters is None:
+            return decision
+        key_limits, team_limits = key.limits, team.limits if team is not None else None
+        if (key_limits is None or not key_limits.rate_limited) and (team_limits is None
+                                                                   or not team_limits.rate_limited):
+            return decision
+        now = time.time()
+        scopes = [(f"key:{key.token_hash}", f"key {key.label!r}", key_limits)]
+        if team is not None:
+            scopes.append((f"team:{team.team_id}", f"team {team.label!r}", team_limits))
+        counters = rate_counters(scopes, str(decision.metadata.get("model", "")), now)
+        if not counters:
+            return decision
+        try:
+            over = await self.counters.admit(counters)
+        except StoreUnavailable:
+            return UNAVAILABLE
+        if over is None:
+            return decision
+        self.metrics.limited(over.name)
+        return refusal(over, now, decision.metadata)
 
     async def team_of(self, team_id: str, jwt: JwtAuth) -> TeamRecord | None:
         """A token's team; with team_id_upsert, one that does not exist yet is created (with

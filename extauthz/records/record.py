@@ -14,11 +14,13 @@ from datetime import datetime, timezone
 from typing import Any, NamedTuple
 
 from extauthz.check import routes
+from extauthz.usage import limits
+from extauthz.usage.limits import Limits
 
 # Fields LiteLLM accepts that are stored and returned but not enforced yet.
 NOT_ENFORCED = (
-    "max_budget", "budget_duration", "soft_budget", "max_parallel_requests", "rpm_limit",
-    "tpm_limit", "model_rpm_limit", "model_tpm_limit", "model_max_budget",
+    "max_budget", "budget_duration", "soft_budget", "max_parallel_requests",
+    "tpm_limit", "model_tpm_limit", "model_max_budget",
     "organization_id", "tags", "guardrails", "permissions", "aliases", "config",
     "allowed_cache_controls", "spend", "send_invite_email",
     "object_permission", "team_member_permissions", "model_aliases", "budget_id", "enforced_params",
@@ -106,6 +108,7 @@ class KeyRecord(NamedTuple):
     key_name: str | None = None
     user_id: str | None = None          # the key's owner (a user record may narrow its models)
     allowed_routes: tuple[str, ...] | None = None   # None: every route its kind of caller may use
+    limits: Limits | None = None        # None: no enforced limit (no counter to take)
 
     @property
     def label(self) -> str:
@@ -116,7 +119,8 @@ class KeyRecord(NamedTuple):
         user_id = doc.get("user_id")
         return cls(doc["token"], doc.get("key_alias"), _shared(doc.get("models")), _name(doc.get("team_id")),
                    parse_time(doc.get("expires")), bool(doc.get("blocked")), doc.get("key_name"),
-                   _name(user_id) if isinstance(user_id, str) and user_id else None, _allowed_routes(doc))
+                   _name(user_id) if isinstance(user_id, str) and user_id else None, _allowed_routes(doc),
+                   limits.read(doc))
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> "KeyRecord":
@@ -144,6 +148,7 @@ class TeamRecord(NamedTuple):
     team_alias: str | None
     models: tuple[str, ...]
     blocked: bool
+    limits: Limits | None = None
 
     @property
     def label(self) -> str:
@@ -151,7 +156,8 @@ class TeamRecord(NamedTuple):
 
     @classmethod
     def from_document(cls, doc: dict[str, Any]) -> "TeamRecord":
-        return cls(_name(doc["team_id"]), doc.get("team_alias"), _shared(doc.get("models")), bool(doc.get("blocked")))
+        return cls(_name(doc["team_id"]), doc.get("team_alias"), _shared(doc.get("models")), bool(doc.get("blocked")),
+                   limits.read(doc))
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> "TeamRecord":

@@ -38,6 +38,8 @@ DEPLOYMENTS = Gauge("extauthz_deployments", "Deployments in the config, by wheth
                     ["routable"], multiprocess_mode="max")
 TOKEN_REFRESHES = Counter("extauthz_token_refreshes_total", "Refreshes of provider OAuth tokens (Vertex, Entra)",
                           ["result"])  # ok, failed
+LIMIT_DENIALS = Counter("extauthz_limit_denials_total", "Requests refused by a usage limit, by the limit",
+                        ["limit"])  # rpm_limit, model_rpm_limit
 ADMIN_REQUESTS = Counter("extauthz_admin_requests_total", "Admin API requests", ["route", "status"])
 
 
@@ -65,6 +67,9 @@ class CheckMetrics:
         self.decisions[key] = self.decisions.get(key, 0) + 1
         self.buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self.seconds += seconds
+
+    def limited(self, limit: str) -> None:
+        LIMIT_DENIALS.labels(limit).inc()  # rare next to decisions: counted at once
 
     def aborted(self, grpc_code: str) -> None:
         self.not_answered[grpc_code] = self.not_answered.get(grpc_code, 0) + 1

@@ -1,0 +1,101 @@
+"""The limits a key or team carries, as LiteLLM names them, and what they decide. Pure:
+a record's fields come in, a ``Limits`` comes out; counters and a clock come in, the
+counters to take (or the limit that refuses) come out.
+
+Rate windows are fixed minutes of the epoch (every replica agrees on them without
+talking): ``rpm_limit`` counts the requests admitted in the current minute, and a refused
+request is told to retry when the minute turns.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+from extauthz.check.decision import Deny
+
+WINDOW_S = 60
+MAX_COUNT = 1_000_000_000  # more is a typo (and no window holds it)
+
+
+class Limits(NamedTuple):
+    rpm: int | None = None
+    model_rpm: tuple[tuple[str, int], ...] = ()   # model (as requested) -> requests per minute
+
+    @property
+    def rate_limited(self) -> bool:
+        return self.rpm is not None or bool(self.model_rpm)
+
+
+# A stored limit that does not read as one refuses every request (rpm 0), rather than
+# lifting the limit an admin meant to set.
+UNREADABLE = Limits(rpm=0)
+
+
+def count(value: Any, name: str) -> int | None:
+    """A non-negative whole number, or None (no limit); ValueError for anything else."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0 <= value <= MAX_COUNT or value != int(value):
+        raise ValueError(f"'{name}' must be a whole number from 0 to {MAX_COUNT}, got {value!r}")
+    return int(value)
+
+
+def per_model(value: Any, name: str) -> tuple[tuple[str, int], ...]:
+    if value in (None, {}):
+        return ()
+    if not isinstance(value, dict) or not all(isinstance(m, str) and m for m in value):
+        raise ValueError(f"'{name}' must map model names to whole numbers")
+    return tuple((m, count(v, f"{name}.{m}") or 0) for m, v in sorted(value.items()))
+
+
+def parse(doc: dict[str, Any]) -> Limits | None:
+    """The enforced limits of a key or team document; None when it sets none (most do)."""
+    rpm = count(doc.get("rpm_limit"), "rpm_limit")
+    model_rpm = per_model(doc.get("model_rpm_limit"), "model_rpm_limit")
+    if rpm is None and not model_rpm:
+        return None
+    return Limits(rpm, model_rpm)
+
+
+def read(doc: dict[str, Any]) -> Limits | None:
+    """As ``parse``, for the check path: a stored value that does not read fails closed."""
+    try:
+        return parse(doc)
+    except ValueError:
+        return UNREADABLE
+
+
+class Counter(NamedTuple):
+    """One counter a request takes: where it lives (after the prefix) and its limit."""
+
+    suffix: str
+    limit: int
+    name: str       # the LiteLLM field, for the message and the decision log
+    owner: str      # "key 'alias'" or "team 'alias'"
+
+
+def rate_counters(scopes: list[tuple[str, str, Limits | None]], model: str, now: float) -> list[Counter]:
+    """The counters a request takes: for each scope (its id, its label, its limits), its
+    rpm_limit and its model_rpm_limit for this model, in the current minute."""
+    window = int(now // WINDOW_S)
+    out = []
+    for scope, label, limits in scopes:
+        if limits is None:
+            continue
+        if limits.rpm is not None:
+            out.append(Counter(f"rpm:{scope}:{window}", limits.rpm, "rpm_limit", label))
+        for name, limit in limits.model_rpm:
+            if name == model:
+                out.append(Counter(f"rpm:{scope}:model:{model}:{window}", limit, "model_rpm_limit", label))
+    return out
+
+
+def refusal(counter: Counter, now: float, metadata: dict[str, Any] | None) -> Deny:
+    retry = max(1, math.ceil(WINDOW_S - now % WINDOW_S))
+    which = f"{counter.name} for this model" if counter.name.startswith("model_") else counter.name
+    meta = dict(metadata or {}, limit=counter.name)
+    return Deny(429, "rate_limit_exceeded", f"Rate limit reached for {counter.owner}: {which} is "
+                f"{counter.limit} requests per minute. Retry in {retry} s.", None, meta,
+                (("retry-after", str(retry)),))

@@ -1,0 +1,163 @@
+"""Rate limits (rpm_limit, model_rpm_limit) on keys and teams: the pure rules, the Redis
+admission script, and what a caller sees through Envoy, with two replicas sharing Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from extauthz.usage import limits
+from extauthz.usage.counters import RateCounters
+from extauthz.usage.limits import Counter, Limits, rate_counters
+from tests.conftest import Gateway
+from tests.harness import start_stack
+
+
+# -- pure ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("doc, expected", [
+    ({}, None),
+    ({"rpm_limit": None, "model_rpm_limit": {}}, None),
+    ({"rpm_limit": 10}, Limits(10)),
+    ({"rpm_limit": 0}, Limits(0)),
+    ({"rpm_limit": 5.0}, Limits(5)),
+    ({"model_rpm_limit": {"gpt-4": 2, "gpt-4o": 3}}, Limits(None, (("gpt-4", 2), ("gpt-4o", 3)))),
+])
+def test_parse(doc: dict, expected: Limits | None) -> None:
+    assert limits.parse(doc) == expected
+
+
+@pytest.mark.parametrize("doc", [
+    {"rpm_limit": -1}, {"rpm_limit": 1.5}, {"rpm_limit": "10"}, {"rpm_limit": True}, {"rpm_limit": float("inf")},
+    {"rpm_limit": float("nan")}, {"rpm_limit": 10**12},
+    {"model_rpm_limit": ["gpt-4"]}, {"model_rpm_limit": {"gpt-4": "2"}}, {"model_rpm_limit": {"": 2}},
+])
+def test_unreadable_limits_are_refused_and_fail_closed(doc: dict) -> None:
+    with pytest.raises(ValueError):
+        limits.parse(doc)
+    assert limits.read(doc) == Limits(rpm=0)  # a record written by hand refuses, not lifts
+
+
+def test_counters_are_per_scope_model_and_minute() -> None:
+    key, team = Limits(5, (("gpt-4", 1),)), Limits(10)
+    now = 6_000_030.0  # 30 s into minute 100000
+    taken = rate_counters([("key:h", "key 'k'", key), ("team:t", "team 't'", team)], "gpt-4", now)
+    assert [(c.suffix, c.limit, c.name) for c in taken] == [
+        ("rpm:key:h:100000", 5, "rpm_limit"), ("rpm:key:h:model:gpt-4:100000", 1, "model_rpm_limit"),
+        ("rpm:team:t:100000", 10, "rpm_limit")]
+    assert [c.name for c in rate_counters([("key:h", "k", key)], "gpt-4o", now)] == ["rpm_limit"]
+    assert rate_counters([("key:h", "k", None)], "gpt-4", now) == []
+
+
+def test_a_refusal_names_the_limit_and_when_to_retry() -> None:
+    deny = limits.refusal(Counter("x", 5, "rpm_limit", "key 'ci'"), 6_000_045.2, {"key_hash": "ab"})
+    assert deny.status == 429 and deny.code == "rate_limit_exceeded" and deny.type == "rate_limit_error"
+    assert deny.headers == (("retry-after", "15"),)
+    assert "key 'ci'" in deny.message and "rpm_limit is 5 requests per minute" in deny.message
+    assert deny.metadata == {"key_hash": "ab", "limit": "rpm_limit"}
+
+
+# -- the admission script, on a real Redis -------------------------------------------------------
+
+def test_admission_takes_every_counter_or_none(redis_port: int) -> None:
+    async def run() -> None:
+        redis = aioredis.Redis(port=redis_port, db=9)
+        await redis.flushdb()
+        counters = RateCounters(redis, "t:", 2.0)
+        key, team = Counter("rpm:key:a:1", 3, "rpm_limit", "key"), Counter("rpm:team:t:1", 2, "rpm_limit", "team")
+        assert await counters.admit([key, team]) is None
+        assert await counters.admit([key, team]) is None
+        assert await counters.admit([key, team]) == team      # the team is full...
+        assert int(await redis.get("t:rpm:key:a:1")) == 2      # ...and the key's place was not taken
+        assert await counters.admit([key]) is None
+        assert await counters.admit([key]) == key
+        assert 0 < await redis.ttl("t:rpm:key:a:1") <= 65
+        await redis.aclose()
+    asyncio.run(run())
+
+
+# -- through Envoy --------------------------------------------------------------------------------
+
+def fresh_window() -> None:
+    """Start a test's requests early in a minute, so that none of them straddles two windows."""
+    left = 60 - time.time() % 60
+    if left < 20:
+        time.sleep(left + 0.5)
+
+
+def test_a_keys_rpm_limit(gateway: Gateway) -> None:
+    key = gateway.new_key(models=["gpt-4", "gpt-4o"], rpm_limit=2)
+    fresh_window()
+    assert gateway.chat(key, "gpt-4").status == 200
+    # A request refused for its model takes no place in the window.
+    assert gateway.chat(key, "claude-3").status == 403
+    gateway.forget_upstream()
+    assert gateway.chat(key, "gpt-4o").status == 200
+    refused = gateway.chat(key, "gpt-4")
+    assert refused.status == 429
+    error = refused.json()["error"]
+    assert error["code"] == "rate_limit_exceeded" and error["type"] == "rate_limit_error"
+    assert "rpm_limit is 2" in error["message"]
+    assert 1 <= int(refused.headers["retry-after"]) <= 60
+    assert len(gateway.upstream_seen()) == 1  # the refused one never reached the provider
+    info = gateway.admin(f"/key/info?key={key}", method="GET").json()["info"]
+    assert info["rpm_limit"] == 2 and "rpm_limit" not in info["not_enforced"]
+
+
+def test_a_teams_rpm_limit_is_shared_by_its_keys_and_a_models_is_its_own(gateway: Gateway) -> None:
+    team = gateway.new_team(models=["gpt-4", "gpt-4o"], rpm_limit=3, model_rpm_limit={"gpt-4o": 1})
+    one, two = gateway.new_key(team_id=team), gateway.new_key(team_id=team)
+    fresh_window()
+    assert gateway.chat(one, "gpt-4o").status == 200
+    assert gateway.chat(two, "gpt-4o").status == 429          # the team's gpt-4o minute is used
+    assert gateway.chat(two, "gpt-4").status == 200
+    assert gateway.chat(one, "gpt-4").status == 200
+    r = gateway.chat(two, "gpt-4")
+    assert r.status == 429 and "team" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("body, param", [({"rpm_limit": -1}, "rpm_limit"), ({"rpm_limit": "5"}, "rpm_limit"),
+                                         ({"model_rpm_limit": {"gpt-4": 1.5}}, "model_rpm_limit")])
+def test_a_careless_limit_is_refused(gateway: Gateway, body: dict, param: str) -> None:
+    r = gateway.admin("/key/generate", body)
+    assert r.status == 400 and r.json()["error"]["param"] == param
+
+
+@pytest.fixture(scope="module")
+def replica(workdir: Path, config_path: Path, redis_port: int, upstream_port: int) -> Iterator[Gateway]:
+    """A second sidecar and Envoy on the same Redis as the session's gateway."""
+    stack = start_stack(workdir, config_path, f"redis://127.0.0.1:{redis_port}/0")
+    try:
+        yield Gateway(stack.envoy, upstream_port, stack.sidecar)
+    finally:
+        stack.stop()
+
+
+def test_the_limit_holds_across_replicas(gateway: Gateway, replica: Gateway) -> None:
+    key = gateway.new_key(models=["gpt-4"], rpm_limit=3)
+    fresh_window()
+    statuses = [g.chat(key, "gpt-4").status for g in (gateway, replica, gateway, replica, gateway)]
+    assert statuses == [200, 200, 200, 429, 429]
+
+
+def test_without_redis_a_rate_limited_key_fails_closed(workdir: Path, config_path: Path,
+                                                       upstream_port: int) -> None:
+    # A key known to the cache, whose limit cannot be counted: refused (503), not let through.
+    from tests.harness import start_redis
+    proc, port = start_redis(workdir)
+    stack = start_stack(workdir, config_path, f"redis://127.0.0.1:{port}/0")
+    try:
+        g = Gateway(stack.envoy, upstream_port, stack.sidecar)
+        limited, free = g.new_key(models=["gpt-4"], rpm_limit=100), g.new_key(models=["gpt-4"])
+        assert g.chat(limited, "gpt-4").status == 200 and g.chat(free, "gpt-4").status == 200
+        proc.stop()
+        r = g.chat(limited, "gpt-4")
+        assert r.status == 503 and r.json()["error"]["code"] == "authz_unavailable"
+    finally:
+        stack.stop()
+        proc.stop()
