@@ -107,6 +107,7 @@ def test_a_keys_rpm_limit(gateway: Gateway) -> None:
     assert len(gateway.upstream_seen()) == 1  # the refused one never reached the provider
     info = gateway.admin(f"/key/info?key={key}", method="GET").json()["info"]
     assert info["rpm_limit"] == 2 and "rpm_limit" not in info["not_enforced"]
+    assert info["rpm_used"] == 2  # this minute's window: the two admitted, not the refused
 
 
 def test_a_teams_rpm_limit_is_shared_by_its_keys_and_a_models_is_its_own(gateway: Gateway) -> None:
@@ -119,6 +120,12 @@ def test_a_teams_rpm_limit_is_shared_by_its_keys_and_a_models_is_its_own(gateway
     assert gateway.chat(one, "gpt-4").status == 200
     r = gateway.chat(two, "gpt-4")
     assert r.status == 429 and "team" in r.json()["error"]["message"]
+    info = gateway.admin(f"/team/info?team_id={team}", method="GET").json()
+    assert info["team_info"]["rpm_used"] == 3
+    listed = {t["team_id"]: t for t in gateway.admin("/team/list", method="GET").json()}
+    assert listed[team]["rpm_used"] == 3
+    keys = gateway.admin(f"/key/list?team_id={team}&return_full_object=true", method="GET").json()["keys"]
+    assert [k["rpm_used"] for k in keys] == [0, 0]  # keys without a limit of their own take no counter
 
 
 @pytest.mark.parametrize("body, param", [({"rpm_limit": -1}, "rpm_limit"), ({"rpm_limit": "5"}, "rpm_limit"),

@@ -32,6 +32,7 @@ from extauthz.records.record import KeyRecord, hash_token, team_members, new_key
 from extauthz.check.request import credentials
 from extauthz.check.runtime import Runtime
 from extauthz.check.responses import error_body
+from extauthz.usage.counters import RateCounters
 from extauthz.records.store import Conflict, MissingTeam, NotFound, RedisWriter, StoreUnavailable
 
 log = logging.getLogger("extauthz.admin")
@@ -87,6 +88,7 @@ class AdminApi:
         self.runtime = runtime
         self.store = store
         self.stats = stats
+        self.counters = RateCounters(store.redis, store.prefix, store.timeout)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self.count, self.errors, self.auth])
@@ -217,6 +219,11 @@ class AdminApi:
     def check_team(self, key: dict[str, Any], team: dict[str, Any] | None) -> None:
         schema.check_key_against_team(key, team, self.runtime().catalog)
 
+    async def with_use(self, docs: list[dict[str, Any]], scope: str, id_field: str) -> list[dict[str, Any]]:
+        """Each record with ``rpm_used``: the requests its rate window holds this minute."""
+        used = await self.counters.used([f"{scope}:{d[id_field]}" for d in docs], time.time())
+        return [dict(d, rpm_used=n) for d, n in zip(docs, used)]
+
     @staticmethod
     def key_view(doc: dict[str, Any], raw_key: str | None = None) -> dict[str, Any]:
         view = dict(doc)
@@ -320,6 +327,7 @@ class AdminApi:
         who = acting(request)
         if doc is None or (who is not None and not who.owns(doc)):
             raise NotFound("key not found")
+        (doc,) = await self.with_use([doc], "key", "token")
         return web.json_response({"key": token_hash, "info": self.key_view(doc)})
 
     async def key_list(self, request: web.Request) -> web.Response:
@@ -336,6 +344,8 @@ class AdminApi:
         page, size = self.paging(request)
         chunk = docs[(page - 1) * size: page * size]
         full = request.query.get("return_full_object", "").lower() == "true"
+        if full:
+            chunk = await self.with_use(chunk, "key", "token")
         return web.json_response({
             "keys": [self.key_view(d) for d in chunk] if full else [d["token"] for d in chunk],
             "total_count": len(docs), "current_page": page,
@@ -398,6 +408,7 @@ class AdminApi:
         keys = await self.store.list_keys(team_id)
         if who is not None:
             keys = [k for k in keys if who.owns(k)]
+        (doc,) = await self.with_use([doc], "team", "team_id")
         return web.json_response({"team_id": team_id, "team_info": doc,
                                   "keys": [self.key_view(k) for k in keys]})
 
@@ -406,7 +417,7 @@ class AdminApi:
         user_id = request.query.get("user_id")
         if user_id:  # LiteLLM's filter: the teams this user is a member of
             teams = [t for t in teams if any(m.get("user_id") == user_id for m in team_members(t))]
-        return web.json_response(teams)
+        return web.json_response(await self.with_use(teams, "team", "team_id"))
 
     # -- team members ---------------------------------------------------------------------
 

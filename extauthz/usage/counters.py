@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from extauthz.records.store import StoreUnavailable
-from extauthz.usage.limits import WINDOW_S, Counter
+from extauthz.usage.limits import WINDOW_S, Counter, window_of
 
 # Returns 0 when every counter was below its limit (and each is then incremented), else
 # the 1-based index of the first counter at its limit (and nothing is incremented).
@@ -35,6 +35,7 @@ class RateCounters:
     def __init__(self, redis: aioredis.Redis, prefix: str, timeout_s: float) -> None:
         self.prefix = prefix
         self.timeout_s = timeout_s
+        self.redis = redis
         self.script = redis.register_script(ADMIT)
 
     async def admit(self, counters: list[Counter]) -> Counter | None:
@@ -46,3 +47,16 @@ class RateCounters:
         except (RedisError, OSError, asyncio.TimeoutError) as e:
             raise StoreUnavailable(type(e).__name__) from None
         return counters[int(over) - 1] if over else None
+
+    async def used(self, scopes: list[str], now: float) -> list[int]:
+        """Requests each scope has been admitted for in the current minute."""
+        if not scopes:
+            return []
+        window = window_of(now)
+        try:
+            raws = await asyncio.wait_for(
+                self.redis.mget([f"{self.prefix}rpm:{s}:{window}" for s in scopes]),
+                self.timeout_s)
+        except (RedisError, OSError, asyncio.TimeoutError) as e:
+            raise StoreUnavailable(type(e).__name__) from None
+        return [int(r) if r is not None else 0 for r in raws]

@@ -76,10 +76,14 @@ class Counter(NamedTuple):
     owner: str      # "key 'alias'" or "team 'alias'"
 
 
+def window_of(now: float) -> int:
+    return int(now // WINDOW_S)
+
+
 def rate_counters(scopes: list[tuple[str, str, Limits | None]], model: str, now: float) -> list[Counter]:
     """The counters a request takes: for each scope (its id, its label, its limits), its
     rpm_limit and its model_rpm_limit for this model, in the current minute."""
-    window = int(now // WINDOW_S)
+    window = window_of(now)
     out = []
     for scope, label, limits in scopes:
         if limits is None:
