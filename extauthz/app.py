@@ -38,6 +38,7 @@ from extauthz.check.service import SERVICE as AUTHZ_SERVICE, AuthorizationServic
 from extauthz.records.store import RedisReader, RedisWriter
 from extauthz.records.upsert import Upserts
 from extauthz.usage.counters import RateCounters
+from extauthz.usage.reports import UsageReports
 
 log = logging.getLogger("extauthz.server")
 DECISION_LOG_FLUSH_S = 0.2
@@ -162,9 +163,10 @@ class App:
         except ValueError as e:
             raise StartupError(f"unusable Redis URL {without_password(s.redis_url)!r}: {e}") from None
         cached = CachedStore(self.store, self.cache)
+        counters = RateCounters(self.store.redis, s.key_prefix, s.redis_timeout_ms / 1000)
         self.service = AuthorizationService(self.runtime, cached, s.log_allowed, logs.DecisionLog(s.log_format),
-                                            check_message_limit(s), Upserts(cached, RedisWriter(self.store)),
-                                            RateCounters(self.store.redis, s.key_prefix, s.redis_timeout_ms / 1000))
+                                            check_message_limit(s), Upserts(cached, RedisWriter(self.store)), counters)
+        self.usage = UsageReports(counters)
         self.health = health_aio.HealthServicer()
         self.grpc: grpc.aio.Server | None = None
         self.runners: list[web.AppRunner] = []
@@ -182,6 +184,7 @@ class App:
             # checks with a JSON error (and counts them); gRPC's own limit is only a guard.
             ("grpc.max_receive_message_length", 2 * check_message_limit(s))])
         self.service.add_to(self.grpc)
+        self.usage.add_to(self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         address = f"{s.grpc_host}:{s.grpc_port}"
         try:

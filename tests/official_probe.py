@@ -102,7 +102,8 @@ def _check_response(data: bytes) -> dict[str, Any]:
 
 
 def run(job: dict[str, Any]) -> dict[str, Any]:
-    from envoy.service.auth.v3 import external_auth_pb2  # noqa: F401  (fills the pool)
+    from envoy.service.accesslog.v3 import als_pb2  # noqa: F401  (fills the pool)
+    from envoy.service.auth.v3 import external_auth_pb2  # noqa: F401
 
     pool = descriptor_pool.Default()
 

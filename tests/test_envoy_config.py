@@ -121,7 +121,7 @@ def test_committed_demo_config_is_current() -> None:
 def test_filter_order(example: dict[str, Any]) -> None:
     names = [f["name"] for f in hcm(example)["http_filters"]]
     assert names == ["envoy.filters.http.decompressor", "envoy.filters.http.ext_authz", "envoy.filters.http.lua",
-                     "envoy.filters.http.router"]
+                     "extauthz.usage", "envoy.filters.http.router"]
 
 
 def test_ext_authz_fails_closed_and_sends_the_whole_body(example: dict[str, Any]) -> None:
@@ -167,8 +167,12 @@ def test_connection_manager(example: dict[str, Any]) -> None:
     assert manager["stat_prefix"]
     assert manager["generate_request_id"] is True
     assert manager["use_remote_address"] is True
-    (log,) = manager["access_log"]
+    log, usage = manager["access_log"]
     assert log["name"] == "envoy.access_loggers.stdout"
+    # The usage report: allowed model calls only, to the sidecar's gRPC port.
+    assert usage["name"] == "envoy.access_loggers.http_grpc"
+    assert usage["typed_config"]["common_config"]["grpc_service"] == {"envoy_grpc": {"cluster_name": "extauthz"}}
+    assert usage["filter"]["metadata_filter"]["matcher"]["path"] == [{"key": "key_id"}]
     fields = log["typed_config"]["log_format"]["json_format"]
     values = set(fields.values())
     for operator in ("%REQ(:METHOD)%", "%RESPONSE_CODE%", "%RESPONSE_FLAGS%", "%DURATION%",

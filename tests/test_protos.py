@@ -21,6 +21,8 @@ from google.protobuf.descriptor import Descriptor, EnumDescriptor, FileDescripto
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from extauthz.proto.envoy.config.core.v3 import base_pb2
+from extauthz.proto.envoy.data.accesslog.v3 import accesslog_pb2
+from extauthz.proto.envoy.service.accesslog.v3 import als_pb2
 from extauthz.proto.envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, external_auth_pb2_grpc
 from extauthz.proto.envoy.type.v3 import http_status_pb2
 from extauthz.proto.google.rpc import status_pb2
@@ -35,7 +37,8 @@ probe = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(probe)
 
 OUR_FILES: list[FileDescriptor] = [
-    m.DESCRIPTOR for m in (external_auth_pb2, attribute_context_pb2, base_pb2, http_status_pb2, status_pb2)
+    m.DESCRIPTOR for m in (external_auth_pb2, attribute_context_pb2, base_pb2, http_status_pb2, status_pb2,
+                           accesslog_pb2, als_pb2)
 ]
 
 # The subset we mean to carry: message -> field names.
@@ -57,6 +60,14 @@ SUBSET: dict[str, set[str]] = {
     "envoy.config.core.v3.HeaderValueOption": {"header", "append", "append_action", "keep_empty_value"},
     "envoy.type.v3.HttpStatus": {"code"},
     "google.rpc.Status": {"code", "message"},
+    "envoy.service.accesslog.v3.StreamAccessLogsMessage": {"identifier", "http_logs"},
+    "envoy.service.accesslog.v3.StreamAccessLogsMessage.Identifier": {"log_name"},
+    "envoy.service.accesslog.v3.StreamAccessLogsMessage.HTTPAccessLogEntries": {"log_entry"},
+    "envoy.service.accesslog.v3.StreamAccessLogsResponse": set(),
+    "envoy.data.accesslog.v3.HTTPAccessLogEntry": {"common_properties", "request", "response"},
+    "envoy.data.accesslog.v3.AccessLogCommon": {"upstream_cluster", "metadata", "route_name", "duration"},
+    "envoy.data.accesslog.v3.HTTPRequestProperties": {"request_id"},
+    "envoy.data.accesslog.v3.HTTPResponseProperties": {"response_code", "response_code_details"},
 }
 # Enums that must carry every upstream value, not just a subset.
 COMPLETE_ENUMS = {"envoy.type.v3.StatusCode", "envoy.config.core.v3.HeaderValueOption.HeaderAppendAction"}
@@ -240,7 +251,7 @@ def test_complete_enums_are_checked() -> None:
 
 
 def test_service_matches_official(official: dict[str, Any]) -> None:
-    assert set(OUR_SERVICES) == {"envoy.service.auth.v3.Authorization"}
+    assert set(OUR_SERVICES) == {"envoy.service.auth.v3.Authorization", "envoy.service.accesslog.v3.AccessLogService"}
     for name, desc in OUR_SERVICES.items():
         assert official["services"][name] is not None, f"{name} does not exist upstream"
         assert probe.describe_service(desc) == official["services"][name]

@@ -386,7 +386,51 @@ async def echo(request: web.Request) -> web.StreamResponse:
     credential = headers.get("authorization") or headers.get("api-key") or headers.get("x-api-key") \
         or headers.get("x-goog-api-key")
     text = f"fake upstream: {request.method} {request.path} model={model} credential={credential}"
-    return web.json_response({**answer(request.path, model, text), "echo": arrived})
+    reply = answer(request.path, model, text)
+    # A test sets the usage the "provider" reports: "x-fake-usage: <input>,<output>".
+    wanted = headers.get("x-fake-usage")
+    if wanted and isinstance(reply.get("usage"), dict):
+        given, taken = (int(n) for n in wanted.split(","))
+        names = ("input_tokens", "output_tokens") if "input_tokens" in reply["usage"] else \
+            ("prompt_tokens", "completion_tokens")
+        reply["usage"] = {names[0]: given, names[1]: taken, **({"total_tokens": given + taken}
+                                                                if names[0] == "prompt_tokens" else {})}
+    if isinstance(fields, dict) and fields.get("stream") is True:
+        return await stream(request, reply, fields, float(headers.get("x-fake-delay", "0")))
+    if headers.get("x-fake-usage-last"):  # the usage after everything else (the echo is large)
+        usage = reply.pop("usage", None)
+        return web.json_response({**reply, "echo": arrived, "usage": usage})
+    return web.json_response({**reply, "echo": arrived})
+
+
+async def stream(request: web.Request, reply: dict[str, Any], body: dict[str, Any], delay: float) -> web.StreamResponse:
+    """The reply as the provider streams it (server-sent events): OpenAI's chunks (the
+    usage in a last chunk, with stream_options.include_usage), or Anthropic's events."""
+    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await response.prepare(request)
+    usage = reply.get("usage") or {}
+    if request.path.endswith("/messages"):
+        events = [{"type": "message_start", "message": {**reply, "content": [],
+                                                        "usage": {"input_tokens": usage.get("input_tokens", 0),
+                                                                  "output_tokens": 1}}},
+                  {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "fake"}},
+                  {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                   "usage": {"output_tokens": usage.get("output_tokens", 0)}},
+                  {"type": "message_stop"}]
+        lines = [f"event: {e['type']}\ndata: {json.dumps(e)}\n\n" for e in events]
+    else:
+        chunk = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": reply.get("model")}
+        lines = [f"data: {json.dumps({**chunk, 'choices': [{'index': 0, 'delta': {'content': w}}], 'usage': None})}\n\n"
+                 for w in ("fake ", "stream")]
+        if (body.get("stream_options") or {}).get("include_usage"):
+            lines.append(f"data: {json.dumps({**chunk, 'choices': [], 'usage': usage})}\n\n")
+        lines.append("data: [DONE]\n\n")
+    for line in lines:
+        await response.write(line.encode())
+        if delay:
+            await asyncio.sleep(delay)
+    await response.write_eof()
+    return response
 
 
 def main() -> None:

@@ -220,9 +220,9 @@ class AdminApi:
         schema.check_key_against_team(key, team, self.runtime().catalog)
 
     async def with_use(self, docs: list[dict[str, Any]], scope: str, id_field: str) -> list[dict[str, Any]]:
-        """Each record with ``rpm_used``: the requests its rate window holds this minute."""
+        """Each record with ``rpm_used`` and ``tpm_used``: its rate windows this minute."""
         used = await self.counters.used([f"{scope}:{d[id_field]}" for d in docs], time.time())
-        return [dict(d, rpm_used=n) for d, n in zip(docs, used)]
+        return [dict(d, rpm_used=rpm, tpm_used=tpm) for d, (rpm, tpm) in zip(docs, used)]
 
     @staticmethod
     def key_view(doc: dict[str, Any], raw_key: str | None = None) -> dict[str, Any]:

@@ -46,8 +46,9 @@ GEMINI_V1_CALL = r"^/v1/models/[^/:]+:(generateContent|streamGenerateContent)/?$
 ADMIN_PREFIXES = ("/key/", "/team/", "/user/", "/v1/models/", "/models/", "/health/")
 # Routes the sidecar is not asked about: the admin API checks the master key itself (its
 # JSON bodies are not LLM requests), and a request with no key at all is refused by Envoy.
+USAGE_FILTER = "extauthz.usage"  # a second Lua filter, under a name of its own
 UNCHECKED_ROUTE_FILTERS = {name: {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}
-                           for name in (EXT_AUTHZ_FILTER, SPLICE_FILTER)}
+                           for name in (EXT_AUTHZ_FILTER, SPLICE_FILTER, USAGE_FILTER)}
 # Dynamic metadata the sidecar returns on a decision (see policy.py).
 EXT_AUTHZ_METADATA = ("key_alias", "key_hash", "team_id", "user_id", "role", "model", "deployment")
 
@@ -133,10 +134,10 @@ def _listener(s: Settings, e: EnvoySettings, port: int, signers: list[tuple[str,
             "name": "envoy.http.early_header_mutation.header_mutation",
             "typed_config": _typed("envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation",
                                    mutations=[{"remove": h} for h in INTERNAL_HEADERS + ACTING_HEADERS])}],
-        access_log=[_access_log()],
+        access_log=[_access_log(), _usage_log()],
         local_reply_config=_local_reply_config(s),
         http_filters=[_decompressor_filter(), *identity, _ext_authz_filter(s, e, bool(identity)), _splice_filter(),
-                      *_aws_signing_filters(signers), _router_filter()],
+                      _usage_filter(), *_aws_signing_filters(signers), _router_filter()],
         route_config=_route_config(bool(identity)),
     )
     return {
@@ -169,6 +170,31 @@ def _access_log() -> dict[str, Any]:
     return {"name": "envoy.access_loggers.stdout",
             "typed_config": _typed("envoy.extensions.access_loggers.stream.v3.StdoutAccessLog",
                                    log_format={"json_format": fields})}
+
+
+def _usage_log() -> dict[str, Any]:
+    """The usage report: after each allowed model call has ended (a client that went away
+    included), its entry (the check's metadata and the usage read from the response) goes
+    to the sidecar over gRPC, batched, off the request's path (usage/reports.py)."""
+    return {"name": "envoy.access_loggers.http_grpc",
+            "typed_config": _typed("envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig", common_config={
+                "log_name": "extauthz_usage", "transport_api_version": "V3",
+                "grpc_service": {"envoy_grpc": {"cluster_name": AUTHZ_CLUSTER}},
+                "buffer_flush_interval": "0.1s", "buffer_size_bytes": 65536}),
+            "filter": {"metadata_filter": {"matcher": {"filter": EXT_AUTHZ_FILTER, "path": [{"key": "key_id"}],
+                                                       "value": {"present_match": True}},
+                                           "match_if_key_not_found": False}}}
+
+
+def _usage_filter() -> dict[str, Any]:
+    """What a response reports of its usage, as metadata for the usage report: read by
+    envoy/usage.lua as the chunks pass (a JSON body's top-level "usage", an event stream's
+    counts), nothing buffered. (Envoy's json_to_metadata would read JSON with its own
+    parser, but it holds the whole response first, and answers 500 past its buffer limit:
+    an embeddings response of some megabytes.)"""
+    code = resources.files("extauthz.envoy").joinpath("usage.lua").read_text(encoding="utf-8")
+    return {"name": USAGE_FILTER, "typed_config": _typed("envoy.extensions.filters.http.lua.v3.Lua",
+                                                         default_source_code={"inline_string": code})}
 
 
 def _decompressor_filter() -> dict[str, Any]:

@@ -3,8 +3,9 @@ a record's fields come in, a ``Limits`` comes out; counters and a clock come in,
 counters to take (or the limit that refuses) come out.
 
 Rate windows are fixed minutes of the epoch (every replica agrees on them without
-talking): ``rpm_limit`` counts the requests admitted in the current minute, and a refused
-request is told to retry when the minute turns.
+talking): ``rpm_limit`` counts the requests admitted in the current minute, ``tpm_limit``
+the tokens the provider reported for the responses settled in it (usage/reports.py); a
+refused request is told to retry when the minute turns.
 """
 
 from __future__ import annotations
@@ -21,10 +22,12 @@ MAX_COUNT = 1_000_000_000  # more is a typo (and no window holds it)
 class Limits(NamedTuple):
     rpm: int | None = None
     model_rpm: tuple[tuple[str, int], ...] = ()   # model (as requested) -> requests per minute
+    tpm: int | None = None
+    model_tpm: tuple[tuple[str, int], ...] = ()   # model (as requested) -> tokens per minute
 
     @property
     def rate_limited(self) -> bool:
-        return self.rpm is not None or bool(self.model_rpm)
+        return self.rpm is not None or bool(self.model_rpm) or self.tpm is not None or bool(self.model_tpm)
 
 
 # A stored limit that does not read as one refuses every request (rpm 0), rather than
@@ -52,11 +55,9 @@ def per_model(value: Any, name: str) -> tuple[tuple[str, int], ...]:
 
 def parse(doc: dict[str, Any]) -> Limits | None:
     """The enforced limits of a key or team document; None when it sets none (most do)."""
-    rpm = count(doc.get("rpm_limit"), "rpm_limit")
-    model_rpm = per_model(doc.get("model_rpm_limit"), "model_rpm_limit")
-    if rpm is None and not model_rpm:
-        return None
-    return Limits(rpm, model_rpm)
+    found = Limits(count(doc.get("rpm_limit"), "rpm_limit"), per_model(doc.get("model_rpm_limit"), "model_rpm_limit"),
+                   count(doc.get("tpm_limit"), "tpm_limit"), per_model(doc.get("model_tpm_limit"), "model_tpm_limit"))
+    return found if found.rate_limited else None
 
 
 def read(doc: dict[str, Any]) -> Limits | None:
@@ -68,12 +69,15 @@ def read(doc: dict[str, Any]) -> Limits | None:
 
 
 class Counter(NamedTuple):
-    """One counter a request takes: where it lives (after the prefix) and its limit."""
+    """One counter a request is checked against: where it lives (after the prefix), its
+    limit, and what admitting the request adds (1 for requests; 0 for tokens, which the
+    response's usage report adds)."""
 
     suffix: str
     limit: int
     name: str       # the LiteLLM field, for the message and the decision log
     owner: str      # "key 'alias'" or "team 'alias'"
+    take: int = 1
 
 
 def window_of(now: float) -> int:
@@ -81,25 +85,35 @@ def window_of(now: float) -> int:
 
 
 def rate_counters(scopes: list[tuple[str, str, Limits | None]], model: str, now: float) -> list[Counter]:
-    """The counters a request takes: for each scope (its id, its label, its limits), its
-    rpm_limit and its model_rpm_limit for this model, in the current minute."""
+    """The counters a request is checked against: for each scope (its id, its label, its
+    limits), its rpm and tpm limits and those for this model, in the current minute."""
     window = window_of(now)
     out = []
     for scope, label, limits in scopes:
         if limits is None:
             continue
-        if limits.rpm is not None:
-            out.append(Counter(f"rpm:{scope}:{window}", limits.rpm, "rpm_limit", label))
-        for name, limit in limits.model_rpm:
-            if name == model:
-                out.append(Counter(f"rpm:{scope}:model:{model}:{window}", limit, "model_rpm_limit", label))
+        for kind, whole, per_model_limits, take in (("rpm", limits.rpm, limits.model_rpm, 1),
+                                                    ("tpm", limits.tpm, limits.model_tpm, 0)):
+            if whole is not None:
+                out.append(Counter(f"{kind}:{scope}:{window}", whole, f"{kind}_limit", label, take))
+            for name, limit in per_model_limits:
+                if name == model:
+                    out.append(Counter(f"{kind}:{scope}:model:{model}:{window}", limit, f"model_{kind}_limit",
+                                       label, take))
     return out
+
+
+def usage_counters(scopes: list[str], model: str, now: float) -> list[str]:
+    """The token counters a settled response adds to: each scope's, whole and for its model."""
+    window = window_of(now)
+    return [c for scope in scopes for c in (f"tpm:{scope}:{window}", f"tpm:{scope}:model:{model}:{window}")]
 
 
 def refusal(counter: Counter, now: float, metadata: dict[str, Any] | None) -> Deny:
     retry = max(1, math.ceil(WINDOW_S - now % WINDOW_S))
     which = f"{counter.name} for this model" if counter.name.startswith("model_") else counter.name
+    unit = "tokens" if "tpm" in counter.name else "requests"
     meta = dict(metadata or {}, limit=counter.name)
     return Deny(429, "rate_limit_exceeded", f"Rate limit reached for {counter.owner}: {which} is "
-                f"{counter.limit} requests per minute. Retry in {retry} s.", None, meta,
+                f"{counter.limit} {unit} per minute. Retry in {retry} s.", None, meta,
                 (("retry-after", str(retry)),))

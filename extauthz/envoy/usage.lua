@@ -1,0 +1,149 @@
+-- Envoy Lua filter on responses: the token counts a model call's response reports, as
+-- dynamic metadata (namespace extauthz.usage) for the usage report that Envoy's gRPC
+-- access log sends to the sidecar once the response has ended (usage/reports.py).
+-- Chunks pass on as they come: nothing is buffered, nothing waits.
+--
+-- A JSON body (OpenAI, Anthropic, Responses API): the top-level "usage" object only. The
+-- scan follows the JSON's nesting from one structural character to the next (strings
+-- skipped as a whole), so a "usage" a client got echoed deeper in the body (the Responses
+-- API echoes tools and schemas) is never read, and long runs of numbers (embeddings) are
+-- passed over at the speed of string.find.
+--
+-- An event stream (OpenAI with stream_options.include_usage: its last chunk; Anthropic:
+-- message_start, then message_delta): the last count of each name. A model's own text
+-- is a JSON string in the stream, its quotes escaped, so it cannot spell a count.
+local NAMESPACE = "extauthz.usage"
+local FIELDS = {"prompt_tokens", "completion_tokens", "input_tokens", "output_tokens",
+                "cache_read_input_tokens", "cache_creation_input_tokens"}
+local OVERLAP = 96        -- bytes of an event stream kept across chunks: a count split in two is read whole
+local USAGE_MAX = 4096    -- bytes of a usage object kept (they are a few hundred)
+local KEY_MAX = 16        -- a top-level key longer than this is not "usage"
+
+local function counts(text, found, last_wins)
+  for _, name in ipairs(FIELDS) do
+    for value in string.gmatch(text, "\"" .. name .. "\"%s*:%s*(%d+)") do
+      if last_wins or found[name] == nil then
+        found[name] = value
+      end
+    end
+  end
+end
+
+-- The JSON scan's state across chunks.
+local function json_state()
+  return {depth = 0, in_string = false, escaped = false, key = nil, last_key = nil,
+          want_object = false, capturing = false, pieces = {}, size = 0, usage = nil}
+end
+
+local function keep(state, piece)
+  if state.size + #piece <= USAGE_MAX then
+    state.pieces[#state.pieces + 1] = piece
+    state.size = state.size + #piece
+  end
+end
+
+local function scan_json(state, text)
+  local pos, n = 1, #text
+  local key_from = 1           -- where the top-level string being read started, in this chunk
+  local capture_from = 1       -- where the usage object being captured started, in this chunk
+  while pos <= n do
+    if state.in_string then
+      if state.escaped then
+        state.escaped = false
+        pos = pos + 1
+      else
+        local i = string.find(text, "[\"\\]", pos)
+        if i == nil then
+          if state.key then
+            state.key = state.key .. string.sub(text, key_from)
+            if #state.key > KEY_MAX then state.key = nil end
+          end
+          pos = n + 1
+        elseif string.byte(text, i) == 92 then  -- a backslash: the next byte is escaped
+          state.key = nil                       -- "usage" has no escape in it
+          state.escaped = true
+          pos = i + 1
+        else                                    -- the closing quote
+          if state.key then
+            state.last_key = state.key .. string.sub(text, key_from, i - 1)
+          end
+          state.key = nil
+          state.in_string = false
+          pos = i + 1
+        end
+      end
+    else
+      local i = string.find(text, "[{}%[%]\":]", pos)
+      if i == nil then
+        pos = n + 1
+      else
+        local c = string.sub(text, i, i)
+        if c == "{" or c == "[" then
+          if c == "{" and state.want_object and state.depth == 1 then
+            state.capturing = true
+            capture_from = i
+          end
+          state.depth = state.depth + 1
+        elseif c == "}" or c == "]" then
+          state.depth = state.depth - 1
+          if state.capturing and state.depth == 1 then
+            keep(state, string.sub(text, capture_from, i))
+            state.capturing = false
+            state.usage = table.concat(state.pieces)
+          end
+        elseif c == ":" then
+          if state.depth == 1 and state.last_key == "usage" then
+            state.want_object = true
+            state.last_key = nil
+            pos = i + 1
+            goto continue
+          end
+        else  -- a string starts: at the top level it may be a key
+          state.in_string = true
+          state.last_key = nil
+          if state.depth == 1 and not state.capturing then
+            state.key = ""
+            key_from = i + 1
+          end
+        end
+        state.want_object = false   -- "usage" must be followed by ':' and '{', nothing between
+        state.last_key = nil
+        pos = i + 1
+      end
+    end
+    ::continue::
+  end
+  if state.capturing then
+    keep(state, string.sub(text, capture_from))
+  end
+end
+
+function envoy_on_response(handle)
+  local content_type = handle:headers():get("content-type") or ""
+  local json = string.find(content_type, "application/json", 1, true) == 1
+  local stream = string.find(content_type, "text/event-stream", 1, true) == 1
+  if not json and not stream then
+    return
+  end
+  local found = {}
+  local state, tail = json_state(), ""
+  for chunk in handle:bodyChunks() do
+    local text = chunk:getBytes(0, chunk:length())
+    if json then
+      scan_json(state, text)
+    else
+      text = tail .. text
+      if string.find(text, "_tokens\"", 1, true) then
+        counts(text, found, true)
+      end
+      tail = string.sub(text, -OVERLAP)
+    end
+  end
+  if json and state.usage then
+    counts(state.usage, found, false)
+  end
+  local metadata = handle:streamInfo():dynamicMetadata()
+  for name, value in pairs(found) do
+    metadata:set(NAMESPACE, name, tonumber(value))
+  end
+end

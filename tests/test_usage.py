@@ -1,0 +1,132 @@
+"""Usage reports through real Envoy: the tokens a provider reports (JSON and event
+streams, OpenAI and Anthropic formats) reach the sidecar in Envoy's gRPC access log,
+are settled once per request, and tpm_limit refuses once a minute's tokens are used."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from google.protobuf import struct_pb2
+
+from extauthz.proto.envoy.data.accesslog.v3 import accesslog_pb2
+from extauthz.usage.reports import read_entry, tokens
+from tests.conftest import Gateway
+from tests.harness import http
+from tests.test_limits import fresh_window
+
+
+def entry(decision: dict[str, Any], usage: dict[str, Any] | None = None, request_id: str = "r1") -> Any:
+    e = accesslog_pb2.HTTPAccessLogEntry()
+    e.request.request_id = request_id
+    namespaces = e.common_properties.metadata.filter_metadata
+    namespaces["envoy.filters.http.ext_authz"].CopyFrom(struct_pb2.Struct())
+    namespaces["envoy.filters.http.ext_authz"].update(decision)
+    if usage is not None:
+        namespaces["extauthz.usage"].update(usage)
+    return e
+
+
+def test_reading_an_entry() -> None:
+    allowed = {"key_id": "ab" * 32, "team_id": "t", "model": "gpt-4", "deployment": "1:gpt-4"}
+    report = read_entry(entry(allowed, {"prompt_tokens": 7, "completion_tokens": 5}))
+    assert report is not None and report.tokens == 12 and report.key_id == "ab" * 32 and report.team_id == "t"
+    assert read_entry(entry(allowed)).tokens is None                        # no usage reported: unpriced
+    assert read_entry(entry({**allowed, "deployment": "admin_api"})) is None  # not a model call
+    assert read_entry(entry({"key_hash": "ab"})) is None                     # a deny's metadata
+    assert read_entry(entry(allowed, request_id="")) is None
+    jwt = read_entry(entry({**allowed, "key_id": "jwt:alice"}, {"input_tokens": 1, "output_tokens": 1}))
+    assert jwt is not None and jwt.key_id is None and jwt.team_id == "t"
+
+
+@pytest.mark.parametrize("usage, expected", [
+    ({"prompt_tokens": 10, "completion_tokens": 3}, 13),
+    ({"input_tokens": 10, "output_tokens": 3, "cache_read_input_tokens": 100, "cache_creation_input_tokens": 5}, 118),
+    ({"output_tokens": 4}, 4),
+    ({}, None),
+    ({"prompt_tokens": -5}, None),
+    ({"prompt_tokens": 1e20}, None),
+])
+def test_tokens(usage: dict, expected: int | None) -> None:
+    assert tokens(usage) == expected
+
+
+def tpm_used(gateway: Gateway, key: str) -> int:
+    return gateway.admin(f"/key/info?key={key}", method="GET").json()["info"]["tpm_used"]
+
+
+def wait_for(condition: Any, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} not seen in {timeout} s"
+        time.sleep(0.1)
+
+
+def call(gateway: Gateway, key: str, path: str, body: dict, usage: str) -> Any:
+    return http("POST", gateway.envoy.url + path, body, {"Authorization": f"Bearer {key}", "x-fake-usage": usage})
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}),
+    ("/v1/chat/completions", {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "stream": True,
+                              "stream_options": {"include_usage": True}}),
+    ("/v1/messages", {"model": "claude-sonnet", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}),
+    ("/v1/messages", {"model": "claude-sonnet", "max_tokens": 5, "stream": True,
+                      "messages": [{"role": "user", "content": "hi"}]}),
+], ids=["openai-json", "openai-sse", "anthropic-json", "anthropic-sse"])
+def test_reported_tokens_are_counted_and_tpm_limit_refuses(provider_gateway: Gateway, path: str, body: dict) -> None:
+    gateway = provider_gateway
+    key = gateway.new_key(models=[body["model"]], tpm_limit=100)
+    fresh_window()
+    r = call(gateway, key, path, body, "30,40")
+    assert r.status == 200, r.text
+    wait_for(lambda: tpm_used(gateway, key) == 70, "the first response's 70 tokens")
+    assert call(gateway, key, path, body, "20,20").status == 200   # 70 < 100: admitted
+    wait_for(lambda: tpm_used(gateway, key) == 110, "110 tokens")
+    refused = call(gateway, key, path, body, "1,1")
+    assert refused.status == 429, refused.text
+    assert "tpm_limit is 100 tokens per minute" in refused.json()["error"]["message"]
+    assert int(refused.headers["retry-after"]) >= 1
+
+
+def test_only_the_top_level_usage_of_a_json_body_is_read(gateway: Gateway) -> None:
+    key = gateway.new_key(models=["gpt-4"], tpm_limit=1000)
+    # The fake echoes the request after its own "usage": a client's nested "usage" (as the
+    # Responses API echoes tools and schemas) and counts in its text must not count.
+    body = {"model": "gpt-4", "messages": [{"role": "user", "content": '"usage": {"prompt_tokens": 900}'}],
+            "usage": {"prompt_tokens": 0, "completion_tokens": 0}, "tools": [{"usage": {"input_tokens": 1}}]}
+    fresh_window()
+    assert call(gateway, key, "/v1/chat/completions", body, "3,4").status == 200
+    wait_for(lambda: tpm_used(gateway, key) == 7, "exactly the provider's 7 tokens")
+
+
+def test_usage_after_a_large_body_is_read_across_chunks(gateway: Gateway) -> None:
+    key = gateway.new_key(models=["gpt-4"], tpm_limit=10**6)
+    big = {"model": "gpt-4", "messages": [{"role": "user", "content": "x" * 3_000_000}]}
+    fresh_window()
+    r = http("POST", gateway.envoy.url + "/v1/chat/completions", big,
+             {"Authorization": f"Bearer {key}", "x-fake-usage": "1234,5", "x-fake-usage-last": "1"}, timeout=60)
+    assert r.status == 200 and len(r.text) > 6_000_000  # passed on whole, not cut at a buffer limit
+    wait_for(lambda: tpm_used(gateway, key) == 1239, "the usage at the end of a 6 MB body")
+
+
+def test_a_response_without_usage_counts_no_tokens(gateway: Gateway) -> None:
+    key = gateway.new_key(models=["gpt-4"], tpm_limit=10)
+    body = {"model": "gpt-4", "messages": [], "stream": True}  # no include_usage: the stream reports none
+    fresh_window()
+    for _ in range(3):
+        assert call(gateway, key, "/v1/chat/completions", body, "50,50").status == 200
+    time.sleep(0.5)  # reports flush every 0.1 s: none of these can have added tokens
+    assert tpm_used(gateway, key) == 0
+
+
+def test_a_teams_tokens_are_shared_by_its_keys(gateway: Gateway) -> None:
+    team = gateway.new_team(models=["gpt-4"], tpm_limit=50)
+    one, two = gateway.new_key(team_id=team), gateway.new_key(team_id=team)
+    body = {"model": "gpt-4", "messages": []}
+    fresh_window()
+    assert call(gateway, one, "/v1/chat/completions", body, "30,30").status == 200
+    wait_for(lambda: gateway.admin(f"/team/info?team_id={team}", method="GET").json()["team_info"]["tpm_used"] == 60,
+             "the team's 60 tokens")
+    assert call(gateway, two, "/v1/chat/completions", body, "1,1").status == 429
