@@ -172,7 +172,7 @@ def test_connection_manager(example: dict[str, Any]) -> None:
     # The usage report: allowed model calls only, to the sidecar's gRPC port.
     assert usage["name"] == "envoy.access_loggers.http_grpc"
     assert usage["typed_config"]["common_config"]["grpc_service"] == {"envoy_grpc": {"cluster_name": "extauthz"}}
-    assert usage["filter"]["metadata_filter"]["matcher"]["path"] == [{"key": "key_id"}]
+    assert usage["filter"]["metadata_filter"]["matcher"]["path"] == [{"key": "usage_id"}]
     fields = log["typed_config"]["log_format"]["json_format"]
     values = set(fields.values())
     for operator in ("%REQ(:METHOD)%", "%RESPONSE_CODE%", "%RESPONSE_FLAGS%", "%DURATION%",

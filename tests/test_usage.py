@@ -29,13 +29,15 @@ def entry(decision: dict[str, Any], usage: dict[str, Any] | None = None, request
 
 
 def test_reading_an_entry() -> None:
-    allowed = {"key_id": "ab" * 32, "team_id": "t", "model": "gpt-4", "deployment": "1:gpt-4"}
+    allowed = {"key_id": "ab" * 32, "team_id": "t", "model": "gpt-4", "deployment": "1:gpt-4", "usage_id": "u1"}
     report = read_entry(entry(allowed, {"prompt_tokens": 7, "completion_tokens": 5}))
     assert report is not None and report.tokens == 12 and report.key_id == "ab" * 32 and report.team_id == "t"
+    assert report.usage_id == "u1"
     assert read_entry(entry(allowed)).tokens is None                        # no usage reported: unpriced
     assert read_entry(entry({**allowed, "deployment": "admin_api"})) is None  # not a model call
     assert read_entry(entry({"key_hash": "ab"})) is None                     # a deny's metadata
-    assert read_entry(entry(allowed, request_id="")) is None
+    without = {k: v for k, v in allowed.items() if k != "usage_id"}
+    assert read_entry(entry(without)) is None                                # no limit: nothing to count
     jwt = read_entry(entry({**allowed, "key_id": "jwt:alice"}, {"input_tokens": 1, "output_tokens": 1}))
     assert jwt is not None and jwt.key_id is None and jwt.team_id == "t"
 
@@ -109,6 +111,21 @@ def test_usage_after_a_large_body_is_read_across_chunks(gateway: Gateway) -> Non
              {"Authorization": f"Bearer {key}", "x-fake-usage": "1234,5", "x-fake-usage-last": "1"}, timeout=60)
     assert r.status == 200 and len(r.text) > 6_000_000  # passed on whole, not cut at a buffer limit
     wait_for(lambda: tpm_used(gateway, key) == 1239, "the usage at the end of a 6 MB body")
+
+
+def test_a_client_request_id_cannot_merge_reports(gateway: Gateway) -> None:
+    # On a trusted network Envoy keeps the client's x-request-id: the same one on every
+    # request must not make the reports after the first look like duplicates.
+    key = gateway.new_key(models=["gpt-4"], tpm_limit=1000)
+    fresh_window()
+    gateway.forget_upstream()
+    for _ in range(3):
+        r = http("POST", gateway.envoy.url + "/v1/chat/completions", {"model": "gpt-4", "messages": []},
+                 {"Authorization": f"Bearer {key}", "x-fake-usage": "5,5", "x-request-id": "same-every-time"})
+        assert r.status == 200
+    wait_for(lambda: tpm_used(gateway, key) == 30, "all three reports")
+    # The gateway's marker that turns the usage filter on never reaches the provider.
+    assert all("x-extauthz-usage" not in seen["headers"] for seen in gateway.upstream_seen())
 
 
 def test_a_response_without_usage_counts_no_tokens(gateway: Gateway) -> None:

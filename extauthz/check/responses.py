@@ -63,12 +63,31 @@ def _metadata_part(items: tuple) -> bytes:
     return response.SerializeToString()
 
 
+# An allow's usage id (usage/reports.py) is new for every request: it is encoded apart
+# from the memoized rest of the metadata, into a template of its fixed length.
+USAGE_ID = "usage_id"
+USAGE_ID_LENGTH = 24
+
+
+def _usage_id_template() -> tuple[bytes, bytes]:
+    blank = b"0" * USAGE_ID_LENGTH
+    encoded = _metadata_part(((USAGE_ID, blank.decode()),))
+    at = encoded.index(blank)
+    return encoded[:at], encoded[at + USAGE_ID_LENGTH:]
+
+
 def metadata_part(metadata: dict[str, str] | None) -> bytes:
     """``metadata`` as a CheckResponse holding only ``dynamic_metadata``."""
     if not metadata:
         return b""
-    items = tuple(metadata.items())
-    return _METADATA.get(items, lambda: _metadata_part(items))
+    usage_id = metadata.get(USAGE_ID)
+    if usage_id is None:
+        items = tuple(metadata.items())
+        return _METADATA.get(items, lambda: _metadata_part(items))
+    items = tuple(item for item in metadata.items() if item[0] != USAGE_ID)
+    rest = _METADATA.get(items, lambda: _metadata_part(items)) if items else b""
+    assert len(usage_id) == USAGE_ID_LENGTH
+    return rest + _USAGE_BEFORE + usage_id.encode("ascii") + _USAGE_AFTER
 
 
 # Most allows repeat the same path and model headers, a key's metadata repeats for all
@@ -111,3 +130,6 @@ def reply_bytes(reply: Reply) -> bytes:
         denied_response=external_auth_pb2.DeniedHttpResponse(
             status=http_status_pb2.HttpStatus(code=reply.status), headers=[JSON_CONTENT_TYPE], body=reply.body))
     return response.SerializeToString() + metadata_part(reply.metadata)
+
+
+_USAGE_BEFORE, _USAGE_AFTER = _usage_id_template()

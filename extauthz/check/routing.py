@@ -32,8 +32,11 @@ NO_SPLICE = "-"
 # Set on allows to AWS deployments only ("bedrock:us-east-1"): Envoy's signing filter for
 # that service and region runs on it (and on nothing else, whatever host a route reaches).
 SIGN_HEADER = "x-extauthz-sign"
+# Set to "1" on allows whose usage is counted (callers with rate limits): Envoy's usage
+# filter (envoy/usage.lua) runs on their responses only.
+USAGE_HEADER = "x-extauthz-usage"
 # Headers only the gateway may set; Envoy's routes remove them before the provider too.
-INTERNAL_HEADERS = (CLUSTER_HEADER, SPLICE_HEADER, SIGN_HEADER)
+INTERNAL_HEADERS = (CLUSTER_HEADER, SPLICE_HEADER, SIGN_HEADER, USAGE_HEADER)
 # An internal_user's request to the admin API, swapped to the master key: who it acts as
 # (the user, and its teams as a JSON list). They only narrow the master key's power, and
 # are stripped from client requests with the internal headers (but not by the admin route).
@@ -68,8 +71,10 @@ def _static_headers(upstream: providers.Upstream, credential: Headers,
     headers = ((CLUSTER_HEADER, upstream.cluster), (":authority", upstream.authority)) + credential
     overwritten = {name for name, _ in headers} | set(per_request)
     # Envoy applies sets before removes: a header we overwrite must not also be removed.
+    # USAGE_HEADER is set per request after this (service.within_limits); a client's never
+    # reaches here (removed early), and the routes remove the gateway's before the provider.
     remove = tuple(h for h in (*providers.CLIENT_KEY_HEADERS, *providers.CLIENT_ONLY_HEADERS, *INTERNAL_HEADERS)
-                   if h not in overwritten)
+                   if h not in overwritten and h != USAGE_HEADER)
     return headers, remove
 
 

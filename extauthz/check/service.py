@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import random
+import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
@@ -17,8 +18,8 @@ from extauthz.check.facts import Facts
 from extauthz.check.decision import Allow, Deny, Grant, Reply
 from extauthz.check.policy import UNAVAILABLE, Decision, authenticate, authorize, forward, route_denied
 from extauthz.check.request import body_of, facts_from_check, with_body
-from extauthz.check.responses import allow_bytes, deny_bytes, reply_bytes
-from extauthz.check.routing import ACTING_ROUTES, ACTING_TEAMS_HEADER, ACTING_USER_HEADER, jwt_admin_path
+from extauthz.check.responses import USAGE_ID, USAGE_ID_LENGTH, allow_bytes, deny_bytes, reply_bytes
+from extauthz.check.routing import USAGE_HEADER, ACTING_ROUTES, ACTING_TEAMS_HEADER, ACTING_USER_HEADER, jwt_admin_path
 from extauthz.check.runtime import Runtime
 from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2
 from extauthz.check.catalog import ALL_TEAM_MODELS
@@ -48,6 +49,7 @@ JWT_OFF = Deny(401, "jwt_not_accepted", "This gateway no longer accepts JWTs; us
 JWT_NOT_FOR_US = Deny(401, "invalid_jwt", "The token's issuer or audience is not one this gateway accepts.")
 NO_ROLE = Deny(403, "no_role", "The token maps to no role, and this gateway requires one (enforce_rbac).")
 DEADLINE_SLACK_S = 0.1
+COUNTED = ((USAGE_HEADER, "1"),)
 # A token's teams and ids, bounded: Entra ID puts at most 200 groups in a token.
 MAX_TOKEN_TEAMS = 200
 MAX_ID_CHARS = 256
@@ -275,21 +277,22 @@ class AuthorizationService:
         if (key_limits is None or not key_limits.rate_limited) and (team_limits is None
                                                                    or not team_limits.rate_limited):
             return decision
+        # The id its usage report will be settled under: Envoy's request id is the client's
+        # own on a trusted network, and one sent on every request would settle only once.
+        decision.metadata[USAGE_ID] = secrets.token_hex(USAGE_ID_LENGTH // 2)
         now = time.time()
         scopes = [(f"key:{key.token_hash}", f"key {key.label!r}", key_limits)]
         if team is not None:
             scopes.append((f"team:{team.team_id}", f"team {team.label!r}", team_limits))
         counters = rate_counters(scopes, str(decision.metadata.get("model", "")), now)
-        if not counters:
-            return decision
         try:
             over = await self.counters.admit(counters)
         except StoreUnavailable:
             return UNAVAILABLE
         if over is None:
-            return decision
+            return decision._replace(dynamic_headers=decision.dynamic_headers + COUNTED)
         self.metrics.limited(over.name)
-        return refusal(over, now, decision.metadata)
+        return refusal(over, now, {k: v for k, v in decision.metadata.items() if k != USAGE_ID})
 
     async def team_of(self, team_id: str, jwt: JwtAuth) -> TeamRecord | None:
         """A token's team; with team_id_upsert, one that does not exist yet is created (with

@@ -22,7 +22,8 @@ from extauthz.check.responses import error_body
 from extauthz.envoy import jwt
 from extauthz.envoy.jwt import JWT_BEARER
 from extauthz.check import listing
-from extauthz.check.routing import (ACTING_HEADERS, CLUSTER_HEADER, INTERNAL_HEADERS, JWT_ADMIN_PATHS,
+from extauthz.check.responses import USAGE_ID
+from extauthz.check.routing import (ACTING_HEADERS, CLUSTER_HEADER, INTERNAL_HEADERS, USAGE_HEADER, JWT_ADMIN_PATHS,
                                     JWT_ADMIN_PREFIXES, SIGN_HEADER, signer)
 
 AUTHZ_CLUSTER = "extauthz"
@@ -181,7 +182,8 @@ def _usage_log() -> dict[str, Any]:
                 "log_name": "extauthz_usage", "transport_api_version": "V3",
                 "grpc_service": {"envoy_grpc": {"cluster_name": AUTHZ_CLUSTER}},
                 "buffer_flush_interval": "0.1s", "buffer_size_bytes": 65536}),
-            "filter": {"metadata_filter": {"matcher": {"filter": EXT_AUTHZ_FILTER, "path": [{"key": "key_id"}],
+            # Allowed calls of keys and teams with limits: those the check gave a usage id.
+            "filter": {"metadata_filter": {"matcher": {"filter": EXT_AUTHZ_FILTER, "path": [{"key": USAGE_ID}],
                                                        "value": {"present_match": True}},
                                            "match_if_key_not_found": False}}}
 
@@ -193,8 +195,20 @@ def _usage_filter() -> dict[str, Any]:
     parser, but it holds the whole response first, and answers 500 past its buffer limit:
     an embeddings response of some megabytes.)"""
     code = resources.files("extauthz.envoy").joinpath("usage.lua").read_text(encoding="utf-8")
-    return {"name": USAGE_FILTER, "typed_config": _typed("envoy.extensions.filters.http.lua.v3.Lua",
-                                                         default_source_code={"inline_string": code})}
+    lua = {"name": "envoy.filters.http.lua", "typed_config": _typed("envoy.extensions.filters.http.lua.v3.Lua",
+                                                                    default_source_code={"inline_string": code})}
+    # Only for the calls whose usage is counted (the sidecar set USAGE_HEADER on their
+    # allow, as on SIGN_HEADER): a caller without limits pays nothing for it.
+    counted = {"single_predicate": {
+        "input": {"name": "request-headers", "typed_config": _typed(
+            "envoy.type.matcher.v3.HttpRequestHeaderMatchInput", header_name=USAGE_HEADER)},
+        "value_match": {"exact": "1"}}}
+    return {"name": USAGE_FILTER, "typed_config": _typed(
+        "envoy.extensions.common.matching.v3.ExtensionWithMatcher", extension_config=lua,
+        xds_matcher={"matcher_list": {"matchers": [{
+            "predicate": {"not_matcher": counted},
+            "on_match": {"action": {"name": "skip", "typed_config": _typed(
+                "envoy.extensions.filters.common.matcher.action.v3.SkipFilter")}}}]}})}
 
 
 def _decompressor_filter() -> dict[str, Any]:

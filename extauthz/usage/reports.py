@@ -33,7 +33,7 @@ OUTPUT_FIELDS = ("completion_tokens", "output_tokens")
 
 
 class Report(NamedTuple):
-    request_id: str
+    usage_id: str           # set by the check on the allow (see service.within_limits)
     key_id: str | None      # None for a JWT caller (it has no key of its own)
     team_id: str | None
     model: str
@@ -43,14 +43,18 @@ class Report(NamedTuple):
 def read_entry(entry: Any) -> Report | None:
     """The usage report in one access log entry, or None when it is not an allowed model call."""
     namespaces = entry.common_properties.metadata.filter_metadata
-    if EXT_AUTHZ not in namespaces or not entry.request.request_id:
+    if EXT_AUTHZ not in namespaces:
         return None
     decision = json_format.MessageToDict(namespaces[EXT_AUTHZ])
-    key_id = decision.get("key_id")
-    if not isinstance(key_id, str) or decision.get("deployment") in (None, "admin_api"):
+    key_id, usage_id = decision.get("key_id"), decision.get("usage_id")
+    # Only calls of keys and teams with a limit carry a usage id: the others count nothing.
+    # It is the check's, never the client's (Envoy keeps a client's x-request-id on a
+    # trusted network: the same one on every request would be settled once).
+    if not isinstance(key_id, str) or not isinstance(usage_id, str) or decision.get("deployment") in (
+            None, "admin_api"):
         return None
     usage = json_format.MessageToDict(namespaces[USAGE]) if USAGE in namespaces else {}
-    return Report(entry.request.request_id, None if key_id.startswith("jwt:") else key_id,
+    return Report(usage_id, None if key_id.startswith("jwt:") else key_id,
                   decision.get("team_id"), str(decision.get("model", "")), tokens(usage))
 
 
@@ -95,7 +99,7 @@ class UsageReports:
         scopes = ([f"key:{report.key_id}"] if report.key_id else []) + \
             ([f"team:{report.team_id}"] if report.team_id else [])
         try:
-            done = await self.counters.settle(report.request_id, usage_counters(scopes, report.model, time.time()),
+            done = await self.counters.settle(report.usage_id, usage_counters(scopes, report.model, time.time()),
                                               report.tokens)
         except StoreUnavailable as e:
             self.failed += 1
