@@ -54,6 +54,34 @@ def test_counters_are_per_scope_model_and_minute() -> None:
     assert rate_counters([("key:h", "k", None)], "gpt-4", now) == []
 
 
+def test_a_parallel_limit_is_a_set_of_requests_in_flight() -> None:
+    taken = rate_counters([("key:h", "key 'k'", Limits(parallel=2))], "gpt-4", 6_000_030.0)
+    assert taken == [Counter("inflight:key:h", 2, "max_parallel_requests", "key 'k'", 1, "s")]
+    deny = limits.refusal(taken[0], 6_000_030.0, None)
+    assert deny.status == 429 and deny.headers == (("retry-after", "1"),)
+    assert "max_parallel_requests is 2" in deny.message
+    assert limits.parse({"max_parallel_requests": 0}) == Limits(parallel=0)
+
+
+def test_admission_of_requests_in_flight(redis_port: int) -> None:
+    async def run() -> None:
+        redis = aioredis.Redis(port=redis_port, db=9)
+        await redis.flushdb()
+        counters = RateCounters(redis, "t:", 2.0)
+        place = Counter("inflight:key:a", 2, "max_parallel_requests", "key", 1, "s")
+        now = time.time()
+        assert await counters.admit([place], "u1", now) is None
+        assert await counters.admit([place], "u2", now) is None
+        assert await counters.admit([place], "u3", now) == place
+        await counters.settle("u1", [], 0, ["inflight:key:a"])       # u1 ended: its place is free
+        assert await counters.admit([place], "u3", now) is None
+        assert await counters.admit([place], "u4", now) == place
+        # A report never came for u2 and u3: their places lapse after the route timeout.
+        assert await counters.admit([place], "u4", now + 661) is None
+        await redis.aclose()
+    asyncio.run(run())
+
+
 def test_a_refusal_names_the_limit_and_when_to_retry() -> None:
     deny = limits.refusal(Counter("x", 5, "rpm_limit", "key 'ci'"), 6_000_045.2, {"key_hash": "ab"})
     assert deny.status == 429 and deny.code == "rate_limit_exceeded" and deny.type == "rate_limit_error"

@@ -4,6 +4,7 @@ are settled once per request, and tpm_limit refuses once a minute's tokens are u
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -147,3 +148,50 @@ def test_a_teams_tokens_are_shared_by_its_keys(gateway: Gateway) -> None:
     wait_for(lambda: gateway.admin(f"/team/info?team_id={team}", method="GET").json()["team_info"]["tpm_used"] == 60,
              "the team's 60 tokens")
     assert call(gateway, two, "/v1/chat/completions", body, "1,1").status == 429
+
+
+# -- max_parallel_requests -----------------------------------------------------------------------
+
+def stream_slowly(gateway: Gateway, key: str, read_all: bool = True, started: Any = None) -> Any:
+    """A streamed chat whose events come 1.5 s apart (4.5 s in all); with ``read_all`` false
+    the client goes away after the first bytes."""
+    import http.client
+    from urllib.parse import urlsplit
+    target = urlsplit(gateway.envoy.url)
+    conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+    conn.request("POST", "/v1/chat/completions", body=json.dumps({"model": "gpt-4", "messages": [], "stream": True}),
+                 headers={"Authorization": f"Bearer {key}", "content-type": "application/json",
+                          "x-fake-delay": "1.5"})
+    response = conn.getresponse()
+    assert response.status == 200
+    first = response.read(16)
+    if started is not None:
+        started.set()
+    if read_all:
+        rest = response.read()
+        conn.close()
+        return first + rest
+    conn.close()  # mid-stream
+    return first
+
+
+def test_max_parallel_requests_counts_requests_in_flight(gateway: Gateway) -> None:
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+    key = gateway.new_key(models=["gpt-4"], max_parallel_requests=1)
+    started = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(stream_slowly, gateway, key, True, started)
+        assert started.wait(30)
+        refused = gateway.chat(key, "gpt-4")  # the stream has seconds to go
+        assert refused.status == 429 and refused.headers["retry-after"] == "1"
+        assert "max_parallel_requests is 1" in refused.json()["error"]["message"]
+        assert b"data:" in slow.result()
+    # Its usage report frees the place once the stream has ended.
+    wait_for(lambda: gateway.chat(key, "gpt-4").status == 200, "the place freed after the stream")
+
+
+def test_a_client_that_goes_away_mid_stream_frees_its_place(gateway: Gateway) -> None:
+    key = gateway.new_key(models=["gpt-4"], max_parallel_requests=1)
+    stream_slowly(gateway, key, read_all=False)
+    wait_for(lambda: gateway.chat(key, "gpt-4").status == 200, "the place freed after the client went away")

@@ -26,7 +26,7 @@ MAX_DURATION_SECONDS = MAX_DURATION_DAYS * 86400
 # and bounds the work a stored pattern costs on every request.
 MAX_PATTERN_STARS = 4
 # Limits enforced on keys and teams (see usage/limits.py); on users they are stored only.
-LIMIT_FIELDS = {"rpm_limit", "model_rpm_limit", "tpm_limit", "model_tpm_limit"}
+LIMIT_FIELDS = {"rpm_limit", "model_rpm_limit", "tpm_limit", "model_tpm_limit", "max_parallel_requests"}
 KEY_FIELDS = LIMIT_FIELDS | {"models", "team_id", "key_alias", "duration", "expires", "metadata", "blocked", "user_id", "key_type",
               "allowed_routes"}
 TEAM_FIELDS = LIMIT_FIELDS | {"team_alias", "models", "blocked", "metadata", "members_with_roles"}

@@ -286,7 +286,7 @@ class AuthorizationService:
             scopes.append((f"team:{team.team_id}", f"team {team.label!r}", team_limits))
         counters = rate_counters(scopes, str(decision.metadata.get("model", "")), now)
         try:
-            over = await self.counters.admit(counters)
+            over = await self.counters.admit(counters, decision.metadata[USAGE_ID], now)
         except StoreUnavailable:
             return UNAVAILABLE
         if over is None:

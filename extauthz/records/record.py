@@ -19,7 +19,7 @@ from extauthz.usage.limits import Limits
 
 # Fields LiteLLM accepts that are stored and returned but not enforced yet.
 NOT_ENFORCED = (
-    "max_budget", "budget_duration", "soft_budget", "max_parallel_requests", "model_max_budget",
+    "max_budget", "budget_duration", "soft_budget", "model_max_budget",
     "organization_id", "tags", "guardrails", "permissions", "aliases", "config",
     "allowed_cache_controls", "spend", "send_invite_email",
     "object_permission", "team_member_permissions", "model_aliases", "budget_id", "enforced_params",

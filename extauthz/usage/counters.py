@@ -17,31 +17,52 @@ from redis.exceptions import RedisError
 from extauthz.records.store import StoreUnavailable
 from extauthz.usage.limits import WINDOW_S, Counter, window_of
 
-# ARGV: the windows' lifetime, then per counter its limit and what admitting adds.
+# ARGV: the windows' lifetime, now, the request's usage id and its in-flight deadline;
+# then per counter its limit, what admitting adds, and its kind ("n": a count in a
+# window; "s": a set of requests in flight, scored by deadline, the expired dropped).
 # Returns 0 when every counter was below its limit (and each then takes its share), else
 # the 1-based index of the first counter at its limit (and nothing is taken).
 ADMIT = """
 for i = 1, #KEYS do
-  local used = tonumber(redis.call('GET', KEYS[i]) or '0')
-  if used >= tonumber(ARGV[2 * i]) then return i end
+  local limit = tonumber(ARGV[3 * i + 2])
+  local used
+  if ARGV[3 * i + 4] == 's' then
+    redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', ARGV[2])
+    used = redis.call('ZCARD', KEYS[i])
+  else
+    used = tonumber(redis.call('GET', KEYS[i]) or '0')
+  end
+  if used >= limit then return i end
 end
 for i = 1, #KEYS do
-  local take = tonumber(ARGV[2 * i + 1])
-  if take > 0 and redis.call('INCRBY', KEYS[i], take) == take then redis.call('EXPIRE', KEYS[i], ARGV[1]) end
+  local take = tonumber(ARGV[3 * i + 3])
+  if ARGV[3 * i + 4] == 's' then
+    redis.call('ZADD', KEYS[i], ARGV[4], ARGV[3])
+    redis.call('EXPIREAT', KEYS[i], math.ceil(tonumber(ARGV[4])))
+  elseif take > 0 and redis.call('INCRBY', KEYS[i], take) == take then
+    redis.call('EXPIRE', KEYS[i], ARGV[1])
+  end
 end
 return 0
 """
-# A response's usage, once per request id: KEYS[1] marks the request settled (for a
-# day: Envoy may send a report twice, never a day apart); the other keys are token
-# counters. ARGV: the mark's lifetime, the windows' lifetime, the tokens. 1 if settled now.
+# A finished request: it leaves its in-flight sets (always: idempotent), then, once per
+# usage id, adds its tokens. KEYS: the settled mark (kept a day: Envoy may send a report
+# twice, never a day apart), the token counters, the in-flight sets. ARGV: the mark's
+# lifetime, the windows' lifetime, the tokens, how many token counters, the usage id.
+# 1 if the tokens were added now.
 SETTLE = """
+local counters = tonumber(ARGV[4])
+for i = 2 + counters, #KEYS do redis.call('ZREM', KEYS[i], ARGV[5]) end
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
-for i = 2, #KEYS do
+for i = 2, 1 + counters do
   redis.call('INCRBY', KEYS[i], ARGV[3])
   redis.call('EXPIRE', KEYS[i], ARGV[2])
 end
 return 1
 """
+# A request in flight longer than this has ended: Envoy's route timeout (600 s) has cut
+# it. A lost report holds its place in a max_parallel_requests set no longer than that.
+INFLIGHT_MAX_S = 660
 SETTLED_TTL_S = 86400
 
 
@@ -53,22 +74,24 @@ class RateCounters:
         self.script = redis.register_script(ADMIT)
         self.settle_script = redis.register_script(SETTLE)
 
-    async def admit(self, counters: list[Counter]) -> Counter | None:
+    async def admit(self, counters: list[Counter], usage_id: str = "-", now: float = 0.0) -> Counter | None:
         """Take one of each counter, or none; the counter at its limit when refused."""
         keys = [self.prefix + c.suffix for c in counters]
         try:
-            args = [WINDOW_S + 5, *(n for c in counters for n in (c.limit, c.take))]
+            args = [WINDOW_S + 5, now, usage_id, now + INFLIGHT_MAX_S,
+                    *(n for c in counters for n in (c.limit, c.take, c.kind))]
             over = await asyncio.wait_for(self.script(keys=keys, args=args), self.timeout_s)
         except (RedisError, OSError, asyncio.TimeoutError) as e:
             raise StoreUnavailable(type(e).__name__) from None
         return counters[int(over) - 1] if over else None
 
-    async def settle(self, request_id: str, counters: list[str], tokens: int) -> bool:
-        """Add a response's tokens to its counters, unless this request was settled before."""
-        keys = [f"{self.prefix}settled:{request_id}", *(self.prefix + c for c in counters)]
+    async def settle(self, usage_id: str, counters: list[str], tokens: int, inflight: list[str] = ()) -> bool:
+        """A finished request leaves its in-flight sets and adds its tokens to its counters,
+        unless it was settled before."""
+        keys = [f"{self.prefix}settled:{usage_id}", *(self.prefix + c for c in (*counters, *inflight))]
         try:
-            done = await asyncio.wait_for(
-                self.settle_script(keys=keys, args=[SETTLED_TTL_S, WINDOW_S + 5, tokens]), self.timeout_s)
+            done = await asyncio.wait_for(self.settle_script(
+                keys=keys, args=[SETTLED_TTL_S, WINDOW_S + 5, tokens, len(counters), usage_id]), self.timeout_s)
         except (RedisError, OSError, asyncio.TimeoutError) as e:
             raise StoreUnavailable(type(e).__name__) from None
         return bool(done)

@@ -24,10 +24,12 @@ class Limits(NamedTuple):
     model_rpm: tuple[tuple[str, int], ...] = ()   # model (as requested) -> requests per minute
     tpm: int | None = None
     model_tpm: tuple[tuple[str, int], ...] = ()   # model (as requested) -> tokens per minute
+    parallel: int | None = None                   # requests in flight at once
 
     @property
     def rate_limited(self) -> bool:
-        return self.rpm is not None or bool(self.model_rpm) or self.tpm is not None or bool(self.model_tpm)
+        return self.rpm is not None or bool(self.model_rpm) or self.tpm is not None or bool(self.model_tpm) \
+            or self.parallel is not None
 
 
 # A stored limit that does not read as one refuses every request (rpm 0), rather than
@@ -56,7 +58,8 @@ def per_model(value: Any, name: str) -> tuple[tuple[str, int], ...]:
 def parse(doc: dict[str, Any]) -> Limits | None:
     """The enforced limits of a key or team document; None when it sets none (most do)."""
     found = Limits(count(doc.get("rpm_limit"), "rpm_limit"), per_model(doc.get("model_rpm_limit"), "model_rpm_limit"),
-                   count(doc.get("tpm_limit"), "tpm_limit"), per_model(doc.get("model_tpm_limit"), "model_tpm_limit"))
+                   count(doc.get("tpm_limit"), "tpm_limit"), per_model(doc.get("model_tpm_limit"), "model_tpm_limit"),
+                   count(doc.get("max_parallel_requests"), "max_parallel_requests"))
     return found if found.rate_limited else None
 
 
@@ -78,6 +81,7 @@ class Counter(NamedTuple):
     name: str       # the LiteLLM field, for the message and the decision log
     owner: str      # "key 'alias'" or "team 'alias'"
     take: int = 1
+    kind: str = "n"  # "n": a count in a window; "s": the set of requests in flight
 
 
 def window_of(now: float) -> int:
@@ -100,7 +104,14 @@ def rate_counters(scopes: list[tuple[str, str, Limits | None]], model: str, now:
                 if name == model:
                     out.append(Counter(f"{kind}:{scope}:model:{model}:{window}", limit, f"model_{kind}_limit",
                                        label, take))
+        if limits.parallel is not None:
+            out.append(Counter(f"inflight:{scope}", limits.parallel, "max_parallel_requests", label, 1, "s"))
     return out
+
+
+def inflight_sets(scopes: list[str]) -> list[str]:
+    """The in-flight sets a finished request leaves (whether or not a limit put it there)."""
+    return [f"inflight:{scope}" for scope in scopes]
 
 
 def usage_counters(scopes: list[str], model: str, now: float) -> list[str]:
@@ -110,10 +121,14 @@ def usage_counters(scopes: list[str], model: str, now: float) -> list[str]:
 
 
 def refusal(counter: Counter, now: float, metadata: dict[str, Any] | None) -> Deny:
+    meta = dict(metadata or {}, limit=counter.name)
+    if counter.kind == "s":
+        return Deny(429, "rate_limit_exceeded", f"Parallel request limit reached for {counter.owner}: "
+                    f"max_parallel_requests is {counter.limit}, all in flight. Retry in 1 s.", None, meta,
+                    (("retry-after", "1"),))
     retry = max(1, math.ceil(WINDOW_S - now % WINDOW_S))
     which = f"{counter.name} for this model" if counter.name.startswith("model_") else counter.name
     unit = "tokens" if "tpm" in counter.name else "requests"
-    meta = dict(metadata or {}, limit=counter.name)
     return Deny(429, "rate_limit_exceeded", f"Rate limit reached for {counter.owner}: {which} is "
                 f"{counter.limit} {unit} per minute. Retry in {retry} s.", None, meta,
                 (("retry-after", str(retry)),))

@@ -19,7 +19,7 @@ from google.protobuf import json_format
 from extauthz.proto.envoy.service.accesslog.v3 import als_pb2
 from extauthz.records.store import StoreUnavailable
 from extauthz.usage.counters import RateCounters
-from extauthz.usage.limits import usage_counters
+from extauthz.usage.limits import inflight_sets, usage_counters
 
 log = logging.getLogger("extauthz.usage")
 
@@ -93,14 +93,14 @@ class UsageReports:
         return als_pb2.StreamAccessLogsResponse()
 
     async def settle(self, report: Report) -> None:
-        if report.tokens is None:
-            self.unpriced += 1  # counted for rpm at admission already; no tokens to add
-            return
         scopes = ([f"key:{report.key_id}"] if report.key_id else []) + \
             ([f"team:{report.team_id}"] if report.team_id else [])
+        if report.tokens is None:
+            self.unpriced += 1  # counted for rpm at admission already; no tokens to add
+        counters = usage_counters(scopes, report.model, time.time()) if report.tokens is not None else []
         try:
-            done = await self.counters.settle(report.usage_id, usage_counters(scopes, report.model, time.time()),
-                                              report.tokens)
+            # Ended, with or without usage: it leaves the in-flight sets either way.
+            done = await self.counters.settle(report.usage_id, counters, report.tokens or 0, inflight_sets(scopes))
         except StoreUnavailable as e:
             self.failed += 1
             now = time.monotonic()
@@ -108,7 +108,7 @@ class UsageReports:
                 self.last_warning = now
                 log.warning("usage report not settled (Redis: %s); its tokens are not counted", e)
             return
-        if done:
+        if done and counters:
             self.settled += 1
-        else:
+        elif not done:
             self.duplicates += 1
