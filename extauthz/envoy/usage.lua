@@ -119,7 +119,7 @@ local function scan_json(state, text)
 end
 
 function envoy_on_response(handle)
-  local content_type = handle:headers():get("content-type") or ""
+  local content_type = string.lower(handle:headers():get("content-type") or "")
   local json = string.find(content_type, "application/json", 1, true) == 1
   local stream = string.find(content_type, "text/event-stream", 1, true) == 1
   if not json and not stream then
