@@ -191,7 +191,80 @@ def test_max_parallel_requests_counts_requests_in_flight(gateway: Gateway) -> No
     wait_for(lambda: gateway.chat(key, "gpt-4").status == 200, "the place freed after the stream")
 
 
+def test_a_client_sending_one_request_after_another_is_never_refused(gateway: Gateway) -> None:
+    # The place is freed before the response's end reaches the client, not when the usage
+    # report comes a moment later.
+    key = gateway.new_key(models=["gpt-4"], max_parallel_requests=1)
+    statuses = [gateway.chat(key, "gpt-4").status for _ in range(20)]
+    assert statuses == [200] * 20
+    body = {"model": "gpt-4", "messages": [], "stream": True, "stream_options": {"include_usage": True}}
+    assert [call(gateway, key, "/v1/chat/completions", body, "1,1").status for _ in range(10)] == [200] * 10
+
+
+def test_the_release_route_is_not_reachable_through_envoy(gateway: Gateway) -> None:
+    key = gateway.new_key(models=["gpt-4"])
+    r = http("POST", gateway.envoy.url + "/internal/usage/release", None,
+             {"Authorization": f"Bearer {key}", "x-usage-id": "0" * 24})
+    assert r.status == 404 and r.json()["error"]["code"] == "unsupported_endpoint"
+
+
 def test_a_client_that_goes_away_mid_stream_frees_its_place(gateway: Gateway) -> None:
     key = gateway.new_key(models=["gpt-4"], max_parallel_requests=1)
     stream_slowly(gateway, key, read_all=False)
     wait_for(lambda: gateway.chat(key, "gpt-4").status == 200, "the place freed after the client went away")
+
+
+# -- what an attacker tried ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("path", ["/v1beta/models/gemini-flash:generateContent",
+                                  "/v1beta/models/gemini-flash:streamGenerateContent",
+                                  "/v1beta/models/gemini-flash:streamGenerateContent?alt=sse"])
+def test_geminis_usage_metadata_is_counted(provider_gateway: Gateway, path: str) -> None:
+    gateway = provider_gateway
+    key = gateway.new_key(models=["gemini-flash"], tpm_limit=100)
+    fresh_window()
+    body = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}
+    r = call(gateway, key, path, body, "30,40")
+    assert r.status == 200, r.text
+    wait_for(lambda: tpm_used(gateway, key) == 70, "Gemini's 70 tokens (the last, cumulative, count)")
+
+
+def test_a_counted_call_asks_the_provider_for_an_uncompressed_response(gateway: Gateway) -> None:
+    # Envoy does not inflate responses: usage in a gzip body could not be read.
+    key = gateway.new_key(models=["gpt-4"], tpm_limit=1000)
+    gateway.forget_upstream()
+    r = http("POST", gateway.envoy.url + "/v1/chat/completions", {"model": "gpt-4", "messages": []},
+             {"Authorization": f"Bearer {key}", "accept-encoding": "gzip, br"})
+    assert r.status == 200
+    (seen,) = gateway.upstream_seen()
+    assert seen["headers"]["accept-encoding"] == "identity"
+    free = gateway.new_key(models=["gpt-4"])  # a caller without limits is left as it asked
+    gateway.forget_upstream()
+    http("POST", gateway.envoy.url + "/v1/chat/completions", {"model": "gpt-4", "messages": []},
+         {"Authorization": f"Bearer {free}", "accept-encoding": "gzip"})
+    assert gateway.upstream_seen()[0]["headers"]["accept-encoding"] == "gzip"
+
+
+def test_team_ids_with_colons_do_not_share_counters(gateway: Gateway) -> None:
+    a = gateway.new_team(team_id="t-colon", models=["gpt-4"], model_rpm_limit={"gpt-4": 2})
+    b = gateway.new_team(team_id="t-colon:model:gpt-4", models=["gpt-4"], rpm_limit=100)
+    key_a, key_b = gateway.new_key(team_id=a), gateway.new_key(team_id=b)
+    fresh_window()
+    for _ in range(3):
+        assert gateway.chat(key_b, "gpt-4").status == 200
+    assert gateway.chat(key_a, "gpt-4").status == 200
+
+
+def test_a_model_limit_of_null_is_no_limit_and_patterns_are_refused(gateway: Gateway) -> None:
+    key = gateway.new_key(models=["gpt-4"], model_rpm_limit={"gpt-4": None})
+    assert gateway.chat(key, "gpt-4").status == 200
+    r = gateway.admin("/key/generate", {"model_rpm_limit": {"gpt-*": 1}})
+    assert r.status == 400 and r.json()["error"]["param"] == "model_rpm_limit"
+
+
+def test_the_decision_log_names_a_key_by_its_prefix_only(gateway: Gateway) -> None:
+    from extauthz.telemetry.logs import DecisionLog
+    log = DecisionLog("json")
+    log.enabled = True
+    log.write("deny", "rate_limit_exceeded", 429, {"key_hash": "ab" * 6, "key_id": "ab" * 32}, "r", 0.0)
+    assert "ab" * 32 not in "".join(log.lines) and "ab" * 6 in "".join(log.lines)

@@ -389,6 +389,17 @@ async def echo(request: web.Request) -> web.StreamResponse:
     reply = answer(request.path, model, text)
     # A test sets the usage the "provider" reports: "x-fake-usage: <input>,<output>".
     wanted = headers.get("x-fake-usage")
+    if wanted and "candidates" in reply:  # Gemini reports usageMetadata
+        given, taken = (int(n) for n in wanted.split(","))
+        reply["usageMetadata"] = {"promptTokenCount": given, "candidatesTokenCount": taken,
+                                  "totalTokenCount": given + taken}
+        if request.path.endswith(":streamGenerateContent"):
+            # Gemini streams a JSON array of chunks (or events with alt=sse), usage cumulative.
+            first = {**reply, "usageMetadata": {"promptTokenCount": given, "candidatesTokenCount": 1}}
+            if request.query.get("alt") == "sse":
+                events = "".join(f"data: {json.dumps(c)}\r\n\r\n" for c in (first, reply))
+                return web.Response(text=events, content_type="text/event-stream")
+            return web.json_response([first, reply])
     if wanted and isinstance(reply.get("usage"), dict):
         given, taken = (int(n) for n in wanted.split(","))
         names = ("input_tokens", "output_tokens") if "input_tokens" in reply["usage"] else \

@@ -31,7 +31,8 @@ from extauthz.records.lookup import lookup
 from extauthz.records.record import KeyRecord, hash_token, team_members, new_key_doc, new_team_doc, new_user_doc, now_iso
 from extauthz.check.request import credentials
 from extauthz.check.runtime import Runtime
-from extauthz.check.responses import error_body
+from extauthz.check.responses import USAGE_ID_LENGTH, error_body
+from extauthz.usage import limits
 from extauthz.usage.counters import RateCounters
 from extauthz.records.store import Conflict, MissingTeam, NotFound, RedisWriter, StoreUnavailable
 
@@ -42,7 +43,8 @@ HASH = re.compile(r"[0-9a-f]{64}")
 # What an acting user may change on a key it may touch (blocked, expires... stay the admin's).
 ACTING_KEY_CHANGES = {"key", "key_alias", "models", "metadata", "team_id", "user_id"}
 MAX_MEMBERS_PER_CALL = 100
-OPEN_ROUTES = ("/v1/models", "/models", "/model_group/info", "/health/")
+# /internal/ is Envoy's (usage.lua), on the sidecar's own port: no Envoy route reaches it.
+OPEN_ROUTES = ("/v1/models", "/models", "/model_group/info", "/health/", "/internal/")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -120,6 +122,7 @@ class AdminApi:
         for prefix in ("/v1", ""):
             get(f"{prefix}/models", self.models)
             get(prefix + "/models/{model_id:.+}", self.model)
+        post("/internal/usage/release", self.release)
         get("/health/liveliness", self.liveliness)
         get("/health/readiness", self.readiness)
         return app
@@ -221,7 +224,7 @@ class AdminApi:
 
     async def with_use(self, docs: list[dict[str, Any]], scope: str, id_field: str) -> list[dict[str, Any]]:
         """Each record with ``rpm_used`` and ``tpm_used``: its rate windows this minute."""
-        used = await self.counters.used([f"{scope}:{d[id_field]}" for d in docs], time.time())
+        used = await self.counters.used([limits.scope(scope, d[id_field]) for d in docs], time.time())
         return [dict(d, rpm_used=rpm, tpm_used=tpm) for d, (rpm, tpm) in zip(docs, used)]
 
     @staticmethod
@@ -594,6 +597,20 @@ class AdminApi:
         if name not in await self.visible(request):
             raise ApiError(404, "model_not_found", f"The model {name!r} does not exist or this key cannot use it.")
         return web.json_response(listing.model_entry(self.runtime().catalog, name))
+
+    # -- usage ----------------------------------------------------------------------------
+
+    async def release(self, request: web.Request) -> web.Response:
+        """A call with max_parallel_requests has ended: its place is free. Only a request
+        that knows the call's usage id (random, never shown to the client) frees it."""
+        usage_id = request.headers.get("x-usage-id", "")
+        if len(usage_id) != USAGE_ID_LENGTH:
+            raise ApiError(400, "invalid_request", "x-usage-id is required")
+        scopes = [limits.scope(kind, ident) for kind, ident in (("key", request.headers.get("x-key-id", "")),
+                                                                ("team", request.headers.get("x-team-id", "")))
+                  if ident and not ident.startswith("jwt:")]
+        await self.counters.release(usage_id, limits.inflight_sets(scopes))
+        return web.Response(status=204)
 
     # -- health ---------------------------------------------------------------------------
 

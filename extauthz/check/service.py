@@ -31,7 +31,7 @@ from extauthz.check.policy import visible_models
 from extauthz.records.lookup import lookup
 from extauthz.records.upsert import Upserts
 from extauthz.usage.counters import RateCounters
-from extauthz.usage.limits import rate_counters, refusal
+from extauthz.usage.limits import rate_counters, refusal, scope
 from extauthz.records.record import KeyRecord, TeamRecord, UserRecord
 from extauthz.records.store import RecordReader, StoreUnavailable
 from extauthz.telemetry import logs, tracing
@@ -49,7 +49,9 @@ JWT_OFF = Deny(401, "jwt_not_accepted", "This gateway no longer accepts JWTs; us
 JWT_NOT_FOR_US = Deny(401, "invalid_jwt", "The token's issuer or audience is not one this gateway accepts.")
 NO_ROLE = Deny(403, "no_role", "The token maps to no role, and this gateway requires one (enforce_rbac).")
 DEADLINE_SLACK_S = 0.1
-COUNTED = ((USAGE_HEADER, "1"),)
+# A counted allow: Envoy's usage filter runs on its response, which must come
+# uncompressed (Envoy does not inflate responses; usage in a gzip body could not be read).
+COUNTED = ((USAGE_HEADER, "1"), ("accept-encoding", "identity"))
 # A token's teams and ids, bounded: Entra ID puts at most 200 groups in a token.
 MAX_TOKEN_TEAMS = 200
 MAX_ID_CHARS = 256
@@ -281,15 +283,17 @@ class AuthorizationService:
         # own on a trusted network, and one sent on every request would settle only once.
         decision.metadata[USAGE_ID] = secrets.token_hex(USAGE_ID_LENGTH // 2)
         now = time.time()
-        scopes = [(f"key:{key.token_hash}", f"key {key.label!r}", key_limits)]
+        scopes = [(scope("key", key.token_hash), f"key {key.label!r}", key_limits)]
         if team is not None:
-            scopes.append((f"team:{team.team_id}", f"team {team.label!r}", team_limits))
+            scopes.append((scope("team", team.team_id), f"team {team.label!r}", team_limits))
         counters = rate_counters(scopes, str(decision.metadata.get("model", "")), now)
         try:
             over = await self.counters.admit(counters, decision.metadata[USAGE_ID], now)
         except StoreUnavailable:
             return UNAVAILABLE
         if over is None:
+            if any(c.kind == "s" for c in counters):
+                decision.metadata["inflight"] = "1"  # Envoy frees the place as the response ends
             return decision._replace(dynamic_headers=decision.dynamic_headers + COUNTED)
         self.metrics.limited(over.name)
         return refusal(over, now, {k: v for k, v in decision.metadata.items() if k != USAGE_ID})

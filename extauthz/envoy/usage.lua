@@ -3,7 +3,8 @@
 -- access log sends to the sidecar once the response has ended (usage/reports.py).
 -- Chunks pass on as they come: nothing is buffered, nothing waits.
 --
--- A JSON body (OpenAI, Anthropic, Responses API): the top-level "usage" object only. The
+-- A JSON body (OpenAI, Anthropic, Responses API; Gemini's usageMetadata, also in the
+-- array of objects its streamGenerateContent answers): the top-level object only. The
 -- scan follows the JSON's nesting from one structural character to the next (strings
 -- skipped as a whole), so a "usage" a client got echoed deeper in the body (the Responses
 -- API echoes tools and schemas) is never read, and long runs of numbers (embeddings) are
@@ -14,7 +15,11 @@
 -- is a JSON string in the stream, its quotes escaped, so it cannot spell a count.
 local NAMESPACE = "extauthz.usage"
 local FIELDS = {"prompt_tokens", "completion_tokens", "input_tokens", "output_tokens",
-                "cache_read_input_tokens", "cache_creation_input_tokens"}
+                "cache_read_input_tokens", "cache_creation_input_tokens",
+                -- Gemini's usageMetadata
+                "promptTokenCount", "candidatesTokenCount", "thoughtsTokenCount"}
+-- The top-level member that holds them: "usage", or Gemini's "usageMetadata".
+local USAGE_KEYS = {usage = true, usageMetadata = true}
 local OVERLAP = 96        -- bytes of an event stream kept across chunks: a count split in two is read whole
 local USAGE_MAX = 4096    -- bytes of a usage object kept (they are a few hundred)
 local KEY_MAX = 16        -- a top-level key longer than this is not "usage"
@@ -31,7 +36,8 @@ end
 
 -- The JSON scan's state across chunks.
 local function json_state()
-  return {depth = 0, in_string = false, escaped = false, key = nil, last_key = nil,
+  -- top: the depth of the top-level object's members (1; 2 in a top-level array).
+  return {depth = 0, top = nil, in_string = false, escaped = false, key = nil, last_key = nil,
           want_object = false, capturing = false, pieces = {}, size = 0, usage = nil}
 end
 
@@ -79,20 +85,24 @@ local function scan_json(state, text)
       else
         local c = string.sub(text, i, i)
         if c == "{" or c == "[" then
-          if c == "{" and state.want_object and state.depth == 1 then
+          if state.top == nil then
+            state.top = (c == "[") and 2 or 1
+          end
+          if c == "{" and state.want_object and state.depth == state.top then
             state.capturing = true
+            state.pieces, state.size = {}, 0   -- the last one counts (Gemini's stream: cumulative)
             capture_from = i
           end
           state.depth = state.depth + 1
         elseif c == "}" or c == "]" then
           state.depth = state.depth - 1
-          if state.capturing and state.depth == 1 then
+          if state.capturing and state.depth == state.top then
             keep(state, string.sub(text, capture_from, i))
             state.capturing = false
             state.usage = table.concat(state.pieces)
           end
         elseif c == ":" then
-          if state.depth == 1 and state.last_key == "usage" then
+          if state.depth == state.top and USAGE_KEYS[state.last_key] then
             state.want_object = true
             state.last_key = nil
             pos = i + 1
@@ -101,7 +111,7 @@ local function scan_json(state, text)
         else  -- a string starts: at the top level it may be a key
           state.in_string = true
           state.last_key = nil
-          if state.depth == 1 and not state.capturing then
+          if state.depth == state.top and not state.capturing then
             state.key = ""
             key_from = i + 1
           end
@@ -118,11 +128,27 @@ local function scan_json(state, text)
   end
 end
 
+-- A call of a caller with max_parallel_requests holds a place until it ends: the sidecar
+-- is told before the response's last byte goes on, so a client that sends its next
+-- request at once finds the place free (the usage report, a moment later, would not).
+local function release(handle)
+  local decision = handle:streamInfo():dynamicMetadata():get("envoy.filters.http.ext_authz")
+  if decision == nil or decision["inflight"] ~= "1" or decision["usage_id"] == nil then
+    return
+  end
+  handle:httpCall("extauthz_admin", {
+    [":method"] = "POST", [":path"] = "/internal/usage/release", [":authority"] = "extauthz",
+    ["x-usage-id"] = decision["usage_id"], ["x-key-id"] = decision["key_id"] or "",
+    ["x-team-id"] = decision["team_id"] or ""}, "", 250)
+end
+
 function envoy_on_response(handle)
   local content_type = string.lower(handle:headers():get("content-type") or "")
   local json = string.find(content_type, "application/json", 1, true) == 1
   local stream = string.find(content_type, "text/event-stream", 1, true) == 1
   if not json and not stream then
+    for _ in handle:bodyChunks() do end  -- to the end, then free the place
+    release(handle)
     return
   end
   local found = {}
@@ -133,12 +159,13 @@ function envoy_on_response(handle)
       scan_json(state, text)
     else
       text = tail .. text
-      if string.find(text, "_tokens\"", 1, true) then
+      if string.find(text, "oken", 1, true) then  -- "_tokens", "TokenCount": no count without it
         counts(text, found, true)
       end
       tail = string.sub(text, -OVERLAP)
     end
   end
+  release(handle)
   if json and state.usage then
     counts(state.usage, found, false)
   end

@@ -63,7 +63,9 @@ class DecisionLog:
             return
         entry = {"ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "level": "info",
                  "logger": DECISIONS.name, "msg": outcome, "request_id": request_id, "outcome": outcome,
-                 "code": code, "status": status, "latency_ms": round(seconds * 1000, 3), **(metadata or {})}
+                 "code": code, "status": status, "latency_ms": round(seconds * 1000, 3),
+                 # The whole key hash is for the usage report only: the log names the key by its prefix.
+                 **{k: v for k, v in (metadata or {}).items() if k != "key_id"}}
         if self.fmt == "json":
             self.lines.append(json.dumps(entry))
         else:

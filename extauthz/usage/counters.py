@@ -46,8 +46,8 @@ end
 return 0
 """
 # A finished request: it leaves its in-flight sets (always: idempotent), then, once per
-# usage id, adds its tokens. KEYS: the settled mark (kept a day: Envoy may send a report
-# twice, never a day apart), the token counters, the in-flight sets. ARGV: the mark's
+# usage id, adds its tokens. KEYS: the settled mark (kept 15 minutes: Envoy may send a
+# report twice, seconds apart), the token counters, the in-flight sets. ARGV: the mark's
 # lifetime, the windows' lifetime, the tokens, how many token counters, the usage id.
 # 1 if the tokens were added now.
 SETTLE = """
@@ -63,7 +63,7 @@ return 1
 # A request in flight longer than this has ended: Envoy's route timeout (600 s) has cut
 # it. A lost report holds its place in a max_parallel_requests set no longer than that.
 INFLIGHT_MAX_S = 660
-SETTLED_TTL_S = 86400
+SETTLED_TTL_S = 900  # Envoy resends a report within seconds (a reconnect), never minutes later
 
 
 class RateCounters:
@@ -95,6 +95,18 @@ class RateCounters:
         except (RedisError, OSError, asyncio.TimeoutError) as e:
             raise StoreUnavailable(type(e).__name__) from None
         return bool(done)
+
+    async def release(self, usage_id: str, inflight: list[str]) -> None:
+        """A call has ended: it leaves its in-flight sets (its tokens come with its report)."""
+        if not inflight:
+            return
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for name in inflight:
+                    pipe.zrem(self.prefix + name, usage_id)
+                await asyncio.wait_for(pipe.execute(), self.timeout_s)
+        except (RedisError, OSError, asyncio.TimeoutError) as e:
+            raise StoreUnavailable(type(e).__name__) from None
 
     async def used(self, scopes: list[str], now: float) -> list[tuple[int, int]]:
         """(requests admitted, tokens settled) of each scope in the current minute."""

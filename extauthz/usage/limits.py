@@ -11,6 +11,7 @@ refused request is told to retry when the minute turns.
 from __future__ import annotations
 
 import math
+from urllib.parse import quote
 from typing import Any, NamedTuple
 
 from extauthz.check.decision import Deny
@@ -50,9 +51,10 @@ def count(value: Any, name: str) -> int | None:
 def per_model(value: Any, name: str) -> tuple[tuple[str, int], ...]:
     if value in (None, {}):
         return ()
-    if not isinstance(value, dict) or not all(isinstance(m, str) and m for m in value):
-        raise ValueError(f"'{name}' must map model names to whole numbers")
-    return tuple((m, count(v, f"{name}.{m}") or 0) for m, v in sorted(value.items()))
+    if not isinstance(value, dict) or not all(isinstance(m, str) and m and "*" not in m for m in value):
+        raise ValueError(f"'{name}' must map model names (as requested, no patterns) to whole numbers")
+    # A model given null has no limit, as in LiteLLM.
+    return tuple((m, count(v, f"{name}.{m}")) for m, v in sorted(value.items()) if v is not None)  # type: ignore
 
 
 def parse(doc: dict[str, Any]) -> Limits | None:
@@ -84,40 +86,47 @@ class Counter(NamedTuple):
     kind: str = "n"  # "n": a count in a window; "s": the set of requests in flight
 
 
+def scope(kind: str, ident: str) -> str:
+    """A counter's scope, ``key:<hash>`` or ``team:<id>``: the id percent-encoded, so that no
+    team id (one named after an IdP group, say) can spell another's counter ("a:model:b")."""
+    return f"{kind}:{quote(ident, safe='')}"
+
+
 def window_of(now: float) -> int:
     return int(now // WINDOW_S)
 
 
-def rate_counters(scopes: list[tuple[str, str, Limits | None]], model: str, now: float) -> list[Counter]:
+def rate_counters(scopes: list[tuple[str, str, Limits | None]], model: str, now: float) -> list[Counter]:  # noqa: C901
     """The counters a request is checked against: for each scope (its id, its label, its
     limits), its rpm and tpm limits and those for this model, in the current minute."""
     window = window_of(now)
     out = []
-    for scope, label, limits in scopes:
+    for where, label, limits in scopes:
         if limits is None:
             continue
         for kind, whole, per_model_limits, take in (("rpm", limits.rpm, limits.model_rpm, 1),
                                                     ("tpm", limits.tpm, limits.model_tpm, 0)):
             if whole is not None:
-                out.append(Counter(f"{kind}:{scope}:{window}", whole, f"{kind}_limit", label, take))
+                out.append(Counter(f"{kind}:{where}:{window}", whole, f"{kind}_limit", label, take))
             for name, limit in per_model_limits:
                 if name == model:
-                    out.append(Counter(f"{kind}:{scope}:model:{model}:{window}", limit, f"model_{kind}_limit",
-                                       label, take))
+                    out.append(Counter(f"{kind}:{where}:model:{quote(model, safe='')}:{window}", limit,
+                                       f"model_{kind}_limit", label, take))
         if limits.parallel is not None:
-            out.append(Counter(f"inflight:{scope}", limits.parallel, "max_parallel_requests", label, 1, "s"))
+            out.append(Counter(f"inflight:{where}", limits.parallel, "max_parallel_requests", label, 1, "s"))
     return out
 
 
 def inflight_sets(scopes: list[str]) -> list[str]:
     """The in-flight sets a finished request leaves (whether or not a limit put it there)."""
-    return [f"inflight:{scope}" for scope in scopes]
+    return [f"inflight:{where}" for where in scopes]
 
 
 def usage_counters(scopes: list[str], model: str, now: float) -> list[str]:
     """The token counters a settled response adds to: each scope's, whole and for its model."""
     window = window_of(now)
-    return [c for scope in scopes for c in (f"tpm:{scope}:{window}", f"tpm:{scope}:model:{model}:{window}")]
+    model = quote(model, safe="")
+    return [c for where in scopes for c in (f"tpm:{where}:{window}", f"tpm:{where}:model:{model}:{window}")]
 
 
 def refusal(counter: Counter, now: float, metadata: dict[str, Any] | None) -> Deny:

@@ -19,7 +19,7 @@ from google.protobuf import json_format
 from extauthz.proto.envoy.service.accesslog.v3 import als_pb2
 from extauthz.records.store import StoreUnavailable
 from extauthz.usage.counters import RateCounters
-from extauthz.usage.limits import inflight_sets, usage_counters
+from extauthz.usage.limits import inflight_sets, scope, usage_counters
 
 log = logging.getLogger("extauthz.usage")
 
@@ -27,9 +27,11 @@ SERVICE = als_pb2.DESCRIPTOR.services_by_name["AccessLogService"].full_name
 EXT_AUTHZ = "envoy.filters.http.ext_authz"
 USAGE = "extauthz.usage"
 # Reported token counts, as the providers name them (OpenAI: prompt/completion; Anthropic
-# and OpenAI's Responses API: input/output, Anthropic's cache tokens beside its input).
-INPUT_FIELDS = ("prompt_tokens", "input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
-OUTPUT_FIELDS = ("completion_tokens", "output_tokens")
+# and OpenAI's Responses API: input/output, Anthropic's cache tokens beside its input;
+# Gemini: promptTokenCount, candidatesTokenCount, thoughtsTokenCount).
+INPUT_FIELDS = ("prompt_tokens", "input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens",
+                "promptTokenCount")
+OUTPUT_FIELDS = ("completion_tokens", "output_tokens", "candidatesTokenCount", "thoughtsTokenCount")
 
 
 class Report(NamedTuple):
@@ -93,8 +95,8 @@ class UsageReports:
         return als_pb2.StreamAccessLogsResponse()
 
     async def settle(self, report: Report) -> None:
-        scopes = ([f"key:{report.key_id}"] if report.key_id else []) + \
-            ([f"team:{report.team_id}"] if report.team_id else [])
+        scopes = ([scope("key", report.key_id)] if report.key_id else []) + \
+            ([scope("team", report.team_id)] if report.team_id else [])
         if report.tokens is None:
             self.unpriced += 1  # counted for rpm at admission already; no tokens to add
         counters = usage_counters(scopes, report.model, time.time()) if report.tokens is not None else []
