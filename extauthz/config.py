@@ -59,7 +59,10 @@ AWS_STANDARD_ENV = {"aws_access_key_id": "os.environ/AWS_ACCESS_KEY_ID",
                     "aws_secret_access_key": "os.environ/AWS_SECRET_ACCESS_KEY",
                     "aws_session_token": "os.environ/AWS_SESSION_TOKEN"}
 # litellm_params this service reads; any other parameter is a provider knob it ignores.
-USED_PARAMS = frozenset({"model", "api_key", "api_base", "api_version", "weight", "organization",
+# Per-token prices LiteLLM reads from litellm_params as well as model_info (usage/prices.py).
+PRICE_PARAMS = ("input_cost_per_token", "output_cost_per_token", "cache_read_input_token_cost",
+                "cache_creation_input_token_cost")
+USED_PARAMS = frozenset({"model", "api_key", "api_base", "api_version", "weight", "organization", *PRICE_PARAMS,
                          "aws_region_name", "aws_bedrock_runtime_endpoint", "vertex_project", "vertex_location",
                          "vertex_credentials", "azure_ad_token", "tenant_id", "client_id", "client_secret",
                          "azure_authority_host", "model_id", *AWS_IDENTITY_PARAMS})
@@ -597,7 +600,9 @@ class _Parser:
             raise self.error(f"{where}.model_info.access_groups", "must be a list of non-empty strings")
         deployment = Deployment(index=index, model_name=model_name, provider=provider, provider_model=provider_model,
                                 api_base="", api_version=None, api_key=None, access_groups=tuple(groups),
-                                weight=float(weight), info={str(k): v for k, v in info.items()})
+                                weight=float(weight), info={**{str(k): v for k, v in info.items()},
+                                                            # litellm_params' prices win, as in LiteLLM
+                                                            **{k: params[k] for k in PRICE_PARAMS if k in params}})
         try:
             return dataclasses.replace(deployment, **self.route_params(where, provider, provider_model, params))
         except Unroutable as e:  # reported by serve and check-config, with the deployment

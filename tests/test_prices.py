@@ -71,3 +71,15 @@ def test_the_committed_table_is_what_the_script_makes_of_the_pinned_map(tmp_path
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert json.loads(out.read_text())["models"] == bundled()["models"]
+
+
+def test_litellm_params_prices_are_read_and_win() -> None:
+    from extauthz.config import from_dict
+    from extauthz.usage.prices import price_of
+    config = from_dict({"model_list": [{
+        "model_name": "mine", "model_info": {"input_cost_per_token": 9e-06, "output_cost_per_token": 9e-06},
+        "litellm_params": {"model": "openai/gpt-4o", "api_key": "x", "input_cost_per_token": 1e-06,
+                           "output_cost_per_token": 2e-06}}]})
+    (deployment,) = config.deployments
+    assert price_of(deployment.provider, deployment.provider_model, deployment.info) == Price(1e-06, 2e-06)
+    assert not any("input_cost_per_token" in w for w in config.warnings)  # read, so not "not used"
