@@ -196,3 +196,21 @@ def test_without_redis_a_rate_limited_key_fails_closed(workdir: Path, config_pat
     finally:
         stack.stop()
         proc.stop()
+
+
+def test_the_limit_metric_labels_a_bounded_set_of_teams() -> None:
+    from extauthz.telemetry.metrics import LIMIT_DENIALS, LIMIT_TEAM_LABELS, CheckMetrics
+
+    def count(limit: str, team: str) -> float:
+        return LIMIT_DENIALS.labels(limit, team)._value.get()
+
+    metrics = CheckMetrics("probe")
+    before = count("rpm_limit", "other")
+    for i in range(LIMIT_TEAM_LABELS + 5):
+        metrics.limited("rpm_limit", f"bounded-team-{i}")
+    assert count("rpm_limit", "bounded-team-0") >= 1
+    assert count("rpm_limit", "other") - before == 5      # past the bound, one series for the rest
+    metrics.limited("rpm_limit", "bounded-team-0")        # a team already labelled keeps its label
+    assert count("rpm_limit", "other") - before == 5
+    metrics.limited("tpm_limit", None)
+    assert count("tpm_limit", "none") >= 1

@@ -295,7 +295,7 @@ class AuthorizationService:
             if any(c.kind == "s" for c in counters):
                 decision.metadata["inflight"] = "1"  # Envoy frees the place as the response ends
             return decision._replace(dynamic_headers=decision.dynamic_headers + COUNTED)
-        self.metrics.limited(over.name)
+        self.metrics.limited(over.name, team.team_id if team is not None else None)
         return refusal(over, now, {k: v for k, v in decision.metadata.items() if k != USAGE_ID})
 
     async def team_of(self, team_id: str, jwt: JwtAuth) -> TeamRecord | None:

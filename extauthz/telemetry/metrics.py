@@ -38,8 +38,10 @@ DEPLOYMENTS = Gauge("extauthz_deployments", "Deployments in the config, by wheth
                     ["routable"], multiprocess_mode="max")
 TOKEN_REFRESHES = Counter("extauthz_token_refreshes_total", "Refreshes of provider OAuth tokens (Vertex, Entra)",
                           ["result"])  # ok, failed
-LIMIT_DENIALS = Counter("extauthz_limit_denials_total", "Requests refused by a usage limit, by the limit",
-                        ["limit"])  # rpm_limit, model_rpm_limit
+LIMIT_DENIALS = Counter("extauthz_limit_denials_total", "Requests refused by a usage limit, by the limit and team",
+                        ["limit", "team"])  # rpm_limit, tpm_limit, ...; a team id, "none" or "other"
+# Distinct team labels a process gives the limit metric; later teams are counted as "other".
+LIMIT_TEAM_LABELS = 100
 ADMIN_REQUESTS = Counter("extauthz_admin_requests_total", "Admin API requests", ["route", "status"])
 
 
@@ -61,6 +63,7 @@ class CheckMetrics:
         self.decisions: dict[tuple[str, str], int] = {}
         self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self.seconds = 0.0
+        self.limit_teams: set[str] = set()
 
     def record(self, outcome: str, code: str, seconds: float) -> None:
         key = (outcome, code)
@@ -68,8 +71,16 @@ class CheckMetrics:
         self.buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self.seconds += seconds
 
-    def limited(self, limit: str) -> None:
-        LIMIT_DENIALS.labels(limit).inc()  # rare next to decisions: counted at once
+    def limited(self, limit: str, team_id: str | None) -> None:
+        """A limit refused a request (rare next to decisions: counted at once). Teams label it
+        up to LIMIT_TEAM_LABELS of them, so a flood of team ids cannot grow the series."""
+        team = "none" if team_id is None else team_id
+        if team_id is not None and team not in self.limit_teams:
+            if len(self.limit_teams) >= LIMIT_TEAM_LABELS:
+                team = "other"
+            else:
+                self.limit_teams.add(team)
+        LIMIT_DENIALS.labels(limit, team).inc()
 
     def aborted(self, grpc_code: str) -> None:
         self.not_answered[grpc_code] = self.not_answered.get(grpc_code, 0) + 1
