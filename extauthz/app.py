@@ -208,7 +208,8 @@ class App:
             self.tasks.append(asyncio.create_task(self.invalidator.run(), name="invalidation"))
         await self.grpc.start()
         stats = lambda: {"cache": self.cache.stats(), "config": self.runtime.stats()}  # noqa: E731
-        await self.serve_http(AdminApi(self.runtime, RedisWriter(self.store), stats).app(), admin_socket)
+        await self.serve_http(AdminApi(self.runtime, RedisWriter(self.store), stats, self.service.store).app(),
+                              admin_socket)
         if metrics_socket is not None:
             await self.serve_http(metrics_app(), metrics_socket)
         counters = lambda: {**self.cache.stats(), "reconnects": self.invalidator.reconnects}  # noqa: E731

@@ -25,16 +25,15 @@ from extauthz.check import listing
 from extauthz.telemetry import metrics
 from extauthz.check.facts import Facts
 from extauthz.check.decision import Deny
-from extauthz.check import routes
 from extauthz.check.policy import authenticate, route_denied, visible_models
-from extauthz.records.lookup import lookup
-from extauthz.records.record import KeyRecord, hash_token, team_members, new_key_doc, new_team_doc, new_user_doc, now_iso
+from extauthz.records.lookup import Records, lookup
+from extauthz.records.record import hash_token, team_members, new_key_doc, new_team_doc, new_user_doc, now_iso
 from extauthz.check.request import credentials
 from extauthz.check.runtime import Runtime
 from extauthz.check.responses import USAGE_ID_LENGTH, error_body
 from extauthz.usage import limits
 from extauthz.usage.counters import RateCounters
-from extauthz.records.store import Conflict, MissingTeam, NotFound, RedisWriter, StoreUnavailable
+from extauthz.records.store import RecordReader, Conflict, MissingTeam, NotFound, RedisWriter, StoreUnavailable
 
 log = logging.getLogger("extauthz.admin")
 
@@ -84,12 +83,17 @@ def token_hash_of(value: Any) -> str:
     return value if HASH.fullmatch(value) else hash_token(value)
 
 
+NOT_MASTER = ApiError(401, "unauthorized", "This route needs the master key as 'Authorization: Bearer'.")
+
+
 class AdminApi:
     def __init__(self, runtime: Callable[[], Runtime], store: RedisWriter,
-                 stats: Callable[[], dict[str, Any]] = dict) -> None:
+                 stats: Callable[[], dict[str, Any]] = dict, records: RecordReader | None = None) -> None:
         self.runtime = runtime
         self.store = store
         self.stats = stats
+        # The check path's cached records: a flood of unknown keys costs no Redis read here either.
+        self.records = records if records is not None else store.reader
         self.counters = RateCounters(store.redis, store.prefix, store.timeout)
 
     def app(self) -> web.Application:
@@ -177,7 +181,7 @@ class AdminApi:
         if not request.path.startswith(OPEN_ROUTES):
             token, _ = credentials(lower_headers(request))
             if token is None:
-                raise ApiError(401, "unauthorized", "This route needs the master key as 'Authorization: Bearer'.")
+                raise NOT_MASTER
             by_key = not self.runtime().is_master(hash_token(token))
             who = await self.key_power(token, request) if by_key else acting_from_headers(request.headers)
             if who is not None:
@@ -191,17 +195,10 @@ class AdminApi:
 
     async def key_power(self, token: str, request: web.Request) -> Acting | None:
         """A virtual key on the admin API: its allowed_routes, then its owner's role."""
-        doc = await self.store.key_doc(hash_token(token))
+        key, _, _ = await self.caller(request, token, None, NOT_MASTER)
+        doc = await self.store.key_doc(key.token_hash)  # who made it (created_by) is on the document only
         if doc is None:
-            raise ApiError(401, "unauthorized", "This route needs the master key as 'Authorization: Bearer'.")
-        key = KeyRecord.from_document(doc)
-        team = await self.store.reader.get_team(key.team_id) if key.team_id is not None else None
-        denied = authenticate(Facts(token=token, model=None, path=request.path), key, team, time.time())
-        if denied is not None:
-            raise ApiError(denied.status, denied.code, denied.message)
-        if key.allowed_routes is not None and not routes.permits(key.allowed_routes, request.path, None):
-            raise ApiError(403, "route_not_allowed", f"Key {key.label!r} may not call {request.path!r}; its "
-                           f"allowed_routes are {list(key.allowed_routes)}.")
+            raise NOT_MASTER
         owner = await self.store.user_doc(key.user_id) if key.user_id else None
         power = key_owner_power(doc, owner, request.method)
         return power if isinstance(power, Acting) else None
@@ -579,15 +576,22 @@ class AdminApi:
 
     async def visible(self, request: web.Request) -> list[str]:
         """What the calling virtual key may call, by the same rules as Check."""
-        runtime = self.runtime()
         token, problem = credentials(lower_headers(request))
+        key, team, owner = await self.caller(request, token, problem)
+        return visible_models(key, team, self.runtime().catalog, owner)
+
+    async def caller(self, request: web.Request, token: str | None, problem: Any,
+                     unknown: ApiError | None = None) -> Records:
+        """The records of the key a request presents, judged as the check judges them
+        (expiry, blocks, its team, its allowed_routes); ``unknown`` answers a key that does not exist."""
         facts = Facts(token=token, model=None, path=request.path, token_problem=problem)
-        key, team, owner = await lookup(token, self.store.reader, runtime.is_master)
-        denied = authenticate(facts, key, team, time.time()) or route_denied(facts, key)  # type: ignore[arg-type]
+        found = await lookup(token, self.records, self.runtime().is_master)
+        if found.key is None and token is not None and unknown is not None:
+            raise unknown
+        denied = authenticate(facts, found.key, found.team, time.time()) or route_denied(facts, found.key)  # type: ignore[arg-type]
         if denied is not None:
             raise ApiError(denied.status, denied.code, denied.message)
-        assert key is not None
-        return visible_models(key, team, runtime.catalog, owner)
+        return found
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response(listing.models_page(self.runtime().catalog, await self.visible(request)))

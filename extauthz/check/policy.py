@@ -198,8 +198,7 @@ def _pick(resolution: Resolution, draw: float, api_format: str) -> int | None:
 
 
 def _metadata(facts: Facts, key: KeyRecord) -> dict[str, Any]:
-    # key_id: the whole hash, for the usage report (usage/reports.py); never in the stdout log.
-    meta: dict[str, Any] = {"key_hash": key.token_hash[:12], "key_id": key.token_hash, "model": facts.model or ""}
+    meta: dict[str, Any] = {"key_hash": key.token_hash[:12], "model": facts.model or ""}
     if key.key_alias:
         meta["key_alias"] = key.key_alias
     if key.team_id:

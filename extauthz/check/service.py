@@ -282,6 +282,8 @@ class AuthorizationService:
         # The id its usage report will be settled under: Envoy's request id is the client's
         # own on a trusted network, and one sent on every request would settle only once.
         decision.metadata[USAGE_ID] = secrets.token_hex(USAGE_ID_LENGTH // 2)
+        # The whole hash, for the usage report's counters (the logs show its prefix only).
+        decision.metadata["key_id"] = key.token_hash
         now = time.time()
         scopes = [(scope("key", key.token_hash), f"key {key.label!r}", key_limits)]
         if team is not None:

@@ -199,14 +199,20 @@ def _usage_filter() -> dict[str, Any]:
                                                                     default_source_code={"inline_string": code})}
     # Only for the calls whose usage is counted (the sidecar set USAGE_HEADER on their
     # allow, as on SIGN_HEADER): a caller without limits pays nothing for it.
-    counted = {"single_predicate": {
+    return _only_when(USAGE_FILTER, USAGE_HEADER, "1", lua)
+
+
+def _only_when(name: str, header: str, value: str, extension: dict[str, Any]) -> dict[str, Any]:
+    """``extension`` run only on requests whose allow set ``header`` to ``value`` (Envoy's
+    ExtensionWithMatcher skips it on every other request)."""
+    ours = {"single_predicate": {
         "input": {"name": "request-headers", "typed_config": _typed(
-            "envoy.type.matcher.v3.HttpRequestHeaderMatchInput", header_name=USAGE_HEADER)},
-        "value_match": {"exact": "1"}}}
-    return {"name": USAGE_FILTER, "typed_config": _typed(
-        "envoy.extensions.common.matching.v3.ExtensionWithMatcher", extension_config=lua,
+            "envoy.type.matcher.v3.HttpRequestHeaderMatchInput", header_name=header)},
+        "value_match": {"exact": value}}}
+    return {"name": name, "typed_config": _typed(
+        "envoy.extensions.common.matching.v3.ExtensionWithMatcher", extension_config=extension,
         xds_matcher={"matcher_list": {"matchers": [{
-            "predicate": {"not_matcher": counted},
+            "predicate": {"not_matcher": ours},
             "on_match": {"action": {"name": "skip", "typed_config": _typed(
                 "envoy.extensions.filters.common.matcher.action.v3.SkipFilter")}}}]}})}
 
@@ -314,21 +320,9 @@ def _aws_signing_filters(signers: list[tuple[str, str]]) -> list[dict[str, Any]]
     not do: which filters run is fixed by the route chosen before the check.) Credentials
     come from Envoy's own AWS chain (environment, web identity / IRSA, container or
     instance role), never from the sidecar."""
-    filters = []
-    for service, region in signers:
-        is_ours = {"single_predicate": {
-            "input": {"name": "request-headers", "typed_config": _typed(
-                "envoy.type.matcher.v3.HttpRequestHeaderMatchInput", header_name=SIGN_HEADER)},
-            "value_match": {"exact": signer(service, region)}}}
-        filters.append({"name": f"{AWS_SIGNING_FILTER}.{service}.{region}", "typed_config": _typed(
-            "envoy.extensions.common.matching.v3.ExtensionWithMatcher",
-            extension_config={"name": AWS_SIGNING_FILTER,
-                              "typed_config": _typed(AWS_SIGNING, **_aws_signing(service, region))},
-            xds_matcher={"matcher_list": {"matchers": [{
-                "predicate": {"not_matcher": is_ours},
-                "on_match": {"action": {"name": "skip", "typed_config": _typed(
-                    "envoy.extensions.filters.common.matcher.action.v3.SkipFilter")}}}]}})})
-    return filters
+    return [_only_when(f"{AWS_SIGNING_FILTER}.{service}.{region}", SIGN_HEADER, signer(service, region),
+                       {"name": AWS_SIGNING_FILTER, "typed_config": _typed(AWS_SIGNING, **_aws_signing(service, region))})
+            for service, region in signers]
 
 
 def _aws_signing(service: str, region: str) -> dict[str, Any]:
