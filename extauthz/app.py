@@ -30,7 +30,7 @@ from extauthz import config as config_module
 from extauthz.telemetry import logs, metrics, tracing
 from extauthz.admin.api import AdminApi
 from extauthz.records.cache import CachedStore, RecordCache
-from extauthz.config import Config, ConfigError, Settings
+from extauthz.config import Config, ConfigError, Settings, setting_path
 from extauthz.records.invalidation import Invalidator
 from extauthz.check.runtime import Runtime
 from extauthz.tokens import Tokens
@@ -108,7 +108,7 @@ def report_config(config: Config) -> None:
         if not d.routable:
             log.warning("deployment %s is not routable: %s", d.name, d.unavailable)
     for setting, effect in config.unenforced:
-        log.error("config: general_settings.%s is not enforced by extauthz: %s", setting, effect)
+        log.error("config: %s is not enforced by extauthz: %s", setting_path(setting), effect)
 
 
 def metrics_app() -> web.Application:
@@ -166,7 +166,8 @@ class App:
         counters = RateCounters(self.store.redis, s.key_prefix, s.redis_timeout_ms / 1000)
         self.service = AuthorizationService(self.runtime, cached, s.log_allowed, logs.DecisionLog(s.log_format),
                                             check_message_limit(s), Upserts(cached, RedisWriter(self.store)), counters)
-        self.usage = UsageReports(counters)
+        self.usage = UsageReports(counters, cached, lambda route_id, model: self.runtime().price(route_id, model),
+                                  self.store)
         self.health = health_aio.HealthServicer()
         self.grpc: grpc.aio.Server | None = None
         self.runners: list[web.AppRunner] = []

@@ -11,7 +11,7 @@ import sys
 
 from extauthz import config as config_module, providers
 from extauthz.telemetry import logs
-from extauthz.config import Config, ConfigError
+from extauthz.config import Config, ConfigError, setting_path
 
 
 def parser() -> argparse.ArgumentParser:
@@ -118,7 +118,7 @@ def check_config(config: Config, strict: bool) -> int:
     for warning in config.warnings:
         out.write(f"warning: {warning}\n")
     for setting, effect in config.unenforced:
-        out.write(f"error: general_settings.{setting} is not enforced by extauthz: {effect}\n")
+        out.write(f"error: {setting_path(setting)} is not enforced by extauthz: {effect}\n")
     unavailable = sum(not d.routable for d in config.deployments)
     out.write(f"{len(config.deployments)} deployments, {unavailable} not routable, "
               f"{len(config.unenforced)} settings not enforced\n")

@@ -47,6 +47,9 @@ ADMITTING_SETTINGS = {
     "enable_oauth2_auth": "OAuth2 callers are refused (401): only virtual keys are checked",
     "enable_oauth2_proxy_auth": "OAuth2-proxy callers are refused (401): only virtual keys are checked",
 }
+# litellm_settings (a section otherwise not read) that restrict callers: LiteLLM's proxy-wide
+# budget and its end users' budgets. Budgets here are on keys and teams (usage/budgets.py).
+RESTRICTING_LITELLM_SETTINGS = ("max_budget", "max_end_user_budget")
 RESTRICTING_SETTINGS = ("allowed_routes", "admin_only_routes", "allowed_ips", "enforce_user_param",
                         "public_routes", "admin_allowed_routes", "user_header_name")
 # A Bedrock deployment's own AWS identity: Envoy signs with its own (its environment, IRSA,
@@ -119,6 +122,9 @@ class Settings:
     admin_host: str = setting("127.0.0.1")
     admin_port: int = setting(4001, **PORT)
     max_request_bytes: int = setting(10 * 1024 * 1024, minimum=1)  # also Envoy's buffer limit
+    # Every key's and team's spend counted (as in LiteLLM); off: only those with a budget or
+    # a rate limit (the others' responses are then not read at all).
+    spend_tracking: bool = setting(True)
     shutdown_grace_s: float = setting(10.0, minimum=0)
 
 
@@ -240,7 +246,13 @@ class Config:
     @property
     def refuses_all(self) -> tuple[str, ...]:
         """The restricting settings set: while any is, every LLM request is refused."""
-        return tuple(name for name, _ in self.unenforced if name in RESTRICTING_SETTINGS)
+        return tuple(name for name, _ in self.unenforced if name in RESTRICTING_SETTINGS or name.startswith(
+            "litellm_settings."))
+
+
+def setting_path(name: str) -> str:
+    """An unenforced setting's place in the config: general_settings unless it says otherwise."""
+    return name if "." in name else f"general_settings.{name}"
 
 
 def model_call_paths(base_path: str) -> tuple[set[str], tuple[str, ...]]:
@@ -350,7 +362,7 @@ class _Parser:
         deployments = tuple(self.deployment(i, entry) for i, entry in enumerate(models))
         general = self.mapping(top.get("general_settings"), "general_settings")
         jwt = self.jwt_auth(general)
-        unenforced = self.unenforced(general, jwt is not None)
+        unenforced = self.unenforced(general, jwt is not None) + self.unenforced_litellm(top.get("litellm_settings"))
         master_key = self.string(general.get("master_key"), "general_settings.master_key", secret=True)
         if master_key is not None and not master_key:
             raise self.error("general_settings.master_key", "must not be empty")
@@ -500,6 +512,15 @@ class _Parser:
                 out.append((name, "not enforced by extauthz, so every request but /health/ is refused (403) while "
                                   "it is set; remove it, or enforce the rule with keys' and teams' models"))
         return tuple(out)
+
+    @staticmethod
+    def unenforced_litellm(section: Any) -> tuple[tuple[str, str], ...]:
+        if not isinstance(section, dict):
+            return ()
+        return tuple((f"litellm_settings.{name}", "a proxy-wide budget is not enforced by extauthz, so every "
+                      "request but /health/ is refused (403) while it is set; put the budget on teams or keys "
+                      "(max_budget, budget_duration), which are enforced")
+                     for name in RESTRICTING_LITELLM_SETTINGS if section.get(name) not in (None, False, "", 0.0))
 
     def distinct_clusters(self, bases: list[str]) -> None:
         """Envoy routes on the cluster name: two upstreams sharing one would send one's

@@ -178,8 +178,9 @@ def test_team_delete_racing_key_generate_leaves_no_orphan(sidecar: Sidecar) -> N
 
 
 def test_team_info_and_list(sidecar: Sidecar) -> None:
-    team = call(sidecar, "/team/new", {"team_alias": "info-team", "models": ["gpt-4"], "max_budget": 10}).json()
-    assert team["not_enforced"] == ["max_budget"]
+    team = call(sidecar, "/team/new", {"team_alias": "info-team", "models": ["gpt-4"], "max_budget": 10,
+                                       "tags": ["a"]}).json()
+    assert team["not_enforced"] == ["tags"]
     key = call(sidecar, "/key/generate", {"team_id": team["team_id"]}).json()
     info = call(sidecar, f"/team/info?team_id={team['team_id']}", method="GET").json()
     assert info["team_info"]["team_alias"] == "info-team"

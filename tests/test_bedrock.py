@@ -15,6 +15,7 @@ import yaml
 
 from tests.conftest import Gateway
 from tests.harness import http, start_stack
+from tests.test_usage import wait_for
 
 MASTER = "sk-bedrock-master"
 CLAUDE_ID = "anthropic.claude-3-5-sonnet-20240620-v1:0"
@@ -83,12 +84,19 @@ def test_the_anthropic_bedrock_client_streams(bedrock: Gateway) -> None:
     key = new_key(bedrock, ["claude-bedrock"])
     client = anthropic.AnthropicBedrock(api_key=key, base_url=bedrock.envoy.url, aws_region="us-east-1")
     bedrock.forget_upstream()
-    with client.messages.stream(model="claude-bedrock", max_tokens=16,
+    with client.messages.stream(model="claude-bedrock", max_tokens=16, extra_headers={"x-fake-usage": "1000,100"},
                                 messages=[{"role": "user", "content": "Hello"}]) as stream:
         text = "".join(stream.text_stream)
     assert text == "fake bedrock"
     seen = only_request(bedrock)
     assert seen["signature_ok"] and seen["path"].endswith("/invoke-with-response-stream")
+    # Its usage, in the base64 payloads of AWS's event stream, is read and priced (the
+    # bundled price of this Claude on Bedrock: 3e-06 in, 1.5e-05 out per token).
+    wait_for(lambda: spend(bedrock, key) == pytest.approx(1000 * 3e-06 + 100 * 1.5e-05), "the stream's cost")
+
+
+def spend(g: Gateway, key: str) -> float:
+    return g.admin(f"/key/info?key={key}", method="GET", key=MASTER).json()["info"]["spend"]
 
 
 def test_an_anthropic_messages_request_becomes_the_invoke_body(bedrock: Gateway) -> None:

@@ -206,6 +206,19 @@ def test_settings_that_decide_access_and_are_not_enforced_are_named(tmp_path: Pa
     assert c.refuses_all == ("allowed_ips",)
 
 
+def test_a_proxy_wide_budget_is_named_and_refuses_every_request(tmp_path: Path) -> None:
+    # LiteLLM's litellm_settings.max_budget caps the whole proxy; ignoring it would lift it.
+    from extauthz.check.runtime import Runtime
+    doc = {"model_list": [MODEL], "litellm_settings": {"max_budget": 100, "budget_duration": "30d",
+                                                       "drop_params": True}}
+    c = config.load(write(tmp_path, doc), environ={"OPENAI_API_KEY": "x"})
+    assert c.refuses_all == ("litellm_settings.max_budget",)
+    refusal = Runtime.of(c).refusal
+    assert refusal is not None and "litellm_settings.max_budget" in refusal.message
+    ok = {"model_list": [MODEL], "litellm_settings": {"budget_duration": "30d", "max_budget": None}}
+    assert config.load(write(tmp_path, ok), environ={"OPENAI_API_KEY": "x"}).unenforced == ()
+
+
 def test_only_routable_deployments_get_an_envoy_cluster(tmp_path: Path) -> None:
     from extauthz.envoy.render import render
     c = config.load(write(tmp_path, LITELLM_STYLE), environ={})

@@ -12,7 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from extauthz.usage import limits
-from extauthz.usage.counters import RateCounters
+from extauthz.usage.counters import RateCounters, Settlement
 from extauthz.usage.limits import Counter, Limits, rate_counters
 from tests.conftest import Gateway
 from tests.harness import start_stack
@@ -54,6 +54,16 @@ def test_counters_are_per_scope_model_and_minute() -> None:
     assert rate_counters([("key:h", "k", None)], "gpt-4", now) == []
 
 
+def test_tokens_are_counted_only_where_a_limit_reads_them() -> None:
+    limited, per_model = Limits(rpm=5), Limits(model_tpm=(("gpt-4", 100),))
+    now = 6_000_030.0
+    assert limits.usage_counters([("key:a", limited), ("team:t", None)], "gpt-4", now) == ["tpm:key:a:100000"]
+    assert limits.usage_counters([("key:a", per_model)], "gpt-4", now) == [
+        "tpm:key:a:100000", "tpm:key:a:model:gpt-4:100000"]
+    assert limits.usage_counters([("key:a", per_model)], "gpt-4o", now) == ["tpm:key:a:100000"]
+    assert limits.usage_counters([("key:a", None)], "gpt-4", now) == []
+
+
 def test_a_parallel_limit_is_a_set_of_requests_in_flight() -> None:
     taken = rate_counters([("key:h", "key 'k'", Limits(parallel=2))], "gpt-4", 6_000_030.0)
     assert taken == [Counter("inflight:key:h", 2, "max_parallel_requests", "key 'k'", 1, "s")]
@@ -73,7 +83,7 @@ def test_admission_of_requests_in_flight(redis_port: int) -> None:
         assert await counters.admit([place], "u1", now) is None
         assert await counters.admit([place], "u2", now) is None
         assert await counters.admit([place], "u3", now) == place
-        await counters.settle("u1", [], 0, ["inflight:key:a"])       # u1 ended: its place is free
+        await counters.settle([Settlement("u1", 0, [], ["inflight:key:a"])])  # u1 ended: its place is free
         assert await counters.admit([place], "u3", now) is None
         assert await counters.admit([place], "u4", now) == place
         # A report never came for u2 and u3: their places lapse after the route timeout.

@@ -203,7 +203,11 @@ def test_what_those_configs_come_to() -> None:
     assert many["text-embedding-3-small"].provider == "openai" and many["sonar"].routable
     keys = by_file["virtual_keys_and_passthrough"]
     assert dict(keys.pass_through[0].headers)["authorization"] == "bearer value-of-cohere_api_key"
-    assert [name for name, _ in keys.unenforced] == ["enable_jwt_auth", "litellm_jwtauth"]
+    # Its proxy-wide budget (litellm_settings.max_budget) is not enforced, so it refuses every
+    # request until the budget moves to teams or keys: never a budget silently lifted.
+    assert [name for name, _ in keys.unenforced] == ["enable_jwt_auth", "litellm_jwtauth",
+                                                     "litellm_settings.max_budget"]
+    assert keys.refuses_all == ("litellm_settings.max_budget",)
 
 
 def test_a_restricting_setting_not_enforced_closes_the_admin_api_too(workdir: Path, redis_port: int) -> None:

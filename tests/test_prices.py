@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from extauthz.usage.prices import Price, bundled, cost, price_of
+from extauthz.usage.prices import Price, bundled, cost, price_of, tokens_of
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,11 +40,15 @@ def test_the_deployments_own_price_wins() -> None:
 
 def test_cost() -> None:
     price = Price(1e-06, 2e-06, 1e-07, 1.25e-06)
-    assert cost(price, {"prompt_tokens": 1000, "completion_tokens": 500}) == pytest.approx(0.002)
+    assert cost(price, tokens_of({"prompt_tokens": 1000, "completion_tokens": 500})) == pytest.approx(0.002)
     anthropic = {"input_tokens": 100, "output_tokens": 10, "cache_read_input_tokens": 1000,
                  "cache_creation_input_tokens": 200}
-    assert cost(price, anthropic) == pytest.approx(100e-06 + 20e-06 + 100e-06 + 250e-06)
-    assert cost(Price(1e-06, 2e-06), {"cache_read_input_tokens": 10}) == pytest.approx(10e-06)
+    assert cost(price, tokens_of(anthropic)) == pytest.approx(100e-06 + 20e-06 + 100e-06 + 250e-06)
+    assert cost(Price(1e-06, 2e-06), tokens_of({"cache_read_input_tokens": 10})) == pytest.approx(10e-06)
+    gemini = {"promptTokenCount": 10, "candidatesTokenCount": 5, "thoughtsTokenCount": 5}
+    assert cost(Price(1e-06, 2e-06), tokens_of(gemini)) == pytest.approx(30e-06)
+    # No usage, or counts that are not counts: nothing to price.
+    assert tokens_of({}) is None and tokens_of({"prompt_tokens": -1, "output_tokens": True}) is None
 
 
 def test_the_script_regenerates_the_table(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ are settled once per request, and tpm_limit refuses once a minute's tokens are u
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
@@ -32,13 +33,13 @@ def entry(decision: dict[str, Any], usage: dict[str, Any] | None = None, request
 def test_reading_an_entry() -> None:
     allowed = {"key_id": "ab" * 32, "team_id": "t", "model": "gpt-4", "deployment": "1:gpt-4", "usage_id": "u1"}
     report = read_entry(entry(allowed, {"prompt_tokens": 7, "completion_tokens": 5}))
-    assert report is not None and report.tokens == 12 and report.key_id == "ab" * 32 and report.team_id == "t"
-    assert report.usage_id == "u1"
+    assert report is not None and report.tokens.total == 12 and report.key_id == "ab" * 32 and report.team_id == "t"
+    assert report.usage_id == "u1" and report.deployment == "1:gpt-4"
     assert read_entry(entry(allowed)).tokens is None                        # no usage reported: unpriced
     assert read_entry(entry({**allowed, "deployment": "admin_api"})) is None  # not a model call
     assert read_entry(entry({"key_hash": "ab"})) is None                     # a deny's metadata
     without = {k: v for k, v in allowed.items() if k != "usage_id"}
-    assert read_entry(entry(without)) is None                                # no limit: nothing to count
+    assert read_entry(entry(without)) is None                                # not counted: nothing to settle
     jwt = read_entry(entry({**allowed, "key_id": "jwt:alice"}, {"input_tokens": 1, "output_tokens": 1}))
     assert jwt is not None and jwt.key_id is None and jwt.team_id == "t"
 
@@ -129,14 +130,24 @@ def test_a_client_request_id_cannot_merge_reports(gateway: Gateway) -> None:
     assert all("x-extauthz-usage" not in seen["headers"] for seen in gateway.upstream_seen())
 
 
-def test_a_response_without_usage_counts_no_tokens(gateway: Gateway) -> None:
+def unpriced(sidecar: Any) -> float:
+    metrics = http("GET", f"http://127.0.0.1:{sidecar.metrics_port}/metrics").text
+    found = re.search(r'^extauthz_usage_reports_total\{result="unpriced"\} (\S+)$', metrics, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_a_response_without_usage_counts_no_tokens(gateway: Gateway, sidecar: Any) -> None:
     key = gateway.new_key(models=["gpt-4"], tpm_limit=10)
-    body = {"model": "gpt-4", "messages": [], "stream": True}  # no include_usage: the stream reports none
+    body = {"model": "gpt-4", "messages": [], "stream": True}
+    before = unpriced(sidecar)
     fresh_window()
-    for _ in range(3):
-        assert call(gateway, key, "/v1/chat/completions", body, "50,50").status == 200
-    time.sleep(0.5)  # reports flush every 0.1 s: none of these can have added tokens
+    gateway.forget_upstream()
+    for _ in range(3):  # a provider that reports no usage, even asked for it
+        assert call(gateway, key, "/v1/chat/completions", body, "none").status == 200
+    assert all(seen["body"]["stream_options"] == {"include_usage": True} for seen in gateway.upstream_seen())
+    wait_for(lambda: unpriced(sidecar) >= before + 3, "three unpriced reports")
     assert tpm_used(gateway, key) == 0
+    assert call(gateway, key, "/v1/chat/completions", body, "none").status == 200  # still under tpm_limit
 
 
 def test_a_teams_tokens_are_shared_by_its_keys(gateway: Gateway) -> None:
@@ -238,11 +249,7 @@ def test_a_counted_call_asks_the_provider_for_an_uncompressed_response(gateway: 
     assert r.status == 200
     (seen,) = gateway.upstream_seen()
     assert seen["headers"]["accept-encoding"] == "identity"
-    free = gateway.new_key(models=["gpt-4"])  # a caller without limits is left as it asked
-    gateway.forget_upstream()
-    http("POST", gateway.envoy.url + "/v1/chat/completions", {"model": "gpt-4", "messages": []},
-         {"Authorization": f"Bearer {free}", "accept-encoding": "gzip"})
-    assert gateway.upstream_seen()[0]["headers"]["accept-encoding"] == "gzip"
+    # (A caller whose calls are not counted is left as it asked: test_budgets, spend_tracking off.)
 
 
 def test_team_ids_with_colons_do_not_share_counters(gateway: Gateway) -> None:

@@ -207,13 +207,18 @@ async def bedrock(request: web.Request) -> web.StreamResponse:
         return web.json_response({**message, "echo": arrived})
     response = web.StreamResponse(headers={"content-type": "application/vnd.amazon.eventstream"})
     await response.prepare(request)
-    events = [{"type": "message_start", "message": {**message, "content": []}},
+    # The usage as Bedrock reports it: in the Anthropic events, and its own metrics at the end.
+    given, taken = (int(n) for n in request.headers.get("x-fake-usage", "10,1").split(","))
+    events = [{"type": "message_start", "message": {**message, "content": [],
+                                                    "usage": {"input_tokens": given, "output_tokens": 1}}},
               {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
               {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "fake bedrock"}},
               {"type": "content_block_stop", "index": 0},
               {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
-               "usage": {"output_tokens": 1}},
-              {"type": "message_stop"}]
+               "usage": {"output_tokens": taken}},
+              {"type": "message_stop", "amazon-bedrock-invocationMetrics": {
+                  "inputTokenCount": given, "outputTokenCount": taken, "invocationLatency": 5,
+                  "firstByteLatency": 2}}]
     for event in events:
         await response.write(event_stream_message(event))
     await response.write_eof()
@@ -387,8 +392,12 @@ async def echo(request: web.Request) -> web.StreamResponse:
         or headers.get("x-goog-api-key")
     text = f"fake upstream: {request.method} {request.path} model={model} credential={credential}"
     reply = answer(request.path, model, text)
-    # A test sets the usage the "provider" reports: "x-fake-usage: <input>,<output>".
+    # A test sets the usage the "provider" reports: "x-fake-usage: <input>,<output>", or
+    # "none" for a provider that reports none (not even in a stream that asks for it).
     wanted = headers.get("x-fake-usage")
+    if wanted == "none":
+        reply.pop("usage", None)
+        wanted = None
     if wanted and "candidates" in reply:  # Gemini reports usageMetadata
         given, taken = (int(n) for n in wanted.split(","))
         reply["usageMetadata"] = {"promptTokenCount": given, "candidatesTokenCount": taken,
@@ -433,7 +442,7 @@ async def stream(request: web.Request, reply: dict[str, Any], body: dict[str, An
         chunk = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": reply.get("model")}
         lines = [f"data: {json.dumps({**chunk, 'choices': [{'index': 0, 'delta': {'content': w}}], 'usage': None})}\n\n"
                  for w in ("fake ", "stream")]
-        if (body.get("stream_options") or {}).get("include_usage"):
+        if (body.get("stream_options") or {}).get("include_usage") and usage:
             lines.append(f"data: {json.dumps({**chunk, 'choices': [], 'usage': usage})}\n\n")
         lines.append("data: [DONE]\n\n")
     for line in lines:

@@ -27,11 +27,11 @@ from extauthz.check.facts import Facts
 from extauthz.check.decision import Deny
 from extauthz.check.policy import authenticate, route_denied, visible_models
 from extauthz.records.lookup import Records, lookup
-from extauthz.records.record import hash_token, team_members, new_key_doc, new_team_doc, new_user_doc, now_iso
+from extauthz.records.record import format_time, hash_token, team_members, new_key_doc, new_team_doc, new_user_doc, now_iso
 from extauthz.check.request import credentials
 from extauthz.check.runtime import Runtime
 from extauthz.check.responses import USAGE_ID_LENGTH, error_body
-from extauthz.usage import limits
+from extauthz.usage import budgets, limits
 from extauthz.usage.counters import RateCounters
 from extauthz.records.store import RecordReader, Conflict, MissingTeam, NotFound, RedisWriter, StoreUnavailable
 
@@ -220,9 +220,22 @@ class AdminApi:
         schema.check_key_against_team(key, team, self.runtime().catalog)
 
     async def with_use(self, docs: list[dict[str, Any]], scope: str, id_field: str) -> list[dict[str, Any]]:
-        """Each record with ``rpm_used`` and ``tpm_used``: its rate windows this minute."""
-        used = await self.counters.used([limits.scope(scope, d[id_field]) for d in docs], time.time())
-        return [dict(d, rpm_used=rpm, tpm_used=tpm) for d, (rpm, tpm) in zip(docs, used)]
+        """Each record with ``rpm_used`` and ``tpm_used`` (its rate windows this minute) and
+        its ``spend`` this budget period (``model_spend`` per model budget, ``budget_reset_at``)."""
+        now = time.time()
+        scopes = [limits.scope(scope, d[id_field]) for d in docs]
+        used = await self.counters.used(scopes, now)
+        counters = [budgets.spend_counters(where, budgets.read(d), None, now) for where, d in zip(scopes, docs)]
+        values = iter(await self.counters.spent([c.suffix for each in counters for c in each]))
+        out = []
+        for doc, (rpm, tpm), each in zip(docs, used, counters):
+            amounts = [next(values) for _ in each]
+            whole = each[0]
+            out.append(dict(doc, rpm_used=rpm, tpm_used=tpm, spend=amounts[0],
+                            model_spend={c.model: v for c, v in zip(each[1:], amounts[1:])},
+                            budget_reset_at=format_time(whole.reset_at) if whole.reset_at not in (
+                                None, float("inf")) else None))
+        return out
 
     @staticmethod
     def key_view(doc: dict[str, Any], raw_key: str | None = None) -> dict[str, Any]:

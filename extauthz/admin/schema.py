@@ -13,7 +13,7 @@ from typing import Any
 
 from extauthz.check.catalog import ALL_MODELS, ALL_TEAM_MODELS, NO_DEFAULT_MODELS, SPECIAL_ENTRIES, Catalog, Resolution
 from extauthz.check import routes
-from extauthz.usage import limits
+from extauthz.usage import budgets, limits
 from extauthz.check.policy import admits, list_admits
 from extauthz.records.record import NOT_ENFORCED, format_time, parse_time
 from extauthz.check.wildcard import matches
@@ -25,8 +25,11 @@ MAX_DURATION_SECONDS = MAX_DURATION_DAYS * 86400
 # Matching is linear whatever the count; the cap keeps allowed-models entries readable
 # and bounds the work a stored pattern costs on every request.
 MAX_PATTERN_STARS = 4
-# Limits enforced on keys and teams (see usage/limits.py); on users they are stored only.
-LIMIT_FIELDS = {"rpm_limit", "model_rpm_limit", "tpm_limit", "model_tpm_limit", "max_parallel_requests"}
+# Limits enforced on keys and teams (see usage/limits.py, usage/budgets.py); on users they
+# are stored only.
+RATE_FIELDS = {"rpm_limit", "model_rpm_limit", "tpm_limit", "model_tpm_limit", "max_parallel_requests"}
+BUDGET_FIELDS = {"max_budget", "soft_budget", "budget_duration", "model_max_budget"}
+LIMIT_FIELDS = RATE_FIELDS | BUDGET_FIELDS
 KEY_FIELDS = LIMIT_FIELDS | {"models", "team_id", "key_alias", "duration", "expires", "metadata", "blocked", "user_id", "key_type",
               "allowed_routes"}
 TEAM_FIELDS = LIMIT_FIELDS | {"team_alias", "models", "blocked", "metadata", "members_with_roles"}
@@ -116,7 +119,7 @@ def record_fields(body: dict[str, Any], catalog: Catalog, allowed: set[str]) -> 
     out: dict[str, Any] = {k: body[k] for k in body if k in NOT_ENFORCED}
     for name in LIMIT_FIELDS & body.keys():
         try:
-            limits.parse({name: body[name]})
+            (limits if name in RATE_FIELDS else budgets).parse({name: body[name]})
         except ValueError as e:
             raise Invalid(str(e), name) from None
         out[name] = body[name]

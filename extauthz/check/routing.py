@@ -18,7 +18,7 @@ from extauthz.config import Deployment, PassThroughConfig
 from extauthz.check.endpoints import JSON, Endpoint, PassThrough, model_call_segment
 from extauthz.check.facts import Facts, Problem
 from extauthz.check.responses import allow_prefix
-from extauthz.check.json_body import JsonModel, members, model_span, removal_span
+from extauthz.check.json_body import JsonModel, Member, members, model_span, removal_span
 from extauthz.tokens import NO_TOKENS, TokenHolder, Tokens
 
 # Set on every allow; Envoy routes on it (cluster_header). A client's own value never
@@ -166,8 +166,9 @@ class Route(Fixed):
                                                         model, self.deployment.api_version)
         return _join(path, "&".join(q for q in (provider_query, _client_query(endpoint.query)) if q))
 
-    def forward_headers(self, facts: Facts, capture: str | None) -> Headers | Problem:
-        """The per-request headers (``self.headers`` come with them), or why there are none."""
+    def forward_headers(self, facts: Facts, capture: str | None, counted: bool = False) -> Headers | Problem:
+        """The per-request headers (``self.headers`` come with them), or why there are none.
+        ``counted``: the response's usage is read (a streamed OpenAI call is asked to report it)."""
         endpoint, requested = facts.endpoint, facts.model or ""
         assert isinstance(endpoint, Endpoint)
         provider = self.provider
@@ -204,6 +205,11 @@ class Route(Fixed):
             # declared; the model's bytes change only where the provider names it otherwise,
             # and a body naming none gets one where the provider reads it there.
             plan = splice_plan(facts.json_model, model, insert=body_names_model)
+            if counted and endpoint.operation in STREAMED_USAGE and facts.json_model is not None:
+                asked = usage_edit(facts.json_model)
+                if asked is not None:
+                    plan = edits_plan(len(facts.json_model.body), sorted(
+                        model_edits(facts.json_model, model, body_names_model) + [asked]))
             extra += (("content-type", "application/json"), (SPLICE_HEADER, plan))
         else:
             if body_names_model and (facts.form is None or facts.form.model is None):
@@ -286,6 +292,54 @@ def hosted_edits(body: JsonModel | None, hosted: providers.HostedAnthropic
     return sorted(edits), streams
 
 
+# OpenAI-format streams report their usage only when asked (stream_options.include_usage);
+# a counted call is asked, so that its tokens and cost are known (see the README).
+STREAMED_USAGE = ("chat/completions", "completions")
+INCLUDE_USAGE = {"include_usage": True}
+
+
+def usage_edit(body: JsonModel) -> tuple[int, int, bytes, bytes] | None:
+    """The edit that makes a streamed OpenAI-format request report its usage: a
+    "stream_options" member added, or its value replaced by one with "include_usage": true
+    (its other options kept). None when the body does not stream or already asks."""
+    raw = body.body
+    if b'"stream"' not in raw and b"\\u" not in raw:  # the common case, decided without a scan
+        return None  # (a name spelled with escapes, "str\u0065am", is read as the parsers read it)
+    found = {m.name: m for m in members(body)}
+    stream = found.get("stream")
+    if stream is None or _value(raw, stream)[2] != b"true":
+        return None
+    options = found.get("stream_options")
+    if options is None:
+        first = min(m.start for m in found.values())
+        return first, first, b"", f'"stream_options": {json.dumps(INCLUDE_USAGE)}, '.encode()
+    start, end, value = _value(raw, options)
+    given = json.loads(value)
+    if given is not None and not isinstance(given, dict) or isinstance(given, dict) and \
+            given.get("include_usage") is True:
+        return None  # asked already, or not options at all (the provider refuses it)
+    return start, end, value, json.dumps({**(given or {}), **INCLUDE_USAGE}).encode()
+
+
+def _value(raw: bytes, member: Member) -> tuple[int, int, bytes]:
+    """Where a top-level member's value is: past its name and colon (a name of plain
+    letters: the first colon after it), to its end."""
+    colon = raw.index(b":", member.start + 1)
+    start = colon + 1 + (len(raw[colon + 1:member.value_end]) - len(raw[colon + 1:member.value_end].lstrip()))
+    return start, member.value_end, raw[start:member.value_end]
+
+
+def model_edits(body: JsonModel, model: str, insert: bool) -> list[tuple[int, int, bytes, bytes]]:
+    """``splice_plan``'s change, as an edit among others (none when the model stays)."""
+    if body.model == model if body.present else not insert:
+        return []
+    span = model_span(body)
+    token = _json_string(model)
+    if not body.present:
+        token = f'"model": {token}' + (", " if span.members_after else "")
+    return [(span.start, span.end, span.original, token.encode())]
+
+
 def edits_plan(body_length: int, edits: list[tuple[int, int, bytes, bytes]]) -> str:
     """The SPLICE_HEADER value for several edits: each span, its bytes as checked and its
     replacement, all in hex (see splice.lua)."""
@@ -320,7 +374,7 @@ class PassThroughRoute(Fixed):
         return cls(**_fixed(providers.upstream(c.target), f"pass_through:{c.path}",
                             c.headers + ((SPLICE_HEADER, NO_SPLICE),)), config=c)
 
-    def forward_headers(self, facts: Facts, capture: str | None = None) -> Headers | Problem:
+    def forward_headers(self, facts: Facts, capture: str | None = None, counted: bool = False) -> Headers | Problem:
         request = facts.endpoint
         assert isinstance(request, PassThrough)
         subpath = request.path[len(self.config.path):] if self.config.include_subpath else ""

@@ -1,18 +1,23 @@
 """What a loaded config turns into: the catalog (with its routes and their pre-encoded
-answers), the pass-through paths and the master key's hash, built once."""
+answers), the pass-through paths, the master key's hash and each route's price, built once."""
 
 from __future__ import annotations
 
 import hmac
 from dataclasses import dataclass, field
+from typing import Mapping
 
 from extauthz.check.catalog import Catalog
 from extauthz.check.decision import Deny
 from extauthz.tokens import NO_TOKENS, Tokens
-from extauthz.config import Config
+from extauthz.config import Config, setting_path
 from extauthz.records.record import hash_token
 from extauthz.check.request import PassThroughPaths
-from extauthz.check.routing import AdminRoute
+from extauthz.check.routing import AdminRoute, Route
+from extauthz.usage.prices import Price, price_of
+
+
+MISSING = object()
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,10 @@ class Runtime:
     refusal: Deny | None = None
     # A JWT admin's way into the admin API (None without a master key).
     admin_route: AdminRoute | None = field(default=None, repr=False)
+    # Route id -> USD per token (None: unpriced, or a wildcard route's, priced per model).
+    prices: Mapping[str, Price | None] = field(default_factory=dict, repr=False)
+    wildcard_routes: Mapping[str, Route] = field(default_factory=dict, repr=False)
+    wildcard_prices: dict[tuple[str, str], Price | None] = field(default_factory=dict, repr=False)
 
     @classmethod
     def of(cls, config: Config, tokens: Tokens = NO_TOKENS) -> "Runtime":
@@ -34,11 +43,31 @@ class Runtime:
         paths = PassThroughPaths(tuple((c.path, c.include_subpath) for c in config.pass_through))
         refusal = None
         if config.refuses_all:
-            names = ", ".join(f"general_settings.{n}" for n in config.refuses_all)
+            names = ", ".join(setting_path(n) for n in config.refuses_all)
             refusal = Deny(403, "unenforced_setting", f"This gateway's config sets {names}, which it does not "
                            "enforce; every request is refused until the operator removes it.")
         admin = AdminRoute.of(config.master_key) if config.master_key else None
-        return cls(config, catalog, master, paths, refusal, admin)
+        prices = {r.route_id: price_of(r.deployment.provider, r.deployment.provider_model, r.deployment.info)
+                  for r in catalog.routes.values()}
+        wildcards = {r.route_id: r for r in catalog.routes.values() if "*" in r.deployment.provider_model}
+        return cls(config, catalog, master, paths, refusal, admin, prices, wildcards)
+
+    def price(self, route_id: str, model: str) -> Price | None:
+        """A settled call's price: its route's; a wildcard route's (``openai/*``) is the
+        price of the provider model the request named (``openai/gpt-4o`` -> ``gpt-4o``)."""
+        route = self.wildcard_routes.get(route_id)
+        if route is None:
+            return self.prices.get(route_id)
+        found = self.wildcard_prices.get((route_id, model), MISSING)
+        if found is MISSING:
+            resolution = self.catalog.resolve(model)
+            capture = resolution.capture if resolution is not None else None
+            d = route.deployment
+            found = price_of(d.provider, route.provider_model(capture), d.info) if capture is not None \
+                else price_of(d.provider, d.provider_model, d.info)   # only its own price, if any
+            if len(self.wildcard_prices) < 10_000:  # bounded: the models requested are the client's choice
+                self.wildcard_prices[(route_id, model)] = found
+        return found  # type: ignore[return-value]
 
     def is_master(self, token_hash: str) -> bool:
         # Comparing digests in constant time keeps the master key's prefix from leaking by timing.

@@ -30,6 +30,7 @@ from extauthz.config import JwtAuth
 from extauthz.check.policy import visible_models
 from extauthz.records.lookup import lookup
 from extauthz.records.upsert import Upserts
+from extauthz.usage import budgets
 from extauthz.usage.counters import RateCounters
 from extauthz.usage.limits import rate_counters, refusal, scope
 from extauthz.records.record import KeyRecord, TeamRecord, UserRecord
@@ -76,6 +77,19 @@ def route_refusal(identity: Identity, jwt: JwtAuth, facts: Facts) -> Deny | None
                 f"{facts.path.partition('?')[0]!r} ({which}: {list(allowed)}).")
 
 
+def budget_refusal(key: KeyRecord, team: TeamRecord | None, model: str, now: float,
+                   metadata: dict[str, Any]) -> Deny | None:
+    """The key's budget, then its team's: each compared with the spend read with its record."""
+    over = budgets.exceeded(scope("key", key.token_hash), key.budget, key.spent, model, now)
+    if over is not None:
+        return budgets.refusal(over[0], over[1], f"Key={key.label!r}", metadata)
+    if team is not None:
+        over = budgets.exceeded(scope("team", team.team_id), team.budget, team.spent, model, now)
+        if over is not None:
+            return budgets.refusal(over[0], over[1], f"Team={team.label!r}", metadata)
+    return None
+
+
 def list_reply(listed: tuple[str, str | None], names: list[str], runtime: Runtime) -> Decision:
     kind, model = listed
     if kind == "groups":
@@ -92,7 +106,15 @@ def decide_with_body(facts: Facts, body: bytes, key: Any, team: Any, runtime: Ru
     """The model from the body, the decision (pure), then routing: what the upstream request becomes."""
     facts = with_body(facts, body)
     granted = authorize(facts, key, team, runtime.catalog, draw, owner)
-    return forward(granted, facts) if isinstance(granted, Grant) else granted
+    return forward(granted, facts, counted(key, team, runtime)) if isinstance(granted, Grant) else granted
+
+
+def counted(key: KeyRecord, team: TeamRecord | None, runtime: Runtime) -> bool:
+    """Whether an allowed call's response is read for its usage: every call while spend is
+    tracked (the default), else those of keys and teams with a rate limit or a budget."""
+    return runtime.config.settings.spend_tracking or any(
+        r is not None and (r.budget is not None or r.limits is not None and r.limits.rate_limited)
+        for r in (key, team))
 
 
 class AuthorizationService:
@@ -194,7 +216,7 @@ class AuthorizationService:
             return runtime.refusal
         # Reading the body, and a rewrite's plan over it, on the body thread when large.
         decision = await self.with_body(facts, body_of(request), key, team, runtime, owner)
-        return await self.within_limits(decision, key, team)  # type: ignore[arg-type]
+        return await self.within_limits(decision, key, team, runtime)  # type: ignore[arg-type]
 
     async def decide_jwt(self, facts: Facts, request: external_auth_pb2.CheckRequest, runtime: Runtime) -> Decision:
         """A caller whose JWT Envoy verified: its teams' records decide, as a key of each
@@ -262,7 +284,7 @@ class AuthorizationService:
                 facts, body, key, team, runtime)
             if isinstance(decision, Allow):
                 decision.metadata["role"] = identity.role
-                return await self.within_limits(decision, key, team)
+                return await self.within_limits(decision, key, team, runtime)
             denials.append(decision)
         if len(denials) == 1 or any(d.code != "model_not_allowed" for d in denials):
             return denials[0]  # the request itself is wrong, or one team: its own refusal
@@ -270,35 +292,45 @@ class AuthorizationService:
         return Deny(403, "model_not_allowed", f"No team of the token may use {facts.model!r}. {each}.", "model",
                     denials[0].metadata)
 
-    async def within_limits(self, decision: Decision, key: KeyRecord, team: TeamRecord | None) -> Decision:
-        """An allowed request takes a place in its key's and team's rate windows (one Redis
-        round trip, for callers with rate limits only), or is refused with 429."""
-        if not isinstance(decision, Allow) or self.counters is None:
+    async def within_limits(self, decision: Decision, key: KeyRecord, team: TeamRecord | None,
+                             runtime: Runtime) -> Decision:
+        """An allowed request within its budgets (read with its records: no Redis round
+        trip) and its rate windows (one round trip, for callers with rate limits only), or
+        refused; a counted one carries the id its usage report is settled under."""
+        if not isinstance(decision, Allow):
+            return decision
+        now = time.time()
+        model = str(decision.metadata.get("model", ""))
+        # After the model check, as in LiteLLM: a model the caller may not use is a model error.
+        over = budget_refusal(key, team, model, now, decision.metadata)
+        if over is not None:
+            self.metrics.limited(over.metadata["limit"], team.team_id if team is not None else None)  # type: ignore
+            return over
+        if self.counters is None or not counted(key, team, runtime):
             return decision
         key_limits, team_limits = key.limits, team.limits if team is not None else None
-        if (key_limits is None or not key_limits.rate_limited) and (team_limits is None
-                                                                   or not team_limits.rate_limited):
-            return decision
+        rate_limited = (key_limits is not None and key_limits.rate_limited) or (
+            team_limits is not None and team_limits.rate_limited)
         # The id its usage report will be settled under: Envoy's request id is the client's
         # own on a trusted network, and one sent on every request would settle only once.
         decision.metadata[USAGE_ID] = secrets.token_hex(USAGE_ID_LENGTH // 2)
         # The whole hash, for the usage report's counters (the logs show its prefix only).
         decision.metadata["key_id"] = key.token_hash
-        now = time.time()
-        scopes = [(scope("key", key.token_hash), f"key {key.label!r}", key_limits)]
-        if team is not None:
-            scopes.append((scope("team", team.team_id), f"team {team.label!r}", team_limits))
-        counters = rate_counters(scopes, str(decision.metadata.get("model", "")), now)
-        try:
-            over = await self.counters.admit(counters, decision.metadata[USAGE_ID], now)
-        except StoreUnavailable:
-            return UNAVAILABLE
-        if over is None:
+        if rate_limited:
+            scopes = [(scope("key", key.token_hash), f"key {key.label!r}", key_limits)]
+            if team is not None:
+                scopes.append((scope("team", team.team_id), f"team {team.label!r}", team_limits))
+            counters = rate_counters(scopes, model, now)
+            try:
+                limited = await self.counters.admit(counters, decision.metadata[USAGE_ID], now)
+            except StoreUnavailable:
+                return UNAVAILABLE
+            if limited is not None:
+                self.metrics.limited(limited.name, team.team_id if team is not None else None)
+                return refusal(limited, now, {k: v for k, v in decision.metadata.items() if k != USAGE_ID})
             if any(c.kind == "s" for c in counters):
                 decision.metadata["inflight"] = "1"  # Envoy frees the place as the response ends
-            return decision._replace(dynamic_headers=decision.dynamic_headers + COUNTED)
-        self.metrics.limited(over.name, team.team_id if team is not None else None)
-        return refusal(over, now, {k: v for k, v in decision.metadata.items() if k != USAGE_ID})
+        return decision._replace(dynamic_headers=decision.dynamic_headers + COUNTED)
 
     async def team_of(self, team_id: str, jwt: JwtAuth) -> TeamRecord | None:
         """A token's team; with team_id_upsert, one that does not exist yet is created (with

@@ -13,6 +13,10 @@
 -- An event stream (OpenAI with stream_options.include_usage: its last chunk; Anthropic:
 -- message_start, then message_delta): the last count of each name. A model's own text
 -- is a JSON string in the stream, its quotes escaped, so it cannot spell a count.
+--
+-- AWS's event stream (Bedrock's invoke-with-response-stream): each message's payload is
+-- {"bytes": "<base64>"}, the bytes an Anthropic stream event; each is decoded and read
+-- as above.
 local NAMESPACE = "extauthz.usage"
 local FIELDS = {"prompt_tokens", "completion_tokens", "input_tokens", "output_tokens",
                 "cache_read_input_tokens", "cache_creation_input_tokens",
@@ -23,6 +27,40 @@ local USAGE_KEYS = {usage = true, usageMetadata = true}
 local OVERLAP = 96        -- bytes of an event stream kept across chunks: a count split in two is read whole
 local USAGE_MAX = 4096    -- bytes of a usage object kept (they are a few hundred)
 local KEY_MAX = 16        -- a top-level key longer than this is not "usage"
+-- How long the end of a response waits for the sidecar to free its place: past this the
+-- response goes on, and a client's next request may find the place still taken (429).
+-- A busy 2-core host was seen to take more than 250 ms.
+local RELEASE_TIMEOUT_MS = 2000
+
+-- Base64 (RFC 4648), for the payloads of AWS's event stream.
+local B64 = {}
+for i, c in ipairs({string.byte("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/", 1, 64)}) do
+  B64[c] = i - 1
+end
+local B64_MAX = 65536     -- a payload longer than this is no usage event
+
+local function unbase64(text)
+  local out, n, bits, count = {}, 0, 0, 0
+  for i = 1, #text do
+    local v = B64[string.byte(text, i)]
+    if v ~= nil then
+      bits, count = bits * 64 + v, count + 1
+      if count == 4 then
+        n = n + 1
+        out[n] = string.char(math.floor(bits / 65536), math.floor(bits / 256) % 256, bits % 256)
+        bits, count = 0, 0
+      end
+    end
+  end
+  if count == 3 then
+    n = n + 1
+    out[n] = string.char(math.floor(bits / 1024), math.floor(bits / 4) % 256)
+  elseif count == 2 then
+    n = n + 1
+    out[n] = string.char(math.floor(bits / 16))
+  end
+  return table.concat(out)
+end
 
 local function counts(text, found, last_wins)
   for _, name in ipairs(FIELDS) do
@@ -139,14 +177,35 @@ local function release(handle)
   handle:httpCall("extauthz_admin", {
     [":method"] = "POST", [":path"] = "/internal/usage/release", [":authority"] = "extauthz",
     ["x-usage-id"] = decision["usage_id"], ["x-key-id"] = decision["key_id"] or "",
-    ["x-team-id"] = decision["team_id"] or ""}, "", 250)
+    ["x-team-id"] = decision["team_id"] or ""}, "", RELEASE_TIMEOUT_MS)
+end
+
+-- AWS's event stream: the complete {"bytes":"…"} payloads in text, decoded and read;
+-- returns what follows the last one (an unfinished payload, kept for the next chunk).
+local function scan_aws(text, found)
+  local from, rest = 1, nil
+  while true do
+    local s, e, payload = string.find(text, "\"bytes\"%s*:%s*\"([A-Za-z0-9+/=]*)\"", from)
+    if s == nil then break end
+    if #payload <= B64_MAX then
+      local event = unbase64(payload)
+      if string.find(event, "oken", 1, true) then
+        counts(event, found, true)
+      end
+    end
+    from = e + 1
+  end
+  rest = string.sub(text, from)
+  if #rest > B64_MAX + 64 then rest = string.sub(rest, -(B64_MAX + 64)) end
+  return rest
 end
 
 function envoy_on_response(handle)
   local content_type = string.lower(handle:headers():get("content-type") or "")
   local json = string.find(content_type, "application/json", 1, true) == 1
   local stream = string.find(content_type, "text/event-stream", 1, true) == 1
-  if not json and not stream then
+  local aws = string.find(content_type, "application/vnd.amazon.eventstream", 1, true) == 1
+  if not json and not stream and not aws then
     for _ in handle:bodyChunks() do end  -- to the end, then free the place
     release(handle)
     return
@@ -157,6 +216,8 @@ function envoy_on_response(handle)
     local text = chunk:getBytes(0, chunk:length())
     if json then
       scan_json(state, text)
+    elseif aws then
+      tail = scan_aws(tail .. text, found)
     else
       text = tail .. text
       if string.find(text, "oken", 1, true) then  -- "_tokens", "TokenCount": no count without it

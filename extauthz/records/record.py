@@ -14,12 +14,12 @@ from datetime import datetime, timezone
 from typing import Any, NamedTuple
 
 from extauthz.check import routes
-from extauthz.usage import limits
+from extauthz.usage import budgets, limits
+from extauthz.usage.budgets import Budget
 from extauthz.usage.limits import Limits
 
 # Fields LiteLLM accepts that are stored and returned but not enforced yet.
 NOT_ENFORCED = (
-    "max_budget", "budget_duration", "soft_budget", "model_max_budget",
     "organization_id", "tags", "guardrails", "permissions", "aliases", "config",
     "allowed_cache_controls", "spend", "send_invite_email",
     "object_permission", "team_member_permissions", "model_aliases", "budget_id", "enforced_params",
@@ -108,6 +108,9 @@ class KeyRecord(NamedTuple):
     user_id: str | None = None          # the key's owner (a user record may narrow its models)
     allowed_routes: tuple[str, ...] | None = None   # None: every route its kind of caller may use
     limits: Limits | None = None        # None: no enforced limit (no counter to take)
+    budget: Budget | None = None        # None: no budget (its spend is still counted)
+    # The spend counters read with the record, when it has a budget (records/store.py).
+    spent: tuple[tuple[str, float], ...] = ()
 
     @property
     def label(self) -> str:
@@ -119,7 +122,7 @@ class KeyRecord(NamedTuple):
         return cls(doc["token"], doc.get("key_alias"), _shared(doc.get("models")), _name(doc.get("team_id")),
                    parse_time(doc.get("expires")), bool(doc.get("blocked")), doc.get("key_name"),
                    _name(user_id) if isinstance(user_id, str) and user_id else None, _allowed_routes(doc),
-                   limits.read(doc))
+                   limits.read(doc), budgets.read(doc))
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> "KeyRecord":
@@ -148,6 +151,8 @@ class TeamRecord(NamedTuple):
     models: tuple[str, ...]
     blocked: bool
     limits: Limits | None = None
+    budget: Budget | None = None
+    spent: tuple[tuple[str, float], ...] = ()
 
     @property
     def label(self) -> str:
@@ -156,7 +161,7 @@ class TeamRecord(NamedTuple):
     @classmethod
     def from_document(cls, doc: dict[str, Any]) -> "TeamRecord":
         return cls(_name(doc["team_id"]), doc.get("team_alias"), _shared(doc.get("models")), bool(doc.get("blocked")),
-                   limits.read(doc))
+                   limits.read(doc), budgets.read(doc))
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> "TeamRecord":

@@ -10,7 +10,8 @@ Layout (``<p>`` is the configured prefix, ``extauthz:`` by default):
 - ``<p>user_keys:<user_id>``          set of the hashes of the keys the user owns
 - ``<p>keys`` / ``<p>teams`` / ``<p>users``  sets of every key hash / team id / user id (listing)
 
-Reads cost one round trip per record. Every write runs in a WATCH/MULTI transaction
+Reads cost one round trip per record, two for a key or team with a budget (its spend
+counters, usage/budgets.py, are read with it and cached with it). Every write runs in a WATCH/MULTI transaction
 that retries on conflict, so concurrent admin calls lose nothing.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any, Awaitable, Callable, Protocol
 
 import redis.asyncio as aioredis
@@ -28,6 +30,8 @@ from redis.exceptions import RedisError, WatchError
 
 from extauthz.telemetry import tracing
 from extauthz.records.record import KeyRecord, TeamRecord, UserRecord, team_members
+from extauthz.usage.budgets import spend_counters
+from extauthz.usage.limits import scope
 
 TRANSACTION_ATTEMPTS = 100
 
@@ -119,15 +123,34 @@ class RedisReader(Keyspace):
 
     async def get_key(self, token_hash: str) -> KeyRecord | None:
         raw = await self.get(self.key_id(token_hash))
-        return None if raw is None else KeyRecord.from_json(raw)
+        return None if raw is None else await self.with_spend(KeyRecord.from_json(raw), scope("key", token_hash))
 
     async def get_team(self, team_id: str) -> TeamRecord | None:
         raw = await self.get(self.team_id(team_id))
-        return None if raw is None else TeamRecord.from_json(raw)
+        return None if raw is None else await self.with_spend(TeamRecord.from_json(raw), scope("team", team_id))
+
+    async def with_spend(self, record: Any, where: str) -> Any:
+        """A record with a budget, with its spend in the current period(s)."""
+        if record.budget is None or not record.budget.enforced:
+            return record
+        counters = spend_counters(where, record.budget, None, time.time())
+        try:
+            raws = await asyncio.wait_for(self.redis.mget([self.prefix + c.suffix for c in counters]), self.timeout)
+        except (RedisError, OSError, asyncio.TimeoutError) as e:
+            raise StoreUnavailable(type(e).__name__) from None
+        return record._replace(spent=tuple((c.suffix, _amount(raw)) for c, raw in zip(counters, raws)
+                                           if raw is not None))
 
     async def get_user(self, user_id: str) -> UserRecord | None:
         raw = await self.get(self.user_id(user_id))
         return None if raw is None else UserRecord.from_json(raw)
+
+
+def _amount(raw: bytes) -> float:
+    try:
+        return float(raw)
+    except ValueError:
+        return float("inf")  # a counter written by hand that is no amount: the budget refuses
 
 
 class RedisWriter(Keyspace):

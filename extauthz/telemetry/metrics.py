@@ -40,8 +40,31 @@ TOKEN_REFRESHES = Counter("extauthz_token_refreshes_total", "Refreshes of provid
                           ["result"])  # ok, failed
 LIMIT_DENIALS = Counter("extauthz_limit_denials_total", "Requests refused by a usage limit, by the limit and team",
                         ["limit", "team"])  # rpm_limit, tpm_limit, ...; a team id, "none" or "other"
-# Distinct team labels a process gives the limit metric; later teams are counted as "other".
+SPEND = Counter("extauthz_spend_usd_total", "Spend settled from the providers' reported usage, in USD, by team",
+                ["team"])  # a team id, "none" (keys without a team) or "other"
+SOFT_BUDGET_CROSSINGS = Counter("extauthz_soft_budget_crossings_total",
+                                "Settlements that took a key's or team's spend past its soft_budget", ["team"])
+USAGE_REPORTS = Counter("extauthz_usage_reports_total", "Usage reports from Envoy, by what became of them",
+                        ["result"])  # settled, unpriced (no usage or no price), duplicate, failed
+# Distinct team labels a process gives a metric; later teams are counted as "other".
 LIMIT_TEAM_LABELS = 100
+
+
+class TeamLabels:
+    """A team's label on a metric: its id for the first LIMIT_TEAM_LABELS teams a process
+    labels, then "other", so a flood of team ids cannot grow the series."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+
+    def __call__(self, team_id: str | None) -> str:
+        if team_id is None:
+            return "none"
+        if team_id not in self.seen:
+            if len(self.seen) >= LIMIT_TEAM_LABELS:
+                return "other"
+            self.seen.add(team_id)
+        return team_id
 ADMIN_REQUESTS = Counter("extauthz_admin_requests_total", "Admin API requests", ["route", "status"])
 
 
@@ -63,7 +86,7 @@ class CheckMetrics:
         self.decisions: dict[tuple[str, str], int] = {}
         self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self.seconds = 0.0
-        self.limit_teams: set[str] = set()
+        self.team_label = TeamLabels()
 
     def record(self, outcome: str, code: str, seconds: float) -> None:
         key = (outcome, code)
@@ -72,15 +95,8 @@ class CheckMetrics:
         self.seconds += seconds
 
     def limited(self, limit: str, team_id: str | None) -> None:
-        """A limit refused a request (rare next to decisions: counted at once). Teams label it
-        up to LIMIT_TEAM_LABELS of them, so a flood of team ids cannot grow the series."""
-        team = "none" if team_id is None else team_id
-        if team_id is not None and team not in self.limit_teams:
-            if len(self.limit_teams) >= LIMIT_TEAM_LABELS:
-                team = "other"
-            else:
-                self.limit_teams.add(team)
-        LIMIT_DENIALS.labels(limit, team).inc()
+        """A limit refused a request (rare next to decisions: counted at once)."""
+        LIMIT_DENIALS.labels(limit, self.team_label(team_id)).inc()
 
     def aborted(self, grpc_code: str) -> None:
         self.not_answered[grpc_code] = self.not_answered.get(grpc_code, 0) + 1

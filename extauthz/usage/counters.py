@@ -3,19 +3,26 @@ request is counted against all its limits at once or against none (a request ref
 its team's limit does not use up its key's).
 
 Keys (``<p>`` the key prefix): ``<p>rpm:<scope>:<minute>`` and
-``<p>rpm:<scope>:model:<model>:<minute>``, where scope is ``key:<token hash>`` or
-``team:<team_id>``; each expires shortly after its minute.
+``<p>rpm:<scope>:model:<model>:<minute>`` (``tpm:`` the same), where scope is
+``key:<token hash>`` or ``team:<team_id>``, each expiring shortly after its minute;
+``<p>inflight:<scope>`` (requests in flight); ``<p>spend:<scope>…`` (usage/budgets.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import math
+from typing import NamedTuple, Sequence
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from extauthz.records.store import StoreUnavailable
+from extauthz.usage.budgets import SpendCounter
 from extauthz.usage.limits import WINDOW_S, Counter, window_of
+
+SOFT, OVER = 1, 2  # what a settlement did to a spend counter
 
 # ARGV: the windows' lifetime, now, the request's usage id and its in-flight deadline;
 # then per counter its limit, what admitting adds, and its kind ("n": a count in a
@@ -45,21 +52,70 @@ for i = 1, #KEYS do
 end
 return 0
 """
-# A finished request: it leaves its in-flight sets (always: idempotent), then, once per
-# usage id, adds its tokens. KEYS: the settled mark (kept 15 minutes: Envoy may send a
-# report twice, seconds apart), the token counters, the in-flight sets. ARGV: the mark's
-# lifetime, the windows' lifetime, the tokens, how many token counters, the usage id.
-# 1 if the tokens were added now.
+# Finished requests, a batch of them (one usage report message of Envoy's) at once: each
+# leaves its in-flight sets (always: idempotent), then, once per usage id, adds its tokens
+# and its cost. A spend counter at or over its max_budget has its record rewritten in
+# place (same value, same TTL), which every replica's cache is told of, so their next
+# check reads the spend afresh.
+# KEYS: every key the batch names. ARGV[1]: the batch, JSON: per request its usage id
+# ("u"), the index of its settled mark ("m", kept 15 minutes: Envoy may resend a report
+# seconds later), its in-flight sets ("i"), its tokens ("t") and token counters ("c"), its
+# cost ("x", a decimal string; absent when unpriced) and spend counters ("s": index, when
+# it expires or 0, max and soft budget or -1, the index of its record or 0).
+# ARGV[2], ARGV[3]: the marks' and the token windows' lifetimes.
+# Returns, JSON, per request 0 when settled before, else a flag per spend counter
+# (1: past its soft budget now; 2: at or over its max).
 SETTLE = """
-local counters = tonumber(ARGV[4])
-for i = 2 + counters, #KEYS do redis.call('ZREM', KEYS[i], ARGV[5]) end
-if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
-for i = 2, 1 + counters do
-  redis.call('INCRBY', KEYS[i], ARGV[3])
-  redis.call('EXPIRE', KEYS[i], ARGV[2])
+local batch = cjson.decode(ARGV[1])
+local out, touched = {}, {}
+for r = 1, #batch do
+  local req = batch[r]
+  for _, i in ipairs(req.i) do redis.call('ZREM', KEYS[i], req.u) end
+  if not redis.call('SET', KEYS[req.m], '1', 'NX', 'EX', ARGV[2]) then
+    out[r] = 0
+  else
+    for _, i in ipairs(req.c) do
+      redis.call('INCRBY', KEYS[i], req.t)
+      redis.call('EXPIRE', KEYS[i], ARGV[3])
+    end
+    local flags = {}
+    if req.x then
+      local cost = tonumber(req.x)
+      for j, s in ipairs(req.s) do
+        local after = tonumber(redis.call('INCRBYFLOAT', KEYS[s[1]], req.x))
+        if s[2] > 0 then redis.call('EXPIREAT', KEYS[s[1]], s[2]) end
+        local flag = 0
+        if s[3] >= 0 and after >= s[3] then
+          flag = 2
+          if s[5] > 0 and not touched[s[5]] then
+            touched[s[5]] = true
+            local doc = redis.call('GET', KEYS[s[5]])
+            if doc then redis.call('SET', KEYS[s[5]], doc, 'KEEPTTL') end
+          end
+        elseif s[4] >= 0 and after - cost < s[4] and after >= s[4] then
+          flag = 1
+        end
+        flags[j] = flag
+      end
+    end
+    out[r] = flags
+  end
 end
-return 1
+return cjson.encode(out)
 """
+
+
+class Settlement(NamedTuple):
+    """One finished request, as the settlement script takes it."""
+
+    usage_id: str
+    tokens: int                                 # 0 when the response reported none
+    counters: list[str]                         # token windows
+    inflight: list[str]                         # in-flight sets it leaves
+    cost: float | None = None                   # None: unpriced
+    spend: Sequence[tuple[SpendCounter, str]] = ()  # spend counters, each with its record's Redis key
+
+
 # A request in flight longer than this has ended: Envoy's route timeout (600 s) has cut
 # it. A lost report holds its place in a max_parallel_requests set no longer than that.
 INFLIGHT_MAX_S = 660
@@ -85,16 +141,36 @@ class RateCounters:
             raise StoreUnavailable(type(e).__name__) from None
         return counters[int(over) - 1] if over else None
 
-    async def settle(self, usage_id: str, counters: list[str], tokens: int, inflight: list[str] = ()) -> bool:
-        """A finished request leaves its in-flight sets and adds its tokens to its counters,
-        unless it was settled before."""
-        keys = [f"{self.prefix}settled:{usage_id}", *(self.prefix + c for c in (*counters, *inflight))]
+    async def settle(self, batch: list[Settlement]) -> list[list[int] | None]:
+        """Settle finished requests (one script call for the batch): per request None when
+        it was settled before, else a flag per spend counter (SOFT, OVER or 0)."""
+        if not batch:
+            return []
+        keys: dict[str, int] = {}
+
+        def index(name: str) -> int:
+            return keys.setdefault(name, len(keys) + 1)
+
+        p = self.prefix
+        requests = []
+        for item in batch:
+            request: dict = {"u": item.usage_id, "m": index(f"{p}settled:{item.usage_id}"), "t": item.tokens,
+                             "c": [index(p + c) for c in item.counters], "i": [index(p + c) for c in item.inflight],
+                             "s": []}
+            if item.cost is not None:
+                request["x"] = repr(item.cost)
+                request["s"] = [[index(p + c.suffix), int(math.ceil(c.expires_at)) if c.expires_at else 0,
+                                 c.max if c.max is not None else -1, c.soft if c.soft is not None else -1,
+                                 index(record) if record else 0] for c, record in item.spend]
+            requests.append(request)
         try:
-            done = await asyncio.wait_for(self.settle_script(
-                keys=keys, args=[SETTLED_TTL_S, WINDOW_S + 5, tokens, len(counters), usage_id]), self.timeout_s)
+            raw = await asyncio.wait_for(self.settle_script(
+                keys=list(keys), args=[json.dumps(requests, separators=(",", ":")), SETTLED_TTL_S, WINDOW_S + 5]),
+                self.timeout_s)
         except (RedisError, OSError, asyncio.TimeoutError) as e:
             raise StoreUnavailable(type(e).__name__) from None
-        return bool(done)
+        # cjson writes an empty list as {}.
+        return [None if r == 0 else (list(r) if isinstance(r, list) else []) for r in json.loads(raw)]
 
     async def release(self, usage_id: str, inflight: list[str]) -> None:
         """A call has ended: it leaves its in-flight sets (its tokens come with its report)."""
@@ -120,3 +196,13 @@ class RateCounters:
             raise StoreUnavailable(type(e).__name__) from None
         values = [int(r) if r is not None else 0 for r in raws]
         return list(zip(values[0::2], values[1::2]))
+
+    async def spent(self, names: list[str]) -> list[float]:
+        """The amounts in these spend counters (0 for one not written yet)."""
+        if not names:
+            return []
+        try:
+            raws = await asyncio.wait_for(self.redis.mget([self.prefix + n for n in names]), self.timeout_s)
+        except (RedisError, OSError, asyncio.TimeoutError) as e:
+            raise StoreUnavailable(type(e).__name__) from None
+        return [round(float(r), 10) if r is not None else 0.0 for r in raws]

@@ -122,11 +122,20 @@ def inflight_sets(scopes: list[str]) -> list[str]:
     return [f"inflight:{where}" for where in scopes]
 
 
-def usage_counters(scopes: list[str], model: str, now: float) -> list[str]:
-    """The token counters a settled response adds to: each scope's, whole and for its model."""
+def usage_counters(scopes: list[tuple[str, Limits | None]], model: str, now: float) -> list[str]:
+    """The token counters a settled response adds to: those of the scopes with rate limits
+    (the whole minute's, shown as tpm_used), and the model's where a model_tpm_limit names
+    it. A scope without limits counts nothing: its every report would cost Redis writes no
+    check reads."""
     window = window_of(now)
-    model = quote(model, safe="")
-    return [c for where in scopes for c in (f"tpm:{where}:{window}", f"tpm:{where}:model:{model}:{window}")]
+    out = []
+    for where, limits in scopes:
+        if limits is None or not limits.rate_limited:
+            continue
+        out.append(f"tpm:{where}:{window}")
+        if any(name == model for name, _ in limits.model_tpm):
+            out.append(f"tpm:{where}:model:{quote(model, safe='')}:{window}")
+    return out
 
 
 def refusal(counter: Counter, now: float, metadata: dict[str, Any] | None) -> Deny:

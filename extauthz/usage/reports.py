@@ -1,9 +1,10 @@
 """Usage reports: Envoy's gRPC access log (AccessLogService) streams an entry for every
-allowed model call once its response has ended, carrying the check's metadata (key,
-team, model) and the usage Envoy read from the response (namespace ``extauthz.usage``,
-by envoy/usage.lua: a JSON body's top-level "usage", an event stream's counts).
-Each is settled once per request id into the token windows the check compares with
-``tpm_limit``. The report travels after the response, off the request's path; a lost
+counted model call once its response has ended, carrying the check's metadata (key,
+team, model, deployment) and the usage Envoy read from the response (namespace
+``extauthz.usage``, by envoy/usage.lua: a JSON body's top-level "usage", an event
+stream's counts). Each is settled once per usage id into the token windows the check
+compares with ``tpm_limit`` and, priced (usage/prices.py), into the spend counters it
+compares with the budgets. The report travels after the response, off the request's path; a lost
 one costs only its count (see the README's usage section).
 """
 
@@ -11,27 +12,26 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, AsyncIterator, NamedTuple
+from typing import Any, AsyncIterator, Callable, NamedTuple
 
 import grpc
-from google.protobuf import json_format
 
 from extauthz.proto.envoy.service.accesslog.v3 import als_pb2
-from extauthz.records.store import StoreUnavailable
-from extauthz.usage.counters import RateCounters
+from extauthz.records.store import RecordReader, StoreUnavailable
+from extauthz.telemetry.metrics import SOFT_BUDGET_CROSSINGS, SPEND, USAGE_REPORTS, TeamLabels
+from extauthz.usage import prices
+from extauthz.usage.budgets import spend_counters
+from extauthz.usage.counters import OVER, SOFT, RateCounters, Settlement
 from extauthz.usage.limits import inflight_sets, scope, usage_counters
+from extauthz.usage.prices import Price, Tokens, tokens_of
 
 log = logging.getLogger("extauthz.usage")
 
 SERVICE = als_pb2.DESCRIPTOR.services_by_name["AccessLogService"].full_name
 EXT_AUTHZ = "envoy.filters.http.ext_authz"
 USAGE = "extauthz.usage"
-# Reported token counts, as the providers name them (OpenAI: prompt/completion; Anthropic
-# and OpenAI's Responses API: input/output, Anthropic's cache tokens beside its input;
-# Gemini: promptTokenCount, candidatesTokenCount, thoughtsTokenCount).
-INPUT_FIELDS = ("prompt_tokens", "input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens",
-                "promptTokenCount")
-OUTPUT_FIELDS = ("completion_tokens", "output_tokens", "candidatesTokenCount", "thoughtsTokenCount")
+MAX_BATCH = 500          # reports per settlement script call (Envoy sends a few dozen at a time)
+UNPRICED_LOG_S = 60.0
 
 
 class Report(NamedTuple):
@@ -39,7 +39,18 @@ class Report(NamedTuple):
     key_id: str | None      # None for a JWT caller (it has no key of its own)
     team_id: str | None
     model: str
-    tokens: int | None      # None: the response reported no usage
+    deployment: str         # the route id: its price
+    tokens: Tokens | None   # None: the response reported no usage
+    inflight: bool = False  # it held a place in an in-flight set (max_parallel_requests)
+
+
+def _string(fields: Any, name: str) -> str | None:
+    """A string member of a metadata Struct, read in place (a Struct's JSON form costs
+    more than the rest of a settlement)."""
+    if name not in fields:
+        return None
+    value = fields[name]
+    return value.string_value if value.WhichOneof("kind") == "string_value" else None
 
 
 def read_entry(entry: Any) -> Report | None:
@@ -47,35 +58,42 @@ def read_entry(entry: Any) -> Report | None:
     namespaces = entry.common_properties.metadata.filter_metadata
     if EXT_AUTHZ not in namespaces:
         return None
-    decision = json_format.MessageToDict(namespaces[EXT_AUTHZ])
-    key_id, usage_id = decision.get("key_id"), decision.get("usage_id")
-    # Only calls of keys and teams with a limit carry a usage id: the others count nothing.
-    # It is the check's, never the client's (Envoy keeps a client's x-request-id on a
-    # trusted network: the same one on every request would be settled once).
-    if not isinstance(key_id, str) or not isinstance(usage_id, str) or decision.get("deployment") in (
-            None, "admin_api"):
+    decision = namespaces[EXT_AUTHZ].fields
+    key_id, usage_id, deployment = (_string(decision, n) for n in ("key_id", "usage_id", "deployment"))
+    # Only counted calls carry a usage id. It is the check's, never the client's (Envoy keeps
+    # a client's x-request-id on a trusted network: the same one on every request would be
+    # settled once).
+    if key_id is None or usage_id is None or deployment in (None, "admin_api"):
         return None
-    usage = json_format.MessageToDict(namespaces[USAGE]) if USAGE in namespaces else {}
-    return Report(usage_id, None if key_id.startswith("jwt:") else key_id,
-                  decision.get("team_id"), str(decision.get("model", "")), tokens(usage))
+    usage = {}
+    if USAGE in namespaces:
+        usage = {name: value.number_value for name, value in namespaces[USAGE].fields.items()
+                 if value.WhichOneof("kind") == "number_value"}
+    return Report(usage_id, None if key_id.startswith("jwt:") else key_id, _string(decision, "team_id"),
+                  _string(decision, "model") or "", deployment, tokens_of(usage),  # type: ignore[arg-type]
+                  _string(decision, "inflight") == "1")
 
 
 def tokens(usage: dict[str, Any]) -> int | None:
-    counts = {k: v for k, v in usage.items() if isinstance(v, (int, float)) and 0 <= v < 1e12}
-    if not counts:
-        return None
-    # OpenAI's prompt_tokens include its cached tokens; Anthropic's input_tokens exclude its
-    # cache reads and writes, which are counted beside them.
-    return int(sum(counts.get(f, 0) for f in INPUT_FIELDS) + sum(counts.get(f, 0) for f in OUTPUT_FIELDS))
+    found = tokens_of(usage)
+    return None if found is None else found.total
 
 
 class UsageReports:
-    """The AccessLogService the rendered Envoy streams its usage reports to."""
+    """The AccessLogService the rendered Envoy streams its usage reports to: each report
+    settled once, into the token windows (tpm_limit) and the spend counters (budgets)."""
 
-    def __init__(self, counters: RateCounters) -> None:
+    def __init__(self, counters: RateCounters, store: RecordReader | None = None,
+                 price: Callable[[str, str], Price | None] = lambda route_id, model: None,
+                 keyspace: Any = None) -> None:
         self.counters = counters
+        self.store = store
+        self.price = price              # (route id, model) -> price, from the running config
+        self.keyspace = keyspace        # where records live (the budget's record is rewritten on a crossing)
+        self.team_label = TeamLabels()
         self.settled = self.duplicates = self.unpriced = self.failed = 0
         self.last_warning = 0.0
+        self.unpriced_logged: dict[tuple[str, str, str], float] = {}
 
     def add_to(self, server: grpc.aio.Server) -> None:
         handler = grpc.stream_unary_rpc_method_handler(
@@ -85,32 +103,110 @@ class UsageReports:
 
     async def StreamAccessLogs(self, messages: AsyncIterator[Any], context: Any) -> Any:  # noqa: N802
         async for message in messages:
+            reports = []
             for entry in message.http_logs.log_entry:
                 try:
                     report = read_entry(entry)
-                    if report is not None:
-                        await self.settle(report)
                 except Exception:  # one bad entry must not end the stream of every other
                     log.exception("usage report could not be read")
+                    continue
+                if report is not None:
+                    reports.append(report)
+            for start in range(0, len(reports), MAX_BATCH):
+                try:
+                    await self.settle(reports[start:start + MAX_BATCH])
+                except Exception:
+                    log.exception("usage reports could not be settled")
         return als_pb2.StreamAccessLogsResponse()
 
-    async def settle(self, report: Report) -> None:
-        scopes = ([scope("key", report.key_id)] if report.key_id else []) + \
-            ([scope("team", report.team_id)] if report.team_id else [])
-        if report.tokens is None:
-            self.unpriced += 1  # counted for rpm at admission already; no tokens to add
-        counters = usage_counters(scopes, report.model, time.time()) if report.tokens is not None else []
+    async def owners(self, report: Report) -> list[tuple[str, str, Any]]:
+        """(scope, record key, record) of the key and the team a report is for."""
+        out = []
+        if report.key_id is not None:
+            key = await self.store.get_key(report.key_id) if self.store and report.key_id != "master" else None
+            out.append((scope("key", report.key_id), self.keyspace.key_id(report.key_id) if self.keyspace else "",
+                        key))
+        if report.team_id is not None:
+            team = await self.store.get_team(report.team_id) if self.store else None
+            out.append((scope("team", report.team_id), self.keyspace.team_id(report.team_id) if self.keyspace
+                        else "", team))
+        return out
+
+    async def settle(self, reports: list[Report]) -> None:
+        """Settle a batch of reports (one Redis script call): tokens and cost to the key's and
+        team's counters, once per usage id."""
+        now = time.time()
+        batch = []
         try:
-            # Ended, with or without usage: it leaves the in-flight sets either way.
-            done = await self.counters.settle(report.usage_id, counters, report.tokens or 0, inflight_sets(scopes))
+            for report in reports:
+                owners = await self.owners(report)
+                scopes = [where for where, _, _ in owners]
+                price = self.price(report.deployment, report.model)
+                cost = prices.cost(price, report.tokens) if price is not None and report.tokens is not None else None
+                spend = [(c, record_key) for where, record_key, record in owners
+                         for c in spend_counters(where, record.budget if record is not None else None,
+                                                 report.model, now)] if cost is not None else []
+                limited = [(where, record.limits if record is not None else None) for where, _, record in owners]
+                # Ended, with or without usage: it leaves the in-flight sets either way.
+                batch.append(Settlement(report.usage_id, report.tokens.total if report.tokens else 0,
+                                        usage_counters(limited, report.model, now) if report.tokens else [],
+                                        inflight_sets(scopes) if report.inflight else [], cost, spend))
+            results = await self.counters.settle(batch)
         except StoreUnavailable as e:
-            self.failed += 1
+            self.failed += len(reports)
+            USAGE_REPORTS.labels("failed").inc(len(reports))
             now = time.monotonic()
             if now - self.last_warning >= 1.0:
                 self.last_warning = now
-                log.warning("usage report not settled (Redis: %s); its tokens are not counted", e)
+                log.warning("%d usage reports not settled (Redis: %s); their tokens and cost are not counted",
+                            len(reports), e)
             return
-        if done and counters:
-            self.settled += 1
-        elif not done:
-            self.duplicates += 1
+        outcomes: dict[str, int] = {}
+        spent: dict[str, float] = {}
+        for report, item, flags in zip(reports, batch, results):
+            if flags is None:
+                outcome = "duplicate"
+            elif item.cost is None:
+                outcome = "unpriced"  # counted for rpm at admission already
+                self.unpriced_note(report)
+            else:
+                outcome = "settled"
+                team = self.team_label(report.team_id)
+                spent[team] = spent.get(team, 0.0) + item.cost
+                self.budget_notes(report, item, flags)
+            outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        self.settled += outcomes.get("settled", 0)
+        self.unpriced += outcomes.get("unpriced", 0)
+        self.duplicates += outcomes.get("duplicate", 0)
+        for outcome, n in outcomes.items():  # per batch, not per report: a label lookup takes a lock
+            USAGE_REPORTS.labels(outcome).inc(n)
+        for team, amount in spent.items():
+            SPEND.labels(team).inc(amount)
+
+    def unpriced_note(self, report: Report) -> None:
+        """A log line per deployment and model a minute, not one per response."""
+        why = "no usage reported" if report.tokens is None else "no price for it"
+        now = time.monotonic()
+        key = (report.deployment, report.model, why)
+        if now - self.unpriced_logged.get(key, -UNPRICED_LOG_S) < UNPRICED_LOG_S:
+            return
+        if len(self.unpriced_logged) >= 10_000:
+            self.unpriced_logged.clear()
+        self.unpriced_logged[key] = now
+        log.info("unpriced responses: model %r, deployment %s: %s (logged once a minute)", report.model,
+                 report.deployment, why)
+
+    def budget_notes(self, report: Report, item: Settlement, flags: list[int]) -> None:
+        for (counter, _), flag in zip(item.spend, flags):
+            if not flag:
+                continue
+            # A key by its hash's prefix, as the decision log names it.
+            who = f"key {(report.key_id or '')[:12]}" if counter.suffix.startswith("spend:key:") \
+                else f"team {report.team_id!r}"
+            which = f" for model {counter.model!r}" if counter.model else ""
+            if flag == SOFT:
+                SOFT_BUDGET_CROSSINGS.labels(self.team_label(report.team_id)).inc()
+                log.warning("soft budget crossed: %s spent past its soft_budget of %s%s", who, counter.soft, which)
+            elif flag == OVER and counter.max is not None:
+                log.info("budget reached: %s is at or over its budget of %s%s; its calls are refused", who,
+                         counter.max, which)

@@ -1,0 +1,306 @@
+"""Budgets (max_budget, budget_duration, soft_budget, model_max_budget) on keys and teams:
+the pure rules, the settlement script on a real Redis, and what a caller sees through
+Envoy: spend priced from the provider's reported usage, the request after the crossing
+refused with 400 budget_exceeded, on every replica, and a new period starting afresh."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from extauthz.check.json_body import read_json_model
+from extauthz.check.routing import usage_edit
+from extauthz.usage import budgets
+from extauthz.usage.budgets import Budget, ModelBudget, Period, SpendCounter
+from extauthz.usage.counters import OVER, SOFT, RateCounters, Settlement
+from tests.conftest import Gateway
+from tests.harness import http, start_stack
+from tests.test_usage import wait_for
+
+# gpt-4's bundled price: 3e-05 USD per input token, 6e-05 per output token.
+USAGE = "1000,500"
+COST = 0.06
+
+
+# -- pure ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("doc, expected", [
+    ({}, None),
+    ({"max_budget": None, "model_max_budget": {}}, None),
+    ({"max_budget": 0}, Budget(0.0)),
+    ({"max_budget": 10, "budget_duration": "1mo", "soft_budget": 8}, Budget(10.0, 8.0, Period(0, 1))),
+    ({"budget_duration": "30s"}, Budget(period=Period(30))),   # spend resets, nothing refused
+    ({"model_max_budget": {"gpt-4o": 5}, "budget_duration": "1d"},
+     Budget(None, None, Period(86400), (ModelBudget("gpt-4o", 5.0, Period(86400)),))),
+    ({"model_max_budget": {"gpt-4o": {"budget_limit": 0.5, "time_period": "1h"}}},
+     Budget(models=(ModelBudget("gpt-4o", 0.5, Period(3600)),))),
+])
+def test_parse(doc: dict, expected: Budget | None) -> None:
+    assert budgets.parse(doc) == expected
+
+
+@pytest.mark.parametrize("doc", [
+    {"max_budget": -1}, {"max_budget": "10"}, {"max_budget": True}, {"max_budget": float("nan")},
+    {"max_budget": 1e13}, {"budget_duration": "0d"}, {"budget_duration": "1y"}, {"budget_duration": 30},
+    {"budget_duration": "99999999d"}, {"model_max_budget": {"gpt-*": 1}}, {"model_max_budget": ["gpt-4"]},
+    {"model_max_budget": {"gpt-4": {"budget_limit": 1, "per": "1d"}}},
+])
+def test_a_careless_budget_is_refused_and_fails_closed(doc: dict) -> None:
+    with pytest.raises(ValueError):
+        budgets.parse(doc)
+    assert budgets.read(doc) == Budget(max=0.0)  # a record written by hand refuses, not lifts
+
+
+def test_periods_are_shared_by_every_replica_without_talking() -> None:
+    # 1d resets at midnight UTC, 1h on the hour; months are calendar months in UTC.
+    noon = 1_764_244_800.0  # 2025-11-27T12:00:00Z
+    assert budgets.bounds(Period(86400), noon) == (20419, 1_764_288_000.0)   # 2025-11-28T00:00Z
+    assert budgets.bounds(Period(3600), noon + 1) == (490068, noon + 3600)
+    assert budgets.bounds(Period(0, 1), noon)[1] == 1_764_547_200.0          # 2025-12-01T00:00Z
+    december = 1_765_000_000.0                                               # 2025-12-06
+    assert budgets.bounds(Period(0, 1), december)[1] == 1_767_225_600.0      # 2026-01-01T00:00Z
+    assert budgets.bounds(Period(0, 12), noon)[1] == 1_767_225_600.0         # a year: on January 1st
+
+
+def test_spend_from_an_earlier_period_is_not_this_periods() -> None:
+    budget = Budget(1.0, period=Period(60))
+    (counter,) = budgets.spend_counters("key:h", budget, "gpt-4", 6_000_030.0)
+    assert counter.suffix == "spend:key:h:60s:100000" and counter.reset_at == 6_000_060.0
+    assert budgets.exceeded("key:h", budget, ((counter.suffix, 1.0),), "gpt-4", 6_000_030.0) == (counter, 1.0)
+    assert budgets.exceeded("key:h", budget, ((counter.suffix, 0.99),), "gpt-4", 6_000_030.0) is None
+    # The record was read last minute: its spend is that minute's, this one starts at 0.
+    assert budgets.exceeded("key:h", budget, ((counter.suffix, 5.0),), "gpt-4", 6_000_061.0) is None
+
+
+def test_a_budget_of_zero_refuses_at_once_and_a_models_budget_only_its_model() -> None:
+    assert budgets.exceeded("key:h", Budget(0.0), (), "gpt-4", 1.0) is not None   # spend 0 >= 0, as in LiteLLM
+    only = Budget(models=(ModelBudget("gpt-4o", 0.1, None),))
+    spent = (("spend:key:h:model:gpt-4o", 0.2),)
+    over = budgets.exceeded("key:h", only, spent, "gpt-4o", 1.0)
+    assert over is not None and over[0].model == "gpt-4o"
+    assert budgets.exceeded("key:h", only, spent, "gpt-4", 1.0) is None
+
+
+def test_a_refusal_says_what_was_spent_of_what() -> None:
+    counter = SpendCounter("spend:key:h:3600s:1", 0.1, None, None, None, 7200.0)
+    deny = budgets.refusal(counter, 0.12, "Key='ci'", {"key_hash": "ab"})
+    assert deny.status == 400 and deny.code == "budget_exceeded" and deny.type == "budget_exceeded"
+    assert deny.message == ("Budget has been exceeded! Key='ci' Current cost: 0.12, Max budget: 0.1. "
+                            "It resets at 1970-01-01T02:00:00+00:00.")
+    assert deny.metadata == {"key_hash": "ab", "limit": "max_budget"}
+
+
+@pytest.mark.parametrize("body, edited", [
+    # No stream_options: one added as the first member, every other byte as sent.
+    (b'{"model":"gpt-4","stream":true,"messages":[]}',
+     b'{"stream_options": {"include_usage": true}, "model":"gpt-4","stream":true,"messages":[]}'),
+    (b'{"stream": true, "stream_options": {"include_usage": false, "x": 1}, "model": "m"}',
+     b'{"stream": true, "stream_options": {"include_usage": true, "x": 1}, "model": "m"}'),
+    (b'{"stream": true, "stream_options": null, "model": "m"}',
+     b'{"stream": true, "stream_options": {"include_usage": true}, "model": "m"}'),
+    (b'{"model": "m", "stream": false}', None),
+    (b'{"model": "m", "stream": true, "stream_options": {"include_usage": true}}', None),
+    (b'{"model": "m", "messages": [{"content": "\\"stream\\": true"}]}', None),
+    (b'{"model": "m", "x": {"stream": true}}', None),
+    # Names spelled with escapes are read as every parser reads them.
+    (b'{"model":"m","str\\u0065am":true}', b'{"stream_options": {"include_usage": true}, "model":"m","str\\u0065am":true}'),
+    (b'{"stream":true,"stream_option\\u0073":{"include_usage":false}}',
+     b'{"stream":true,"stream_option\\u0073":{"include_usage": true}}'),
+])
+def test_a_streamed_openai_request_is_asked_for_its_usage(body: bytes, edited: bytes | None) -> None:
+    edit = usage_edit(read_json_model(body))
+    if edited is None:
+        assert edit is None
+        return
+    start, end, original, text = edit
+    assert body[start:end] == original and body[:start] + text + body[end:] == edited
+    json.loads(edited)
+
+
+def test_a_wildcard_route_is_priced_by_the_model_requested(config_path: Path) -> None:
+    from extauthz import config
+    from extauthz.check.runtime import Runtime
+    from extauthz.usage.prices import price_of
+    runtime = Runtime.of(config.load(str(config_path)))
+    (route_id,) = [r.route_id for r in runtime.catalog.routes.values() if r.deployment.model_name == "openai/*"]
+    assert runtime.prices[route_id] is None                        # "openai/*" names no model to price
+    assert runtime.price(route_id, "openai/gpt-4o") == price_of("openai", "gpt-4o", {}) is not None
+    assert runtime.price(route_id, "openai/no-such-model") is None  # unpriced (logged), never another's price
+
+
+# -- the settlement script, on a real Redis ---------------------------------------------------------
+
+def test_settlement_adds_the_cost_once_and_flags_the_crossings(redis_port: int) -> None:
+    async def run() -> None:
+        redis = aioredis.Redis(port=redis_port, db=9)
+        await redis.flushdb()
+        await redis.set("t:key:h", '{"token": "h"}', ex=1000)
+        counters = RateCounters(redis, "t:", 2.0)
+        spend = [(SpendCounter("spend:key:h", 0.1, 0.05, None, None), "t:key:h")]
+
+        async def settle(usage_id: str, cost: float | None, which: list = spend) -> list[int] | None:
+            (flags,) = await counters.settle([Settlement(usage_id, 0, [], [], cost, which)])
+            return flags
+
+        assert await settle("u1", 0.04) == [0]
+        assert await settle("u1", 0.04) is None        # a report sent twice
+        assert await settle("u2", 0.04) == [SOFT]      # 0.08: past the soft budget
+        assert await settle("u3", 0.01) == [0]         # past it already: no new flag
+        assert await settle("u4", 0.04) == [OVER]      # 0.13 >= 0.1
+        assert float(await redis.get("t:spend:key:h")) == pytest.approx(0.13)
+        # The record was rewritten in place (what the caches are told of): same value, same TTL.
+        assert await redis.get("t:key:h") == b'{"token": "h"}' and 900 < await redis.ttl("t:key:h") <= 1000
+        assert await settle("u5", None) == []          # unpriced: no spend
+        periodic = [(SpendCounter("spend:key:h:60s:1", None, None, None, time.time() + 100), "t:key:h")]
+        assert await settle("u6", 1e-9, periodic) == [0]
+        assert 0 < await redis.ttl("t:spend:key:h:60s:1") <= 101
+        assert await counters.spent(["spend:key:h:60s:1", "spend:none"]) == [1e-9, 0.0]
+        # A batch: each request once, tokens and in-flight places too.
+        await redis.zadd("t:inflight:key:h", {"u7": time.time() + 600})
+        batch = [Settlement("u7", 30, ["tpm:key:h:1"], ["inflight:key:h"], 0.5, spend),
+                 Settlement("u7", 30, ["tpm:key:h:1"], ["inflight:key:h"], 0.5, spend),
+                 Settlement("u8", 12, ["tpm:key:h:1"], ["inflight:key:h"], None, spend)]
+        assert await counters.settle(batch) == [[OVER], None, []]
+        assert int(await redis.get("t:tpm:key:h:1")) == 42 and await redis.zcard("t:inflight:key:h") == 0
+        assert float(await redis.get("t:spend:key:h")) == pytest.approx(0.63)
+        await redis.aclose()
+    asyncio.run(run())
+
+
+# -- through Envoy --------------------------------------------------------------------------------
+
+def spend_of(gateway: Gateway, key: str) -> float:
+    return gateway.admin(f"/key/info?key={key}", method="GET").json()["info"]["spend"]
+
+
+def call(gateway: Gateway, key: str, model: str = "gpt-4", usage: str = USAGE, **body: Any) -> Any:
+    return http("POST", gateway.envoy.url + "/v1/chat/completions",
+                {"model": model, "messages": [{"role": "user", "content": "hi"}], **body},
+                {"Authorization": f"Bearer {key}", "x-fake-usage": usage})
+
+
+def test_the_request_after_the_crossing_is_refused(gateway: Gateway) -> None:
+    key = gateway.new_key(models=["gpt-4"], max_budget=0.1, key_alias="budgeted")
+    assert call(gateway, key).status == 200
+    wait_for(lambda: spend_of(gateway, key) == pytest.approx(COST), "the first response's cost")
+    assert call(gateway, key).status == 200    # 0.06 < 0.1: allowed; it takes the spend to 0.12
+    wait_for(lambda: call(gateway, key, usage="0,0").status == 400, "the budget enforced")
+    refused = call(gateway, key)
+    error = refused.json()["error"]
+    assert refused.status == 400 and error["type"] == "budget_exceeded" and error["code"] == "budget_exceeded"
+    assert "Key='budgeted' Current cost: 0.12, Max budget: 0.1" in error["message"]
+    info = gateway.admin(f"/key/info?key={key}", method="GET").json()["info"]
+    assert info["spend"] == pytest.approx(0.12) and info["max_budget"] == 0.1 and info["budget_reset_at"] is None
+    assert "max_budget" not in info["not_enforced"]
+    # An admin raising the budget lets the key through again at once (the record changed).
+    assert gateway.admin("/key/update", {"key": key, "max_budget": 1}).status == 200
+    assert call(gateway, key).status == 200
+
+
+def test_a_streamed_call_is_priced_from_its_last_chunk(gateway: Gateway) -> None:
+    key = gateway.new_key(models=["gpt-4"])
+    gateway.forget_upstream()
+    r = call(gateway, key, stream=True)  # no stream_options: the gateway asks for the usage
+    assert r.status == 200 and '"usage": {"prompt_tokens": 1000' in r.text
+    (seen,) = gateway.upstream_seen()
+    sent = json.loads(seen["body"]) if isinstance(seen["body"], str) else seen["body"]
+    assert sent["stream_options"] == {"include_usage": True} and sent["stream"] is True
+    wait_for(lambda: spend_of(gateway, key) == pytest.approx(COST), "the streamed response's cost")
+
+
+def test_a_teams_budget_holds_for_all_its_keys_and_a_models_for_its_model(gateway: Gateway) -> None:
+    team = gateway.new_team(models=["gpt-4", "gpt-4o"], max_budget=0.05)
+    one, two = gateway.new_key(team_id=team), gateway.new_key(team_id=team)
+    assert call(gateway, one).status == 200                      # 0.06: the team's budget is spent
+    wait_for(lambda: call(gateway, two, usage="0,0").status == 400, "the team's budget enforced")
+    error = call(gateway, two, "gpt-4o").json()["error"]
+    assert error["type"] == "budget_exceeded" and "Team=" in error["message"]
+    info = gateway.admin(f"/team/info?team_id={team}", method="GET").json()["team_info"]
+    assert info["spend"] == pytest.approx(COST)
+    listed = {t["team_id"]: t for t in gateway.admin("/team/list", method="GET").json()}
+    assert listed[team]["spend"] == pytest.approx(COST)
+    keys = gateway.admin(f"/key/list?team_id={team}&return_full_object=true", method="GET").json()["keys"]
+    assert sorted(k["spend"] for k in keys) == pytest.approx([0.0, COST])
+
+    key = gateway.new_key(models=["gpt-4", "gpt-4o"], model_max_budget={"gpt-4": 0.01})
+    assert call(gateway, key).status == 200
+    wait_for(lambda: call(gateway, key, usage="0,0").status == 400, "gpt-4's budget enforced")
+    assert call(gateway, key, "gpt-4o").status == 200           # another model: its own budget (none)
+    info = gateway.admin(f"/key/info?key={key}", method="GET").json()["info"]
+    assert info["model_spend"] == {"gpt-4": pytest.approx(COST)}
+
+
+def test_a_soft_budget_warns_and_allows(gateway: Gateway, sidecar: Any) -> None:
+    key = gateway.new_key(models=["gpt-4"], soft_budget=0.05)
+    assert call(gateway, key).status == 200
+    wait_for(lambda: spend_of(gateway, key) == pytest.approx(COST), "the cost")
+    assert call(gateway, key).status == 200
+    metrics = http("GET", f"http://127.0.0.1:{sidecar.metrics_port}/metrics").text
+    assert "extauthz_soft_budget_crossings_total" in metrics and "extauthz_spend_usd_total" in metrics
+    assert "soft budget crossed" in Path(sidecar.proc.log).read_text()
+
+
+def test_a_new_period_starts_afresh(gateway: Gateway) -> None:
+    key = gateway.new_key(models=["gpt-4"], max_budget=0.05, budget_duration="15s")
+    left = 15 - time.time() % 15
+    if left < 10:
+        time.sleep(left + 0.2)    # the whole of what follows within one period
+    assert call(gateway, key).status == 200
+    wait_for(lambda: call(gateway, key, usage="0,0").status == 400, "the budget enforced", timeout=8)
+    info = gateway.admin(f"/key/info?key={key}", method="GET").json()["info"]
+    reset_at = info["budget_reset_at"]
+    assert reset_at is not None and info["spend"] == pytest.approx(COST)
+    time.sleep(max(0.0, 15 - time.time() % 15) + 0.5)
+    assert call(gateway, key, usage="0,0").status == 200
+    info = gateway.admin(f"/key/info?key={key}", method="GET").json()["info"]
+    assert info["spend"] == 0 and info["budget_reset_at"] > reset_at
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"max_budget": -1}, "max_budget"), ({"max_budget": "5"}, "max_budget"),
+    ({"budget_duration": "0d"}, "budget_duration"), ({"budget_duration": "1y"}, "budget_duration"),
+    ({"model_max_budget": {"gpt-*": 1}}, "model_max_budget"), ({"soft_budget": True}, "soft_budget"),
+])
+def test_a_careless_budget_is_refused_by_the_admin_api(gateway: Gateway, body: dict, param: str) -> None:
+    r = gateway.admin("/key/generate", body)
+    assert r.status == 400 and r.json()["error"]["param"] == param
+
+
+@pytest.fixture(scope="module")
+def replica(workdir: Path, config_path: Path, redis_port: int, upstream_port: int) -> Iterator[Gateway]:
+    """A second sidecar and Envoy on the same Redis, with spend_tracking off."""
+    stack = start_stack(workdir, config_path, f"redis://127.0.0.1:{redis_port}/0",
+                        {"EXTAUTHZ_SPEND_TRACKING": "false"})
+    try:
+        yield Gateway(stack.envoy, upstream_port, stack.sidecar)
+    finally:
+        stack.stop()
+
+
+def test_a_crossing_is_enforced_by_every_replica(gateway: Gateway, replica: Gateway) -> None:
+    key = gateway.new_key(models=["gpt-4"], max_budget=0.05)
+    assert call(replica, key).status == 200          # the replica knows the key (cached), with its spend
+    assert call(gateway, key).status == 200          # settled by the other replica: 0.12
+    wait_for(lambda: call(replica, key, usage="0,0").status == 400, "the crossing seen by the replica")
+
+
+def test_without_spend_tracking_only_callers_with_limits_are_counted(gateway: Gateway, replica: Gateway) -> None:
+    free = gateway.new_key(models=["gpt-4"])
+    replica.forget_upstream()
+    r = http("POST", replica.envoy.url + "/v1/chat/completions",
+             {"model": "gpt-4", "messages": [], "stream": True},
+             {"Authorization": f"Bearer {free}", "accept-encoding": "gzip", "x-fake-usage": USAGE})
+    assert r.status == 200
+    (seen,) = replica.upstream_seen()
+    assert seen["headers"]["accept-encoding"] == "gzip" and "stream_options" not in seen["body"]
+    budgeted = gateway.new_key(models=["gpt-4"], max_budget=10)
+    assert call(replica, budgeted).status == 200
+    wait_for(lambda: spend_of(gateway, budgeted) == pytest.approx(COST), "the budgeted key's cost")
+    time.sleep(0.5)
+    assert spend_of(gateway, free) == 0
