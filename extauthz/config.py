@@ -619,15 +619,28 @@ class _Parser:
         groups = info.get("access_groups", [])
         if not isinstance(groups, list) or not all(isinstance(g, str) and g for g in groups):
             raise self.error(f"{where}.model_info.access_groups", "must be a list of non-empty strings")
+        prices = {**{k: info[k] for k in PRICE_PARAMS if k in info},
+                  **{k: params[k] for k in PRICE_PARAMS if k in params}}  # litellm_params' win, as in LiteLLM
+        for name, value in prices.items():
+            prices[name] = self.price(value, f"{where}.{'litellm_params' if name in params else 'model_info'}.{name}")
         deployment = Deployment(index=index, model_name=model_name, provider=provider, provider_model=provider_model,
                                 api_base="", api_version=None, api_key=None, access_groups=tuple(groups),
-                                weight=float(weight), info={**{str(k): v for k, v in info.items()},
-                                                            # litellm_params' prices win, as in LiteLLM
-                                                            **{k: params[k] for k in PRICE_PARAMS if k in params}})
+                                weight=float(weight), info={**{str(k): v for k, v in info.items()}, **prices})
         try:
             return dataclasses.replace(deployment, **self.route_params(where, provider, provider_model, params))
         except Unroutable as e:  # reported by serve and check-config, with the deployment
             return dataclasses.replace(deployment, unavailable=str(e))
+
+    def price(self, value: Any, where: str) -> float:
+        """A price per token: a number, or a string of one (YAML reads 5e-6 as a string, and
+        LiteLLM takes it); anything else would leave spend uncounted, so it is refused."""
+        try:
+            number = float(value) if isinstance(value, str) else value
+        except ValueError:
+            number = None
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not 0 <= number < 1:
+            raise self.error(where, f"must be a price in USD per token (a number from 0 to 1), got {value!r}")
+        return float(number)
 
     def route_params(self, where: str, provider: str, provider_model: str, params: dict) -> dict[str, Any]:
         """What routing needs of a deployment, or ``Unroutable``: the rest of the config

@@ -44,6 +44,8 @@ CLIENT_KEY_HEADERS = ("authorization", "x-api-key", "api-key", "x-goog-api-key")
 # project the operator's key bills (a deployment's `organization` is set by the gateway).
 CLIENT_ONLY_HEADERS = ("cookie", "proxy-authorization", "x-litellm-api-key",
                        "openai-organization", "openai-project", "x-goog-user-project",
+                       # Google's field mask: it would strip usageMetadata from the answer
+                       "x-goog-fieldmask",
                        # AWS: what Envoy's signature carries, and what picks what the operator's
                        # identity is billed for or runs (service tier, guardrails, tracing)
                        "x-amz-security-token", "x-amz-date", "x-amz-content-sha256", "x-amz-target",

@@ -100,8 +100,13 @@ def test_a_refusal_says_what_was_spent_of_what() -> None:
     # No stream_options: one added as the first member, every other byte as sent.
     (b'{"model":"gpt-4","stream":true,"messages":[]}',
      b'{"stream_options": {"include_usage": true}, "model":"gpt-4","stream":true,"messages":[]}'),
-    (b'{"stream": true, "stream_options": {"include_usage": false, "x": 1}, "model": "m"}',
-     b'{"stream": true, "stream_options": {"include_usage": true, "x": 1}, "model": "m"}'),
+    (b' \n{ "stream": true}', b' \n{"stream_options": {"include_usage": true},  "stream": true}'),
+    # include_usage set where it is, the client's other options byte for byte.
+    (b'{"stream": true, "stream_options": {"include_usage": false, "x": 1.00000000000000001}, "model": "m"}',
+     b'{"stream": true, "stream_options": {"include_usage": true, "x": 1.00000000000000001}, "model": "m"}'),
+    (b'{"stream": true, "stream_options": {"x": "\xc3\xa9"}}',
+     b'{"stream": true, "stream_options": {"include_usage": true, "x": "\xc3\xa9"}}'),
+    (b'{"stream": true, "stream_options": {}}', b'{"stream": true, "stream_options": {"include_usage": true}}'),
     (b'{"stream": true, "stream_options": null, "model": "m"}',
      b'{"stream": true, "stream_options": {"include_usage": true}, "model": "m"}'),
     (b'{"model": "m", "stream": false}', None),
@@ -111,7 +116,7 @@ def test_a_refusal_says_what_was_spent_of_what() -> None:
     # Names spelled with escapes are read as every parser reads them.
     (b'{"model":"m","str\\u0065am":true}', b'{"stream_options": {"include_usage": true}, "model":"m","str\\u0065am":true}'),
     (b'{"stream":true,"stream_option\\u0073":{"include_usage":false}}',
-     b'{"stream":true,"stream_option\\u0073":{"include_usage": true}}'),
+     b'{"stream":true,"stream_option\\u0073":{"include_usage":true}}'),
 ])
 def test_a_streamed_openai_request_is_asked_for_its_usage(body: bytes, edited: bytes | None) -> None:
     edit = usage_edit(read_json_model(body))
@@ -121,6 +126,19 @@ def test_a_streamed_openai_request_is_asked_for_its_usage(body: bytes, edited: b
     start, end, original, text = edit
     assert body[start:end] == original and body[:start] + text + body[end:] == edited
     json.loads(edited)
+
+
+@pytest.mark.parametrize("body, param", [
+    # What a lenient reader would stream from without being asked for its usage.
+    (b'{"model": "m", "stream": 1}', "stream"), (b'{"model": "m", "stream": "true"}', "stream"),
+    (b'{"model": "m", "Stream": true}', "stream"), (b'{"model": "m", "STREAM_OPTIONS": {}, "stream": true}',
+                                                     "stream_options"),
+    (b'{"stream": true, "stream_options": {"include_usage": false, "INCLUDE_USAGE": false}}', "include_usage"),
+    (b'{"stream": true, "stream_options": []}', "stream_options"),
+])
+def test_a_stream_a_lenient_reader_could_start_unasked_is_refused(body: bytes, param: str) -> None:
+    problem = usage_edit(read_json_model(body))
+    assert problem is not None and problem.code == "invalid_request_body" and problem.param == param
 
 
 def test_a_wildcard_route_is_priced_by_the_model_requested(config_path: Path) -> None:
@@ -262,8 +280,32 @@ def test_a_new_period_starts_afresh(gateway: Gateway) -> None:
     assert info["spend"] == 0 and info["budget_reset_at"] > reset_at
 
 
+def test_a_budget_is_never_lifted_by_a_call_whose_cost_cannot_be_counted(gateway: Gateway) -> None:
+    key = gateway.new_key(models=["gpt-4", "azure-gpt-3.5", "openai/*"], max_budget=5)
+    gateway.forget_upstream()
+    # A deployment without a price (an operator's Azure name, no base_model): refused.
+    r = call(gateway, key, "azure-gpt-3.5")
+    error = r.json()["error"]
+    assert r.status == 403 and error["code"] == "unpriced_model" and "input_cost_per_token" in error["message"]
+    # A wildcard route: priced by the model requested, refused for one the table lacks.
+    assert call(gateway, key, "openai/gpt-4o").status == 200
+    assert call(gateway, key, "openai/made-up-model").json()["error"]["code"] == "unpriced_model"
+    # An endpoint not priced per token.
+    r = http("POST", gateway.envoy.url + "/v1/images/generations", {"model": "gpt-4", "prompt": "a cat"},
+             {"Authorization": f"Bearer {key}"})
+    assert r.status == 403 and "not priced per token" in r.json()["error"]["message"]
+    # A stream a lenient server could start without being asked for its usage.
+    r = call(gateway, key, stream=1)
+    assert r.status == 400 and r.json()["error"]["param"] == "stream"
+    assert len(gateway.upstream_seen()) == 1
+    # Without a budget the same calls go through (counted where they can be).
+    free = gateway.new_key(models=["azure-gpt-3.5"])
+    assert call(gateway, free, "azure-gpt-3.5").status == 200
+
+
 @pytest.mark.parametrize("body, param", [
-    ({"max_budget": -1}, "max_budget"), ({"max_budget": "5"}, "max_budget"),
+    ({"max_budget": -1}, "max_budget"), ({"max_budget": 10**400}, "max_budget"),
+    ({"model_max_budget": {"gpt-4": {}}}, "model_max_budget"), ({"max_budget": "5"}, "max_budget"),
     ({"budget_duration": "0d"}, "budget_duration"), ({"budget_duration": "1y"}, "budget_duration"),
     ({"model_max_budget": {"gpt-*": 1}}, "model_max_budget"), ({"soft_budget": True}, "soft_budget"),
 ])

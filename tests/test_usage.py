@@ -240,6 +240,59 @@ def test_geminis_usage_metadata_is_counted(provider_gateway: Gateway, path: str)
     wait_for(lambda: tpm_used(gateway, key) == 70, "Gemini's 70 tokens (the last, cumulative, count)")
 
 
+FORGED_SCHEMA = {"type": "object", "prompt_tokens": 999999, "usage": {"input_tokens": 999999, "prompt_tokens": 9},
+                 "properties": {"usage": {"type": "object", "output_tokens": 999999}}}
+
+
+@pytest.mark.parametrize("instructions", ["Be brief.", "x" * 100_000], ids=["short", "event-over-64-KiB"])
+def test_a_streamed_echo_of_the_clients_json_cannot_pose_as_usage(gateway: Gateway, instructions: str) -> None:
+    # The Responses API echoes the request's tools (their JSON schemas, objects) in its
+    # events: counts a client wrote there are never read, only response.usage.
+    key = gateway.new_key(models=["gpt-4"], tpm_limit=1_000_000)
+    fresh_window()
+    body = {"model": "gpt-4", "input": "hi", "stream": True, "instructions": instructions,
+            "tools": [{"type": "function", "name": "f", "parameters": FORGED_SCHEMA}]}
+    r = call(gateway, key, "/v1/responses", body, "12,3")
+    assert r.status == 200 and "response.completed" in r.text and '"prompt_tokens": 999999' in r.text
+    wait_for(lambda: tpm_used(gateway, key) == 15, "the response's own 12 + 3 tokens")
+    time.sleep(0.3)
+    assert tpm_used(gateway, key) == 15
+
+
+def test_a_client_that_cuts_a_stream_still_pays_for_what_was_reported(provider_gateway: Gateway) -> None:
+    # Anthropic reports the input tokens in its first event: they count even if the client
+    # goes away before the last one.
+    import http.client
+    from urllib.parse import urlsplit
+    gateway = provider_gateway
+    key = gateway.new_key(models=["claude-sonnet"], tpm_limit=100_000)
+    fresh_window()
+    target = urlsplit(gateway.envoy.url)
+    conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+    conn.request("POST", "/v1/messages", body=json.dumps({"model": "claude-sonnet", "max_tokens": 5, "stream": True,
+                                                          "messages": [{"role": "user", "content": "hi"}]}),
+                 headers={"Authorization": f"Bearer {key}", "content-type": "application/json",
+                          "x-fake-usage": "100,7", "x-fake-delay": "1.5"})
+    response = conn.getresponse()
+    assert response.status == 200 and b"message_start" in response.read(64)
+    conn.close()  # after message_start, long before message_delta
+    wait_for(lambda: tpm_used(gateway, key) == 101, "message_start's 100 input tokens and 1 output token")
+
+
+def test_a_caller_cannot_ask_google_to_leave_the_usage_out(provider_gateway: Gateway) -> None:
+    # Google's system parameters filter or re-encode the answer: usageMetadata would go.
+    gateway = provider_gateway
+    key = gateway.new_key(models=["gemini-flash"])
+    gateway.forget()
+    body = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}
+    r = http("POST", gateway.envoy.url + "/v1beta/models/gemini-flash:generateContent?fields=candidates&%24fields=x"
+             "&alt=proto&prettyPrint=false", body, {"Authorization": f"Bearer {key}", "X-Goog-FieldMask": "candidates"})
+    assert r.status == 200, r.text
+    (seen,) = gateway.seen("gemini")
+    assert "fields" not in seen["path"] and "alt=" not in seen["path"] and "prettyPrint=false" in seen["path"]
+    assert "x-goog-fieldmask" not in seen["headers"]
+
+
 def test_a_counted_call_asks_the_provider_for_an_uncompressed_response(gateway: Gateway) -> None:
     # Envoy does not inflate responses: usage in a gzip body could not be read.
     key = gateway.new_key(models=["gpt-4"], tpm_limit=1000)

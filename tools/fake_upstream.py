@@ -429,7 +429,15 @@ async def stream(request: web.Request, reply: dict[str, Any], body: dict[str, An
     response = web.StreamResponse(headers={"content-type": "text/event-stream"})
     await response.prepare(request)
     usage = reply.get("usage") or {}
-    if request.path.endswith("/messages"):
+    if request.path.endswith("/responses"):
+        # As OpenAI streams a response: the response object (echoing the request's tools and
+        # instructions) in response.created, text deltas, then response.completed with usage.
+        echoed = {**reply, "tools": body.get("tools") or [], "instructions": body.get("instructions")}
+        events = [{"type": "response.created", "response": {**echoed, "status": "in_progress", "usage": None}},
+                  {"type": "response.output_text.delta", "delta": "fake"},
+                  {"type": "response.completed", "response": echoed}]
+        lines = [f"event: {e['type']}\ndata: {json.dumps(e)}\n\n" for e in events]
+    elif request.path.endswith("/messages"):
         events = [{"type": "message_start", "message": {**reply, "content": [],
                                                         "usage": {"input_tokens": usage.get("input_tokens", 0),
                                                                   "output_tokens": 1}}},

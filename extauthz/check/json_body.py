@@ -49,12 +49,22 @@ def model_variant(name: str) -> Problem:
                    "match member names without regard to case. Send 'model' only.", param="model")
 
 
+ABSENT = object()  # a member the body does not have
+STREAM_NAMES = ("stream", "stream_options")
+
+
 class JsonModel(NamedTuple):
     """A body that every parser reads the same way, and the model it names."""
 
     model: Any       # the top-level "model" value, as parsed (None when absent)
     present: bool    # whether the body has a top-level "model" member
     body: bytes      # the body as checked: model_span() finds where its model is
+    # What a streamed call's usage depends on (routing.usage_edit): the top-level "stream"
+    # and "stream_options" values as parsed, and a member a case-insensitive reader would
+    # take for either.
+    stream: Any = ABSENT
+    stream_options: Any = ABSENT
+    stream_variant: str | None = None
 
 
 class _Refused(ValueError):
@@ -120,7 +130,10 @@ def read_json_model(body: bytes) -> JsonModel | Problem:
         return TOO_DEEP
     if "\\" in text and _has_lone_surrogate(text):
         return LONE_SURROGATE
-    return JsonModel(doc.get("model"), "model" in doc, body)
+    variant = next((n for n in doc if len(n) in (6, 14) and n not in STREAM_NAMES and n.casefold() in STREAM_NAMES),
+                   None)
+    return JsonModel(doc.get("model"), "model" in doc, body, doc.get("stream", ABSENT),
+                     doc.get("stream_options", ABSENT), variant)
 
 
 def _reads_as_model(name: str) -> bool:

@@ -18,7 +18,7 @@ from extauthz.config import Deployment, PassThroughConfig
 from extauthz.check.endpoints import JSON, Endpoint, PassThrough, model_call_segment
 from extauthz.check.facts import Facts, Problem
 from extauthz.check.responses import allow_prefix
-from extauthz.check.json_body import JsonModel, Member, members, model_span, removal_span
+from extauthz.check.json_body import ABSENT, JsonModel, Member, members, model_span, removal_span
 from extauthz.tokens import NO_TOKENS, TokenHolder, Tokens
 
 # Set on every allow; Envoy routes on it (cluster_header). A client's own value never
@@ -58,7 +58,12 @@ def jwt_admin_path(path: str) -> bool:
     return route in JWT_ADMIN_PATHS or route.startswith(JWT_ADMIN_PREFIXES)
 # Query parameters that address a provider, carry a key or pick who is billed (Google's
 # userProject): the sidecar sets its own or none.
-PROVIDER_QUERY = frozenset({"api-version", "key", "userProject", "$userProject"})
+PROVIDER_QUERY = frozenset({"api-version", "key", "userProject", "$userProject",
+                            # Google's field masks would strip usageMetadata from the answer
+                            "fields", "$fields"})
+# Google's response formats: JSON and events are read for their usage; others (alt=proto)
+# are not, so the parameter is dropped and the answer comes as JSON.
+READABLE_ALT = frozenset({"json", "sse"})
 
 Headers = tuple[tuple[str, str], ...]
 
@@ -99,7 +104,8 @@ def splice_plan(body: JsonModel | None, model: str, insert: bool) -> str:
 def _client_query(query: str) -> str:
     if not query:
         return ""
-    kept = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k not in PROVIDER_QUERY]
+    kept = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k not in PROVIDER_QUERY
+            and (k not in ("alt", "$alt") or v in READABLE_ALT)]
     return urlencode(kept)
 
 
@@ -157,6 +163,12 @@ class Route(Fixed):
     def api_format(self) -> str:
         return self.provider.api_format
 
+    @property
+    def takes_stream_options(self) -> bool:
+        """Whether the deployment reads stream_options (Azure's older API versions refuse it)."""
+        version = self.deployment.api_version
+        return self.deployment.provider != "azure" or version is None or version >= AZURE_STREAM_OPTIONS
+
     def provider_model(self, capture: str | None) -> str:
         model = self.deployment.provider_model
         return model.replace("*", capture, 1) if capture is not None and "*" in model else model
@@ -207,7 +219,9 @@ class Route(Fixed):
             plan = splice_plan(facts.json_model, model, insert=body_names_model)
             if counted and endpoint.operation in STREAMED_USAGE and facts.json_model is not None:
                 asked = usage_edit(facts.json_model)
-                if asked is not None:
+                if isinstance(asked, Problem):
+                    return asked
+                if asked is not None and self.takes_stream_options:
                     plan = edits_plan(len(facts.json_model.body), sorted(
                         model_edits(facts.json_model, model, body_names_model) + [asked]))
             extra += (("content-type", "application/json"), (SPLICE_HEADER, plan))
@@ -295,38 +309,68 @@ def hosted_edits(body: JsonModel | None, hosted: providers.HostedAnthropic
 # OpenAI-format streams report their usage only when asked (stream_options.include_usage);
 # a counted call is asked, so that its tokens and cost are known (see the README).
 STREAMED_USAGE = ("chat/completions", "completions")
-INCLUDE_USAGE = {"include_usage": True}
+INCLUDE_USAGE = b'"include_usage": true'
+# Azure OpenAI reads stream_options from this API version on; older ones refuse the field.
+AZURE_STREAM_OPTIONS = "2024-09-01"
+_STREAM_NOT_BOOLEAN_OPENAI = Problem("invalid_request_body", "'stream' must be true or false.", param="stream")
+_STREAM_OPTIONS_NOT_OBJECT = Problem("invalid_request_body", "'stream_options' must be an object.",
+                                     param="stream_options")
 
 
-def usage_edit(body: JsonModel) -> tuple[int, int, bytes, bytes] | None:
+def _stream_variant(name: str) -> Problem:
+    return Problem("invalid_request_body", f"The JSON body has a member {name[:64]!r} besides the one the API "
+                   "names; some parsers match member names without regard to case. Send it in lower case.",
+                   param=name.casefold()[:64])
+
+
+def usage_edit(body: JsonModel) -> tuple[int, int, bytes, bytes] | Problem | None:
     """The edit that makes a streamed OpenAI-format request report its usage: a
-    "stream_options" member added, or its value replaced by one with "include_usage": true
-    (its other options kept). None when the body does not stream or already asks."""
-    raw = body.body
-    if b'"stream"' not in raw and b"\\u" not in raw:  # the common case, decided without a scan
-        return None  # (a name spelled with escapes, "str\u0065am", is read as the parsers read it)
-    found = {m.name: m for m in members(body)}
-    stream = found.get("stream")
-    if stream is None or _value(raw, stream)[2] != b"true":
+    "stream_options" member added as the body's first, or "include_usage": true set in the
+    one it has (its value replaced, or the member added first); every other byte as sent.
+    None when the body does not stream or already asks; a Problem for a body a lenient
+    reader could stream from without being asked ("stream": 1, a member "Stream")."""
+    if body.stream_variant is not None:
+        return _stream_variant(body.stream_variant)
+    if body.stream is ABSENT or body.stream is False:
         return None
-    options = found.get("stream_options")
-    if options is None:
-        first = min(m.start for m in found.values())
-        return first, first, b"", f'"stream_options": {json.dumps(INCLUDE_USAGE)}, '.encode()
-    start, end, value = _value(raw, options)
-    given = json.loads(value)
-    if given is not None and not isinstance(given, dict) or isinstance(given, dict) and \
-            given.get("include_usage") is True:
-        return None  # asked already, or not options at all (the provider refuses it)
-    return start, end, value, json.dumps({**(given or {}), **INCLUDE_USAGE}).encode()
+    if body.stream is not True:
+        return _STREAM_NOT_BOOLEAN_OPENAI
+    options, raw = body.stream_options, body.body
+    if options is ABSENT:
+        first = raw.index(b"{") + 1
+        return first, first, b"", b'"stream_options": {' + INCLUDE_USAGE + b"}, "
+    if options is not None and not isinstance(options, dict):
+        return _STREAM_OPTIONS_NOT_OBJECT
+    if isinstance(options, dict):
+        variant = next((n for n in options if n != "include_usage" and n.casefold() == "include_usage"), None)
+        if variant is not None:
+            return _stream_variant(variant)
+        if options.get("include_usage") is True:
+            return None  # asked already
+    start, end = _value_span(raw, next(m for m in members(body) if m.name == "stream_options"))
+    if options is None:  # "stream_options": null
+        return start, end, raw[start:end], b"{" + INCLUDE_USAGE + b"}"
+    inner = JsonModel(None, False, raw[start:end])
+    found = next((m for m in members(inner) if m.name == "include_usage"), None)
+    if found is None:  # added as the object's first member
+        first = start + 1
+        return first, first, b"", INCLUDE_USAGE + (b", " if options else b"")
+    value_start, value_end = _value_span(inner.body, found)
+    return start + value_start, start + value_end, raw[start + value_start:start + value_end], b"true"
 
 
-def _value(raw: bytes, member: Member) -> tuple[int, int, bytes]:
-    """Where a top-level member's value is: past its name and colon (a name of plain
-    letters: the first colon after it), to its end."""
+def _value_span(raw: bytes, member: Member) -> tuple[int, int]:
+    """Where a member's value is: past its name and colon (a name of plain letters: the
+    first colon after it), to its end."""
     colon = raw.index(b":", member.start + 1)
-    start = colon + 1 + (len(raw[colon + 1:member.value_end]) - len(raw[colon + 1:member.value_end].lstrip()))
-    return start, member.value_end, raw[start:member.value_end]
+    value = raw[colon + 1:member.value_end]
+    return colon + 1 + len(value) - len(value.lstrip()), member.value_end
+
+
+def streams_unasked(facts_body: JsonModel | None) -> bool:
+    """Whether a body streams without asking for its usage (and so would go unpriced)."""
+    return facts_body is not None and facts_body.stream is True and not (
+        isinstance(facts_body.stream_options, dict) and facts_body.stream_options.get("include_usage") is True)
 
 
 def model_edits(body: JsonModel, model: str, insert: bool) -> list[tuple[int, int, bytes, bytes]]:

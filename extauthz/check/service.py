@@ -19,7 +19,9 @@ from extauthz.check.decision import Allow, Deny, Grant, Reply
 from extauthz.check.policy import UNAVAILABLE, Decision, authenticate, authorize, forward, route_denied
 from extauthz.check.request import body_of, facts_from_check, with_body
 from extauthz.check.responses import USAGE_ID, USAGE_ID_LENGTH, allow_bytes, deny_bytes, reply_bytes
-from extauthz.check.routing import USAGE_HEADER, ACTING_ROUTES, ACTING_TEAMS_HEADER, ACTING_USER_HEADER, jwt_admin_path
+from extauthz.check.endpoints import Endpoint
+from extauthz.check.routing import (USAGE_HEADER, ACTING_ROUTES, ACTING_TEAMS_HEADER, ACTING_USER_HEADER, STREAMED_USAGE,
+                                    Route, jwt_admin_path, streams_unasked)
 from extauthz.check.runtime import Runtime
 from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2
 from extauthz.check.catalog import ALL_TEAM_MODELS
@@ -102,11 +104,40 @@ def list_reply(listed: tuple[str, str | None], names: list[str], runtime: Runtim
 
 
 def decide_with_body(facts: Facts, body: bytes, key: Any, team: Any, runtime: Runtime, draw: float,
-                     owner: Any = None) -> Decision:
-    """The model from the body, the decision (pure), then routing: what the upstream request becomes."""
+                     owner: Any = None) -> tuple[Decision, Facts]:
+    """The model from the body, the decision (pure), then routing: what the upstream request
+    becomes; with the facts the body added."""
     facts = with_body(facts, body)
     granted = authorize(facts, key, team, runtime.catalog, draw, owner)
-    return forward(granted, facts, counted(key, team, runtime)) if isinstance(granted, Grant) else granted
+    return (forward(granted, facts, counted(key, team, runtime)) if isinstance(granted, Grant) else granted), facts
+
+
+# Operations whose responses report the tokens they cost; those free of charge; any other
+# (images, audio) has no price per token, so a caller with a budget cannot be counted on it.
+PRICED_OPERATIONS = frozenset({"chat/completions", "completions", "embeddings", "responses", "messages",
+                               "generateContent", "streamGenerateContent", "invoke", "invoke-with-response-stream",
+                               "rawPredict", "streamRawPredict"})
+FREE_OPERATIONS = frozenset({"messages/count_tokens", "moderations"})
+
+
+def unpriced(decision: Allow, facts: Facts, runtime: Runtime) -> str | None:
+    """Why an allowed call's cost could not be counted, or None. A caller with a budget is
+    refused such a call: letting it through uncounted would lift the budget."""
+    endpoint = facts.endpoint
+    if not isinstance(decision.route, Route) or not isinstance(endpoint, Endpoint):
+        return "a pass-through path has no price"
+    if endpoint.operation in FREE_OPERATIONS:
+        return None
+    if endpoint.operation not in PRICED_OPERATIONS:
+        return f"{endpoint.operation!r} calls are not priced per token"
+    if runtime.price(decision.route.route_id, str(decision.metadata.get("model", ""))) is None:
+        return (f"its deployment ({decision.route.route_id}) has no price: set input_cost_per_token and "
+                "output_cost_per_token on it")
+    if endpoint.operation in STREAMED_USAGE and streams_unasked(facts.json_model) \
+            and not decision.route.takes_stream_options:
+        return (f"its deployment's API version ({decision.route.deployment.api_version}) does not report a "
+                "stream's usage; send \"stream\": false, or use api_version 2024-09-01 or later")
+    return None
 
 
 def counted(key: KeyRecord, team: TeamRecord | None, runtime: Runtime) -> bool:
@@ -215,8 +246,8 @@ class AuthorizationService:
         if runtime.refusal is not None:
             return runtime.refusal
         # Reading the body, and a rewrite's plan over it, on the body thread when large.
-        decision = await self.with_body(facts, body_of(request), key, team, runtime, owner)
-        return await self.within_limits(decision, key, team, runtime)  # type: ignore[arg-type]
+        decision, facts = await self.with_body(facts, body_of(request), key, team, runtime, owner)
+        return await self.within_limits(decision, facts, key, team, runtime)  # type: ignore[arg-type]
 
     async def decide_jwt(self, facts: Facts, request: external_auth_pb2.CheckRequest, runtime: Runtime) -> Decision:
         """A caller whose JWT Envoy verified: its teams' records decide, as a key of each
@@ -254,7 +285,7 @@ class AuthorizationService:
             admin = KeyRecord(f"jwt:{label}", label, (), None, None, False, None, identity.user_id)
             if listed is not None:
                 return list_reply(listed, visible_models(admin, None, runtime.catalog), runtime)
-            decision = await self.with_body(facts, body, admin, None, runtime)
+            decision, _ = await self.with_body(facts, body, admin, None, runtime)
             if isinstance(decision, Allow):
                 decision.metadata["role"] = identity.role
             return decision
@@ -280,11 +311,12 @@ class AuthorizationService:
         denials = []
         for team in teams:
             key = team_key(identity, label, models, team)
-            decision = authenticate(facts, key, team, time.time()) or await self.with_body(
+            refused = authenticate(facts, key, team, time.time())
+            decision, read = (refused, facts) if refused is not None else await self.with_body(
                 facts, body, key, team, runtime)
             if isinstance(decision, Allow):
                 decision.metadata["role"] = identity.role
-                return await self.within_limits(decision, key, team, runtime)
+                return await self.within_limits(decision, read, key, team, runtime)
             denials.append(decision)
         if len(denials) == 1 or any(d.code != "model_not_allowed" for d in denials):
             return denials[0]  # the request itself is wrong, or one team: its own refusal
@@ -292,7 +324,7 @@ class AuthorizationService:
         return Deny(403, "model_not_allowed", f"No team of the token may use {facts.model!r}. {each}.", "model",
                     denials[0].metadata)
 
-    async def within_limits(self, decision: Decision, key: KeyRecord, team: TeamRecord | None,
+    async def within_limits(self, decision: Decision, facts: Facts, key: KeyRecord, team: TeamRecord | None,
                              runtime: Runtime) -> Decision:
         """An allowed request within its budgets (read with its records: no Redis round
         trip) and its rate windows (one round trip, for callers with rate limits only), or
@@ -306,6 +338,14 @@ class AuthorizationService:
         if over is not None:
             self.metrics.limited(over.metadata["limit"], team.team_id if team is not None else None)  # type: ignore
             return over
+        if (key.budget is not None and key.budget.enforced) or (team is not None and team.budget is not None
+                                                                  and team.budget.enforced):
+            why = unpriced(decision, facts, runtime)
+            if why is not None:
+                owner = f"Key {key.label!r}" if key.budget is not None and key.budget.enforced else \
+                    f"Team {team.label!r}"  # type: ignore[union-attr]
+                return Deny(403, "unpriced_model", f"{owner} has a budget, and this call's cost cannot be counted: "
+                            f"{why}.", "model", decision.metadata)
         if self.counters is None or not counted(key, team, runtime):
             return decision
         key_limits, team_limits = key.limits, team.limits if team is not None else None
@@ -369,7 +409,7 @@ class AuthorizationService:
         return Allow(runtime.admin_route, acting, meta)  # type: ignore[arg-type]
 
     async def with_body(self, facts: Facts, body: bytes, key: KeyRecord, team: TeamRecord | None,
-                        runtime: Runtime, owner: UserRecord | None = None) -> Decision:
+                        runtime: Runtime, owner: UserRecord | None = None) -> tuple[Decision, Facts]:
         if len(body) <= INLINE_BODY_BYTES:
             return decide_with_body(facts, body, key, team, runtime, random.random(), owner)
         return await asyncio.get_running_loop().run_in_executor(

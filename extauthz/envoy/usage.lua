@@ -11,20 +11,26 @@
 -- passed over at the speed of string.find.
 --
 -- An event stream (OpenAI with stream_options.include_usage: its last chunk; Anthropic:
--- message_start, then message_delta): the last count of each name. A model's own text
--- is a JSON string in the stream, its quotes escaped, so it cannot spell a count.
+-- message_start, then message_delta; the Responses API: response.completed; Gemini with
+-- alt=sse): each "data:" line is one event's JSON, scanned the same way, its usage object
+-- read where the API puts it (top level, or under "message" / "response"); the last
+-- count of each name wins. The counts are written as they come, so a client that goes
+-- away mid-stream still leaves what was reported until then.
 --
 -- AWS's event stream (Bedrock's invoke-with-response-stream): each message's payload is
--- {"bytes": "<base64>"}, the bytes an Anthropic stream event; each is decoded and read
--- as above.
+-- {"bytes": "<base64>"}, the bytes of an Anthropic stream event, decoded and read as above.
 local NAMESPACE = "extauthz.usage"
 local FIELDS = {"prompt_tokens", "completion_tokens", "input_tokens", "output_tokens",
                 "cache_read_input_tokens", "cache_creation_input_tokens",
                 -- Gemini's usageMetadata
                 "promptTokenCount", "candidatesTokenCount", "thoughtsTokenCount"}
--- The top-level member that holds them: "usage", or Gemini's "usageMetadata".
+-- The top-level member that holds them: "usage", or Gemini's "usageMetadata"; or "usage"
+-- one level down, in Anthropic's message_start ({"message": {"usage": …}}) and the
+-- Responses API's events ({"response": {"usage": …}}). Nowhere else: a client's own JSON
+-- echoed in a response (a tool's schema, Gemini's function arguments) is deeper.
 local USAGE_KEYS = {usage = true, usageMetadata = true}
-local OVERLAP = 96        -- bytes of an event stream kept across chunks: a count split in two is read whole
+local PARENTS = {message = true, response = true}
+local LINE_MAX = 65536    -- an event line longer than this is scanned as it comes, not held
 local USAGE_MAX = 4096    -- bytes of a usage object kept (they are a few hundred)
 local KEY_MAX = 16        -- a top-level key longer than this is not "usage"
 -- How long the end of a response waits for the sidecar to free its place: past this the
@@ -62,21 +68,37 @@ local function unbase64(text)
   return table.concat(out)
 end
 
+-- The counts in text, into found; true when one changed.
 local function counts(text, found, last_wins)
+  local changed = false
   for _, name in ipairs(FIELDS) do
     for value in string.gmatch(text, "\"" .. name .. "\"%s*:%s*(%d+)") do
-      if last_wins or found[name] == nil then
+      if (last_wins or found[name] == nil) and found[name] ~= value then
         found[name] = value
+        changed = true
       end
     end
+  end
+  return changed
+end
+
+-- The counts so far, as the report's metadata. A stream's are written as they come (a
+-- client that goes away before the end still leaves what was reported until then).
+local function publish(handle, found)
+  local metadata = handle:streamInfo():dynamicMetadata()
+  for name, value in pairs(found) do
+    metadata:set(NAMESPACE, name, tonumber(value))
   end
 end
 
 -- The JSON scan's state across chunks.
 local function json_state()
   -- top: the depth of the top-level object's members (1; 2 in a top-level array).
+  -- member: the top-level member whose value comes next; parent: the one whose object the
+  -- scan is in (one level down).
   return {depth = 0, top = nil, in_string = false, escaped = false, key = nil, last_key = nil,
-          want_object = false, capturing = false, pieces = {}, size = 0, usage = nil}
+          want_object = false, capturing = false, capture_depth = nil, pieces = {}, size = 0, usage = nil,
+          member = nil, parent = nil}
 end
 
 local function keep(state, piece)
@@ -126,21 +148,31 @@ local function scan_json(state, text)
           if state.top == nil then
             state.top = (c == "[") and 2 or 1
           end
-          if c == "{" and state.want_object and state.depth == state.top then
-            state.capturing = true
+          local depth = state.depth
+          if c == "{" and state.want_object then   -- only set where a usage object may be
+            state.capturing, state.capture_depth = true, depth
             state.pieces, state.size = {}, 0   -- the last one counts (Gemini's stream: cumulative)
             capture_from = i
+          elseif c == "{" and depth == state.top then
+            state.parent = state.member        -- into a top-level member's object
           end
-          state.depth = state.depth + 1
+          state.depth = depth + 1
         elseif c == "}" or c == "]" then
           state.depth = state.depth - 1
-          if state.capturing and state.depth == state.top then
+          if state.capturing and state.depth == state.capture_depth then
             keep(state, string.sub(text, capture_from, i))
             state.capturing = false
             state.usage = table.concat(state.pieces)
           end
+          if state.depth == state.top then
+            state.parent = nil
+          end
         elseif c == ":" then
-          if state.depth == state.top and USAGE_KEYS[state.last_key] then
+          if state.depth == state.top then
+            state.member = state.last_key
+          end
+          if (state.depth == state.top and USAGE_KEYS[state.last_key]) or (state.depth == state.top + 1
+              and PARENTS[state.parent] and state.last_key == "usage") then
             state.want_object = true
             state.last_key = nil
             pos = i + 1
@@ -149,7 +181,8 @@ local function scan_json(state, text)
         else  -- a string starts: at the top level it may be a key
           state.in_string = true
           state.last_key = nil
-          if state.depth == state.top and not state.capturing then
+          if not state.capturing and (state.depth == state.top or (state.depth == state.top + 1
+                                                                   and PARENTS[state.parent])) then
             state.key = ""
             key_from = i + 1
           end
@@ -180,9 +213,69 @@ local function release(handle)
     ["x-team-id"] = decision["team_id"] or ""}, "", RELEASE_TIMEOUT_MS)
 end
 
+-- One event's JSON, whole: its usage object, read.
+local function read_event(handle, event, found)
+  local state = json_state()
+  scan_json(state, event)
+  if state.usage and counts(state.usage, found, true) then
+    publish(handle, found)
+  end
+end
+
+-- An event stream's lines, as they come: each "data:" line is one event's JSON, read
+-- whole (one with no count name in it is passed over), or, past LINE_MAX, scanned as it
+-- comes. The model's own text is a JSON string there, its quotes escaped.
+local function sse_state()
+  return {line = {}, size = 0, scan = nil, skip = false}
+end
+
+local function end_line(handle, sse, found)
+  if sse.scan then
+    if sse.scan.usage and counts(sse.scan.usage, found, true) then
+      publish(handle, found)
+    end
+  elseif not sse.skip then
+    local line = table.concat(sse.line)
+    -- "_tokens", "TokenCount": no count without it
+    if string.sub(line, 1, 5) == "data:" and string.find(line, "oken", 6, true) then
+      read_event(handle, string.sub(line, 6), found)
+    end
+  end
+  sse.line, sse.size, sse.scan, sse.skip = {}, 0, nil, false
+end
+
+local function scan_sse(handle, sse, text, found)
+  local pos, n = 1, #text
+  while pos <= n do
+    local nl = string.find(text, "\n", pos, true)
+    local piece = string.sub(text, pos, (nl or (n + 1)) - 1)
+    if sse.scan then
+      scan_json(sse.scan, piece)
+    elseif not sse.skip then
+      sse.line[#sse.line + 1] = piece
+      sse.size = sse.size + #piece
+      if sse.size > LINE_MAX then        -- too long to hold: scanned from here on
+        local line = table.concat(sse.line)
+        sse.line, sse.size = {}, 0
+        if string.sub(line, 1, 5) == "data:" then
+          sse.scan = json_state()
+          scan_json(sse.scan, string.sub(line, 6))
+        else
+          sse.skip = true
+        end
+      end
+    end
+    if nl == nil then
+      return
+    end
+    end_line(handle, sse, found)
+    pos = nl + 1
+  end
+end
+
 -- AWS's event stream: the complete {"bytes":"…"} payloads in text, decoded and read;
 -- returns what follows the last one (an unfinished payload, kept for the next chunk).
-local function scan_aws(text, found)
+local function scan_aws(handle, text, found)
   local from, rest = 1, nil
   while true do
     local s, e, payload = string.find(text, "\"bytes\"%s*:%s*\"([A-Za-z0-9+/=]*)\"", from)
@@ -190,7 +283,7 @@ local function scan_aws(text, found)
     if #payload <= B64_MAX then
       local event = unbase64(payload)
       if string.find(event, "oken", 1, true) then
-        counts(event, found, true)
+        read_event(handle, event, found)
       end
     end
     from = e + 1
@@ -211,27 +304,22 @@ function envoy_on_response(handle)
     return
   end
   local found = {}
-  local state, tail = json_state(), ""
+  local state, tail, sse = json_state(), "", sse_state()
   for chunk in handle:bodyChunks() do
     local text = chunk:getBytes(0, chunk:length())
     if json then
       scan_json(state, text)
     elseif aws then
-      tail = scan_aws(tail .. text, found)
+      tail = scan_aws(handle, tail .. text, found)
     else
-      text = tail .. text
-      if string.find(text, "oken", 1, true) then  -- "_tokens", "TokenCount": no count without it
-        counts(text, found, true)
-      end
-      tail = string.sub(text, -OVERLAP)
+      scan_sse(handle, sse, text, found)
     end
   end
-  release(handle)
-  if json and state.usage then
-    counts(state.usage, found, false)
+  if stream then
+    end_line(handle, sse, found)   -- a last event without its newline
   end
-  local metadata = handle:streamInfo():dynamicMetadata()
-  for name, value in pairs(found) do
-    metadata:set(NAMESPACE, name, tonumber(value))
+  release(handle)
+  if json and state.usage and counts(state.usage, found, false) then
+    publish(handle, found)
   end
 end

@@ -78,9 +78,10 @@ def usd(value: Any, name: str) -> float | None:
     """A non-negative amount in USD, or None (no budget); ValueError for anything else."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not 0 <= value <= MAX_USD:
-        raise ValueError(f"'{name}' must be an amount in USD from 0 to {MAX_USD:g}, got {value!r}")
+    # Compared before any conversion: a huge integer (10**400) overflows a float.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_USD \
+            or isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"'{name}' must be an amount in USD from 0 to {MAX_USD:g}, got {str(value)[:40]}")
     return float(value)
 
 
@@ -120,6 +121,8 @@ def model_budgets(value: Any, whole: Period | None) -> tuple[ModelBudget, ...]:
             if unknown:
                 raise ValueError(f"'{where}' has unknown field(s) {sorted(unknown)}")
             limit = usd(spec.get("budget_limit", spec.get("max_budget")), f"{where}.budget_limit")
+            if limit is None:  # {"gpt-4o": {}} would read as a budget and be none
+                raise ValueError(f"'{where}' needs a budget_limit (null for the model: no budget)")
             own = period(spec.get("time_period", spec.get("budget_duration")), f"{where}.time_period")
         else:
             limit, own = usd(spec, where), None
@@ -140,7 +143,7 @@ def read(doc: dict[str, Any]) -> Budget | None:
     """As ``parse``, for the check path: a stored value that does not read fails closed."""
     try:
         return parse(doc)
-    except ValueError:
+    except (ValueError, TypeError, OverflowError):
         return UNREADABLE
 
 

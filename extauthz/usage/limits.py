@@ -42,9 +42,10 @@ def count(value: Any, name: str) -> int | None:
     """A non-negative whole number, or None (no limit); ValueError for anything else."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not 0 <= value <= MAX_COUNT or value != int(value):
-        raise ValueError(f"'{name}' must be a whole number from 0 to {MAX_COUNT}, got {value!r}")
+    # Compared before any conversion: a huge integer (10**400) overflows a float.
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= MAX_COUNT \
+            or isinstance(value, float) and (not math.isfinite(value) or value != int(value)):
+        raise ValueError(f"'{name}' must be a whole number from 0 to {MAX_COUNT}, got {str(value)[:40]}")
     return int(value)
 
 
@@ -69,7 +70,7 @@ def read(doc: dict[str, Any]) -> Limits | None:
     """As ``parse``, for the check path: a stored value that does not read fails closed."""
     try:
         return parse(doc)
-    except ValueError:
+    except (ValueError, TypeError, OverflowError):
         return UNREADABLE
 
 

@@ -46,12 +46,18 @@ def configured(info: Mapping[str, Any]) -> Price | None:
 
 def price_of(provider: str, provider_model: str, info: Mapping[str, Any]) -> Price | None:
     """A deployment's price: its own, else the table's for ``provider/model``, then ``model``
-    (LiteLLM's keys: "gpt-4o", "azure/gpt-4o", "anthropic.claude-…" for Bedrock)."""
+    (LiteLLM's keys: "gpt-4o", "azure/gpt-4o", "anthropic.claude-…" for Bedrock). An Azure
+    deployment is named by its operator: ``model_info.base_model`` names the model, as in
+    LiteLLM."""
     own = configured(info)
     if own is not None:
         return own
     models = bundled()["models"]
-    for name in (f"{provider}/{provider_model}", provider_model):
+    base = info.get("base_model")
+    names = (f"{provider}/{provider_model}", provider_model)
+    if isinstance(base, str) and base:
+        names = (base, f"{provider}/{base.rpartition('/')[2]}", base.rpartition("/")[2]) + names
+    for name in names:
         entry = models.get(name)
         if entry is not None:
             return Price(entry["input"], entry["output"], entry.get("cache_read"), entry.get("cache_write"))

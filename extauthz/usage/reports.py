@@ -132,25 +132,38 @@ class UsageReports:
                         else "", team))
         return out
 
+    async def settlement(self, report: Report, now: float) -> Settlement:
+        """What settling a report changes: its counters, its cost and spend counters."""
+        owners = await self.owners(report)
+        scopes = [where for where, _, _ in owners]
+        price = self.price(report.deployment, report.model)
+        cost = prices.cost(price, report.tokens) if price is not None and report.tokens is not None else None
+        spend = [(c, record_key) for where, record_key, record in owners
+                 for c in spend_counters(where, record.budget if record is not None else None,
+                                         report.model, now)] if cost is not None else []
+        limited = [(where, record.limits if record is not None else None) for where, _, record in owners]
+        # Ended, with or without usage: it leaves the in-flight sets either way.
+        return Settlement(report.usage_id, report.tokens.total if report.tokens else 0,
+                          usage_counters(limited, report.model, now) if report.tokens else [],
+                          inflight_sets(scopes) if report.inflight else [], cost, spend)
+
     async def settle(self, reports: list[Report]) -> None:
         """Settle a batch of reports (one Redis script call): tokens and cost to the key's and
         team's counters, once per usage id."""
         now = time.time()
-        batch = []
+        batch, kept = [], []
         try:
             for report in reports:
-                owners = await self.owners(report)
-                scopes = [where for where, _, _ in owners]
-                price = self.price(report.deployment, report.model)
-                cost = prices.cost(price, report.tokens) if price is not None and report.tokens is not None else None
-                spend = [(c, record_key) for where, record_key, record in owners
-                         for c in spend_counters(where, record.budget if record is not None else None,
-                                                 report.model, now)] if cost is not None else []
-                limited = [(where, record.limits if record is not None else None) for where, _, record in owners]
-                # Ended, with or without usage: it leaves the in-flight sets either way.
-                batch.append(Settlement(report.usage_id, report.tokens.total if report.tokens else 0,
-                                        usage_counters(limited, report.model, now) if report.tokens else [],
-                                        inflight_sets(scopes) if report.inflight else [], cost, spend))
+                try:
+                    batch.append(await self.settlement(report, now))
+                    kept.append(report)
+                except StoreUnavailable:
+                    raise
+                except Exception:  # one report that cannot be priced must not lose the batch's others
+                    log.exception("usage report for model %r could not be priced", report.model)
+                    self.failed += 1
+                    USAGE_REPORTS.labels("failed").inc()
+            reports = kept
             results = await self.counters.settle(batch)
         except StoreUnavailable as e:
             self.failed += len(reports)
