@@ -29,7 +29,9 @@ def bench_config(workdir: Path, upstream_port: int) -> Path:
     doc = {
         "model_list": [
             {"model_name": MODEL_A, "litellm_params": {"model": f"openai/{MODEL_A}", "api_base": base,
-                                                     "api_key": "sk-upstream-bench-a"},
+                                                     "api_key": "sk-upstream-bench-a",
+                                                     # priced: a settled response adds to spend
+                                                     "input_cost_per_token": 1e-06, "output_cost_per_token": 2e-06},
              "model_info": {"access_groups": [GROUP]}},
             {"model_name": MODEL_B, "litellm_params": {"model": "openai/bench-model-b-provider", "api_base": base,
                                                      "api_key": "sk-upstream-bench-b"}},
@@ -42,8 +44,14 @@ def bench_config(workdir: Path, upstream_port: int) -> Path:
 
 
 UPSTREAM_BODY = json.dumps({"id": "chatcmpl-bench", "object": "chat.completion", "model": "bench", "choices": [
-    {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}]},
-    separators=(",", ":"))
+    {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 31, "completion_tokens": 12, "total_tokens": 43}}, separators=(",", ":"))
+# A streamed answer as OpenAI sends it with stream_options.include_usage: chunks, then usage.
+_CHUNK = {"id": "chatcmpl-bench", "object": "chat.completion.chunk", "created": 0, "model": "bench"}
+UPSTREAM_STREAM = "".join(f"data: {json.dumps(c, separators=(',', ':'))}\n\n" for c in (
+    *({**_CHUNK, "choices": [{"index": 0, "delta": {"content": w}}], "usage": None} for w in ("o", "k", ".")),
+    {**_CHUNK, "choices": [], "usage": {"prompt_tokens": 31, "completion_tokens": 12, "total_tokens": 43}})) \
+    + "data: [DONE]\n\n"
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 
 
@@ -56,7 +64,11 @@ def upstream_listener(port: int) -> dict[str, Any]:
             "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
         "route_config": {"name": "bench_upstream", "virtual_hosts": [{
             "name": "upstream", "domains": ["*"],
-            "routes": [{"match": {"prefix": "/"},
+            "routes": [{"match": {"prefix": "/", "headers": [{"name": "x-bench-stream", "present_match": True}]},
+                        "direct_response": {"status": 200, "body": {"inline_string": UPSTREAM_STREAM}},
+                        "response_headers_to_add": [{"header": {"key": "content-type",
+                                                                "value": "text/event-stream"}}]},
+                       {"match": {"prefix": "/"},
                         "direct_response": {"status": 200, "body": {"inline_string": UPSTREAM_BODY}},
                         "response_headers_to_add": [{"header": {"key": "content-type",
                                                                 "value": "application/json"}}]}]}]},
@@ -103,6 +115,7 @@ class EnvoyCase:
     port: int
     authz_pid: int | None
     decisions: bool
+    stream: bool = False   # streamed calls (mix.lua's third argument)
 
 
 def start_envoy(workdir: Path, name: str, boot: dict[str, Any], admin_port: int) -> Proc:
@@ -115,12 +128,16 @@ def start_envoy(workdir: Path, name: str, boot: dict[str, Any], admin_port: int)
     return proc
 
 
-def verify_envoy(port: int, probes: list[Probe], decisions: bool) -> None:
+def verify_envoy(port: int, probes: list[Probe], decisions: bool, stream: bool = False) -> None:
     for p in probes:
-        resp = http("POST", f"http://127.0.0.1:{port}/v1/chat/completions", raw=chat_body(p.model, "1"),
-                    headers={"Authorization": f"Bearer {p.key}", "Content-Type": "application/json"})
+        body = chat_body(p.model, "1")
+        headers = {"Authorization": f"Bearer {p.key}", "Content-Type": "application/json"}
+        if stream:
+            body = body[:-1] + b',"stream":true}'
+            headers["x-bench-stream"] = "1"
+        resp = http("POST", f"http://127.0.0.1:{port}/v1/chat/completions", raw=body, headers=headers)
         want = p.allowed if decisions else True
-        ok = resp.status == 200 and "chatcmpl-bench" in resp.text
+        ok = resp.status == 200 and "chatcmpl-bench" in resp.text and ("data: [DONE]" in resp.text) == stream
         if ok != want:
             raise RuntimeError(f"through Envoy, {p.label} ({p.key}, {p.model}): expected "
                                f"{'200 from the upstream' if want else 'a deny'}, got {resp.status} {resp.text[:300]}")
@@ -131,10 +148,10 @@ WRK_TOTAL = re.compile(r"(\d+) requests in ([\d.]+)(us|ms|s|m)")
 UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
 
 
-def wrk(port: int, seconds: int, start: int) -> dict[str, Any]:
+def wrk(port: int, seconds: int, start: int, stream: bool = False) -> dict[str, Any]:
     """wrk with mix.lua from request number ``start`` on."""
     args = ["wrk", "-t1", f"-c{WRK_CONNECTIONS}", f"-d{seconds}s", "--latency", "-s", str(MIX_LUA),
-            f"http://127.0.0.1:{port}", "--", str(N_KEYS), str(start)]
+            f"http://127.0.0.1:{port}", "--", str(N_KEYS), str(start), *(["stream"] if stream else [])]
     done = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 60)
     out = done.stdout
     total = WRK_TOTAL.search(out)
@@ -151,7 +168,7 @@ def wrk(port: int, seconds: int, start: int) -> dict[str, Any]:
 
 def envoy_phase(cases: list[EnvoyCase], r: redis.Redis, calibration: list[float]) -> dict[str, dict[str, Any]]:
     for case in cases:
-        wrk(case.port, WRK_WARMUP_S, 0)
+        wrk(case.port, WRK_WARMUP_S, 0, case.stream)
     acc: dict[str, dict[str, Any]] = {c.name: {"requests": 0, "seconds": 0.0, "non_2xx": 0, "denied_expected": 0,
                                                "envoy_cpu": 0.0, "authz_cpu": 0.0, "gets": 0, "p50": [], "p99": [],
                                                "rps": []} for c in cases}
@@ -163,7 +180,7 @@ def envoy_phase(cases: list[EnvoyCase], r: redis.Redis, calibration: list[float]
             case = by_name[name]
             pids = {"envoy": case.proc.pid, **({"authz": case.authz_pid} if case.authz_pid else {})}
             with Window(pids, r) as w:
-                res = wrk(case.port, WRK_S, start)
+                res = wrk(case.port, WRK_S, start, case.stream)
             a = acc[name]
             a["requests"] += res["requests"]
             a["seconds"] += res["seconds"]

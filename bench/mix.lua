@@ -1,7 +1,7 @@
 -- Request mix for the end-to-end runs: wrk through Envoy, one POST /v1/chat/completions per
 -- call, the key and the model varying per request over the whole key population.
 --
---   wrk -t1 -c32 -d3s --latency -s bench/mix.lua http://127.0.0.1:PORT -- 100000 [START]
+--   wrk -t1 -c32 -d3s --latency -s bench/mix.lua http://127.0.0.1:PORT -- 100000 [START [stream]]
 --
 -- The arguments: the number of keys (sk-bench-0 ...), and where the request counter c
 -- starts (0 by default; a run started elsewhere uses other keys). Per 20 requests:
@@ -16,10 +16,12 @@
 
 local n_keys = 100000
 local counter = 0
+local stream = false  -- a third argument "stream": streamed calls (the upstream answers with events)
 
 function init(args)
   if args[1] then n_keys = tonumber(args[1]) end
   if args[2] then counter = tonumber(args[2]) end
+  stream = args[3] == "stream"
 end
 
 function request()
@@ -39,7 +41,8 @@ function request()
   end
   local body = '{"model":"' .. model .. '","messages":[{"role":"system","content":"You are a helpful assistant."},'
     .. '{"role":"user","content":"Write one sentence about benchmarks, request ' .. counter .. '."}],'
-    .. '"max_tokens":64,"temperature":0.2}'
-  return wrk.format("POST", "/v1/chat/completions",
-                    {["Content-Type"] = "application/json", ["Authorization"] = "Bearer " .. key}, body)
+    .. '"max_tokens":64,"temperature":0.2' .. (stream and ',"stream":true}' or '}')
+  local headers = {["Content-Type"] = "application/json", ["Authorization"] = "Bearer " .. key}
+  if stream then headers["x-bench-stream"] = "1" end
+  return wrk.format("POST", "/v1/chat/completions", headers, body)
 end

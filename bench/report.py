@@ -22,7 +22,10 @@ def table(results: dict[str, Any]) -> str:
                      f"{ratio(m['cpu_us_per_check'], floor['cpu_us_per_check']):.2f}",
                      f"{m['redis_gets_per_check']:.2f}"))
     for name, label in (("envoy_direct", "Envoy, no ext_authz"), ("envoy_noop", "Envoy + no-op server (floor)"),
-                        ("envoy_sidecar", "Envoy + sidecar, warm cache")):
+                        ("envoy_sidecar", "Envoy + sidecar, warm cache"),
+                        ("envoy_sidecar_untracked", "  the same, spend_tracking off"),
+                        ("envoy_sidecar_stream", "Envoy + sidecar, streamed"),
+                        ("envoy_sidecar_untracked_stream", "  the same, spend_tracking off")):
         m = results[name]
         cpu = m.get("authz_cpu_us_per_request")
         rows.append((label, f"{m['rps']:.0f}", f"{ratio(m['rps'], noop['rps']):.2f}", f"{m['p50_ms']:.2f}",
@@ -55,6 +58,15 @@ def targets(results: dict[str, Any]) -> dict[str, Any]:
         "sidecar_rss_mb_100k_keys": {"value": rss, "limit": f"<= {TARGETS['rss_mb_max']}",
                                      "pass": hit_share >= 0.99 and rss <= TARGETS["rss_mb_max"]},
     }
+    crossing = results["budget_crossing"]["max_ms"]
+    out["budget_crossing_max_ms"] = {"value": crossing, "limit": f"<= {TARGETS['budget_crossing_max_ms']}",
+                                     "pass": crossing <= TARGETS["budget_crossing_max_ms"]}
+    for kind in ("json", "stream"):
+        measured = results["accounting"][kind]
+        out[f"accounting_rps_x_without_{kind}"] = {
+            "value": measured["rps_on_x_off"], "limit": f">= {TARGETS['accounting_rps_x_without_min']}",
+            "pass": measured["rps_on_x_off"] >= TARGETS["accounting_rps_x_without_min"],
+            "per_rep": measured["per_rep_x"]}
     if hit_share < 0.99:
         out["sidecar_rss_mb_100k_keys"]["invalid"] = (
             f"the cache did not hold the keys: after the pass only {hit_share:.0%} of a sample of "

@@ -18,10 +18,16 @@ Measurements:
    its rounds. checks/s over the rounds; p50/p99 from h2load's per-request logs; server
    CPU µs per check from /proc/<pid>/stat (utime+stime, all threads) over the same windows.
 2. Resident memory (VmRSS) of the warm sidecar after a check for each of the 100,000 keys.
+   Then a budget crossing (``bench/crossing.py``): settled as one sidecar settles it, the
+   time until the other sidecar refuses the key.
 3. End to end with wrk (1 thread, ``bench/mix.lua``) through Envoy: ``envoy_direct`` (no
-   authorization), ``envoy_noop`` (ext_authz to the floor) and ``envoy_sidecar`` (the full
-   rendered config, warm sidecar), taking turns the same way. The upstream is a second
-   listener of each Envoy answering a ``direct_response``: no Python process upstream.
+   authorization), ``envoy_noop`` (ext_authz to the floor), ``envoy_sidecar`` (the full
+   rendered config, warm sidecar: every allowed call's usage read, reported and settled)
+   and ``envoy_sidecar_untracked`` (the same with ``spend_tracking`` off: no accounting for
+   keys without limits), the last two also with streamed calls (``_stream``), taking
+   turns the same way. The upstream is a second listener of each Envoy answering a
+   ``direct_response`` (JSON with usage, or events ending with a usage chunk): no Python
+   process upstream.
 
 Taking turns matters here: this machine's speed drifts (other load on the host), so a
 ratio of two figures measured seconds apart is steadier than either figure. The run
@@ -45,16 +51,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+import re
+
 import redis
 
 from extauthz import config as config_module
-from tests.harness import Proc, Sidecar, free_port, start_redis, start_sidecar
+from tests.harness import Proc, Sidecar, free_port, http, start_redis, start_sidecar
 from bench.shape import BENCH, COLD_ENV, H2_PROCS, H2_STREAMS, MEMORY_CONCURRENCY, N_KEYS, N_TEAMS, REPS, RESULTS, ROUND_S, WARM_ENV, WRK_CONNECTIONS, WRK_REPS, WRK_S
 from bench.population import grpc_frame, h2_rounds, populate
 from bench.measure import calibrate, rss_mb
 from bench.grpc_load import cache_hit_share, cache_stats, check_every_key, grpc_phase, grpc_ready, record_memory_estimate, verify
 from bench.envoy_load import EnvoyCase, bench_config, bootstrap, envoy_phase, start_envoy, verify_envoy
 from bench.report import table, targets, warnings
+from bench.crossing import crossing_ms
 
 # == the run ====================================================================================
 
@@ -89,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sidecar RSS after a check for each of the {N_KEYS:,} keys: {results['sidecar_rss_mb_100k_keys']} MiB "
               f"(before: {results['sidecar_rss_mb_before_100k_keys']}; every key cached, estimated: "
               f"{results['sidecar_rss_mb_100k_keys_estimate']['mb']})")
+        crossing = results["budget_crossing"]
+        print(f"budget crossing enforced by the other replica: p50 {crossing['p50_ms']} ms, max {crossing['max_ms']} ms "
+              f"({crossing['crossings']} crossings)")
         for name, t in results["targets"].items():
             print(f"target {name}: {t['value']} (limit {t['limit']}) {'PASS' if t['pass'] else 'MISS'}")
         for w in results["warnings"]:
@@ -179,21 +191,39 @@ def run(workdir: Path, procs: list[Proc]) -> dict[str, Any]:
         "how": f"RSS before the pass ({rss_before:.1f}) + {estimate['mb']} MiB for {estimate['records']:,} "
                f"records built with extauthz.records.record in an OrderedDict, in a separate process"}
 
-    step("three Envoys: direct, ext_authz to the no-op server, ext_authz to the sidecar")
+    step("a second warm sidecar, with spend_tracking off (no usage accounting for keys without limits)")
+    untracked = sidecar("untracked", {**WARM_ENV, "EXTAUTHZ_SPEND_TRACKING": "false"})
+    untracked.proc.wait_ready(lambda: sum(int(c.get("redir", -1)) > 0 for c in r.client_list()) >= 2)
+    verify(untracked.grpc_port, all_probes, decisions=True)
+    asyncio.run(check_every_key(untracked.grpc_port, N_KEYS, MEMORY_CONCURRENCY))  # as warm as the other
+    step("budget crossings: settled on one sidecar, refused by the other")
+    results["budget_crossing"] = crossing_ms(redis_port, warm.grpc_port, untracked.grpc_port)
+
+    step("four Envoys: direct, ext_authz to the no-op server, to the sidecar, to the untracked sidecar")
     cases = []
     sample = [rounds[0][0], rounds[0][6], rounds[0][9], rounds[0][10], rounds[0][11]]
-    for kind, authz_port, authz_pid in (("direct", noop_port, None), ("noop", noop_port, noop.pid),
-                                        ("sidecar", warm.grpc_port, warm.proc.pid)):
+    for kind, authz_port, authz_pid, admin_api in (
+            ("direct", noop_port, None, warm.admin_port), ("noop", noop_port, noop.pid, warm.admin_port),
+            ("sidecar", warm.grpc_port, warm.proc.pid, warm.admin_port),
+            ("sidecar_untracked", untracked.grpc_port, untracked.proc.pid, untracked.admin_port)):
         listen, admin = free_port(), free_port()
-        boot = bootstrap(kind, cfg, listen, admin, authz_port, warm.admin_port, free_port())
+        boot = bootstrap(kind, cfg, listen, admin, authz_port, admin_api, free_port())
         proc = started(start_envoy(workdir, kind, boot, admin))
-        verify_envoy(listen, sample, decisions=kind == "sidecar")
-        cases.append(EnvoyCase(f"envoy_{kind}", proc, listen, authz_pid, kind == "sidecar"))
-    step(f"wrk: {WRK_REPS} x (direct, noop, sidecar), {WRK_S} s each, 1 thread x {WRK_CONNECTIONS} connections")
+        decisions = kind.startswith("sidecar")
+        verify_envoy(listen, sample, decisions=decisions)
+        cases.append(EnvoyCase(f"envoy_{kind}", proc, listen, authz_pid, decisions))
+        if decisions:  # the same Envoy, streamed calls
+            verify_envoy(listen, sample, decisions=True, stream=True)
+            cases.append(EnvoyCase(f"envoy_{kind}_stream", proc, listen, authz_pid, True, stream=True))
+    settled_before = settled_reports(warm)
+    step(f"wrk: {WRK_REPS} x {len(cases)} cases, {WRK_S} s each, 1 thread x {WRK_CONNECTIONS} connections")
     results.update(envoy_phase(cases, r, calibration))
+    results["accounting"] = accounting(results, settled_reports(warm) - settled_before)
     for case in cases:
-        case.proc.stop()
+        if case.proc.popen is not None and case.proc.popen.poll() is None:
+            case.proc.stop()
         _trim(case.proc.log)
+    untracked.proc.stop()
 
     results["warm_sidecar_cache_stats_at_end"] = cache_stats(warm.admin_port)
     uptime = time.monotonic() - warm_started
@@ -235,6 +265,33 @@ def run(workdir: Path, procs: list[Proc]) -> dict[str, Any]:
         f"({results['envoy_sidecar']['denied_share']:.0%} denied). 'x floor': against the no-op server "
         f"(Envoy rows: against Envoy + no-op server).")
     return results
+
+
+def settled_reports(side: Sidecar) -> float:
+    """Usage reports the sidecar settled so far (priced: settled; no usage: unpriced)."""
+    text = http("GET", f"http://127.0.0.1:{side.metrics_port}/metrics").text
+    return sum(float(v) for v in re.findall(r'^extauthz_usage_reports_total\{result="(?:settled|unpriced)"\} (\S+)$',
+                                            text, re.M))
+
+
+def accounting(results: dict[str, Any], settled: float) -> dict[str, Any]:
+    """Usage accounting's cost: the same load with it (every call's usage read by Envoy,
+    reported and settled in Redis) and without (spend_tracking off), JSON and streamed.
+    CPU per settled response: the difference in CPU per request over the allowed share."""
+    out: dict[str, Any] = {"reports_settled_during_wrk": int(settled)}
+    for kind in ("json", "stream"):
+        suffix = "" if kind == "json" else "_stream"
+        on, off = results[f"envoy_sidecar{suffix}"], results[f"envoy_sidecar_untracked{suffix}"]
+        allowed = 1 - on["denied_share"]
+        out[kind] = {
+            "rps_on": on["rps"], "rps_off": off["rps"], "rps_on_x_off": round(on["rps"] / off["rps"], 3),
+            "per_rep_x": [round(a / b, 3) for a, b in zip(on["rps_per_rep"], off["rps_per_rep"])],
+            "sidecar_cpu_us_per_settled_response": round(
+                (on["authz_cpu_us_per_request"] - off["authz_cpu_us_per_request"]) / allowed, 1),
+            "envoy_cpu_us_per_settled_response": round(
+                (on["envoy_cpu_us_per_request"] - off["envoy_cpu_us_per_request"]) / allowed, 1),
+        }
+    return out
 
 
 def _trim(log: Path, keep: int = 64 * 1024) -> None:

@@ -161,7 +161,7 @@ def test_allow_routes_swaps_credential_and_rewrites_model():
     assert headers[":path"] == "/v1/chat/completions"
     assert set(d.headers_to_remove) == {"x-api-key", "api-key", "x-goog-api-key", "cookie", "proxy-authorization",
                                         "x-litellm-api-key", "openai-organization", "openai-project",
-                                        "x-goog-user-project", "x-amz-security-token", "x-amz-date",
+                                        "x-goog-user-project", "x-goog-fieldmask", "x-amz-security-token", "x-amz-date",
                                         "x-amz-content-sha256", "x-amz-target", "x-amzn-bedrock-service-tier",
                                         "x-amzn-bedrock-guardrailidentifier", "x-amzn-bedrock-guardrailversion",
                                         "x-amzn-bedrock-trace", "x-amzn-bedrock-performanceconfig-latency",
