@@ -121,7 +121,7 @@ def test_committed_demo_config_is_current() -> None:
 def test_filter_order(example: dict[str, Any]) -> None:
     names = [f["name"] for f in hcm(example)["http_filters"]]
     assert names == ["envoy.filters.http.decompressor", "envoy.filters.http.ext_authz", "envoy.filters.http.lua",
-                     "extauthz.usage", "envoy.filters.http.router"]
+                     "extauthz.usage", "extauthz.usage_release", "envoy.filters.http.router"]
 
 
 def test_ext_authz_fails_closed_and_sends_the_whole_body(example: dict[str, Any]) -> None:

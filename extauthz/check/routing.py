@@ -35,6 +35,8 @@ SIGN_HEADER = "x-extauthz-sign"
 # Set to "1" on allows whose usage is counted (callers with rate limits): Envoy's usage
 # filter (envoy/usage.lua) runs on their responses only.
 USAGE_HEADER = "x-extauthz-usage"
+# Its values: a counted call; one that also holds an in-flight place (max_parallel_requests).
+COUNTED, COUNTED_IN_FLIGHT = "1", "2"
 # Headers only the gateway may set; Envoy's routes remove them before the provider too.
 INTERNAL_HEADERS = (CLUSTER_HEADER, SPLICE_HEADER, SIGN_HEADER, USAGE_HEADER)
 # An internal_user's request to the admin API, swapped to the master key: who it acts as

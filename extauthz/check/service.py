@@ -20,8 +20,8 @@ from extauthz.check.policy import UNAVAILABLE, Decision, authenticate, authorize
 from extauthz.check.request import body_of, facts_from_check, with_body
 from extauthz.check.responses import USAGE_ID, USAGE_ID_LENGTH, allow_bytes, deny_bytes, reply_bytes
 from extauthz.check.endpoints import Endpoint
-from extauthz.check.routing import (USAGE_HEADER, ACTING_ROUTES, ACTING_TEAMS_HEADER, ACTING_USER_HEADER, STREAMED_USAGE,
-                                    Route, jwt_admin_path, streams_unasked)
+from extauthz.check.routing import (USAGE_HEADER, ACTING_ROUTES, ACTING_TEAMS_HEADER, ACTING_USER_HEADER, COUNTED,
+                                    COUNTED_IN_FLIGHT, STREAMED_USAGE, Route, jwt_admin_path, streams_unasked)
 from extauthz.check.runtime import Runtime
 from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2
 from extauthz.check.catalog import ALL_TEAM_MODELS
@@ -54,7 +54,8 @@ NO_ROLE = Deny(403, "no_role", "The token maps to no role, and this gateway requ
 DEADLINE_SLACK_S = 0.1
 # A counted allow: Envoy's usage filter runs on its response, which must come
 # uncompressed (Envoy does not inflate responses; usage in a gzip body could not be read).
-COUNTED = ((USAGE_HEADER, "1"), ("accept-encoding", "identity"))
+COUNTED_HEADERS = ((USAGE_HEADER, COUNTED), ("accept-encoding", "identity"))
+COUNTED_IN_FLIGHT_HEADERS = ((USAGE_HEADER, COUNTED_IN_FLIGHT), ("accept-encoding", "identity"))
 # A token's teams and ids, bounded: Entra ID puts at most 200 groups in a token.
 MAX_TOKEN_TEAMS = 200
 MAX_ID_CHARS = 256
@@ -370,7 +371,8 @@ class AuthorizationService:
                 return refusal(limited, now, {k: v for k, v in decision.metadata.items() if k != USAGE_ID})
             if any(c.kind == "s" for c in counters):
                 decision.metadata["inflight"] = "1"  # Envoy frees the place as the response ends
-        return decision._replace(dynamic_headers=decision.dynamic_headers + COUNTED)
+                return decision._replace(dynamic_headers=decision.dynamic_headers + COUNTED_IN_FLIGHT_HEADERS)
+        return decision._replace(dynamic_headers=decision.dynamic_headers + COUNTED_HEADERS)
 
     async def team_of(self, team_id: str, jwt: JwtAuth) -> TeamRecord | None:
         """A token's team; with team_id_upsert, one that does not exist yet is created (with

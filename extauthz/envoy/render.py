@@ -23,7 +23,8 @@ from extauthz.envoy import jwt
 from extauthz.envoy.jwt import JWT_BEARER
 from extauthz.check import listing
 from extauthz.check.responses import USAGE_ID
-from extauthz.check.routing import (ACTING_HEADERS, CLUSTER_HEADER, INTERNAL_HEADERS, USAGE_HEADER, JWT_ADMIN_PATHS,
+from extauthz.check.routing import (ACTING_HEADERS, CLUSTER_HEADER, INTERNAL_HEADERS, USAGE_HEADER, COUNTED,
+                                    COUNTED_IN_FLIGHT, JWT_ADMIN_PATHS,
                                     JWT_ADMIN_PREFIXES, SIGN_HEADER, signer)
 
 AUTHZ_CLUSTER = "extauthz"
@@ -48,8 +49,9 @@ ADMIN_PREFIXES = ("/key/", "/team/", "/user/", "/v1/models/", "/models/", "/heal
 # Routes the sidecar is not asked about: the admin API checks the master key itself (its
 # JSON bodies are not LLM requests), and a request with no key at all is refused by Envoy.
 USAGE_FILTER = "extauthz.usage"  # a second Lua filter, under a name of its own
+USAGE_RELEASE_FILTER = "extauthz.usage_release"  # the same, for calls holding an in-flight place
 UNCHECKED_ROUTE_FILTERS = {name: {"@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}
-                           for name in (EXT_AUTHZ_FILTER, SPLICE_FILTER, USAGE_FILTER)}
+                           for name in (EXT_AUTHZ_FILTER, SPLICE_FILTER, USAGE_FILTER, USAGE_RELEASE_FILTER)}
 # Dynamic metadata the sidecar returns on a decision (see policy.py).
 EXT_AUTHZ_METADATA = ("key_alias", "key_hash", "team_id", "user_id", "role", "model", "deployment")
 
@@ -138,7 +140,7 @@ def _listener(s: Settings, e: EnvoySettings, port: int, signers: list[tuple[str,
         access_log=[_access_log(), _usage_log()],
         local_reply_config=_local_reply_config(s),
         http_filters=[_decompressor_filter(), *identity, _ext_authz_filter(s, e, bool(identity)), _splice_filter(),
-                      _usage_filter(), *_aws_signing_filters(signers), _router_filter()],
+                      *_usage_filters(), *_aws_signing_filters(signers), _router_filter()],
         route_config=_route_config(bool(identity)),
     )
     return {
@@ -188,18 +190,23 @@ def _usage_log() -> dict[str, Any]:
                                            "match_if_key_not_found": False}}}
 
 
-def _usage_filter() -> dict[str, Any]:
+def _usage_filters() -> list[dict[str, Any]]:
     """What a response reports of its usage, as metadata for the usage report: read by
     envoy/usage.lua as the chunks pass (a JSON body's top-level "usage", an event stream's
-    counts), nothing buffered. (Envoy's json_to_metadata would read JSON with its own
+    events), nothing buffered. (Envoy's json_to_metadata would read JSON with its own
     parser, but it holds the whole response first, and answers 500 past its buffer limit:
-    an embeddings response of some megabytes.)"""
+    an embeddings response of some megabytes.) Run only for the calls whose usage is
+    counted (the sidecar set USAGE_HEADER on their allow, as SIGN_HEADER): "1", or "2" for
+    a call holding an in-flight place, whose filter also frees it as the response ends (a
+    second copy, so that no other response pays for looking)."""
     code = resources.files("extauthz.envoy").joinpath("usage.lua").read_text(encoding="utf-8")
-    lua = {"name": "envoy.filters.http.lua", "typed_config": _typed("envoy.extensions.filters.http.lua.v3.Lua",
-                                                                    default_source_code={"inline_string": code})}
-    # Only for the calls whose usage is counted (the sidecar set USAGE_HEADER on their
-    # allow, as on SIGN_HEADER): a caller without limits pays nothing for it.
-    return _only_when(USAGE_FILTER, USAGE_HEADER, "1", lua)
+    out = []
+    for name, value, release in ((USAGE_FILTER, COUNTED, "false"), (USAGE_RELEASE_FILTER, COUNTED_IN_FLIGHT, "true")):
+        lua = {"name": "envoy.filters.http.lua", "typed_config": _typed(
+            "envoy.extensions.filters.http.lua.v3.Lua",
+            default_source_code={"inline_string": f"local RELEASE = {release}\n{code}"})}
+        out.append(_only_when(name, USAGE_HEADER, value, lua))
+    return out
 
 
 def _only_when(name: str, header: str, value: str, extension: dict[str, Any]) -> dict[str, Any]:

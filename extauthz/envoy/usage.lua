@@ -203,6 +203,9 @@ end
 -- is told before the response's last byte goes on, so a client that sends its next
 -- request at once finds the place free (the usage report, a moment later, would not).
 local function release(handle)
+  if not RELEASE then   -- set where the filter is rendered: true for the calls holding a place
+    return
+  end
   local decision = handle:streamInfo():dynamicMetadata():get("envoy.filters.http.ext_authz")
   if decision == nil or decision["inflight"] ~= "1" or decision["usage_id"] == nil then
     return
