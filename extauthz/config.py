@@ -47,6 +47,8 @@ ADMITTING_SETTINGS = {
     "enable_oauth2_auth": "OAuth2 callers are refused (401): only virtual keys are checked",
     "enable_oauth2_proxy_auth": "OAuth2-proxy callers are refused (401): only virtual keys are checked",
 }
+# LiteLLM's proxy-wide capacity limits: not who may call what, so a warning, not a refusal.
+PROXY_WIDE_LIMITS = ("max_parallel_requests", "global_max_parallel_requests")
 # litellm_settings (a section otherwise not read) that restrict callers: LiteLLM's proxy-wide
 # budget and its end users' budgets. Budgets here are on keys and teams (usage/budgets.py).
 RESTRICTING_LITELLM_SETTINGS = ("max_budget", "max_end_user_budget")
@@ -363,6 +365,10 @@ class _Parser:
         general = self.mapping(top.get("general_settings"), "general_settings")
         jwt = self.jwt_auth(general)
         unenforced = self.unenforced(general, jwt is not None) + self.unenforced_litellm(top.get("litellm_settings"))
+        for name in PROXY_WIDE_LIMITS:
+            if general.get(name) is not None:
+                self.warnings.append(f"general_settings.{name}: a proxy-wide limit, not enforced by extauthz (the "
+                                     "limits of keys and teams are: max_parallel_requests, rpm_limit, tpm_limit)")
         master_key = self.string(general.get("master_key"), "general_settings.master_key", secret=True)
         if master_key is not None and not master_key:
             raise self.error("general_settings.master_key", "must not be empty")

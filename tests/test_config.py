@@ -215,8 +215,11 @@ def test_a_proxy_wide_budget_is_named_and_refuses_every_request(tmp_path: Path) 
     assert c.refuses_all == ("litellm_settings.max_budget",)
     refusal = Runtime.of(c).refusal
     assert refusal is not None and "litellm_settings.max_budget" in refusal.message
-    ok = {"model_list": [MODEL], "litellm_settings": {"budget_duration": "30d", "max_budget": None}}
-    assert config.load(write(tmp_path, ok), environ={"OPENAI_API_KEY": "x"}).unenforced == ()
+    ok = {"model_list": [MODEL], "litellm_settings": {"budget_duration": "30d", "max_budget": None},
+          "general_settings": {"max_parallel_requests": 100, "global_max_parallel_requests": 1000}}
+    c = config.load(write(tmp_path, ok), environ={"OPENAI_API_KEY": "x"})
+    assert c.unenforced == ()  # proxy-wide capacity limits decide no access: named, not refused
+    assert sum("a proxy-wide limit, not enforced" in w for w in c.warnings) == 2
 
 
 def test_only_routable_deployments_get_an_envoy_cluster(tmp_path: Path) -> None:
