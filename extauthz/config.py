@@ -127,6 +127,10 @@ class Settings:
     # Every key's and team's spend counted (as in LiteLLM); off: only those with a budget or
     # a rate limit (the others' responses are then not read at all).
     spend_tracking: bool = setting(True)
+    # Whether the Envoy in front sends usage reports (envoy/usage.lua and the gRPC access
+    # log, as rendered). Without them budgets, tpm limits and max_parallel_requests cannot
+    # be enforced: their callers are refused (403 usage_not_reported), never let through.
+    usage_reports: bool = setting(True)
     shutdown_grace_s: float = setting(10.0, minimum=0)
 
 

@@ -346,3 +346,34 @@ def test_without_spend_tracking_only_callers_with_limits_are_counted(gateway: Ga
     wait_for(lambda: spend_of(gateway, budgeted) == pytest.approx(COST), "the budgeted key's cost")
     time.sleep(0.5)
     assert spend_of(gateway, free) == 0
+
+
+def test_where_envoy_sends_no_usage_reports_a_limit_that_needs_them_refuses(workdir: Path, config_path: Path,
+                                                                            redis_port: int,
+                                                                            upstream_port: int) -> None:
+    # Istio and Envoy Gateway, until the usage filter is added (the standalone overlay).
+    stack = start_stack(workdir, config_path, f"redis://127.0.0.1:{redis_port}/0",
+                        {"EXTAUTHZ_USAGE_REPORTS": "false"})
+    try:
+        g = Gateway(stack.envoy, upstream_port, stack.sidecar)
+        for limit in ({"max_budget": 10}, {"tpm_limit": 1000}, {"max_parallel_requests": 2}):
+            r = call(g, g.new_key(models=["gpt-4"], **limit))
+            assert r.status == 403 and r.json()["error"]["code"] == "usage_not_reported", (limit, r.text)
+        team = g.new_team(models=["gpt-4"], budget_duration="1d", max_budget=5)
+        assert call(g, g.new_key(team_id=team)).json()["error"]["code"] == "usage_not_reported"
+        # rpm_limit needs no report: it holds; a caller without limits goes as it was sent.
+        limited = g.new_key(models=["gpt-4"], rpm_limit=1)
+        left = 60 - time.time() % 60
+        if left < 10:
+            time.sleep(left + 0.5)
+        assert call(g, limited).status == 200 and call(g, limited).status == 429
+        free = g.new_key(models=["gpt-4"])
+        g.forget_upstream()
+        r = http("POST", g.envoy.url + "/v1/chat/completions", {"model": "gpt-4", "messages": [], "stream": True},
+                 {"Authorization": f"Bearer {free}", "accept-encoding": "gzip"})
+        assert r.status == 200
+        (seen,) = g.upstream_seen()
+        assert seen["headers"]["accept-encoding"] == "gzip" and "stream_options" not in seen["body"]
+    finally:
+        stack.stop()
+

@@ -553,14 +553,16 @@ def test_extauthz_container(mode: str) -> None:
 
 def test_extauthz_container_is_the_same_in_both_modes() -> None:
     """Only the differences the modes need: sidecar restart policy, the admin API's
-    exposure, shutdown timing and sizing."""
+    exposure, the usage reports (the standalone mode's Envoy, a mesh's or gateway's, sends
+    none until told to), shutdown timing and sizing."""
     allowed = {"restartPolicy", "lifecycle", "resources", "env"}
     (sidecar,) = extauthz_containers(kustomize(OVERLAYS["sidecar"]))
     (standalone,) = extauthz_containers(kustomize(OVERLAYS["standalone"]))
     for key in (set(sidecar) | set(standalone)) - allowed:
         assert sidecar.get(key) == standalone.get(key), f"extauthz container field {key!r} differs between modes"
     env_s, env_a = env_map(sidecar), env_map(standalone)
-    assert set(env_a) - set(env_s) == {"EXTAUTHZ_ADMIN_HOST"} and not set(env_s) - set(env_a)
+    assert set(env_a) - set(env_s) == {"EXTAUTHZ_ADMIN_HOST", "EXTAUTHZ_USAGE_REPORTS"} and not set(env_s) - set(env_a)
+    assert env_a["EXTAUTHZ_USAGE_REPORTS"]["value"] == "false"
     for name in env_s:
         assert env_s[name] == env_a[name], f"env {name} differs between modes"
 

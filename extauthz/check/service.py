@@ -141,10 +141,28 @@ def unpriced(decision: Allow, facts: Facts, runtime: Runtime) -> str | None:
     return None
 
 
+def needs_reports(key: KeyRecord, team: TeamRecord | None) -> str | None:
+    """The limit of a caller that only usage reports can enforce (a budget, tokens per
+    minute, requests in flight), named, or None."""
+    for owner, record in ((f"Key {key.label!r}", key), (f"Team {team.label!r}" if team else "", team)):
+        if record is None:
+            continue
+        if record.budget is not None and record.budget.enforced:
+            return f"{owner}'s budget"
+        found = record.limits
+        if found is not None and (found.tpm is not None or found.model_tpm or found.parallel is not None):
+            return f"{owner}'s {'max_parallel_requests' if found.parallel is not None else 'tpm_limit'}"
+    return None
+
+
 def counted(key: KeyRecord, team: TeamRecord | None, runtime: Runtime) -> bool:
     """Whether an allowed call's response is read for its usage: every call while spend is
-    tracked (the default), else those of keys and teams with a rate limit or a budget."""
-    return runtime.config.settings.spend_tracking or any(
+    tracked (the default), else those of keys and teams with a rate limit or a budget;
+    none where Envoy sends no usage reports."""
+    settings = runtime.config.settings
+    if not settings.usage_reports:
+        return False
+    return settings.spend_tracking or any(
         r is not None and (r.budget is not None or r.limits is not None and r.limits.rate_limited)
         for r in (key, team))
 
@@ -347,11 +365,18 @@ class AuthorizationService:
                     f"Team {team.label!r}"  # type: ignore[union-attr]
                 return Deny(403, "unpriced_model", f"{owner} has a budget, and this call's cost cannot be counted: "
                             f"{why}.", "model", decision.metadata)
-        if self.counters is None or not counted(key, team, runtime):
-            return decision
+        if not runtime.config.settings.usage_reports:
+            needing = needs_reports(key, team)
+            if needing is not None:
+                return Deny(403, "usage_not_reported", f"{needing} needs the usage providers report, and this "
+                            "gateway's Envoy does not send it (extauthz_settings.usage_reports is false), so the "
+                            "limit cannot be enforced.", None, decision.metadata)
         key_limits, team_limits = key.limits, team.limits if team is not None else None
         rate_limited = (key_limits is not None and key_limits.rate_limited) or (
             team_limits is not None and team_limits.rate_limited)
+        track = counted(key, team, runtime)
+        if self.counters is None or not (rate_limited or track):
+            return decision
         # The id its usage report will be settled under: Envoy's request id is the client's
         # own on a trusted network, and one sent on every request would settle only once.
         decision.metadata[USAGE_ID] = secrets.token_hex(USAGE_ID_LENGTH // 2)
@@ -372,6 +397,8 @@ class AuthorizationService:
             if any(c.kind == "s" for c in counters):
                 decision.metadata["inflight"] = "1"  # Envoy frees the place as the response ends
                 return decision._replace(dynamic_headers=decision.dynamic_headers + COUNTED_IN_FLIGHT_HEADERS)
+        if not track:  # no usage reports: its rpm window was counted, nothing else
+            return decision
         return decision._replace(dynamic_headers=decision.dynamic_headers + COUNTED_HEADERS)
 
     async def team_of(self, team_id: str, jwt: JwtAuth) -> TeamRecord | None:
