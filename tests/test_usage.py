@@ -279,6 +279,29 @@ def test_a_client_that_cuts_a_stream_still_pays_for_what_was_reported(provider_g
     wait_for(lambda: tpm_used(gateway, key) == 101, "message_start's 100 input tokens and 1 output token")
 
 
+def test_a_client_that_cuts_geminis_json_stream_pays_for_the_chunks_it_got(provider_gateway: Gateway) -> None:
+    # streamGenerateContent without alt=sse: a JSON array, each chunk with a running
+    # usageMetadata; the last one read counts when the client goes away.
+    import http.client
+    from urllib.parse import urlsplit
+    gateway = provider_gateway
+    key = gateway.new_key(models=["gemini-flash"], tpm_limit=100_000)
+    fresh_window()
+    target = urlsplit(gateway.envoy.url)
+    conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+    conn.request("POST", "/v1beta/models/gemini-flash:streamGenerateContent",
+                 body=json.dumps({"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}),
+                 headers={"Authorization": f"Bearer {key}", "content-type": "application/json",
+                          "x-fake-usage": "40,9", "x-fake-delay": "1.5"})
+    response = conn.getresponse()
+    assert response.status == 200
+    got = b""
+    while b"usageMetadata" not in got:
+        got += response.read1(4096)
+    conn.close()  # after the first chunk, long before the array ends
+    wait_for(lambda: tpm_used(gateway, key) == 41, "the first chunk's 40 + 1 tokens")
+
+
 def test_a_caller_cannot_ask_google_to_leave_the_usage_out(provider_gateway: Gateway) -> None:
     # Google's system parameters filter or re-encode the answer: usageMetadata would go.
     gateway = provider_gateway
@@ -286,10 +309,13 @@ def test_a_caller_cannot_ask_google_to_leave_the_usage_out(provider_gateway: Gat
     gateway.forget()
     body = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}
     r = http("POST", gateway.envoy.url + "/v1beta/models/gemini-flash:generateContent?fields=candidates&%24fields=x"
-             "&alt=proto&prettyPrint=false", body, {"Authorization": f"Bearer {key}", "X-Goog-FieldMask": "candidates"})
+             "&alt=proto&Alt=PROTO&callback=f&%24callback=g&%24ct=text/plain&prettyPrint=false", body,
+             {"Authorization": f"Bearer {key}", "X-Goog-FieldMask": "candidates"})
     assert r.status == 200, r.text
     (seen,) = gateway.seen("gemini")
-    assert "fields" not in seen["path"] and "alt=" not in seen["path"] and "prettyPrint=false" in seen["path"]
+    for name in ("fields", "alt=", "Alt=", "callback", "%24ct"):
+        assert name not in seen["path"], seen["path"]
+    assert "prettyPrint=false" in seen["path"]
     assert "x-goog-fieldmask" not in seen["headers"]
 
 

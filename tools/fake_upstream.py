@@ -408,6 +408,15 @@ async def echo(request: web.Request) -> web.StreamResponse:
             if request.query.get("alt") == "sse":
                 events = "".join(f"data: {json.dumps(c)}\r\n\r\n" for c in (first, reply))
                 return web.Response(text=events, content_type="text/event-stream")
+            delay = float(headers.get("x-fake-delay", "0"))
+            if delay:  # the array as it streams: a chunk, a pause, the next
+                response = web.StreamResponse(headers={"content-type": "application/json"})
+                await response.prepare(request)
+                for piece in ("[" + json.dumps(first), ",\r\n" + json.dumps(reply), "]"):
+                    await response.write(piece.encode())
+                    await asyncio.sleep(delay)
+                await response.write_eof()
+                return response
             return web.json_response([first, reply])
     if wanted and isinstance(reply.get("usage"), dict):
         given, taken = (int(n) for n in wanted.split(","))

@@ -60,9 +60,10 @@ def jwt_admin_path(path: str) -> bool:
     return route in JWT_ADMIN_PATHS or route.startswith(JWT_ADMIN_PREFIXES)
 # Query parameters that address a provider, carry a key or pick who is billed (Google's
 # userProject): the sidecar sets its own or none.
-PROVIDER_QUERY = frozenset({"api-version", "key", "userProject", "$userProject",
-                            # Google's field masks would strip usageMetadata from the answer
-                            "fields", "$fields"})
+PROVIDER_QUERY = frozenset({"api-version", "key", "userproject", "$userproject",
+                            # Google's system parameters that would strip usageMetadata from the
+                            # answer or wrap it where it is not read (JSONP, another content type)
+                            "fields", "$fields", "callback", "$callback", "$ct"})
 # Google's response formats: JSON and events are read for their usage; others (alt=proto)
 # are not, so the parameter is dropped and the answer comes as JSON.
 READABLE_ALT = frozenset({"json", "sse"})
@@ -106,8 +107,10 @@ def splice_plan(body: JsonModel | None, model: str, insert: bool) -> str:
 def _client_query(query: str) -> str:
     if not query:
         return ""
-    kept = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k not in PROVIDER_QUERY
-            and (k not in ("alt", "$alt") or v in READABLE_ALT)]
+    # Names compared in lower case: a front end that reads them without regard to case
+    # must not see one that was let through.
+    kept = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k.lower() not in PROVIDER_QUERY
+            and (k.lower() not in ("alt", "$alt") or v.lower() in READABLE_ALT)]
     return urlencode(kept)
 
 

@@ -127,8 +127,9 @@ def unpriced(decision: Allow, facts: Facts, runtime: Runtime) -> str | None:
     endpoint = facts.endpoint
     if not isinstance(decision.route, Route) or not isinstance(endpoint, Endpoint):
         return "a pass-through path has no price"
-    if endpoint.operation in FREE_OPERATIONS:
-        return None
+    if endpoint.operation in FREE_OPERATIONS and (endpoint.operation != "moderations"
+                                                  or decision.route.deployment.provider in ("openai", "azure")):
+        return None  # (OpenAI's moderations are free; others' are not)
     if endpoint.operation not in PRICED_OPERATIONS:
         return f"{endpoint.operation!r} calls are not priced per token"
     if runtime.price(decision.route.route_id, str(decision.metadata.get("model", ""))) is None:

@@ -307,11 +307,19 @@ function envoy_on_response(handle)
     return
   end
   local found = {}
-  local state, tail, sse = json_state(), "", sse_state()
+  local state, tail, sse, read = json_state(), "", sse_state(), nil
   for chunk in handle:bodyChunks() do
     local text = chunk:getBytes(0, chunk:length())
     if json then
       scan_json(state, text)
+      -- Each usage object as soon as it is whole (Gemini's array of chunks carries one a
+      -- chunk, cumulative): a client going away mid-body leaves the last one read.
+      if state.usage ~= read then
+        read, found = state.usage, {}
+        if counts(read, found, false) then
+          publish(handle, found)
+        end
+      end
     elseif aws then
       tail = scan_aws(handle, tail .. text, found)
     else
@@ -321,8 +329,5 @@ function envoy_on_response(handle)
   if stream then
     end_line(handle, sse, found)   -- a last event without its newline
   end
-  release(handle)
-  if json and state.usage and counts(state.usage, found, false) then
-    publish(handle, found)
-  end
+  release(handle)                  -- after the counts are written: the release may wait
 end
