@@ -62,7 +62,8 @@ def reject_unknown(body: dict[str, Any], allowed: set[str]) -> None:
 
 def not_enforced(doc: dict[str, Any], user: bool = False) -> list[str]:
     stored_only = NOT_ENFORCED + tuple(LIMIT_FIELDS) if user else NOT_ENFORCED
-    return sorted(k for k in doc if k in stored_only and doc[k] is not None)
+    # "spend" is counted (a view shows the counted one); one an admin sets is not used.
+    return sorted(k for k in doc if k in stored_only and doc[k] is not None and k != "spend")
 
 
 def duration_seconds(text: str) -> int:
