@@ -259,47 +259,44 @@ def test_a_streamed_echo_of_the_clients_json_cannot_pose_as_usage(gateway: Gatew
     assert tpm_used(gateway, key) == 15
 
 
+def cut_after(gateway: Gateway, key: str, path: str, body: dict, usage: str, seen: bytes) -> None:
+    """A slow stream (1.5 s between its parts), which the client leaves once ``seen`` came."""
+    import http.client
+    from urllib.parse import urlsplit
+    target = urlsplit(gateway.envoy.url)
+    conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+    conn.request("POST", path, body=json.dumps(body), headers={
+        "Authorization": f"Bearer {key}", "content-type": "application/json", "x-fake-usage": usage,
+        "x-fake-delay": "1.5"})
+    response = conn.getresponse()
+    assert response.status == 200
+    got = b""
+    while seen not in got:
+        more = response.read1(4096)
+        assert more, f"{seen!r} never came"
+        got += more
+    conn.close()  # long before the stream's end
+
+
 def test_a_client_that_cuts_a_stream_still_pays_for_what_was_reported(provider_gateway: Gateway) -> None:
     # Anthropic reports the input tokens in its first event: they count even if the client
     # goes away before the last one.
-    import http.client
-    from urllib.parse import urlsplit
-    gateway = provider_gateway
-    key = gateway.new_key(models=["claude-sonnet"], tpm_limit=100_000)
+    key = provider_gateway.new_key(models=["claude-sonnet"], tpm_limit=100_000)
     fresh_window()
-    target = urlsplit(gateway.envoy.url)
-    conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
-    conn.request("POST", "/v1/messages", body=json.dumps({"model": "claude-sonnet", "max_tokens": 5, "stream": True,
-                                                          "messages": [{"role": "user", "content": "hi"}]}),
-                 headers={"Authorization": f"Bearer {key}", "content-type": "application/json",
-                          "x-fake-usage": "100,7", "x-fake-delay": "1.5"})
-    response = conn.getresponse()
-    assert response.status == 200 and b"message_start" in response.read(64)
-    conn.close()  # after message_start, long before message_delta
-    wait_for(lambda: tpm_used(gateway, key) == 101, "message_start's 100 input tokens and 1 output token")
+    cut_after(provider_gateway, key, "/v1/messages", {"model": "claude-sonnet", "max_tokens": 5, "stream": True,
+                                                      "messages": [{"role": "user", "content": "hi"}]},
+              "100,7", b"message_start")
+    wait_for(lambda: tpm_used(provider_gateway, key) == 101, "message_start's 100 input tokens and 1 output token")
 
 
 def test_a_client_that_cuts_geminis_json_stream_pays_for_the_chunks_it_got(provider_gateway: Gateway) -> None:
     # streamGenerateContent without alt=sse: a JSON array, each chunk with a running
     # usageMetadata; the last one read counts when the client goes away.
-    import http.client
-    from urllib.parse import urlsplit
-    gateway = provider_gateway
-    key = gateway.new_key(models=["gemini-flash"], tpm_limit=100_000)
+    key = provider_gateway.new_key(models=["gemini-flash"], tpm_limit=100_000)
     fresh_window()
-    target = urlsplit(gateway.envoy.url)
-    conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
-    conn.request("POST", "/v1beta/models/gemini-flash:streamGenerateContent",
-                 body=json.dumps({"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}),
-                 headers={"Authorization": f"Bearer {key}", "content-type": "application/json",
-                          "x-fake-usage": "40,9", "x-fake-delay": "1.5"})
-    response = conn.getresponse()
-    assert response.status == 200
-    got = b""
-    while b"usageMetadata" not in got:
-        got += response.read1(4096)
-    conn.close()  # after the first chunk, long before the array ends
-    wait_for(lambda: tpm_used(gateway, key) == 41, "the first chunk's 40 + 1 tokens")
+    cut_after(provider_gateway, key, "/v1beta/models/gemini-flash:streamGenerateContent",
+              {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}, "40,9", b"usageMetadata")
+    wait_for(lambda: tpm_used(provider_gateway, key) == 41, "the first chunk's 40 + 1 tokens")
 
 
 def test_a_caller_cannot_ask_google_to_leave_the_usage_out(provider_gateway: Gateway) -> None:
