@@ -131,6 +131,9 @@ class Settings:
     # log, as rendered). Without them budgets, tpm limits and max_parallel_requests cannot
     # be enforced: their callers are refused (403 usage_not_reported), never let through.
     usage_reports: bool = setting(True)
+    # shadow: model and limit denials are recorded (outcome shadow_deny) and the request
+    # goes on, for rolling enforcement out on live traffic (check/shadow.py).
+    enforcement: str = setting("enforce", choices=("enforce", "shadow"))
     shutdown_grace_s: float = setting(10.0, minimum=0)
 
 

@@ -26,6 +26,7 @@ from extauthz.check.runtime import Runtime
 from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2
 from extauthz.check.catalog import ALL_TEAM_MODELS
 from extauthz.check import listing
+from extauthz.check import shadow as shadow_mode
 from extauthz.check import routes
 from extauthz.check.identity import ADMIN_ROLES, Identity, identify, issued_for, scope_models
 from extauthz.config import JwtAuth
@@ -234,6 +235,12 @@ class AuthorizationService:
             if isinstance(decision, Allow):
                 answer = allow_bytes(decision)
                 seconds = time.perf_counter() - started
+                shadowed = decision.metadata.get(shadow_mode.SHADOW_DENY)
+                if shadowed is not None:  # allowed, and logged as the denial it stands for
+                    self.metrics.record(shadow_mode.SHADOW_DENY, shadowed, seconds)
+                    self.decision_log.write(shadow_mode.SHADOW_DENY, shadowed, 200, decision.metadata, request_id,
+                                            seconds)
+                    return answer
                 self.metrics.record("allow", "ok", seconds)
                 if self.log_allowed:
                     self.decision_log.write("allow", "ok", 200, decision.metadata, request_id, seconds)
@@ -267,7 +274,23 @@ class AuthorizationService:
             return runtime.refusal
         # Reading the body, and a rewrite's plan over it, on the body thread when large.
         decision, facts = await self.with_body(facts, body_of(request), key, team, runtime, owner)
-        return await self.within_limits(decision, facts, key, team, runtime)  # type: ignore[arg-type]
+        return await self.enforced(decision, facts, key, team, runtime)  # type: ignore[arg-type]
+
+    async def enforced(self, decision: Decision, facts: Facts, key: KeyRecord, team: TeamRecord | None,
+                       runtime: Runtime) -> Decision:
+        """The decision within the caller's limits; in shadow mode a model or limit denial is
+        recorded on an allow instead (check/shadow.py)."""
+        shadow = shadow_mode.shadowed(runtime.config.settings.enforcement, team)
+        if shadow and isinstance(decision, Deny) and decision.code in shadow_mode.MODEL_CODES:
+            permitted = shadow_mode.as_permitted(decision, facts, key, runtime.catalog, random.random(),
+                                                 counted(key, team, runtime))
+            decision = permitted if permitted is not None else decision
+        limited = await self.within_limits(decision, facts, key, team, runtime)
+        if shadow and isinstance(limited, Deny) and limited.code in shadow_mode.LIMIT_CODES \
+                and isinstance(decision, Allow):
+            decision.metadata.pop(USAGE_ID, None)  # let through uncounted: its limit said no
+            return shadow_mode.mark(decision, limited)
+        return limited
 
     async def decide_jwt(self, facts: Facts, request: external_auth_pb2.CheckRequest, runtime: Runtime) -> Decision:
         """A caller whose JWT Envoy verified: its teams' records decide, as a key of each
@@ -336,13 +359,17 @@ class AuthorizationService:
                 facts, body, key, team, runtime)
             if isinstance(decision, Allow):
                 decision.metadata["role"] = identity.role
-                return await self.within_limits(decision, read, key, team, runtime)
-            denials.append(decision)
-        if len(denials) == 1 or any(d.code != "model_not_allowed" for d in denials):
-            return denials[0]  # the request itself is wrong, or one team: its own refusal
-        each = "; ".join(f"team {t.label!r}: {list(t.models) or 'all models'}" for t in teams)
-        return Deny(403, "model_not_allowed", f"No team of the token may use {facts.model!r}. {each}.", "model",
-                    denials[0].metadata)
+                return await self.enforced(decision, read, key, team, runtime)
+            denials.append((decision, read, key, team))
+        first, read, key, team = denials[0]
+        if len(denials) > 1 and all(d.code == "model_not_allowed" for d, _, _, _ in denials):
+            each = "; ".join(f"team {t.label!r}: {list(t.models) or 'all models'}" for t in teams)
+            first = Deny(403, "model_not_allowed", f"No team of the token may use {facts.model!r}. {each}.", "model",
+                         first.metadata)
+        # The request itself is wrong, or no team may use the model: its refusal (or, in
+        # shadow mode, the first team's allow with that refusal recorded).
+        return await self.enforced(first, read, key, team, runtime) if isinstance(first, Deny) \
+            and first.code == "model_not_allowed" else first
 
     async def within_limits(self, decision: Decision, facts: Facts, key: KeyRecord, team: TeamRecord | None,
                              runtime: Runtime) -> Decision:

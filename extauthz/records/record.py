@@ -153,6 +153,7 @@ class TeamRecord(NamedTuple):
     limits: Limits | None = None
     budget: Budget | None = None
     spent: tuple[tuple[str, float], ...] = ()
+    shadow: bool = False    # metadata "enforcement": "shadow": its denials recorded, not enforced
 
     @property
     def label(self) -> str:
@@ -160,8 +161,10 @@ class TeamRecord(NamedTuple):
 
     @classmethod
     def from_document(cls, doc: dict[str, Any]) -> "TeamRecord":
+        metadata = doc.get("metadata")
         return cls(_name(doc["team_id"]), doc.get("team_alias"), _shared(doc.get("models")), bool(doc.get("blocked")),
-                   limits.read(doc), budgets.read(doc))
+                   limits.read(doc), budgets.read(doc), (),
+                   isinstance(metadata, dict) and metadata.get("enforcement") == "shadow")
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> "TeamRecord":
