@@ -114,3 +114,16 @@ def test_a_team_admin_member_acts_with_its_token(rbac: Gateway, idp: IdentityPro
     # team_allowed_routes still apply to it: /key/delete is not in them.
     assert code(call(rbac, "POST", "/key/delete", captain, {"keys": [made.json()["key"]]})) == (403,
                                                                                                 "route_not_allowed")
+
+
+def test_a_shadow_teams_jwt_callers_are_recorded_not_refused(rbac: Gateway, idp: IdentityProvider) -> None:  # noqa: F811
+    # Shadow mode for a team's token callers: a model no team of the token may use is
+    # recorded and routed; a token for a team not in shadow mode is still refused.
+    assert rbac.admin("/team/new", {"team_id": "rollout", "models": ["gpt-4"],
+                                    "metadata": {"enforcement": "shadow"}}).status == 200
+    shadowed = idp.token(sub="svc-rollout", groups=["rollout"])
+    rbac.forget_upstream()
+    assert rbac.chat(shadowed, "gpt-4o").status == 200
+    assert rbac.upstream_seen()[0]["body"]["model"] == "gpt-4o"
+    enforced = idp.token(sub="svc-core", groups=["core"])
+    assert code(rbac.chat(enforced, "gpt-4o")) == (403, "model_not_allowed")
