@@ -299,7 +299,8 @@ def hosted_edits(body: JsonModel | None, hosted: providers.HostedAnthropic
         if member.name == "model":
             edits.append((member.start, member.value_end, raw[member.start:member.value_end], version))
         elif member.name == "stream":
-            value = raw[member.start:member.value_end].rsplit(b":", 1)[1].strip()
+            start, end = _value_span(raw, member)
+            value = raw[start:end]
             if value not in (b"true", b"false"):
                 return _STREAM_NOT_BOOLEAN
             streams = value == b"true"
@@ -317,7 +318,6 @@ STREAMED_USAGE = ("chat/completions", "completions")
 INCLUDE_USAGE = b'"include_usage": true'
 # Azure OpenAI reads stream_options from this API version on; older ones refuse the field.
 AZURE_STREAM_OPTIONS = "2024-09-01"
-_STREAM_NOT_BOOLEAN_OPENAI = Problem("invalid_request_body", "'stream' must be true or false.", param="stream")
 _STREAM_OPTIONS_NOT_OBJECT = Problem("invalid_request_body", "'stream_options' must be an object.",
                                      param="stream_options")
 
@@ -339,7 +339,7 @@ def usage_edit(body: JsonModel) -> tuple[int, int, bytes, bytes] | Problem | Non
     if body.stream is ABSENT or body.stream is False:
         return None
     if body.stream is not True:
-        return _STREAM_NOT_BOOLEAN_OPENAI
+        return _STREAM_NOT_BOOLEAN
     options, raw = body.stream_options, body.body
     if options is ABSENT:
         first = raw.index(b"{") + 1

@@ -83,11 +83,13 @@ def route_refusal(identity: Identity, jwt: JwtAuth, facts: Facts) -> Deny | None
 
 def budget_refusal(key: KeyRecord, team: TeamRecord | None, model: str, now: float,
                    metadata: dict[str, Any]) -> Deny | None:
-    """The key's budget, then its team's: each compared with the spend read with its record."""
-    over = budgets.exceeded(scope("key", key.token_hash), key.budget, key.spent, model, now)
-    if over is not None:
-        return budgets.refusal(over[0], over[1], f"Key={key.label!r}", metadata)
-    if team is not None:
+    """The key's budget, then its team's: each compared with the spend read with its record
+    (nothing to do, not even a counter's name, for the callers without one)."""
+    if budgets.binding(key.budget):
+        over = budgets.exceeded(scope("key", key.token_hash), key.budget, key.spent, model, now)
+        if over is not None:
+            return budgets.refusal(over[0], over[1], f"Key={key.label!r}", metadata)
+    if team is not None and budgets.binding(team.budget):
         over = budgets.exceeded(scope("team", team.team_id), team.budget, team.spent, model, now)
         if over is not None:
             return budgets.refusal(over[0], over[1], f"Team={team.label!r}", metadata)
@@ -149,7 +151,7 @@ def needs_reports(key: KeyRecord, team: TeamRecord | None) -> str | None:
     for owner, record in ((f"Key {key.label!r}", key), (f"Team {team.label!r}" if team else "", team)):
         if record is None:
             continue
-        if record.budget is not None and record.budget.enforced:
+        if budgets.binding(record.budget):
             return f"{owner}'s budget"
         found = record.limits
         if found is not None and (found.tpm is not None or found.model_tpm or found.parallel is not None):
@@ -385,11 +387,10 @@ class AuthorizationService:
         if over is not None:
             self.metrics.limited(over.metadata["limit"], team.team_id if team is not None else None)  # type: ignore
             return over
-        if (key.budget is not None and key.budget.enforced) or (team is not None and team.budget is not None
-                                                                  and team.budget.enforced):
+        if budgets.binding(key.budget) or (team is not None and budgets.binding(team.budget)):
             why = unpriced(decision, facts, runtime)
             if why is not None:
-                owner = f"Key {key.label!r}" if key.budget is not None and key.budget.enforced else \
+                owner = f"Key {key.label!r}" if budgets.binding(key.budget) else \
                     f"Team {team.label!r}"  # type: ignore[union-attr]
                 return Deny(403, "unpriced_model", f"{owner} has a budget, and this call's cost cannot be counted: "
                             f"{why}.", "model", decision.metadata)

@@ -30,7 +30,7 @@ from redis.exceptions import RedisError, WatchError
 
 from extauthz.telemetry import tracing
 from extauthz.records.record import KeyRecord, TeamRecord, UserRecord, team_members
-from extauthz.usage.budgets import spend_counters
+from extauthz.usage.budgets import binding, spend_counters
 from extauthz.usage.limits import scope
 
 TRANSACTION_ATTEMPTS = 100
@@ -131,7 +131,7 @@ class RedisReader(Keyspace):
 
     async def with_spend(self, record: Any, where: str) -> Any:
         """A record with a budget, with its spend in the current period(s)."""
-        if record.budget is None or not record.budget.enforced:
+        if not binding(record.budget):
             return record
         counters = spend_counters(where, record.budget, None, time.time())
         try:

@@ -106,6 +106,12 @@ class Budget(NamedTuple):
 UNREADABLE = Budget(max=0.0)  # a stored budget that does not read refuses, rather than lifts
 
 
+def binding(budget: Budget | None) -> bool:
+    """Whether a record's budget refuses calls (one with only a period or a soft budget
+    counts spend and refuses nothing)."""
+    return budget is not None and budget.enforced
+
+
 def model_budgets(value: Any, whole: Period | None) -> tuple[ModelBudget, ...]:
     """``model_max_budget``: ``{"gpt-4o": 10}`` (over the record's budget_duration), or
     LiteLLM's ``{"gpt-4o": {"budget_limit": 10, "time_period": "1d"}}``."""
@@ -184,7 +190,7 @@ def exceeded(where: str, budget: Budget | None, spent: tuple[tuple[str, float], 
     """The counter at or over its budget (``spend >= max_budget``, so a budget of 0 refuses
     at once, as in LiteLLM) with its spend, or None. ``spent``: the counters read with the
     record; one of an earlier period is not the current one, whose spend is then 0."""
-    if budget is None or not budget.enforced:
+    if not binding(budget):
         return None
     values = dict(spent)
     for counter in spend_counters(where, budget, model, now):

@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator, Callable, NamedTuple
 import grpc
 
 from extauthz.proto.envoy.service.accesslog.v3 import als_pb2
-from extauthz.records.store import RecordReader, StoreUnavailable
+from extauthz.records.store import Keyspace, RecordReader, StoreUnavailable
 from extauthz.telemetry.metrics import SOFT_BUDGET_CROSSINGS, SPEND, USAGE_REPORTS, TeamLabels
 from extauthz.usage import prices
 from extauthz.usage.budgets import spend_counters
@@ -83,9 +83,8 @@ class UsageReports:
     """The AccessLogService the rendered Envoy streams its usage reports to: each report
     settled once, into the token windows (tpm_limit) and the spend counters (budgets)."""
 
-    def __init__(self, counters: RateCounters, store: RecordReader | None = None,
-                 price: Callable[[str, str], Price | None] = lambda route_id, model: None,
-                 keyspace: Any = None) -> None:
+    def __init__(self, counters: RateCounters, store: RecordReader, price: Callable[[str, str], Price | None],
+                 keyspace: Keyspace) -> None:
         self.counters = counters
         self.store = store
         self.price = price              # (route id, model) -> price, from the running config
@@ -122,14 +121,12 @@ class UsageReports:
     async def owners(self, report: Report) -> list[tuple[str, str, Any]]:
         """(scope, record key, record) of the key and the team a report is for."""
         out = []
-        if report.key_id is not None:
-            key = await self.store.get_key(report.key_id) if self.store and report.key_id != "master" else None
-            out.append((scope("key", report.key_id), self.keyspace.key_id(report.key_id) if self.keyspace else "",
-                        key))
+        if report.key_id is not None:  # (the master key has no record)
+            key = await self.store.get_key(report.key_id) if report.key_id != "master" else None
+            out.append((scope("key", report.key_id), self.keyspace.key_id(report.key_id), key))
         if report.team_id is not None:
-            team = await self.store.get_team(report.team_id) if self.store else None
-            out.append((scope("team", report.team_id), self.keyspace.team_id(report.team_id) if self.keyspace
-                        else "", team))
+            out.append((scope("team", report.team_id), self.keyspace.team_id(report.team_id),
+                        await self.store.get_team(report.team_id)))
         return out
 
     async def settlement(self, report: Report, now: float) -> Settlement:
