@@ -48,7 +48,7 @@ async def _crossings(redis_port: int, settling_port: int, other_port: int) -> di
                     raise RuntimeError("a key with its budget left was refused")
             (counter,) = spend_counters(scope("key", hash_token(raw)), parse(doc), MODEL_A, time.time())
             flags = await counters.settle([Settlement(secrets.token_hex(12), 0, [], [], 0.02,
-                                                      [(counter, f"{PREFIX}key:{doc['token']}")])])
+                                                      [(counter, (f"{PREFIX}key:{doc['token']}",))])])
             settled = time.perf_counter()
             if flags != [[OVER]]:
                 raise RuntimeError(f"the settlement did not cross the budget: {flags}")

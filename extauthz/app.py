@@ -165,7 +165,7 @@ class App:
         cached = CachedStore(self.store, self.cache)
         counters = RateCounters(self.store.redis, s.key_prefix, s.redis_timeout_ms / 1000)
         self.service = AuthorizationService(self.runtime, cached, s.log_allowed, logs.DecisionLog(s.log_format),
-                                            check_message_limit(s), Upserts(cached, RedisWriter(self.store)), counters)
+                                            check_message_limit(s), Upserts(cached, RedisWriter(self.store, s.audit_max_entries)), counters)
         self.usage = UsageReports(counters, cached, lambda route_id, model: self.runtime().price(route_id, model),
                                   self.store)
         self.health = health_aio.HealthServicer()
@@ -209,7 +209,8 @@ class App:
             self.tasks.append(asyncio.create_task(self.invalidator.run(), name="invalidation"))
         await self.grpc.start()
         stats = lambda: {"cache": self.cache.stats(), "config": self.runtime.stats()}  # noqa: E731
-        await self.serve_http(AdminApi(self.runtime, RedisWriter(self.store), stats, self.service.store).app(),
+        await self.serve_http(AdminApi(self.runtime, RedisWriter(self.store, s.audit_max_entries), stats, self.service.store,
+                                       self.service).app(),
                               admin_socket)
         if metrics_socket is not None:
             await self.serve_http(metrics_app(), metrics_socket)

@@ -135,6 +135,8 @@ class Settings:
     # goes on, for rolling enforcement out on live traffic (check/shadow.py).
     enforcement: str = setting("enforce", choices=("enforce", "shadow"))
     shutdown_grace_s: float = setting(10.0, minimum=0)
+    # The audit trail's length in Redis (the stream <key_prefix>audit, trimmed to about this).
+    audit_max_entries: int = setting(100_000, minimum=1)
 
 
 @dataclass(frozen=True)

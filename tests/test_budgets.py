@@ -160,7 +160,7 @@ def test_settlement_adds_the_cost_once_and_flags_the_crossings(redis_port: int) 
         await redis.flushdb()
         await redis.set("t:key:h", '{"token": "h"}', ex=1000)
         counters = RateCounters(redis, "t:", 2.0)
-        spend = [(SpendCounter("spend:key:h", 0.1, 0.05, None, None), "t:key:h")]
+        spend = [(SpendCounter("spend:key:h", 0.1, 0.05, None, None), ("t:key:h",))]
 
         async def settle(usage_id: str, cost: float | None, which: list = spend) -> list[int] | None:
             (flags,) = await counters.settle([Settlement(usage_id, 0, [], [], cost, which)])
@@ -175,7 +175,7 @@ def test_settlement_adds_the_cost_once_and_flags_the_crossings(redis_port: int) 
         # The record was rewritten in place (what the caches are told of): same value, same TTL.
         assert await redis.get("t:key:h") == b'{"token": "h"}' and 900 < await redis.ttl("t:key:h") <= 1000
         assert await settle("u5", None) == []          # unpriced: no spend
-        periodic = [(SpendCounter("spend:key:h:60s:1", None, None, None, time.time() + 100), "t:key:h")]
+        periodic = [(SpendCounter("spend:key:h:60s:1", None, None, None, time.time() + 100), ("t:key:h",))]
         assert await settle("u6", 1e-9, periodic) == [0]
         assert 0 < await redis.ttl("t:spend:key:h:60s:1") <= 101
         assert await counters.spent(["spend:key:h:60s:1", "spend:none"]) == [1e-9, 0.0]

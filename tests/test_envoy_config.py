@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import subprocess
 import sys
@@ -37,7 +38,8 @@ model_list:
     litellm_params: {model: openai/llama, api_base: "http://llm.internal:8000/v1"}
 """
 
-ADMIN_PATHS = ["/v1/models", "/models", "/model/info", "/v1/model/info", "/model_group/info"]
+ADMIN_PATHS = ["/v1/models", "/models", "/model/info", "/v1/model/info", "/model_group/info", "/audit",
+               "/access/explain"]
 ADMIN_PREFIXES = ["/key/", "/team/", "/user/", "/v1/models/", "/models/", "/health/"]
 
 
@@ -167,8 +169,14 @@ def test_connection_manager(example: dict[str, Any]) -> None:
     assert manager["stat_prefix"]
     assert manager["generate_request_id"] is True
     assert manager["use_remote_address"] is True
-    log, usage = manager["access_log"]
-    assert log["name"] == "envoy.access_loggers.stdout"
+    log, key_in_path, usage = manager["access_log"]
+    assert log["name"] == key_in_path["name"] == "envoy.access_loggers.stdout"
+    # A path that can carry a key (/key/{key}/regenerate) is logged as its route, the others as sent.
+    matcher = key_in_path["filter"]["header_filter"]["header"]
+    assert log["filter"]["header_filter"]["header"] == {**matcher, "invert_match": True}
+    assert re.fullmatch(matcher["string_match"]["safe_regex"]["regex"], "/key/sk-live-1234/regenerate")
+    assert not re.fullmatch(matcher["string_match"]["safe_regex"]["regex"], "/key/regenerate")
+    assert key_in_path["typed_config"]["log_format"]["json_format"]["path"] == "/key/{key}/..."
     # The usage report: allowed model calls only, to the sidecar's gRPC port.
     assert usage["name"] == "envoy.access_loggers.http_grpc"
     assert usage["typed_config"]["common_config"]["grpc_service"] == {"envoy_grpc": {"cluster_name": "extauthz"}}

@@ -127,3 +127,25 @@ def test_a_shadow_teams_jwt_callers_are_recorded_not_refused(rbac: Gateway, idp:
     assert rbac.upstream_seen()[0]["body"]["model"] == "gpt-4o"
     enforced = idp.token(sub="svc-core", groups=["core"])
     assert code(rbac.chat(enforced, "gpt-4o")) == (403, "model_not_allowed")
+
+
+def test_the_audit_trail_names_the_tokens_user_and_role(rbac: Gateway, idp: IdentityProvider) -> None:  # noqa: F811
+    admin = idp.token(sub="auditor-root", roles=["admin"])
+    assert call(rbac, "POST", "/team/new", admin, {"team_id": "audited-by-token"}).status == 200
+    (entry,) = rbac.admin("/audit?target=audited-by-token", method="GET").json()["entries"]
+    assert entry["actor"] == {"type": "jwt", "user_id": "auditor-root", "role": "proxy_admin"}
+    assert entry["route"] == "/team/new"
+    # A team a token's claims created is recorded too, as the check path's.
+    assert rbac.chat(idp.token(sub="first-sight", groups=["upserted-for-audit"]), "gpt-4").status == 403
+    (upserted,) = rbac.admin("/audit?target=upserted-for-audit", method="GET").json()["entries"]
+    assert upserted["actor"] == {"type": "system"} and upserted["route"] == "team_id_upsert"
+    # A client's own actor header never reaches the admin API.
+    r = http("POST", rbac.envoy.url + "/team/new", {"team_id": "forged-actor"},
+             {"Authorization": f"Bearer {admin}",
+              "x-extauthz-admin-actor": '{"user_id": "someone-else", "role": "proxy_admin"}'})
+    assert r.status == 200
+    (forged,) = rbac.admin("/audit?target=forged-actor", method="GET").json()["entries"]
+    assert forged["actor"]["user_id"] == "auditor-root"
+    # Reading the trail: not for a viewer's token (a GET it may otherwise make).
+    reader = idp.token(sub="auditor-reader", roles=["reader"])
+    assert call(rbac, "GET", "/audit", reader).status == 403

@@ -39,6 +39,14 @@ def test_secrets_never_leak(workdir: Path, upstream_port: int, redis_port: int) 
             bodies.append(http("POST", proxy.url + "/key/update", {"key": key, "bogus": 1}, master).text)
             bodies.append(http("POST", proxy.url + "/key/generate", {}, {"Authorization": f"Bearer {key}"}).text)
             bodies.append(http("GET", proxy.url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).text)
+        # Rotation in both forms (the path form carries a key in its URL), the audit trail, explain.
+        regenerated = http("POST", proxy.url + "/key/regenerate", {"key": keys[1], "grace_period": "1h"}, master)
+        keys.append(regenerated.json()["key"])
+        regenerated = http("POST", proxy.url + f"/key/{keys[2]}/regenerate", {}, master)
+        keys.append(regenerated.json()["key"])
+        bodies.append(http("POST", proxy.url + f"/key/{keys[2]}/regenerate", {}, master).text)  # gone: 404
+        bodies.append(http("GET", proxy.url + "/audit?limit=1000", headers=master).text)
+        bodies.append(http("POST", proxy.url + "/access/explain", {"key": keys[3], "model": "gpt-4o"}, master).text)
         bodies.append(http("GET", proxy.url + "/model/info", headers=master).text)
         bodies.append(http("POST", proxy.url + "/key/generate", {}, {"Authorization": "Bearer sk-12345"}).text)
         http("POST", proxy.url + "/key/delete", {"keys": [keys[0]]}, master)
@@ -52,7 +60,8 @@ def test_secrets_never_leak(workdir: Path, upstream_port: int, redis_port: int) 
     dump = []
     for name in client.scan_iter(count=1000):
         kind = client.type(name)
-        value = {b"string": lambda: client.get(name), b"set": lambda: sorted(client.smembers(name))}[kind]()
+        value = {b"string": lambda: client.get(name), b"set": lambda: sorted(client.smembers(name)),
+                 b"stream": lambda: client.xrange(name), b"zset": lambda: client.zrange(name, 0, -1)}[kind]()
         dump.append(f"{name!r} {value!r}")
     client.close()
     stored = "\n".join(dump)

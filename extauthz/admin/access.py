@@ -22,7 +22,8 @@ from typing import Any, Mapping
 
 from extauthz.admin.schema import USER_ROLES
 from extauthz.check import routes
-from extauthz.check.routing import ACTING_ROUTES, ACTING_TEAMS_HEADER, ACTING_USER_HEADER
+from extauthz.check.routing import ACTING_ROUTES, ACTING_TEAMS_HEADER, ACTING_USER_HEADER, ADMIN_ACTOR_HEADER
+from extauthz.records.audit import MASTER_KEY, Actor
 from extauthz.records.record import team_members
 
 Doc = dict[str, Any]
@@ -93,6 +94,22 @@ def acting_from_headers(headers: Mapping[str, str]) -> Acting | None:
     if not isinstance(user, str) or not user.strip() or not isinstance(teams, list):
         raise Refused("The acting user is unreadable.")
     return Acting(user, tuple(t for t in teams if isinstance(t, str)))
+
+
+def actor_from_headers(headers: Mapping[str, str], acting: Acting | None) -> Actor:
+    """Who the audit trail names for a master-key request: the JWT caller the check let
+    through (its user and role, from the header it set), else the master key's holder."""
+    raw = headers.get(ADMIN_ACTOR_HEADER)
+    if raw is None:
+        return Actor("jwt", user_id=acting.user_id) if acting is not None else MASTER_KEY
+    try:
+        found = json.loads(raw)
+    except ValueError:
+        found = None
+    if not isinstance(found, dict) or not isinstance(found.get("user_id"), str) \
+            or not isinstance(found.get("role"), str):
+        raise Refused("The admin actor is unreadable.")
+    return Actor("jwt", user_id=found["user_id"], role=found["role"])
 
 
 def key_owner_power(key: Doc, owner: Doc | None, method: str) -> Acting | str:

@@ -15,25 +15,33 @@ import secrets
 import time
 import uuid
 from datetime import datetime, timezone
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from aiohttp import web
 
 from extauthz.admin import schema
-from extauthz.admin.access import Acting, Refused, acting_from_headers, key_owner_power
+from extauthz.admin.access import Acting, Refused, acting_from_headers, actor_from_headers, key_owner_power
+from extauthz.records import audit
+from extauthz.records.audit import Actor, Note
+from extauthz.check import explain
+from extauthz.check.catalog import ALL_TEAM_MODELS
+from extauthz.check.endpoints import Endpoint, classify
 from extauthz.check import listing
 from extauthz.telemetry import metrics
 from extauthz.check.facts import Facts
 from extauthz.check.decision import Deny
 from extauthz.check.policy import authenticate, route_denied, visible_models
 from extauthz.records.lookup import Records, lookup
-from extauthz.records.record import format_time, hash_token, team_members, new_key_doc, new_team_doc, new_user_doc, now_iso
+from extauthz.records.record import KeyRecord, format_time, hash_token, team_members, new_key_doc, new_team_doc, new_user_doc, now_iso
 from extauthz.check.request import credentials
 from extauthz.check.runtime import Runtime
 from extauthz.check.responses import USAGE_ID_LENGTH, error_body
 from extauthz.usage import budgets, limits
 from extauthz.usage.counters import RateCounters
 from extauthz.records.store import RecordReader, Conflict, MissingTeam, NotFound, RedisWriter, StoreUnavailable
+
+if TYPE_CHECKING:
+    from extauthz.check.service import AuthorizationService
 
 log = logging.getLogger("extauthz.admin")
 
@@ -42,6 +50,9 @@ HASH = re.compile(r"[0-9a-f]{64}")
 # What an acting user may change on a key it may touch (blocked, expires... stay the admin's).
 ACTING_KEY_CHANGES = {"key", "key_alias", "models", "metadata", "team_id", "user_id"}
 MAX_MEMBERS_PER_CALL = 100
+STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
+AUDIT_PAGE = 500            # entries read from the stream per round trip
+AUDIT_SCAN_MAX = 100_000    # entries one GET /audit looks through at most (then 'next' goes on)
 # /internal/ is Envoy's (usage.lua), on the sidecar's own port: no Envoy route reaches it.
 OPEN_ROUTES = ("/v1/models", "/models", "/model_group/info", "/health/", "/internal/")
 
@@ -67,6 +78,12 @@ def applying(changes: dict[str, Any]) -> Callable[[dict[str, Any]], dict[str, An
     return change
 
 
+def route_name(request: web.Request) -> str:
+    """The route as registered ("/key/{key}/regenerate"): no raw key from a path in the trail."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
 def lower_headers(request: web.Request) -> dict[str, str]:
     return {k.lower(): v for k, v in request.headers.items()}
 
@@ -88,7 +105,9 @@ NOT_MASTER = ApiError(401, "unauthorized", "This route needs the master key as '
 
 class AdminApi:
     def __init__(self, runtime: Callable[[], Runtime], store: RedisWriter,
-                 stats: Callable[[], dict[str, Any]] = dict, records: RecordReader | None = None) -> None:
+                 stats: Callable[[], dict[str, Any]] = dict, records: RecordReader | None = None,
+                 check: "AuthorizationService | None" = None) -> None:
+        self.check = check  # the check path's decision, for /access/explain
         self.runtime = runtime
         self.store = store
         self.stats = stats
@@ -104,6 +123,8 @@ class AdminApi:
         post("/key/delete", self.key_delete)
         post("/key/block", self.key_block)
         post("/key/unblock", self.key_unblock)
+        post("/key/regenerate", self.key_regenerate)
+        post("/key/{key}/regenerate", self.key_regenerate)
         get("/key/info", self.key_info)
         get("/key/list", self.key_list)
         post("/team/new", self.team_new)
@@ -120,6 +141,8 @@ class AdminApi:
         post("/user/delete", self.user_delete)
         get("/user/info", self.user_info)
         get("/user/list", self.user_list)
+        get("/audit", self.audit_trail)
+        post("/access/explain", self.explain)
         get("/model/info", self.model_info)
         get("/v1/model/info", self.model_info)  # LiteLLM serves both (its CLI calls this one)
         get("/model_group/info", self.model_group_info)
@@ -136,9 +159,7 @@ class AdminApi:
     @web.middleware
     async def count(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         response = await handler(request)
-        route = request.match_info.route.resource
-        name = route.canonical if route is not None else "unmatched"
-        metrics.ADMIN_REQUESTS.labels(name, str(response.status)).inc()
+        metrics.ADMIN_REQUESTS.labels(route_name(request), str(response.status)).inc()
         return response
 
     @web.middleware
@@ -168,7 +189,7 @@ class AdminApi:
             raise
         except Exception:
             # The traceback names code, not request values, so no key reaches the log.
-            log.exception("admin %s %s failed", request.method, request.path)
+            log.exception("admin %s %s failed", request.method, route_name(request))
             return error_response(Deny(500, "internal_error", "The admin API failed; nothing was changed."))
 
     @web.middleware
@@ -183,25 +204,36 @@ class AdminApi:
             if token is None:
                 raise NOT_MASTER
             by_key = not self.runtime().is_master(hash_token(token))
-            who = await self.key_power(token, request) if by_key else acting_from_headers(request.headers)
+            if by_key:
+                who, actor = await self.key_power(token, request)
+            else:
+                who = acting_from_headers(request.headers)
+                actor = actor_from_headers(request.headers, who)
+            request["audit"] = Note(actor, route_name(request))
             if who is not None:
                 if not who.may_use(request.method, request.path):
-                    raise Refused(f"A user acting for itself may not use {request.path!r}.")
+                    raise Refused(f"A user acting for itself may not use {route_name(request)!r}.")
                 # A token's teams are the IdP's word; a key owner's, its record's, each
                 # confirmed by the team's own member list.
                 request["acting"] = who.with_admin_teams(await self.store.team_docs(list(who.teams)),
                                                          members_only=by_key)
         return await handler(request)
 
-    async def key_power(self, token: str, request: web.Request) -> Acting | None:
-        """A virtual key on the admin API: its allowed_routes, then its owner's role."""
+    async def key_power(self, token: str, request: web.Request) -> tuple[Acting | None, Actor]:
+        """A virtual key on the admin API: its allowed_routes, then its owner's role; and
+        the actor the audit trail names (the key's hash, its owner and the owner's role)."""
         key, _, _ = await self.caller(request, token, None, NOT_MASTER)
         doc = await self.store.key_doc(key.token_hash)  # who made it (created_by) is on the document only
         if doc is None:
             raise NOT_MASTER
         owner = await self.store.user_doc(key.user_id) if key.user_id else None
         power = key_owner_power(doc, owner, request.method)
-        return power if isinstance(power, Acting) else None
+        actor = Actor("key", user_id=key.user_id, role=(owner or {}).get("user_role"), key_hash=key.token_hash)
+        return (power if isinstance(power, Acting) else None), actor
+
+    def writer(self, request: web.Request) -> RedisWriter:
+        """The store, its writes made by this request's actor (their audit entries say so)."""
+        return self.store.by(request["audit"])
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -223,7 +255,7 @@ class AdminApi:
         """Each record with ``rpm_used`` and ``tpm_used`` (its rate windows this minute) and
         its ``spend`` this budget period (``model_spend`` per model budget, ``budget_reset_at``)."""
         now = time.time()
-        scopes = [limits.scope(scope, d[id_field]) for d in docs]
+        scopes = [limits.scope(scope, d.get("counter_id") or d[id_field]) for d in docs]
         used = await self.counters.used(scopes, now)
         counters = [budgets.spend_counters(where, budgets.read(d), None, now) for where, d in zip(scopes, docs)]
         values = iter(await self.counters.spent([c.suffix for each in counters for c in each]))
@@ -266,7 +298,7 @@ class AdminApi:
                     raise Refused("The key would leave the caller's keys.", param="user_id")
                 who.check_new_key(key, key.get("user_id"))
                 self.check_team(key, team)
-        doc = await self.store.update_key(token_hash, change, check)
+        doc = await self.writer(request).update_key(token_hash, change, check)
         return web.json_response(self.key_view(doc))
 
     async def update_team(self, request: web.Request, fixed: dict[str, Any] | None = None) -> web.Response:
@@ -276,7 +308,7 @@ class AdminApi:
         if "members_with_roles" in changes:
             raise ApiError(400, "invalid_request", "Change members with /team/member_add and /team/member_delete.",
                            "members_with_roles")
-        doc = await self.store.update_team(team_id, applying(changes))
+        doc = await self.writer(request).update_team(team_id, applying(changes))
         return web.json_response(dict(doc, not_enforced=schema.not_enforced(doc)))
 
     # -- keys -----------------------------------------------------------------------------
@@ -299,7 +331,7 @@ class AdminApi:
             doc["created_by"] = who.user_id
         if await self.store.key_doc(doc["token"]) is not None:
             raise ApiError(409, "conflict", "This key already exists.", "key")
-        await self.store.create_key(doc, self.check_team)
+        await self.writer(request).create_key(doc, self.check_team)
         return web.json_response(self.key_view(doc, raw_key))
 
     async def key_update(self, request: web.Request) -> web.Response:
@@ -329,10 +361,45 @@ class AdminApi:
             for h in hashes:
                 if not who.owns(await self.store.key_doc(h)):
                     raise NotFound("no such key of this user")
-        deleted = [h for h in hashes if await self.store.delete_key(h)]
+        deleted = [h for h in hashes if await self.writer(request).delete_key(h)]
         if not deleted:
             raise NotFound("none of the given keys exist")
         return web.json_response({"deleted_keys": deleted})
+
+    async def key_regenerate(self, request: web.Request) -> web.Response:
+        """A new key in place of one (LiteLLM's /key/regenerate and /key/{key}/regenerate):
+        the same record under the new key, with any field updates the body gives, and the
+        same counters (spend, rate windows). The old key stops at once, or at the end of
+        ``grace_period``. Repeated with the same ``new_key``, it answers as the first time."""
+        body = await self.body(request)
+        in_path = request.match_info.get("key")
+        if in_path is not None and body.get("key") not in (None, in_path):
+            raise ApiError(400, "invalid_request", "The key in the path and the body's 'key' differ.", "key")
+        old_hash = token_hash_of(in_path if in_path is not None else body.get("key"))
+        if body.get("new_master_key") is not None:
+            raise ApiError(400, "invalid_request", "The master key is general_settings.master_key in the config; "
+                           "change it there (see the README's Operations section).", "new_master_key")
+        changes = schema.key_fields(body, self.runtime().catalog, {"key", "new_key", "grace_period",
+                                                                  "new_master_key"})
+        given = schema.expect(body, "new_key", str)
+        if given is not None and len(given) < 8:
+            raise ApiError(400, "invalid_request", "'new_key' must be at least 8 characters", "new_key")
+        raw_key = given or "sk-" + secrets.token_urlsafe(24)
+        if hash_token(raw_key) == old_hash:
+            raise ApiError(400, "invalid_request", "'new_key' is the key being regenerated.", "new_key")
+        grace = schema.grace_seconds(schema.expect(body, "grace_period", str))
+        grace_until = time.time() + grace if grace else None
+
+        def change(doc: dict[str, Any]) -> dict[str, Any]:
+            stamp = now_iso()
+            doc.update(changes, key_name=f"sk-...{raw_key[-4:]}", updated_at=stamp, regenerated_at=stamp)
+            return doc
+
+        doc, _ = await self.writer(request).rotate_key(old_hash, hash_token(raw_key), change, self.check_team,
+                                                      grace_until)
+        view = self.key_view(doc, raw_key)
+        view["old_key_expires"] = format_time(grace_until) if grace_until is not None else None
+        return web.json_response(view)
 
     async def key_info(self, request: web.Request) -> web.Response:
         token_hash = token_hash_of(request.query.get("key"))
@@ -385,9 +452,9 @@ class AdminApi:
             raise ApiError(400, "invalid_request", f"Give at most {MAX_MEMBERS_PER_CALL} members.",
                            "members_with_roles")
         doc = new_team_doc(schema.expect(body, "team_id", str) or str(uuid.uuid4()), **fields)
-        await self.store.create_team(doc)
+        await self.writer(request).create_team(doc)
         if members:
-            doc, _ = await self.add_members(doc["team_id"], members)
+            doc, _ = await self.add_members(self.writer(request), doc["team_id"], members)
         return web.json_response(dict(doc, not_enforced=schema.not_enforced(doc)))
 
     async def team_update(self, request: web.Request) -> web.Response:
@@ -407,7 +474,7 @@ class AdminApi:
             raise ApiError(400, "invalid_request", "'team_ids' must be a non-empty list of strings", "team_ids")
         deleted_keys = 0
         for team_id in team_ids:
-            deleted_keys += await self.store.delete_team(team_id)
+            deleted_keys += await self.writer(request).delete_team(team_id)
         return web.json_response({"deleted_teams": team_ids, "deleted_keys": deleted_keys})
 
     async def team_info(self, request: web.Request) -> web.Response:
@@ -434,7 +501,7 @@ class AdminApi:
 
     # -- team members ---------------------------------------------------------------------
 
-    async def add_members(self, team_id: str, given: list[dict[str, Any]]) -> tuple[dict[str, Any], list[str]]:
+    async def add_members(self, writer: RedisWriter, team_id: str, given: list[dict[str, Any]]) -> tuple[dict[str, Any], list[str]]:
         """Add members; one named by e-mail only is the one user with that e-mail, or a new
         one. Returns the team and the members' user ids."""
         by_email: dict[str, list[str]] = {}
@@ -452,7 +519,7 @@ class AdminApi:
                                    "name the member by user_id.", "member")
                 member = dict(member, user_id=known[0] if known else str(uuid.uuid4()))
             user = new_user_doc(member["user_id"], user_email=member["user_email"])
-            team = await self.store.add_member(team_id, member, user)
+            team = await writer.add_member(team_id, member, user)
             ids.append(member["user_id"])
         return team, ids
 
@@ -472,7 +539,7 @@ class AdminApi:
             raise Refused("A team admin adds members by user_id.", param="member")
         if await self.store.team_doc(team_id) is None:
             raise MissingTeam(f"team_id {team_id!r} does not exist")
-        doc, ids = await self.add_members(team_id, members)
+        doc, ids = await self.add_members(self.writer(request), team_id, members)
         users = [u for u in [await self.store.user_doc(i) for i in dict.fromkeys(ids)] if u is not None]
         if who is not None:  # who they are in this team, not the rest of their records
             users = [{"user_id": u["user_id"], "user_email": u.get("user_email")} for u in users]
@@ -492,7 +559,7 @@ class AdminApi:
             if not found:
                 raise NotFound(f"no member of team {team_id!r} with that user_id or user_email")
             user_id = found[0]
-        return web.json_response(await self.store.remove_member(team_id, user_id))
+        return web.json_response(await self.writer(request).remove_member(team_id, user_id))
 
     # -- users ----------------------------------------------------------------------------
 
@@ -511,10 +578,10 @@ class AdminApi:
             key = new_key_doc(raw_key, user_id=user_id, **schema.key_fields(key_body, self.runtime().catalog))
             if key.get("key_alias") and await self.store.alias_owner(key["key_alias"]) is not None:
                 raise ApiError(409, "conflict", f"key_alias {key['key_alias']!r} is already in use", "key_alias")
-        await self.store.create_user(doc)
+        await self.writer(request).create_user(doc)
         out = dict(doc, not_enforced=schema.not_enforced(doc, user=True))
         if key is not None:
-            await self.store.create_key(key, self.check_team)
+            await self.writer(request).create_key(key, self.check_team)
             out.update(key=raw_key, token=key["token"], key_name=key["key_name"], expires=key["expires"])
         return web.json_response(out)
 
@@ -527,7 +594,7 @@ class AdminApi:
                            "/team/member_delete.", "teams")
         changes.pop("key_alias", None)
         changes.pop("duration", None)
-        doc = await self.store.update_user(user_id, applying(changes))
+        doc = await self.writer(request).update_user(user_id, applying(changes))
         return web.json_response(dict(doc, not_enforced=schema.not_enforced(doc, user=True)))
 
     async def user_delete(self, request: web.Request) -> web.Response:
@@ -541,7 +608,7 @@ class AdminApi:
             raise NotFound(f"user_id(s) {missing} do not exist")
         deleted_keys = 0
         for user_id in user_ids:
-            deleted_keys += await self.store.delete_user(user_id)
+            deleted_keys += await self.writer(request).delete_user(user_id)
         return web.json_response({"deleted_users": user_ids, "deleted_keys": deleted_keys})
 
     async def user_info(self, request: web.Request) -> web.Response:
@@ -570,6 +637,102 @@ class AdminApi:
         return web.json_response({"users": users[(page - 1) * size: page * size], "total": len(users),
                                   "page": page, "page_size": size,
                                   "total_pages": max(1, math.ceil(len(users) / size))})
+
+    # -- audit and explain ----------------------------------------------------------------
+
+    @staticmethod
+    def require_admin(request: web.Request, what: str) -> None:
+        """The master key, or a proxy_admin (a JWT's role, or a management key's owner's)."""
+        actor = request["audit"].actor
+        if actor.kind != "master_key" and actor.role != "proxy_admin":
+            raise Refused(f"Only the master key or a proxy_admin may {what}.")
+
+    async def audit_trail(self, request: web.Request) -> web.Response:
+        """The audit trail, newest first: ``target`` (a key, its hash or alias, a team or user
+        id), ``actor`` (master_key, a user id, a role or a key hash), ``since`` (ISO 8601),
+        ``limit`` (1..1000) and ``before`` (the ``next`` of the previous page)."""
+        self.require_admin(request, "read the audit trail")
+        query = request.query
+        try:
+            limit = int(query.get("limit", "100"))
+        except ValueError:
+            limit = 0
+        if not 1 <= limit <= 1000:
+            raise ApiError(400, "invalid_request", "'limit' must be an integer within 1..1000", "limit")
+        before = query.get("before") or "+"
+        if before != "+" and not STREAM_ID.fullmatch(before):
+            raise ApiError(400, "invalid_request", "'before' must be the 'next' of a previous page", "before")
+        since_ms = 0
+        if query.get("since"):
+            try:
+                since_ms = int(schema.parse_time(query["since"]) * 1000)  # type: ignore[operator]
+            except (ValueError, TypeError, OverflowError):
+                raise ApiError(400, "invalid_request", "'since' must be an ISO 8601 time", "since") from None
+        target = query.get("target") or None
+        targets = {target, hash_token(target)} if target else set()
+        actor = query.get("actor") or None
+        entries: list[dict[str, Any]] = []
+        cursor, scanned, more = before, 0, True
+        while len(entries) < limit and scanned < AUDIT_SCAN_MAX:
+            page = await self.store.audit_entries(cursor, AUDIT_PAGE)
+            if not page:
+                more = False
+                break
+            for stream_id, entry in page:
+                cursor, scanned = stream_id, scanned + 1
+                if int(stream_id.partition("-")[0]) < since_ms:
+                    more = False
+                    break
+                if (not targets or any(t in targets for t in audit.targets(entry))) \
+                        and audit.selected(entry, None, actor):
+                    entries.append({"id": stream_id, **entry})
+                    if len(entries) == limit:
+                        break
+            else:
+                continue
+            break
+        return web.json_response({"entries": entries, "next": cursor if more and cursor != "+" else None})
+
+    async def explain(self, request: web.Request) -> web.Response:
+        """The decision the gateway would make now for a key (raw or hash) or a team's
+        member, a model and an endpoint, and the steps behind it; nothing is called and no
+        rate limit is taken."""
+        self.require_admin(request, "explain decisions")
+        if self.check is None:
+            raise ApiError(503, "store_unavailable", "The check service is not running in this process.")
+        body = await self.body(request)
+        schema.reject_unknown(body, {"key", "team_id", "model", "endpoint"})
+        model = schema.expect(body, "model", str, nullable=False)
+        path = schema.expect(body, "endpoint", str) or "/v1/chat/completions"
+        if not path.startswith("/"):
+            raise ApiError(400, "invalid_request", "'endpoint' must be a path such as /v1/chat/completions", "endpoint")
+        runtime = self.runtime()
+        if ("key" in body) == ("team_id" in body):
+            raise ApiError(400, "invalid_request", "Give either 'key' (a key or its hash) or 'team_id'.", "key")
+        owner = None
+        if "key" in body:
+            key = await self.records.get_key(token_hash_of(body["key"]))
+            team = await self.records.get_team(key.team_id) if key is not None and key.team_id else None
+            if key is not None and key.team_id is None and key.user_id is not None:
+                owner = await self.records.get_user(key.user_id)
+        else:
+            team_id = schema.expect(body, "team_id", str, nullable=False)
+            team = await self.records.get_team(team_id)
+            if team is None:
+                raise NotFound(f"team_id {team_id!r} does not exist")
+            # A member of the team: decided as the team's JWT callers are (its list decides).
+            key = KeyRecord(f"team:{team_id}", None, (ALL_TEAM_MODELS,), team.team_id, None, False,
+                            f"a member of team {team_id}")
+        endpoint = runtime.pass_through.match(path) or classify(path)
+        facts = Facts(token="explain", model=None, path=path, endpoint=endpoint,
+                      headers={"content-type": "application/json"})
+        payload = json.dumps({"model": model}).encode() if isinstance(endpoint, Endpoint) \
+            and endpoint.path_model is None else b"{}"
+        decision = await self.check.decide_key(facts, payload, runtime, key, team, owner, peek=True)
+        if key is None:
+            return web.json_response({**explain.outcome_view(decision),
+                                      "steps": [{"step": "caller", "found": False}]})
+        return web.json_response(explain.explain(decision, key, team, owner, runtime.catalog, model, endpoint))
 
     # -- models ---------------------------------------------------------------------------
 
@@ -623,8 +786,12 @@ class AdminApi:
         usage_id = request.headers.get("x-usage-id", "")
         if len(usage_id) != USAGE_ID_LENGTH:
             raise ApiError(400, "invalid_request", "x-usage-id is required")
-        scopes = [limits.scope(kind, ident) for kind, ident in (("key", request.headers.get("x-key-id", "")),
-                                                                ("team", request.headers.get("x-team-id", "")))
+        key_id, team_id = request.headers.get("x-key-id", ""), request.headers.get("x-team-id", "")
+        if key_id and not key_id.startswith("jwt:") and key_id != "master":
+            # Its place was taken in its account's set (a regenerated key's is its line's first).
+            key = await self.records.get_key(key_id) if HASH.fullmatch(key_id) else None
+            key_id = key.account if key is not None else key_id
+        scopes = [limits.scope(kind, ident) for kind, ident in (("key", key_id), ("team", team_id))
                   if ident and not ident.startswith("jwt:")]
         await self.counters.release(usage_id, limits.inflight_sets(scopes))
         return web.Response(status=204)

@@ -82,6 +82,23 @@ def duration_seconds(text: str) -> int:
     return seconds
 
 
+MAX_GRACE_DAYS = 90
+
+
+def grace_seconds(text: str | None) -> int:
+    """A regeneration's grace period in seconds (0: none), at most MAX_GRACE_DAYS: an old
+    key kept working for years would be a second key nobody rotates."""
+    if text is None or text.strip() in ("", "0", "0s"):
+        return 0
+    try:
+        seconds = duration_seconds(text)
+    except Invalid as e:
+        raise Invalid(str(e).replace("'duration'", "'grace_period'"), "grace_period") from None
+    if seconds > MAX_GRACE_DAYS * 86_400:
+        raise Invalid(f"'grace_period' must be at most {MAX_GRACE_DAYS}d, got {text!r}", "grace_period")
+    return seconds
+
+
 def expires_time(text: str) -> str:
     """An ``expires`` value as stored: ISO 8601 in UTC. Invalid when it is not a time
     (an empty string included: it is neither a time nor the null that means "never")

@@ -28,16 +28,20 @@ UNAVAILABLE = Deny(503, "authz_unavailable", "Authorization is temporarily unava
 
 def admits(allowed: tuple[str, ...], resolution: Resolution) -> bool:
     """Whether one allowed-models list admits a resolved model (empty list: every model)."""
-    if not allowed:
-        return True
+    return not allowed or admitting_entry(allowed, resolution) is not None
+
+
+def admitting_entry(allowed: tuple[str, ...], resolution: Resolution) -> str | None:
+    """The first entry of a list that admits a resolved model: a special name, the name
+    itself, one of its group's access groups, or a pattern; None when none does."""
     name = resolution.requested
     groups = resolution.group.access_groups
     for entry in allowed:
         if entry in ALL_MODELS or entry == name or entry in groups:
-            return True
+            return entry
         if "*" in entry and matches(entry, name):
-            return True
-    return False
+            return entry
+    return None
 
 
 def list_admits(allowed: tuple[str, ...], resolution: Resolution) -> bool:
@@ -85,7 +89,8 @@ def authenticate(facts: Facts, key: KeyRecord | None, team: TeamRecord | None, n
     if facts.token is None:
         problem = facts.token_problem or MISSING_KEY
         return Deny(problem.status, problem.code, problem.message)
-    if key is None:
+    if key is None or (key.retired_at is not None and key.retired_at <= now):
+        # A regenerated key past its grace period is answered as a key that never was.
         return Deny(401, "invalid_api_key", "Invalid API key.")
     meta = meta if meta is not None else _metadata(facts, key)
     if key.expires_at is not None and key.expires_at <= now:

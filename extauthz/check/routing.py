@@ -44,7 +44,10 @@ INTERNAL_HEADERS = (CLUSTER_HEADER, SPLICE_HEADER, SIGN_HEADER, USAGE_HEADER)
 # are stripped from client requests with the internal headers (but not by the admin route).
 ACTING_USER_HEADER = "x-extauthz-acting-user"
 ACTING_TEAMS_HEADER = "x-extauthz-acting-teams"
-ACTING_HEADERS = (ACTING_USER_HEADER, ACTING_TEAMS_HEADER)
+# Any JWT caller the check lets onto the admin API: its user and role (JSON), the actor
+# the audit trail names (the request reaches the admin API with the master key).
+ADMIN_ACTOR_HEADER = "x-extauthz-admin-actor"
+ACTING_HEADERS = (ACTING_USER_HEADER, ACTING_TEAMS_HEADER, ADMIN_ACTOR_HEADER)
 # The admin routes an acting user may use (its own keys; in a team where it is an admin
 # member, the team's keys and members); the admin API narrows each to those records.
 ACTING_ROUTES = ("/key/generate", "/key/list", "/key/delete", "/key/info", "/key/update", "/team/info",
@@ -52,7 +55,7 @@ ACTING_ROUTES = ("/key/generate", "/key/list", "/key/delete", "/key/info", "/key
 # The admin routes a JWT caller's request reaches through the check (Envoy's routes for
 # them are rendered from these).
 JWT_ADMIN_PREFIXES = ("/key/", "/team/", "/user/")
-JWT_ADMIN_PATHS = ("/model/info", "/v1/model/info")
+JWT_ADMIN_PATHS = ("/model/info", "/v1/model/info", "/audit", "/access/explain")
 
 
 def jwt_admin_path(path: str) -> bool:

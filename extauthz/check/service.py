@@ -20,7 +20,7 @@ from extauthz.check.policy import UNAVAILABLE, Decision, authenticate, authorize
 from extauthz.check.request import body_of, facts_from_check, with_body
 from extauthz.check.responses import USAGE_ID, USAGE_ID_LENGTH, allow_bytes, deny_bytes, reply_bytes
 from extauthz.check.endpoints import Endpoint
-from extauthz.check.routing import (USAGE_HEADER, ACTING_ROUTES, ACTING_TEAMS_HEADER, ACTING_USER_HEADER, COUNTED,
+from extauthz.check.routing import (USAGE_HEADER, ACTING_ROUTES, ADMIN_ACTOR_HEADER, ACTING_TEAMS_HEADER, ACTING_USER_HEADER, COUNTED,
                                     COUNTED_IN_FLIGHT, STREAMED_USAGE, Route, jwt_admin_path, streams_unasked)
 from extauthz.check.runtime import Runtime
 from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2
@@ -86,7 +86,7 @@ def budget_refusal(key: KeyRecord, team: TeamRecord | None, model: str, now: flo
     """The key's budget, then its team's: each compared with the spend read with its record
     (nothing to do, not even a counter's name, for the callers without one)."""
     if budgets.binding(key.budget):
-        over = budgets.exceeded(scope("key", key.token_hash), key.budget, key.spent, model, now)
+        over = budgets.exceeded(scope("key", key.account), key.budget, key.spent, model, now)
         if over is not None:
             return budgets.refusal(over[0], over[1], f"Key={key.label!r}", metadata)
     if team is not None and budgets.binding(team.budget):
@@ -267,6 +267,12 @@ class AuthorizationService:
                 self.last_store_warning = now
                 log.warning("store unavailable: %s", e)
             return UNAVAILABLE
+        return await self.decide_key(facts, body_of(request), runtime, key, team, owner)
+
+    async def decide_key(self, facts: Facts, body: bytes, runtime: Runtime, key: KeyRecord | None,
+                         team: TeamRecord | None, owner: UserRecord | None, peek: bool = False) -> Decision:
+        """A virtual key's decision, from its records (also /access/explain's, with ``peek``:
+        its rate limits looked at, nothing taken)."""
         now = time.time()
         # The key first: a caller without a valid one never costs a body parse.
         denied = authenticate(facts, key, team, now) or route_denied(facts, key)  # type: ignore[arg-type]
@@ -275,11 +281,11 @@ class AuthorizationService:
         if runtime.refusal is not None:
             return runtime.refusal
         # Reading the body, and a rewrite's plan over it, on the body thread when large.
-        decision, facts = await self.with_body(facts, body_of(request), key, team, runtime, owner)
-        return await self.enforced(decision, facts, key, team, runtime)  # type: ignore[arg-type]
+        decision, facts = await self.with_body(facts, body, key, team, runtime, owner)  # type: ignore[arg-type]
+        return await self.enforced(decision, facts, key, team, runtime, peek)  # type: ignore[arg-type]
 
     async def enforced(self, decision: Decision, facts: Facts, key: KeyRecord, team: TeamRecord | None,
-                       runtime: Runtime) -> Decision:
+                       runtime: Runtime, peek: bool = False) -> Decision:
         """The decision within the caller's limits; in shadow mode a model or limit denial is
         recorded on an allow instead (check/shadow.py)."""
         shadow = shadow_mode.shadowed(runtime.config.settings.enforcement, team)
@@ -287,7 +293,7 @@ class AuthorizationService:
             permitted = shadow_mode.as_permitted(decision, facts, key, runtime.catalog, random.random(),
                                                  counted(key, team, runtime))
             decision = permitted if permitted is not None else decision
-        limited = await self.within_limits(decision, facts, key, team, runtime)
+        limited = await self.within_limits(decision, facts, key, team, runtime, peek)
         if shadow and isinstance(limited, Deny) and limited.code in shadow_mode.LIMIT_CODES \
                 and isinstance(decision, Allow):
             decision.metadata.pop(USAGE_ID, None)  # let through uncounted: its limit said no
@@ -374,7 +380,7 @@ class AuthorizationService:
             and first.code == "model_not_allowed" else first
 
     async def within_limits(self, decision: Decision, facts: Facts, key: KeyRecord, team: TeamRecord | None,
-                             runtime: Runtime) -> Decision:
+                             runtime: Runtime, peek: bool = False) -> Decision:
         """An allowed request within its budgets (read with its records: no Redis round
         trip) and its rate windows (one round trip, for callers with rate limits only), or
         refused; a counted one carries the id its usage report is settled under."""
@@ -385,7 +391,8 @@ class AuthorizationService:
         # After the model check, as in LiteLLM: a model the caller may not use is a model error.
         over = budget_refusal(key, team, model, now, decision.metadata)
         if over is not None:
-            self.metrics.limited(over.metadata["limit"], team.team_id if team is not None else None)  # type: ignore
+            if not peek:
+                self.metrics.limited(over.metadata["limit"], team.team_id if team is not None else None)  # type: ignore
             return over
         if budgets.binding(key.budget) or (team is not None and budgets.binding(team.budget)):
             why = unpriced(decision, facts, runtime)
@@ -412,16 +419,18 @@ class AuthorizationService:
         # The whole hash, for the usage report's counters (the logs show its prefix only).
         decision.metadata["key_id"] = key.token_hash
         if rate_limited:
-            scopes = [(scope("key", key.token_hash), f"key {key.label!r}", key_limits)]
+            scopes = [(scope("key", key.account), f"key {key.label!r}", key_limits)]
             if team is not None:
                 scopes.append((scope("team", team.team_id), f"team {team.label!r}", team_limits))
             counters = rate_counters(scopes, model, now)
             try:
-                limited = await self.counters.admit(counters, decision.metadata[USAGE_ID], now)
+                limited = await (self.counters.peek(counters, now) if peek else
+                                 self.counters.admit(counters, decision.metadata[USAGE_ID], now))
             except StoreUnavailable:
                 return UNAVAILABLE
             if limited is not None:
-                self.metrics.limited(limited.name, team.team_id if team is not None else None)
+                if not peek:
+                    self.metrics.limited(limited.name, team.team_id if team is not None else None)
                 return refusal(limited, now, {k: v for k, v in decision.metadata.items() if k != USAGE_ID})
             if any(c.kind == "s" for c in counters):
                 decision.metadata["inflight"] = "1"  # Envoy frees the place as the response ends
@@ -464,7 +473,8 @@ class AuthorizationService:
         meta = {"key_alias": label, "role": identity.role, "deployment": "admin_api"}
         if identity.user_id:
             meta["user_id"] = identity.user_id
-        return Allow(runtime.admin_route, acting, meta)  # type: ignore[arg-type]
+        actor = ((ADMIN_ACTOR_HEADER, json.dumps({"user_id": identity.user_id or label, "role": identity.role})),)
+        return Allow(runtime.admin_route, acting + actor, meta)  # type: ignore[arg-type]
 
     async def with_body(self, facts: Facts, body: bytes, key: KeyRecord, team: TeamRecord | None,
                         runtime: Runtime, owner: UserRecord | None = None) -> tuple[Decision, Facts]:

@@ -41,7 +41,8 @@ MAX_DOWNSTREAM_CONNECTIONS = 50_000
 AUTHZ_CONNECTIONS_PER_WORKER = 4
 
 # Paths served by the admin API (extauthz/admin.py); everything else is an LLM call.
-ADMIN_PATHS = ("/v1/models", "/models", "/model/info", "/v1/model/info", "/model_group/info")
+ADMIN_PATHS = ("/v1/models", "/models", "/model/info", "/v1/model/info", "/model_group/info", "/audit",
+               "/access/explain")
 # Gemini's calls on its v1 path, which the admin API's /v1/models/ prefix would take.
 GEMINI_V1_CALL = r"^/v1/models/[^/:]+:(generateContent|streamGenerateContent)/?$"  # as classify reads it  # matched without the query
 # Not "/model/": Bedrock's InvokeModel path (/model/{id}/invoke) is an LLM call.
@@ -137,7 +138,7 @@ def _listener(s: Settings, e: EnvoySettings, port: int, signers: list[tuple[str,
             "name": "envoy.http.early_header_mutation.header_mutation",
             "typed_config": _typed("envoy.extensions.http.early_header_mutation.header_mutation.v3.HeaderMutation",
                                    mutations=[{"remove": h} for h in INTERNAL_HEADERS + ACTING_HEADERS])}],
-        access_log=[_access_log(), _usage_log()],
+        access_log=[*_access_logs(), _usage_log()],
         local_reply_config=_local_reply_config(s),
         http_filters=[_decompressor_filter(), *identity, _ext_authz_filter(s, e, bool(identity)), _splice_filter(),
                       *_usage_filters(), *_aws_signing_filters(signers), _router_filter()],
@@ -151,12 +152,24 @@ def _listener(s: Settings, e: EnvoySettings, port: int, signers: list[tuple[str,
     }
 
 
-def _access_log() -> dict[str, Any]:
+# LiteLLM's /key/{key}/regenerate carries a key in the path (no admin route has more
+# than two segments under /key/ otherwise): such lines show the route, not the path.
+KEY_IN_PATH = r"^/key/[^/?]+/.*$"
+
+
+def _access_logs() -> list[dict[str, Any]]:
+    """The access log: one line per request, its path shown unless a key could be in it."""
+    key_in_path = {"name": ":path", "string_match": {"safe_regex": {"regex": KEY_IN_PATH}}}
+    return [{**_access_log(), "filter": {"header_filter": {"header": {**key_in_path, "invert_match": True}}}},
+            {**_access_log("/key/{key}/..."), "filter": {"header_filter": {"header": key_in_path}}}]
+
+
+def _access_log(path: str = "%PATH(NQ:ORIG_OR_PATH)%") -> dict[str, Any]:
     fields = {
         "start_time": "%START_TIME%",
         "method": "%REQ(:METHOD)%",
         # No query string: "/key/info?key=sk-..." would put a live key in the log.
-        "path": "%PATH(NQ:ORIG_OR_PATH)%",
+        "path": path,
         "protocol": "%PROTOCOL%",
         "response_code": "%RESPONSE_CODE%",
         "response_flags": "%RESPONSE_FLAGS%",

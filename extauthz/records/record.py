@@ -111,10 +111,21 @@ class KeyRecord(NamedTuple):
     budget: Budget | None = None        # None: no budget (its spend is still counted)
     # The spend counters read with the record, when it has a budget (records/store.py).
     spent: tuple[tuple[str, float], ...] = ()
+    # A regenerated key's counters are those of the key it replaced (the first of its line).
+    counter_id: str | None = None
+    # A key regenerated with a grace period: when it stops (then it is an invalid key).
+    retired_at: float | None = None
+    # The other record sharing its counters while one of the two is in its grace period.
+    linked: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
         return self.key_alias or self.key_name or self.token_hash[:12]
+
+    @property
+    def account(self) -> str:
+        """Whose counters (rate windows, in-flight places, spend) this key takes."""
+        return self.counter_id or self.token_hash
 
     @classmethod
     def from_document(cls, doc: dict[str, Any]) -> "KeyRecord":
@@ -122,11 +133,26 @@ class KeyRecord(NamedTuple):
         return cls(doc["token"], doc.get("key_alias"), _shared(doc.get("models")), _name(doc.get("team_id")),
                    parse_time(doc.get("expires")), bool(doc.get("blocked")), doc.get("key_name"),
                    _name(user_id) if isinstance(user_id, str) and user_id else None, _allowed_routes(doc),
-                   limits.read(doc), budgets.read(doc))
+                   limits.read(doc), budgets.read(doc), (), _text(doc.get("counter_id")), _retired_at(doc),
+                   tuple(h for h in (_text(doc.get("rotated_to")), _text(doc.get("regenerated_from"))) if h))
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> "KeyRecord":
         return cls.from_document(json.loads(raw))
+
+
+def _text(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _retired_at(doc: dict[str, Any]) -> float | None:
+    """When a regenerated key's grace period ends (a time that does not read: already)."""
+    if not doc.get("rotated_to"):
+        return None
+    try:
+        return parse_time(doc.get("grace_until")) or 0.0
+    except (ValueError, TypeError):
+        return 0.0
 
 
 UNREADABLE_ROUTES = ("<unreadable allowed_routes>",)  # admits no route: a key written by hand fails closed

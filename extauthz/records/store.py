@@ -29,11 +29,16 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, WatchError
 
 from extauthz.telemetry import tracing
-from extauthz.records.record import KeyRecord, TeamRecord, UserRecord, team_members
+from extauthz.records import audit
+from extauthz.records.record import KeyRecord, TeamRecord, UserRecord, format_time, team_members
 from extauthz.usage.budgets import binding, spend_counters
 from extauthz.usage.limits import scope
 
 TRANSACTION_ATTEMPTS = 100
+# A retired key's record outlives its grace period by this much in Redis: its own expiry
+# (the check compares grace_until with the clock) decides, Redis's only clears it away.
+GRACE_MARGIN_MS = 60_000
+KEEP_TTL = -1  # Tx.put: the record keeps the expiry it has
 
 
 class StoreUnavailable(Exception):
@@ -123,7 +128,10 @@ class RedisReader(Keyspace):
 
     async def get_key(self, token_hash: str) -> KeyRecord | None:
         raw = await self.get(self.key_id(token_hash))
-        return None if raw is None else await self.with_spend(KeyRecord.from_json(raw), scope("key", token_hash))
+        if raw is None:
+            return None
+        key = KeyRecord.from_json(raw)
+        return await self.with_spend(key, scope("key", key.account))
 
     async def get_team(self, team_id: str) -> TeamRecord | None:
         raw = await self.get(self.team_id(team_id))
@@ -153,15 +161,57 @@ def _amount(raw: bytes) -> float:
         return float("inf")  # a counter written by hand that is no amount: the budget refuses
 
 
+class Tx:
+    """One attempt of a write transaction: its pipeline, and the records it read and wrote,
+    which make its audit entry (records/audit.py)."""
+
+    def __init__(self, pipe: Pipeline) -> None:
+        self.pipe = pipe
+        self.read_docs: dict[str, Doc | None] = {}
+        self.written: dict[str, Doc | None] = {}
+
+    async def read(self, redis_key: str) -> Doc | None:
+        raw = await self.pipe.get(redis_key)
+        doc = None if raw is None else json.loads(raw)
+        self.read_docs.setdefault(redis_key, doc)
+        return doc
+
+    def put(self, redis_key: str, doc: Doc, expire_at_ms: int | None = None) -> None:
+        """Queue a record's new document (``expire_at_ms``: when Redis drops it; KEEP_TTL:
+        the expiry it has)."""
+        value = json.dumps(doc, separators=(",", ":"))
+        if expire_at_ms == KEEP_TTL:
+            self.pipe.set(redis_key, value, keepttl=True)
+        else:
+            self.pipe.set(redis_key, value, pxat=expire_at_ms)
+        self.written[redis_key] = doc
+
+    def drop(self, redis_key: str) -> None:
+        self.pipe.delete(redis_key)
+        self.written[redis_key] = None
+
+
 class RedisWriter(Keyspace):
     """The admin API's side: whole documents, listings and atomic WATCH/MULTI writes, on
-    the reader's connections."""
+    the reader's connections. Every write carries a ``Note`` (``by``): its audit entry is
+    appended in the same transaction."""
 
-    def __init__(self, reader: RedisReader) -> None:
+    def __init__(self, reader: RedisReader, audit_max_entries: int = 100_000,
+                 note: audit.Note | None = None) -> None:
         super().__init__(reader.prefix)
         self.reader = reader
         self.redis = reader.redis
         self.timeout = reader.timeout
+        self.audit_max_entries = audit_max_entries
+        self.note = note
+
+    def by(self, note: audit.Note) -> "RedisWriter":
+        """This writer, its writes made by ``note``'s actor through ``note``'s route."""
+        return RedisWriter(self.reader, self.audit_max_entries, note)
+
+    @property
+    def audit_id(self) -> str:
+        return f"{self.prefix}audit"
 
     # -- admin reads ----------------------------------------------------------------------
 
@@ -211,19 +261,40 @@ class RedisWriter(Keyspace):
     async def list_users(self) -> list[Doc]:
         return await self._docs(f"{self.prefix}users", self.user_id)
 
+    async def audit_entries(self, before: str, count: int) -> list[tuple[str, Doc]]:
+        """Up to ``count`` audit entries older than stream id ``before`` ("+" for the
+        newest), newest first, each with its stream id."""
+        end = "+" if before == "+" else f"({before}"
+        try:
+            raws = await asyncio.wait_for(self.redis.xrevrange(self.audit_id, end, "-", count), self.timeout)
+        except (RedisError, OSError, asyncio.TimeoutError) as e:
+            raise StoreUnavailable(type(e).__name__) from None
+        return [(sid.decode(), json.loads(fields[b"entry"])) for sid, fields in raws]
+
     # -- atomic writes --------------------------------------------------------------------
 
-    async def _transact(self, body: Callable[[Pipeline], Awaitable[Any]], *watch: str) -> Any:
-        """Run ``body`` under WATCH; it reads with the pipeline, calls ``multi()`` and queues
-        writes. A concurrent change to a watched key reruns it from the start."""
+    async def _transact(self, body: Callable[[Tx], Awaitable[Any]], *watch: str) -> Any:
+        """Run ``body`` under WATCH; it reads with the transaction, calls ``multi()`` and
+        queues writes. A concurrent change to a watched key reruns it from the start. The
+        audit entry of what it wrote is queued last, in the same MULTI."""
+        note = self.note
+        if note is None:  # a write nobody answers for is a bug: refused, nothing written
+            raise RuntimeError("a record write without its audit note")
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
                 for _ in range(TRANSACTION_ATTEMPTS):
                     try:
                         if watch:
                             await pipe.watch(*watch)
-                        result = await body(pipe)
+                        tx = Tx(pipe)
+                        result = await body(tx)
+                        found = audit.entry(note, tx.read_docs, tx.written, self.prefix, time.time())
+                        if found is not None:
+                            pipe.xadd(self.audit_id, {"entry": audit.encode(found)},
+                                      maxlen=self.audit_max_entries, approximate=True)
                         await pipe.execute()
+                        if found is not None:
+                            audit.logged(found)
                         return result
                     except WatchError:
                         continue
@@ -233,62 +304,103 @@ class RedisWriter(Keyspace):
             raise StoreUnavailable(type(e).__name__) from None
         raise Conflict("too many concurrent changes to the same record; try again")
 
-    @staticmethod
-    async def _read(pipe: Pipeline, redis_key: str) -> Doc | None:
-        raw = await pipe.get(redis_key)
-        return None if raw is None else json.loads(raw)
-
-    async def _team_for(self, pipe: Pipeline, team_id: str | None) -> Doc | None:
+    async def _team_for(self, tx: Tx, team_id: str | None) -> Doc | None:
         if team_id is None:
             return None
-        await pipe.watch(self.team_id(team_id))
-        team = await self._read(pipe, self.team_id(team_id))
+        await tx.pipe.watch(self.team_id(team_id))
+        team = await tx.read(self.team_id(team_id))
         if team is None:
             raise MissingTeam(f"team_id {team_id!r} does not exist")
         return team
 
-    async def _claim_alias(self, pipe: Pipeline, alias: str | None, token_hash: str) -> None:
+    async def _claim_alias(self, tx: Tx, alias: str | None, token_hash: str, *also: str) -> None:
+        """An alias free, or held by this key (or one of ``also``, the key it replaces)."""
         if alias is None:
             return
-        await pipe.watch(self.alias_id(alias))
-        owner = await pipe.get(self.alias_id(alias))
-        if owner is not None and owner.decode() != token_hash:
+        await tx.pipe.watch(self.alias_id(alias))
+        owner = await tx.pipe.get(self.alias_id(alias))
+        if owner is not None and owner.decode() not in (token_hash, *also):
             raise Conflict(f"key_alias {alias!r} is already in use")
 
     async def create_key(self, doc: Doc, check_team: Callable[[Doc, Doc | None], None]) -> Doc:
         """Store a new key; ``check_team(key, team)`` raises to refuse it (runs under WATCH)."""
         token_hash = doc["token"]
 
-        async def body(pipe: Pipeline) -> Doc:
-            team = await self._team_for(pipe, doc.get("team_id"))
+        async def body(tx: Tx) -> Doc:
+            if await tx.pipe.exists(self.key_id(token_hash)):
+                raise Conflict("This key already exists.")
+            team = await self._team_for(tx, doc.get("team_id"))
             check_team(doc, team)
-            await self._claim_alias(pipe, doc.get("key_alias"), token_hash)
-            pipe.multi()
-            self._queue_key(pipe, doc, None)
+            await self._claim_alias(tx, doc.get("key_alias"), token_hash)
+            tx.pipe.multi()
+            self._queue_key(tx, doc, None)
             return doc
 
-        return await self._transact(body)
+        return await self._transact(body, self.key_id(token_hash))
 
     async def update_key(self, token_hash: str, change: Callable[[Doc], Doc],
                          check_team: Callable[[Doc, Doc | None], None]) -> Doc:
-        async def body(pipe: Pipeline) -> Doc:
-            await pipe.watch(self.key_id(token_hash))
-            old = await self._read(pipe, self.key_id(token_hash))
+        async def body(tx: Tx) -> Doc:
+            old = await tx.read(self.key_id(token_hash))
             if old is None:
                 raise NotFound("key not found")
             new = change(dict(old))
-            team = await self._team_for(pipe, new.get("team_id"))
+            team = await self._team_for(tx, new.get("team_id"))
             check_team(new, team)
-            await self._claim_alias(pipe, new.get("key_alias"), token_hash)
-            pipe.multi()
-            self._queue_key(pipe, new, old)
+            await self._claim_alias(tx, new.get("key_alias"), token_hash)
+            tx.pipe.multi()
+            if old.get("rotated_to"):  # a key in its grace period: no index names it
+                tx.put(self.key_id(token_hash), new, KEEP_TTL)
+            else:
+                self._queue_key(tx, new, old)
             return new
 
-        return await self._transact(body)
+        return await self._transact(body, self.key_id(token_hash))
 
-    def _queue_key(self, pipe: Pipeline, new: Doc, old: Doc | None) -> None:
+    async def rotate_key(self, old_hash: str, new_hash: str, change: Callable[[Doc], Doc],
+                         check_team: Callable[[Doc, Doc | None], None],
+                         grace_until: float | None) -> tuple[Doc, bool]:
+        """Replace a key by a new one (/key/regenerate): the new record is the old one with
+        ``change`` applied, under the new hash, sharing its counters (``counter_id``: its
+        spend and rate windows go on). The old record stops at once, or stays usable until
+        ``grace_until`` and then expires (it is no longer listed). Returns the new record,
+        and whether this exact rotation had been made before (a repeated call)."""
+        old_id, new_id = self.key_id(old_hash), self.key_id(new_hash)
+
+        async def body(tx: Tx) -> tuple[Doc, bool]:
+            old, existing = await tx.read(old_id), await tx.read(new_id)
+            if existing is not None and existing.get("regenerated_from") == old_hash \
+                    and (old is None or old.get("rotated_to") == new_hash):
+                tx.pipe.multi()
+                return existing, True
+            if old is None:
+                raise NotFound("key not found")
+            if old.get("rotated_to"):
+                raise Conflict("This key was regenerated already; regenerate the key that replaced it.")
+            if existing is not None:
+                raise Conflict("new_key is already a key.")
+            new = change(dict(old))
+            new.update(token=new_hash, regenerated_from=old_hash, counter_id=old.get("counter_id") or old_hash)
+            new.pop("rotated_to", None)
+            new.pop("grace_until", None)
+            team = await self._team_for(tx, new.get("team_id"))
+            check_team(new, team)
+            await self._claim_alias(tx, new.get("key_alias"), new_hash, old_hash)
+            tx.pipe.multi()
+            self._queue_key_removal(tx, old)
+            if grace_until is not None:  # the old key, unlisted, usable until it expires
+                retired = dict(old, rotated_to=new_hash, grace_until=format_time(grace_until),
+                               counter_id=new["counter_id"])
+                tx.put(old_id, retired, int(grace_until * 1000) + GRACE_MARGIN_MS)
+            self._queue_key(tx, new, None)
+            return new, False
+
+        return await self._transact(body, old_id, new_id)
+
+    def _queue_key(self, tx: Tx, new: Doc, old: Doc | None) -> None:
         token_hash = new["token"]
-        pipe.set(self.key_id(token_hash), json.dumps(new, separators=(",", ":")))
+        pipe = tx.pipe
+        tx.put(self.key_id(token_hash), new)
         pipe.sadd(f"{self.prefix}keys", token_hash)
         old_alias, old_team = (old or {}).get("key_alias"), (old or {}).get("team_id")
         if old_alias and old_alias != new.get("key_alias"):
@@ -306,20 +418,21 @@ class RedisWriter(Keyspace):
             pipe.sadd(self.user_keys_id(new["user_id"]), token_hash)
 
     async def delete_key(self, token_hash: str) -> bool:
-        async def body(pipe: Pipeline) -> bool:
-            doc = await self._read(pipe, self.key_id(token_hash))
-            pipe.multi()
+        async def body(tx: Tx) -> bool:
+            doc = await tx.read(self.key_id(token_hash))
+            tx.pipe.multi()
             if doc is not None:
-                self._queue_key_removal(pipe, doc)
+                self._queue_key_removal(tx, doc)
             return doc is not None
 
         return await self._transact(body, self.key_id(token_hash))
 
-    def _queue_key_removal(self, pipe: Pipeline, doc: Doc) -> None:
+    def _queue_key_removal(self, tx: Tx, doc: Doc) -> None:
         token_hash = doc["token"]
-        pipe.delete(self.key_id(token_hash))
+        pipe = tx.pipe
+        tx.drop(self.key_id(token_hash))
         pipe.srem(f"{self.prefix}keys", token_hash)
-        if doc.get("key_alias"):
+        if doc.get("key_alias") and not doc.get("rotated_to"):  # (a retired key's alias is its successor's)
             pipe.delete(self.alias_id(doc["key_alias"]))
         if doc.get("team_id"):
             pipe.srem(self.team_keys_id(doc["team_id"]), token_hash)
@@ -328,60 +441,61 @@ class RedisWriter(Keyspace):
 
     async def create_team(self, doc: Doc, exists_ok: bool = False) -> Doc:
         """Store a new team; with ``exists_ok`` (an upsert) an existing one is left as it is."""
-        async def body(pipe: Pipeline) -> Doc:
-            if await pipe.exists(self.team_id(doc["team_id"])):
+        async def body(tx: Tx) -> Doc:
+            if await tx.pipe.exists(self.team_id(doc["team_id"])):
                 if exists_ok:
-                    pipe.multi()
+                    tx.pipe.multi()
                     return doc
                 raise Conflict(f"team_id {doc['team_id']!r} already exists")
-            pipe.multi()
-            pipe.set(self.team_id(doc["team_id"]), json.dumps(doc, separators=(",", ":")))
-            pipe.sadd(f"{self.prefix}teams", doc["team_id"])
+            tx.pipe.multi()
+            tx.put(self.team_id(doc["team_id"]), doc)
+            tx.pipe.sadd(f"{self.prefix}teams", doc["team_id"])
             return doc
 
         return await self._transact(body, self.team_id(doc["team_id"]))
 
     async def update_team(self, team_id: str, change: Callable[[Doc], Doc]) -> Doc:
-        async def body(pipe: Pipeline) -> Doc:
-            old = await self._read(pipe, self.team_id(team_id))
+        async def body(tx: Tx) -> Doc:
+            old = await tx.read(self.team_id(team_id))
             if old is None:
                 raise NotFound(f"team_id {team_id!r} does not exist")
             new = change(dict(old))
-            pipe.multi()
-            pipe.set(self.team_id(team_id), json.dumps(new, separators=(",", ":")))
+            tx.pipe.multi()
+            tx.put(self.team_id(team_id), new)
             return new
 
         return await self._transact(body, self.team_id(team_id))
 
-    async def _watched_keys(self, pipe: Pipeline, set_key: str) -> list[Doc]:
+    async def _watched_keys(self, tx: Tx, set_key: str) -> list[Doc]:
         """The key documents a set names, watched: a concurrent change to one of them
         (a new alias, another team) reruns the transaction instead of leaving an index behind."""
-        hashes = [m.decode() for m in await pipe.smembers(set_key)]
+        hashes = [m.decode() for m in await tx.pipe.smembers(set_key)]
         if hashes:
-            await pipe.watch(*(self.key_id(h) for h in hashes))
-        return [d for d in [await self._read(pipe, self.key_id(h)) for h in hashes] if d is not None]
+            await tx.pipe.watch(*(self.key_id(h) for h in hashes))
+        return [d for d in [await tx.read(self.key_id(h)) for h in hashes] if d is not None]
 
     async def delete_team(self, team_id: str) -> int:
         """Delete a team, every key of the team and its members' memberships; returns how
         many keys went with it."""
-        async def body(pipe: Pipeline) -> int:
-            team = await self._read(pipe, self.team_id(team_id))
+        async def body(tx: Tx) -> int:
+            team = await tx.read(self.team_id(team_id))
             if team is None:
                 raise NotFound(f"team_id {team_id!r} does not exist")
-            docs = await self._watched_keys(pipe, self.team_keys_id(team_id))
+            docs = await self._watched_keys(tx, self.team_keys_id(team_id))
             users = []
             for member in team_members(team):
                 if isinstance(member.get("user_id"), str):
-                    await pipe.watch(self.user_id(member["user_id"]))
-                    users.append(await self._read(pipe, self.user_id(member["user_id"])))
-            pipe.multi()
+                    await tx.pipe.watch(self.user_id(member["user_id"]))
+                    users.append(await tx.read(self.user_id(member["user_id"])))
+            tx.pipe.multi()
             for doc in docs:
-                self._queue_key_removal(pipe, doc)
+                self._queue_key_removal(tx, doc)
             for user in users:
                 if user is not None:
-                    self._queue_user(pipe, dict(user, teams=[t for t in user.get("teams") or [] if t != team_id]))
-            pipe.delete(self.team_id(team_id), self.team_keys_id(team_id))
-            pipe.srem(f"{self.prefix}teams", team_id)
+                    self._queue_user(tx, dict(user, teams=[t for t in user.get("teams") or [] if t != team_id]))
+            tx.drop(self.team_id(team_id))
+            tx.pipe.delete(self.team_keys_id(team_id))
+            tx.pipe.srem(f"{self.prefix}teams", team_id)
             return len(docs)
 
         return await self._transact(body, self.team_id(team_id), self.team_keys_id(team_id))
@@ -392,54 +506,55 @@ class RedisWriter(Keyspace):
         """Store a new user, and add it to the members of the teams it names (which must exist)."""
         user_id = doc["user_id"]
 
-        async def body(pipe: Pipeline) -> Doc:
-            if await pipe.exists(self.user_id(user_id)):
+        async def body(tx: Tx) -> Doc:
+            if await tx.pipe.exists(self.user_id(user_id)):
                 if exists_ok:
-                    pipe.multi()
+                    tx.pipe.multi()
                     return doc
                 raise Conflict(f"user_id {user_id!r} already exists")
-            teams = [(t, await self._team_for(pipe, t)) for t in doc.get("teams") or []]
-            pipe.multi()
+            teams = [(t, await self._team_for(tx, t)) for t in doc.get("teams") or []]
+            tx.pipe.multi()
             for team_id, team in teams:
-                self._queue_member(pipe, team_id, team, {"user_id": user_id, "user_email": doc.get("user_email"),
-                                                         "role": "user"})
-            self._queue_user(pipe, doc)
+                self._queue_member(tx, team_id, team, {"user_id": user_id, "user_email": doc.get("user_email"),
+                                                       "role": "user"})
+            self._queue_user(tx, doc)
             return doc
 
         return await self._transact(body, self.user_id(user_id))
 
     async def update_user(self, user_id: str, change: Callable[[Doc], Doc]) -> Doc:
-        async def body(pipe: Pipeline) -> Doc:
-            old = await self._read(pipe, self.user_id(user_id))
+        async def body(tx: Tx) -> Doc:
+            old = await tx.read(self.user_id(user_id))
             if old is None:
                 raise NotFound(f"user_id {user_id!r} does not exist")
             new = change(dict(old))
-            pipe.multi()
-            self._queue_user(pipe, new)
+            tx.pipe.multi()
+            self._queue_user(tx, new)
             return new
 
         return await self._transact(body, self.user_id(user_id))
 
     async def delete_user(self, user_id: str) -> int:
         """Delete a user, the keys it owns and its team memberships; returns how many keys went."""
-        async def body(pipe: Pipeline) -> int:
-            doc = await self._read(pipe, self.user_id(user_id))
+        async def body(tx: Tx) -> int:
+            doc = await tx.read(self.user_id(user_id))
             if doc is None:
                 raise NotFound(f"user_id {user_id!r} does not exist")
-            keys = await self._watched_keys(pipe, self.user_keys_id(user_id))
+            keys = await self._watched_keys(tx, self.user_keys_id(user_id))
             teams = []
             for team_id in [t for t in doc.get("teams") or [] if isinstance(t, str)]:
-                await pipe.watch(self.team_id(team_id))
-                teams.append((team_id, await self._read(pipe, self.team_id(team_id))))
-            pipe.multi()
+                await tx.pipe.watch(self.team_id(team_id))
+                teams.append((team_id, await tx.read(self.team_id(team_id))))
+            tx.pipe.multi()
             for key in keys:
-                self._queue_key_removal(pipe, key)
+                self._queue_key_removal(tx, key)
             for team_id, team in teams:
                 if team is not None:
-                    self._queue_team(pipe, team_id, dict(team, members_with_roles=[
+                    self._queue_team(tx, team_id, dict(team, members_with_roles=[
                         m for m in team_members(team) if m.get("user_id") != user_id]))
-            pipe.delete(self.user_id(user_id), self.user_keys_id(user_id))
-            pipe.srem(f"{self.prefix}users", user_id)
+            tx.drop(self.user_id(user_id))
+            tx.pipe.delete(self.user_keys_id(user_id))
+            tx.pipe.srem(f"{self.prefix}users", user_id)
             return len(keys)
 
         return await self._transact(body, self.user_id(user_id), self.user_keys_id(user_id))
@@ -449,47 +564,47 @@ class RedisWriter(Keyspace):
         the member has none. Returns the team."""
         user_id = member["user_id"]
 
-        async def body(pipe: Pipeline) -> Doc:
-            team = await self._team_for(pipe, team_id)
+        async def body(tx: Tx) -> Doc:
+            team = await self._team_for(tx, team_id)
             assert team is not None
-            await pipe.watch(self.user_id(user_id))
-            existing = await self._read(pipe, self.user_id(user_id))
-            pipe.multi()
-            new_team = self._queue_member(pipe, team_id, team, member)
+            await tx.pipe.watch(self.user_id(user_id))
+            existing = await tx.read(self.user_id(user_id))
+            tx.pipe.multi()
+            new_team = self._queue_member(tx, team_id, team, member)
             stored = existing or user
-            self._queue_user(pipe, dict(stored, teams=[*(t for t in stored.get("teams") or [] if t != team_id),
-                                                       team_id]))
+            self._queue_user(tx, dict(stored, teams=[*(t for t in stored.get("teams") or [] if t != team_id),
+                                                     team_id]))
             return new_team
 
         return await self._transact(body)
 
     async def remove_member(self, team_id: str, user_id: str) -> Doc:
-        async def body(pipe: Pipeline) -> Doc:
-            team = await self._team_for(pipe, team_id)
+        async def body(tx: Tx) -> Doc:
+            team = await self._team_for(tx, team_id)
             assert team is not None
             members = team_members(team)
             if not any(m.get("user_id") == user_id for m in members):
                 raise NotFound(f"user_id {user_id!r} is not a member of team {team_id!r}")
-            await pipe.watch(self.user_id(user_id))
-            user = await self._read(pipe, self.user_id(user_id))
-            pipe.multi()
+            await tx.pipe.watch(self.user_id(user_id))
+            user = await tx.read(self.user_id(user_id))
+            tx.pipe.multi()
             new_team = dict(team, members_with_roles=[m for m in members if m.get("user_id") != user_id])
-            self._queue_team(pipe, team_id, new_team)
+            self._queue_team(tx, team_id, new_team)
             if user is not None:
-                self._queue_user(pipe, dict(user, teams=[t for t in user.get("teams") or [] if t != team_id]))
+                self._queue_user(tx, dict(user, teams=[t for t in user.get("teams") or [] if t != team_id]))
             return new_team
 
         return await self._transact(body)
 
-    def _queue_member(self, pipe: Pipeline, team_id: str, team: Doc | None, member: Doc) -> Doc:
+    def _queue_member(self, tx: Tx, team_id: str, team: Doc | None, member: Doc) -> Doc:
         members = [m for m in team_members(team) if m.get("user_id") != member["user_id"]]
         new_team = dict(team or {}, members_with_roles=[*members, member])
-        self._queue_team(pipe, team_id, new_team)
+        self._queue_team(tx, team_id, new_team)
         return new_team
 
-    def _queue_team(self, pipe: Pipeline, team_id: str, doc: Doc) -> None:
-        pipe.set(self.team_id(team_id), json.dumps(doc, separators=(",", ":")))
+    def _queue_team(self, tx: Tx, team_id: str, doc: Doc) -> None:
+        tx.put(self.team_id(team_id), doc)
 
-    def _queue_user(self, pipe: Pipeline, doc: Doc) -> None:
-        pipe.set(self.user_id(doc["user_id"]), json.dumps(doc, separators=(",", ":")))
-        pipe.sadd(f"{self.prefix}users", doc["user_id"])
+    def _queue_user(self, tx: Tx, doc: Doc) -> None:
+        tx.put(self.user_id(doc["user_id"]), doc)
+        tx.pipe.sadd(f"{self.prefix}users", doc["user_id"])

@@ -28,7 +28,8 @@ SOFT, OVER = 1, 2  # what a settlement did to a spend counter
 # then per counter its limit, what admitting adds, and its kind ("n": a count in a
 # window; "s": a set of requests in flight, scored by deadline, the expired dropped).
 # Returns 0 when every counter was below its limit (and each then takes its share), else
-# the 1-based index of the first counter at its limit (and nothing is taken).
+# the 1-based index of the first counter at its limit (and nothing is taken). An empty
+# usage id is a peek (/access/explain): the answer, and nothing taken.
 ADMIT = """
 for i = 1, #KEYS do
   local limit = tonumber(ARGV[3 * i + 2])
@@ -41,6 +42,7 @@ for i = 1, #KEYS do
   end
   if used >= limit then return i end
 end
+if ARGV[3] == '' then return 0 end
 for i = 1, #KEYS do
   local take = tonumber(ARGV[3 * i + 3])
   if ARGV[3 * i + 4] == 's' then
@@ -61,7 +63,8 @@ return 0
 # ("u"), the index of its settled mark ("m", kept 15 minutes: Envoy may resend a report
 # seconds later), its in-flight sets ("i"), its tokens ("t") and token counters ("c"), its
 # cost ("x", a decimal string; absent when unpriced) and spend counters ("s": index, when
-# it expires or 0, max and soft budget or -1, the index of its record or 0).
+# it expires or 0, max and soft budget or -1, then the indexes of the records that read it:
+# a key's, and during a regeneration's grace period the other key's of its line).
 # ARGV[2], ARGV[3]: the marks' and the token windows' lifetimes.
 # Returns, JSON, per request 0 when settled before, else a flag per spend counter
 # (1: past its soft budget now; 2: at or over its max).
@@ -87,10 +90,12 @@ for r = 1, #batch do
         local flag = 0
         if s[3] >= 0 and after >= s[3] then
           flag = 2
-          if s[5] > 0 and not touched[s[5]] then
-            touched[s[5]] = true
-            local doc = redis.call('GET', KEYS[s[5]])
-            if doc then redis.call('SET', KEYS[s[5]], doc, 'KEEPTTL') end
+          for k = 5, #s do
+            if not touched[s[k]] then
+              touched[s[k]] = true
+              local doc = redis.call('GET', KEYS[s[k]])
+              if doc then redis.call('SET', KEYS[s[k]], doc, 'KEEPTTL') end
+            end
           end
         elseif s[4] >= 0 and after - cost < s[4] and after >= s[4] then
           flag = 1
@@ -113,7 +118,8 @@ class Settlement(NamedTuple):
     counters: list[str]                         # token windows
     inflight: list[str]                         # in-flight sets it leaves
     cost: float | None = None                   # None: unpriced
-    spend: Sequence[tuple[SpendCounter, str]] = ()  # spend counters, each with its record's Redis key
+    # Spend counters, each with the Redis keys of the records that read it.
+    spend: Sequence[tuple[SpendCounter, tuple[str, ...]]] = ()
 
 
 # A request in flight longer than this has ended: Envoy's route timeout (600 s) has cut
@@ -129,6 +135,10 @@ class RateCounters:
         self.redis = redis
         self.script = redis.register_script(ADMIT)
         self.settle_script = redis.register_script(SETTLE)
+
+    async def peek(self, counters: list[Counter], now: float) -> Counter | None:
+        """The counter that would refuse a request now, taking nothing."""
+        return await self.admit(counters, "", now)
 
     async def admit(self, counters: list[Counter], usage_id: str = "-", now: float = 0.0) -> Counter | None:
         """Take one of each counter, or none; the counter at its limit when refused."""
@@ -161,7 +171,7 @@ class RateCounters:
                 request["x"] = repr(item.cost)
                 request["s"] = [[index(p + c.suffix), int(math.ceil(c.expires_at)) if c.expires_at else 0,
                                  c.max if c.max is not None else -1, c.soft if c.soft is not None else -1,
-                                 index(record) if record else 0] for c, record in item.spend]
+                                 *(index(r) for r in records)] for c, records in item.spend]
             requests.append(request)
         try:
             raw = await asyncio.wait_for(self.settle_script(

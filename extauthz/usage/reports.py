@@ -118,14 +118,17 @@ class UsageReports:
                     log.exception("usage reports could not be settled")
         return als_pb2.StreamAccessLogsResponse()
 
-    async def owners(self, report: Report) -> list[tuple[str, str, Any]]:
-        """(scope, record key, record) of the key and the team a report is for."""
-        out = []
+    async def owners(self, report: Report) -> list[tuple[str, tuple[str, ...], Any]]:
+        """(scope, the Redis keys of the records that read its counters, record) of the key
+        and the team a report is for."""
+        out: list[tuple[str, tuple[str, ...], Any]] = []
         if report.key_id is not None:  # (the master key has no record)
             key = await self.store.get_key(report.key_id) if report.key_id != "master" else None
-            out.append((scope("key", report.key_id), self.keyspace.key_id(report.key_id), key))
+            account, linked = (key.account, key.linked) if key is not None else (report.key_id, ())
+            out.append((scope("key", account), tuple(self.keyspace.key_id(h) for h in (report.key_id, *linked)),
+                        key))
         if report.team_id is not None:
-            out.append((scope("team", report.team_id), self.keyspace.team_id(report.team_id),
+            out.append((scope("team", report.team_id), (self.keyspace.team_id(report.team_id),),
                         await self.store.get_team(report.team_id)))
         return out
 
@@ -135,7 +138,7 @@ class UsageReports:
         scopes = [where for where, _, _ in owners]
         price = self.price(report.deployment, report.model)
         cost = prices.cost(price, report.tokens) if price is not None and report.tokens is not None else None
-        spend = [(c, record_key) for where, record_key, record in owners
+        spend = [(c, record_keys) for where, record_keys, record in owners
                  for c in spend_counters(where, record.budget if record is not None else None,
                                          report.model, now)] if cost is not None else []
         limited = [(where, record.limits if record is not None else None) for where, _, record in owners]

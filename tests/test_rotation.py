@@ -1,0 +1,180 @@
+"""Key rotation (/key/regenerate and /key/{key}/regenerate) through real Envoy and Redis:
+the new key inherits the old one's record and counters; the old one stops at once or at
+the end of its grace period, on every replica and across a restart; a repeated call with
+the same new_key answers as the first; and no raw key reaches Envoy's access log."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.conftest import Gateway
+from tests.harness import MASTER_KEY, Stack, http, start_stack, wait_until
+from tests.test_budgets import COST, call, spend_of
+
+
+@pytest.fixture(scope="module")
+def replica(workdir: Path, config_path: Path, redis_port: int, upstream_port: int) -> Iterator[Gateway]:
+    """A second sidecar and Envoy on the same Redis as the session's gateway."""
+    stack = start_stack(workdir, config_path, f"redis://127.0.0.1:{redis_port}/0")
+    try:
+        yield Gateway(stack.envoy, upstream_port, stack.sidecar)
+    finally:
+        stack.stop()
+
+
+def digest(raw: str) -> str:
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+def regenerate(gateway: Gateway, key: str, **body: object) -> dict:
+    r = gateway.admin("/key/regenerate", {"key": key, **body})
+    assert r.status == 200, r.text
+    return r.json()
+
+
+def explained(gateway: Gateway, key: str) -> str:
+    """What the gateway's sidecar would decide for ``key`` now, from its own cache."""
+    assert gateway.sidecar is not None
+    r = http("POST", gateway.sidecar.admin + "/access/explain", {"key": key, "model": "gpt-4"},
+             {"Authorization": f"Bearer {MASTER_KEY}"})
+    return r.json().get("code", "ok")
+
+
+def code_of(gateway: Gateway, key: str) -> str:
+    r = gateway.chat(key, "gpt-4")
+    return "ok" if r.status == 200 else r.json()["error"]["code"]
+
+
+def test_without_grace_the_old_key_stops_at_once_on_every_replica(gateway: Gateway, replica: Gateway) -> None:
+    old = gateway.new_key(models=["gpt-4"], key_alias="rotated-" + secrets.token_hex(4),
+                          metadata={"owner": "ml"})
+    assert code_of(gateway, old) == code_of(replica, old) == "ok"      # both replicas cache it
+    new = regenerate(gateway, old)
+    assert new["key"] != old and new["token"] == digest(new["key"]) and new["old_key_expires"] is None
+    assert new["models"] == ["gpt-4"] and new["metadata"] == {"owner": "ml"}
+    for g in (gateway, replica):
+        wait_until(lambda: code_of(g, old) == "invalid_api_key", what="the old key refused")
+        assert code_of(g, new["key"]) == "ok"
+    # The alias moved with it; the old key is gone from the listings.
+    listed = gateway.admin(f"/key/list?key_alias={new['key_alias']}", method="GET").json()["keys"]
+    assert listed == [new["token"]]
+    assert gateway.admin(f"/key/info?key={old}", method="GET").status == 404
+
+
+def test_with_grace_both_keys_work_until_it_ends(gateway: Gateway, replica: Gateway) -> None:
+    old = gateway.new_key(models=["gpt-4"])
+    assert code_of(replica, old) == "ok"
+    new = regenerate(gateway, old, grace_period="1h")
+    assert new["old_key_expires"] is not None
+    for g in (gateway, replica):
+        assert code_of(g, old) == "ok" and code_of(g, new["key"]) == "ok"
+    # A short grace: the old key stops when it ends, on both replicas; the new one goes on.
+    brief = gateway.new_key(models=["gpt-4"])
+    assert code_of(replica, brief) == "ok"
+    successor = regenerate(gateway, brief, grace_period="2s")
+    for g in (gateway, replica):
+        wait_until(lambda: code_of(g, brief) == "invalid_api_key", timeout=30, what="the grace period's end")
+        assert code_of(g, successor["key"]) == "ok"
+
+
+def test_the_new_key_inherits_limits_and_spend(gateway: Gateway, replica: Gateway) -> None:
+    old = gateway.new_key(models=["gpt-4"], rpm_limit=3, max_budget=10)
+    assert call(gateway, old).status == 200
+    assert call(gateway, old).status == 200
+    wait_until(lambda: spend_of(gateway, old) == pytest.approx(2 * COST), what="the old key's spend")
+    new = regenerate(gateway, old, grace_period="1h")["key"]
+    assert spend_of(gateway, new) == pytest.approx(2 * COST)
+    info = gateway.admin(f"/key/info?key={new}", method="GET").json()["info"]
+    assert info["rpm_limit"] == 3 and info["max_budget"] == 10 and info["rpm_used"] == 2
+    # One rate window for the two keys while both work: the third call of the minute is the last.
+    assert call(replica, new).status == 200
+    refused = call(gateway, old)
+    assert refused.status == 429, refused.text
+
+
+def test_a_budget_crossed_by_one_key_refuses_the_other(gateway: Gateway, replica: Gateway) -> None:
+    old = gateway.new_key(models=["gpt-4"], max_budget=0.1)
+    new = regenerate(gateway, old, grace_period="1h")["key"]
+    assert call(replica, new).status == 200          # cached by the replica, with its spend
+    wait_until(lambda: spend_of(gateway, new) == pytest.approx(COST), what="the new key's call settled")
+    assert call(gateway, old).status == 200          # 0.12: crossed by the old key's call
+    # Asked without a call (whose own settlement would refresh the record): the replica's
+    # cached record of the new key was told of the crossing.
+    wait_until(lambda: explained(replica, new) == "budget_exceeded", what="the crossing seen by the new key")
+    assert call(replica, new).status == 400
+
+
+def test_a_repeated_regenerate_with_the_same_new_key_answers_as_the_first(gateway: Gateway) -> None:
+    old = gateway.new_key(models=["gpt-4"])
+    chosen = "sk-chosen-" + secrets.token_hex(8)
+    first = regenerate(gateway, old, new_key=chosen, grace_period="1h")
+    count = gateway.admin("/key/list?size=1", method="GET").json()["total_count"]
+    again = regenerate(gateway, old, new_key=chosen, grace_period="1h")
+    assert again["key"] == first["key"] == chosen and again["token"] == first["token"]
+    assert gateway.admin("/key/list?size=1", method="GET").json()["total_count"] == count
+    entries = gateway.admin(f"/audit?target={chosen}", method="GET").json()["entries"]
+    assert [e["route"] for e in entries] == ["/key/regenerate"]
+    # Another new key for a key already regenerated: refused, its successor is the one to rotate.
+    r = gateway.admin("/key/regenerate", {"key": old, "new_key": "sk-another-" + secrets.token_hex(8)})
+    assert r.status == 409 and r.json()["error"]["code"] == "conflict"
+
+
+@pytest.mark.parametrize("body,status,param", [
+    ({"key": "sk-never-existed-1234"}, 404, None),
+    ({"grace_period": "forever"}, 400, "grace_period"),
+    ({"grace_period": "1000d"}, 400, "grace_period"),
+    ({"new_key": "short"}, 400, "new_key"),
+    ({"new_master_key": "sk-new-master"}, 400, "new_master_key"),
+    ({"models": ["no-such-model"]}, 400, "models"),
+    ({"frobnicate": 1}, 400, "frobnicate"),
+])
+def test_bad_regenerations_are_refused_and_change_nothing(gateway: Gateway, body: dict, status: int,
+                                                          param: str | None) -> None:
+    old = gateway.new_key(models=["gpt-4"])
+    r = gateway.admin("/key/regenerate", {"key": old, **body})
+    assert r.status == status, r.text
+    assert r.json()["error"]["param"] == param
+    assert code_of(gateway, old) == "ok"
+
+
+def test_the_new_key_cannot_be_an_existing_key(gateway: Gateway) -> None:
+    old, other = gateway.new_key(models=["gpt-4"]), gateway.new_key(models=["gpt-4o"])
+    r = gateway.admin("/key/regenerate", {"key": old, "new_key": other})
+    assert r.status == 409
+    assert code_of(gateway, old) == "ok"
+    assert gateway.admin("/key/regenerate", {"key": old, "new_key": old}).status == 400
+
+
+def test_the_path_form_keeps_the_key_out_of_envoys_access_log(gateway: Gateway) -> None:
+    old = gateway.new_key(models=["gpt-4"])
+    r = gateway.admin(f"/key/{old}/regenerate", {"models": ["gpt-4", "gpt-4o"]})
+    assert r.status == 200, r.text
+    new = r.json()
+    assert new["models"] == ["gpt-4", "gpt-4o"]
+    assert gateway.chat(new["key"], "gpt-4o").status == 200
+    assert gateway.admin(f"/key/{old}/regenerate", {"key": "sk-some-other-key"}).status == 400
+    log = Path(gateway.envoy.proc.log)
+    wait_until(lambda: "/key/{key}/..." in log.read_text(), what="the regenerate call's access log line")
+    assert old not in log.read_text() and new["key"] not in log.read_text()
+
+
+def test_rotation_survives_a_restart(workdir: Path, config_path: Path, redis_port: int, upstream_port: int,
+                                     gateway: Gateway) -> None:
+    old = gateway.new_key(models=["gpt-4"])
+    gone = gateway.new_key(models=["gpt-4"])
+    new = regenerate(gateway, old, grace_period="1h")["key"]
+    gone_new = regenerate(gateway, gone)["key"]
+    stack: Stack | None = None
+    for _ in range(2):  # a replica started after the rotation, then restarted
+        stack = start_stack(workdir, config_path, f"redis://127.0.0.1:{redis_port}/0")
+        try:
+            g = Gateway(stack.envoy, upstream_port, stack.sidecar)
+            assert code_of(g, old) == code_of(g, new) == code_of(g, gone_new) == "ok"
+            assert code_of(g, gone) == "invalid_api_key"
+        finally:
+            stack.stop()
