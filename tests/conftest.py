@@ -94,6 +94,16 @@ def gateway(envoy: Envoy, upstream_port: int) -> Gateway:
     return Gateway(envoy, upstream_port)
 
 
+@pytest.fixture(scope="session")
+def replica(workdir: Path, config_path: Path, redis_port: int, upstream_port: int) -> Iterator[Gateway]:
+    """A second sidecar and Envoy on the same Redis as the session's gateway."""
+    stack = harness.start_stack(workdir, config_path, f"redis://127.0.0.1:{redis_port}/0")
+    try:
+        yield Gateway(stack.envoy, upstream_port, stack.sidecar)
+    finally:
+        stack.stop()
+
+
 FLAVOURS = ("openai", "azure", "anthropic", "gemini")
 
 

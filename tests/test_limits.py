@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import redis.asyncio as aioredis
@@ -171,16 +170,6 @@ def test_a_teams_rpm_limit_is_shared_by_its_keys_and_a_models_is_its_own(gateway
 def test_a_careless_limit_is_refused(gateway: Gateway, body: dict, param: str) -> None:
     r = gateway.admin("/key/generate", body)
     assert r.status == 400 and r.json()["error"]["param"] == param
-
-
-@pytest.fixture(scope="module")
-def replica(workdir: Path, config_path: Path, redis_port: int, upstream_port: int) -> Iterator[Gateway]:
-    """A second sidecar and Envoy on the same Redis as the session's gateway."""
-    stack = start_stack(workdir, config_path, f"redis://127.0.0.1:{redis_port}/0")
-    try:
-        yield Gateway(stack.envoy, upstream_port, stack.sidecar)
-    finally:
-        stack.stop()
 
 
 def test_the_limit_holds_across_replicas(gateway: Gateway, replica: Gateway) -> None:

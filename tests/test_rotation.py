@@ -8,23 +8,12 @@ from __future__ import annotations
 import hashlib
 import secrets
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from tests.conftest import Gateway
 from tests.harness import MASTER_KEY, Stack, http, start_stack, wait_until
 from tests.test_budgets import COST, call, spend_of
-
-
-@pytest.fixture(scope="module")
-def replica(workdir: Path, config_path: Path, redis_port: int, upstream_port: int) -> Iterator[Gateway]:
-    """A second sidecar and Envoy on the same Redis as the session's gateway."""
-    stack = start_stack(workdir, config_path, f"redis://127.0.0.1:{redis_port}/0")
-    try:
-        yield Gateway(stack.envoy, upstream_port, stack.sidecar)
-    finally:
-        stack.stop()
 
 
 def digest(raw: str) -> str:
@@ -178,3 +167,19 @@ def test_rotation_survives_a_restart(workdir: Path, config_path: Path, redis_por
             assert code_of(g, gone) == "invalid_api_key"
         finally:
             stack.stop()
+
+
+def test_blocking_or_deleting_the_new_key_stops_the_old_one_in_its_grace(gateway: Gateway,
+                                                                          replica: Gateway) -> None:
+    old = gateway.new_key(models=["gpt-4"])
+    new = regenerate(gateway, old, grace_period="1h")["key"]
+    assert code_of(replica, old) == code_of(replica, new) == "ok"
+    assert gateway.admin("/key/block", {"key": new}).status == 200
+    for g in (gateway, replica):
+        wait_until(lambda: code_of(g, old) == "key_blocked", what="the old key blocked with the new one")
+    assert gateway.admin("/key/unblock", {"key": new}).status == 200
+    wait_until(lambda: code_of(replica, old) == "ok", what="both unblocked")
+    assert gateway.admin("/key/delete", {"keys": [new]}).status == 200
+    for g in (gateway, replica):
+        wait_until(lambda: code_of(g, old) == "invalid_api_key", what="the old key gone with the new one")
+    assert explained(replica, old) == "invalid_api_key"

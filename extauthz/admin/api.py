@@ -31,7 +31,7 @@ from extauthz.telemetry import metrics
 from extauthz.check.facts import Facts
 from extauthz.check.decision import Deny
 from extauthz.check.policy import authenticate, route_denied, visible_models
-from extauthz.records.lookup import Records, lookup
+from extauthz.records.lookup import Records, key_of, lookup
 from extauthz.records.record import KeyRecord, format_time, hash_token, team_members, new_key_doc, new_team_doc, new_user_doc, now_iso
 from extauthz.check.request import credentials
 from extauthz.check.runtime import Runtime
@@ -711,7 +711,7 @@ class AdminApi:
             raise ApiError(400, "invalid_request", "Give either 'key' (a key or its hash) or 'team_id'.", "key")
         owner = None
         if "key" in body:
-            key = await self.records.get_key(token_hash_of(body["key"]))
+            key = await key_of(token_hash_of(body["key"]), self.records)
             team = await self.records.get_team(key.team_id) if key is not None and key.team_id else None
             if key is not None and key.team_id is None and key.user_id is not None:
                 owner = await self.records.get_user(key.user_id)

@@ -26,9 +26,23 @@ async def lookup(token: str | None, store: RecordReader, is_master: Callable[[st
     token_hash = hash_token(token)
     if is_master(token_hash):
         return Records(MASTER, None, None)
-    key = await store.get_key(token_hash)
+    key = await key_of(token_hash, store)
     if key is None:
         return NONE
     if key.team_id is not None:
         return Records(key, await store.get_team(key.team_id), None)
     return Records(key, None, await store.get_user(key.user_id) if key.user_id is not None else None)
+
+
+async def key_of(token_hash: str, store: RecordReader) -> KeyRecord | None:
+    """A key's record; a key replaced with a grace period answers for its successor too: the
+    successor deleted, it is no key; blocked or expired, so is it (an admin who blocks the
+    new key of a leaked one stops both)."""
+    key = await store.get_key(token_hash)
+    if key is None or key.retired_at is None:
+        return key
+    successor = await store.get_key(key.linked[0])  # a retired key's first link is its successor
+    if successor is None:
+        return None
+    expires = min((t for t in (key.expires_at, successor.expires_at) if t is not None), default=None)
+    return key._replace(blocked=key.blocked or successor.blocked, expires_at=expires)

@@ -115,7 +115,8 @@ class KeyRecord(NamedTuple):
     counter_id: str | None = None
     # A key regenerated with a grace period: when it stops (then it is an invalid key).
     retired_at: float | None = None
-    # The other record sharing its counters while one of the two is in its grace period.
+    # The other records sharing its counters while one is in its grace period: a retired
+    # key's successor first, then the key it replaced itself, if any.
     linked: tuple[str, ...] = ()
 
     @property
