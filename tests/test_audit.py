@@ -200,6 +200,12 @@ def test_the_stream_is_capped(workdir: Path, config_path: Path, redis_port: int,
         # Trimmed in Redis's own steps (whole stream nodes of 100): about the cap, never the whole history.
         assert 50 <= length <= 200, length
         assert len(trail(g, "limit=1000")) == length
+        # A trail that cannot be written: the write is refused, not made unrecorded.
+        redis_cli(redis_port, "-n", str(db), "DEL", "extauthz:audit")
+        redis_cli(redis_port, "-n", str(db), "SET", "extauthz:audit", "not a stream")
+        r = g.admin("/team/new", {"team_id": "never-recorded"})
+        assert r.status == 503 and r.json()["error"]["code"] == "audit_unavailable"
+        assert g.admin("/team/info?team_id=never-recorded", method="GET").status == 404
     finally:
         stack.stop()
 

@@ -51,5 +51,8 @@ def test_filters() -> None:
     found = audit.entry(Note(Actor("jwt", user_id="alice", role="proxy_admin"), "/team/new"), {},
                         {P + "team:t": {"team_id": "t", "team_alias": "Team T"}}, P, 0.0)
     assert list(audit.targets(found)) == ["t", "Team T"]
-    assert audit.selected(found, "t", "alice") and audit.selected(found, "Team T", "proxy_admin")
+    assert audit.selected(found, "t", "alice") and audit.selected(found, "Team T", None, "proxy_admin")
     assert not audit.selected(found, "u", None) and not audit.selected(found, None, "bob")
+    assert not audit.selected(found, None, "proxy_admin") and not audit.selected(found, None, "jwt")
+    master = audit.entry(NOTE, {}, {P + "team:t": {"team_id": "t"}}, P, 0.0)
+    assert audit.selected(master, None, "master_key") and not audit.selected(master, None, "system")

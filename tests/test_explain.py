@@ -152,6 +152,10 @@ def test_unknown_keys_and_bad_requests(sidecar: Sidecar, gateway: Gateway) -> No
     found = explain(sidecar, key=raw, model="gpt-4", endpoint="/v1/embeddings")
     assert found["decision"] == "allow"
     assert explain(sidecar, key=raw, model="gpt-4", endpoint="/not/an/llm/path")["code"] == "unsupported_endpoint"
+    # The master key, as Check reads it; a multipart endpoint, with the form it reads.
+    assert explain(sidecar, key=MASTER_KEY, model="gpt-4")["decision"] == "allow"
+    form = explain(sidecar, key=raw, model="gpt-4o", endpoint="/v1/audio/transcriptions")
+    assert form["code"] == "model_not_allowed", form
     # Through Envoy, for admins only.
     r = http("POST", gateway.envoy.url + "/access/explain", {"key": raw, "model": "gpt-4"},
              {"Authorization": f"Bearer {MASTER_KEY}"})

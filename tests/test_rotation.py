@@ -183,3 +183,38 @@ def test_blocking_or_deleting_the_new_key_stops_the_old_one_in_its_grace(gateway
     for g in (gateway, replica):
         wait_until(lambda: code_of(g, old) == "invalid_api_key", what="the old key gone with the new one")
     assert explained(replica, old) == "invalid_api_key"
+
+
+def test_a_second_rotation_without_grace_ends_the_firsts(gateway: Gateway, replica: Gateway) -> None:
+    first = gateway.new_key(models=["gpt-4"], key_alias="line-" + secrets.token_hex(4))
+    second = regenerate(gateway, first, grace_period="30d")["key"]
+    third = regenerate(gateway, second)["key"]
+    for g in (gateway, replica):
+        wait_until(lambda: code_of(g, first) == "invalid_api_key", what="the first key stopped with the second")
+        assert code_of(g, second) == "invalid_api_key" and code_of(g, third) == "ok"
+
+
+def test_a_key_in_its_grace_can_be_blocked_itself_and_a_retry_tells_the_first_answer(gateway: Gateway) -> None:
+    old = gateway.new_key(models=["gpt-4"], key_alias="graced-" + secrets.token_hex(4))
+    chosen = "sk-graced-" + secrets.token_hex(8)
+    first = regenerate(gateway, old, new_key=chosen, grace_period="30d")
+    assert gateway.admin("/key/block", {"key": old}).status == 200         # its alias is its successor's now
+    assert code_of(gateway, old) == "key_blocked" and code_of(gateway, chosen) == "ok"
+    r = gateway.admin("/key/update", {"key": old, "key_alias": "taken-by-the-old-one"})
+    assert r.status == 409
+    again = regenerate(gateway, old, new_key=chosen)                        # no grace this time: still the first's
+    assert again["old_key_expires"] == first["old_key_expires"] is not None
+    regenerate(gateway, chosen)
+    r = gateway.admin("/key/regenerate", {"key": old, "new_key": chosen})
+    assert r.status == 409                                                  # its successor was rotated since
+
+
+@pytest.mark.parametrize("new_key", ["sk-\ud800abcdefgh", "sk-1234"])
+def test_a_new_key_that_is_no_text_or_the_master_key_is_refused(gateway: Gateway, new_key: str) -> None:
+    old = gateway.new_key(models=["gpt-4"])
+    r = gateway.admin("/key/regenerate", {"key": old, "new_key": new_key})
+    assert r.status == 400 and r.json()["error"]["param"] == "new_key", r.text
+    r = gateway.admin(f"/key/{old}/regenerate", {"new_key": new_key})
+    assert r.status == 400
+    assert code_of(gateway, old) == "ok"
+    assert gateway.admin("/key/generate", {"key": "sk-1234"}).status == 400

@@ -25,20 +25,20 @@ from extauthz.records import audit
 from extauthz.records.audit import Actor, Note
 from extauthz.check import explain
 from extauthz.check.catalog import ALL_TEAM_MODELS
-from extauthz.check.endpoints import Endpoint, classify
+from extauthz.check.endpoints import MULTIPART, Endpoint, classify
 from extauthz.check import listing
 from extauthz.telemetry import metrics
 from extauthz.check.facts import Facts
 from extauthz.check.decision import Deny
 from extauthz.check.policy import authenticate, route_denied, visible_models
 from extauthz.records.lookup import Records, key_of, lookup
-from extauthz.records.record import KeyRecord, format_time, hash_token, team_members, new_key_doc, new_team_doc, new_user_doc, now_iso
+from extauthz.records.record import MASTER, KeyRecord, format_time, hash_token, team_members, new_key_doc, new_team_doc, new_user_doc, now_iso
 from extauthz.check.request import credentials
 from extauthz.check.runtime import Runtime
 from extauthz.check.responses import USAGE_ID_LENGTH, error_body
 from extauthz.usage import budgets, limits
 from extauthz.usage.counters import RateCounters
-from extauthz.records.store import RecordReader, Conflict, MissingTeam, NotFound, RedisWriter, StoreUnavailable
+from extauthz.records.store import AuditUnwritable, RecordReader, Conflict, MissingTeam, NotFound, RedisWriter, StoreUnavailable
 
 if TYPE_CHECKING:
     from extauthz.check.service import AuthorizationService
@@ -93,11 +93,30 @@ def acting(request: web.Request) -> Acting | None:
     return request.get("acting")
 
 
-def token_hash_of(value: Any) -> str:
+def token_hash_of(value: Any, param: str = "key") -> str:
     """Admin calls name a key by its raw value or by its hash (what /key/list returns)."""
     if not isinstance(value, str) or not value:
-        raise ApiError(400, "invalid_request", "'key' must be a key (sk-...) or its hash", "key")
-    return value if HASH.fullmatch(value) else hash_token(value)
+        raise ApiError(400, "invalid_request", f"'{param}' must be a key (sk-...) or its hash", param)
+    return value if HASH.fullmatch(value) else raw_hash(value, param)
+
+
+def raw_hash(raw: str, param: str) -> str:
+    try:
+        return hash_token(raw)
+    except UnicodeEncodeError:  # a lone surrogate from JSON's \ud800: no key
+        raise ApiError(400, "invalid_request", f"'{param}' is not valid text", param) from None
+
+
+def explained_body(endpoint: Any, model: str) -> tuple[str, bytes]:
+    """The smallest request body naming ``model`` that the endpoint reads: a form for the
+    multipart endpoints (audio), JSON for the others, none where the path names it."""
+    if isinstance(endpoint, Endpoint) and endpoint.body == MULTIPART:
+        form = (f'--explain\r\nContent-Disposition: form-data; name="model"\r\n\r\n{model}\r\n'
+                '--explain--\r\n')
+        return "multipart/form-data; boundary=explain", form.encode("utf-8", "surrogatepass")
+    if isinstance(endpoint, Endpoint) and endpoint.path_model is not None:
+        return "application/json", b"{}"
+    return "application/json", json.dumps({"model": model}).encode()
 
 
 NOT_MASTER = ApiError(401, "unauthorized", "This route needs the master key as 'Authorization: Bearer'.")
@@ -179,6 +198,10 @@ class AdminApi:
             return error_response(Deny(404, "not_found", str(e)))
         except Conflict as e:
             return error_response(Deny(409, "conflict", str(e)))
+        except AuditUnwritable as e:
+            log.error("admin write refused: %s", e)
+            return error_response(Deny(503, "audit_unavailable", "The audit trail cannot be written; nothing "
+                                       "was changed."))
         except StoreUnavailable:
             return error_response(Deny(503, "store_unavailable", "The key store is unavailable; try again."))
         except web.HTTPRequestEntityTooLarge:
@@ -319,6 +342,8 @@ class AdminApi:
         raw_key = schema.expect(body, "key", str) or "sk-" + secrets.token_urlsafe(24)
         if len(raw_key) < 8:
             raise ApiError(400, "invalid_request", "'key' must be at least 8 characters", "key")
+        if self.runtime().is_master(raw_hash(raw_key, "key")):
+            raise ApiError(400, "invalid_request", "'key' must not be the master key.", "key")
         doc = new_key_doc(raw_key)
         doc.update(fields)
         who = acting(request)
@@ -385,8 +410,10 @@ class AdminApi:
         if given is not None and len(given) < 8:
             raise ApiError(400, "invalid_request", "'new_key' must be at least 8 characters", "new_key")
         raw_key = given or "sk-" + secrets.token_urlsafe(24)
-        if hash_token(raw_key) == old_hash:
-            raise ApiError(400, "invalid_request", "'new_key' is the key being regenerated.", "new_key")
+        new_hash = raw_hash(raw_key, "new_key")
+        if new_hash == old_hash or self.runtime().is_master(new_hash):
+            raise ApiError(400, "invalid_request", "'new_key' must be a new key (not this one, not the master key).",
+                           "new_key")
         grace = schema.grace_seconds(schema.expect(body, "grace_period", str))
         grace_until = time.time() + grace if grace else None
 
@@ -395,11 +422,9 @@ class AdminApi:
             doc.update(changes, key_name=f"sk-...{raw_key[-4:]}", updated_at=stamp, regenerated_at=stamp)
             return doc
 
-        doc, _ = await self.writer(request).rotate_key(old_hash, hash_token(raw_key), change, self.check_team,
-                                                      grace_until)
-        view = self.key_view(doc, raw_key)
-        view["old_key_expires"] = format_time(grace_until) if grace_until is not None else None
-        return web.json_response(view)
+        doc, old_key_expires = await self.writer(request).rotate_key(
+            old_hash, new_hash, change, self.check_team, grace_until)
+        return web.json_response(dict(self.key_view(doc, raw_key), old_key_expires=old_key_expires))
 
     async def key_info(self, request: web.Request) -> web.Response:
         token_hash = token_hash_of(request.query.get("key"))
@@ -649,7 +674,7 @@ class AdminApi:
 
     async def audit_trail(self, request: web.Request) -> web.Response:
         """The audit trail, newest first: ``target`` (a key, its hash or alias, a team or user
-        id), ``actor`` (master_key, a user id, a role or a key hash), ``since`` (ISO 8601),
+        id), ``actor`` (master_key, system, a user id or a key hash), ``role``, ``since`` (ISO 8601),
         ``limit`` (1..1000) and ``before`` (the ``next`` of the previous page)."""
         self.require_admin(request, "read the audit trail")
         query = request.query
@@ -670,7 +695,7 @@ class AdminApi:
                 raise ApiError(400, "invalid_request", "'since' must be an ISO 8601 time", "since") from None
         target = query.get("target") or None
         targets = {target, hash_token(target)} if target else set()
-        actor = query.get("actor") or None
+        actor, role = query.get("actor") or None, query.get("role") or None
         entries: list[dict[str, Any]] = []
         cursor, scanned, more = before, 0, True
         while len(entries) < limit and scanned < AUDIT_SCAN_MAX:
@@ -684,7 +709,7 @@ class AdminApi:
                     more = False
                     break
                 if (not targets or any(t in targets for t in audit.targets(entry))) \
-                        and audit.selected(entry, None, actor):
+                        and audit.selected(entry, None, actor, role):
                     entries.append({"id": stream_id, **entry})
                     if len(entries) == limit:
                         break
@@ -709,13 +734,17 @@ class AdminApi:
         runtime = self.runtime()
         if ("key" in body) == ("team_id" in body):
             raise ApiError(400, "invalid_request", "Give either 'key' (a key or its hash) or 'team_id'.", "key")
-        owner = None
         if "key" in body:
-            key = await key_of(token_hash_of(body["key"]), self.records)
-            team = await self.records.get_team(key.team_id) if key is not None and key.team_id else None
-            if key is not None and key.team_id is None and key.user_id is not None:
-                owner = await self.records.get_user(key.user_id)
+            token_hash = token_hash_of(body["key"])
+            if runtime.is_master(token_hash):
+                key, team, owner = MASTER, None, None
+            else:  # as records/lookup reads a presented key, by its hash
+                key = await key_of(token_hash, self.records)
+                team = await self.records.get_team(key.team_id) if key is not None and key.team_id else None
+                owner = await self.records.get_user(key.user_id) \
+                    if key is not None and key.team_id is None and key.user_id is not None else None
         else:
+            owner = None
             team_id = schema.expect(body, "team_id", str, nullable=False)
             team = await self.records.get_team(team_id)
             if team is None:
@@ -724,10 +753,9 @@ class AdminApi:
             key = KeyRecord(f"team:{team_id}", None, (ALL_TEAM_MODELS,), team.team_id, None, False,
                             f"a member of team {team_id}")
         endpoint = runtime.pass_through.match(path) or classify(path)
+        content_type, payload = explained_body(endpoint, model)
         facts = Facts(token="explain", model=None, path=path, endpoint=endpoint,
-                      headers={"content-type": "application/json"})
-        payload = json.dumps({"model": model}).encode() if isinstance(endpoint, Endpoint) \
-            and endpoint.path_model is None else b"{}"
+                      headers={"content-type": content_type})
         decision = await self.check.decide_key(facts, payload, runtime, key, team, owner, peek=True)
         if key is None:
             return web.json_response({**explain.outcome_view(decision),
@@ -786,11 +814,8 @@ class AdminApi:
         usage_id = request.headers.get("x-usage-id", "")
         if len(usage_id) != USAGE_ID_LENGTH:
             raise ApiError(400, "invalid_request", "x-usage-id is required")
+        # x-key-id: the counters' key the check named (a regenerated key's line's; usage.lua).
         key_id, team_id = request.headers.get("x-key-id", ""), request.headers.get("x-team-id", "")
-        if key_id and not key_id.startswith("jwt:") and key_id != "master":
-            # Its place was taken in its account's set (a regenerated key's is its line's first).
-            key = await self.records.get_key(key_id) if HASH.fullmatch(key_id) else None
-            key_id = key.account if key is not None else key_id
         scopes = [limits.scope(kind, ident) for kind, ident in (("key", key_id), ("team", team_id))
                   if ident and not ident.startswith("jwt:")]
         await self.counters.release(usage_id, limits.inflight_sets(scopes))

@@ -418,6 +418,8 @@ class AuthorizationService:
         decision.metadata[USAGE_ID] = secrets.token_hex(USAGE_ID_LENGTH // 2)
         # The whole hash, for the usage report's counters (the logs show its prefix only).
         decision.metadata["key_id"] = key.token_hash
+        if key.counter_id is not None:  # a regenerated key: its line's counters, whatever becomes of its record
+            decision.metadata["key_account"] = key.counter_id
         if rate_limited:
             scopes = [(scope("key", key.account), f"key {key.label!r}", key_limits)]
             if team is not None:

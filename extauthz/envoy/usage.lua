@@ -212,7 +212,8 @@ local function release(handle)
   end
   handle:httpCall("extauthz_admin", {
     [":method"] = "POST", [":path"] = "/internal/usage/release", [":authority"] = "extauthz",
-    ["x-usage-id"] = decision["usage_id"], ["x-key-id"] = decision["key_id"] or "",
+    -- the counters' key: a regenerated key's line's (key_account), else its own
+    ["x-usage-id"] = decision["usage_id"], ["x-key-id"] = decision["key_account"] or decision["key_id"] or "",
     ["x-team-id"] = decision["team_id"] or ""}, "", RELEASE_TIMEOUT_MS)
 end
 

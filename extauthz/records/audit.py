@@ -136,12 +136,14 @@ def targets(found: Doc) -> Iterable[str]:
             yield record["alias"]
 
 
-def selected(found: Doc, target: str | None, actor: str | None) -> bool:
-    """A GET /audit filter: ``target`` any record's id or alias, ``actor`` any of the
-    actor's fields (its type, user, role or key hash)."""
+def selected(found: Doc, target: str | None, actor: str | None, role: str | None = None) -> bool:
+    """A GET /audit filter: ``target`` any record's id or alias; ``actor`` the actor's user
+    id or key hash, or the type ``master_key`` / ``system``; ``role`` its role. (Each its own
+    field: a user named "master_key" is not the master key.)"""
     if target and target not in targets(found):
         return False
-    if actor:
-        who = found.get("actor") or {}
-        return actor in who.values()
-    return True
+    who = found.get("actor") or {}
+    if actor and actor not in (who.get("user_id"), who.get("key_hash")) \
+            and not (who.get("type") in ("master_key", "system") and actor == who.get("type")):
+        return False
+    return not role or role == who.get("role")

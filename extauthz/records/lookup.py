@@ -11,6 +11,9 @@ from extauthz.records.store import RecordReader
 from extauthz.records.record import MASTER, KeyRecord, TeamRecord, UserRecord, hash_token
 
 
+MAX_LINE = 8  # keys replaced in a row, each still in its grace period
+
+
 class Records(NamedTuple):
     key: KeyRecord | None
     team: TeamRecord | None
@@ -34,15 +37,19 @@ async def lookup(token: str | None, store: RecordReader, is_master: Callable[[st
     return Records(key, None, await store.get_user(key.user_id) if key.user_id is not None else None)
 
 
-async def key_of(token_hash: str, store: RecordReader) -> KeyRecord | None:
-    """A key's record; a key replaced with a grace period answers for its successor too: the
-    successor deleted, it is no key; blocked or expired, so is it (an admin who blocks the
-    new key of a leaked one stops both)."""
+async def key_of(token_hash: str, store: RecordReader, depth: int = 0) -> KeyRecord | None:
+    """A key's record; a key replaced with a grace period answers for its successor too
+    (and that one for its own, down the line): the successor gone, it is no key; blocked or
+    expired, so is it; retired sooner, so is it. An admin who blocks, deletes or rotates
+    again without grace the new key of a leaked one stops both."""
     key = await store.get_key(token_hash)
     if key is None or key.retired_at is None:
         return key
-    successor = await store.get_key(key.linked[0])  # a retired key's first link is its successor
+    # A retired key's first link is its successor; a line longer than rotations within one
+    # grace period make is refused rather than followed.
+    successor = await key_of(key.linked[0], store, depth + 1) if depth < MAX_LINE else None
     if successor is None:
         return None
     expires = min((t for t in (key.expires_at, successor.expires_at) if t is not None), default=None)
-    return key._replace(blocked=key.blocked or successor.blocked, expires_at=expires)
+    retired = min((t for t in (key.retired_at, successor.retired_at) if t is not None))
+    return key._replace(blocked=key.blocked or successor.blocked, expires_at=expires, retired_at=retired)

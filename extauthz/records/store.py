@@ -45,6 +45,10 @@ class StoreUnavailable(Exception):
     """Redis could not answer in time; the decision fails closed."""
 
 
+class AuditUnwritable(Exception):
+    """The audit trail's key holds something else: writes are refused, not made unrecorded."""
+
+
 class NotFound(Exception):
     pass
 
@@ -287,6 +291,9 @@ class RedisWriter(Keyspace):
                         if watch:
                             await pipe.watch(*watch)
                         tx = Tx(pipe)
+                        if await self.redis.type(self.audit_id) not in (b"none", b"stream"):
+                            # XADD would fail inside EXEC while the record writes commit: refuse first.
+                            raise AuditUnwritable(f"{self.audit_id} is not a stream: no admin write can be recorded")
                         result = await body(tx)
                         found = audit.entry(note, tx.read_docs, tx.written, self.prefix, time.time())
                         if found is not None:
@@ -347,9 +354,13 @@ class RedisWriter(Keyspace):
             new = change(dict(old))
             team = await self._team_for(tx, new.get("team_id"))
             check_team(new, team)
-            await self._claim_alias(tx, new.get("key_alias"), token_hash)
+            retired = bool(old.get("rotated_to"))
+            if retired and new.get("key_alias") != old.get("key_alias"):
+                raise Conflict("A replaced key's alias is its successor's; change the successor's.")
+            if not retired:
+                await self._claim_alias(tx, new.get("key_alias"), token_hash)
             tx.pipe.multi()
-            if old.get("rotated_to"):  # a key in its grace period: no index names it
+            if retired:  # a key in its grace period: no index names it
                 tx.put(self.key_id(token_hash), new, KEEP_TTL)
             else:
                 self._queue_key(tx, new, old)
@@ -359,20 +370,23 @@ class RedisWriter(Keyspace):
 
     async def rotate_key(self, old_hash: str, new_hash: str, change: Callable[[Doc], Doc],
                          check_team: Callable[[Doc, Doc | None], None],
-                         grace_until: float | None) -> tuple[Doc, bool]:
+                         grace_until: float | None) -> tuple[Doc, str | None]:
         """Replace a key by a new one (/key/regenerate): the new record is the old one with
         ``change`` applied, under the new hash, sharing its counters (``counter_id``: its
         spend and rate windows go on). The old record stops at once, or stays usable until
-        ``grace_until`` and then expires (it is no longer listed). Returns the new record,
-        and whether this exact rotation had been made before (a repeated call)."""
+        ``grace_until`` and then expires (it is no longer listed). Returns the new record and
+        when the old key stops (None: it has); a repeated call (the same new key) answers as
+        the first one did, changing nothing."""
         old_id, new_id = self.key_id(old_hash), self.key_id(new_hash)
 
-        async def body(tx: Tx) -> tuple[Doc, bool]:
+        async def body(tx: Tx) -> tuple[Doc, str | None]:
             old, existing = await tx.read(old_id), await tx.read(new_id)
             if existing is not None and existing.get("regenerated_from") == old_hash \
                     and (old is None or old.get("rotated_to") == new_hash):
-                tx.pipe.multi()
-                return existing, True
+                if existing.get("rotated_to"):
+                    raise Conflict("The key this regeneration made was regenerated since; regenerate its successor.")
+                tx.pipe.multi()  # the same answer as the first time: its grace, not this call's
+                return existing, (old or {}).get("grace_until")
             if old is None:
                 raise NotFound("key not found")
             if old.get("rotated_to"):
@@ -393,7 +407,7 @@ class RedisWriter(Keyspace):
                                counter_id=new["counter_id"])
                 tx.put(old_id, retired, int(grace_until * 1000) + GRACE_MARGIN_MS)
             self._queue_key(tx, new, None)
-            return new, False
+            return new, format_time(grace_until) if grace_until is not None else None
 
         return await self._transact(body, old_id, new_id)
 

@@ -42,6 +42,7 @@ class Report(NamedTuple):
     deployment: str         # the route id: its price
     tokens: Tokens | None   # None: the response reported no usage
     inflight: bool = False  # it held a place in an in-flight set (max_parallel_requests)
+    account: str | None = None  # a regenerated key's counters (its line's first key), when not its own
 
 
 def _string(fields: Any, name: str) -> str | None:
@@ -71,7 +72,7 @@ def read_entry(entry: Any) -> Report | None:
                  if value.WhichOneof("kind") == "number_value"}
     return Report(usage_id, None if key_id.startswith("jwt:") else key_id, _string(decision, "team_id"),
                   _string(decision, "model") or "", deployment, tokens_of(usage),  # type: ignore[arg-type]
-                  _string(decision, "inflight") == "1")
+                  _string(decision, "inflight") == "1", _string(decision, "key_account"))
 
 
 def tokens(usage: dict[str, Any]) -> int | None:
@@ -124,7 +125,8 @@ class UsageReports:
         out: list[tuple[str, tuple[str, ...], Any]] = []
         if report.key_id is not None:  # (the master key has no record)
             key = await self.store.get_key(report.key_id) if report.key_id != "master" else None
-            account, linked = (key.account, key.linked) if key is not None else (report.key_id, ())
+            # The counters the check took (its metadata): this key's record may be gone by now.
+            account, linked = report.account or report.key_id, key.linked if key is not None else ()
             out.append((scope("key", account), tuple(self.keyspace.key_id(h) for h in (report.key_id, *linked)),
                         key))
         if report.team_id is not None:
