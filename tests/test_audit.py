@@ -187,7 +187,7 @@ def test_entries_are_logged_as_json(gateway: Gateway, sidecar: Any) -> None:
 
 
 def test_the_stream_is_capped(workdir: Path, config_path: Path, redis_port: int, upstream_port: int) -> None:
-    db = 11
+    db = 15  # a database of its own: this test breaks the trail on purpose
     redis_cli(redis_port, "-n", str(db), "FLUSHDB")
     stack = start_stack(workdir, config_path, f"redis://127.0.0.1:{redis_port}/{db}",
                         {"EXTAUTHZ_AUDIT_MAX_ENTRIES": "50"})
@@ -208,6 +208,7 @@ def test_the_stream_is_capped(workdir: Path, config_path: Path, redis_port: int,
         assert g.admin("/team/info?team_id=never-recorded", method="GET").status == 404
     finally:
         stack.stop()
+        redis_cli(redis_port, "-n", str(db), "FLUSHDB")
 
 
 @pytest.mark.parametrize("value", ["not json", json.dumps({"user_id": 7, "role": "proxy_admin"})])
