@@ -98,6 +98,19 @@ def test_a_budget_crossed_by_one_key_refuses_the_other(gateway: Gateway, replica
     assert call(replica, new).status == 400
 
 
+def test_a_crossing_reaches_every_key_of_a_line(gateway: Gateway, replica: Gateway) -> None:
+    first = gateway.new_key(models=["gpt-4"], max_budget=0.1)
+    second = regenerate(gateway, first, grace_period="1h")["key"]
+    third = regenerate(gateway, second, grace_period="1h")["key"]
+    for key in (first, second, third):
+        assert explained(replica, key) == "ok"                  # each cached by the replica
+    assert call(gateway, first).status == 200
+    wait_until(lambda: spend_of(gateway, third) == pytest.approx(COST), what="the first call settled")
+    assert call(gateway, first).status == 200                  # 0.12: crossed by the first key of the line
+    for key in (first, second, third):
+        wait_until(lambda: explained(replica, key) == "budget_exceeded", what="the crossing seen by every key")
+
+
 def test_a_repeated_regenerate_with_the_same_new_key_answers_as_the_first(gateway: Gateway) -> None:
     old = gateway.new_key(models=["gpt-4"])
     chosen = "sk-chosen-" + secrets.token_hex(8)

@@ -22,6 +22,7 @@ from extauthz.telemetry.metrics import SOFT_BUDGET_CROSSINGS, SPEND, USAGE_REPOR
 from extauthz.usage import prices
 from extauthz.usage.budgets import spend_counters
 from extauthz.usage.counters import OVER, SOFT, RateCounters, Settlement
+from extauthz.records.lookup import MAX_LINE
 from extauthz.usage.limits import inflight_sets, scope, usage_counters
 from extauthz.usage.prices import Price, Tokens, tokens_of
 
@@ -126,13 +127,29 @@ class UsageReports:
         if report.key_id is not None:  # (the master key has no record)
             key = await self.store.get_key(report.key_id) if report.key_id != "master" else None
             # The counters the check took (its metadata): this key's record may be gone by now.
-            account, linked = report.account or report.key_id, key.linked if key is not None else ()
-            out.append((scope("key", account), tuple(self.keyspace.key_id(h) for h in (report.key_id, *linked)),
+            account = report.account or report.key_id
+            line = await self.line_of(key) if key is not None and key.linked else ()
+            out.append((scope("key", account), tuple(self.keyspace.key_id(h) for h in (report.key_id, *line)),
                         key))
         if report.team_id is not None:
             out.append((scope("team", report.team_id), (self.keyspace.team_id(report.team_id),),
                         await self.store.get_team(report.team_id)))
         return out
+
+    async def line_of(self, key: Any) -> tuple[str, ...]:
+        """The other live keys of a regenerated key's line (its predecessors still in their
+        grace, its successors): they read the same counters, so a crossing rewrites them all."""
+        seen, todo, found = {key.token_hash}, list(key.linked), []
+        while todo and len(seen) <= MAX_LINE:
+            token_hash = todo.pop()
+            if token_hash in seen:
+                continue
+            seen.add(token_hash)
+            record = await self.store.get_key(token_hash)  # cached; a predecessor gone is a cached absence
+            if record is not None:
+                found.append(token_hash)
+                todo.extend(record.linked)
+        return tuple(found)
 
     async def settlement(self, report: Report, now: float) -> Settlement:
         """What settling a report changes: its counters, its cost and spend counters."""
