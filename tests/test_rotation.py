@@ -231,3 +231,27 @@ def test_a_new_key_that_is_no_text_or_the_master_key_is_refused(gateway: Gateway
     assert r.status == 400
     assert code_of(gateway, old) == "ok"
     assert gateway.admin("/key/generate", {"key": "sk-1234"}).status == 400
+
+
+def test_a_user_regenerates_its_own_keys_only(gateway: Gateway) -> None:
+    suffix = secrets.token_hex(4)
+    team, user = gateway.new_team(models=["gpt-4"]), f"rotating-user-{suffix}"
+    r = gateway.admin("/user/new", {"user_id": user, "user_role": "internal_user"})
+    assert r.status == 200, r.text
+    manager = r.json()["key"]
+    assert gateway.admin("/team/member_add", {"team_id": team, "member": {"user_id": user, "role": "user"}}).status \
+        == 200
+    mine = gateway.admin("/key/generate", {"team_id": team}, key=manager).json()["key"]
+    other = gateway.new_key(team_id=team)                         # the admin's key in the same team
+    new = gateway.admin("/key/regenerate", {"key": mine, "grace_period": "1h"}, key=manager)
+    assert new.status == 200, new.text
+    assert code_of(gateway, new.json()["key"]) == code_of(gateway, mine) == "ok"
+    entry = gateway.admin(f"/audit?target={new.json()['key']}", method="GET").json()["entries"][0]
+    assert entry["actor"]["type"] == "key" and entry["actor"]["user_id"] == user
+    refused = [gateway.admin("/key/regenerate", {"key": other}, key=manager),          # not its key: as missing
+               gateway.admin("/key/regenerate", {"key": new.json()["key"], "new_key": "sk-chosen-" + suffix},
+                             key=manager),                                               # no chosen secrets
+               gateway.admin("/key/regenerate", {"key": new.json()["key"], "rpm_limit": 100000}, key=manager),
+               gateway.admin(f"/key/{new.json()['key']}/regenerate", {}, key=manager)]   # the admin's form only
+    assert [r.status for r in refused] == [404, 403, 403, 403], [r.text for r in refused]
+    assert code_of(gateway, other) == code_of(gateway, new.json()["key"]) == "ok"

@@ -234,7 +234,7 @@ class AdminApi:
                 actor = actor_from_headers(request.headers, who)
             request["audit"] = Note(actor, route_name(request))
             if who is not None:
-                if not who.may_use(request.method, request.path):
+                if not who.may_use(request.method, route_name(request)):
                     raise Refused(f"A user acting for itself may not use {route_name(request)!r}.")
                 # A token's teams are the IdP's word; a key owner's, its record's, each
                 # confirmed by the team's own member list.
@@ -416,14 +416,30 @@ class AdminApi:
                            "new_key")
         grace = schema.grace_seconds(schema.expect(body, "grace_period", str))
         grace_until = time.time() + grace if grace else None
+        who, check = acting(request), self.check_team
+        if who is not None:  # its own key (or one of a team it administers), as /key/update allows
+            if given is not None:
+                raise Refused("A user does not choose the key: one is generated.", param="new_key")
+            if set(body) - ACTING_KEY_CHANGES - {"grace_period"}:
+                raise Refused(f"A user may change only {sorted(ACTING_KEY_CHANGES - {'key'})} of a key.")
+
+            def check(key: dict[str, Any], team: dict[str, Any] | None) -> None:
+                if not who.owns(key):
+                    raise Refused("The key would leave the caller's keys.", param="user_id")
+                who.check_new_key(key, key.get("user_id"))
+                self.check_team(key, team)
 
         def change(doc: dict[str, Any]) -> dict[str, Any]:
+            if who is not None and not who.owns(doc):  # the same answer as a missing key
+                raise NotFound("key not found")
             stamp = now_iso()
             doc.update(changes, key_name=f"sk-...{raw_key[-4:]}", updated_at=stamp, regenerated_at=stamp)
+            if who is not None:
+                doc["created_by"] = who.user_id
             return doc
 
         doc, old_key_expires = await self.writer(request).rotate_key(
-            old_hash, new_hash, change, self.check_team, grace_until)
+            old_hash, new_hash, change, check, grace_until)
         return web.json_response(dict(self.key_view(doc, raw_key), old_key_expires=old_key_expires))
 
     async def key_info(self, request: web.Request) -> web.Response:

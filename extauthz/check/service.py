@@ -460,7 +460,7 @@ class AuthorizationService:
         viewer = identity.role == "internal_user_viewer"
         if identity.role in ("internal_user", "internal_user_viewer") and identity.user_id \
                 and identity.user_id.strip() and route in ACTING_ROUTES and (method == "GET" or not viewer):
-            if route in ("/key/generate", "/key/update") and scoped:
+            if route in ("/key/generate", "/key/update", "/key/regenerate") and scoped:
                 # A key of its team's models would reach more than the token's scopes allow.
                 return Deny(403, "admin_not_allowed", "With scope_mappings, a token cannot create or change keys.")
             # Its own keys only: the admin API narrows the master key to this user and teams.
