@@ -149,3 +149,15 @@ def test_the_audit_trail_names_the_tokens_user_and_role(rbac: Gateway, idp: Iden
     # Reading the trail: not for a viewer's token (a GET it may otherwise make).
     reader = idp.token(sub="auditor-reader", roles=["reader"])
     assert call(rbac, "GET", "/audit", reader).status == 403
+
+
+def test_explaining_a_team_answers_as_its_tokens_are_checked(rbac: Gateway, idp: IdentityProvider) -> None:  # noqa: F811
+    assert rbac.admin("/team/new", {"team_id": "explained-team", "models": ["beta-models", "openai/o1-*"]}).status \
+        == 200
+    token = idp.token(sub="explained-member", groups=["explained-team"])
+    for model in ("gpt-4", "gpt-4o", "fireworks-llama-v3-70b-instruct", "openai/o1-mini", "openai/O1-mini",
+                  "openai/gpt-5", "no-such-model"):
+        checked = rbac.chat(token, model)
+        explained = rbac.admin("/access/explain", {"team_id": "explained-team", "model": model}).json()
+        got = (checked.status, "ok" if checked.status == 200 else checked.json()["error"]["code"])
+        assert (explained["status"], explained.get("code", "ok")) == got, (model, explained)

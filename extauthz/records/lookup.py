@@ -29,7 +29,9 @@ async def lookup(token: str | None, store: RecordReader, is_master: Callable[[st
     token_hash = hash_token(token)
     if is_master(token_hash):
         return Records(MASTER, None, None)
-    key = await key_of(token_hash, store)
+    key = await store.get_key(token_hash)
+    if key is not None and key.retired_at is not None:  # (only a replaced key costs the call)
+        key = await key_of(token_hash, store)
     if key is None:
         return NONE
     if key.team_id is not None:
