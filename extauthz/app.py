@@ -35,6 +35,7 @@ from extauthz.records.invalidation import Invalidator
 from extauthz.check.runtime import Runtime
 from extauthz.tokens import Tokens
 from extauthz.check.service import SERVICE as AUTHZ_SERVICE, AuthorizationService
+from extauthz.records import connection
 from extauthz.records.store import RedisReader, RedisWriter
 from extauthz.records.upsert import Upserts
 from extauthz.usage.counters import RateCounters
@@ -157,11 +158,14 @@ class App:
         report_config(config)
         self.cache = RecordCache(s.cache_max_entries, s.cache_negative_ttl_s, s.max_stale_s)
         try:
-            self.store = RedisReader(s.redis_url, s.redis_timeout_ms, s.key_prefix)
+            redis = connection.target(s)
+            self.store = RedisReader(redis.url, s.redis_timeout_ms, s.key_prefix, redis.options())
             prefixes = (self.store.key_id(""), self.store.team_id(""), self.store.user_id(""))
-            self.invalidator = Invalidator(s.redis_url, prefixes, self.cache, s.redis_timeout_ms / 1000)
-        except ValueError as e:
-            raise StartupError(f"unusable Redis URL {without_password(s.redis_url)!r}: {e}") from None
+            self.invalidator = Invalidator(redis.url, prefixes, self.cache, s.redis_timeout_ms / 1000,
+                                           redis.options())
+        except ValueError as e:  # (connection.UnusableTarget, or what redis-py makes of the URL)
+            raise StartupError(f"unusable Redis settings ({without_password(s.redis_url)}): {e}") from None
+        log.info("redis: %s", redis.describe())
         cached = CachedStore(self.store, self.cache)
         counters = RateCounters(self.store.redis, s.key_prefix, s.redis_timeout_ms / 1000)
         self.service = AuthorizationService(self.runtime, cached, s.log_allowed, logs.DecisionLog(s.log_format),

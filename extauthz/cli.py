@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 
+from extauthz.records import connection
 from extauthz import config as config_module, providers
 from extauthz.telemetry import logs
 from extauthz.config import Config, ConfigError, setting_path
@@ -115,6 +116,12 @@ def check_config(config: Config, strict: bool) -> int:
                   f"{j.roles_jwt_field or '-'} {dict(j.role_mappings) or ''}\n")
     for alias in config.aliases:
         out.write(f"alias {alias.name} -> {alias.target}{' (hidden)' if alias.hidden else ''}\n")
+    try:
+        out.write(f"redis: {connection.target(config.settings).describe()}\n")
+        unusable = None
+    except connection.UnusableTarget as e:
+        unusable = str(e)
+        out.write(f"error: redis: {unusable} (the sidecar would not start)\n")
     for warning in config.warnings:
         out.write(f"warning: {warning}\n")
     for setting, effect in config.unenforced:
@@ -122,7 +129,7 @@ def check_config(config: Config, strict: bool) -> int:
     unavailable = sum(not d.routable for d in config.deployments)
     out.write(f"{len(config.deployments)} deployments, {unavailable} not routable, "
               f"{len(config.unenforced)} settings not enforced\n")
-    return 1 if strict and (unavailable or config.unenforced) else 0
+    return 1 if unusable is not None or (strict and (unavailable or config.unenforced)) else 0
 
 
 def exit_now(code: int) -> int:

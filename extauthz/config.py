@@ -94,10 +94,11 @@ class Unroutable(Exception):
 
 
 def setting(default: Any, *, minimum: float | None = None, maximum: float | None = None,
-            choices: tuple[str, ...] = (), off: int | None = None) -> Any:
+            choices: tuple[str, ...] = (), off: int | None = None, secret: bool = False) -> Any:
     """A setting's default and the values it admits; ``off``: a value outside ``minimum``
-    that turns the thing off (``metrics_port: 0``)."""
-    return field(default=default, metadata={"min": minimum, "max": maximum, "choices": choices, "off": off})
+    that turns the thing off (``metrics_port: 0``); ``secret``: never in a repr."""
+    return field(default=default, repr=not secret,
+                 metadata={"min": minimum, "max": maximum, "choices": choices, "off": off})
 
 
 PORT = {"minimum": 1, "maximum": 65535}
@@ -107,7 +108,17 @@ PORT = {"minimum": 1, "maximum": 65535}
 class Settings:
     """The sidecar's own settings (``extauthz_settings``; each also ``EXTAUTHZ_<NAME>``)."""
 
-    redis_url: str = setting("redis://127.0.0.1:6379/0")
+    redis_url: str = setting("redis://127.0.0.1:6379/0")  # redis://, rediss:// (TLS) or unix://
+    # The ACL user and its password (or in the URL); the file form for a mounted secret.
+    redis_username: str = setting("")
+    redis_password: str = setting("", secret=True)
+    redis_password_file: str = setting("")
+    # TLS (a rediss:// URL): the CA to verify the server with (else the system's), a client
+    # certificate and key, and whether the server's name must match its certificate.
+    redis_tls_ca_file: str = setting("")
+    redis_tls_cert_file: str = setting("")
+    redis_tls_key_file: str = setting("")
+    redis_tls_verify_hostname: bool = setting(True)
     redis_timeout_ms: int = setting(250, minimum=1)
     cache_max_entries: int = setting(100_000, minimum=0)
     cache_negative_ttl_s: float = setting(5.0, minimum=0)

@@ -137,7 +137,7 @@ def test_a_taken_admin_port_or_an_unusable_redis_url_stops_the_start(workdir: Pa
     assert f"cannot listen for the admin API on 0.0.0.0:{port}: address in use" in log
     log = failed_start(workdir, config_path, {"EXTAUTHZ_METRICS_PORT": "0",
                                               "EXTAUTHZ_REDIS_URL": "rediss+nope://user:s3cret@127.0.0.1:1/0"})
-    assert "unusable Redis URL" in log and "s3cret" not in log
+    assert "unusable Redis settings" in log and "must start with redis://" in log and "s3cret" not in log
 
 
 def test_metrics_port_zero_turns_the_listener_off(workdir: Path, config_path: Path, redis_port: int) -> None:

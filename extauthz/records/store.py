@@ -103,14 +103,15 @@ class Keyspace:
 class RedisReader(Keyspace):
     """The check path's reads: one GET per record, within the lookup timeout."""
 
-    def __init__(self, url: str, timeout_ms: int, prefix: str = "extauthz:") -> None:
+    def __init__(self, url: str, timeout_ms: int, prefix: str = "extauthz:",
+                 options: dict[str, Any] | None = None) -> None:
         super().__init__(prefix)
         timeout = self.timeout = timeout_ms / 1000
         # One retry, on a broken connection only (a pooled connection from before a Redis
         # restart); a timeout is not retried: the caller's deadline is the lookup timeout.
         self.redis = aioredis.Redis.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)), **(options or {}))
 
     async def close(self) -> None:
         await self.redis.aclose()

@@ -1,0 +1,113 @@
+"""How the sidecar reaches Redis: every client and pool (the store's, the invalidation's)
+is built from one ``RedisTarget``, made from the settings at start-up: the URL
+(``redis://``, ``rediss://`` for TLS, ``unix://``), the ACL user and password (in the URL,
+or ``redis_username`` / ``redis_password`` (``os.environ/NAME`` allowed) /
+``redis_password_file`` for a mounted secret), and TLS (``redis_tls_ca_file``, a client
+certificate and key, hostname verification on unless turned off).
+
+A setting that could not do what it says is refused at start-up: TLS files with a URL
+that is not ``rediss://`` (the operator would believe the link encrypted), a password
+given twice, a certificate without its key, an unreadable file. ``describe`` names the
+target for logs and ``check-config``; no password is ever in it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+SCHEMES = ("redis", "rediss", "unix")
+
+
+class UnusableTarget(ValueError):
+    """Settings that do not make a Redis connection that does what they say."""
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    url: str                                  # without credentials
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    verify_hostname: bool = True
+
+    @property
+    def tls(self) -> bool:
+        return self.url.startswith("rediss://")
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments for redis-py's ``from_url`` (the URL carries no credentials)."""
+        found: dict[str, Any] = {}
+        if self.username is not None:
+            found["username"] = self.username
+        if self.password is not None:
+            found["password"] = self.password
+        if self.tls:
+            found.update(ssl_cert_reqs="required", ssl_check_hostname=self.verify_hostname,
+                         ssl_ca_certs=self.ca_file, ssl_certfile=self.cert_file, ssl_keyfile=self.key_file)
+        return found
+
+    def describe(self) -> str:
+        parts = [f"standalone {self.url}"]
+        if self.username is not None or self.password is not None:
+            parts.append(f"user {self.username or 'default'} with a password" if self.password is not None
+                         else f"user {self.username}")
+        if self.tls:
+            tls = [f"CA {self.ca_file}" if self.ca_file else "system CAs",
+                   "hostname verified" if self.verify_hostname else "hostname NOT verified"]
+            if self.cert_file:
+                tls.append(f"client certificate {self.cert_file}")
+            parts.append("TLS (" + ", ".join(tls) + ")")
+        return "; ".join(parts)
+
+
+def target(settings: Any) -> RedisTarget:
+    """The Redis target the settings name; UnusableTarget says why there is none."""
+    raw = settings.redis_url
+    parts = urlsplit(raw)
+    if parts.scheme not in SCHEMES:
+        raise UnusableTarget(f"redis_url must start with redis://, rediss:// or unix://, got {parts.scheme!r}")
+    username = parts.username or settings.redis_username or None
+    if parts.username and settings.redis_username and parts.username != settings.redis_username:
+        raise UnusableTarget("redis_url and redis_username name different users")
+    given = [p for p in (parts.password, settings.redis_password or None,
+                         _read_secret(settings.redis_password_file) if settings.redis_password_file else None)
+             if p is not None]
+    if len(given) > 1:
+        raise UnusableTarget("the Redis password is given more than once (redis_url, redis_password, "
+                             "redis_password_file): give it once")
+    tls_files = {"redis_tls_ca_file": settings.redis_tls_ca_file, "redis_tls_cert_file": settings.redis_tls_cert_file,
+                 "redis_tls_key_file": settings.redis_tls_key_file}
+    named = [name for name, path in tls_files.items() if path]
+    if named and parts.scheme != "rediss":
+        raise UnusableTarget(f"{', '.join(named)} set, but redis_url is not rediss://: the connection would not "
+                             "use TLS")
+    if bool(settings.redis_tls_cert_file) != bool(settings.redis_tls_key_file):
+        raise UnusableTarget("redis_tls_cert_file and redis_tls_key_file go together")
+    for name in named:
+        if not os.access(tls_files[name], os.R_OK):
+            raise UnusableTarget(f"{name} {tls_files[name]!r} cannot be read")
+    if parts.scheme == "unix":
+        url = f"unix://{parts.path}" + (f"?{parts.query}" if parts.query else "")
+    else:
+        netloc = f"[{parts.hostname}]" if parts.hostname and ":" in parts.hostname else parts.hostname or ""
+        url = urlunsplit(parts._replace(netloc=netloc + (f":{parts.port}" if parts.port else "")))
+    return RedisTarget(url, username, given[0] if given else None,
+                       settings.redis_tls_ca_file or None, settings.redis_tls_cert_file or None,
+                       settings.redis_tls_key_file or None, settings.redis_tls_verify_hostname)
+
+
+def _read_secret(path: str) -> str:
+    """A mounted secret: the file's text without its trailing newline."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = f.read().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UnusableTarget(f"redis_password_file {path!r} cannot be read: {type(e).__name__}") from None
+    if not value:
+        raise UnusableTarget(f"redis_password_file {path!r} is empty")
+    return value
