@@ -158,7 +158,7 @@ class App:
         report_config(config)
         self.cache = RecordCache(s.cache_max_entries, s.cache_negative_ttl_s, s.max_stale_s)
         try:
-            redis = connection.target(s)
+            redis = self.redis = connection.target(s)
             self.store = RedisReader(redis.url, s.redis_timeout_ms, s.key_prefix, redis.options())
             prefixes = (self.store.key_id(""), self.store.team_id(""), self.store.user_id(""))
             self.invalidator = Invalidator(redis.url, prefixes, self.cache, s.redis_timeout_ms / 1000,
@@ -166,6 +166,8 @@ class App:
         except ValueError as e:  # (connection.UnusableTarget, or what redis-py makes of the URL)
             raise StartupError(f"unusable Redis settings ({without_password(s.redis_url)}): {e}") from None
         log.info("redis: %s", redis.describe())
+        metrics.REDIS_TARGET.labels("standalone", redis.url).set(1)
+        self.redis_warnings: list[str] = []
         cached = CachedStore(self.store, self.cache)
         counters = RateCounters(self.store.redis, s.key_prefix, s.redis_timeout_ms / 1000)
         self.service = AuthorizationService(self.runtime, cached, s.log_allowed, logs.DecisionLog(s.log_format),
@@ -212,7 +214,9 @@ class App:
         if s.cache_max_entries > 0:  # without a cache there is nothing to invalidate
             self.tasks.append(asyncio.create_task(self.invalidator.run(), name="invalidation"))
         await self.grpc.start()
-        stats = lambda: {"cache": self.cache.stats(), "config": self.runtime.stats()}  # noqa: E731
+        stats = lambda: {"cache": self.cache.stats(), "config": self.runtime.stats(),  # noqa: E731
+                         "redis_mode": "standalone", "redis_endpoint": self.redis.url,
+                         "redis_tracking": self.cache.trusted, "redis_warnings": self.redis_warnings}
         await self.serve_http(AdminApi(self.runtime, RedisWriter(self.store, s.audit_max_entries), stats, self.service.store,
                                        self.service).app(),
                               admin_socket)
@@ -222,12 +226,21 @@ class App:
         self.tasks.append(asyncio.create_task(metrics.sync_forever(counters, self.service.metrics.flush),
                                               name="metrics sync"))
         self.tasks.append(asyncio.create_task(flush_forever(self.service.decision_log), name="decision log"))
+        self.tasks.append(asyncio.create_task(self.check_redis_safety(), name="redis safety"))
         for name in ("", AUTHZ_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving Check on %s:%d, admin API on %s:%d, %d deployments", s.grpc_host,
                  self.ports["grpc_port"], s.admin_host, self.ports["admin_port"], len(self.config.deployments))
         if self.ready_file:
             self.announce_ready(self.ready_file)
+
+    async def check_redis_safety(self) -> None:
+        """Once at start-up, off the serving path: the Redis server's settings that could lose
+        records, logged as warnings, counted and shown by readiness."""
+        self.redis_warnings = await self.store.safety_warnings()
+        metrics.REDIS_UNSAFE.set(len(self.redis_warnings))
+        for warning in self.redis_warnings:
+            log.warning("redis: %s", warning)
 
     def announce_ready(self, path: str) -> None:
         """Say, once everything serves, which ports were bound: a supervisor (or a test)

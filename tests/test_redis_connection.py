@@ -234,3 +234,50 @@ def test_unusable_settings_stop_the_start_and_check_config_says_why(config_path:
 
 def test_the_target_type_never_shows_its_password() -> None:
     assert PASSWORD not in repr(RedisTarget("redis://r:1/0", "u", PASSWORD))
+
+
+def metric_value(side: Sidecar, name: str) -> str:
+    text = http("GET", f"http://127.0.0.1:{side.metrics_port}/metrics").text
+    return "\n".join(line for line in text.splitlines() if line.startswith(name))
+
+
+@pytest.mark.parametrize("server,warned", [
+    (("--maxmemory-policy", "allkeys-lru", "--appendonly", "yes"), ["maxmemory-policy is allkeys-lru"]),
+    (("--maxmemory-policy", "noeviction", "--appendonly", "no"), ["persists nothing"]),
+    (("--maxmemory-policy", "noeviction", "--appendonly", "yes"), []),
+])
+def test_settings_of_the_server_that_can_lose_records_are_told(workdir: Path, config_path: Path, server: tuple,
+                                                               warned: list[str]) -> None:
+    port = free_port()
+    proc = redis_with(workdir, "--port", str(port), *server)
+    try:
+        proc.wait_ready(lambda: subprocess.run(["redis-cli", "-p", str(port), "PING"], capture_output=True,
+                                               text=True).stdout.strip() == "PONG")
+        side = start_sidecar(workdir, config_path, f"redis://127.0.0.1:{port}/0")
+        try:
+            def readiness() -> dict:
+                return http("GET", side.admin + "/health/readiness").json()
+            wait_until(lambda: readiness()["redis_tracking"] is True, what="tracking established")
+            wait_until(lambda: len(readiness()["redis_warnings"]) == len(warned), what="the safety check")
+            ready = readiness()
+            assert ready["redis_mode"] == "standalone" and ready["redis_endpoint"] == f"redis://127.0.0.1:{port}/0"
+            for expected, found in zip(warned, ready["redis_warnings"]):
+                assert expected in found
+            log = side.proc.log_text()
+            assert all(expected in log for expected in warned)
+            wait_until(lambda: metric_value(side, "extauthz_redis_tracking ") == "extauthz_redis_tracking 1.0",
+                       what="the tracking metric")
+            assert metric_value(side, "extauthz_redis_unsafe_settings ") == \
+                f"extauthz_redis_unsafe_settings {float(len(warned))}"
+            assert f'endpoint="redis://127.0.0.1:{port}/0",mode="standalone"' in metric_value(side,
+                                                                                              "extauthz_redis_target")
+            # Redis gone: tracking is lost, and readiness and the metric say so.
+            proc.stop()
+            wait_until(lambda: readiness()["redis_tracking"] is False, what="tracking lost")
+            assert http("GET", side.admin + "/health/readiness").status == 503
+            wait_until(lambda: metric_value(side, "extauthz_redis_tracking ") == "extauthz_redis_tracking 0.0",
+                       what="the tracking metric down")
+        finally:
+            side.proc.stop()
+    finally:
+        proc.stop()

@@ -122,6 +122,28 @@ class RedisReader(Keyspace):
         except (RedisError, OSError, asyncio.TimeoutError):
             return False
 
+    async def safety_warnings(self) -> list[str]:
+        """What in the server's own settings could lose records without a word: an eviction
+        policy (an evicted key is a revoked key that reads as an unknown one, an evicted
+        spend counter a budget lifted) and no persistence (a restart loses every key)."""
+        try:
+            policy = await asyncio.wait_for(self.redis.config_get("maxmemory-policy"), self.timeout)
+            persistence = await asyncio.wait_for(self.redis.config_get("save"), self.timeout)
+            persistence.update(await asyncio.wait_for(self.redis.config_get("appendonly"), self.timeout))
+        except (RedisError, OSError, asyncio.TimeoutError) as e:  # managed services often refuse CONFIG
+            return [f"could not read the Redis server's settings ({type(e).__name__}): make sure its "
+                    "maxmemory-policy is noeviction and that it persists its data"]
+        found = []
+        evicting = policy.get("maxmemory-policy", "noeviction")
+        if evicting != "noeviction":
+            found.append(f"Redis maxmemory-policy is {evicting}: under memory pressure Redis may evict a key "
+                         "record (the key then reads as unknown, not revoked) or a spend counter (its budget "
+                         "lifted); set it to noeviction")
+        if not persistence.get("save") and persistence.get("appendonly") != "yes":
+            found.append("Redis persists nothing (no save points, appendonly no): a Redis restart loses every key, "
+                         "team and spend counter; turn on AOF or RDB snapshots")
+        return found
+
     async def get(self, redis_key: str) -> bytes | None:
         try:
             if tracing.enabled():

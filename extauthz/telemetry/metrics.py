@@ -33,6 +33,12 @@ STALE_DECISIONS = Counter("extauthz_stale_decisions_total",
                           "Lookups answered from the cache while Redis was unreachable")
 REDIS_ERRORS = Counter("extauthz_redis_errors_total", "Redis lookups that failed or timed out")
 REDIS_RECONNECTS = Counter("extauthz_redis_reconnects_total", "Reconnections of the invalidation channel")
+REDIS_TRACKING = Gauge("extauthz_redis_tracking", "1 while invalidation tracking is established and the record "
+                       "cache trusted, else 0 (lookups then go to Redis)", multiprocess_mode="min")
+REDIS_TARGET = Gauge("extauthz_redis_target", "The Redis the sidecar uses (always 1): its mode and endpoint",
+                     ["mode", "endpoint"], multiprocess_mode="max")
+REDIS_UNSAFE = Gauge("extauthz_redis_unsafe_settings", "Settings of the Redis server that can lose records "
+                     "(eviction, no persistence), as found at start-up", multiprocess_mode="max")
 CONFIG_RELOADS = Counter("extauthz_config_reloads_total", "Config reloads", ["result"])  # ok, failed
 DEPLOYMENTS = Gauge("extauthz_deployments", "Deployments in the config, by whether the gateway can route them",
                     ["routable"], multiprocess_mode="max")
@@ -131,6 +137,7 @@ async def sync_forever(read: Callable[[], dict[str, int]], flush: Callable[[], N
     while True:
         flush()
         current = read()
+        REDIS_TRACKING.set(1 if current.get("trusted") else 0)
         for name, target in targets.items():
             delta = current.get(name, 0) - seen.get(name, 0)
             if delta > 0:
