@@ -159,14 +159,13 @@ class App:
         self.cache = RecordCache(s.cache_max_entries, s.cache_negative_ttl_s, s.max_stale_s)
         try:
             redis = self.redis = connection.target(s)
-            self.store = RedisReader(redis.url, s.redis_timeout_ms, s.key_prefix, redis.options())
+            self.store = RedisReader(redis, s.redis_timeout_ms, s.key_prefix)
             prefixes = (self.store.key_id(""), self.store.team_id(""), self.store.user_id(""))
-            self.invalidator = Invalidator(redis.url, prefixes, self.cache, s.redis_timeout_ms / 1000,
-                                           redis.options())
+            self.invalidator = Invalidator(redis, prefixes, self.cache, s.redis_timeout_ms / 1000)
         except ValueError as e:  # (connection.UnusableTarget, or what redis-py makes of the URL)
             raise StartupError(f"unusable Redis settings ({without_password(s.redis_url)}): {e}") from None
         log.info("redis: %s", redis.describe())
-        metrics.REDIS_TARGET.labels("standalone", redis.url).set(1)
+        metrics.REDIS_TARGET.labels(redis.mode, redis.endpoint).set(1)
         self.redis_warnings: list[str] = []
         cached = CachedStore(self.store, self.cache)
         counters = RateCounters(self.store.redis, s.key_prefix, s.redis_timeout_ms / 1000)
@@ -215,7 +214,7 @@ class App:
             self.tasks.append(asyncio.create_task(self.invalidator.run(), name="invalidation"))
         await self.grpc.start()
         stats = lambda: {"cache": self.cache.stats(), "config": self.runtime.stats(),  # noqa: E731
-                         "redis_mode": "standalone", "redis_endpoint": self.redis.url,
+                         "redis_mode": self.redis.mode, "redis_endpoint": self.redis.endpoint,
                          "redis_tracking": self.cache.trusted, "redis_warnings": self.redis_warnings}
         await self.serve_http(AdminApi(self.runtime, RedisWriter(self.store, s.audit_max_entries), stats, self.service.store,
                                        self.service).app(),

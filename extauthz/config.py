@@ -119,6 +119,12 @@ class Settings:
     redis_tls_cert_file: str = setting("")
     redis_tls_key_file: str = setting("")
     redis_tls_verify_hostname: bool = setting(True)
+    # sentinel: the primary named redis_sentinel_master, as redis_sentinels report it (the
+    # URL then gives the scheme, credentials and database, not the host).
+    redis_mode: str = setting("standalone", choices=("standalone", "sentinel"))
+    redis_sentinels: tuple = setting(())  # ["host:port", ...] (in the environment: comma-separated)
+    redis_sentinel_master: str = setting("mymaster")
+    redis_sentinel_password: str = setting("", secret=True)
     redis_timeout_ms: int = setting(250, minimum=1)
     cache_max_entries: int = setting(100_000, minimum=0)
     cache_negative_ttl_s: float = setting(5.0, minimum=0)
@@ -821,6 +827,11 @@ class _Parser:
 
     def setting(self, spec: dataclasses.Field, value: Any, where: str) -> Any:
         kind, rules = type(spec.default), spec.metadata
+        if kind is tuple:  # a list of strings: YAML's list, or the environment's comma-separated text
+            items = [v.strip() for v in value.split(",")] if isinstance(value, str) else value
+            if not isinstance(items, list) or not all(isinstance(v, str) and v for v in items):
+                raise self.error(where, "expected a list of strings")
+            return tuple(items)
         if isinstance(value, str) and kind not in (str, bool):
             value = self.string(value, where)
             try:

@@ -844,6 +844,8 @@ class AdminApi:
 
     async def readiness(self, request: web.Request) -> web.Response:
         ok = await self.store.reader.ping()
+        primary = await self.store.reader.primary()
         return web.json_response({"status": "healthy" if ok else "unhealthy",
-                                  "redis": "connected" if ok else "unreachable", **self.stats()},
+                                  "redis": "connected" if ok else "unreachable", **self.stats(),
+                                  **({"redis_primary": primary} if primary is not None else {})},
                                  status=200 if ok else 503)

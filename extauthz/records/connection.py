@@ -18,6 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import redis.asyncio as aioredis
+from redis.asyncio.connection import ConnectionPool
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+
 SCHEMES = ("redis", "rediss", "unix")
 
 
@@ -34,6 +38,10 @@ class RedisTarget:
     cert_file: str | None = None
     key_file: str | None = None
     verify_hostname: bool = True
+    mode: str = "standalone"
+    sentinels: tuple[tuple[str, int], ...] = ()  # sentinel mode: where to ask for the primary
+    master: str = "mymaster"
+    sentinel_password: str | None = field(default=None, repr=False)
 
     @property
     def tls(self) -> bool:
@@ -51,8 +59,41 @@ class RedisTarget:
                          ssl_ca_certs=self.ca_file, ssl_certfile=self.cert_file, ssl_keyfile=self.key_file)
         return found
 
+    @property
+    def endpoint(self) -> str:
+        """What metrics and readiness name: the URL, or the primary's name and its sentinels."""
+        if self.mode == "sentinel":
+            return f"sentinel {self.master} via " + ",".join(f"{h}:{p}" for h, p in self.sentinels)
+        return self.url
+
+    @property
+    def db(self) -> int:
+        path = urlsplit(self.url).path.strip("/")
+        return int(path) if path.isdigit() else 0
+
+    def client(self, **kwargs: Any) -> aioredis.Redis:
+        """A client of the primary (in sentinel mode, whichever the sentinels name now: its
+        connections follow a promotion)."""
+        if self.mode == "sentinel":
+            return self._sentinel().master_for(self.master, **kwargs)
+        return aioredis.Redis.from_url(self.url, **self.options(), **kwargs)
+
+    def pool(self, **kwargs: Any) -> ConnectionPool:
+        """A connection pool of the primary, for connections used one by one (invalidation)."""
+        if self.mode == "sentinel":
+            return SentinelConnectionPool(self.master, self._sentinel(), **kwargs)
+        return ConnectionPool.from_url(self.url, **self.options(), **kwargs)
+
+    def _sentinel(self) -> Sentinel:
+        asked = {"socket_timeout": 1.0, "socket_connect_timeout": 1.0}
+        if self.sentinel_password is not None:
+            asked["password"] = self.sentinel_password
+        if self.tls:
+            asked.update({k: v for k, v in self.options().items() if k.startswith("ssl_")}, ssl=True)
+        return Sentinel(list(self.sentinels), sentinel_kwargs=asked, db=self.db, ssl=self.tls, **self.options())
+
     def describe(self) -> str:
-        parts = [f"standalone {self.url}"]
+        parts = [f"{self.mode} {self.endpoint if self.mode == 'sentinel' else self.url}"]
         if self.username is not None or self.password is not None:
             parts.append(f"user {self.username or 'default'} with a password" if self.password is not None
                          else f"user {self.username}")
@@ -91,6 +132,14 @@ def target(settings: Any) -> RedisTarget:
     for name in named:
         if not os.access(tls_files[name], os.R_OK):
             raise UnusableTarget(f"{name} {tls_files[name]!r} cannot be read")
+    sentinels: tuple[tuple[str, int], ...] = ()
+    if settings.redis_mode == "sentinel":
+        if parts.scheme == "unix" or not settings.redis_sentinels:
+            raise UnusableTarget("redis_mode sentinel needs redis_sentinels (host:port, ...) and a redis:// or "
+                                 "rediss:// redis_url (its scheme, credentials and database)")
+        sentinels = tuple(_host_port(s) for s in settings.redis_sentinels)
+    elif settings.redis_sentinels:
+        raise UnusableTarget("redis_sentinels set, but redis_mode is not sentinel: they would not be used")
     if parts.scheme == "unix":
         url = f"unix://{parts.path}" + (f"?{parts.query}" if parts.query else "")
     else:
@@ -98,7 +147,16 @@ def target(settings: Any) -> RedisTarget:
         url = urlunsplit(parts._replace(netloc=netloc + (f":{parts.port}" if parts.port else "")))
     return RedisTarget(url, username, given[0] if given else None,
                        settings.redis_tls_ca_file or None, settings.redis_tls_cert_file or None,
-                       settings.redis_tls_key_file or None, settings.redis_tls_verify_hostname)
+                       settings.redis_tls_key_file or None, settings.redis_tls_verify_hostname,
+                       settings.redis_mode, sentinels, settings.redis_sentinel_master,
+                       settings.redis_sentinel_password or None)
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UnusableTarget(f"redis_sentinels: {text!r} is not host:port")
+    return host.strip("[]"), int(port)
 
 
 def _read_secret(path: str) -> str:

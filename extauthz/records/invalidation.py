@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
-from redis.asyncio.connection import AbstractConnection, ConnectionPool
+from redis.asyncio.connection import AbstractConnection
 
 from extauthz.records.cache import RecordCache
+from extauthz.records.connection import RedisTarget
 
 log = logging.getLogger("extauthz.invalidation")
 
@@ -26,14 +26,14 @@ BACKOFF_MIN_S, BACKOFF_MAX_S = 0.05, 5.0
 
 
 class Invalidator:
-    def __init__(self, redis_url: str, prefixes: tuple[str, ...], cache: RecordCache, timeout_s: float,
-                 options: dict[str, Any] | None = None) -> None:
+    def __init__(self, redis_url: str | RedisTarget, prefixes: tuple[str, ...], cache: RecordCache,
+                 timeout_s: float) -> None:
         # RESP2: invalidations arrive as ordinary pub/sub replies on the subscriber, which
         # this loop reads itself (RESP3 would divert them to a push handler). No socket
         # timeout: the subscriber waits for messages as long as there are none (a quiet
         # channel is healthy; the heartbeat on the tracking connection detects a dead one).
-        self.pool = ConnectionPool.from_url(redis_url, socket_connect_timeout=timeout_s, socket_timeout=None,
-                                            protocol=2, **(options or {}))
+        target = redis_url if isinstance(redis_url, RedisTarget) else RedisTarget(redis_url)
+        self.pool = target.pool(socket_connect_timeout=timeout_s, socket_timeout=None, protocol=2)
         self.prefixes = prefixes
         self.cache = cache
         self.timeout_s = timeout_s

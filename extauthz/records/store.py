@@ -30,6 +30,7 @@ from redis.exceptions import RedisError, WatchError
 
 from extauthz.telemetry import tracing
 from extauthz.records import audit
+from extauthz.records.connection import RedisTarget
 from extauthz.records.record import KeyRecord, TeamRecord, UserRecord, format_time, team_members
 from extauthz.usage.budgets import binding, spend_counters
 from extauthz.usage.limits import scope
@@ -103,15 +104,14 @@ class Keyspace:
 class RedisReader(Keyspace):
     """The check path's reads: one GET per record, within the lookup timeout."""
 
-    def __init__(self, url: str, timeout_ms: int, prefix: str = "extauthz:",
-                 options: dict[str, Any] | None = None) -> None:
+    def __init__(self, url: str | RedisTarget, timeout_ms: int, prefix: str = "extauthz:") -> None:
         super().__init__(prefix)
         timeout = self.timeout = timeout_ms / 1000
         # One retry, on a broken connection only (a pooled connection from before a Redis
         # restart); a timeout is not retried: the caller's deadline is the lookup timeout.
-        self.redis = aioredis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)), **(options or {}))
+        target = url if isinstance(url, RedisTarget) else RedisTarget(url)
+        self.redis = target.client(socket_timeout=timeout, socket_connect_timeout=timeout,
+                                   retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -121,6 +121,18 @@ class RedisReader(Keyspace):
             return bool(await asyncio.wait_for(self.redis.ping(), self.timeout))
         except (RedisError, OSError, asyncio.TimeoutError):
             return False
+
+    async def primary(self) -> str | None:
+        """In sentinel mode, the primary the sentinels name now (host:port); else None."""
+        pool = self.redis.connection_pool
+        manager = getattr(pool, "sentinel_manager", None)
+        if manager is None:
+            return None
+        try:
+            host, port = await asyncio.wait_for(manager.discover_master(pool.service_name), self.timeout)
+        except (RedisError, OSError, asyncio.TimeoutError):
+            return None
+        return f"{host}:{port}"
 
     async def safety_warnings(self) -> list[str]:
         """What in the server's own settings could lose records without a word: an eviction
