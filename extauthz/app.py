@@ -216,8 +216,8 @@ class App:
         stats = lambda: {"cache": self.cache.stats(), "config": self.runtime.stats(),  # noqa: E731
                          "redis_mode": self.redis.mode, "redis_endpoint": self.redis.endpoint,
                          "redis_tracking": self.cache.trusted, "redis_warnings": self.redis_warnings}
-        await self.serve_http(AdminApi(self.runtime, RedisWriter(self.store, s.audit_max_entries), stats, self.service.store,
-                                       self.service).app(),
+        writer = RedisWriter(self.store, s.audit_max_entries, None, s.redis_wait_replicas, s.redis_wait_timeout_ms)
+        await self.serve_http(AdminApi(self.runtime, writer, stats, self.service.store, self.service).app(),
                               admin_socket)
         if metrics_socket is not None:
             await self.serve_http(metrics_app(), metrics_socket)

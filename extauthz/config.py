@@ -125,6 +125,10 @@ class Settings:
     redis_sentinels: tuple = setting(())  # ["host:port", ...] (in the environment: comma-separated)
     redis_sentinel_master: str = setting("mymaster")
     redis_sentinel_password: str = setting("", secret=True)
+    # Admin writes wait for this many replicas to acknowledge them (Redis WAIT), up to the
+    # timeout; one not acknowledged in time is answered 202 (committed on the primary only).
+    redis_wait_replicas: int = setting(0, minimum=0)
+    redis_wait_timeout_ms: int = setting(1000, minimum=1)
     redis_timeout_ms: int = setting(250, minimum=1)
     cache_max_entries: int = setting(100_000, minimum=0)
     cache_negative_ttl_s: float = setting(5.0, minimum=0)

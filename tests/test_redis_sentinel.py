@@ -60,7 +60,8 @@ class Cell:
     def ready(self) -> bool:
         replicas = cli(self.sentinel_ports[0], "SENTINEL", "replicas", MASTER)
         others = cli(self.sentinel_ports[0], "SENTINEL", "sentinels", MASTER)
-        return str(self.replica_port) in replicas and others.count("127.0.0.1") >= 2
+        synced = "master_link_status:up" in cli(self.replica_port, "INFO", "replication")
+        return synced and str(self.replica_port) in replicas and others.count("127.0.0.1") >= 2
 
     def stop(self) -> None:
         for proc in (*self.sentinels, self.replica, self.primary):
@@ -134,6 +135,27 @@ def test_a_failover_allows_nothing_the_state_forbids(workdir: Path, config_path:
         assert admin(side, "/key/block", {"key": allowed}).status == 200
         wait_until(lambda: checked(side, allowed) == (403, "key_blocked"), what="a block after the failover")
         assert admin(side, "/key/generate", {}).status == 200
+    finally:
+        side.proc.stop()
+
+
+def test_admin_writes_say_whether_a_replica_has_them(workdir: Path, config_path: Path, cell: Cell) -> None:
+    """redis_wait_replicas: 1. Acknowledged, 200; the replica gone, the write is committed on
+    the primary only and answered 202, with the count in a header."""
+    env = {"EXTAUTHZ_REDIS_MODE": "sentinel", "EXTAUTHZ_REDIS_URL": "redis://primary-from-sentinels/0",
+           "EXTAUTHZ_REDIS_SENTINELS": ",".join(f"127.0.0.1:{p}" for p in cell.sentinel_ports),
+           "EXTAUTHZ_REDIS_WAIT_REPLICAS": "1", "EXTAUTHZ_REDIS_WAIT_TIMEOUT_MS": "300"}
+    side = start_sidecar(workdir, config_path, env["EXTAUTHZ_REDIS_URL"], env)
+    try:
+        r = admin(side, "/key/generate", {"models": ["gpt-4"]})
+        assert r.status == 200 and r.headers["x-extauthz-replicas-acknowledged"] == "1/1", r.text
+        key = r.json()["key"]
+        cell.replica.stop()
+        r = admin(side, "/key/block", {"key": key})
+        assert r.status == 202 and r.headers["x-extauthz-replicas-acknowledged"] == "0/1"
+        assert r.json()["blocked"] is True
+        assert checked(side, key) == (403, "key_blocked")          # committed on the primary
+        assert "x-extauthz-replicas-acknowledged" not in admin(side, "/key/info?key=" + key, method="GET").headers
     finally:
         side.proc.stop()
 

@@ -50,6 +50,7 @@ HASH = re.compile(r"[0-9a-f]{64}")
 # What an acting user may change on a key it may touch (blocked, expires... stay the admin's).
 ACTING_KEY_CHANGES = {"key", "key_alias", "models", "metadata", "team_id", "user_id"}
 MAX_MEMBERS_PER_CALL = 100
+REPLICATED_HEADER = "x-extauthz-replicas-acknowledged"
 STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
 AUDIT_PAGE = 500            # entries read from the stream per round trip
 AUDIT_SCAN_MAX = 100_000    # entries one GET /audit looks through at most (then 'next' goes on)
@@ -178,6 +179,13 @@ class AdminApi:
     @web.middleware
     async def count(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         response = await handler(request)
+        writer = request.get("writer")
+        if writer is not None and writer.replicated is not None:
+            # redis_wait_replicas: how many replicas acknowledged the writes; fewer than asked,
+            # the change is committed on the primary only (a failover now could lose it): 202.
+            response.headers[REPLICATED_HEADER] = f"{writer.replicated}/{writer.wait_replicas}"
+            if writer.replicated < writer.wait_replicas and response.status == 200:
+                response.set_status(202)
         metrics.ADMIN_REQUESTS.labels(route_name(request), str(response.status)).inc()
         return response
 
@@ -255,8 +263,12 @@ class AdminApi:
         return (power if isinstance(power, Acting) else None), actor
 
     def writer(self, request: web.Request) -> RedisWriter:
-        """The store, its writes made by this request's actor (their audit entries say so)."""
-        return self.store.by(request["audit"])
+        """The store, its writes made by this request's actor (their audit entries say so);
+        one per request, which remembers how far its writes were replicated."""
+        found = request.get("writer")
+        if found is None:
+            found = request["writer"] = self.store.by(request["audit"])
+        return found
 
     # -- helpers --------------------------------------------------------------------------
 

@@ -93,7 +93,7 @@ class RedisTarget:
         return Sentinel(list(self.sentinels), sentinel_kwargs=asked, db=self.db, ssl=self.tls, **self.options())
 
     def describe(self) -> str:
-        parts = [f"{self.mode} {self.endpoint if self.mode == 'sentinel' else self.url}"]
+        parts = [self.endpoint if self.mode == "sentinel" else f"standalone {self.url}"]
         if self.username is not None or self.password is not None:
             parts.append(f"user {self.username or 'default'} with a password" if self.password is not None
                          else f"user {self.username}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from typing import Any, Awaitable, Callable, Protocol
 
@@ -34,6 +35,8 @@ from extauthz.records.connection import RedisTarget
 from extauthz.records.record import KeyRecord, TeamRecord, UserRecord, format_time, team_members
 from extauthz.usage.budgets import binding, spend_counters
 from extauthz.usage.limits import scope
+
+log = logging.getLogger("extauthz.store")
 
 TRANSACTION_ATTEMPTS = 100
 # A retired key's record outlives its grace period by this much in Redis: its own expiry
@@ -236,17 +239,41 @@ class RedisWriter(Keyspace):
     appended in the same transaction."""
 
     def __init__(self, reader: RedisReader, audit_max_entries: int = 100_000,
-                 note: audit.Note | None = None) -> None:
+                 note: audit.Note | None = None, wait_replicas: int = 0, wait_timeout_ms: int = 1000) -> None:
         super().__init__(reader.prefix)
         self.reader = reader
         self.redis = reader.redis
         self.timeout = reader.timeout
         self.audit_max_entries = audit_max_entries
         self.note = note
+        self.wait_replicas, self.wait_timeout_ms = wait_replicas, wait_timeout_ms
+        # The fewest replicas that acknowledged one of this writer's writes (None: none waited for).
+        self.replicated: int | None = None
 
     def by(self, note: audit.Note) -> "RedisWriter":
         """This writer, its writes made by ``note``'s actor through ``note``'s route."""
-        return RedisWriter(self.reader, self.audit_max_entries, note)
+        return RedisWriter(self.reader, self.audit_max_entries, note, self.wait_replicas, self.wait_timeout_ms)
+
+    async def _wait_for_replicas(self) -> None:
+        """How many replicas have this writer's last write (Redis WAIT). WAIT counts the writes
+        of the connection it is sent on, and the transaction's went back to the pool with it:
+        so a probe write, then WAIT, on one connection held here. Replication is one ordered
+        stream: a replica that has the probe has the transaction. A failure to ask counts as
+        none (the write itself is committed: it is not retried)."""
+        pool = self.redis.connection_pool
+        connection = await pool.get_connection()
+        try:
+            await connection.send_command("INCR", f"{self.prefix}replication_probe")
+            await connection.read_response(timeout=self.timeout)
+            await connection.send_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+            acknowledged = int(await connection.read_response(timeout=self.wait_timeout_ms / 1000 + self.timeout))
+        except (RedisError, OSError, ValueError, TypeError, asyncio.TimeoutError) as e:
+            log.warning("redis: could not ask the replicas for a write: %s", type(e).__name__)
+            acknowledged = 0
+            await connection.disconnect()
+        finally:
+            await pool.release(connection)
+        self.replicated = acknowledged if self.replicated is None else min(self.replicated, acknowledged)
 
     @property
     def audit_id(self) -> str:
@@ -335,6 +362,8 @@ class RedisWriter(Keyspace):
                             pipe.xadd(self.audit_id, {"entry": audit.encode(found)},
                                       maxlen=self.audit_max_entries, approximate=True)
                         await pipe.execute()
+                        if self.wait_replicas:
+                            await self._wait_for_replicas()
                         if found is not None:
                             audit.logged(found)
                         return result
