@@ -202,3 +202,40 @@ def test_model_info_hides_provider_keys(sidecar: Sidecar) -> None:
 def test_oversized_body_is_413(sidecar: Sidecar) -> None:
     r = call(sidecar, "/key/generate", raw=b'{"metadata": "' + b"x" * (2 * 1024 * 1024) + b'"}')
     assert r.status == 413 and error_code(r) == "request_too_large"
+
+
+def test_key_list_pages_through_many_keys_reading_one_page(workdir, config_path, redis_port: int) -> None:
+    """5,000 keys: each page is the next 100 in order, the whole list without a repeat or a gap;
+    filters by alias and hash come from their index. (A page used to read every key's
+    document, which timed out past some ten thousand keys.)"""
+    import redis as sync_redis
+    from extauthz.records.record import new_key_doc
+    from tests.harness import start_sidecar
+    db = 14
+    r = sync_redis.Redis(port=redis_port, db=db)
+    r.flushdb()
+    pipe = r.pipeline(transaction=False)
+    raws = [f"sk-many-{n:05d}" for n in range(5000)]
+    for n, raw in enumerate(raws):
+        doc = new_key_doc(raw, key_alias=f"many-{n}")
+        pipe.set(f"extauthz:key:{doc['token']}", json.dumps(doc))
+        pipe.set(f"extauthz:alias:many-{n}", doc["token"])
+        pipe.sadd("extauthz:keys", doc["token"])
+    pipe.execute()
+    side = start_sidecar(workdir, config_path, f"redis://127.0.0.1:{redis_port}/{db}")
+    try:
+        seen = []
+        for page in range(1, 51):
+            body = call(side, f"/key/list?page={page}&size=100", method="GET").json()
+            assert body["total_count"] == 5000 and body["total_pages"] == 50 and len(body["keys"]) == 100
+            seen.extend(body["keys"])
+        assert seen == sorted(seen) and len(set(seen)) == 5000
+        assert call(side, "/key/list?page=51&size=100", method="GET").json()["keys"] == []
+        one = call(side, "/key/list?key_alias=many-4321&return_full_object=true", method="GET").json()
+        assert one["total_count"] == 1 and one["keys"][0]["key_alias"] == "many-4321"
+        by_hash = call(side, f"/key/list?key_hash={one['keys'][0]['token']}", method="GET").json()
+        assert by_hash["keys"] == [one["keys"][0]["token"]]
+        assert call(side, "/key/list?key_hash=" + "0" * 64, method="GET").json()["total_count"] == 0
+    finally:
+        side.proc.stop()
+        r.flushdb()

@@ -464,25 +464,46 @@ class AdminApi:
         return web.json_response({"key": token_hash, "info": self.key_view(doc)})
 
     async def key_list(self, request: web.Request) -> web.Response:
-        docs = await self.store.list_keys(request.query.get("team_id") or None)
-        # LiteLLM's filters, each an exact match on the stored field.
-        for param, field_name in (("key_alias", "key_alias"), ("key_hash", "token"), ("user_id", "user_id"),
-                                  ("organization_id", "organization_id")):
-            wanted = request.query.get(param)
-            if wanted:
-                docs = [d for d in docs if d.get(field_name) == wanted]
-        who = acting(request)
-        if who is not None:
-            docs = [d for d in docs if who.owns(d)]
+        """LiteLLM's filters, each an exact match on the stored field. The keys are first
+        narrowed by an index (an alias, a hash, a team's or a user's set, an acting user's own
+        and its teams'), so a page of a million keys reads one page of documents; only a filter
+        no index answers (organization_id) reads every candidate."""
+        query, who = request.query, acting(request)
+        wanted = {field: query.get(param) for param, field in (
+            ("team_id", "team_id"), ("key_alias", "key_alias"), ("key_hash", "token"), ("user_id", "user_id"),
+            ("organization_id", "organization_id")) if query.get(param)}
+        if "token" in wanted:
+            hashes = [wanted["token"]]
+        elif "key_alias" in wanted:
+            owner = await self.store.alias_owner(wanted["key_alias"])
+            hashes = [owner] if owner is not None else []
+        elif "team_id" in wanted or "user_id" in wanted:
+            hashes = await self.store.key_hashes(wanted.get("team_id"), wanted.get("user_id"))
+        elif who is not None:  # its own keys and those of the teams it administers
+            mine = set(await self.store.key_hashes(user_id=who.user_id))
+            for team_id in who.admin_teams:
+                mine.update(await self.store.key_hashes(team_id=team_id))
+            hashes = sorted(mine)
+        else:
+            hashes = await self.store.key_hashes()
+
+        def selected(doc: dict[str, Any]) -> bool:
+            return all(doc.get(field) == value for field, value in wanted.items()) and (who is None or who.owns(doc))
+
         page, size = self.paging(request)
-        chunk = docs[(page - 1) * size: page * size]
-        full = request.query.get("return_full_object", "").lower() == "true"
-        if full:
+        if set(wanted) - {"team_id", "user_id"} or len(wanted) > 1 or who is not None:
+            docs = [d for d in await self.store.key_docs(hashes) if selected(d)]  # every candidate read
+            total, chunk = len(docs), docs[(page - 1) * size: page * size]
+        else:  # the index answered the filter: only the page is read
+            total = len(hashes)
+            chunk = [d for d in await self.store.key_docs(hashes[(page - 1) * size: page * size]) if selected(d)]
+        if query.get("return_full_object", "").lower() == "true":
             chunk = await self.with_use(chunk, "key", "token")
-        return web.json_response({
-            "keys": [self.key_view(d) for d in chunk] if full else [d["token"] for d in chunk],
-            "total_count": len(docs), "current_page": page,
-            "total_pages": max(1, math.ceil(len(docs) / size))})
+            keys: list[Any] = [self.key_view(d) for d in chunk]
+        else:
+            keys = [d["token"] for d in chunk]
+        return web.json_response({"keys": keys, "total_count": total, "current_page": page,
+                                  "total_pages": max(1, math.ceil(total / size))})
 
     @staticmethod
     def paging(request: web.Request, size_param: str = "size") -> tuple[int, int]:

@@ -39,6 +39,7 @@ from extauthz.usage.limits import scope
 log = logging.getLogger("extauthz.store")
 
 TRANSACTION_ATTEMPTS = 100
+LIST_BATCH = 1000  # documents per MGET when listing
 # A retired key's record outlives its grace period by this much in Redis: its own expiry
 # (the check compares grace_until with the clock) decides, Redis's only clears it away.
 GRACE_MARGIN_MS = 60_000
@@ -320,6 +321,28 @@ class RedisWriter(Keyspace):
             else f"{self.prefix}keys"
         docs = await self._docs(source, self.key_id)
         return [d for d in docs if d.get("user_id") == user_id] if team_id and user_id else docs
+
+    async def key_hashes(self, team_id: str | None = None, user_id: str | None = None) -> list[str]:
+        """The hashes a key listing starts from, sorted: a team's, a user's or every key's
+        (a million of them is one SMEMBERS, not a million documents)."""
+        source = self.team_keys_id(team_id) if team_id else self.user_keys_id(user_id) if user_id \
+            else f"{self.prefix}keys"
+        try:
+            return sorted(m.decode() for m in await self.redis.smembers(source))
+        except (RedisError, OSError) as e:
+            raise StoreUnavailable(type(e).__name__) from None
+
+    async def key_docs(self, hashes: list[str]) -> list[Doc]:
+        """These keys' documents, in order (a key deleted meanwhile is left out), read in
+        batches so no single reply is huge."""
+        docs: list[Doc] = []
+        try:
+            for start in range(0, len(hashes), LIST_BATCH):
+                raws = await self.redis.mget([self.key_id(h) for h in hashes[start:start + LIST_BATCH]])
+                docs.extend(json.loads(r) for r in raws if r is not None)
+        except (RedisError, OSError) as e:
+            raise StoreUnavailable(type(e).__name__) from None
+        return docs
 
     async def list_teams(self) -> list[Doc]:
         return await self._docs(f"{self.prefix}teams", self.team_id)
