@@ -17,7 +17,7 @@ import os
 import signal
 import socket
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Awaitable, Callable
 from urllib.parse import urlsplit, urlunsplit
 
 import grpc
@@ -144,6 +144,11 @@ async def flush_forever(decision_log: logs.DecisionLog) -> None:
         decision_log.flush()
 
 
+# The admin API's Redis replies may be large (a million keys listed): its own connections,
+# with a timeout for that, apart from the check path's lookup timeout.
+ADMIN_REDIS_TIMEOUT_S = 30.0
+
+
 class App:
     """The sidecar's parts and their order. ``reuse_port``: one of several worker
     processes sharing the ports (SO_REUSEPORT), whose metrics the supervisor serves."""
@@ -178,6 +183,7 @@ class App:
         self.runners: list[web.AppRunner] = []
         self.sockets: list[socket.socket] = []
         self.tasks: list[asyncio.Task[Any]] = []
+        self.closers: list[Callable[[], Awaitable[Any]]] = []
 
     async def start(self) -> None:
         s = self.settings
@@ -216,7 +222,11 @@ class App:
         stats = lambda: {"cache": self.cache.stats(), "config": self.runtime.stats(),  # noqa: E731
                          "redis_mode": self.redis.mode, "redis_endpoint": self.redis.endpoint,
                          "redis_tracking": self.cache.trusted, "redis_warnings": self.redis_warnings}
-        writer = RedisWriter(self.store, s.audit_max_entries, None, s.redis_wait_replicas, s.redis_wait_timeout_ms)
+        admin_redis = self.redis.client(socket_timeout=ADMIN_REDIS_TIMEOUT_S,
+                                        socket_connect_timeout=s.redis_timeout_ms / 1000)
+        self.closers.append(admin_redis.aclose)
+        writer = RedisWriter(self.store, s.audit_max_entries, None, s.redis_wait_replicas, s.redis_wait_timeout_ms,
+                             admin_redis)
         await self.serve_http(AdminApi(self.runtime, writer, stats, self.service.store, self.service).app(),
                               admin_socket)
         if metrics_socket is not None:
@@ -272,7 +282,7 @@ class App:
         self.service.close()
         self.service.metrics.flush()
         self.service.decision_log.flush()
-        for close in (self.invalidator.close, self.store.close):
+        for close in (self.invalidator.close, self.store.close, *self.closers):
             try:  # a Redis that stopped answering must not hold the exit
                 await asyncio.wait_for(close(), self.settings.redis_timeout_ms / 1000)
             except (asyncio.TimeoutError, OSError):

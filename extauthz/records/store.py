@@ -240,10 +240,12 @@ class RedisWriter(Keyspace):
     appended in the same transaction."""
 
     def __init__(self, reader: RedisReader, audit_max_entries: int = 100_000,
-                 note: audit.Note | None = None, wait_replicas: int = 0, wait_timeout_ms: int = 1000) -> None:
+                 note: audit.Note | None = None, wait_replicas: int = 0, wait_timeout_ms: int = 1000,
+                 client: aioredis.Redis | None = None) -> None:
         super().__init__(reader.prefix)
         self.reader = reader
-        self.redis = reader.redis
+        # Its own client where given: listings of a million keys take longer than a lookup's timeout.
+        self.redis = client if client is not None else reader.redis
         self.timeout = reader.timeout
         self.audit_max_entries = audit_max_entries
         self.note = note
@@ -253,7 +255,8 @@ class RedisWriter(Keyspace):
 
     def by(self, note: audit.Note) -> "RedisWriter":
         """This writer, its writes made by ``note``'s actor through ``note``'s route."""
-        return RedisWriter(self.reader, self.audit_max_entries, note, self.wait_replicas, self.wait_timeout_ms)
+        return RedisWriter(self.reader, self.audit_max_entries, note, self.wait_replicas, self.wait_timeout_ms,
+                           self.redis)
 
     async def _wait_for_replicas(self) -> None:
         """How many replicas have this writer's last write (Redis WAIT). WAIT counts the writes
