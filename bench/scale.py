@@ -22,34 +22,13 @@ import grpc
 import redis
 
 from bench import population
-from bench.population import key_doc, raw_key, team_doc
-from bench.shape import MODEL_A, N_TEAMS, PREFIX
+from bench.population import raw_key
+from bench.shape import MODEL_A, PREFIX
 from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2_grpc
 from tests.harness import MASTER_KEY, http, start_redis, start_sidecar
 
 OUT = Path(__file__).parent / "scale.json"
 CONFIG = Path(__file__).parent.parent / "examples" / "config.yaml"
-
-
-def fill(r: redis.Redis, keys: int) -> float:
-    started = time.monotonic()
-    dump = lambda doc: json.dumps(doc, separators=(",", ":"))  # noqa: E731
-    pipe = r.pipeline(transaction=False)
-    for t in range(N_TEAMS):
-        doc = team_doc(t)
-        pipe.set(f"{PREFIX}team:{doc['team_id']}", dump(doc))
-        pipe.sadd(f"{PREFIX}teams", doc["team_id"])
-    pipe.execute()
-    for start in range(0, keys, 10_000):
-        for n in range(start, min(start + 10_000, keys)):
-            doc = key_doc(n)
-            pipe.set(f"{PREFIX}key:{doc['token']}", dump(doc))
-            pipe.set(f"{PREFIX}alias:{doc['key_alias']}", doc["token"])
-            pipe.sadd(f"{PREFIX}keys", doc["token"])
-            if doc["team_id"]:
-                pipe.sadd(f"{PREFIX}team_keys:{doc['team_id']}", doc["token"])
-        pipe.execute()
-    return time.monotonic() - started
 
 
 def timed(url: str, repeat: int = 3) -> float:
@@ -73,7 +52,7 @@ def main() -> int:
     try:
         r = redis.Redis(port=port)
         before = r.info("memory")["used_memory"]
-        results["fill_s"] = fill(r, args.keys)
+        results["fill_s"] = population.populate(r, args.keys)
         after = r.info("memory")["used_memory"]
         results["redis_bytes_per_key"] = (after - before) / args.keys
         results["redis_used_mb"] = after / 2**20
