@@ -222,8 +222,7 @@ class App:
         stats = lambda: {"cache": self.cache.stats(), "config": self.runtime.stats(),  # noqa: E731
                          "redis_mode": self.redis.mode, "redis_endpoint": self.redis.endpoint,
                          "redis_tracking": self.cache.trusted, "redis_warnings": self.redis_warnings}
-        admin_redis = self.redis.client(socket_timeout=ADMIN_REDIS_TIMEOUT_S,
-                                        socket_connect_timeout=s.redis_timeout_ms / 1000)
+        admin_redis = self.store.client(ADMIN_REDIS_TIMEOUT_S)
         self.closers.append(admin_redis.aclose)
         writer = RedisWriter(self.store, s.audit_max_entries, None, s.redis_wait_replicas, s.redis_wait_timeout_ms,
                              admin_redis)

@@ -111,11 +111,15 @@ class RedisReader(Keyspace):
     def __init__(self, url: str | RedisTarget, timeout_ms: int, prefix: str = "extauthz:") -> None:
         super().__init__(prefix)
         timeout = self.timeout = timeout_ms / 1000
-        # One retry, on a broken connection only (a pooled connection from before a Redis
-        # restart); a timeout is not retried: the caller's deadline is the lookup timeout.
-        target = url if isinstance(url, RedisTarget) else RedisTarget(url)
-        self.redis = target.client(socket_timeout=timeout, socket_connect_timeout=timeout,
-                                   retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
+        self.target = url if isinstance(url, RedisTarget) else RedisTarget(url)
+        self.redis = self.client(timeout)
+
+    def client(self, socket_timeout: float) -> aioredis.Redis:
+        """A client of this Redis: connects within the lookup timeout, waits for a reply up to
+        ``socket_timeout``, and retries once on a broken connection only (a pooled connection
+        from before a Redis restart); a timeout is not retried."""
+        return self.target.client(socket_timeout=socket_timeout, socket_connect_timeout=self.timeout,
+                                  retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
 
     async def close(self) -> None:
         await self.redis.aclose()
