@@ -31,8 +31,8 @@ from extauthz.telemetry import metrics
 from extauthz.check.facts import Facts
 from extauthz.check.decision import Deny
 from extauthz.check.policy import authenticate, route_denied, visible_models
-from extauthz.records.lookup import Records, key_of, lookup
-from extauthz.records.record import MASTER, KeyRecord, format_time, hash_token, team_members, new_key_doc, new_team_doc, new_user_doc, now_iso
+from extauthz.records.lookup import Records, lookup
+from extauthz.records.record import KeyRecord, format_time, hash_token, masked_key, team_members, new_key_doc, new_team_doc, new_user_doc, now_iso
 from extauthz.check.request import credentials
 from extauthz.check.runtime import Runtime
 from extauthz.check.responses import USAGE_ID_LENGTH, error_body
@@ -77,6 +77,12 @@ def applying(changes: dict[str, Any]) -> Callable[[dict[str, Any]], dict[str, An
         doc["updated_at"] = now_iso()
         return doc
     return change
+
+
+def refuse_acting_fields(body: dict[str, Any], also: frozenset[str] = frozenset()) -> None:
+    """Blocking, expiry, routes and limits are the admin's: a user does not lift them on its own key."""
+    if set(body) - ACTING_KEY_CHANGES - also:
+        raise Refused(f"A user may change only {sorted(ACTING_KEY_CHANGES - {'key'})} of a key.")
 
 
 def route_name(request: web.Request) -> str:
@@ -318,23 +324,30 @@ class AdminApi:
         changes = fixed if fixed is not None else schema.key_fields(body, self.runtime().catalog, {"key"})
         change, check = applying(changes), self.check_team
         who = acting(request)
-        if who is not None and fixed is None and set(body) - ACTING_KEY_CHANGES:
-            # Blocking, expiry, routes are the admin's: a user does not lift them on its own key.
-            raise Refused(f"A user may change only {sorted(ACTING_KEY_CHANGES - {'key'})} of a key.")
-        if who is not None:  # both run in the transaction, on the stored key before and after
-            def change(doc: dict[str, Any]) -> dict[str, Any]:
-                if not who.owns(doc):  # the same answer as a missing key
-                    raise NotFound("key not found")
-                # Changed by this user: the key's admin powers are its owner's only if the owner is it.
-                return applying(dict(changes, created_by=who.user_id))(doc)
-
-            def check(key: dict[str, Any], team: dict[str, Any] | None) -> None:
-                if not who.owns(key):
-                    raise Refused("The key would leave the caller's keys.", param="user_id")
-                who.check_new_key(key, key.get("user_id"))
-                self.check_team(key, team)
+        if who is not None:
+            if fixed is None:
+                refuse_acting_fields(body)
+            change, check = self.acting_key_rules(who, changes)
         doc = await self.writer(request).update_key(token_hash, change, check)
         return web.json_response(self.key_view(doc))
+
+    def acting_key_rules(self, who: Acting, changes: dict[str, Any]) -> tuple[Callable[[dict[str, Any]], dict[str, Any]],
+                                                                              Callable[..., None]]:
+        """An acting user's change of a key and the check of the result; both run in the
+        transaction, on the stored key before and after."""
+        def change(doc: dict[str, Any]) -> dict[str, Any]:
+            if not who.owns(doc):  # the same answer as a missing key
+                raise NotFound("key not found")
+            # Changed by this user: the key's admin powers are its owner's only if the owner is it.
+            return applying(dict(changes, created_by=who.user_id))(doc)
+
+        def check(key: dict[str, Any], team: dict[str, Any] | None) -> None:
+            if not who.owns(key):
+                raise Refused("The key would leave the caller's keys.", param="user_id")
+            who.check_new_key(key, key.get("user_id"))
+            self.check_team(key, team)
+
+        return change, check
 
     async def update_team(self, request: web.Request, fixed: dict[str, Any] | None = None) -> web.Response:
         body = await self.body(request)
@@ -428,28 +441,14 @@ class AdminApi:
                            "new_key")
         grace = schema.grace_seconds(schema.expect(body, "grace_period", str))
         grace_until = time.time() + grace if grace else None
-        who, check = acting(request), self.check_team
+        changes.update(key_name=masked_key(raw_key), regenerated_at=now_iso())
+        change, check = applying(changes), self.check_team
+        who = acting(request)
         if who is not None:  # its own key (or one of a team it administers), as /key/update allows
             if given is not None:
                 raise Refused("A user does not choose the key: one is generated.", param="new_key")
-            if set(body) - ACTING_KEY_CHANGES - {"grace_period"}:
-                raise Refused(f"A user may change only {sorted(ACTING_KEY_CHANGES - {'key'})} of a key.")
-
-            def check(key: dict[str, Any], team: dict[str, Any] | None) -> None:
-                if not who.owns(key):
-                    raise Refused("The key would leave the caller's keys.", param="user_id")
-                who.check_new_key(key, key.get("user_id"))
-                self.check_team(key, team)
-
-        def change(doc: dict[str, Any]) -> dict[str, Any]:
-            if who is not None and not who.owns(doc):  # the same answer as a missing key
-                raise NotFound("key not found")
-            stamp = now_iso()
-            doc.update(changes, key_name=f"sk-...{raw_key[-4:]}", updated_at=stamp, regenerated_at=stamp)
-            if who is not None:
-                doc["created_by"] = who.user_id
-            return doc
-
+            refuse_acting_fields(body, frozenset({"grace_period"}))
+            change, check = self.acting_key_rules(who, changes)
         doc, old_key_expires = await self.writer(request).rotate_key(
             old_hash, new_hash, change, check, grace_until)
         return web.json_response(dict(self.key_view(doc, raw_key), old_key_expires=old_key_expires))
@@ -783,15 +782,9 @@ class AdminApi:
         runtime = self.runtime()
         if ("key" in body) == ("team_id" in body):
             raise ApiError(400, "invalid_request", "Give either 'key' (a key or its hash) or 'team_id'.", "key")
-        if "key" in body:
-            token_hash = token_hash_of(body["key"])
-            if runtime.is_master(token_hash):
-                key, team, owner = MASTER, None, None
-            else:  # as records/lookup reads a presented key, by its hash
-                key = await key_of(token_hash, self.records)
-                team = await self.records.get_team(key.team_id) if key is not None and key.team_id else None
-                owner = await self.records.get_user(key.user_id) \
-                    if key is not None and key.team_id is None and key.user_id is not None else None
+        if "key" in body:  # read as the check reads a presented key
+            key, team, owner = await lookup(None, self.records, runtime.is_master,
+                                            token_hash=token_hash_of(body["key"]))
         else:
             owner = None
             team_id = schema.expect(body, "team_id", str, nullable=False)

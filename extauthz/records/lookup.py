@@ -23,15 +23,19 @@ class Records(NamedTuple):
 NONE = Records(None, None, None)
 
 
-async def lookup(token: str | None, store: RecordReader, is_master: Callable[[str], bool]) -> Records:
-    if token is None:
-        return NONE
-    token_hash = hash_token(token)
+async def lookup(token: str | None, store: RecordReader, is_master: Callable[[str], bool], *,
+                 token_hash: str | None = None) -> Records:
+    """The records of a presented key (``token``), or of a key named by its hash (the
+    admin API's /access/explain): the same reads either way."""
+    if token_hash is None:
+        if token is None:
+            return NONE
+        token_hash = hash_token(token)
     if is_master(token_hash):
         return Records(MASTER, None, None)
     key = await store.get_key(token_hash)
     if key is not None and key.retired_at is not None:  # (only a replaced key costs the call)
-        key = await key_of(token_hash, store)
+        key = await with_successors(key, store)
     if key is None:
         return NONE
     if key.team_id is not None:
@@ -39,17 +43,16 @@ async def lookup(token: str | None, store: RecordReader, is_master: Callable[[st
     return Records(key, None, await store.get_user(key.user_id) if key.user_id is not None else None)
 
 
-async def key_of(token_hash: str, store: RecordReader, depth: int = 0) -> KeyRecord | None:
-    """A key's record; a key replaced with a grace period answers for its successor too
-    (and that one for its own, down the line): the successor gone, it is no key; blocked or
-    expired, so is it; retired sooner, so is it. An admin who blocks, deletes or rotates
-    again without grace the new key of a leaked one stops both."""
-    key = await store.get_key(token_hash)
-    if key is None or key.retired_at is None:
-        return key
+async def with_successors(key: KeyRecord, store: RecordReader, depth: int = 0) -> KeyRecord | None:
+    """A key replaced with a grace period answers for its successor too (and that one for
+    its own, down the line): the successor gone, it is no key; blocked or expired, so is it;
+    retired sooner, so is it. An admin who blocks, deletes or rotates again without grace
+    the new key of a leaked one stops both."""
     # A retired key's first link is its successor; a line longer than rotations within one
     # grace period make is refused rather than followed.
-    successor = await key_of(key.linked[0], store, depth + 1) if depth < MAX_LINE else None
+    successor = await store.get_key(key.linked[0]) if depth < MAX_LINE else None
+    if successor is not None and successor.retired_at is not None:
+        successor = await with_successors(successor, store, depth + 1)
     if successor is None:
         return None
     expires = min((t for t in (key.expires_at, successor.expires_at) if t is not None), default=None)

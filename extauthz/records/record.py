@@ -54,10 +54,15 @@ def team_members(team: dict[str, Any] | None) -> list[dict[str, Any]]:
     return [m for m in found if isinstance(m, dict)] if isinstance(found, list) else []
 
 
+def masked_key(raw_key: str) -> str:
+    """A key's name as records and listings show it: its last four characters (LiteLLM's)."""
+    return f"sk-...{raw_key[-4:]}"
+
+
 def new_key_doc(raw_key: str, **fields: Any) -> dict[str, Any]:
     """A key's stored document: its hash, never the key itself."""
     stamp = now_iso()
-    return {"token": hash_token(raw_key), "key_name": f"sk-...{raw_key[-4:]}", "key_alias": None, "models": [],
+    return {"token": hash_token(raw_key), "key_name": masked_key(raw_key), "key_alias": None, "models": [],
             "team_id": None, "expires": None, "blocked": False, "metadata": {}, "created_at": stamp,
             "updated_at": stamp, **fields}
 

@@ -315,41 +315,40 @@ class RedisWriter(Keyspace):
         raw = await self.reader.get(self.alias_id(alias))
         return None if raw is None else raw.decode()
 
-    async def _docs(self, set_key: str, id_of: Callable[[str], str]) -> list[Doc]:
+    async def _members(self, set_key: str) -> list[str]:
+        """A listing set's members, sorted (a million of them is one SMEMBERS, not a million
+        documents)."""
         try:
-            members = sorted(m.decode() for m in await self.redis.smembers(set_key))
-            raws = await self.redis.mget([id_of(m) for m in members]) if members else []
-        except (RedisError, OSError) as e:
-            raise StoreUnavailable(type(e).__name__) from None
-        return [json.loads(r) for r in raws if r is not None]
-
-    async def list_keys(self, team_id: str | None = None, user_id: str | None = None) -> list[Doc]:
-        source = self.team_keys_id(team_id) if team_id else self.user_keys_id(user_id) if user_id \
-            else f"{self.prefix}keys"
-        docs = await self._docs(source, self.key_id)
-        return [d for d in docs if d.get("user_id") == user_id] if team_id and user_id else docs
-
-    async def key_hashes(self, team_id: str | None = None, user_id: str | None = None) -> list[str]:
-        """The hashes a key listing starts from, sorted: a team's, a user's or every key's
-        (a million of them is one SMEMBERS, not a million documents)."""
-        source = self.team_keys_id(team_id) if team_id else self.user_keys_id(user_id) if user_id \
-            else f"{self.prefix}keys"
-        try:
-            return sorted(m.decode() for m in await self.redis.smembers(source))
+            return sorted(m.decode() for m in await self.redis.smembers(set_key))
         except (RedisError, OSError) as e:
             raise StoreUnavailable(type(e).__name__) from None
 
-    async def key_docs(self, hashes: list[str]) -> list[Doc]:
-        """These keys' documents, in order (a key deleted meanwhile is left out), read in
+    async def _docs_of(self, ids: list[str], id_of: Callable[[str], str]) -> list[Doc]:
+        """These records' documents, in order (one deleted meanwhile is left out), read in
         batches so no single reply is huge."""
         docs: list[Doc] = []
         try:
-            for start in range(0, len(hashes), LIST_BATCH):
-                raws = await self.redis.mget([self.key_id(h) for h in hashes[start:start + LIST_BATCH]])
+            for start in range(0, len(ids), LIST_BATCH):
+                raws = await self.redis.mget([id_of(i) for i in ids[start:start + LIST_BATCH]])
                 docs.extend(json.loads(r) for r in raws if r is not None)
         except (RedisError, OSError) as e:
             raise StoreUnavailable(type(e).__name__) from None
         return docs
+
+    async def _docs(self, set_key: str, id_of: Callable[[str], str]) -> list[Doc]:
+        return await self._docs_of(await self._members(set_key), id_of)
+
+    async def key_hashes(self, team_id: str | None = None, user_id: str | None = None) -> list[str]:
+        """The hashes a key listing starts from, sorted: a team's, a user's or every key's."""
+        return await self._members(self.team_keys_id(team_id) if team_id else self.user_keys_id(user_id)
+                                   if user_id else f"{self.prefix}keys")
+
+    async def key_docs(self, hashes: list[str]) -> list[Doc]:
+        return await self._docs_of(hashes, self.key_id)
+
+    async def list_keys(self, team_id: str | None = None, user_id: str | None = None) -> list[Doc]:
+        docs = await self.key_docs(await self.key_hashes(team_id, user_id))
+        return [d for d in docs if d.get("user_id") == user_id] if team_id and user_id else docs
 
     async def list_teams(self) -> list[Doc]:
         return await self._docs(f"{self.prefix}teams", self.team_id)
