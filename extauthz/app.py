@@ -18,7 +18,6 @@ import signal
 import socket
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
-from urllib.parse import urlsplit, urlunsplit
 
 import grpc
 from aiohttp import web
@@ -121,14 +120,6 @@ def metrics_app() -> web.Application:
     return app
 
 
-def without_password(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 def listening_socket(what: str, host: str, port: int, reuse_port: bool) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
@@ -168,7 +159,7 @@ class App:
             prefixes = (self.store.key_id(""), self.store.team_id(""), self.store.user_id(""))
             self.invalidator = Invalidator(redis, prefixes, self.cache, s.redis_timeout_ms / 1000)
         except ValueError as e:  # (connection.UnusableTarget, or what redis-py makes of the URL)
-            raise StartupError(f"unusable Redis settings ({without_password(s.redis_url)}): {e}") from None
+            raise StartupError(f"unusable Redis settings ({connection.redacted(s.redis_url)}): {e}") from None
         log.info("redis: %s", redis.describe())
         metrics.REDIS_TARGET.labels(redis.mode, redis.endpoint).set(1)
         self.redis_warnings: list[str] = []

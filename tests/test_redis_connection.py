@@ -282,3 +282,14 @@ def test_settings_of_the_server_that_can_lose_records_are_told(workdir: Path, co
             side.proc.stop()
     finally:
         proc.stop()
+
+
+def test_credentials_in_the_query_leave_the_url_too() -> None:
+    """redis-py reads ?password= as well: a URL written that way must not carry it into
+    logs, readiness or metric labels."""
+    found = target(settings(redis_url=f"redis://redis.internal:6379/0?password={PASSWORD}&socket_keepalive=true"))
+    assert found.password == PASSWORD and found.url == "redis://redis.internal:6379/0?socket_keepalive=true"
+    assert PASSWORD not in found.describe() and PASSWORD not in found.endpoint
+    from extauthz.records.connection import redacted
+    assert redacted(f"rediss://u:{PASSWORD}@h:1/0?password={PASSWORD}") == "rediss://h:1/0"
+    assert redacted(f"unix://:{PASSWORD}@/run/redis.sock?db=1") == "unix:///run/redis.sock?db=1"

@@ -16,13 +16,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import ConnectionPool
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 
 SCHEMES = ("redis", "rediss", "unix")
+CREDENTIAL_PARAMS = ("username", "password")  # query parameters redis-py reads as credentials
 
 
 class UnusableTarget(ValueError):
@@ -108,14 +109,13 @@ class RedisTarget:
 
 def target(settings: Any) -> RedisTarget:
     """The Redis target the settings name; UnusableTarget says why there is none."""
-    raw = settings.redis_url
-    parts = urlsplit(raw)
+    parts, in_url = _without_credentials(settings.redis_url)
     if parts.scheme not in SCHEMES:
         raise UnusableTarget(f"redis_url must start with redis://, rediss:// or unix://, got {parts.scheme!r}")
-    username = parts.username or settings.redis_username or None
-    if parts.username and settings.redis_username and parts.username != settings.redis_username:
+    username = in_url.get("username") or settings.redis_username or None
+    if in_url.get("username") and settings.redis_username and in_url["username"] != settings.redis_username:
         raise UnusableTarget("redis_url and redis_username name different users")
-    given = [p for p in (parts.password, settings.redis_password or None,
+    given = [p for p in (in_url.get("password"), settings.redis_password or None,
                          _read_secret(settings.redis_password_file) if settings.redis_password_file else None)
              if p is not None]
     if len(given) > 1:
@@ -140,16 +140,37 @@ def target(settings: Any) -> RedisTarget:
         sentinels = tuple(_host_port(s) for s in settings.redis_sentinels)
     elif settings.redis_sentinels:
         raise UnusableTarget("redis_sentinels set, but redis_mode is not sentinel: they would not be used")
-    if parts.scheme == "unix":
-        url = f"unix://{parts.path}" + (f"?{parts.query}" if parts.query else "")
-    else:
-        netloc = f"[{parts.hostname}]" if parts.hostname and ":" in parts.hostname else parts.hostname or ""
-        url = urlunsplit(parts._replace(netloc=netloc + (f":{parts.port}" if parts.port else "")))
-    return RedisTarget(url, username, given[0] if given else None,
+    return RedisTarget(_url(parts), username, given[0] if given else None,
                        settings.redis_tls_ca_file or None, settings.redis_tls_cert_file or None,
                        settings.redis_tls_key_file or None, settings.redis_tls_verify_hostname,
                        settings.redis_mode, sentinels, settings.redis_sentinel_master,
                        settings.redis_sentinel_password or None)
+
+
+def _without_credentials(raw: str) -> tuple[SplitResult, dict[str, str]]:
+    """The URL without its user and password, wherever it carries them: before the host, or
+    in the query (redis-py reads ``?password=`` too); and what it carried."""
+    parts = urlsplit(raw)
+    found = {k: v for k, v in (("username", parts.username), ("password", parts.password)) if v is not None}
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    found.update((k, v) for k, v in query if k in CREDENTIAL_PARAMS)
+    host = f"[{parts.hostname}]" if parts.hostname and ":" in parts.hostname else parts.hostname or ""
+    return parts._replace(netloc=host + (f":{parts.port}" if parts.port else ""),
+                          query=urlencode([(k, v) for k, v in query if k not in CREDENTIAL_PARAMS])), found
+
+
+def redacted(raw: str) -> str:
+    """A Redis URL as a log or an error may show it."""
+    try:
+        return _url(_without_credentials(raw)[0])
+    except ValueError:
+        return "<an unreadable URL>"
+
+
+def _url(parts: SplitResult) -> str:
+    if parts.scheme == "unix":  # (urlunsplit would drop the empty authority: unix:/path)
+        return f"unix://{parts.path}" + (f"?{parts.query}" if parts.query else "")
+    return urlunsplit(parts)
 
 
 def _host_port(text: str) -> tuple[str, int]:
