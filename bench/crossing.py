@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 
 from extauthz.records.record import hash_token, new_key_doc
 from extauthz.usage.budgets import spend_counters, parse
+from extauthz.records.keyspace import Keyspace
 from extauthz.usage.counters import OVER, RateCounters, Settlement
 from extauthz.usage.limits import scope
 from bench.grpc_load import check_stub
@@ -34,7 +35,7 @@ def crossing_ms(redis_port: int, settling_port: int, other_port: int) -> dict:
 
 async def _crossings(redis_port: int, settling_port: int, other_port: int) -> dict:
     r = aioredis.Redis(port=redis_port)
-    counters = RateCounters(r, PREFIX, 2.0)
+    counters = RateCounters(r, Keyspace(PREFIX), 2.0)
     stubs = [check_stub(p) for p in (settling_port, other_port)]
     samples = []
     try:

@@ -164,7 +164,7 @@ class App:
         metrics.REDIS_TARGET.labels(redis.mode, redis.endpoint).set(1)
         self.redis_warnings: list[str] = []
         cached = CachedStore(self.store, self.cache)
-        counters = RateCounters(self.store.redis, s.key_prefix, s.redis_timeout_ms / 1000)
+        counters = RateCounters(self.store.redis, self.store, s.redis_timeout_ms / 1000)
         self.service = AuthorizationService(self.runtime, cached, s.log_allowed, logs.DecisionLog(s.log_format),
                                             check_message_limit(s), Upserts(cached, RedisWriter(self.store, s.audit_max_entries)), counters)
         self.usage = UsageReports(counters, cached, lambda route_id, model: self.runtime().price(route_id, model),
@@ -216,7 +216,8 @@ class App:
         admin_redis = self.store.client(ADMIN_REDIS_TIMEOUT_S)
         self.closers.append(admin_redis.aclose)
         writer = RedisWriter(self.store, s.audit_max_entries, None, s.redis_wait_replicas, s.redis_wait_timeout_ms,
-                             admin_redis)
+                             admin_redis, ADMIN_REDIS_TIMEOUT_S)
+        self.closers.append(writer.close)
         await self.serve_http(AdminApi(self.runtime, writer, stats, self.service.store, self.service).app(),
                               admin_socket)
         if metrics_socket is not None:

@@ -120,11 +120,14 @@ class Settings:
     redis_tls_key_file: str = setting("")
     redis_tls_verify_hostname: bool = setting(True)
     # sentinel: the primary named redis_sentinel_master, as redis_sentinels report it (the
-    # URL then gives the scheme, credentials and database, not the host).
-    redis_mode: str = setting("standalone", choices=("standalone", "sentinel"))
+    # URL then gives the scheme, credentials and database, not the host). cluster: a Redis
+    # Cluster, found from the URL's host and redis_cluster_nodes (more seeds, for a start
+    # while one node is down).
+    redis_mode: str = setting("standalone", choices=("standalone", "sentinel", "cluster"))
     redis_sentinels: tuple = setting(())  # ["host:port", ...] (in the environment: comma-separated)
     redis_sentinel_master: str = setting("mymaster")
     redis_sentinel_password: str = setting("", secret=True)
+    redis_cluster_nodes: tuple = setting(())  # ["host:port", ...] (in the environment: comma-separated)
     # Admin writes wait for this many replicas to acknowledge them (Redis WAIT), up to the
     # timeout; one not acknowledged in time is answered 202 (committed on the primary only).
     redis_wait_replicas: int = setting(0, minimum=0)

@@ -18,6 +18,7 @@ from extauthz.check.json_body import read_json_model
 from extauthz.check.routing import usage_edit
 from extauthz.usage import budgets
 from extauthz.usage.budgets import Budget, ModelBudget, Period, SpendCounter
+from extauthz.records.keyspace import Keyspace
 from extauthz.usage.counters import OVER, SOFT, RateCounters, Settlement
 from tests.conftest import Gateway
 from tests.harness import http, start_stack
@@ -159,7 +160,7 @@ def test_settlement_adds_the_cost_once_and_flags_the_crossings(redis_port: int) 
         redis = aioredis.Redis(port=redis_port, db=9)
         await redis.flushdb()
         await redis.set("t:key:h", '{"token": "h"}', ex=1000)
-        counters = RateCounters(redis, "t:", 2.0)
+        counters = RateCounters(redis, Keyspace("t:"), 2.0)
         spend = [(SpendCounter("spend:key:h", 0.1, 0.05, None, None), ("t:key:h",))]
 
         async def settle(usage_id: str, cost: float | None, which: list = spend) -> list[int] | None:

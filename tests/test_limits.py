@@ -11,6 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from extauthz.usage import limits
+from extauthz.records.keyspace import Keyspace
 from extauthz.usage.counters import RateCounters, Settlement
 from extauthz.usage.limits import Counter, Limits, rate_counters
 from tests.conftest import Gateway
@@ -76,7 +77,7 @@ def test_admission_of_requests_in_flight(redis_port: int) -> None:
     async def run() -> None:
         redis = aioredis.Redis(port=redis_port, db=9)
         await redis.flushdb()
-        counters = RateCounters(redis, "t:", 2.0)
+        counters = RateCounters(redis, Keyspace("t:"), 2.0)
         place = Counter("inflight:key:a", 2, "max_parallel_requests", "key", 1, "s")
         now = time.time()
         assert await counters.admit([place], "u1", now) is None
@@ -105,7 +106,7 @@ def test_admission_takes_every_counter_or_none(redis_port: int) -> None:
     async def run() -> None:
         redis = aioredis.Redis(port=redis_port, db=9)
         await redis.flushdb()
-        counters = RateCounters(redis, "t:", 2.0)
+        counters = RateCounters(redis, Keyspace("t:"), 2.0)
         key, team = Counter("rpm:key:a:1", 3, "rpm_limit", "key"), Counter("rpm:team:t:1", 2, "rpm_limit", "team")
         assert await counters.admit([key, team]) is None
         assert await counters.admit([key, team]) is None

@@ -28,7 +28,7 @@ def settings(**given: Any) -> SimpleNamespace:
     base = {"redis_url": "redis://127.0.0.1:6379/0", "redis_username": "", "redis_password": "",
             "redis_password_file": "", "redis_tls_ca_file": "", "redis_tls_cert_file": "", "redis_tls_key_file": "",
             "redis_tls_verify_hostname": True, "redis_mode": "standalone", "redis_sentinels": (),
-            "redis_sentinel_master": "mymaster", "redis_sentinel_password": ""}
+            "redis_sentinel_master": "mymaster", "redis_sentinel_password": "", "redis_cluster_nodes": ()}
     return SimpleNamespace(**{**base, **given})
 
 

@@ -139,7 +139,7 @@ class AdminApi:
         self.stats = stats
         # The check path's cached records: a flood of unknown keys costs no Redis read here either.
         self.records = records if records is not None else store.reader
-        self.counters = RateCounters(store.redis, store.prefix, store.timeout)
+        self.counters = RateCounters(store.redis, store, store.timeout)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self.count, self.errors, self.auth])

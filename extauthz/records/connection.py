@@ -3,7 +3,9 @@ is built from one ``RedisTarget``, made from the settings at start-up: the URL
 (``redis://``, ``rediss://`` for TLS, ``unix://``), the ACL user and password (in the URL,
 or ``redis_username`` / ``redis_password`` (``os.environ/NAME`` allowed) /
 ``redis_password_file`` for a mounted secret), and TLS (``redis_tls_ca_file``, a client
-certificate and key, hostname verification on unless turned off).
+certificate and key, hostname verification on unless turned off), and the mode:
+standalone, sentinel (the primary the sentinels name) or cluster (a Redis Cluster, found
+from seed nodes; its clients follow the slots as they move and fail over).
 
 A setting that could not do what it says is refused at start-up: TLS files with a URL
 that is not ``rediss://`` (the operator would believe the link encrypted), a password
@@ -19,7 +21,8 @@ from typing import Any
 from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
-from redis.asyncio.connection import ConnectionPool
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import ConnectionPool, SSLConnection
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 
 SCHEMES = ("redis", "rediss", "unix")
@@ -43,6 +46,11 @@ class RedisTarget:
     sentinels: tuple[tuple[str, int], ...] = ()  # sentinel mode: where to ask for the primary
     master: str = "mymaster"
     sentinel_password: str | None = field(default=None, repr=False)
+    cluster_nodes: tuple[tuple[str, int], ...] = ()  # cluster mode: the seeds (the URL's host first)
+
+    @property
+    def cluster(self) -> bool:
+        return self.mode == "cluster"
 
     @property
     def tls(self) -> bool:
@@ -65,6 +73,8 @@ class RedisTarget:
         """What metrics and readiness name: the URL, or the primary's name and its sentinels."""
         if self.mode == "sentinel":
             return f"sentinel {self.master} via " + ",".join(f"{h}:{p}" for h, p in self.sentinels)
+        if self.cluster:
+            return "cluster via " + ",".join(f"{h}:{p}" for h, p in self.cluster_nodes)
         return self.url
 
     @property
@@ -74,16 +84,35 @@ class RedisTarget:
 
     def client(self, **kwargs: Any) -> aioredis.Redis:
         """A client of the primary (in sentinel mode, whichever the sentinels name now: its
-        connections follow a promotion)."""
+        connections follow a promotion; in cluster mode, each command goes to its slot's
+        primary, and the slot map is read again when a slot moves or a primary fails)."""
         if self.mode == "sentinel":
             return self._sentinel().master_for(self.master, **kwargs)
+        if self.cluster:
+            return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in self.cluster_nodes],  # type: ignore[return-value]
+                                ssl=self.tls, **self.options(), **kwargs)
         return aioredis.Redis.from_url(self.url, **self.options(), **kwargs)
 
     def pool(self, **kwargs: Any) -> ConnectionPool:
-        """A connection pool of the primary, for connections used one by one (invalidation)."""
+        """A connection pool of the primary, for connections used one by one (invalidation).
+        (In cluster mode there is one per node: ``node_pool``.)"""
         if self.mode == "sentinel":
             return SentinelConnectionPool(self.master, self._sentinel(), **kwargs)
+        if self.cluster:
+            host, port = self.cluster_nodes[0]
+            return self.node_pool(host, port, **kwargs)
         return ConnectionPool.from_url(self.url, **self.options(), **kwargs)
+
+    def node_pool(self, host: str, port: int, **kwargs: Any) -> ConnectionPool:
+        """A connection pool of one node (a cluster's primary), with the target's credentials and TLS."""
+        if self.tls:
+            kwargs["connection_class"] = SSLConnection
+        return ConnectionPool(host=host, port=port, **self.options(), **kwargs)
+
+    def node_client(self, host: str, port: int, **kwargs: Any) -> aioredis.Redis:
+        """A plain client of one node: a cluster's transactions (WATCH/MULTI) run on the
+        primary of their slot."""
+        return aioredis.Redis(connection_pool=self.node_pool(host, port, **kwargs))
 
     def _sentinel(self) -> Sentinel:
         asked = {"socket_timeout": 1.0, "socket_connect_timeout": 1.0}
@@ -94,7 +123,7 @@ class RedisTarget:
         return Sentinel(list(self.sentinels), sentinel_kwargs=asked, db=self.db, ssl=self.tls, **self.options())
 
     def describe(self) -> str:
-        parts = [self.endpoint if self.mode == "sentinel" else f"standalone {self.url}"]
+        parts = [self.endpoint if self.mode != "standalone" else f"standalone {self.url}"]
         if self.username is not None or self.password is not None:
             parts.append(f"user {self.username or 'default'} with a password" if self.password is not None
                          else f"user {self.username}")
@@ -140,11 +169,21 @@ def target(settings: Any) -> RedisTarget:
         sentinels = tuple(_host_port(s) for s in settings.redis_sentinels)
     elif settings.redis_sentinels:
         raise UnusableTarget("redis_sentinels set, but redis_mode is not sentinel: they would not be used")
+    seeds: tuple[tuple[str, int], ...] = ()
+    if settings.redis_mode == "cluster":
+        if parts.scheme == "unix" or not parts.hostname:
+            raise UnusableTarget("redis_mode cluster needs a redis:// or rediss:// redis_url naming one of its nodes")
+        if parts.path.strip("/") not in ("", "0"):
+            raise UnusableTarget("a Redis Cluster has only database 0: drop the database from redis_url")
+        seeds = tuple(dict.fromkeys([(parts.hostname, parts.port or 6379),
+                                     *(_host_port(s, "redis_cluster_nodes") for s in settings.redis_cluster_nodes)]))
+    elif settings.redis_cluster_nodes:
+        raise UnusableTarget("redis_cluster_nodes set, but redis_mode is not cluster: they would not be used")
     return RedisTarget(_url(parts), username, given[0] if given else None,
                        settings.redis_tls_ca_file or None, settings.redis_tls_cert_file or None,
                        settings.redis_tls_key_file or None, settings.redis_tls_verify_hostname,
                        settings.redis_mode, sentinels, settings.redis_sentinel_master,
-                       settings.redis_sentinel_password or None)
+                       settings.redis_sentinel_password or None, seeds)
 
 
 def _without_credentials(raw: str) -> tuple[SplitResult, dict[str, str]]:
@@ -173,10 +212,10 @@ def _url(parts: SplitResult) -> str:
     return urlunsplit(parts)
 
 
-def _host_port(text: str) -> tuple[str, int]:
+def _host_port(text: str, setting: str = "redis_sentinels") -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UnusableTarget(f"redis_sentinels: {text!r} is not host:port")
+        raise UnusableTarget(f"{setting}: {text!r} is not host:port")
     return host.strip("[]"), int(port)
 
 

@@ -6,6 +6,13 @@ In broadcast mode Redis reports every change to a key under those prefixes, whoe
 it: the admin API of any replica, redis-cli, a migration script, an expiry. Tracking lives
 as long as the second connection, so both are watched; when either fails the cache is
 flushed and distrusted until tracking is on again.
+
+In a Redis Cluster each primary reports only the changes it makes, so there is a pair on
+every primary, and the cache is trusted only while every pair is up. The heartbeat also
+reads the slot map: a primary added, removed or promoted (a failover) ends the channel,
+which opens again on the primaries as they are now (until then the cache is not trusted).
+A slot that moves between primaries already tracked is covered: the primary it moves to
+reports the keys written there.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.connection import AbstractConnection, ConnectionPool
 
 from extauthz.records.cache import RecordCache
 from extauthz.records.connection import RedisTarget
@@ -32,8 +39,10 @@ class Invalidator:
         # this loop reads itself (RESP3 would divert them to a push handler). No socket
         # timeout: the subscriber waits for messages as long as there are none (a quiet
         # channel is healthy; the heartbeat on the tracking connection detects a dead one).
-        target = redis_url if isinstance(redis_url, RedisTarget) else RedisTarget(redis_url)
+        target = self.target = redis_url if isinstance(redis_url, RedisTarget) else RedisTarget(redis_url)
         self.pool = target.pool(socket_connect_timeout=timeout_s, socket_timeout=None, protocol=2)
+        self.node_pools: dict[tuple[str, int], ConnectionPool] = {}  # cluster: per node
+        self.primaries: list[tuple[str, int]] = []                  # cluster: those tracked now
         self.prefixes = prefixes
         self.cache = cache
         self.timeout_s = timeout_s
@@ -42,6 +51,35 @@ class Invalidator:
 
     async def close(self) -> None:
         await self.pool.disconnect()
+        for pool in self.node_pools.values():
+            await pool.disconnect()
+
+    def _node_pool(self, address: tuple[str, int]) -> ConnectionPool:
+        if address not in self.node_pools:
+            self.node_pools[address] = self.target.node_pool(*address, socket_connect_timeout=self.timeout_s,
+                                                             socket_timeout=None, protocol=2)
+        return self.node_pools[address]
+
+    async def _pools(self) -> list[ConnectionPool]:
+        """Where to track: the one Redis, or every primary of the cluster."""
+        if not self.target.cluster:
+            return [self.pool]
+        self.primaries = await self._cluster_primaries()
+        return [self._node_pool(a) for a in self.primaries]
+
+    async def _cluster_primaries(self) -> list[tuple[str, int]]:
+        """The primaries of the cluster's slot map, asked of the primaries last seen, then the seeds."""
+        failure: Exception = ConnectionError("no cluster node answered")
+        for address in dict.fromkeys([*self.primaries, *self.target.cluster_nodes]):
+            conn = self._node_pool(address).make_connection()
+            try:
+                await asyncio.wait_for(conn.connect(), self.timeout_s)
+                return primaries_of(await self._command(conn, "CLUSTER", "SLOTS"), address[0])
+            except Exception as e:  # that node is down or no cluster node: ask the next
+                failure = e
+            finally:
+                await conn.disconnect()
+        raise failure
 
     def stop(self) -> None:
         """Ends ``run`` at its next turn even if a cancellation is lost: Python 3.11's
@@ -53,21 +91,27 @@ class Invalidator:
         """Keep the channel up for as long as the process runs (``stop`` and cancel to end it)."""
         backoff = BACKOFF_MIN_S
         while not self.stopping:
-            subscriber = self.pool.make_connection()
-            tracker = self.pool.make_connection()
+            pairs: list[tuple[AbstractConnection, AbstractConnection]] = []
             try:
-                await self._open(subscriber, tracker)
+                for pool in await self._pools():
+                    pairs.append((pool.make_connection(), pool.make_connection()))
+                    await self._open(*pairs[-1])
+                self.cache.mark_trusted()
+                log.info("invalidation channel up%s; cache trusted",
+                         f" on {len(pairs)} primaries" if self.target.cluster else "")
                 backoff = BACKOFF_MIN_S
-                await self._serve(subscriber, tracker)
+                await self._serve(pairs)
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # any failure of either connection: start over
+            except Exception as e:  # any failure of any connection: start over
                 if self.cache.trusted:
-                    log.warning("invalidation channel lost (%s); cache flushed until it is back", type(e).__name__)
+                    log.warning("invalidation channel lost (%s: %s); cache flushed until it is back",
+                                type(e).__name__, e)
             finally:
                 self.cache.distrust()
-                for conn in (subscriber, tracker):
-                    await conn.disconnect()
+                for pair in pairs:
+                    for conn in pair:
+                        await conn.disconnect()
             self.reconnects += 1
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, BACKOFF_MAX_S)
@@ -83,21 +127,19 @@ class Invalidator:
         await self._command(subscriber, "SUBSCRIBE", CHANNEL)
         prefixes = [arg for p in self.prefixes for arg in ("PREFIX", p)]
         await self._command(tracker, "CLIENT", "TRACKING", "ON", "REDIRECT", str(client_id), "BCAST", *prefixes)
-        self.cache.mark_trusted()
-        log.info("invalidation channel up; cache trusted")
 
-    async def _serve(self, subscriber: AbstractConnection, tracker: AbstractConnection) -> None:
-        heartbeat = asyncio.create_task(self._heartbeat(tracker))
-        listen = asyncio.create_task(self._listen(subscriber))
+    async def _serve(self, pairs: list[tuple[AbstractConnection, AbstractConnection]]) -> None:
+        tasks = [asyncio.create_task(job) for n, (subscriber, tracker) in enumerate(pairs)
+                 for job in (self._listen(subscriber), self._heartbeat(tracker, n == 0 and self.target.cluster))]
         try:
-            done, _ = await asyncio.wait({heartbeat, listen}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 task.result()
             raise ConnectionError("invalidation channel closed")
         finally:
-            for task in (heartbeat, listen):
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(heartbeat, listen, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _listen(self, subscriber: AbstractConnection) -> None:
         while True:
@@ -107,8 +149,25 @@ class Invalidator:
             keys = message[2]
             self.cache.invalidate(None if keys is None else [k.decode() for k in keys])
 
-    async def _heartbeat(self, tracker: AbstractConnection) -> None:
-        # Tracking ends silently with its connection, so that connection is probed.
+    async def _heartbeat(self, tracker: AbstractConnection, topology: bool = False) -> None:
+        # Tracking ends silently with its connection, so that connection is probed; and
+        # (``topology``, one primary's) the cluster's primaries are compared with those tracked.
         while True:
             await asyncio.sleep(HEARTBEAT_S)
             await self._command(tracker, "PING")
+            if topology:
+                now = primaries_of(await self._command(tracker, "CLUSTER", "SLOTS"), self.primaries[0][0])
+                if now != self.primaries:
+                    raise ConnectionError(f"the cluster's primaries changed: {len(self.primaries)} tracked, "
+                                          f"{len(now)} now")
+
+
+def primaries_of(slots: object, asked: str) -> list[tuple[str, int]]:
+    """The primaries in a CLUSTER SLOTS answer (an empty host is the node asked)."""
+    if not isinstance(slots, list) or not slots:
+        raise ConnectionError("the cluster has no slots assigned")
+    found = set()
+    for entry in slots:
+        host, port = entry[2][0], entry[2][1]
+        found.add(((host.decode() if isinstance(host, bytes) else str(host)) or asked, int(port)))
+    return sorted(found)

@@ -1,6 +1,7 @@
 """Redis records: the lookups the Check path makes and the atomic writes of the admin API.
 
-Layout (``<p>`` is the configured prefix, ``extauthz:`` by default):
+Layout (``<p>`` is the configured prefix, ``extauthz:`` by default; in a Redis Cluster
+``{<p>}``, one hash slot for every record, index and the audit trail: records/keyspace.py):
 
 - ``<p>key:<sha256 hex of the key>``  JSON key record (the raw key is never stored)
 - ``<p>team:<team_id>``               JSON team record
@@ -27,11 +28,12 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, WatchError
+from redis.exceptions import AskError, MovedError, RedisError, WatchError
 
 from extauthz.telemetry import tracing
 from extauthz.records import audit
 from extauthz.records.connection import RedisTarget
+from extauthz.records.keyspace import Keyspace
 from extauthz.records.record import KeyRecord, TeamRecord, UserRecord, format_time, team_members
 from extauthz.usage.budgets import binding, spend_counters
 from extauthz.usage.limits import scope
@@ -80,38 +82,13 @@ Doc = dict[str, Any]
 Pipeline = aioredis.client.Pipeline
 
 
-class Keyspace:
-    """Where each record lives in Redis (see the README's schema section)."""
-
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
-
-    def key_id(self, token_hash: str) -> str:
-        return f"{self.prefix}key:{token_hash}"
-
-    def team_id(self, team_id: str) -> str:
-        return f"{self.prefix}team:{team_id}"
-
-    def alias_id(self, alias: str) -> str:
-        return f"{self.prefix}alias:{alias}"
-
-    def team_keys_id(self, team_id: str) -> str:
-        return f"{self.prefix}team_keys:{team_id}"
-
-    def user_id(self, user_id: str) -> str:
-        return f"{self.prefix}user:{user_id}"
-
-    def user_keys_id(self, user_id: str) -> str:
-        return f"{self.prefix}user_keys:{user_id}"
-
-
 class RedisReader(Keyspace):
     """The check path's reads: one GET per record, within the lookup timeout."""
 
     def __init__(self, url: str | RedisTarget, timeout_ms: int, prefix: str = "extauthz:") -> None:
-        super().__init__(prefix)
-        timeout = self.timeout = timeout_ms / 1000
         self.target = url if isinstance(url, RedisTarget) else RedisTarget(url)
+        super().__init__(prefix, self.target.cluster)
+        timeout = self.timeout = timeout_ms / 1000
         self.redis = self.client(timeout)
 
     def client(self, socket_timeout: float) -> aioredis.Redis:
@@ -130,8 +107,25 @@ class RedisReader(Keyspace):
         except (RedisError, OSError, asyncio.TimeoutError):
             return False
 
+    def node_client(self, host: str, port: int, socket_timeout: float) -> aioredis.Redis:
+        """A client of one node of a cluster (see ``client``)."""
+        return self.target.node_client(host, port, socket_timeout=socket_timeout, socket_connect_timeout=self.timeout,
+                                       retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
+
+    async def primaries(self) -> list[tuple[str, int]]:
+        """A cluster's primaries as the client's slot map has them now (read on first use)."""
+        cluster: Any = self.redis
+        await asyncio.wait_for(cluster.initialize(), self.timeout)
+        return sorted({(n.host, int(n.port)) for n in cluster.get_primaries()})
+
     async def primary(self) -> str | None:
-        """In sentinel mode, the primary the sentinels name now (host:port); else None."""
+        """In sentinel mode, the primary the sentinels name now (host:port); in cluster mode,
+        every primary (comma-separated); else None."""
+        if self.cluster:
+            try:
+                return ",".join(f"{h}:{p}" for h, p in await self.primaries())
+            except (RedisError, OSError, asyncio.TimeoutError):
+                return None
         pool = self.redis.connection_pool
         manager = getattr(pool, "sentinel_manager", None)
         if manager is None:
@@ -146,22 +140,39 @@ class RedisReader(Keyspace):
         """What in the server's own settings could lose records without a word: an eviction
         policy (an evicted key is a revoked key that reads as an unknown one, an evicted
         spend counter a budget lifted) and no persistence (a restart loses every key)."""
+        if not self.cluster:
+            return await self._safety_warnings(self.redis, "Redis")
         try:
-            policy = await asyncio.wait_for(self.redis.config_get("maxmemory-policy"), self.timeout)
-            persistence = await asyncio.wait_for(self.redis.config_get("save"), self.timeout)
-            persistence.update(await asyncio.wait_for(self.redis.config_get("appendonly"), self.timeout))
+            primaries = await self.primaries()
+        except (RedisError, OSError, asyncio.TimeoutError) as e:
+            return [f"could not read the Redis Cluster's nodes ({type(e).__name__}): make sure every primary's "
+                    "maxmemory-policy is noeviction and that it persists its data"]
+        found = []
+        for host, port in primaries:  # each primary holds a share of the counters, one of them the records
+            node = self.node_client(host, port, self.timeout)
+            try:
+                found.extend(await self._safety_warnings(node, f"Redis primary {host}:{port}"))
+            finally:
+                await node.aclose()
+        return found
+
+    async def _safety_warnings(self, redis: aioredis.Redis, server: str) -> list[str]:
+        try:
+            policy = await asyncio.wait_for(redis.config_get("maxmemory-policy"), self.timeout)
+            persistence = await asyncio.wait_for(redis.config_get("save"), self.timeout)
+            persistence.update(await asyncio.wait_for(redis.config_get("appendonly"), self.timeout))
         except (RedisError, OSError, asyncio.TimeoutError) as e:  # managed services often refuse CONFIG
-            return [f"could not read the Redis server's settings ({type(e).__name__}): make sure its "
+            return [f"could not read the settings of {server} ({type(e).__name__}): make sure its "
                     "maxmemory-policy is noeviction and that it persists its data"]
         found = []
         evicting = policy.get("maxmemory-policy", "noeviction")
         if evicting != "noeviction":
-            found.append(f"Redis maxmemory-policy is {evicting}: under memory pressure Redis may evict a key "
+            found.append(f"{server} maxmemory-policy is {evicting}: under memory pressure Redis may evict a key "
                          "record (the key then reads as unknown, not revoked) or a spend counter (its budget "
                          "lifted); set it to noeviction")
         if not persistence.get("save") and persistence.get("appendonly") != "yes":
-            found.append("Redis persists nothing (no save points, appendonly no): a Redis restart loses every key, "
-                         "team and spend counter; turn on AOF or RDB snapshots")
+            found.append(f"{server} persists nothing (no save points, appendonly no): a Redis restart loses every "
+                         "key, team and spend counter; turn on AOF or RDB snapshots")
         return found
 
     async def get(self, redis_key: str) -> bytes | None:
@@ -190,7 +201,7 @@ class RedisReader(Keyspace):
             return record
         counters = spend_counters(where, record.budget, None, time.time())
         try:
-            raws = await asyncio.wait_for(self.redis.mget([self.prefix + c.suffix for c in counters]), self.timeout)
+            raws = await asyncio.wait_for(self.redis.mget([self.counter(c.suffix) for c in counters]), self.timeout)
         except (RedisError, OSError, asyncio.TimeoutError) as e:
             raise StoreUnavailable(type(e).__name__) from None
         return record._replace(spent=tuple((c.suffix, _amount(raw)) for c, raw in zip(counters, raws)
@@ -245,12 +256,16 @@ class RedisWriter(Keyspace):
 
     def __init__(self, reader: RedisReader, audit_max_entries: int = 100_000,
                  note: audit.Note | None = None, wait_replicas: int = 0, wait_timeout_ms: int = 1000,
-                 client: aioredis.Redis | None = None) -> None:
-        super().__init__(reader.prefix)
+                 client: aioredis.Redis | None = None, client_timeout: float | None = None,
+                 node_clients: dict[tuple[str, int], aioredis.Redis] | None = None) -> None:
+        super().__init__(reader.counter_prefix, reader.cluster)
         self.reader = reader
         # Its own client where given: listings of a million keys take longer than a lookup's timeout.
         self.redis = client if client is not None else reader.redis
         self.timeout = reader.timeout
+        self.client_timeout = client_timeout if client_timeout is not None else reader.timeout
+        # Cluster: a client per primary that has held the records' slot, for transactions.
+        self.node_clients = node_clients if node_clients is not None else {}
         self.audit_max_entries = audit_max_entries
         self.note = note
         self.wait_replicas, self.wait_timeout_ms = wait_replicas, wait_timeout_ms
@@ -260,7 +275,28 @@ class RedisWriter(Keyspace):
     def by(self, note: audit.Note) -> "RedisWriter":
         """This writer, its writes made by ``note``'s actor through ``note``'s route."""
         return RedisWriter(self.reader, self.audit_max_entries, note, self.wait_replicas, self.wait_timeout_ms,
-                           self.redis)
+                           self.redis, self.client_timeout, self.node_clients)
+
+    async def close(self) -> None:
+        for client in self.node_clients.values():
+            await client.aclose()
+        self.node_clients.clear()
+
+    async def _transaction_client(self, refresh: bool = False) -> aioredis.Redis:
+        """Where a transaction runs: the Redis, or in a cluster the primary that holds the
+        records' slot now (WATCH/MULTI is one connection's: a cluster client cannot carry it).
+        ``refresh``: the slot map is read again first (the slot moved, or its primary failed)."""
+        if not self.cluster:
+            return self.redis
+        cluster: Any = self.redis
+        if refresh:
+            await cluster.nodes_manager.initialize()
+        await cluster.initialize()
+        node = cluster.get_node_from_key(self.audit_id)
+        address = (node.host, int(node.port))
+        if address not in self.node_clients:
+            self.node_clients[address] = self.reader.node_client(*address, self.client_timeout)
+        return self.node_clients[address]
 
     async def _wait_for_replicas(self) -> None:
         """How many replicas have this writer's last write (Redis WAIT). WAIT counts the writes
@@ -268,7 +304,7 @@ class RedisWriter(Keyspace):
         so a probe write, then WAIT, on one connection held here. Replication is one ordered
         stream: a replica that has the probe has the transaction. A failure to ask counts as
         none (the write itself is committed: it is not retried)."""
-        pool = self.redis.connection_pool
+        pool = (await self._transaction_client()).connection_pool
         connection = await pool.get_connection()
         try:
             await connection.send_command("INCR", f"{self.prefix}replication_probe")
@@ -372,36 +408,51 @@ class RedisWriter(Keyspace):
         """Run ``body`` under WATCH; it reads with the transaction, calls ``multi()`` and
         queues writes. A concurrent change to a watched key reruns it from the start. The
         audit entry of what it wrote is queued last, in the same MULTI."""
-        note = self.note
-        if note is None:  # a write nobody answers for is a bug: refused, nothing written
+        if self.note is None:  # a write nobody answers for is a bug: refused, nothing written
             raise RuntimeError("a record write without its audit note")
         try:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                for _ in range(TRANSACTION_ATTEMPTS):
-                    try:
-                        if watch:
-                            await pipe.watch(*watch)
-                        tx = Tx(pipe)
-                        if await self.redis.type(self.audit_id) not in (b"none", b"stream"):
-                            # XADD would fail inside EXEC while the record writes commit: refuse first.
-                            raise AuditUnwritable(f"{self.audit_id} is not a stream: no admin write can be recorded")
-                        result = await body(tx)
-                        found = audit.entry(note, tx.read_docs, tx.written, self.prefix, time.time())
-                        if found is not None:
-                            pipe.xadd(self.audit_id, {"entry": audit.encode(found)},
-                                      maxlen=self.audit_max_entries, approximate=True)
-                        await pipe.execute()
-                        if self.wait_replicas:
-                            await self._wait_for_replicas()
-                        if found is not None:
-                            audit.logged(found)
-                        return result
-                    except WatchError:
-                        continue
-                    finally:
-                        await pipe.reset()
+            try:
+                return await self._attempts(await self._transaction_client(), body, watch)
+            except (MovedError, AskError, RedisConnectionError):
+                if not self.cluster:
+                    raise
+                # The records' slot moved, or its primary failed over: once more where it is now.
+                # Nothing was committed: a redirection refuses the whole MULTI, and a connection
+                # lost during EXEC itself is answered 503 by _attempts, not retried.
+                return await self._attempts(await self._transaction_client(refresh=True), body, watch)
         except (RedisError, OSError) as e:
             raise StoreUnavailable(type(e).__name__) from None
+
+    async def _attempts(self, redis: aioredis.Redis, body: Callable[[Tx], Awaitable[Any]], watch: tuple[str, ...]) -> Any:
+        note = self.note
+        assert note is not None
+        async with redis.pipeline(transaction=True) as pipe:
+            for _ in range(TRANSACTION_ATTEMPTS):
+                try:
+                    if watch:
+                        await pipe.watch(*watch)
+                    tx = Tx(pipe)
+                    if await redis.type(self.audit_id) not in (b"none", b"stream"):
+                        # XADD would fail inside EXEC while the record writes commit: refuse first.
+                        raise AuditUnwritable(f"{self.audit_id} is not a stream: no admin write can be recorded")
+                    result = await body(tx)
+                    found = audit.entry(note, tx.read_docs, tx.written, self.prefix, time.time())
+                    if found is not None:
+                        pipe.xadd(self.audit_id, {"entry": audit.encode(found)},
+                                  maxlen=self.audit_max_entries, approximate=True)
+                    try:
+                        await pipe.execute()
+                    except RedisConnectionError:  # committed or not: nobody can tell, so no retry
+                        raise StoreUnavailable("ConnectionError during EXEC") from None
+                    if self.wait_replicas:
+                        await self._wait_for_replicas()
+                    if found is not None:
+                        audit.logged(found)
+                    return result
+                except WatchError:
+                    continue
+                finally:
+                    await pipe.reset()
         raise Conflict("too many concurrent changes to the same record; try again")
 
     async def _team_for(self, tx: Tx, team_id: str | None) -> Doc | None:

@@ -1,8 +1,10 @@
 """Usage counters shared by every replica, in Redis: one Lua script per admission, so a
 request is counted against all its limits at once or against none (a request refused by
-its team's limit does not use up its key's).
+its team's limit does not use up its key's). In a Redis Cluster, one script per scope's
+slot: a refusal on the second gives back what the first took (see RateCounters).
 
-Keys (``<p>`` the key prefix): ``<p>rpm:<scope>:<minute>`` and
+Keys (``<p>`` the key prefix; in a cluster the scope is the hash tag,
+``<p>rpm:{<scope>}:<minute>``: records/keyspace.py): ``<p>rpm:<scope>:<minute>`` and
 ``<p>rpm:<scope>:model:<model>:<minute>`` (``tpm:`` the same), where scope is
 ``key:<token hash>`` or ``team:<team_id>``, each expiring shortly after its minute;
 ``<p>inflight:<scope>`` (requests in flight); ``<p>spend:<scope>…`` (usage/budgets.py).
@@ -12,15 +14,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 from typing import NamedTuple, Sequence
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from extauthz.records.keyspace import Keyspace, scope_of
 from extauthz.records.store import StoreUnavailable
 from extauthz.usage.budgets import SpendCounter
 from extauthz.usage.limits import WINDOW_S, Counter, window_of
+
+log = logging.getLogger("extauthz.usage")
 
 SOFT, OVER = 1, 2  # what a settlement did to a spend counter
 
@@ -110,6 +116,32 @@ return cjson.encode(out)
 """
 
 
+# Cluster only: an admission refused on one slot gives back what the request took on the
+# slots before it (ADMIT is atomic per slot, not across them). KEYS: one slot's counters;
+# ARGV[1]: the usage id; then per counter what admitting took and its kind.
+GIVE_BACK = """
+for i = 1, #KEYS do
+  if ARGV[2 * i + 1] == 's' then
+    redis.call('ZREM', KEYS[i], ARGV[1])
+  else
+    local take = tonumber(ARGV[2 * i])
+    if take > 0 and redis.call('EXISTS', KEYS[i]) == 1 then redis.call('DECRBY', KEYS[i], take) end
+  end
+end
+return 0
+"""
+# Cluster only: the records a settlement found at or over a budget, rewritten in place
+# (same value, same TTL) so that every replica's cache reads the spend afresh. (Elsewhere
+# SETTLE does it itself; in a cluster the records are on their own slot.)
+TOUCH = """
+for i = 1, #KEYS do
+  local doc = redis.call('GET', KEYS[i])
+  if doc then redis.call('SET', KEYS[i], doc, 'KEEPTTL') end
+end
+return 0
+"""
+
+
 class Settlement(NamedTuple):
     """One finished request, as the settlement script takes it."""
 
@@ -122,6 +154,16 @@ class Settlement(NamedTuple):
     spend: Sequence[tuple[SpendCounter, tuple[str, ...]]] = ()
 
 
+class _Part(NamedTuple):
+    """What one settlement script call settles of one request: all of it, or in a cluster
+    what lies in one scope's slot (``spend_at``: where its spend counters are in the request's)."""
+
+    request: int
+    mark: str
+    item: Settlement
+    spend_at: tuple[int, ...]
+
+
 # A request in flight longer than this has ended: Envoy's route timeout (600 s) has cut
 # it. A lost report holds its place in a max_parallel_requests set no longer than that.
 INFLIGHT_MAX_S = 660
@@ -129,58 +171,147 @@ SETTLED_TTL_S = 900  # Envoy resends a report within seconds (a reconnect), neve
 
 
 class RateCounters:
-    def __init__(self, redis: aioredis.Redis, prefix: str, timeout_s: float) -> None:
-        self.prefix = prefix
+    """The counters' scripts. In a cluster each scope's counters share a slot
+    (records/keyspace.py): a request is admitted slot by slot (what it took on one is given
+    back when another refuses it) and settled slot by slot (each with its own settled mark)."""
+
+    def __init__(self, redis: aioredis.Redis, keyspace: Keyspace, timeout_s: float) -> None:
+        self.keyspace = keyspace
         self.timeout_s = timeout_s
         self.redis = redis
         self.script = redis.register_script(ADMIT)
         self.settle_script = redis.register_script(SETTLE)
+        self.give_back_script = redis.register_script(GIVE_BACK)
+        self.touch_script = redis.register_script(TOUCH)
 
     async def peek(self, counters: list[Counter], now: float) -> Counter | None:
         """The counter that would refuse a request now, taking nothing."""
         return await self.admit(counters, "", now)
 
+    def _by_slot(self, counters: list[Counter]) -> list[list[Counter]]:
+        if not self.keyspace.cluster:
+            return [counters] if counters else []
+        groups: dict[str | None, list[Counter]] = {}
+        for c in counters:
+            groups.setdefault(scope_of(c.suffix), []).append(c)
+        return list(groups.values())
+
     async def admit(self, counters: list[Counter], usage_id: str = "-", now: float = 0.0) -> Counter | None:
         """Take one of each counter, or none; the counter at its limit when refused."""
-        keys = [self.prefix + c.suffix for c in counters]
+        taken: list[Counter] = []
         try:
-            args = [WINDOW_S + 5, now, usage_id, now + INFLIGHT_MAX_S,
-                    *(n for c in counters for n in (c.limit, c.take, c.kind))]
-            over = await asyncio.wait_for(self.script(keys=keys, args=args), self.timeout_s)
+            for group in self._by_slot(counters):
+                keys = [self.keyspace.counter(c.suffix) for c in group]
+                args = [WINDOW_S + 5, now, usage_id, now + INFLIGHT_MAX_S,
+                        *(n for c in group for n in (c.limit, c.take, c.kind))]
+                over = await asyncio.wait_for(self.script(keys=keys, args=args), self.timeout_s)
+                if over:
+                    await self._give_back(taken, usage_id)
+                    return group[int(over) - 1]
+                taken.extend(group)
         except (RedisError, OSError, asyncio.TimeoutError) as e:
+            await self._give_back(taken, usage_id)
             raise StoreUnavailable(type(e).__name__) from None
-        return counters[int(over) - 1] if over else None
+        return None
+
+    async def _give_back(self, taken: list[Counter], usage_id: str) -> None:
+        """Best effort: a give-back lost leaves a window one request fuller than it is (it
+        refuses sooner, never later) until the minute ends, or a place in flight until
+        its deadline."""
+        if not taken or not usage_id:
+            return
+        for group in self._by_slot(taken):
+            try:
+                await asyncio.wait_for(self.give_back_script(
+                    keys=[self.keyspace.counter(c.suffix) for c in group],
+                    args=[usage_id, *(n for c in group for n in (c.take, c.kind))]), self.timeout_s)
+            except (RedisError, OSError, asyncio.TimeoutError) as e:
+                log.warning("redis: an admission refused on one slot could not give back what it took on "
+                            "another (%s)", type(e).__name__)
+
+    def _parts(self, batch: list[Settlement]) -> list[_Part]:
+        """The batch as script calls take it: whole requests, or in a cluster each request's
+        share in each scope's slot (its record rewrites left to ``_touch``)."""
+        if not self.keyspace.cluster:
+            return [_Part(r, self.keyspace.settled_mark(item.usage_id, None), item, tuple(range(len(item.spend))))
+                    for r, item in enumerate(batch)]
+        parts = []
+        for r, item in enumerate(batch):
+            scopes: dict[str | None, None] = dict.fromkeys(scope_of(n) for n in (*item.counters, *item.inflight))
+            scopes.update(dict.fromkeys(scope_of(c.suffix) for c, _ in item.spend))
+            for where in scopes or [None]:
+                at = tuple(j for j, (c, _) in enumerate(item.spend) if scope_of(c.suffix) == where)
+                parts.append(_Part(r, self.keyspace.settled_mark(item.usage_id, where), item._replace(
+                    counters=[n for n in item.counters if scope_of(n) == where],
+                    inflight=[n for n in item.inflight if scope_of(n) == where],
+                    spend=[(item.spend[j][0], ()) for j in at]), at))
+        return parts
 
     async def settle(self, batch: list[Settlement]) -> list[list[int] | None]:
-        """Settle finished requests (one script call for the batch): per request None when
-        it was settled before, else a flag per spend counter (SOFT, OVER or 0)."""
+        """Settle finished requests (one script call for the batch, one per slot in a
+        cluster): per request None when it was settled before, else a flag per spend
+        counter (SOFT, OVER or 0)."""
         if not batch:
             return []
+        parts = self._parts(batch)
+        groups: dict[str | None, list[_Part]] = {}
+        for part in parts:
+            groups.setdefault(scope_of(part.mark) if self.keyspace.cluster else None, []).append(part)
+        try:
+            answers = await asyncio.gather(*(self._settle(group) for group in groups.values()))
+        except (RedisError, OSError, asyncio.TimeoutError) as e:
+            raise StoreUnavailable(type(e).__name__) from None
+        results: list[list[int] | None] = [None] * len(batch)
+        for group, answer in zip(groups.values(), answers):
+            for part, flags in zip(group, answer):
+                if flags is None:
+                    continue
+                merged = results[part.request]
+                if merged is None:  # (unpriced: no flag at all, as the script answers)
+                    item = batch[part.request]
+                    merged = results[part.request] = [0] * len(item.spend) if item.cost is not None else []
+                for j, flag in zip(part.spend_at, flags):
+                    merged[j] = flag
+        if self.keyspace.cluster:
+            await self._touch(batch, results)
+        return results
+
+    async def _settle(self, parts: list[_Part]) -> list[list[int] | None]:
         keys: dict[str, int] = {}
 
         def index(name: str) -> int:
             return keys.setdefault(name, len(keys) + 1)
 
-        p = self.prefix
+        counter = self.keyspace.counter
         requests = []
-        for item in batch:
-            request: dict = {"u": item.usage_id, "m": index(f"{p}settled:{item.usage_id}"), "t": item.tokens,
-                             "c": [index(p + c) for c in item.counters], "i": [index(p + c) for c in item.inflight],
-                             "s": []}
+        for part in parts:
+            item = part.item
+            request: dict = {"u": item.usage_id, "m": index(counter(part.mark)), "t": item.tokens,
+                             "c": [index(counter(c)) for c in item.counters],
+                             "i": [index(counter(c)) for c in item.inflight], "s": []}
             if item.cost is not None:
                 request["x"] = repr(item.cost)
-                request["s"] = [[index(p + c.suffix), int(math.ceil(c.expires_at)) if c.expires_at else 0,
+                request["s"] = [[index(counter(c.suffix)), int(math.ceil(c.expires_at)) if c.expires_at else 0,
                                  c.max if c.max is not None else -1, c.soft if c.soft is not None else -1,
                                  *(index(r) for r in records)] for c, records in item.spend]
             requests.append(request)
-        try:
-            raw = await asyncio.wait_for(self.settle_script(
-                keys=list(keys), args=[json.dumps(requests, separators=(",", ":")), SETTLED_TTL_S, WINDOW_S + 5]),
-                self.timeout_s)
-        except (RedisError, OSError, asyncio.TimeoutError) as e:
-            raise StoreUnavailable(type(e).__name__) from None
+        raw = await asyncio.wait_for(self.settle_script(
+            keys=list(keys), args=[json.dumps(requests, separators=(",", ":")), SETTLED_TTL_S, WINDOW_S + 5]),
+            self.timeout_s)
         # cjson writes an empty list as {}.
         return [None if r == 0 else (list(r) if isinstance(r, list) else []) for r in json.loads(raw)]
+
+    async def _touch(self, batch: list[Settlement], results: list[list[int] | None]) -> None:
+        """Cluster: rewrite the records of the budgets this batch found reached. A rewrite
+        lost is made by the next settlement of that key or team (every one at or over its
+        budget flags it again)."""
+        records = {r: None for item, flags in zip(batch, results) if flags
+                   for (_, names), flag in zip(item.spend, flags) if flag == OVER for r in names}
+        if records:
+            try:
+                await asyncio.wait_for(self.touch_script(keys=list(records), args=[]), self.timeout_s)
+            except (RedisError, OSError, asyncio.TimeoutError) as e:
+                raise StoreUnavailable(type(e).__name__) from None
 
     async def release(self, usage_id: str, inflight: list[str]) -> None:
         """A call has ended: it leaves its in-flight sets (its tokens come with its report)."""
@@ -189,7 +320,7 @@ class RateCounters:
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for name in inflight:
-                    pipe.zrem(self.prefix + name, usage_id)
+                    pipe.zrem(self.keyspace.counter(name), usage_id)
                 await asyncio.wait_for(pipe.execute(), self.timeout_s)
         except (RedisError, OSError, asyncio.TimeoutError) as e:
             raise StoreUnavailable(type(e).__name__) from None
@@ -199,9 +330,9 @@ class RateCounters:
         if not scopes:
             return []
         window = window_of(now)
-        names = [f"{self.prefix}{kind}:{s}:{window}" for s in scopes for kind in ("rpm", "tpm")]
+        names = [f"{kind}:{s}:{window}" for s in scopes for kind in ("rpm", "tpm")]
         try:
-            raws = await asyncio.wait_for(self.redis.mget(names), self.timeout_s)
+            raws = await asyncio.wait_for(self._mget(names), self.timeout_s)
         except (RedisError, OSError, asyncio.TimeoutError) as e:
             raise StoreUnavailable(type(e).__name__) from None
         values = [int(r) if r is not None else 0 for r in raws]
@@ -212,7 +343,14 @@ class RateCounters:
         if not names:
             return []
         try:
-            raws = await asyncio.wait_for(self.redis.mget([self.prefix + n for n in names]), self.timeout_s)
+            raws = await asyncio.wait_for(self._mget(names), self.timeout_s)
         except (RedisError, OSError, asyncio.TimeoutError) as e:
             raise StoreUnavailable(type(e).__name__) from None
         return [round(float(r), 10) if r is not None else 0.0 for r in raws]
+
+    async def _mget(self, suffixes: list[str]) -> list[bytes | None]:
+        """Counters of several scopes, in order (in a cluster, one MGET per slot)."""
+        names = [self.keyspace.counter(n) for n in suffixes]
+        if self.keyspace.cluster:
+            return await self.redis.mget_nonatomic(names)  # type: ignore[attr-defined]
+        return await self.redis.mget(names)
