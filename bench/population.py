@@ -86,8 +86,10 @@ def team_doc(t: int) -> dict[str, Any]:
             "created_at": "2025-01-01T00:00:00+00:00", "updated_at": "2025-01-01T00:00:00+00:00"}
 
 
-def populate(r: redis.Redis, keys: int = N_KEYS) -> float:
+def populate(r: redis.Redis, keys: int = N_KEYS, prefix: str = PREFIX) -> float:
+    """``prefix``: where records live (``{extauthz:}`` in a cluster: records/keyspace.py)."""
     started = time.monotonic()
+    PREFIX = prefix  # noqa: N806
     dump = lambda doc: json.dumps(doc, separators=(",", ":"))  # noqa: E731
     pipe = r.pipeline(transaction=False)
     for t in range(N_TEAMS):
@@ -104,7 +106,7 @@ def populate(r: redis.Redis, keys: int = N_KEYS) -> float:
             if doc["team_id"]:
                 pipe.sadd(f"{PREFIX}team_keys:{doc['team_id']}", doc["token"])
         pipe.execute()
-    got = r.dbsize()
+    got = r.dbsize()  # (a cluster client sums its primaries')
     if got < keys + N_TEAMS:
         raise RuntimeError(f"redis holds {got} keys after populating")
     return time.monotonic() - started

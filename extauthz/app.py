@@ -223,7 +223,8 @@ class App:
         if metrics_socket is not None:
             await self.serve_http(metrics_app(), metrics_socket)
         counters = lambda: {**self.cache.stats(), "reconnects": self.invalidator.reconnects}  # noqa: E731
-        self.tasks.append(asyncio.create_task(metrics.sync_forever(counters, self.service.metrics.flush),
+        self.tasks.append(asyncio.create_task(metrics.sync_forever(counters, self.service.metrics.flush,
+                                                                   lambda: self.invalidator.tracked),
                                               name="metrics sync"))
         self.tasks.append(asyncio.create_task(flush_forever(self.service.decision_log), name="decision log"))
         self.tasks.append(asyncio.create_task(self.check_redis_safety(), name="redis safety"))

@@ -22,6 +22,7 @@ def cli(port: int, *args: str) -> str:
 @dataclass
 class Node:
     port: int
+    bus: int  # the cluster bus port (CLUSTER MEET names it)
     proc: Proc
 
 
@@ -48,7 +49,7 @@ class Cluster:
                 if "Address already in use" in proc.log_text():
                     continue
                 raise
-            node = Node(port, proc)
+            node = Node(port, bus, proc)
             self.nodes.append(node)
             return node
         raise RuntimeError("no free ports for a cluster node after 5 tries")

@@ -19,7 +19,7 @@ from typing import Iterator
 import pytest
 
 from tests.harness import Proc, Sidecar, free_port, start_sidecar, wait_until
-from tests.test_redis_connection import ROOT, admin, checked
+from tests.test_redis_connection import ROOT, admin, checked, metric_value
 
 MASTER = "mymaster"
 
@@ -131,6 +131,10 @@ def test_a_failover_allows_nothing_the_state_forbids(workdir: Path, config_path:
         print(f"promotion {promoted - killed:.1f} s after the kill; service {back - promoted:.1f} s after it")
         assert admin(side, "/health/readiness", method="GET").json()["redis_primary"] == \
             f"127.0.0.1:{cell.replica_port}"
+        # The metric names the primary tracked now, and no longer the old one.
+        wait_until(lambda: f'address="127.0.0.1:{cell.replica_port}"}} 1.0' in metric_value(
+            side, "extauthz_redis_primary"), what="the metric naming the new primary")
+        assert f'address="127.0.0.1:{cell.primary_port}"}} 0.0' in metric_value(side, "extauthz_redis_primary")
         # The new primary takes writes, and its changes reach the cache.
         assert admin(side, "/key/block", {"key": allowed}).status == 200
         wait_until(lambda: checked(side, allowed) == (403, "key_blocked"), what="a block after the failover")

@@ -175,6 +175,10 @@ def target(settings: Any) -> RedisTarget:
             raise UnusableTarget("redis_mode cluster needs a redis:// or rediss:// redis_url naming one of its nodes")
         if parts.path.strip("/") not in ("", "0"):
             raise UnusableTarget("a Redis Cluster has only database 0: drop the database from redis_url")
+        prefix = getattr(settings, "key_prefix", "")
+        if "{" in prefix or "}" in prefix:
+            raise UnusableTarget(f"key_prefix {prefix!r} holds a brace: in a Redis Cluster it would decide the hash "
+                                 "slot of every key; choose one without { and }")
         seeds = tuple(dict.fromkeys([(parts.hostname, parts.port or 6379),
                                      *(_host_port(s, "redis_cluster_nodes") for s in settings.redis_cluster_nodes)]))
     elif settings.redis_cluster_nodes:

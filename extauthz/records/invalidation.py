@@ -29,7 +29,9 @@ log = logging.getLogger("extauthz.invalidation")
 
 CHANNEL = "__redis__:invalidate"
 HEARTBEAT_S = 1.0
-BACKOFF_MIN_S, BACKOFF_MAX_S = 0.05, 5.0
+# Reconnects back off to one a second: a failover's new primary is tracked (and the cache
+# trusted) within a second of its promotion, at one connection attempt a second per sidecar.
+BACKOFF_MIN_S, BACKOFF_MAX_S = 0.05, 1.0
 
 
 class Invalidator:
@@ -43,6 +45,7 @@ class Invalidator:
         self.pool = target.pool(socket_connect_timeout=timeout_s, socket_timeout=None, protocol=2)
         self.node_pools: dict[tuple[str, int], ConnectionPool] = {}  # cluster: per node
         self.primaries: list[tuple[str, int]] = []                  # cluster: those tracked now
+        self.tracked: list[str] = []  # where the channel is up now (host:port), for the metric
         self.prefixes = prefixes
         self.cache = cache
         self.timeout_s = timeout_s
@@ -97,6 +100,7 @@ class Invalidator:
                     pairs.append((pool.make_connection(), pool.make_connection()))
                     await self._open(*pairs[-1])
                 self.cache.mark_trusted()
+                self.tracked = [_address(tracker) for _, tracker in pairs]
                 log.info("invalidation channel up%s; cache trusted",
                          f" on {len(pairs)} primaries" if self.target.cluster else "")
                 backoff = BACKOFF_MIN_S
@@ -109,6 +113,7 @@ class Invalidator:
                                 type(e).__name__, e)
             finally:
                 self.cache.distrust()
+                self.tracked = []
                 for pair in pairs:
                     for conn in pair:
                         await conn.disconnect()
@@ -160,6 +165,11 @@ class Invalidator:
                 if now != self.primaries:
                     raise ConnectionError(f"the cluster's primaries changed: {len(self.primaries)} tracked, "
                                           f"{len(now)} now")
+
+
+def _address(conn: AbstractConnection) -> str:
+    host, port = getattr(conn, "host", None), getattr(conn, "port", None)
+    return f"{host}:{port}" if host else str(getattr(conn, "path", "") or "?")
 
 
 def primaries_of(slots: object, asked: str) -> list[tuple[str, int]]:

@@ -112,10 +112,13 @@ class RedisReader(Keyspace):
         return self.target.node_client(host, port, socket_timeout=socket_timeout, socket_connect_timeout=self.timeout,
                                        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
 
-    async def primaries(self) -> list[tuple[str, int]]:
-        """A cluster's primaries as the client's slot map has them now (read on first use)."""
+    async def primaries(self, refresh: bool = False) -> list[tuple[str, int]]:
+        """A cluster's primaries as the client's slot map has them (``refresh``: read again
+        from the cluster first; else the map redirections and failures have kept current)."""
         cluster: Any = self.redis
         await asyncio.wait_for(cluster.initialize(), self.timeout)
+        if refresh:
+            await asyncio.wait_for(cluster.nodes_manager.initialize(), self.timeout)
         return sorted({(n.host, int(n.port)) for n in cluster.get_primaries()})
 
     async def primary(self) -> str | None:
@@ -123,7 +126,7 @@ class RedisReader(Keyspace):
         every primary (comma-separated); else None."""
         if self.cluster:
             try:
-                return ",".join(f"{h}:{p}" for h, p in await self.primaries())
+                return ",".join(f"{h}:{p}" for h, p in await self.primaries(refresh=True))
             except (RedisError, OSError, asyncio.TimeoutError):
                 return None
         pool = self.redis.connection_pool

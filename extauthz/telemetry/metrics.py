@@ -37,6 +37,9 @@ REDIS_TRACKING = Gauge("extauthz_redis_tracking", "1 while invalidation tracking
                        "cache trusted, else 0 (lookups then go to Redis)", multiprocess_mode="min")
 REDIS_TARGET = Gauge("extauthz_redis_target", "The Redis the sidecar uses (always 1): its mode and endpoint",
                      ["mode", "endpoint"], multiprocess_mode="max")
+REDIS_PRIMARY = Gauge("extauthz_redis_primary", "1 for each Redis primary the invalidation channel tracks now "
+                      "(a cluster's every primary, sentinel's current one); 0 for one it tracked before",
+                      ["address"], multiprocess_mode="max")
 REDIS_UNSAFE = Gauge("extauthz_redis_unsafe_settings", "Settings of the Redis server that can lose records "
                      "(eviction, no persistence), as found at start-up", multiprocess_mode="max")
 CONFIG_RELOADS = Counter("extauthz_config_reloads_total", "Config reloads", ["result"])  # ok, failed
@@ -125,19 +128,26 @@ class CheckMetrics:
                     histogram._buckets[i].inc(n)
 
 
-async def sync_forever(read: Callable[[], dict[str, int]], flush: Callable[[], None]) -> None:
+async def sync_forever(read: Callable[[], dict[str, int]], flush: Callable[[], None],
+                       primaries: Callable[[], list[str]] = list) -> None:
     """Copy counters kept as plain integers (``read`` gives their current totals) into
-    Prometheus counters, as deltas, once a second; ``flush`` does the same for others."""
+    Prometheus counters, as deltas, once a second; ``flush`` does the same for others;
+    ``primaries``: the Redis primaries tracked now."""
     targets = {
         "hits": CACHE_EVENTS.labels("hit"), "misses": CACHE_EVENTS.labels("miss"),
         "evictions": CACHE_EVENTS.labels("eviction"), "invalidations": CACHE_EVENTS.labels("invalidation"),
         "stale_served": STALE_DECISIONS, "redis_errors": REDIS_ERRORS, "reconnects": REDIS_RECONNECTS,
     }
     seen: dict[str, int] = {}
+    addresses: set[str] = set()
     while True:
         flush()
         current = read()
         REDIS_TRACKING.set(1 if current.get("trusted") else 0)
+        tracked = set(primaries())
+        addresses |= tracked
+        for address in addresses:  # (a label is set to 0, not removed: workers share the values)
+            REDIS_PRIMARY.labels(address).set(1 if address in tracked else 0)
         for name, target in targets.items():
             delta = current.get(name, 0) - seen.get(name, 0)
             if delta > 0:
