@@ -212,7 +212,9 @@ class App:
         await self.grpc.start()
         stats = lambda: {"cache": self.cache.stats(), "config": self.runtime.stats(),  # noqa: E731
                          "redis_mode": self.redis.mode, "redis_endpoint": self.redis.endpoint,
-                         "redis_tracking": self.cache.trusted, "redis_warnings": self.redis_warnings}
+                         "redis_tracking": self.cache.trusted, "redis_warnings": self.redis_warnings,
+                         # a cluster's primaries: those the invalidation channel tracks (checked each second)
+                         **({"redis_primary": ",".join(self.invalidator.tracked)} if self.redis.cluster else {})}
         admin_redis = self.store.client(ADMIN_REDIS_TIMEOUT_S)
         self.closers.append(admin_redis.aclose)
         writer = RedisWriter(self.store, s.audit_max_entries, None, s.redis_wait_replicas, s.redis_wait_timeout_ms,

@@ -69,8 +69,9 @@ def test_scope_and_tag_of_a_counter_suffix() -> None:
 
 
 def test_a_prefix_with_a_brace_is_refused_in_a_cluster() -> None:
-    with pytest.raises(ValueError, match="brace"):
-        Keyspace("{tenant}:", cluster=True)
+    for prefix in ("{tenant}:", ""):  # (an empty tag {} is no tag: records would spread over slots)
+        with pytest.raises(ValueError, match="empty or holds a brace"):
+            Keyspace(prefix, cluster=True)
     assert Keyspace("{tenant}:").key_id("h") == "{tenant}:key:h"  # standalone: no slots to decide
 
 
@@ -113,10 +114,16 @@ def test_cluster_settings_that_cannot_work_are_refused() -> None:
     assert found.describe().startswith("cluster via 10.0.0.1:7000,10.0.0.2:7000")
     for given, why in (({"redis_url": "unix:///r.sock"}, "redis:// or rediss://"),
                        ({"redis_url": "redis://r:7000/2"}, "only database 0"),
-                       ({"redis_cluster_nodes": ("r",)}, "not host:port"),
-                       ({"key_prefix": "a{b}:"}, "brace")):
+                       ({"redis_cluster_nodes": ("r",)}, r"not host:port \("),
+                       ({"key_prefix": "a{b}:"}, "brace"),
+                       ({"key_prefix": ""}, "empty")):
         with pytest.raises(UnusableTarget, match=why):
             target(settings(**{"redis_url": "redis://r:7000", "redis_mode": "cluster", **given}))
+    # A seed given as a URL with a password, by mistake: refused, and not repeated.
+    with pytest.raises(UnusableTarget) as refused:
+        target(settings(redis_url="redis://r:7000", redis_mode="cluster",
+                        redis_cluster_nodes=("redis://:s3cret@node1:7000",)))
+    assert "s3cret" not in str(refused.value)
     with pytest.raises(UnusableTarget, match="redis_mode is not cluster"):
         target(settings(redis_cluster_nodes=("r:7000",)))
 

@@ -10,17 +10,23 @@ or 503, never an allow the state forbids), a new primary and a moved slot tracke
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 import redis
+import redis.asyncio as aioredis
 
+from extauthz.records.keyspace import Keyspace
+from extauthz.usage.budgets import SpendCounter
+from extauthz.usage.counters import OVER, RateCounters, Settlement
+from extauthz.usage.limits import scope
 from tests.conftest import Gateway
 from tests.harness import MASTER_KEY, http, start_sidecar, start_stack, wait_until
 from tests.redis_cluster import Cluster, cli
@@ -162,6 +168,66 @@ def test_spend_is_settled_and_a_budget_enforced_through_envoy(
         stack.stop()
 
 
+def test_an_acl_user_limited_to_the_prefixes_serves_and_invalidates(
+        workdir: Path, config_path: Path, cluster: Cluster) -> None:
+    """The ACL the README gives for a cluster: the counters' prefix and the records' tagged one."""
+    password = "cluster-acl-pa55word"
+    for node in cluster.nodes:
+        assert cli(node.port, "ACL", "SETUSER", "extauthz-cluster", "on", f">{password}", "~extauthz:*",
+                   "~{extauthz:}*", "&__redis__:invalidate", "+@all") == "OK"
+    env = {**cluster_env(cluster), "EXTAUTHZ_REDIS_USERNAME": "extauthz-cluster", "EXTAUTHZ_REDIS_PASSWORD": password}
+    pair = tuple(Replica(start_sidecar(workdir, config_path, cluster.seed, env)) for _ in range(2))
+    try:
+        a, b = pair
+        for replica in pair:
+            wait_until(lambda: readiness(replica)["redis_tracking"], what="tracking as the ACL user")
+        team = a.admin("/team/new", {"models": ["gpt-4"], "rpm_limit": 100})["team_id"]
+        key = a.admin("/key/generate", {"team_id": team, "rpm_limit": 100})
+        assert b.check(key["key"]) == "allow"
+        a.admin("/key/block", {"key": key["key"]})
+        wait_until(lambda: b.check(key["key"]) == "key_blocked", timeout=REVOCATION_BOUND_MS / 1000)
+        for replica in pair:
+            assert password not in replica.sidecar.proc.log_text()
+    finally:
+        stop_pair(pair)  # type: ignore[arg-type]
+
+
+def test_a_batch_of_reports_settles_each_once_whatever_its_slots(cluster: Cluster) -> None:
+    """Reports without a scope (no usage, a JWT caller without a team) each get a mark of
+    their own slot; a budget reached is told to the caches by rewriting its record."""
+    async def run() -> None:
+        client = aioredis.RedisCluster(host="127.0.0.1", port=cluster.nodes[0].port)
+        counters = RateCounters(client, Keyspace("extauthz:", cluster=True), 2.0)
+        record = f"{RECORDS}key:settle-test"
+        await client.set(record, '{"token": "settle-test"}', ex=1000)
+        ks, ts = scope("key", "settle-test"), scope("team", "settle-team")
+        spend = [(SpendCounter(f"spend:{ks}", 0.1, None, None, None), (record,)),
+                 (SpendCounter(f"spend:{ts}", 5.0, None, None, None), (f"{RECORDS}team:settle-team",))]
+        batch = [Settlement("bare-1", 0, [], [], None), Settlement("bare-2", 0, [], [], None),
+                 Settlement("priced", 10, [f"tpm:{ks}:1", f"tpm:{ts}:1"], [], 0.25, spend)]
+        assert await counters.settle(batch) == [[], [], [OVER, 0]]
+        assert await counters.settle(batch) == [None, None, None]  # Envoy resending the same reports
+        assert float(await client.get(f"extauthz:spend:{{{ks}}}")) == pytest.approx(0.25)
+        assert float(await client.get(f"extauthz:spend:{{{ts}}}")) == pytest.approx(0.25)
+        assert int(await client.get(f"extauthz:tpm:{{{ts}}}:1")) == 10
+        assert 900 < await client.ttl(record) <= 1000  # rewritten in place, its TTL kept
+        await client.aclose()
+    asyncio.run(run())
+
+
+def test_no_cluster_to_reach_is_a_503_not_an_error(workdir: Path, config_path: Path) -> None:
+    env = {"EXTAUTHZ_REDIS_MODE": "cluster", "EXTAUTHZ_REDIS_CLUSTER_NODES": "127.0.0.1:2"}
+    side = start_sidecar(workdir, config_path, "redis://127.0.0.1:1", env)
+    try:
+        assert Replica(side).check("sk-any-key") == "authz_unavailable"
+        assert http("GET", side.admin + "/health/readiness").status == 503
+        r = http("POST", side.admin + "/key/generate", {}, {"Authorization": f"Bearer {MASTER_KEY}"})
+        assert r.status == 503 and r.json()["error"]["code"] == "store_unavailable"
+        assert "Traceback" not in side.proc.log_text()
+    finally:
+        side.proc.stop()
+
+
 # -- failover and topology changes -----------------------------------------------------------
 
 class Load:
@@ -244,11 +310,13 @@ def test_a_primary_killed_under_load_never_lets_a_blocked_key_through(
         cluster.stop()
 
 
-def move_slot(cluster: Cluster, slot: int, source: int, target: int) -> None:
-    """Move one slot and its keys from primary ``source`` to ``target``, as redis-cli's reshard does."""
+def move_slot(cluster: Cluster, slot: int, source: int, target: int, meanwhile: Callable[[], object] = list) -> None:
+    """Move one slot and its keys from primary ``source`` to ``target``, as redis-cli's reshard
+    does (``meanwhile``: called while the slot is migrating)."""
     source_id, target_id = cli(source, "CLUSTER", "MYID"), cli(target, "CLUSTER", "MYID")
     assert cli(target, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", source_id) == "OK"
     assert cli(source, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", target_id) == "OK"
+    meanwhile()
     while True:
         names = cli(source, "CLUSTER", "GETKEYSINSLOT", str(slot), "100").split()
         if not names:
@@ -272,9 +340,17 @@ def test_a_new_primary_and_a_moved_records_slot_are_tracked(workdir: Path, confi
         wait_until(lambda: joined.port in cluster.primaries() or "master" in cli(joined.port, "ROLE"),
                    what="the new node in the cluster")
         slot = int(cli(joined.port, "CLUSTER", "KEYSLOT", RECORDS))
-        wait_until(lambda: len(cli(joined.port, "CLUSTER", "NODES").splitlines()) == 4 and cluster.healthy(),
-                   what="the new node knowing the cluster's slots")
-        move_slot(cluster, slot, cluster.owner(RECORDS), joined.port)
+        joined_id = cli(joined.port, "CLUSTER", "MYID")
+        wait_until(lambda: len(cli(joined.port, "CLUSTER", "NODES").splitlines()) == 4 and cluster.healthy()
+                   and all(joined_id in cli(port, "CLUSTER", "NODES") for port in cluster.primaries()),
+                   what="the new node and the others knowing each other")
+        def untrusted_while_migrating() -> None:
+            # Writes to the slot land on either primary (ASK) for as long as it migrates: no
+            # cache is trusted until it is over.
+            for replica in pair:
+                wait_until(lambda: not readiness(replica)["redis_tracking"], what="the cache distrusted")
+
+        move_slot(cluster, slot, cluster.owner(RECORDS), joined.port, untrusted_while_migrating)
         wait_until(lambda: cluster.owner(RECORDS) == joined.port, what="the records' slot on the new primary")
         # Both replicas notice a fourth primary, track it, and trust their caches again.
         for n, replica in enumerate(pair):
@@ -307,7 +383,7 @@ def test_cluster_settings_that_cannot_work_stop_the_start(config_path: Path) -> 
             ("unix:///tmp/redis.sock", {}, "redis:// or rediss://"),
             ("redis://127.0.0.1:7000/3", {}, "only database 0"),
             ("redis://127.0.0.1:7000/0", {"EXTAUTHZ_KEY_PREFIX": "{team}:"}, "holds a brace"),
-            ("redis://127.0.0.1:7000/0", {"EXTAUTHZ_REDIS_CLUSTER_NODES": "127.0.0.1"}, "is not host:port")):
+            ("redis://127.0.0.1:7000/0", {"EXTAUTHZ_REDIS_CLUSTER_NODES": "127.0.0.1"}, "is not host:port (")):
         env = {"EXTAUTHZ_REDIS_URL": url, "EXTAUTHZ_REDIS_MODE": "cluster", "PATH": "/usr/bin:/bin", **env}
         checked = subprocess.run([sys.executable, "-m", "extauthz", "check-config", "--config", str(config_path)],
                                  capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)

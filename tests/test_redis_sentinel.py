@@ -111,6 +111,8 @@ def test_a_failover_allows_nothing_the_state_forbids(workdir: Path, config_path:
                         answers[name].append((0, type(e).__name__))
                 time.sleep(0.005)
 
+        wait_until(lambda: f'address="127.0.0.1:{cell.primary_port}"}} 1.0' in metric_value(
+            side, "extauthz_redis_primary"), what="the metric naming the primary")
         thread = threading.Thread(target=load)
         thread.start()
         try:

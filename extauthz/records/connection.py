@@ -16,6 +16,7 @@ target for logs and ``check-config``; no password is ever in it.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
@@ -175,7 +176,10 @@ def target(settings: Any) -> RedisTarget:
             raise UnusableTarget("redis_mode cluster needs a redis:// or rediss:// redis_url naming one of its nodes")
         if parts.path.strip("/") not in ("", "0"):
             raise UnusableTarget("a Redis Cluster has only database 0: drop the database from redis_url")
-        prefix = getattr(settings, "key_prefix", "")
+        prefix = getattr(settings, "key_prefix", "extauthz:")
+        if not prefix:
+            raise UnusableTarget("key_prefix is empty: in a Redis Cluster the records' hash tag is the prefix; "
+                                 "keep extauthz: or choose another")
         if "{" in prefix or "}" in prefix:
             raise UnusableTarget(f"key_prefix {prefix!r} holds a brace: in a Redis Cluster it would decide the hash "
                                  "slot of every key; choose one without { and }")
@@ -216,10 +220,15 @@ def _url(parts: SplitResult) -> str:
     return urlunsplit(parts)
 
 
+HOST = re.compile(r"[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\]")
+
+
 def _host_port(text: str, setting: str = "redis_sentinels") -> tuple[str, int]:
     host, _, port = text.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UnusableTarget(f"{setting}: {text!r} is not host:port")
+    if not HOST.fullmatch(host) or not port.isdigit() or not 0 < int(port) < 65536:
+        # (not echoed: a URL with a password given by mistake would be logged)
+        raise UnusableTarget(f"{setting}: an entry is not host:port (a name or address and a port, no scheme, "
+                             "user or password)")
     return host.strip("[]"), int(port)
 
 

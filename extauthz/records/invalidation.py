@@ -8,11 +8,13 @@ as long as the second connection, so both are watched; when either fails the cac
 flushed and distrusted until tracking is on again.
 
 In a Redis Cluster each primary reports only the changes it makes, so there is a pair on
-every primary, and the cache is trusted only while every pair is up. The heartbeat also
-reads the slot map: a primary added, removed or promoted (a failover) ends the channel,
-which opens again on the primaries as they are now (until then the cache is not trusted).
-A slot that moves between primaries already tracked is covered: the primary it moves to
-reports the keys written there.
+every primary (every node that calls itself a primary, with slots or not yet), and the
+cache is trusted only while every pair is up and every tracked primary sees the same
+primaries and moves no slot. Each heartbeat asks every tracked primary (CLUSTER NODES): a
+primary added, removed, promoted or demoted, a node that sees the cluster otherwise (a
+partition), or a slot being migrated (its keys are written on two primaries, by ASK
+redirections, for as long as it lasts) ends the channel; it opens again once the view is
+one and settled, and until then lookups read Redis.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from extauthz.records.connection import RedisTarget
 log = logging.getLogger("extauthz.invalidation")
 
 CHANNEL = "__redis__:invalidate"
+SLOTS = 16384  # a Redis Cluster's hash slots
 HEARTBEAT_S = 1.0
 # Reconnects back off to one a second: a failover's new primary is tracked (and the cache
 # trusted) within a second of its promotion, at one connection attempt a second per sidecar.
@@ -71,18 +74,29 @@ class Invalidator:
         return [self._node_pool(a) for a in self.primaries]
 
     async def _cluster_primaries(self) -> list[tuple[str, int]]:
-        """The primaries of the cluster's slot map, asked of the primaries last seen, then the seeds."""
+        """The cluster's primaries, asked of the primaries last seen, then the seeds (every
+        tracked primary is asked again before the cache is trusted: ``_settled``)."""
         failure: Exception = ConnectionError("no cluster node answered")
         for address in dict.fromkeys([*self.primaries, *self.target.cluster_nodes]):
             conn = self._node_pool(address).make_connection()
             try:
                 await asyncio.wait_for(conn.connect(), self.timeout_s)
-                return primaries_of(await self._command(conn, "CLUSTER", "SLOTS"), address[0])
+                return primaries_of(await self._command(conn, "CLUSTER", "NODES"), address[0])[0]
             except Exception as e:  # that node is down or no cluster node: ask the next
                 failure = e
             finally:
                 await conn.disconnect()
         raise failure
+
+    async def _settled(self, tracker: AbstractConnection, address: tuple[str, int]) -> None:
+        """This primary sees the primaries tracked, is one of them, and moves no slot; else
+        ConnectionError (the channel opens again on the cluster as it is then)."""
+        primaries, moving = primaries_of(await self._command(tracker, "CLUSTER", "NODES"), address[0])
+        if primaries != self.primaries:
+            raise ConnectionError(f"the cluster's primaries changed: {len(self.primaries)} tracked, "
+                                  f"{len(primaries)} seen by {address[0]}:{address[1]}")
+        if moving:
+            raise ConnectionError(f"a slot is migrating to or from {address[0]}:{address[1]}")
 
     def stop(self) -> None:
         """Ends ``run`` at its next turn even if a cancellation is lost: Python 3.11's
@@ -99,6 +113,9 @@ class Invalidator:
                 for pool in await self._pools():
                     pairs.append((pool.make_connection(), pool.make_connection()))
                     await self._open(*pairs[-1])
+                if self.target.cluster:
+                    for (_, tracker), address in zip(pairs, self.primaries):
+                        await self._settled(tracker, address)
                 self.cache.mark_trusted()
                 self.tracked = [_address(tracker) for _, tracker in pairs]
                 log.info("invalidation channel up%s; cache trusted",
@@ -134,37 +151,43 @@ class Invalidator:
         await self._command(tracker, "CLIENT", "TRACKING", "ON", "REDIRECT", str(client_id), "BCAST", *prefixes)
 
     async def _serve(self, pairs: list[tuple[AbstractConnection, AbstractConnection]]) -> None:
-        tasks = [asyncio.create_task(job) for n, (subscriber, tracker) in enumerate(pairs)
-                 for job in (self._listen(subscriber), self._heartbeat(tracker, n == 0 and self.target.cluster))]
+        watched = self.primaries if self.target.cluster else [None] * len(pairs)
+        closed = asyncio.Event()
+        tasks = [asyncio.create_task(job) for (subscriber, tracker), address in zip(pairs, watched)
+                 for job in (self._listen(subscriber, closed), self._heartbeat(tracker, address, closed))]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 task.result()
             raise ConnectionError("invalidation channel closed")
         finally:
+            # Distrust first, then stop the others: Python 3.11's wait_for can swallow a
+            # cancellation that meets a reply (every heartbeat asks at the same moment), and a
+            # task that lives on must not keep a cache trusted whose channel is half gone.
+            self.cache.distrust()
+            closed.set()
             for task in tasks:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.wait(tasks, timeout=HEARTBEAT_S + self.timeout_s)
 
-    async def _listen(self, subscriber: AbstractConnection) -> None:
-        while True:
+    async def _listen(self, subscriber: AbstractConnection, closed: asyncio.Event) -> None:
+        while not closed.is_set():
             message = await subscriber.read_response()
             if not isinstance(message, list) or len(message) != 3 or message[0] != b"message":
                 continue
             keys = message[2]
             self.cache.invalidate(None if keys is None else [k.decode() for k in keys])
 
-    async def _heartbeat(self, tracker: AbstractConnection, topology: bool = False) -> None:
-        # Tracking ends silently with its connection, so that connection is probed; and
-        # (``topology``, one primary's) the cluster's primaries are compared with those tracked.
-        while True:
+    async def _heartbeat(self, tracker: AbstractConnection, address: tuple[str, int] | None,
+                         closed: asyncio.Event) -> None:
+        # Tracking ends silently with its connection, so that connection is probed; and in a
+        # cluster (``address``: the primary it is on) that primary's view is compared.
+        while not closed.is_set():
             await asyncio.sleep(HEARTBEAT_S)
-            await self._command(tracker, "PING")
-            if topology:
-                now = primaries_of(await self._command(tracker, "CLUSTER", "SLOTS"), self.primaries[0][0])
-                if now != self.primaries:
-                    raise ConnectionError(f"the cluster's primaries changed: {len(self.primaries)} tracked, "
-                                          f"{len(now)} now")
+            if address is None:
+                await self._command(tracker, "PING")
+            else:
+                await self._settled(tracker, address)
 
 
 def _address(conn: AbstractConnection) -> str:
@@ -172,12 +195,30 @@ def _address(conn: AbstractConnection) -> str:
     return f"{host}:{port}" if host else str(getattr(conn, "path", "") or "?")
 
 
-def primaries_of(slots: object, asked: str) -> list[tuple[str, int]]:
-    """The primaries in a CLUSTER SLOTS answer (an empty host is the node asked)."""
-    if not isinstance(slots, list) or not slots:
-        raise ConnectionError("the cluster has no slots assigned")
-    found = set()
-    for entry in slots:
-        host, port = entry[2][0], entry[2][1]
-        found.add(((host.decode() if isinstance(host, bytes) else str(host)) or asked, int(port)))
-    return sorted(found)
+def primaries_of(nodes: object, asked: str) -> tuple[list[tuple[str, int]], bool]:
+    """From a CLUSTER NODES answer: every node that is a primary now (slots or not; one
+    marked failed or still in the handshake left out), and whether the node asked is moving
+    a slot (``[slot->-id]`` or ``[slot-<-id]`` on its own line). An empty host is the node asked."""
+    text = nodes.decode() if isinstance(nodes, bytes) else str(nodes)
+    found, moving, covered = set(), False, 0
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 8:
+            continue
+        flags = fields[2].split(",")
+        if "myself" in flags and any(f.startswith("[") for f in fields[8:]):
+            moving = True
+        if "master" not in flags or {"fail", "handshake", "noaddr"} & set(flags):
+            continue
+        host, _, port = fields[1].split("@")[0].rpartition(":")
+        found.add((host or asked, int(port)))
+        for held in fields[8:]:
+            if not held.startswith("["):
+                low, _, high = held.partition("-")
+                covered += int(high or low) - int(low) + 1
+    if covered < SLOTS:
+        # A primary failed and its replica is not promoted yet: nothing is written to its
+        # slots, but a channel opened now would flush the cache (and the records kept for
+        # an outage) only to close again at the promotion.
+        raise ConnectionError(f"the cluster's live primaries hold {covered} of {SLOTS} slots")
+    return sorted(found), moving

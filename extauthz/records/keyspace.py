@@ -29,9 +29,9 @@ class Keyspace:
     """Names in Redis (see the module's doc and the README's schema section)."""
 
     def __init__(self, prefix: str, cluster: bool = False) -> None:
-        if cluster and ("{" in prefix or "}" in prefix):
-            raise ValueError(f"key_prefix {prefix!r} holds a brace: in a Redis Cluster it would decide the "
-                             "hash slot of every key; choose one without { and }")
+        if cluster and (not prefix or "{" in prefix or "}" in prefix):
+            raise ValueError(f"key_prefix {prefix!r} is empty or holds a brace: in a Redis Cluster the records' "
+                             "hash tag is the prefix; choose a non-empty one without { and }")
         self.cluster = cluster
         self.counter_prefix = prefix
         self.prefix = "{" + prefix + "}" if cluster else prefix  # records, indexes, audit

@@ -28,7 +28,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import AskError, MovedError, RedisError, WatchError
+from redis.exceptions import AskError, MovedError, RedisClusterException, RedisError, WatchError
 
 from extauthz.telemetry import tracing
 from extauthz.records import audit
@@ -40,6 +40,9 @@ from extauthz.usage.limits import scope
 
 log = logging.getLogger("extauthz.store")
 
+# What a Redis call can fail with: a cluster client also raises RedisClusterException (no
+# node answers, a slot not covered), which is no RedisError.
+REDIS_FAILURES = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
 TRANSACTION_ATTEMPTS = 100
 LIST_BATCH = 1000  # documents per MGET when listing
 # A retired key's record outlives its grace period by this much in Redis: its own expiry
@@ -104,7 +107,7 @@ class RedisReader(Keyspace):
     async def ping(self) -> bool:
         try:
             return bool(await asyncio.wait_for(self.redis.ping(), self.timeout))
-        except (RedisError, OSError, asyncio.TimeoutError):
+        except REDIS_FAILURES:
             return False
 
     def node_client(self, host: str, port: int, socket_timeout: float) -> aioredis.Redis:
@@ -112,30 +115,24 @@ class RedisReader(Keyspace):
         return self.target.node_client(host, port, socket_timeout=socket_timeout, socket_connect_timeout=self.timeout,
                                        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)))
 
-    async def primaries(self, refresh: bool = False) -> list[tuple[str, int]]:
-        """A cluster's primaries as the client's slot map has them (``refresh``: read again
-        from the cluster first; else the map redirections and failures have kept current)."""
+    async def primaries(self) -> list[tuple[str, int]]:
+        """A cluster's primaries as the client's slot map has them (read on first use, kept
+        current by redirections and failures)."""
         cluster: Any = self.redis
         await asyncio.wait_for(cluster.initialize(), self.timeout)
-        if refresh:
-            await asyncio.wait_for(cluster.nodes_manager.initialize(), self.timeout)
         return sorted({(n.host, int(n.port)) for n in cluster.get_primaries()})
 
     async def primary(self) -> str | None:
-        """In sentinel mode, the primary the sentinels name now (host:port); in cluster mode,
-        every primary (comma-separated); else None."""
-        if self.cluster:
-            try:
-                return ",".join(f"{h}:{p}" for h, p in await self.primaries(refresh=True))
-            except (RedisError, OSError, asyncio.TimeoutError):
-                return None
+        """In sentinel mode, the primary the sentinels name now (host:port); else None."""
+        if self.cluster:  # (readiness takes them from the invalidation channel: app.py)
+            return None
         pool = self.redis.connection_pool
         manager = getattr(pool, "sentinel_manager", None)
         if manager is None:
             return None
         try:
             host, port = await asyncio.wait_for(manager.discover_master(pool.service_name), self.timeout)
-        except (RedisError, OSError, asyncio.TimeoutError):
+        except REDIS_FAILURES:
             return None
         return f"{host}:{port}"
 
@@ -147,7 +144,7 @@ class RedisReader(Keyspace):
             return await self._safety_warnings(self.redis, "Redis")
         try:
             primaries = await self.primaries()
-        except (RedisError, OSError, asyncio.TimeoutError) as e:
+        except REDIS_FAILURES as e:
             return [f"could not read the Redis Cluster's nodes ({type(e).__name__}): make sure every primary's "
                     "maxmemory-policy is noeviction and that it persists its data"]
         found = []
@@ -164,7 +161,7 @@ class RedisReader(Keyspace):
             policy = await asyncio.wait_for(redis.config_get("maxmemory-policy"), self.timeout)
             persistence = await asyncio.wait_for(redis.config_get("save"), self.timeout)
             persistence.update(await asyncio.wait_for(redis.config_get("appendonly"), self.timeout))
-        except (RedisError, OSError, asyncio.TimeoutError) as e:  # managed services often refuse CONFIG
+        except REDIS_FAILURES as e:  # managed services often refuse CONFIG
             return [f"could not read the settings of {server} ({type(e).__name__}): make sure its "
                     "maxmemory-policy is noeviction and that it persists its data"]
         found = []
@@ -184,7 +181,7 @@ class RedisReader(Keyspace):
                 with tracing.redis_span("GET"):
                     return await asyncio.wait_for(self.redis.get(redis_key), self.timeout)
             return await asyncio.wait_for(self.redis.get(redis_key), self.timeout)
-        except (RedisError, OSError, asyncio.TimeoutError) as e:
+        except REDIS_FAILURES as e:
             raise StoreUnavailable(type(e).__name__) from None
 
     async def get_key(self, token_hash: str) -> KeyRecord | None:
@@ -205,7 +202,7 @@ class RedisReader(Keyspace):
         counters = spend_counters(where, record.budget, None, time.time())
         try:
             raws = await asyncio.wait_for(self.redis.mget([self.counter(c.suffix) for c in counters]), self.timeout)
-        except (RedisError, OSError, asyncio.TimeoutError) as e:
+        except REDIS_FAILURES as e:
             raise StoreUnavailable(type(e).__name__) from None
         return record._replace(spent=tuple((c.suffix, _amount(raw)) for c, raw in zip(counters, raws)
                                            if raw is not None))
@@ -307,19 +304,22 @@ class RedisWriter(Keyspace):
         so a probe write, then WAIT, on one connection held here. Replication is one ordered
         stream: a replica that has the probe has the transaction. A failure to ask counts as
         none (the write itself is committed: it is not retried)."""
-        pool = (await self._transaction_client()).connection_pool
-        connection = await pool.get_connection()
-        try:
+        connection = None
+        try:  # (never raises: the write is committed, and must not be run again)
+            pool = (await self._transaction_client()).connection_pool
+            connection = await pool.get_connection()
             await connection.send_command("INCR", f"{self.prefix}replication_probe")
             await connection.read_response(timeout=self.timeout)
             await connection.send_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
             acknowledged = int(await connection.read_response(timeout=self.wait_timeout_ms / 1000 + self.timeout))
-        except (RedisError, OSError, ValueError, TypeError, asyncio.TimeoutError) as e:
+        except (*REDIS_FAILURES, ValueError, TypeError) as e:
             log.warning("redis: could not ask the replicas for a write: %s", type(e).__name__)
             acknowledged = 0
-            await connection.disconnect()
+            if connection is not None:
+                await connection.disconnect()
         finally:
-            await pool.release(connection)
+            if connection is not None:
+                await pool.release(connection)
         self.replicated = acknowledged if self.replicated is None else min(self.replicated, acknowledged)
 
     @property
@@ -342,7 +342,7 @@ class RedisWriter(Keyspace):
             return []
         try:
             raws = await asyncio.wait_for(self.redis.mget([self.team_id(t) for t in team_ids]), self.timeout)
-        except (RedisError, OSError, asyncio.TimeoutError) as e:
+        except REDIS_FAILURES as e:
             raise StoreUnavailable(type(e).__name__) from None
         return [None if r is None else json.loads(r) for r in raws]
 
@@ -359,7 +359,7 @@ class RedisWriter(Keyspace):
         documents)."""
         try:
             return sorted(m.decode() for m in await self.redis.smembers(set_key))
-        except (RedisError, OSError) as e:
+        except REDIS_FAILURES as e:
             raise StoreUnavailable(type(e).__name__) from None
 
     async def _docs_of(self, ids: list[str], id_of: Callable[[str], str]) -> list[Doc]:
@@ -370,7 +370,7 @@ class RedisWriter(Keyspace):
             for start in range(0, len(ids), LIST_BATCH):
                 raws = await self.redis.mget([id_of(i) for i in ids[start:start + LIST_BATCH]])
                 docs.extend(json.loads(r) for r in raws if r is not None)
-        except (RedisError, OSError) as e:
+        except REDIS_FAILURES as e:
             raise StoreUnavailable(type(e).__name__) from None
         return docs
 
@@ -401,7 +401,7 @@ class RedisWriter(Keyspace):
         end = "+" if before == "+" else f"({before}"
         try:
             raws = await asyncio.wait_for(self.redis.xrevrange(self.audit_id, end, "-", count), self.timeout)
-        except (RedisError, OSError, asyncio.TimeoutError) as e:
+        except REDIS_FAILURES as e:
             raise StoreUnavailable(type(e).__name__) from None
         return [(sid.decode(), json.loads(fields[b"entry"])) for sid, fields in raws]
 
@@ -423,7 +423,7 @@ class RedisWriter(Keyspace):
                 # Nothing was committed: a redirection refuses the whole MULTI, and a connection
                 # lost during EXEC itself is answered 503 by _attempts, not retried.
                 return await self._attempts(await self._transaction_client(refresh=True), body, watch)
-        except (RedisError, OSError) as e:
+        except REDIS_FAILURES as e:
             raise StoreUnavailable(type(e).__name__) from None
 
     async def _attempts(self, redis: aioredis.Redis, body: Callable[[Tx], Awaitable[Any]], watch: tuple[str, ...]) -> Any:
@@ -445,8 +445,14 @@ class RedisWriter(Keyspace):
                                   maxlen=self.audit_max_entries, approximate=True)
                     try:
                         await pipe.execute()
-                    except RedisConnectionError:  # committed or not: nobody can tell, so no retry
-                        raise StoreUnavailable("ConnectionError during EXEC") from None
+                    except WatchError:
+                        if pipe.connection is not None and pipe.connection.is_connected:
+                            continue  # a watched key changed: nothing was written, run it again
+                        # redis-py reports a connection lost while watching as a WatchError too:
+                        # committed or not, nobody can tell, so no rerun
+                        raise StoreUnavailable("connection lost during EXEC") from None
+                    except REDIS_FAILURES:  # the same, or the answer lost: no retry
+                        raise StoreUnavailable("connection lost during EXEC") from None
                     if self.wait_replicas:
                         await self._wait_for_replicas()
                     if found is not None:

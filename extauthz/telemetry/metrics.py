@@ -38,8 +38,8 @@ REDIS_TRACKING = Gauge("extauthz_redis_tracking", "1 while invalidation tracking
 REDIS_TARGET = Gauge("extauthz_redis_target", "The Redis the sidecar uses (always 1): its mode and endpoint",
                      ["mode", "endpoint"], multiprocess_mode="max")
 REDIS_PRIMARY = Gauge("extauthz_redis_primary", "1 for each Redis primary the invalidation channel tracks now "
-                      "(a cluster's every primary, sentinel's current one); 0 for one it tracked before",
-                      ["address"], multiprocess_mode="max")
+                      "(a cluster's every primary, sentinel's current one); 0 for those it tracked just before",
+                      ["address"], multiprocess_mode="livemax")
 REDIS_UNSAFE = Gauge("extauthz_redis_unsafe_settings", "Settings of the Redis server that can lose records "
                      "(eviction, no persistence), as found at start-up", multiprocess_mode="max")
 CONFIG_RELOADS = Counter("extauthz_config_reloads_total", "Config reloads", ["result"])  # ok, failed
@@ -139,14 +139,18 @@ async def sync_forever(read: Callable[[], dict[str, int]], flush: Callable[[], N
         "stale_served": STALE_DECISIONS, "redis_errors": REDIS_ERRORS, "reconnects": REDIS_RECONNECTS,
     }
     seen: dict[str, int] = {}
-    addresses: set[str] = set()
+    shown: set[str] = set()   # addresses with a series now
+    before: set[str] = set()  # the last addresses tracked (shown at 0 once they are not)
     while True:
         flush()
         current = read()
         REDIS_TRACKING.set(1 if current.get("trusted") else 0)
         tracked = set(primaries())
-        addresses |= tracked
-        for address in addresses:  # (a label is set to 0, not removed: workers share the values)
+        if tracked and tracked != before:
+            for gone in shown - tracked - before:  # (pod addresses change: no series kept for ever)
+                REDIS_PRIMARY.remove(gone)
+            shown, before = tracked | before, tracked
+        for address in shown:
             REDIS_PRIMARY.labels(address).set(1 if address in tracked else 0)
         for name, target in targets.items():
             delta = current.get(name, 0) - seen.get(name, 0)

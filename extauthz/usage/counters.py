@@ -19,10 +19,9 @@ import math
 from typing import NamedTuple, Sequence
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from extauthz.records.keyspace import Keyspace, scope_of
-from extauthz.records.store import StoreUnavailable
+from extauthz.records.store import REDIS_FAILURES, StoreUnavailable
 from extauthz.usage.budgets import SpendCounter
 from extauthz.usage.limits import WINDOW_S, Counter, window_of
 
@@ -182,6 +181,7 @@ class RateCounters:
         self.script = redis.register_script(ADMIT)
         self.settle_script = redis.register_script(SETTLE)
         self.give_back_script = redis.register_script(GIVE_BACK)
+        self.giving_back: set[asyncio.Task[None]] = set()  # give-backs outliving a cancelled check
         self.touch_script = redis.register_script(TOUCH)
 
     async def peek(self, counters: list[Counter], now: float) -> Counter | None:
@@ -209,9 +209,15 @@ class RateCounters:
                     await self._give_back(taken, usage_id)
                     return group[int(over) - 1]
                 taken.extend(group)
-        except (RedisError, OSError, asyncio.TimeoutError) as e:
+        except REDIS_FAILURES as e:
             await self._give_back(taken, usage_id)
             raise StoreUnavailable(type(e).__name__) from None
+        except asyncio.CancelledError:  # the check was cancelled between two slots: give back anyway
+            if taken:
+                task = asyncio.get_running_loop().create_task(self._give_back(taken, usage_id))
+                self.giving_back.add(task)
+                task.add_done_callback(self.giving_back.discard)
+            raise
         return None
 
     async def _give_back(self, taken: list[Counter], usage_id: str) -> None:
@@ -225,7 +231,7 @@ class RateCounters:
                 await asyncio.wait_for(self.give_back_script(
                     keys=[self.keyspace.counter(c.suffix) for c in group],
                     args=[usage_id, *(n for c in group for n in (c.take, c.kind))]), self.timeout_s)
-            except (RedisError, OSError, asyncio.TimeoutError) as e:
+            except REDIS_FAILURES as e:
                 log.warning("redis: an admission refused on one slot could not give back what it took on "
                             "another (%s)", type(e).__name__)
 
@@ -250,19 +256,21 @@ class RateCounters:
     async def settle(self, batch: list[Settlement]) -> list[list[int] | None]:
         """Settle finished requests (one script call for the batch, one per slot in a
         cluster): per request None when it was settled before, else a flag per spend
-        counter (SOFT, OVER or 0)."""
+        counter (SOFT, OVER or 0). In a cluster, a slot that fails raises StoreUnavailable
+        once the others have settled (their marks keep a resent report from counting twice)."""
         if not batch:
             return []
         parts = self._parts(batch)
         groups: dict[str | None, list[_Part]] = {}
-        for part in parts:
-            groups.setdefault(scope_of(part.mark) if self.keyspace.cluster else None, []).append(part)
-        try:
-            answers = await asyncio.gather(*(self._settle(group) for group in groups.values()))
-        except (RedisError, OSError, asyncio.TimeoutError) as e:
-            raise StoreUnavailable(type(e).__name__) from None
+        for part in parts:  # in a cluster: a call per scope, and one per mark without a scope (its own slot)
+            groups.setdefault((scope_of(part.mark) or part.mark) if self.keyspace.cluster else None, []).append(part)
+        answers = await asyncio.gather(*(self._settle(group) for group in groups.values()), return_exceptions=True)
         results: list[list[int] | None] = [None] * len(batch)
+        failure: BaseException | None = None
         for group, answer in zip(groups.values(), answers):
+            if isinstance(answer, BaseException):
+                failure = answer
+                continue
             for part, flags in zip(group, answer):
                 if flags is None:
                     continue
@@ -272,8 +280,12 @@ class RateCounters:
                     merged = results[part.request] = [0] * len(item.spend) if item.cost is not None else []
                 for j, flag in zip(part.spend_at, flags):
                     merged[j] = flag
-        if self.keyspace.cluster:
+        if self.keyspace.cluster:  # (the slots that settled: a budget they found reached is told)
             await self._touch(batch, results)
+        if failure is not None:
+            if not isinstance(failure, REDIS_FAILURES):
+                raise failure
+            raise StoreUnavailable(type(failure).__name__)
         return results
 
     async def _settle(self, parts: list[_Part]) -> list[list[int] | None]:
@@ -310,7 +322,7 @@ class RateCounters:
         if records:
             try:
                 await asyncio.wait_for(self.touch_script(keys=list(records), args=[]), self.timeout_s)
-            except (RedisError, OSError, asyncio.TimeoutError) as e:
+            except REDIS_FAILURES as e:
                 raise StoreUnavailable(type(e).__name__) from None
 
     async def release(self, usage_id: str, inflight: list[str]) -> None:
@@ -322,7 +334,7 @@ class RateCounters:
                 for name in inflight:
                     pipe.zrem(self.keyspace.counter(name), usage_id)
                 await asyncio.wait_for(pipe.execute(), self.timeout_s)
-        except (RedisError, OSError, asyncio.TimeoutError) as e:
+        except REDIS_FAILURES as e:
             raise StoreUnavailable(type(e).__name__) from None
 
     async def used(self, scopes: list[str], now: float) -> list[tuple[int, int]]:
@@ -333,7 +345,7 @@ class RateCounters:
         names = [f"{kind}:{s}:{window}" for s in scopes for kind in ("rpm", "tpm")]
         try:
             raws = await asyncio.wait_for(self._mget(names), self.timeout_s)
-        except (RedisError, OSError, asyncio.TimeoutError) as e:
+        except REDIS_FAILURES as e:
             raise StoreUnavailable(type(e).__name__) from None
         values = [int(r) if r is not None else 0 for r in raws]
         return list(zip(values[0::2], values[1::2]))
@@ -344,7 +356,7 @@ class RateCounters:
             return []
         try:
             raws = await asyncio.wait_for(self._mget(names), self.timeout_s)
-        except (RedisError, OSError, asyncio.TimeoutError) as e:
+        except REDIS_FAILURES as e:
             raise StoreUnavailable(type(e).__name__) from None
         return [round(float(r), 10) if r is not None else 0.0 for r in raws]
 
