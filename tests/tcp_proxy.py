@@ -13,6 +13,9 @@ class TcpProxy:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.server: asyncio.base_events.Server | None = None
         self.writers: set[asyncio.StreamWriter] = set()
+        # Bytes that, once a client has sent them, drop its connection before the answer
+        # comes back (a connection lost with a command committed).
+        self.cut_after: bytes | None = None
 
     def __enter__(self) -> "TcpProxy":
         self.thread.start()
@@ -57,6 +60,12 @@ class TcpProxy:
                 while data := await src.read(65536):
                     dst.write(data)
                     await dst.drain()
+                    if src is reader and self.cut_after is not None and self.cut_after in data:
+                        self.cut_after = None  # once: the command is on its way, its answer never returns
+                        writer.transport.abort()
+                        await asyncio.sleep(0.2)  # (the server runs it meanwhile)
+                        up_writer.transport.abort()
+                        return
             except (ConnectionError, asyncio.CancelledError):
                 pass
             finally:

@@ -85,6 +85,28 @@ def test_key_revoked_while_cut_off_is_denied_after_recovery(workdir: Path, confi
             direct.close()
 
 
+def test_a_connection_lost_at_exec_is_a_503_never_a_second_run(workdir: Path, config_path: Path,
+                                                                 redis_port: int) -> None:
+    """The admin write's EXEC reaches Redis and commits; its answer is lost. Nobody can tell
+    whether it committed, so the answer is 503, not a transaction run twice (a create would
+    then answer 409, an audit entry would be written twice)."""
+    with TcpProxy(harness.free_port(), redis_port) as proxy:
+        side = harness.start_sidecar(workdir, config_path, f"redis://127.0.0.1:{proxy.listen_port}/7")
+        try:
+            headers = {"Authorization": f"Bearer {harness.MASTER_KEY}"}
+            key = http("POST", side.admin + "/key/generate", {"models": ["gpt-4"]}, headers).json()
+            proxy.cut_after = b"EXEC"
+            r = http("POST", side.admin + "/key/block", {"key": key["key"]}, headers)
+            assert r.status == 503 and r.json()["error"]["code"] == "store_unavailable", r.text
+            assert proxy.cut_after is None  # the cut happened
+            info = http("GET", side.admin + f"/key/info?key={key['key']}", None, headers).json()["info"]
+            assert info["blocked"] is True  # it had committed
+            trail = http("GET", side.admin + f"/audit?target={key['token']}", None, headers).json()["entries"]
+            assert [e["route"] for e in trail] == ["/key/block", "/key/generate"]  # once each
+        finally:
+            side.proc.stop()
+
+
 def test_stale_decisions_stop_after_max_stale(workdir: Path, config_path: Path, redis_port: int) -> None:
     with TcpProxy(harness.free_port(), redis_port) as proxy:
         stack = harness.start_stack(workdir, config_path, f"redis://127.0.0.1:{proxy.listen_port}/0",

@@ -219,6 +219,12 @@ def _amount(raw: bytes) -> float:
         return float("inf")  # a counter written by hand that is no amount: the budget refuses
 
 
+def lost_connection(e: WatchError) -> bool:
+    """redis-py reports a connection lost under WATCH as a WatchError raised while handling
+    the connection's error; a watched key that changed is one raised on its own."""
+    return isinstance(e.__context__, REDIS_FAILURES) and not e.__suppress_context__
+
+
 class Tx:
     """One attempt of a write transaction: its pipeline, and the records it read and wrote,
     which make its audit entry (records/audit.py)."""
@@ -445,10 +451,9 @@ class RedisWriter(Keyspace):
                                   maxlen=self.audit_max_entries, approximate=True)
                     try:
                         await pipe.execute()
-                    except WatchError:
-                        if pipe.connection is not None and pipe.connection.is_connected:
+                    except WatchError as e:
+                        if not lost_connection(e):
                             continue  # a watched key changed: nothing was written, run it again
-                        # redis-py reports a connection lost while watching as a WatchError too:
                         # committed or not, nobody can tell, so no rerun
                         raise StoreUnavailable("connection lost during EXEC") from None
                     except REDIS_FAILURES:  # the same, or the answer lost: no retry
