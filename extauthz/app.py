@@ -171,6 +171,7 @@ class App:
                                   self.store)
         self.health = health_aio.HealthServicer()
         self.grpc: grpc.aio.Server | None = None
+        self.health_grpc: grpc.aio.Server | None = None  # health on a port of its own (health_port)
         self.runners: list[web.AppRunner] = []
         self.sockets: list[socket.socket] = []
         self.tasks: list[asyncio.Task[Any]] = []
@@ -196,9 +197,23 @@ class App:
             bound = 0
         if bound == 0:
             raise StartupError(f"cannot listen for gRPC on {address}: address in use or not available")
+        if s.health_port:
+            # Only grpc.health.v1 here: no Check, no usage reports (whose answers or
+            # entries a prober has no business reaching).
+            self.health_grpc = grpc.aio.server(options=[("grpc.so_reuseport", int(self.reuse_port))])
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_grpc)
+            health_address = f"{s.health_host}:{s.health_port}"
+            try:
+                health_bound = self.health_grpc.add_insecure_port(health_address)
+            except RuntimeError:
+                health_bound = 0
+            if health_bound == 0:
+                raise StartupError(f"cannot listen for gRPC health on {health_address}: address in use or not "
+                                   "available")
         admin_socket = listening_socket("the admin API", s.admin_host, s.admin_port, self.reuse_port)
         self.sockets.append(admin_socket)
-        self.ports = {"grpc_port": bound, "admin_port": admin_socket.getsockname()[1]}
+        self.ports = {"grpc_port": bound, "admin_port": admin_socket.getsockname()[1],
+                      **({"health_port": health_bound} if s.health_port else {})}
         metrics_socket = None
         if s.metrics_port and not self.reuse_port:
             metrics_socket = listening_socket("metrics", s.metrics_host, s.metrics_port, False)
@@ -210,6 +225,8 @@ class App:
         if s.cache_max_entries > 0:  # without a cache there is nothing to invalidate
             self.tasks.append(asyncio.create_task(self.invalidator.run(), name="invalidation"))
         await self.grpc.start()
+        if self.health_grpc is not None:
+            await self.health_grpc.start()
         stats = lambda: {"cache": self.cache.stats(), "config": self.runtime.stats(),  # noqa: E731
                          "redis_mode": self.redis.mode, "redis_endpoint": self.redis.endpoint,
                          "redis_tracking": self.cache.trusted, "redis_warnings": self.redis_warnings,
@@ -267,6 +284,8 @@ class App:
         if self.grpc is not None:
             await self.health.enter_graceful_shutdown()
             await self.grpc.stop(self.settings.shutdown_grace_s)  # in-flight checks finish
+        if self.health_grpc is not None:
+            await self.health_grpc.stop(0)
         for runner in reversed(self.runners):
             await runner.cleanup()
         for sock in self.sockets:

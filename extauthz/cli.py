@@ -40,6 +40,17 @@ def parser() -> argparse.ArgumentParser:
     render.add_argument("--authz-port", type=int)
     render.add_argument("--admin-port", type=int)
     render.add_argument("--envoy-admin-port", type=int)
+
+    splice = sub.add_parser("istio-envoyfilter", help="print the EnvoyFilter that runs the model splice on an Istio "
+                                                      "gateway (deploy/istio/splice-envoyfilter.yaml)")
+    splice.add_argument("--namespace", default="istio-system")
+    splice.add_argument("--selector", default="istio=ingressgateway", help="the gateway pods' label, key=value")
+
+    mesh = sub.add_parser("istio-mesh-config", help="merge extauthz's extension providers into a mesh config read "
+                                                    "on stdin, keeping every other provider")
+    mesh.add_argument("--providers", required=True, help="deploy/istio/extension-providers.yaml")
+    mesh.add_argument("--configmap-patch", action="store_true",
+                      help="print a merge patch of the istio ConfigMap (kubectl patch --type merge)")
     return p
 
 
@@ -50,6 +61,8 @@ def with_overrides(config: Config, **overrides: object) -> Config:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command in ("istio-envoyfilter", "istio-mesh-config"):
+        return istio_command(args)
     try:
         # Rendering Envoy's config needs no credentials; serving and checking read them.
         config = config_module.load(args.config, require_secrets=args.command != "envoy-config")
@@ -143,3 +156,35 @@ def exit_now(code: int) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def istio_command(args: argparse.Namespace) -> int:
+    """The Istio helpers: no config to load, YAML in and out."""
+    import yaml
+
+    from extauthz.envoy import istio
+    if args.command == "istio-envoyfilter":
+        key, sep, value = args.selector.partition("=")
+        if not sep or not key or not value:
+            print("extauthz: --selector must be key=value", file=sys.stderr)
+            return 2
+        class Literal(yaml.SafeDumper):  # the Lua code as a block operators can read
+            pass
+
+        Literal.add_representer(str, lambda d, v: d.represent_scalar(
+            "tag:yaml.org,2002:str", v, style="|" if "\n" in v else None))
+        sys.stdout.write(yaml.dump(istio.splice_envoy_filter(args.namespace, {key: value}), Dumper=Literal,
+                                   sort_keys=False))
+        return 0
+    try:
+        with open(args.providers, encoding="utf-8") as f:  # an IstioOperator, or a list of providers
+            doc = yaml.safe_load(f)
+        providers = ((doc.get("spec") or {}).get("meshConfig") or {}).get("extensionProviders") \
+            or doc["extensionProviders"]
+        merged = istio.merge_providers(yaml.safe_load(sys.stdin.read()) or {}, providers)
+    except (OSError, AttributeError, KeyError, TypeError, ValueError, yaml.YAMLError) as e:
+        print(f"extauthz: cannot merge the mesh config: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    text = yaml.safe_dump(merged, sort_keys=False)
+    sys.stdout.write(istio.configmap_patch(text) + "\n" if args.configmap_patch else text)
+    return 0

@@ -145,6 +145,11 @@ class Settings:
     key_prefix: str = setting("extauthz:")
     grpc_host: str = setting("127.0.0.1")
     grpc_port: int = setting(9000, **PORT)
+    # gRPC health (grpc.health.v1) on a port of its own, for the kubelet's probes, which
+    # reach the pod's IP: Check (whose allows carry provider credentials) can then stay on
+    # 127.0.0.1 in a sidecar. 0: health is served on the Check port only.
+    health_host: str = setting("0.0.0.0")
+    health_port: int = setting(0, **PORT, off=0)
     admin_host: str = setting("127.0.0.1")
     admin_port: int = setting(4001, **PORT)
     max_request_bytes: int = setting(10 * 1024 * 1024, minimum=1)  # also Envoy's buffer limit
@@ -155,6 +160,12 @@ class Settings:
     # log, as rendered). Without them budgets, tpm limits and max_parallel_requests cannot
     # be enforced: their callers are refused (403 usage_not_reported), never let through.
     usage_reports: bool = setting(True)
+    # Whether an allow sets :authority to the provider's host (the rendered Envoy routes by
+    # the cluster header and sends that host). Off behind a gateway that matches routes
+    # again after the check (Istio clearRouteCache, Envoy Gateway recomputeRoute): there a
+    # new host would match no route for the gateway's own hostname, so each route sets the
+    # provider's host itself (VirtualService rewrite.authority, HTTPRoute URLRewrite).
+    upstream_authority: bool = setting(True)
     # shadow: model and limit denials are recorded (outcome shadow_deny) and the request
     # goes on, for rolling enforcement out on live traffic (check/shadow.py).
     enforcement: str = setting("enforce", choices=("enforce", "shadow"))

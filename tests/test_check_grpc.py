@@ -69,6 +69,25 @@ def test_malformed_bodies_are_denied(stub, key: str, raw: bytes, status: int, co
     assert denied(resp) == (status, code)
 
 
+def test_a_body_sent_as_text_is_refused_where_it_may_not_be_the_bytes_forwarded(stub, key: str) -> None:
+    """Envoy Gateway sends the body as text, with '!' for every byte that is not UTF-8: a
+    multipart upload (binary file parts) and a model naming '!' are refused, never checked
+    on a stand-in; the same upload as bytes is read."""
+    form = (b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n'
+            b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
+            b'Content-Type: audio/wav\r\n\r\nRIFF!!!!WAVE\r\n--b--\r\n')
+    headers = {"authorization": f"Bearer {key}", "content-type": "multipart/form-data; boundary=b"}
+    as_text = stub.Check(check_request(headers, body=form.decode(), path="/v1/audio/transcriptions"), timeout=5)
+    assert denied(as_text) == (415, "body_not_bytes")
+    assert "pack_as_bytes" in json.loads(as_text.denied_response.body)["error"]["message"]
+    as_bytes = stub.Check(check_request(headers, form, path="/v1/audio/transcriptions"), timeout=5)
+    assert denied(as_bytes)[1] != "body_not_bytes"  # read (this key may not call whisper-1)
+    bang = stub.Check(check_request({"authorization": f"Bearer {key}"}, body='{"model": "gpt-4!"}'), timeout=5)
+    assert denied(bang) == (400, "body_not_bytes")
+    raw_bang = stub.Check(check_request({"authorization": f"Bearer {key}"}, b'{"model": "gpt-4!"}'), timeout=5)
+    assert denied(raw_bang)[1] != "body_not_bytes"
+
+
 def test_utf8_body_field_is_read_when_raw_body_is_absent(stub, key: str) -> None:
     resp = stub.Check(check_request({"authorization": f"Bearer {key}"}, body='{"model": "gpt-4"}'), timeout=5)
     assert resp.WhichOneof("http_response") == "ok_response" and resp.status.code == 0

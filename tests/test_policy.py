@@ -170,6 +170,17 @@ def test_allow_routes_swaps_credential_and_rewrites_model():
     assert d.metadata["key_alias"] == "my-key" and d.metadata["key_hash"] == "ab" * 6
 
 
+def test_behind_a_gateway_that_rematches_routes_the_allow_leaves_the_host_alone():
+    """upstream_authority: false (Istio clearRouteCache, Envoy Gateway recomputeRoute): a
+    new :authority would match none of the gateway's host-bound routes; the route sets it."""
+    config = from_dict({"model_list": [deployment("gpt-4", "openai/gpt-4", key="sk-prov-4")],
+                        "extauthz_settings": {"upstream_authority": False}})
+    d = decide(facts("gpt-4"), key(["gpt-4"]), None, Runtime.of(config).catalog, NOW, 0.0)
+    headers = dict(d.headers)
+    assert ":authority" not in headers and ":authority" not in d.headers_to_remove
+    assert headers[CLUSTER_HEADER] == "upstream_http_upstream_8000" and headers["authorization"] == "Bearer sk-prov-4"
+
+
 def test_azure_deployment_gets_api_key_and_deployment_path():
     d = run(key(), f=facts("azure-gpt-3.5"))
     headers = dict(d.headers)

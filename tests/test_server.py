@@ -153,6 +153,31 @@ def test_metrics_port_zero_turns_the_listener_off(workdir: Path, config_path: Pa
             side.proc.stop()
 
 
+def test_health_on_its_own_port_serves_nothing_else(workdir: Path, config_path: Path, redis_port: int) -> None:
+    """A sidecar keeps Check on 127.0.0.1 (its allows carry provider credentials) and
+    answers the kubelet's gRPC probes on the pod's address, on a port that serves health only."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    health_port = harness.free_port()
+    side = harness.start_sidecar(workdir, config_path, f"redis://127.0.0.1:{redis_port}/0",
+                                 {"EXTAUTHZ_HEALTH_PORT": str(health_port), "EXTAUTHZ_GRPC_HOST": "127.0.0.1"})
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{health_port}") as channel:
+            for service in ("", "envoy.service.auth.v3.Authorization"):
+                answer = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service),
+                                                                   timeout=10)
+                assert answer.status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.RpcError) as refused:  # no Check there
+                external_auth_pb2_grpc.AuthorizationStub(channel).Check(
+                    check_request({"authorization": "Bearer sk-x"}, b'{"model": "gpt-4"}'), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        side.proc.popen.send_signal(signal.SIGTERM)
+        assert side.proc.popen.wait(30) == 0
+        assert not harness.tcp_open(health_port)
+    finally:
+        side.proc.stop()
+
+
 # -- shutdown ends every task and flushes the decision log ---------------------------------------
 
 def test_sigterm_ends_every_task_and_flushes_the_decision_log(workdir: Path, config_path: Path,

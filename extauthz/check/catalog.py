@@ -88,7 +88,8 @@ class Resolution:
 
 class Catalog:
     def __init__(self, deployments: tuple[Deployment, ...], aliases: tuple[Alias, ...] = (),
-                 pass_through: tuple[PassThroughConfig, ...] = (), tokens: Tokens = NO_TOKENS) -> None:
+                 pass_through: tuple[PassThroughConfig, ...] = (), tokens: Tokens = NO_TOKENS,
+                 authority: bool = True) -> None:
         by_name: dict[str, list[Deployment]] = {}
         for d in deployments:
             by_name.setdefault(d.model_name, []).append(d)
@@ -107,7 +108,7 @@ class Catalog:
                 members.setdefault(access_group, []).append(group.name)
         self.access_groups: dict[str, tuple[str, ...]] = {k: tuple(v) for k, v in members.items()}
         self.aliases: dict[str, Alias] = {a.name: a for a in aliases}
-        self.routes: dict[int, Route] = {d.index: Route.of(d, tokens) for d in deployments if d.routable}
+        self.routes: dict[int, Route] = {d.index: Route.of(d, tokens, authority) for d in deployments if d.routable}
         self.pass_through: tuple[PassThroughRoute, ...] = tuple(PassThroughRoute.of(c) for c in pass_through)
         self.resolve = lru_cache(maxsize=65536)(self._resolve)
         # Case-insensitive views for variant_of: a casefolded name can stand for several

@@ -30,6 +30,15 @@ EMPTY_SEGMENT = Problem("invalid_model", "'model' has an empty path segment ('//
 MISMATCH = Problem("model_mismatch", "The path and the body name different models.", param="model")
 PARTIAL_BODY = Problem("body_too_large", "The request body was truncated before the check; it cannot be authorized.",
                        status=413)
+# Bodies that arrived as text (TextBody): a form's file parts are binary, and a '!' in the
+# model may stand for bytes the provider reads otherwise. Refused, never checked on a
+# stand-in.
+TEXT_FORM = Problem("body_not_bytes", "This gateway passes request bodies to the authorization check as text, "
+                    "which cannot carry a multipart upload's bytes; send uploads through a gateway that passes "
+                    "them as bytes (Envoy's with_request_body.pack_as_bytes, Istio's packAsBytes).", status=415)
+TEXT_MODEL = Problem("body_not_bytes", "This gateway passes request bodies to the authorization check as text, "
+                     "where bytes that are not UTF-8 read as '!': a 'model' containing '!' cannot be checked.",
+                     param="model")
 ENCODED_BODY = Problem("unsupported_content_encoding",
                        "Request bodies may be sent uncompressed or gzip-encoded only.", status=415)
 NOT_BEARER = Problem("missing_api_key", "The Authorization header must use the Bearer scheme.", status=401)
@@ -94,9 +103,17 @@ def verified_claims(check: Any) -> dict[str, Any] | None:
     return json_format.MessageToDict(payload.struct_value)
 
 
+class TextBody(bytes):
+    """A body the proxy sent as text (``body``, not ``raw_body``: Envoy Gateway, or an Envoy
+    without ``pack_as_bytes``). Envoy puts '!' for every byte that is not UTF-8 there, so
+    these are not always the bytes the provider will read."""
+
+
 def body_of(check: Any) -> bytes:
     http = check.attributes.request.http
-    return http.raw_body or http.body.encode("utf-8")
+    if http.raw_body or not http.body:
+        return http.raw_body
+    return TextBody(http.body.encode("utf-8"))
 
 
 def with_body(facts: Facts, body: bytes) -> Facts:
@@ -111,6 +128,8 @@ def with_body(facts: Facts, body: bytes) -> Facts:
         return facts._replace(body_problem=ENCODED_BODY)
     json_model, form = None, None
     if endpoint.body == MULTIPART:
+        if isinstance(body, TextBody):
+            return facts._replace(body_problem=TEXT_FORM)
         form = form_model(body, headers.get("content-type", ""))
         if isinstance(form, Problem):
             return facts._replace(body_problem=form)
@@ -128,6 +147,8 @@ def with_body(facts: Facts, body: bytes) -> Facts:
         if not json_model.present and endpoint.path_model is None:
             return facts._replace(body_problem=NO_MODEL)
         body_model = json_model.model
+        if isinstance(body, TextBody) and isinstance(body_model, str) and "!" in body_model:
+            return facts._replace(body_problem=TEXT_MODEL)
     if endpoint.path_model is None:
         model, problem = checked_name(body_model)
     elif body_model is not None and body_model != endpoint.path_model:

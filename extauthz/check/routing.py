@@ -75,12 +75,14 @@ READABLE_ALT = frozenset({"json", "sse"})
 Headers = tuple[tuple[str, str], ...]
 
 
-def _static_headers(upstream: providers.Upstream, credential: Headers,
-                    per_request: tuple[str, ...] = ()) -> tuple[Headers, tuple[str, ...]]:
+def _static_headers(upstream: providers.Upstream, credential: Headers, per_request: tuple[str, ...] = (),
+                    authority: bool = True) -> tuple[Headers, tuple[str, ...]]:
     """The headers every allow to this upstream sets, and those it removes: the client's
     keys and headers that choose what the operator's credential bills, unless the
-    deployment sets them itself. ``per_request`` names headers each allow sets anew."""
-    headers = ((CLUSTER_HEADER, upstream.cluster), (":authority", upstream.authority)) + credential
+    deployment sets them itself. ``per_request`` names headers each allow sets anew;
+    ``authority``: the provider's host too (settings.upstream_authority)."""
+    headers = ((CLUSTER_HEADER, upstream.cluster),) + (((":authority", upstream.authority),) if authority else ()) \
+        + credential
     overwritten = {name for name, _ in headers} | set(per_request)
     # Envoy applies sets before removes: a header we overwrite must not also be removed.
     # USAGE_HEADER is set per request after this (service.within_limits); a client's never
@@ -139,9 +141,9 @@ class Fixed:
 
 
 def _fixed(upstream: providers.Upstream, route_id: str, credential: Headers,
-           per_request: tuple[str, ...] = ()) -> dict[str, Any]:
+           per_request: tuple[str, ...] = (), authority: bool = True) -> dict[str, Any]:
     """The fields of ``Fixed`` for one upstream and its fixed headers."""
-    headers, remove = _static_headers(upstream, credential, per_request)
+    headers, remove = _static_headers(upstream, credential, per_request, authority)
     return {"upstream": upstream, "headers": headers, "headers_to_remove": remove, "route_id": route_id,
             "prefix": allow_prefix(headers, remove)}
 
@@ -153,7 +155,7 @@ class Route(Fixed):
     token: TokenHolder | None = None  # a refreshed OAuth token, sent as Authorization: Bearer
 
     @classmethod
-    def of(cls, d: Deployment, tokens: Tokens = NO_TOKENS) -> "Route":
+    def of(cls, d: Deployment, tokens: Tokens = NO_TOKENS, authority: bool = True) -> "Route":
         provider = providers.provider(d.provider, d.provider_model)
         credential: Headers = ()
         if d.api_key and d.key_is_bearer:
@@ -165,7 +167,7 @@ class Route(Fixed):
         if provider.aws_service and d.region:
             credential += ((SIGN_HEADER, signer(provider.aws_service, d.region)),)
         per_request = (SPLICE_HEADER, "authorization") if d.token else (SPLICE_HEADER,)
-        return cls(**_fixed(providers.upstream(d.api_base), d.name, credential, per_request),
+        return cls(**_fixed(providers.upstream(d.api_base), d.name, credential, per_request, authority),
                    deployment=d, provider=provider, token=tokens.holder(d.token) if d.token else None)
 
     @property

@@ -39,7 +39,8 @@ class Runtime:
     @classmethod
     def of(cls, config: Config, tokens: Tokens = NO_TOKENS) -> "Runtime":
         master = hash_token(config.master_key) if config.master_key else None
-        catalog = Catalog(config.deployments, config.aliases, config.pass_through, tokens)
+        catalog = Catalog(config.deployments, config.aliases, config.pass_through, tokens,
+                          config.settings.upstream_authority)
         paths = PassThroughPaths(tuple((c.path, c.include_subpath) for c in config.pass_through))
         refusal = None
         if config.refuses_all:
