@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 CONFIG ?= examples/config.yaml
 
-.PHONY: install redis-server kubectl test run protos envoy-config deploy-envoy-config bench clean
+.PHONY: install redis-server kubectl promtool test run protos envoy-config deploy-envoy-config bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,10 @@ redis-server:
 kubectl:
 	@scripts/ensure-kubectl
 
-test: install redis-server kubectl
+promtool:
+	@scripts/ensure-promtool
+
+test: install redis-server kubectl promtool
 	$(PY) -m pytest
 
 run: install

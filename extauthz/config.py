@@ -180,6 +180,9 @@ class EnvoySettings:
 
     listen_port: int = setting(4000, **PORT)
     envoy_admin_port: int = setting(9901, **PORT)
+    # A listener on every address that serves Envoy's /stats/prometheus and nothing else
+    # of the admin API (which stays on 127.0.0.1), for Prometheus to scrape. 0: none.
+    envoy_stats_port: int = setting(0, **PORT, off=0)
     authz_timeout_ms: int = setting(1000, minimum=1)
 
 

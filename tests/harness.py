@@ -276,13 +276,15 @@ def render_envoy(config: Path, out: Path, listen: int, sidecar: Sidecar, envoy_a
     return out
 
 
-def start_envoy(workdir: Path, config: Path, sidecar: Sidecar, env: dict[str, str] | None = None) -> Envoy:
-    """``env``: added to Envoy's environment (AWS credentials for signing, say)."""
+def start_envoy(workdir: Path, config: Path, sidecar: Sidecar, env: dict[str, str] | None = None,
+                args: tuple[str, ...] = (), envoy_admin: int = 0) -> Envoy:
+    """``env``: added to Envoy's environment (AWS credentials for signing, say); ``args``:
+    more command-line options; ``envoy_admin``: its admin port (0: any, read back)."""
     name = ready_file(workdir, "envoy").stem
-    bootstrap = render_envoy(config, workdir / f"{name}.yaml", 0, sidecar, 0)
+    bootstrap = render_envoy(config, workdir / f"{name}.yaml", 0, sidecar, envoy_admin)
     admin_file = workdir / f"{name}.admin"
     proc = Proc("envoy", [str(BIN / "envoy"), "-c", str(bootstrap), "--disable-hot-restart", "--log-level", "warn",
-                          "--admin-address-path", str(admin_file)], workdir / f"{name}.log",
+                          "--admin-address-path", str(admin_file), *args], workdir / f"{name}.log",
                 {**os.environ, **env} if env else None).start()
     proc.wait_ready(lambda: admin_file.exists() and admin_file.read_text().strip() != "")
     admin_port = int(admin_file.read_text().strip().rsplit(":", 1)[1])

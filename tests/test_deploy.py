@@ -8,12 +8,12 @@ as a file, is validated offline:
 - Kubernetes kinds against the JSON schemas that ``kubernetes-validate`` ships, in strict
   mode (an unknown field fails), for the oldest Kubernetes the manifests support (1.29:
   native sidecars on by default) and the newest schemas the package has;
-- Istio's AuthorizationPolicy and ServiceEntry against the models generated from Istio's
-  CRDs by ``cloudcoil-models-istio``, with unknown fields refused;
-- the IstioOperator mesh config, Envoy Gateway's SecurityPolicy and Backend and Gateway
-  API's HTTPRoute and BackendTLSPolicy by targeted assertions on their fields (no offline
-  schema for them is packaged), with the field sets taken from istio.mesh.v1alpha1's
-  MeshConfig and Envoy Gateway's v1alpha1 API types.
+- Istio, Envoy Gateway and Gateway API kinds against the published CRD schemas vendored
+  in tests/crds/ (tests/crd_schema.py: an unknown field, a wrong type or a missing
+  required field fails, as the API server would refuse it; the IstioOperator's meshConfig
+  against Istio's MeshConfig proto), and Istio's AuthorizationPolicy and ServiceEntry also
+  against the models generated from Istio's CRDs by ``cloudcoil-models-istio``.
+  tests/test_crds.py has the tests of that validation itself.
 
 Beyond validity, the tests pin what a platform engineer relies on (native sidecar, gRPC
 probes, the "restricted" security context, resources, secrets only by reference, PDB and
@@ -45,6 +45,7 @@ from extauthz import config as config_module
 from extauthz.envoy import render as envoy_config
 from extauthz.check import routing
 from extauthz.config import Settings
+from tests import crd_schema
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -69,31 +70,6 @@ METRICS_PORT = getattr(SETTINGS, "metrics_port", 9464)
 RERENDER = ("re-render it: .venv/bin/python -m extauthz envoy-config --config deploy/kubernetes/base/config.yaml"
             " > deploy/kubernetes/overlays/sidecar/envoy.yaml")
 
-# Fields of istio.mesh.v1alpha1 MeshConfig.ExtensionProvider (mesh/v1alpha1/config.proto).
-ISTIO_PROVIDER_KINDS = {"envoyExtAuthzHttp", "envoyExtAuthzGrpc", "zipkin", "lightstep", "datadog", "stackdriver",
-                        "opencensus", "skywalking", "opentelemetry", "prometheus", "envoyFileAccessLog",
-                        "envoyHttpAls", "envoyTcpAls", "envoyOtelAls"}
-ISTIO_GRPC_PROVIDER_FIELDS = {"service", "port", "timeout", "failOpen", "statusOnError", "includeRequestBodyInCheck"}
-ISTIO_BODY_FIELDS = {"maxRequestBytes", "allowPartialMessage", "packAsBytes"}
-# Envoy Gateway api/v1alpha1: SecurityPolicy, ExtAuth, GRPCExtAuthService, BodyToExtAuth, Backend.
-EG_SECURITY_POLICY_SPEC_FIELDS = {"targetRef", "targetRefs", "targetSelectors", "apiKeyAuth", "authorization",
-                                  "basicAuth", "cors", "extAuth", "jwt", "oidc"}
-EG_EXT_AUTH_FIELDS = {"grpc", "http", "headersToExtAuth", "bodyToExtAuth", "timeout", "failOpen", "recomputeRoute",
-                      "contextExtensions"}
-EG_GRPC_FIELDS = {"backendRef", "backendRefs", "backendSettings"}
-EG_BACKEND_SPEC_FIELDS = {"endpoints", "appProtocols", "fallback", "tls", "type"}
-# Gateway API v1 (gateway.networking.k8s.io).
-GW_BACKEND_REF_FIELDS = {"group", "kind", "name", "namespace", "port", "weight", "filters", "fallback"}
-GW_POLICY_TARGET_FIELDS = {"group", "kind", "name", "sectionName"}
-GW_HTTPROUTE_SPEC_FIELDS = {"parentRefs", "hostnames", "rules"}
-GW_HTTPROUTE_RULE_FIELDS = {"name", "matches", "filters", "backendRefs", "timeouts", "retry", "sessionPersistence"}
-GW_MATCH_FIELDS = {"path", "headers", "queryParams", "method"}
-GW_FILTER_TYPES = {"RequestHeaderModifier": "requestHeaderModifier", "ResponseHeaderModifier": "responseHeaderModifier",
-                   "RequestMirror": "requestMirror", "RequestRedirect": "requestRedirect", "URLRewrite": "urlRewrite",
-                   "ExtensionRef": "extensionRef", "CORS": "cors"}
-GW_PARENT_REF_FIELDS = {"group", "kind", "namespace", "name", "sectionName", "port"}
-GW_BACKEND_TLS_VALIDATION_FIELDS = {"caCertificateRefs", "wellKnownCACertificates", "hostname", "subjectAltNames"}
-DURATION = re.compile(r"^([0-9]{1,5}(h|m|s|ms)){1,4}$")
 # What kubectl 1.20's built-in kustomize (v2.0.3) reads in a kustomization.yaml.
 KUSTOMIZE_V2_FIELDS = {"apiVersion", "kind", "namespace", "namePrefix", "nameSuffix", "commonLabels",
                        "commonAnnotations", "bases", "resources", "crds", "patchesStrategicMerge",
@@ -212,12 +188,6 @@ def duration_ms(value: str) -> float:
     return sum(float(n) * units[u] for n, u in parts)
 
 
-def assert_fields(obj: Any, allowed: set[str], where: str, required: set[str] = frozenset()) -> None:
-    assert isinstance(obj, dict), f"{where}: expected an object, got {obj!r}"
-    assert not set(obj) - allowed, f"{where}: unknown fields {sorted(set(obj) - allowed)} (known: {sorted(allowed)})"
-    assert not required - set(obj), f"{where}: missing required fields {sorted(required - set(obj))}"
-
-
 # -- validation of one object -------------------------------------------------------------
 
 ISTIO_MODELS = {
@@ -236,133 +206,24 @@ def validate_istio_model(doc: dict[str, Any], where: str) -> None:
     assert not lost, f"{where}: {describe(doc)}: {lost}"
 
 
-def validate_istio_operator(doc: dict[str, Any], where: str) -> None:
-    assert doc["apiVersion"] == "install.istio.io/v1alpha1"
-    assert_fields(doc["spec"], {"meshConfig", "profile", "values", "components", "hub", "tag", "revision",
-                                "namespace"}, f"{where}: spec")
-    providers = doc["spec"]["meshConfig"]["extensionProviders"]
-    names = [p["name"] for p in providers]
-    assert len(names) == len(set(names)), f"{where}: duplicate extension provider names {names}"
-    for p in providers:
-        kinds = set(p) - {"name"}
-        assert len(kinds) == 1 and kinds <= ISTIO_PROVIDER_KINDS, f"{where}: provider {p['name']}: {sorted(kinds)}"
-        grpc = p.get("envoyExtAuthzGrpc")
-        if grpc is None:
-            continue
-        ctx = f"{where}: provider {p['name']}.envoyExtAuthzGrpc"
-        assert_fields(grpc, ISTIO_GRPC_PROVIDER_FIELDS, ctx, required={"service", "port"})
-        assert isinstance(grpc["service"], str) and grpc["service"], ctx
-        assert isinstance(grpc["port"], int) and 1 <= grpc["port"] <= 65535, ctx
-        if "timeout" in grpc:
-            assert re.fullmatch(r"\d+(\.\d+)?s", grpc["timeout"]), f"{ctx}.timeout: not a protobuf Duration"
-        if "statusOnError" in grpc:
-            assert isinstance(grpc["statusOnError"], str) and grpc["statusOnError"].isdigit(), \
-                f"{ctx}.statusOnError: Istio wants the status code as a string"
-        body = grpc.get("includeRequestBodyInCheck", {})
-        assert_fields(body, ISTIO_BODY_FIELDS, f"{ctx}.includeRequestBodyInCheck")
-        for key in ("allowPartialMessage", "packAsBytes", "failOpen"):
-            for obj in (body, grpc):
-                assert not isinstance(obj.get(key), str), f"{ctx}: {key} must be a boolean"
-
-
-def validate_gateway_ref(ref: dict[str, Any], allowed: set[str], where: str) -> None:
-    assert_fields(ref, allowed, where, required={"name"})
-    if "port" in ref:
-        assert isinstance(ref["port"], int) and 1 <= ref["port"] <= 65535, f"{where}: port"
-
-
-def validate_security_policy(doc: dict[str, Any], where: str) -> None:
-    spec = doc["spec"]
-    assert_fields(spec, EG_SECURITY_POLICY_SPEC_FIELDS, f"{where}: spec")
-    assert spec.get("targetRefs"), f"{where}: targets nothing"
-    for ref in spec["targetRefs"]:
-        validate_gateway_ref(ref, GW_POLICY_TARGET_FIELDS, f"{where}: targetRefs")
-        assert ref.get("group") == "gateway.networking.k8s.io" and ref["kind"] in {"Gateway", "HTTPRoute", "GRPCRoute"}
-    ext = spec["extAuth"]
-    assert_fields(ext, EG_EXT_AUTH_FIELDS, f"{where}: extAuth")
-    assert ("grpc" in ext) != ("http" in ext), f"{where}: exactly one of extAuth.grpc and extAuth.http"
-    assert_fields(ext["grpc"], EG_GRPC_FIELDS, f"{where}: extAuth.grpc")
-    assert ext["grpc"].get("backendRefs") or ext["grpc"].get("backendRef"), f"{where}: no backend"
-    for ref in ext["grpc"].get("backendRefs", []):
-        validate_gateway_ref(ref, GW_BACKEND_REF_FIELDS, f"{where}: extAuth.grpc.backendRefs")
-        # The CRD's CEL rules.
-        assert ref.get("kind", "Service") in {"Service", "ServiceImport", "Backend"}
-        assert ref.get("group", "") in {"", "multicluster.x-k8s.io", "gateway.envoyproxy.io"}
-    if "bodyToExtAuth" in ext:
-        assert_fields(ext["bodyToExtAuth"], {"maxRequestBytes"}, f"{where}: bodyToExtAuth", {"maxRequestBytes"})
-        assert isinstance(ext["bodyToExtAuth"]["maxRequestBytes"], int) and ext["bodyToExtAuth"]["maxRequestBytes"] >= 1
-    if "timeout" in ext:
-        assert DURATION.fullmatch(ext["timeout"]), f"{where}: extAuth.timeout is not a Gateway API Duration"
-    for key in ("failOpen", "recomputeRoute"):
-        assert isinstance(ext.get(key, False), bool), f"{where}: extAuth.{key} must be a boolean"
-
-
-def validate_httproute(doc: dict[str, Any], where: str) -> None:
-    spec = doc["spec"]
-    assert_fields(spec, GW_HTTPROUTE_SPEC_FIELDS, f"{where}: spec")
-    for ref in spec["parentRefs"]:
-        validate_gateway_ref(ref, GW_PARENT_REF_FIELDS, f"{where}: parentRefs")
-    assert 1 <= len(spec["rules"]) <= 16, f"{where}: 1 to 16 rules"
-    for i, rule in enumerate(spec["rules"]):
-        ctx = f"{where}: rules[{i}]"
-        assert_fields(rule, GW_HTTPROUTE_RULE_FIELDS, ctx)
-        assert len(rule.get("matches", [])) <= 64
-        for match in rule.get("matches", []):
-            assert_fields(match, GW_MATCH_FIELDS, f"{ctx}.matches")
-            if "path" in match:
-                assert_fields(match["path"], {"type", "value"}, f"{ctx}.path")
-                assert match["path"]["type"] in {"Exact", "PathPrefix", "RegularExpression"}
-                assert match["path"]["value"].startswith("/")
-            for header in match.get("headers", []):
-                assert_fields(header, {"type", "name", "value"}, f"{ctx}.headers", {"name", "value"})
-                assert header.get("type", "Exact") in {"Exact", "RegularExpression"}
-        for ref in rule.get("backendRefs", []):
-            validate_gateway_ref(ref, GW_BACKEND_REF_FIELDS, f"{ctx}.backendRefs")
-        for f in rule.get("filters", []):
-            assert f["type"] in GW_FILTER_TYPES, f"{ctx}.filters: type {f['type']!r}"
-            key = GW_FILTER_TYPES[f["type"]]
-            assert set(f) == {"type", key}, f"{ctx}.filters: a {f['type']} filter takes `{key}`"
-            if key == "requestHeaderModifier":
-                assert_fields(f[key], {"set", "add", "remove"}, f"{ctx}.filters.{key}")
-        for key, value in rule.get("timeouts", {}).items():
-            assert key in {"request", "backendRequest"} and DURATION.fullmatch(value), f"{ctx}.timeouts.{key}"
-
-
-def validate_backend(doc: dict[str, Any], where: str) -> None:
-    spec = doc["spec"]
-    assert_fields(spec, EG_BACKEND_SPEC_FIELDS, f"{where}: spec")
-    for endpoint in spec["endpoints"]:
-        assert_fields(endpoint, {"fqdn", "ip", "unix", "zone", "hostname"}, f"{where}: endpoints")
-        assert_fields(endpoint["fqdn"], {"hostname", "port"}, f"{where}: fqdn", {"hostname", "port"})
-
-
-def validate_backend_tls_policy(doc: dict[str, Any], where: str) -> None:
-    spec = doc["spec"]
-    assert_fields(spec, {"targetRefs", "validation", "options"}, f"{where}: spec", {"targetRefs", "validation"})
-    for ref in spec["targetRefs"]:
-        validate_gateway_ref(ref, GW_POLICY_TARGET_FIELDS, f"{where}: targetRefs")
-    validation = spec["validation"]
-    assert_fields(validation, GW_BACKEND_TLS_VALIDATION_FIELDS, f"{where}: validation", {"hostname"})
-    assert ("caCertificateRefs" in validation) != ("wellKnownCACertificates" in validation)
-    assert validation.get("wellKnownCACertificates", "System") == "System"
-
-
-CUSTOM_VALIDATORS = {
-    ("install.istio.io/v1alpha1", "IstioOperator"): validate_istio_operator,
-    ("gateway.envoyproxy.io/v1alpha1", "SecurityPolicy"): validate_security_policy,
-    ("gateway.envoyproxy.io/v1alpha1", "Backend"): validate_backend,
-    ("gateway.networking.k8s.io/v1", "HTTPRoute"): validate_httproute,
-    ("gateway.networking.k8s.io/v1", "BackendTLSPolicy"): validate_backend_tls_policy,
-    **{key: validate_istio_model for key in ISTIO_MODELS},
-}
-
-
 def validate_object(doc: dict[str, Any], where: str) -> None:
     assert {"apiVersion", "kind", "metadata"} <= set(doc), f"{where}: not a Kubernetes object"
     assert doc["metadata"].get("name"), f"{where}: {doc['kind']} without a name"
-    custom = CUSTOM_VALIDATORS.get((doc["apiVersion"], doc["kind"]))
-    if custom is not None:
-        custom(doc, where)
+    if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+        # The Prometheus Operator's kinds: against its CRDs (vendored; tests/test_monitoring.py).
+        from tests.test_monitoring import crd_errors
+        problems = crd_errors(doc)
+        assert not problems, f"{where}: {describe(doc)} does not match its CRD schema:\n" + "\n".join(problems)
+        return
+    if crd_schema.governed(doc["apiVersion"]):
+        # Istio, Envoy Gateway and Gateway API: the published schemas (tests/crds/).
+        try:
+            problems = crd_schema.problems(doc)
+        except crd_schema.NoSchema as e:
+            pytest.fail(f"{where}: {e}", pytrace=False)
+        assert not problems, f"{where}: {describe(doc)} does not match its CRD schema:\n" + "\n".join(problems)
+        if (doc["apiVersion"], doc["kind"]) in ISTIO_MODELS:
+            validate_istio_model(doc, where)
         return
     for version in K8S_VERSIONS:
         try:
@@ -507,9 +368,10 @@ def test_secrets_only_by_reference(mode: str) -> None:
 def test_secret_example_is_placeholders_only_and_never_applied() -> None:
     (secret,) = load_docs(SECRET_EXAMPLE)
     assert secret["kind"] == "Secret" and secret["metadata"]["name"] == SECRET_NAME
-    assert set(secret["stringData"]) == environ_names(BASE_CONFIG), "the example must list every key config.yaml reads"
+    assert set(secret["stringData"]) == environ_names(BASE_CONFIG) | {"REDIS_URL"}, \
+        "the example must list every key config.yaml reads, and the Redis URL"
     for key, value in secret["stringData"].items():
-        assert value.startswith("REPLACE-ME"), f"{key}: not a clearly marked placeholder"
+        assert "REPLACE-ME" in value, f"{key}: not a clearly marked placeholder"
     for k in DEPLOY.rglob("kustomization.yaml"):
         listed = [e for field in ("resources", "bases", "patchesStrategicMerge")
                   for e in yaml.safe_load(k.read_text()).get(field, [])]
@@ -526,18 +388,25 @@ def extauthz_containers(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def test_extauthz_container(mode: str) -> None:
     docs = kustomize(OVERLAYS[mode])
     (c,) = extauthz_containers(docs)
-    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-        assert c[probe].get("grpc") == {"port": SETTINGS.grpc_port}, f"{probe} must be gRPC health on {SETTINGS.grpc_port}"
-    assert port_of(c, "grpc") == SETTINGS.grpc_port
-    assert port_of(c, "admin") == SETTINGS.admin_port
-    assert port_of(c, "metrics") == METRICS_PORT
     env = env_map(c)
-    # The kubelet probes the pod IP.
-    assert env["EXTAUTHZ_GRPC_HOST"]["value"] == "0.0.0.0"
-    # Redis: through the Service naming the external instance.
-    redis = one(docs, "Service", "extauthz-redis")
-    assert redis["spec"]["type"] == "ExternalName"
-    assert re.fullmatch(rf"redis://extauthz-redis:{redis['spec']['ports'][0]['port']}/\d+", env["EXTAUTHZ_REDIS_URL"]["value"])
+    if mode == "sidecar":
+        # Check stays on loopback (its allows carry the provider credentials); the kubelet
+        # probes the pod IP, on a port that serves gRPC health only.
+        assert "EXTAUTHZ_GRPC_HOST" not in env and SETTINGS.grpc_host == "127.0.0.1"
+        health = int(env["EXTAUTHZ_HEALTH_PORT"]["value"])
+        assert health != SETTINGS.grpc_port and port_of(c, "grpc-health") == health
+        assert {p["name"] for p in c["ports"]} == {"grpc-health", "metrics"}  # nothing else on the pod's address
+    else:
+        # Called over the network by the mesh's or gateway's proxies.
+        assert env["EXTAUTHZ_GRPC_HOST"]["value"] == "0.0.0.0"
+        health = SETTINGS.grpc_port
+        assert port_of(c, "grpc") == SETTINGS.grpc_port and port_of(c, "admin") == SETTINGS.admin_port
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert c[probe].get("grpc") == {"port": health}, f"{probe} must be gRPC health on {health}"
+    assert port_of(c, "metrics") == METRICS_PORT
+    # Redis: its URL (an ACL user's password in it) from the Secret, never in a manifest.
+    assert env["EXTAUTHZ_REDIS_URL"]["valueFrom"]["secretKeyRef"] == {"name": SECRET_NAME, "key": "REDIS_URL"}
+    assert one(docs, "Service", "extauthz-redis")["spec"]["type"] == "ExternalName"
     assert c["args"] == ["--config", "/etc/extauthz/config.yaml"]
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
     template = next(t for _, t in pod_templates(docs))
@@ -555,15 +424,20 @@ def test_extauthz_container_is_the_same_in_both_modes() -> None:
     """Only the differences the modes need: sidecar restart policy, the admin API's
     exposure, the usage reports (the standalone mode's Envoy, a mesh's or gateway's, sends
     none until told to), shutdown timing and sizing."""
-    allowed = {"restartPolicy", "lifecycle", "resources", "env"}
+    allowed = {"restartPolicy", "lifecycle", "resources", "env", "ports", "startupProbe", "livenessProbe",
+               "readinessProbe"}
     (sidecar,) = extauthz_containers(kustomize(OVERLAYS["sidecar"]))
     (standalone,) = extauthz_containers(kustomize(OVERLAYS["standalone"]))
     for key in (set(sidecar) | set(standalone)) - allowed:
         assert sidecar.get(key) == standalone.get(key), f"extauthz container field {key!r} differs between modes"
     env_s, env_a = env_map(sidecar), env_map(standalone)
-    assert set(env_a) - set(env_s) == {"EXTAUTHZ_ADMIN_HOST", "EXTAUTHZ_USAGE_REPORTS"} and not set(env_s) - set(env_a)
+    assert set(env_a) - set(env_s) == {"EXTAUTHZ_GRPC_HOST", "EXTAUTHZ_ADMIN_HOST", "EXTAUTHZ_USAGE_REPORTS",
+                                       "EXTAUTHZ_UPSTREAM_AUTHORITY"}
+    assert set(env_s) - set(env_a) == {"EXTAUTHZ_HEALTH_PORT"}
     assert env_a["EXTAUTHZ_USAGE_REPORTS"]["value"] == "false"
-    for name in env_s:
+    # Istio and Envoy Gateway match routes again after the check: their routes set the host.
+    assert env_a["EXTAUTHZ_UPSTREAM_AUTHORITY"]["value"] == "false"
+    for name in set(env_s) & set(env_a):
         assert env_s[name] == env_a[name], f"env {name} differs between modes"
 
 
@@ -592,15 +466,16 @@ def test_sidecar_mode() -> None:
 
     # Ports agree: listener = Envoy's container port = the Service's target; the
     # ext_authz and admin clusters point at extauthz's ports on loopback.
-    (listener,) = bootstrap["static_resources"]["listeners"]
+    (listener,) = [x for x in bootstrap["static_resources"]["listeners"] if x["name"] != "envoy_stats"]
     listen_port = listener["address"]["socket_address"]["port_value"]
     assert port_of(envoy, "http") == listen_port
     clusters = {c["name"]: c for c in bootstrap["static_resources"]["clusters"]}
-    for cluster_name, port_name in ((envoy_config.AUTHZ_CLUSTER, "grpc"), (envoy_config.ADMIN_CLUSTER, "admin")):
+    for cluster_name, port in ((envoy_config.AUTHZ_CLUSTER, SETTINGS.grpc_port),
+                               (envoy_config.ADMIN_CLUSTER, SETTINGS.admin_port)):
         (locality,) = clusters[cluster_name]["load_assignment"]["endpoints"]
         for endpoint in locality["lb_endpoints"]:
             address = endpoint["endpoint"]["address"]["socket_address"]
-            assert address == {"address": "127.0.0.1", "port_value": port_of(extauthz, port_name)}, cluster_name
+            assert address == {"address": "127.0.0.1", "port_value": port}, cluster_name
     service = one(docs, "Service", "llm-gateway")
     (service_port,) = service["spec"]["ports"]
     assert service_port["port"] == listen_port and service_port["targetPort"] in ("http", listen_port)
@@ -615,7 +490,10 @@ def test_sidecar_mode() -> None:
     assert "Ingress" in policy["spec"]["policyTypes"]
     admitted = {p["port"] for rule in policy["spec"]["ingress"] for p in rule.get("ports", [])}
     assert all(rule.get("ports") for rule in policy["spec"]["ingress"]), "a rule without ports admits every port"
-    assert admitted == {listen_port, METRICS_PORT}
+    # The gateway, extauthz's metrics and Envoy's /stats/prometheus (the only path its stats
+    # listener serves; the admin API stays on loopback).
+    assert admitted == {listen_port, METRICS_PORT, base_config().envoy.envoy_stats_port}
+    assert port_of(envoy, "envoy-stats") == base_config().envoy.envoy_stats_port
 
 
 def test_standalone_mode() -> None:
@@ -700,7 +578,10 @@ def test_envoy_accepts_config(path: Path) -> None:
 
 def istio_providers() -> dict[str, dict[str, Any]]:
     (operator,) = load_docs(ISTIO / "mesh-config.yaml")
-    return {p["name"]: p["envoyExtAuthzGrpc"] for p in operator["spec"]["meshConfig"]["extensionProviders"]}
+    providers = operator["spec"]["meshConfig"]["extensionProviders"]
+    names = [p["name"] for p in providers]
+    assert len(names) == len(set(names)), f"istiod refuses duplicate extension provider names: {names}"
+    return {p["name"]: p["envoyExtAuthzGrpc"] for p in providers}
 
 
 def admin_path_patterns() -> tuple[set[str], set[str]]:
@@ -733,18 +614,23 @@ def test_istio_providers_fail_closed_and_send_the_whole_body_as_bytes() -> None:
     assert port["number"] == providers["extauthz-local"]["port"] and port["protocol"] == "GRPC"
 
 
-@pytest.mark.parametrize("file", ["authorization-policy.yaml", "local-sidecar.yaml"])
-def test_istio_authorization_policy_checks_everything_but_the_admin_api(file: str) -> None:
+@pytest.mark.parametrize("file,scope", [("authorization-policy.yaml", {"hosts", "notPaths"}),
+                                        ("authorization-policy-gateway-api.yaml", {"notPaths"}),
+                                        ("local-sidecar.yaml", {"notPaths"})])
+def test_istio_authorization_policy_checks_everything_but_the_admin_api(file: str, scope: set[str]) -> None:
+    """On a shared ingress gateway the policy names the LLM host (other hosts are not
+    extauthz's); on a dedicated Gateway (targetRefs) or one workload it checks all of it."""
     providers = istio_providers()
     (policy,) = [d for d in load_docs(ISTIO / file) if d["kind"] == "AuthorizationPolicy"]
     spec = policy["spec"]
     assert spec["action"] == "CUSTOM"
     assert spec["provider"]["name"] in providers
-    assert spec["selector"]["matchLabels"], "must select the gateway workload, not the whole namespace"
+    assert spec.get("targetRefs") or spec["selector"]["matchLabels"], \
+        "must select the gateway workload or Gateway, not the whole namespace"
     (rule,) = spec["rules"]
     (to,) = rule["to"]
     not_paths = set(to["operation"]["notPaths"])
-    assert set(to["operation"]) == {"notPaths"}, "only the admin paths may skip the check"
+    assert set(to["operation"]) == scope, "only the admin paths (and, on a shared gateway, other hosts) skip the check"
     exact, prefixes = admin_path_patterns()
     assert not_paths == exact | {p + "*" for p in prefixes}
 
@@ -756,6 +642,7 @@ def test_envoy_gateway_security_policy() -> None:
     docs = kustomize(ENVOY_GATEWAY)
     policy = one(docs, "SecurityPolicy")
     ext = policy["spec"]["extAuth"]
+    assert "grpc" in ext and "http" not in ext, "extauthz is a gRPC ext_authz service (and the CRD takes one of them)"
     assert ext["failOpen"] is False
     assert ext["bodyToExtAuth"] == {"maxRequestBytes": settings.max_request_bytes}
     assert duration_ms(ext["timeout"]) == base_config().envoy.authz_timeout_ms
@@ -764,6 +651,7 @@ def test_envoy_gateway_security_policy() -> None:
     standalone = kustomize(OVERLAYS["standalone"])
     service = one(standalone, "Service", "extauthz")
     (ref,) = ext["grpc"]["backendRefs"]
+    assert (ref.get("group", ""), ref.get("kind", "Service")) == ("", "Service")
     assert (ref["name"], ref["port"]) == ("extauthz", SETTINGS.grpc_port)
     assert policy["metadata"]["namespace"] == service["metadata"]["namespace"]
     # It targets the LLM route, not the admin route.
@@ -781,7 +669,7 @@ def test_envoy_gateway_routes_match_the_clusters_extauthz_picks() -> None:
     bootstrap = yaml.safe_load(SIDECAR_ENVOY.read_text())
     upstreams = {}
     for cluster in bootstrap["static_resources"]["clusters"]:
-        if cluster["name"] in (envoy_config.AUTHZ_CLUSTER, envoy_config.ADMIN_CLUSTER):
+        if cluster["name"] in (envoy_config.AUTHZ_CLUSTER, envoy_config.ADMIN_CLUSTER, envoy_config.STATS_CLUSTER):
             continue
         (locality,) = cluster["load_assignment"]["endpoints"]
         (endpoint,) = locality["lb_endpoints"]
@@ -804,7 +692,10 @@ def test_envoy_gateway_routes_match_the_clusters_extauthz_picks() -> None:
         assert removed_headers(rule) >= INTERNAL_HEADERS, "the provider must not see extauthz's internal headers"
         assert ref["port"] == endpoint["fqdn"]["port"]
         if ref["name"] in tls:
-            assert tls[ref["name"]]["spec"]["validation"]["hostname"] == endpoint["fqdn"]["hostname"]
+            validation = tls[ref["name"]]["spec"]["validation"]
+            assert validation["hostname"] == endpoint["fqdn"]["hostname"]
+            # Verified against the system CAs, as the rendered Envoy config does.
+            assert validation.get("wellKnownCACertificates") == "System" and "caCertificateRefs" not in validation
     assert routed == upstreams
 
 

@@ -29,6 +29,7 @@ from extauthz.check.routing import (ACTING_HEADERS, CLUSTER_HEADER, INTERNAL_HEA
 
 AUTHZ_CLUSTER = "extauthz"
 ADMIN_CLUSTER = "extauthz_admin"
+STATS_CLUSTER = "envoy_admin_stats"  # the admin interface, for /stats/prometheus only
 DECOMPRESSOR_FILTER = "envoy.filters.http.decompressor"
 EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
 SPLICE_FILTER = "envoy.filters.http.lua"
@@ -70,8 +71,11 @@ def render(config: Config, listen_port: int | None = None, authz_port: int | Non
         "admin": {"address": _address("127.0.0.1", _pick(envoy_admin_port, e.envoy_admin_port))},
         "static_resources": {
             "listeners": [_listener(s, e, _pick(listen_port, e.listen_port), _signers(config),
-                                    [jwt.jwt_filter(config.jwt, sources)] if config.jwt else [])],
+                                    [jwt.jwt_filter(config.jwt, sources)] if config.jwt else []),
+                          *([_stats_listener(e.envoy_stats_port)] if e.envoy_stats_port else [])],
             "clusters": [
+                *([_cluster(STATS_CLUSTER, "127.0.0.1", _pick(envoy_admin_port, e.envoy_admin_port), "1s")]
+                  if e.envoy_stats_port else []),
                 _authz_cluster(_pick(authz_host, s.grpc_host), _pick(authz_port, s.grpc_port), s.workers),
                 _cluster(ADMIN_CLUSTER, _pick(admin_host, s.admin_host), _pick(admin_port, s.admin_port), "1s"),
                 *_upstream_clusters(config),
@@ -116,6 +120,28 @@ def _address(host: str, port: int) -> dict[str, Any]:
 
 
 # -- listener -----------------------------------------------------------------------------
+
+def _stats_listener(port: int) -> dict[str, Any]:
+    """Envoy's own metrics for Prometheus: GET /stats/prometheus, passed to the admin
+    interface on loopback; every other path and method is refused here, so the admin API
+    (drain, quit, config dump with its secrets) is never reachable from the network."""
+    hcm = _typed(
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        stat_prefix="envoy_stats",
+        normalize_path=True,
+        merge_slashes=True,
+        path_with_escaped_slashes_action="REJECT_REQUEST",
+        route_config={"name": "envoy_stats", "virtual_hosts": [{"name": "stats", "domains": ["*"], "routes": [
+            {"match": {"path": "/stats/prometheus", "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
+             "route": {"cluster": STATS_CLUSTER, "timeout": "10s"}},
+            {"match": {"prefix": "/"}, "direct_response": {"status": 404}},
+        ]}]},
+        http_filters=[_router_filter()],
+    )
+    return {"name": "envoy_stats", "address": _address("0.0.0.0", port),
+            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                            "typed_config": hcm}]}]}
+
 
 def _listener(s: Settings, e: EnvoySettings, port: int, signers: list[tuple[str, str]],
               identity: list[dict[str, Any]]) -> dict[str, Any]:
