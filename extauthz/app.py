@@ -140,6 +140,17 @@ async def flush_forever(decision_log: logs.DecisionLog) -> None:
 ADMIN_REDIS_TIMEOUT_S = 30.0
 
 
+def grpc_port(server: grpc.aio.Server, what: str, host: str, port: int) -> int:
+    """The port ``server`` listens on at host:port (0: any free one), or StartupError."""
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:
+        bound = 0
+    if bound == 0:
+        raise StartupError(f"cannot listen for {what} on {host}:{port}: address in use or not available")
+    return bound
+
+
 class App:
     """The sidecar's parts and their order. ``reuse_port``: one of several worker
     processes sharing the ports (SO_REUSEPORT), whose metrics the supervisor serves."""
@@ -190,26 +201,13 @@ class App:
         self.service.add_to(self.grpc)
         self.usage.add_to(self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        address = f"{s.grpc_host}:{s.grpc_port}"
-        try:
-            bound = self.grpc.add_insecure_port(address)
-        except RuntimeError:
-            bound = 0
-        if bound == 0:
-            raise StartupError(f"cannot listen for gRPC on {address}: address in use or not available")
+        bound = grpc_port(self.grpc, "gRPC", s.grpc_host, s.grpc_port)
         if s.health_port:
             # Only grpc.health.v1 here: no Check, no usage reports (whose answers or
             # entries a prober has no business reaching).
             self.health_grpc = grpc.aio.server(options=[("grpc.so_reuseport", int(self.reuse_port))])
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_grpc)
-            health_address = f"{s.health_host}:{s.health_port}"
-            try:
-                health_bound = self.health_grpc.add_insecure_port(health_address)
-            except RuntimeError:
-                health_bound = 0
-            if health_bound == 0:
-                raise StartupError(f"cannot listen for gRPC health on {health_address}: address in use or not "
-                                   "available")
+            health_bound = grpc_port(self.health_grpc, "gRPC health", s.health_host, s.health_port)
         admin_socket = listening_socket("the admin API", s.admin_host, s.admin_port, self.reuse_port)
         self.sockets.append(admin_socket)
         self.ports = {"grpc_port": bound, "admin_port": admin_socket.getsockname()[1],

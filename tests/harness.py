@@ -20,9 +20,11 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
+import pytest
 import redis
 
 from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2
@@ -31,6 +33,17 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 EXAMPLE_CONFIG = ROOT / "examples" / "config.yaml"
 MASTER_KEY = "sk-1234"
+
+
+@lru_cache(maxsize=None)
+def installed(tool: str, script: str) -> str:
+    """The path of a tool the tests run (``$TOOL`` in upper case overrides it); a test
+    fails, naming the script that installs it, when there is none."""
+    path = os.environ.get(tool.upper()) or shutil.which(tool)
+    if not path:
+        pytest.fail(f"{tool} is not installed: run scripts/{script} (make test does), "
+                    f"or set {tool.upper()} to a {tool} binary", pytrace=False)
+    return path
 
 
 def free_port() -> int:

@@ -46,6 +46,7 @@ from extauthz.envoy import render as envoy_config
 from extauthz.check import routing
 from extauthz.config import Settings
 from tests import crd_schema
+from tests.harness import installed
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -92,13 +93,8 @@ def describe(doc: dict[str, Any]) -> str:
     return f"{doc.get('kind')} {meta.get('namespace', '-')}/{meta.get('name')}"
 
 
-@lru_cache(maxsize=None)
 def kubectl() -> str:
-    path = os.environ.get("KUBECTL") or shutil.which("kubectl")
-    if not path:
-        pytest.fail("kubectl is not installed: run scripts/ensure-kubectl (make test does), "
-                    "or set KUBECTL to a kubectl binary", pytrace=False)
-    return path
+    return installed("kubectl", "ensure-kubectl")
 
 
 @lru_cache(maxsize=None)
@@ -803,3 +799,11 @@ def test_image_builds_and_runs_as_non_root() -> None:
         assert yaml.safe_load(run.stdout) == yaml.safe_load(SIDECAR_ENVOY.read_text())
     finally:
         subprocess.run([engine, "image", "rm", "-f", tag], capture_output=True, timeout=120)
+
+
+@pytest.mark.parametrize("mode", sorted(OVERLAYS))
+def test_every_image_is_pinned_to_a_release(mode: str) -> None:
+    """A rollout must not pick up whatever a moving tag (latest, v1.40-latest) points at now."""
+    for _, template in pod_templates(kustomize(OVERLAYS[mode])):
+        for c in all_containers(template["spec"]):
+            assert re.fullmatch(r"[\w./-]+:v?\d+\.\d+\.\d+", c["image"]), f"{c['name']}: {c['image']} is not pinned"

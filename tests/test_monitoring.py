@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 import shutil
 import signal
@@ -43,6 +42,7 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from extauthz.config import Settings
 from extauthz.telemetry import metrics as metrics_module
+from tests.harness import installed
 
 REPO = Path(__file__).resolve().parents[1]
 MONITORING = REPO / "deploy" / "monitoring"
@@ -72,37 +72,18 @@ GRAFANA_VARIABLES = {"__rate_interval": "5m", "__interval": "1m", "__range": "6h
 
 # -- tools ------------------------------------------------------------------------------
 
-@lru_cache(maxsize=None)
 def promtool() -> str:
-    path = os.environ.get("PROMTOOL") or shutil.which("promtool")
-    if not path:
-        pytest.fail("promtool is not installed: run scripts/ensure-promtool (make test does), "
-                    "or set PROMTOOL to a promtool binary", pytrace=False)
-    return path
-
-
-@lru_cache(maxsize=None)
-def kubectl() -> str:
-    path = os.environ.get("KUBECTL") or shutil.which("kubectl")
-    if not path:
-        pytest.fail("kubectl is not installed: run scripts/ensure-kubectl (make test does), "
-                    "or set KUBECTL to a kubectl binary", pytrace=False)
-    return path
+    return installed("promtool", "ensure-promtool")
 
 
 def run_promtool(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run([promtool(), *args], cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
-@lru_cache(maxsize=None)
-def _kustomize(directory: Path) -> tuple[dict[str, Any], ...]:
-    result = subprocess.run([kubectl(), "kustomize", str(directory)], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, f"kubectl kustomize {directory.relative_to(REPO)} failed:\n{result.stderr}"
-    return tuple(d for d in yaml.safe_load_all(result.stdout) if d is not None)
-
-
 def kustomize(directory: Path) -> list[dict[str, Any]]:
-    return copy.deepcopy(list(_kustomize(directory)))
+    """The rendered objects, a copy each test may change (``kubectl kustomize``, as test_deploy renders)."""
+    from tests.test_deploy import kustomize as rendered
+    return copy.deepcopy(rendered(directory))
 
 
 def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:

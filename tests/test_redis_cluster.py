@@ -387,7 +387,7 @@ def test_cluster_settings_that_cannot_work_stop_the_start(config_path: Path) -> 
         env = {"EXTAUTHZ_REDIS_URL": url, "EXTAUTHZ_REDIS_MODE": "cluster", "PATH": "/usr/bin:/bin", **env}
         checked = subprocess.run([sys.executable, "-m", "extauthz", "check-config", "--config", str(config_path)],
                                  capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
-        assert checked.returncode == 1 and f"error: redis: " in checked.stdout and why in checked.stdout, checked
+        assert checked.returncode == 1 and "error: redis: " in checked.stdout and why in checked.stdout, checked
     env = {"EXTAUTHZ_REDIS_CLUSTER_NODES": "127.0.0.1:7001", "PATH": "/usr/bin:/bin"}
     checked = subprocess.run([sys.executable, "-m", "extauthz", "check-config", "--config", str(config_path)],
                              capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
