@@ -169,8 +169,11 @@ class App:
             self.store = RedisReader(redis, s.redis_timeout_ms, s.key_prefix)
             prefixes = (self.store.key_id(""), self.store.team_id(""), self.store.user_id(""))
             self.invalidator = Invalidator(redis, prefixes, self.cache, s.redis_timeout_ms / 1000)
-        except ValueError as e:  # (connection.UnusableTarget, or what redis-py makes of the URL)
-            raise StartupError(f"unusable Redis settings ({connection.redacted(s.redis_url)}): {e}") from None
+        except ValueError as e:  # (connection.UnusableTarget, or what urllib or redis-py make of the URL)
+            # Only our own messages are shown: another parser's may quote a piece of the URL,
+            # a password included.
+            why = str(e) if isinstance(e, connection.UnusableTarget) else f"{type(e).__name__} reading redis_url"
+            raise StartupError(f"unusable Redis settings ({connection.redacted(s.redis_url)}): {why}") from None
         log.info("redis: %s", redis.describe())
         metrics.REDIS_TARGET.labels(redis.mode, redis.endpoint).set(1)
         self.redis_warnings: list[str] = []
@@ -202,6 +205,10 @@ class App:
         self.usage.add_to(self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         bound = grpc_port(self.grpc, "gRPC", s.grpc_host, s.grpc_port)
+        if s.health_port and s.health_port == bound:
+            # (With workers, SO_REUSEPORT would let both servers share it: some checks would
+            # reach the health-only one.)
+            raise StartupError(f"health_port {s.health_port} is the Check port: give health a port of its own")
         if s.health_port:
             # Only grpc.health.v1 here: no Check, no usage reports (whose answers or
             # entries a prober has no business reaching).

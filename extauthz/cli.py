@@ -132,8 +132,8 @@ def check_config(config: Config, strict: bool) -> int:
     try:
         out.write(f"redis: {connection.target(config.settings).describe()}\n")
         unusable = None
-    except connection.UnusableTarget as e:
-        unusable = str(e)
+    except ValueError as e:  # (another parser's message may quote the URL: only ours are shown)
+        unusable = str(e) if isinstance(e, connection.UnusableTarget) else f"{type(e).__name__} reading redis_url"
         out.write(f"error: redis: {unusable} (the sidecar would not start)\n")
     for warning in config.warnings:
         out.write(f"warning: {warning}\n")
@@ -152,10 +152,6 @@ def exit_now(code: int) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
 
 
 def istio_command(args: argparse.Namespace) -> int:
@@ -188,3 +184,7 @@ def istio_command(args: argparse.Namespace) -> int:
     text = yaml.safe_dump(merged, sort_keys=False)
     sys.stdout.write(istio.configmap_patch(text) + "\n" if args.configmap_patch else text)
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -86,6 +86,15 @@ def test_a_body_sent_as_text_is_refused_where_it_may_not_be_the_bytes_forwarded(
     assert denied(bang) == (400, "body_not_bytes")
     raw_bang = stub.Check(check_request({"authorization": f"Bearer {key}"}, b'{"model": "gpt-4!"}'), timeout=5)
     assert denied(raw_bang)[1] != "body_not_bytes"
+    # "mod\xffel" as Envoy writes it in the text field: a provider that drops the byte reads
+    # a second "model"; refused. A '!' in the content is just text.
+    second = stub.Check(check_request({"authorization": f"Bearer {key}"},
+                                      body='{"model": "gpt-4", "mod!el": "gpt-4o"}'), timeout=5)
+    assert denied(second) == (400, "body_not_bytes")
+    content = stub.Check(check_request({"authorization": f"Bearer {key}"},
+                                       body='{"model": "gpt-4", "messages": [{"role": "user", "content": "Hi!"}]}'),
+                         timeout=5)
+    assert content.status.code == 0
 
 
 def test_utf8_body_field_is_read_when_raw_body_is_absent(stub, key: str) -> None:

@@ -88,6 +88,21 @@ def test_every_provider_of_the_config_has_its_route_service_entry_and_tls_origin
     assert {"uri": {"prefix": "/key/"}} in admin["match"] and {"uri": {"exact": "/audit"}} in admin["match"]
 
 
+def test_the_policy_checks_every_host_the_routes_send_to_providers() -> None:
+    """A host the VirtualService serves but the policy does not name would reach the
+    providers' routes unchecked (their header match alone is a client's to send)."""
+    (policy,) = docs(ISTIO / "authorization-policy.yaml")
+    (service,) = [d for d in docs(ISTIO / "routing.yaml") if d["kind"] == "VirtualService"]
+    checked = set(policy["spec"]["rules"][0]["to"][0]["operation"]["hosts"])
+    assert checked == {h for host in service["spec"]["hosts"] for h in (host, f"{host}:*")}
+
+
+@pytest.mark.parametrize("given", ["apiVersion: v1\nkind: ConfigMap\ndata: {mesh: ''}\n"])
+def test_a_whole_configmap_is_refused(given: str) -> None:
+    refused = merge(given)
+    assert refused.returncode == 2 and "ConfigMap, not a mesh config" in refused.stderr
+
+
 def test_the_providers_choose_the_route_after_the_check_and_fail_closed() -> None:
     (operator,) = docs(ISTIO / "mesh-config.yaml")
     for provider in operator["spec"]["meshConfig"]["extensionProviders"]:

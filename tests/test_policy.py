@@ -181,6 +181,27 @@ def test_behind_a_gateway_that_rematches_routes_the_allow_leaves_the_host_alone(
     assert headers[CLUSTER_HEADER] == "upstream_http_upstream_8000" and headers["authorization"] == "Bearer sk-prov-4"
 
 
+def test_behind_a_gateway_pass_through_allows_leave_the_host_alone_too():
+    config = from_dict({"model_list": [deployment("gpt-4", "openai/gpt-4")],
+                        "general_settings": {"pass_through_endpoints": [
+                            {"path": "/p", "target": "http://upstream.local/files"}]},
+                        "extauthz_settings": {"upstream_authority": False}})
+    (route,) = Runtime.of(config).catalog.pass_through
+    assert ":authority" not in dict(route.headers) and ":authority" not in route.headers_to_remove
+    default = from_dict({"model_list": [deployment("gpt-4", "openai/gpt-4")], "general_settings": {
+        "pass_through_endpoints": [{"path": "/p", "target": "http://upstream.local/files"}]}})
+    assert dict(Runtime.of(default).catalog.pass_through[0].headers)[":authority"] == "upstream.local"
+
+
+def test_the_rendered_envoy_refuses_a_config_that_leaves_the_host_to_the_routes():
+    """Its routes keep the host the allow sets: without it the provider would get the client's."""
+    from extauthz.envoy.render import render
+    config = from_dict({"model_list": [deployment("gpt-4", "openai/gpt-4")],
+                        "extauthz_settings": {"upstream_authority": False}})
+    with pytest.raises(ValueError, match="upstream_authority"):
+        render(config)
+
+
 def test_azure_deployment_gets_api_key_and_deployment_path():
     d = run(key(), f=facts("azure-gpt-3.5"))
     headers = dict(d.headers)

@@ -17,7 +17,7 @@ import grpc
 import pytest
 
 from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2_grpc
-from extauthz.records.connection import RedisTarget, UnusableTarget, target
+from extauthz.records.connection import RedisTarget, UnusableTarget, redacted, target
 from tests.harness import MASTER_KEY, Proc, Sidecar, check_request, free_port, http, start_sidecar, wait_until
 
 PASSWORD = "acl-pa55word-not-for-logs"
@@ -231,6 +231,19 @@ def test_unusable_settings_stop_the_start_and_check_config_says_why(config_path:
     assert served.returncode != 0 and "not rediss://" in served.stderr
     for output in (checked_config.stdout, checked_config.stderr, served.stdout, served.stderr):
         assert PASSWORD not in output
+
+
+@pytest.mark.parametrize("password", ["ab/cd", "1234/abcd", "/lead", "x?y#z", "p@ss:w/rd?#", "%2Fenc%40oded"])
+def test_a_password_pasted_unencoded_is_read_whole_and_never_shown(password: str) -> None:
+    """A generated password often holds '/', '?', '#' or '@': the URL's user information
+    ends at its last '@', so none of it is taken for a host, a path or a query."""
+    url = f"redis://extauthz:{password}@redis.internal:6379/2"
+    found = target(settings(redis_url=url))
+    from urllib.parse import unquote
+    assert found.url == "redis://redis.internal:6379/2" and found.username == "extauthz"
+    assert found.password == unquote(password)
+    for shown in (found.describe(), found.endpoint, redacted(url), repr(found)):
+        assert password not in shown and unquote(password) not in shown
 
 
 def test_the_target_type_never_shows_its_password() -> None:

@@ -109,7 +109,7 @@ class Catalog:
         self.access_groups: dict[str, tuple[str, ...]] = {k: tuple(v) for k, v in members.items()}
         self.aliases: dict[str, Alias] = {a.name: a for a in aliases}
         self.routes: dict[int, Route] = {d.index: Route.of(d, tokens, authority) for d in deployments if d.routable}
-        self.pass_through: tuple[PassThroughRoute, ...] = tuple(PassThroughRoute.of(c) for c in pass_through)
+        self.pass_through: tuple[PassThroughRoute, ...] = tuple(PassThroughRoute.of(c, authority) for c in pass_through)
         self.resolve = lru_cache(maxsize=65536)(self._resolve)
         # Case-insensitive views for variant_of: a casefolded name can stand for several
         # groups or aliases that differ only in case, so each maps to every group it names.

@@ -8,6 +8,8 @@ becomes a Problem that the decision turns into a deny.
 
 from __future__ import annotations
 
+import json
+
 from typing import Any, Mapping
 
 from google.protobuf import json_format
@@ -37,8 +39,8 @@ TEXT_FORM = Problem("body_not_bytes", "This gateway passes request bodies to the
                     "which cannot carry a multipart upload's bytes; send uploads through a gateway that passes "
                     "them as bytes (Envoy's with_request_body.pack_as_bytes, Istio's packAsBytes).", status=415)
 TEXT_MODEL = Problem("body_not_bytes", "This gateway passes request bodies to the authorization check as text, "
-                     "where bytes that are not UTF-8 read as '!': a 'model' containing '!' cannot be checked.",
-                     param="model")
+                     "where bytes that are not UTF-8 read as '!': a 'model', or a top-level member name, "
+                     "containing '!' cannot be checked.", param="model")
 ENCODED_BODY = Problem("unsupported_content_encoding",
                        "Request bodies may be sent uncompressed or gzip-encoded only.", status=415)
 NOT_BEARER = Problem("missing_api_key", "The Authorization header must use the Bearer scheme.", status=401)
@@ -109,6 +111,19 @@ class TextBody(bytes):
     these are not always the bytes the provider will read."""
 
 
+def text_may_differ(body: bytes, model: Any) -> bool:
+    """Whether a body sent as text may read otherwise as the bytes the provider gets: a '!'
+    in the model, or in a top-level member's name (a provider that drops the bytes '!'
+    stands for could read "mod\\xffel" as a second "model")."""
+    if isinstance(model, str) and "!" in model:
+        return True
+    try:
+        top = json.loads(body)
+    except ValueError:
+        return True
+    return isinstance(top, dict) and any("!" in name for name in top)
+
+
 def body_of(check: Any) -> bytes:
     http = check.attributes.request.http
     if http.raw_body or not http.body:
@@ -147,7 +162,7 @@ def with_body(facts: Facts, body: bytes) -> Facts:
         if not json_model.present and endpoint.path_model is None:
             return facts._replace(body_problem=NO_MODEL)
         body_model = json_model.model
-        if isinstance(body, TextBody) and isinstance(body_model, str) and "!" in body_model:
+        if isinstance(body, TextBody) and b"!" in body and text_may_differ(body, body_model):
             return facts._replace(body_problem=TEXT_MODEL)
     if endpoint.path_model is None:
         model, problem = checked_name(body_model)

@@ -425,9 +425,9 @@ class PassThroughRoute(Fixed):
     config: PassThroughConfig
 
     @classmethod
-    def of(cls, c: PassThroughConfig) -> "PassThroughRoute":
+    def of(cls, c: PassThroughConfig, authority: bool = True) -> "PassThroughRoute":
         return cls(**_fixed(providers.upstream(c.target), f"pass_through:{c.path}",
-                            c.headers + ((SPLICE_HEADER, NO_SPLICE),)), config=c)
+                            c.headers + ((SPLICE_HEADER, NO_SPLICE),), authority=authority), config=c)
 
     def forward_headers(self, facts: Facts, capture: str | None = None, counted: bool = False) -> Headers | Problem:
         request = facts.endpoint

@@ -70,6 +70,9 @@ def merge_providers(mesh: dict[str, Any], providers: list[dict[str, Any]]) -> di
     ``meshConfig`` (Helm values of istiod, an IstioOperator's ``spec``)."""
     if not isinstance(mesh, dict):
         raise ValueError("the mesh config must be a YAML mapping")
+    if "kind" in mesh and mesh["kind"] != "IstioOperator":
+        raise ValueError(f"this is a {mesh['kind']}, not a mesh config: give its mesh (the istio ConfigMap's "
+                         "data.mesh), the istiod Helm values or an IstioOperator")
     merged = copy.deepcopy(mesh)
     holder = merged
     if "meshConfig" in merged:

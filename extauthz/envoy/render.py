@@ -66,6 +66,11 @@ def render(config: Config, listen_port: int | None = None, authz_port: int | Non
     """A complete v3 bootstrap; an argument left as None comes from the config's settings.
     With JWTs on, an OIDC discovery document is read here (``jwt.fetch_json``)."""
     s, e = config.settings, config.envoy
+    if not s.upstream_authority:
+        # Its routes keep the host the allow sets (auto_host_rewrite off): without it the
+        # provider would get the client's Host.
+        raise ValueError("upstream_authority is false (for Istio or Envoy Gateway, whose routes set the host); "
+                         "the config envoy-config renders needs it true")
     sources = jwt.jwks_sources(config.jwt) if config.jwt else []
     return {
         "admin": {"address": _address("127.0.0.1", _pick(envoy_admin_port, e.envoy_admin_port))},

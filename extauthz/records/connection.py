@@ -19,7 +19,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -194,11 +194,27 @@ def target(settings: Any) -> RedisTarget:
                        settings.redis_sentinel_password or None, seeds)
 
 
+def _userinfo(raw: str) -> tuple[str, dict[str, str]]:
+    """The URL without the user information before its host, and the user and password it
+    held (percent-decoded, as redis-py reads them). It ends at the last '@': a password
+    pasted in unencoded may hold '/', '?', '#' or '@', which would otherwise cut the URL
+    elsewhere and leave the password where a host or a path is shown."""
+    scheme, sep, rest = raw.partition("://")
+    at = rest.rfind("@")
+    if not sep or at < 0:
+        return raw, {}
+    user, colon, password = rest[:at].partition(":")
+    found = {"username": unquote(user)} if user else {}
+    if colon:
+        found["password"] = unquote(password)
+    return f"{scheme}://{rest[at + 1:]}", found
+
+
 def _without_credentials(raw: str) -> tuple[SplitResult, dict[str, str]]:
     """The URL without its user and password, wherever it carries them: before the host, or
     in the query (redis-py reads ``?password=`` too); and what it carried."""
-    parts = urlsplit(raw)
-    found = {k: v for k, v in (("username", parts.username), ("password", parts.password)) if v is not None}
+    bare, found = _userinfo(raw)
+    parts = urlsplit(bare)
     query = parse_qsl(parts.query, keep_blank_values=True)
     found.update((k, v) for k, v in query if k in CREDENTIAL_PARAMS)
     host = f"[{parts.hostname}]" if parts.hostname and ":" in parts.hostname else parts.hostname or ""
