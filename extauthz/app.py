@@ -140,15 +140,37 @@ async def flush_forever(decision_log: logs.DecisionLog) -> None:
 ADMIN_REDIS_TIMEOUT_S = 30.0
 
 
-def grpc_port(server: grpc.aio.Server, what: str, host: str, port: int) -> int:
+def grpc_port(server: grpc.aio.Server, what: str, host: str, port: int,
+              credentials: grpc.ServerCredentials | None = None) -> int:
     """The port ``server`` listens on at host:port (0: any free one), or StartupError."""
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        if credentials is not None:
+            bound = server.add_secure_port(f"{host}:{port}", credentials)
+        else:
+            bound = server.add_insecure_port(f"{host}:{port}")
     except RuntimeError:
         bound = 0
     if bound == 0:
         raise StartupError(f"cannot listen for {what} on {host}:{port}: address in use or not available")
     return bound
+
+
+def check_credentials(s: Any) -> grpc.ServerCredentials | None:
+    """TLS for the Check port, mutual with a client CA; None: plaintext. Settings that
+    could not do what they say stop the start."""
+    if not (s.grpc_tls_cert_file or s.grpc_tls_key_file or s.grpc_tls_client_ca_file):
+        return None
+    if not (s.grpc_tls_cert_file and s.grpc_tls_key_file):
+        raise StartupError("grpc_tls_cert_file and grpc_tls_key_file go together (and grpc_tls_client_ca_file "
+                           "needs them)")
+    try:
+        files = [open(path, "rb").read() if path else None
+                 for path in (s.grpc_tls_key_file, s.grpc_tls_cert_file, s.grpc_tls_client_ca_file)]
+    except OSError as e:
+        raise StartupError(f"cannot read a grpc_tls file: {type(e).__name__} {e.filename}") from None
+    key, cert, client_ca = files
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
+                                       require_client_auth=client_ca is not None)
 
 
 class App:
@@ -204,7 +226,7 @@ class App:
         self.service.add_to(self.grpc)
         self.usage.add_to(self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        bound = grpc_port(self.grpc, "gRPC", s.grpc_host, s.grpc_port)
+        bound = grpc_port(self.grpc, "gRPC", s.grpc_host, s.grpc_port, check_credentials(s))
         if s.health_port and s.health_port == bound:
             # (With workers, SO_REUSEPORT would let both servers share it: some checks would
             # reach the health-only one.)

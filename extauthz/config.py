@@ -150,6 +150,13 @@ class Settings:
     # 127.0.0.1 in a sidecar. 0: health is served on the Check port only.
     health_host: str = setting("0.0.0.0")
     health_port: int = setting(0, **PORT, off=0)
+    # TLS on the Check port (Check and usage reports: an allow carries provider credentials)
+    # where proxies reach it over the network (standalone mode): the server's certificate
+    # and key, and with grpc_tls_client_ca_file a client certificate signed by that CA is
+    # required (mutual TLS). Empty: plaintext, for loopback (a sidecar).
+    grpc_tls_cert_file: str = setting("")
+    grpc_tls_key_file: str = setting("")
+    grpc_tls_client_ca_file: str = setting("")
     admin_host: str = setting("127.0.0.1")
     admin_port: int = setting(4001, **PORT)
     max_request_bytes: int = setting(10 * 1024 * 1024, minimum=1)  # also Envoy's buffer limit
@@ -184,6 +191,16 @@ class EnvoySettings:
     # of the admin API (which stays on 127.0.0.1), for Prometheus to scrape. 0: none.
     envoy_stats_port: int = setting(0, **PORT, off=0)
     authz_timeout_ms: int = setting(1000, minimum=1)
+    # Envoy's heap, in bytes, at which it refuses new requests (95 %) after giving memory
+    # back (90 %): set it below the container's memory limit. 0: no memory-based actions.
+    envoy_max_heap_bytes: int = setting(0, minimum=0)
+    # Envoy's side of a Check port with TLS (grpc_tls_*): the CA that signed the sidecar's
+    # certificate, the name the certificate must carry (also the SNI), and Envoy's own
+    # client certificate and key for mutual TLS.
+    authz_tls_ca_file: str = setting("")
+    authz_tls_server_name: str = setting("")
+    authz_tls_cert_file: str = setting("")
+    authz_tls_key_file: str = setting("")
 
 
 SETTING_FIELDS = {f.name: f for cls in (Settings, EnvoySettings) for f in dataclasses.fields(cls)}

@@ -317,3 +317,23 @@ def test_workers_get_enough_connections(example: dict[str, Any], tmp_path: Path)
     validate(envoy_config.render_yaml(config), tmp_path)
     (single,) = clusters(example)["extauthz"]["load_assignment"]["endpoints"]
     assert len(single["lb_endpoints"]) == 1
+
+
+def test_long_streams_and_large_bodies_have_room_and_a_ceiling(tmp_path: Path) -> None:
+    """Per provider, room for many long streams at once (Envoy's default is 1,024
+    requests); with envoy_max_heap_bytes, Envoy gives memory back, then refuses new
+    requests (503) before it outgrows its container."""
+    config = load(EXAMPLE)
+    bootstrap = envoy_config.render(config)
+    for name, cluster in clusters(bootstrap).items():
+        if name.startswith("upstream_"):
+            (limits,) = cluster["circuit_breakers"]["thresholds"]
+            assert limits["max_requests"] >= 10_000 and limits["max_connections"] >= 10_000, name
+    assert "actions" not in bootstrap["overload_manager"]  # no heap limit given: none guessed
+    capped = dataclasses.replace(config, envoy=dataclasses.replace(config.envoy, envoy_max_heap_bytes=2**30))
+    bounded = envoy_config.render(capped)
+    monitors = {m["name"]: m for m in bounded["overload_manager"]["resource_monitors"]}
+    assert monitors["envoy.resource_monitors.fixed_heap"]["typed_config"]["max_heap_size_bytes"] == 2**30
+    actions = {a["name"]: a["triggers"][0]["threshold"]["value"] for a in bounded["overload_manager"]["actions"]}
+    assert actions == {"envoy.overload_actions.shrink_heap": 0.90, "envoy.overload_actions.stop_accepting_requests": 0.95}
+    validate(yaml.safe_dump(bounded), tmp_path)

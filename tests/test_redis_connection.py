@@ -73,27 +73,6 @@ def test_an_empty_password_file_is_refused(tmp_path: Path) -> None:
 
 # -- against real redis-servers -----------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A CA, a server certificate for "localhost" only, a client certificate, and a second,
-    unrelated CA."""
-    d = tmp_path_factory.mktemp("pki")
-
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
-
-    for ca in ("ca", "other-ca"):
-        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{ca}.key", "-out", f"{ca}.crt",
-                "-days", "2", "-subj", f"/CN={ca}")
-    (d / "san.ext").write_text("subjectAltName=DNS:localhost\n")
-    for name in ("server", "client"):
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-                "-subj", f"/CN={name}")
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-                "-out", f"{name}.crt", "-days", "2", *(("-extfile", "san.ext") if name == "server" else ()))
-    return d
-
-
 def redis_with(workdir: Path, *args: str) -> Proc:
     data = workdir / f"redis-data-{free_port()}"
     data.mkdir()

@@ -39,6 +39,14 @@ CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 LLM_TIMEOUT = "600s"
 # Envoy warns at start-up when there is no cap; this is its edge-proxy recommendation.
 MAX_DOWNSTREAM_CONNECTIONS = 50_000
+# Per provider: a streamed answer holds its request (and, over HTTP/1.1, its connection)
+# for up to the route timeout (600 s), so Envoy's defaults (1,024 each) would refuse calls
+# at a modest rate of long streams. Past these a call gets 503 at once, not a queue.
+UPSTREAM_MAX_REQUESTS = 10_000
+UPSTREAM_MAX_PENDING = 1_000
+# Memory: bodies are buffered whole for the check (up to max_request_bytes each). Near the
+# heap limit Envoy gives memory back, then refuses new requests (503) rather than be killed.
+SHRINK_HEAP_AT, STOP_ACCEPTING_AT = 0.90, 0.95
 AUTHZ_CONNECTIONS_PER_WORKER = 4
 
 # Paths served by the admin API (extauthz/admin.py); everything else is an LLM call.
@@ -81,18 +89,13 @@ def render(config: Config, listen_port: int | None = None, authz_port: int | Non
             "clusters": [
                 *([_cluster(STATS_CLUSTER, "127.0.0.1", _pick(envoy_admin_port, e.envoy_admin_port), "1s")]
                   if e.envoy_stats_port else []),
-                _authz_cluster(_pick(authz_host, s.grpc_host), _pick(authz_port, s.grpc_port), s.workers),
+                _authz_cluster(_pick(authz_host, s.grpc_host), _pick(authz_port, s.grpc_port), s.workers, e),
                 _cluster(ADMIN_CLUSTER, _pick(admin_host, s.admin_host), _pick(admin_port, s.admin_port), "1s"),
                 *_upstream_clusters(config),
                 *jwt.jwks_clusters(sources, _upstream_cluster),
             ],
         },
-        "overload_manager": {"resource_monitors": [{
-            "name": "envoy.resource_monitors.global_downstream_max_connections",
-            "typed_config": _typed("envoy.extensions.resource_monitors.downstream_connections.v3."
-                                   "DownstreamConnectionsConfig",
-                                   max_active_downstream_connections=MAX_DOWNSTREAM_CONNECTIONS),
-        }]},
+        "overload_manager": _overload_manager(e.envoy_max_heap_bytes),
     }
 
 
@@ -122,6 +125,25 @@ def _typed(type_name: str, **fields: Any) -> dict[str, Any]:
 
 def _address(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _overload_manager(max_heap: int) -> dict[str, Any]:
+    monitors: list[dict[str, Any]] = [{
+        "name": "envoy.resource_monitors.global_downstream_max_connections",
+        "typed_config": _typed("envoy.extensions.resource_monitors.downstream_connections.v3."
+                               "DownstreamConnectionsConfig", max_active_downstream_connections=MAX_DOWNSTREAM_CONNECTIONS),
+    }]
+    if not max_heap:
+        return {"resource_monitors": monitors}
+    heap = "envoy.resource_monitors.fixed_heap"
+    monitors.append({"name": heap, "typed_config": _typed(
+        "envoy.extensions.resource_monitors.fixed_heap.v3.FixedHeapConfig", max_heap_size_bytes=max_heap)})
+    return {"refresh_interval": "0.25s", "resource_monitors": monitors, "actions": [
+        {"name": "envoy.overload_actions.shrink_heap",
+         "triggers": [{"name": heap, "threshold": {"value": SHRINK_HEAP_AT}}]},
+        {"name": "envoy.overload_actions.stop_accepting_requests",
+         "triggers": [{"name": heap, "threshold": {"value": STOP_ACCEPTING_AT}}]},
+    ]}
 
 
 # -- listener -----------------------------------------------------------------------------
@@ -490,9 +512,11 @@ def _cluster(name: str, host: str, port: int, connect_timeout: str, dns_type: st
     return cluster
 
 
-def _authz_cluster(host: str, port: int, workers: int) -> dict[str, Any]:
+def _authz_cluster(host: str, port: int, workers: int, e: EnvoySettings) -> dict[str, Any]:
     # The sidecar is local: a connect that takes long means it is down, so fail fast.
     cluster = _cluster(AUTHZ_CLUSTER, host, port, "0.250s")
+    if e.authz_tls_ca_file:
+        cluster["transport_socket"] = _authz_tls(e)
     if workers > 1:
         # Envoy multiplexes checks over one HTTP/2 connection per host and worker thread,
         # and the kernel spreads connections, not requests, over SO_REUSEPORT workers:
@@ -507,6 +531,27 @@ def _authz_cluster(host: str, port: int, workers: int) -> dict[str, Any]:
     return cluster
 
 
+def _authz_tls(e: EnvoySettings) -> dict[str, Any]:
+    """TLS to the sidecar (its grpc_tls_* settings): its certificate verified against
+    authz_tls_ca_file and required to name authz_tls_server_name; Envoy's own certificate
+    for mutual TLS. An allow carries provider credentials: never over plaintext on a network."""
+    if not e.authz_tls_server_name:
+        raise ValueError("authz_tls_ca_file needs authz_tls_server_name: the name the sidecar's certificate carries")
+    if bool(e.authz_tls_cert_file) != bool(e.authz_tls_key_file):
+        raise ValueError("authz_tls_cert_file and authz_tls_key_file go together")
+    context: dict[str, Any] = {
+        "alpn_protocols": ["h2"],
+        "validation_context": {"trusted_ca": {"filename": e.authz_tls_ca_file},
+                               "match_typed_subject_alt_names": [
+                                   {"san_type": "DNS", "matcher": {"exact": e.authz_tls_server_name}}]}}
+    if e.authz_tls_cert_file:
+        context["tls_certificates"] = [{"certificate_chain": {"filename": e.authz_tls_cert_file},
+                                        "private_key": {"filename": e.authz_tls_key_file}}]
+    return {"name": "envoy.transport_sockets.tls",
+            "typed_config": _typed("envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                                   sni=e.authz_tls_server_name, common_tls_context=context)}
+
+
 def _upstream_clusters(config: Config) -> list[dict[str, Any]]:
     upstreams: dict[str, providers.Upstream] = {}
     for base in [d.api_base for d in config.routable] + [p.target for p in config.pass_through]:
@@ -519,6 +564,9 @@ def _upstream_cluster(u: providers.Upstream) -> dict[str, Any]:
     # LOGICAL_DNS: provider hosts answer from large, rotating address pools, where
     # connecting to whatever DNS returns now beats tracking every address.
     cluster = _cluster(u.cluster, u.host, u.port, "5s", "LOGICAL_DNS")
+    cluster["circuit_breakers"] = {"thresholds": [{
+        "max_connections": UPSTREAM_MAX_REQUESTS, "max_requests": UPSTREAM_MAX_REQUESTS,
+        "max_pending_requests": UPSTREAM_MAX_PENDING, "track_remaining": True}]}
     if u.tls:
         cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": _tls_context(u.host)}
     return cluster
