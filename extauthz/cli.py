@@ -135,7 +135,7 @@ def check_config(config: Config, strict: bool) -> int:
     except ValueError as e:  # (another parser's message may quote the URL: only ours are shown)
         unusable = str(e) if isinstance(e, connection.UnusableTarget) else f"{type(e).__name__} reading redis_url"
         out.write(f"error: redis: {unusable} (the sidecar would not start)\n")
-    for warning in config.warnings:
+    for warning in [*config.warnings, *renamed_calls(config)]:
         out.write(f"warning: {warning}\n")
     for setting, effect in config.unenforced:
         out.write(f"error: {setting_path(setting)} is not enforced by extauthz: {effect}\n")
@@ -152,6 +152,22 @@ def exit_now(code: int) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def renamed_calls(config: Config) -> list[str]:
+    """With body_rewrite off, the calls that will be refused: their provider knows the
+    model by another name, which would have to be written into the body."""
+    if config.settings.body_rewrite:
+        return []
+    from extauthz import providers
+    renamed = [d.model_name for d in config.routable if d.model_name != d.provider_model
+               and not providers.provider(d.provider, d.provider_model).model_in_path]
+    aliases = [a.name for a in config.aliases]
+    if not renamed and not aliases:
+        return []
+    return [f"body_rewrite is off: calls to {', '.join(sorted(set(renamed + aliases)))} are refused (400 "
+            "model_rewrite_unavailable): their provider knows them by another name, which the proxy cannot write "
+            "into the body"]
 
 
 def istio_command(args: argparse.Namespace) -> int:

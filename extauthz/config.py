@@ -173,6 +173,11 @@ class Settings:
     # new host would match no route for the gateway's own hostname, so each route sets the
     # provider's host itself (VirtualService rewrite.authority, HTTPRoute URLRewrite).
     upstream_authority: bool = setting(True)
+    # Whether the proxy in front can rewrite the body's model (splice.lua: the rendered
+    # Envoy; Istio with deploy/istio/splice-envoyfilter.yaml). Off (Envoy Gateway): a call
+    # whose provider knows the model by another name is refused (400
+    # model_rewrite_unavailable), never sent under the client's name.
+    body_rewrite: bool = setting(True)
     # shadow: model and limit denials are recorded (outcome shadow_deny) and the request
     # goes on, for rolling enforcement out on live traffic (check/shadow.py).
     enforcement: str = setting("enforce", choices=("enforce", "shadow"))

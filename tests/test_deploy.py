@@ -428,7 +428,10 @@ def test_extauthz_container_is_the_same_in_both_modes() -> None:
         assert sidecar.get(key) == standalone.get(key), f"extauthz container field {key!r} differs between modes"
     env_s, env_a = env_map(sidecar), env_map(standalone)
     assert set(env_a) - set(env_s) == {"EXTAUTHZ_GRPC_HOST", "EXTAUTHZ_ADMIN_HOST", "EXTAUTHZ_USAGE_REPORTS",
-                                       "EXTAUTHZ_UPSTREAM_AUTHORITY"}
+                                       "EXTAUTHZ_UPSTREAM_AUTHORITY", "EXTAUTHZ_BODY_REWRITE"}
+    # A mesh's or gateway's proxy rewrites no body until told it can: no call leaves under
+    # a name its provider does not know it by.
+    assert env_a["EXTAUTHZ_BODY_REWRITE"]["value"] == "false"
     assert set(env_s) - set(env_a) == {"EXTAUTHZ_HEALTH_PORT"}
     assert env_a["EXTAUTHZ_USAGE_REPORTS"]["value"] == "false"
     # Istio and Envoy Gateway match routes again after the check: their routes set the host.

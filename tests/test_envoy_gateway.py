@@ -34,3 +34,19 @@ def test_every_provider_route_sets_the_providers_host() -> None:
     for cluster, host in clusters.items():
         rewrites = [f["urlRewrite"] for f in by_cluster[cluster]["filters"] if f["type"] == "URLRewrite"]
         assert rewrites == [{"hostname": host}], cluster
+
+
+def test_check_config_names_the_calls_a_proxy_without_body_rewrite_refuses() -> None:
+    import subprocess
+    import sys
+    root = EG.parent.parent
+    env = {"PATH": "/usr/bin:/bin", "EXTAUTHZ_BODY_REWRITE": "false", "MASTER_KEY": "x", "OPENAI_API_KEY": "x",
+           "AZURE_API_KEY": "x", "ANTHROPIC_API_KEY": "x"}
+    out = subprocess.run([sys.executable, "-m", "extauthz", "check-config", "--config", "examples/config.yaml"],
+                         capture_output=True, text=True, cwd=root, env=env, timeout=60).stdout
+    (line,) = [x for x in out.splitlines() if "body_rewrite is off" in x]
+    assert "openai/*" in line and "model_rewrite_unavailable" in line and "gpt-3.5-turbo," not in line
+    shipped = subprocess.run([sys.executable, "-m", "extauthz", "check-config", "--config",
+                              "deploy/kubernetes/base/config.yaml"], capture_output=True, text=True, cwd=root,
+                             env=env, timeout=60).stdout
+    assert "body_rewrite is off" not in shipped  # its model names are the providers': nothing refused

@@ -181,6 +181,23 @@ def test_behind_a_gateway_that_rematches_routes_the_allow_leaves_the_host_alone(
     assert headers[CLUSTER_HEADER] == "upstream_http_upstream_8000" and headers["authorization"] == "Bearer sk-prov-4"
 
 
+def test_without_a_body_rewrite_a_call_needing_one_is_refused_not_sent_under_the_clients_name():
+    """Envoy Gateway (and Istio without the splice EnvoyFilter) cannot rewrite the body: a
+    call whose provider knows the model by another name is refused; one named as the
+    provider names it goes through unchanged."""
+    def decided(body_rewrite: bool, model: str):
+        config = from_dict({"model_list": [deployment("gpt-4", "openai/gpt-4", key="sk-prov-4"),
+                                           deployment("smart", "openai/gpt-4o", key="sk-prov-4o")],
+                            "extauthz_settings": {"body_rewrite": body_rewrite}})
+        return decide(facts(model), key([model]), None, Runtime.of(config).catalog, NOW, 0.0)
+
+    refused = decided(False, "smart")
+    assert isinstance(refused, Deny) and refused.code == "model_rewrite_unavailable" and refused.status == 400
+    assert isinstance(decided(True, "smart"), Allow) and written_model(decided(True, "smart"), "smart") == "gpt-4o"
+    same = decided(False, "gpt-4")
+    assert isinstance(same, Allow) and dict(same.headers)[SPLICE_HEADER] == "-"
+
+
 def test_behind_a_gateway_pass_through_allows_leave_the_host_alone_too():
     config = from_dict({"model_list": [deployment("gpt-4", "openai/gpt-4")],
                         "general_settings": {"pass_through_endpoints": [

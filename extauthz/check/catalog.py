@@ -22,7 +22,7 @@ from typing import Mapping
 from extauthz import providers
 from extauthz.config import Alias, Deployment, PassThroughConfig
 from extauthz.check.memo import Memo
-from extauthz.check.routing import PassThroughRoute, Route
+from extauthz.check.routing import PassThroughRoute, Proxy, Route
 from extauthz.check.wildcard import capture, matches
 from extauthz.tokens import NO_TOKENS, Tokens
 
@@ -89,7 +89,7 @@ class Resolution:
 class Catalog:
     def __init__(self, deployments: tuple[Deployment, ...], aliases: tuple[Alias, ...] = (),
                  pass_through: tuple[PassThroughConfig, ...] = (), tokens: Tokens = NO_TOKENS,
-                 authority: bool = True) -> None:
+                 proxy: Proxy = Proxy()) -> None:
         by_name: dict[str, list[Deployment]] = {}
         for d in deployments:
             by_name.setdefault(d.model_name, []).append(d)
@@ -108,8 +108,8 @@ class Catalog:
                 members.setdefault(access_group, []).append(group.name)
         self.access_groups: dict[str, tuple[str, ...]] = {k: tuple(v) for k, v in members.items()}
         self.aliases: dict[str, Alias] = {a.name: a for a in aliases}
-        self.routes: dict[int, Route] = {d.index: Route.of(d, tokens, authority) for d in deployments if d.routable}
-        self.pass_through: tuple[PassThroughRoute, ...] = tuple(PassThroughRoute.of(c, authority) for c in pass_through)
+        self.routes: dict[int, Route] = {d.index: Route.of(d, tokens, proxy) for d in deployments if d.routable}
+        self.pass_through: tuple[PassThroughRoute, ...] = tuple(PassThroughRoute.of(c, proxy) for c in pass_through)
         self.resolve = lru_cache(maxsize=65536)(self._resolve)
         # Case-insensitive views for variant_of: a casefolded name can stand for several
         # groups or aliases that differ only in case, so each maps to every group it names.

@@ -10,7 +10,7 @@ import json
 import re
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, urlencode
 
 from extauthz import providers
@@ -73,6 +73,23 @@ PROVIDER_QUERY = frozenset({"api-version", "key", "userproject", "$userproject",
 READABLE_ALT = frozenset({"json", "sse"})
 
 Headers = tuple[tuple[str, str], ...]
+
+
+class Proxy(NamedTuple):
+    """What the proxy in front does with an allow (settings.upstream_authority, body_rewrite):
+    the rendered Envoy both keeps the host the allow sets and splices the body; a mesh's or
+    a gateway's routes may set the host themselves, and may have no splice filter."""
+
+    authority: bool = True      # the allow sets :authority to the provider's host
+    body_rewrite: bool = True   # the proxy runs splice.lua: the body's model can be rewritten
+
+
+# A call whose provider knows its model by another name, where nothing can write that name
+# into the body: refused, never sent to the provider under the client's name.
+REWRITE_UNAVAILABLE = Problem(
+    "model_rewrite_unavailable", "This model's provider knows it by another name, which has to be written into the "
+    "request body, and the gateway in front of this service cannot rewrite bodies; call the model by the "
+    "provider's name, or ask the operator to add the body rewrite (deploy/README.md).", param="model")
 
 
 def _static_headers(upstream: providers.Upstream, credential: Headers, per_request: tuple[str, ...] = (),
@@ -153,9 +170,10 @@ class Route(Fixed):
     deployment: Deployment
     provider: providers.Provider
     token: TokenHolder | None = None  # a refreshed OAuth token, sent as Authorization: Bearer
+    rewrites_body: bool = True  # the proxy in front can splice the body (Proxy.body_rewrite)
 
     @classmethod
-    def of(cls, d: Deployment, tokens: Tokens = NO_TOKENS, authority: bool = True) -> "Route":
+    def of(cls, d: Deployment, tokens: Tokens = NO_TOKENS, proxy: Proxy = Proxy()) -> "Route":
         provider = providers.provider(d.provider, d.provider_model)
         credential: Headers = ()
         if d.api_key and d.key_is_bearer:
@@ -167,8 +185,9 @@ class Route(Fixed):
         if provider.aws_service and d.region:
             credential += ((SIGN_HEADER, signer(provider.aws_service, d.region)),)
         per_request = (SPLICE_HEADER, "authorization") if d.token else (SPLICE_HEADER,)
-        return cls(**_fixed(providers.upstream(d.api_base), d.name, credential, per_request, authority),
-                   deployment=d, provider=provider, token=tokens.holder(d.token) if d.token else None)
+        return cls(**_fixed(providers.upstream(d.api_base), d.name, credential, per_request, proxy.authority),
+                   deployment=d, provider=provider, token=tokens.holder(d.token) if d.token else None,
+                   rewrites_body=proxy.body_rewrite)
 
     @property
     def api_format(self) -> str:
@@ -216,7 +235,7 @@ class Route(Fixed):
         model = self.provider_model(capture)
         if provider.hosted_anthropic is not None:
             hosted = self.hosted_anthropic(facts, endpoint, model, provider.hosted_anthropic)
-            return hosted if isinstance(hosted, Problem) else hosted + credential
+            return hosted if isinstance(hosted, Problem) else self.rewritable(hosted + credential)
         extra: Headers = ((":path", self.path(endpoint, model)),) + credential
         # A provider that reads the model from the body gets a body that names it (an
         # Azure-style path may send one that does not).
@@ -248,7 +267,13 @@ class Route(Fixed):
         for name, value in provider.default_headers:
             if name not in facts.headers:
                 extra += ((name, value),)
-        return extra
+        return self.rewritable(extra)
+
+    def rewritable(self, headers: Headers) -> Headers | Problem:
+        """``headers``, unless they plan a body rewrite the proxy cannot make."""
+        if self.rewrites_body:
+            return headers
+        return headers if dict(headers).get(SPLICE_HEADER, NO_SPLICE) == NO_SPLICE else REWRITE_UNAVAILABLE
 
     def hosted_anthropic(self, facts: Facts, endpoint: Endpoint, model: str,
                          hosted: providers.HostedAnthropic) -> Headers | Problem:
@@ -425,9 +450,9 @@ class PassThroughRoute(Fixed):
     config: PassThroughConfig
 
     @classmethod
-    def of(cls, c: PassThroughConfig, authority: bool = True) -> "PassThroughRoute":
+    def of(cls, c: PassThroughConfig, proxy: Proxy = Proxy()) -> "PassThroughRoute":
         return cls(**_fixed(providers.upstream(c.target), f"pass_through:{c.path}",
-                            c.headers + ((SPLICE_HEADER, NO_SPLICE),), authority=authority), config=c)
+                            c.headers + ((SPLICE_HEADER, NO_SPLICE),), authority=proxy.authority), config=c)
 
     def forward_headers(self, facts: Facts, capture: str | None = None, counted: bool = False) -> Headers | Problem:
         request = facts.endpoint

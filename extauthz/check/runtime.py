@@ -13,7 +13,7 @@ from extauthz.tokens import NO_TOKENS, Tokens
 from extauthz.config import Config, setting_path
 from extauthz.records.record import hash_token
 from extauthz.check.request import PassThroughPaths
-from extauthz.check.routing import AdminRoute, Route
+from extauthz.check.routing import AdminRoute, Proxy, Route
 from extauthz.usage.prices import Price, price_of
 
 
@@ -40,7 +40,7 @@ class Runtime:
     def of(cls, config: Config, tokens: Tokens = NO_TOKENS) -> "Runtime":
         master = hash_token(config.master_key) if config.master_key else None
         catalog = Catalog(config.deployments, config.aliases, config.pass_through, tokens,
-                          config.settings.upstream_authority)
+                          Proxy(config.settings.upstream_authority, config.settings.body_rewrite))
         paths = PassThroughPaths(tuple((c.path, c.include_subpath) for c in config.pass_through))
         refusal = None
         if config.refuses_all:
