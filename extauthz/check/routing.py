@@ -235,7 +235,9 @@ class Route(Fixed):
         model = self.provider_model(capture)
         if provider.hosted_anthropic is not None:
             hosted = self.hosted_anthropic(facts, endpoint, model, provider.hosted_anthropic)
-            return hosted if isinstance(hosted, Problem) else self.rewritable(hosted + credential)
+            if isinstance(hosted, Problem):
+                return hosted
+            return hosted + credential if self.rewrites_body else self.rewritable(hosted + credential)
         extra: Headers = ((":path", self.path(endpoint, model)),) + credential
         # A provider that reads the model from the body gets a body that names it (an
         # Azure-style path may send one that does not).
@@ -267,12 +269,10 @@ class Route(Fixed):
         for name, value in provider.default_headers:
             if name not in facts.headers:
                 extra += ((name, value),)
-        return self.rewritable(extra)
+        return extra if self.rewrites_body else self.rewritable(extra)  # (no call on the usual path)
 
     def rewritable(self, headers: Headers) -> Headers | Problem:
         """``headers``, unless they plan a body rewrite the proxy cannot make."""
-        if self.rewrites_body:
-            return headers
         return headers if dict(headers).get(SPLICE_HEADER, NO_SPLICE) == NO_SPLICE else REWRITE_UNAVAILABLE
 
     def hosted_anthropic(self, facts: Facts, endpoint: Endpoint, model: str,
