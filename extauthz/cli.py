@@ -49,6 +49,9 @@ def parser() -> argparse.ArgumentParser:
     mesh = sub.add_parser("istio-mesh-config", help="merge extauthz's extension providers into a mesh config read "
                                                     "on stdin, keeping every other provider")
     mesh.add_argument("--providers", required=True, help="deploy/istio/extension-providers.yaml")
+    mesh.add_argument("--format", default="mesh", choices=("mesh", "helm", "istiooperator"),
+                      help="what stdin is: the istio ConfigMap's mesh (default), istiod's Helm values, an "
+                           "IstioOperator")
     mesh.add_argument("--configmap-patch", action="store_true",
                       help="print a merge patch of the istio ConfigMap (kubectl patch --type merge)")
     return p
@@ -193,7 +196,9 @@ def istio_command(args: argparse.Namespace) -> int:
             doc = yaml.safe_load(f)
         providers = ((doc.get("spec") or {}).get("meshConfig") or {}).get("extensionProviders") \
             or doc["extensionProviders"]
-        merged = istio.merge_providers(yaml.safe_load(sys.stdin.read()) or {}, providers)
+        if args.configmap_patch and args.format != "mesh":
+            raise ValueError("--configmap-patch patches the istio ConfigMap: it takes --format mesh")
+        merged = istio.merge_providers(yaml.safe_load(sys.stdin.read()) or {}, providers, args.format)
     except (OSError, AttributeError, KeyError, TypeError, ValueError, yaml.YAMLError) as e:
         print(f"extauthz: cannot merge the mesh config: {type(e).__name__}: {e}", file=sys.stderr)
         return 2

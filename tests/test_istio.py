@@ -97,10 +97,16 @@ def test_the_policy_checks_every_host_the_routes_send_to_providers() -> None:
     assert checked == {h for host in service["spec"]["hosts"] for h in (host, f"{host}:*")}
 
 
-@pytest.mark.parametrize("given", ["apiVersion: v1\nkind: ConfigMap\ndata: {mesh: ''}\n"])
-def test_a_whole_configmap_is_refused(given: str) -> None:
-    refused = merge(given)
-    assert refused.returncode == 2 and "ConfigMap, not a mesh config" in refused.stderr
+@pytest.mark.parametrize("given,flags,why", [
+    ("apiVersion: v1\nkind: ConfigMap\ndata: {mesh: ''}\n", (), "not a mesh config"),
+    ("meshConfig: {}\n", (), "--format helm"),
+    ("kind: ConfigMap\n", ("--format", "istiooperator"), "not an IstioOperator"),
+    ("meshConfig: {}\n", ("--format", "helm", "--configmap-patch"), "takes --format mesh"),
+])
+def test_a_document_of_another_kind_is_refused_not_merged_where_it_would_be_ignored(
+        given: str, flags: tuple[str, ...], why: str) -> None:
+    refused = merge(given, *flags)
+    assert refused.returncode == 2 and why in refused.stderr and refused.stdout == "", refused.stderr
 
 
 def test_the_providers_choose_the_route_after_the_check_and_fail_closed() -> None:
@@ -221,10 +227,18 @@ def test_merging_keeps_every_other_provider_and_replaces_extauthzs() -> None:
     assert mesh["defaultProviders"] == {"tracing": ["zipkin"]}
     again = merge(merged.stdout)
     assert yaml.safe_load(again.stdout) == mesh  # idempotent
-    # Helm values of istiod: the list under meshConfig.
-    values = yaml.safe_load(merge("meshConfig:\n" + "".join(f"  {line}\n" for line in MESH.splitlines())).stdout)
+    # Helm values of istiod: the list under meshConfig, created where the values have none
+    # (a list at the top would be ignored by the chart).
+    nested = "meshConfig:\n" + "".join(f"  {line}\n" for line in MESH.splitlines())
+    values = yaml.safe_load(merge(nested, "--format", "helm").stdout)
     assert [p["name"] for p in values["meshConfig"]["extensionProviders"]][:3] == ["zipkin", "extauthz",
                                                                                   "oauth2-proxy"]
+    bare = yaml.safe_load(merge("global: {hub: docker.io/istio}\n", "--format", "helm").stdout)
+    assert bare["global"] == {"hub": "docker.io/istio"}
+    assert [p["name"] for p in bare["meshConfig"]["extensionProviders"]] == ["extauthz", "extauthz-local"]
+    operator = yaml.safe_load(merge("apiVersion: install.istio.io/v1alpha1\nkind: IstioOperator\nspec: {}\n",
+                                    "--format", "istiooperator").stdout)
+    assert [p["name"] for p in operator["spec"]["meshConfig"]["extensionProviders"]] == ["extauthz", "extauthz-local"]
 
 
 def test_the_configmap_patch_sets_only_the_mesh_key() -> None:

@@ -63,22 +63,32 @@ def splice_envoy_filter(namespace: str = "istio-system",
     }
 
 
-def merge_providers(mesh: dict[str, Any], providers: list[dict[str, Any]]) -> dict[str, Any]:
-    """``mesh`` with ``providers`` in its ``extensionProviders``: each replaces the one of
-    the same name, or is added; every other provider stays, in its place. ``mesh`` is a
-    mesh config (the ``mesh`` key of the istio ConfigMap) or a document holding one under
-    ``meshConfig`` (Helm values of istiod, an IstioOperator's ``spec``)."""
-    if not isinstance(mesh, dict):
+FORMATS = ("mesh", "helm", "istiooperator")
+
+
+def merge_providers(doc: dict[str, Any], providers: list[dict[str, Any]], form: str = "mesh") -> dict[str, Any]:
+    """``doc`` with ``providers`` in its ``extensionProviders``: each replaces the one of the
+    same name, or is added; every other provider stays, in its place. ``form`` says what
+    ``doc`` is: ``mesh``, a mesh config (the istio ConfigMap's ``mesh`` key); ``helm``,
+    istiod's Helm values (the list under ``meshConfig``, created if absent: a list at the top
+    would be ignored by the chart); ``istiooperator``, an IstioOperator (``spec.meshConfig``)."""
+    if not isinstance(doc, dict):
         raise ValueError("the mesh config must be a YAML mapping")
-    if "kind" in mesh and mesh["kind"] != "IstioOperator":
-        raise ValueError(f"this is a {mesh['kind']}, not a mesh config: give its mesh (the istio ConfigMap's "
-                         "data.mesh), the istiod Helm values or an IstioOperator")
-    merged = copy.deepcopy(mesh)
-    holder = merged
-    if "meshConfig" in merged:
-        holder = merged["meshConfig"]
-    elif "spec" in merged and isinstance(merged["spec"], dict) and "meshConfig" in merged["spec"]:
-        holder = merged["spec"]["meshConfig"]
+    merged = copy.deepcopy(doc)
+    if form == "mesh":
+        if {"kind", "meshConfig", "spec", "data"} & set(merged):
+            found = merged.get("kind") or next(k for k in ("meshConfig", "spec", "data") if k in merged)
+            raise ValueError(f"this is not a mesh config (it has {found!r}): give the istio ConfigMap's data.mesh, "
+                             "or say --format helm or istiooperator")
+        holder = merged
+    elif form == "helm":
+        holder = merged.setdefault("meshConfig", {})
+    elif form == "istiooperator":
+        if merged.get("kind") != "IstioOperator":
+            raise ValueError(f"this is a {merged.get('kind') or 'document without a kind'}, not an IstioOperator")
+        holder = merged.setdefault("spec", {}).setdefault("meshConfig", {})
+    else:
+        raise ValueError(f"--format must be one of {', '.join(FORMATS)}")
     if not isinstance(holder, dict):
         raise ValueError("meshConfig must be a YAML mapping")
     current = holder.get("extensionProviders") or []
