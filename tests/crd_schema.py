@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
@@ -29,7 +30,7 @@ from jsonschema import validators
 
 CRDS = Path(__file__).resolve().parent / "crds"
 # The API groups whose kinds must have a vendored schema.
-GROUPS = ("gateway.networking.k8s.io", "gateway.envoyproxy.io", ".istio.io")
+GROUPS = ("gateway.networking.k8s.io", "gateway.envoyproxy.io", "monitoring.coreos.com", ".istio.io")
 JUNCTORS = ("allOf", "anyOf", "oneOf", "not")
 
 
@@ -40,7 +41,7 @@ class NoSchema(LookupError):
 def governed(api_version: str) -> bool:
     """Whether objects of ``api_version`` are validated against a vendored CRD schema."""
     group = api_version.rpartition("/")[0]
-    return group.endswith(GROUPS[2]) or group in GROUPS[:2]
+    return group.endswith(GROUPS[-1]) or group in GROUPS[:-1]
 
 
 def schema_files(api_version: str, kind: str) -> list[Path]:
@@ -54,6 +55,13 @@ def schema_files(api_version: str, kind: str) -> list[Path]:
         raise NoSchema(f"no vendored CRD schema for {api_version} {kind} in {CRDS.name}/"
                        f" (vendored versions of {kind}: {known or 'none'}); add it with tools/vendor_crds.py")
     return found
+
+
+def re2_to_python(pattern: str) -> str:
+    """Go's RE2 takes a flag group anywhere (``^(?i)(abort|warn)?$``); Python only first."""
+    flag_group = re.compile(r"\(\?([a-z]+)\)")
+    flags = "".join(flag_group.findall(pattern))
+    return "(?" + flags + ")" + flag_group.sub("", pattern) if flags else pattern
 
 
 def structural(schema: Any, *, root: bool = True, in_junctor: bool = False) -> Any:
@@ -70,6 +78,8 @@ def structural(schema: Any, *, root: bool = True, in_junctor: bool = False) -> A
         elif key in JUNCTORS:
             out[key] = ([structural(v, root=False, in_junctor=True) for v in value] if isinstance(value, list)
                         else structural(value, root=False, in_junctor=True))
+        elif key == "pattern" and isinstance(value, str):
+            out[key] = re2_to_python(value)
         else:
             out[key] = value
     if out.pop("x-kubernetes-int-or-string", False):

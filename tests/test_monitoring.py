@@ -42,6 +42,7 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from extauthz.config import Settings
 from extauthz.telemetry import metrics as metrics_module
+from tests import crd_schema
 from tests.harness import installed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,9 +52,7 @@ SIDECAR_ENVOY = OVERLAYS["sidecar"] / "envoy.yaml"
 DASHBOARD = MONITORING / "grafana-dashboard.json"
 UNIT_TESTS = Path(__file__).resolve().parent / "monitoring"
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
-CRDS = {kind: SCHEMAS / "prometheus-operator" / f"monitoring.coreos.com_{plural}.yaml"
-        for kind, plural in (("PodMonitor", "podmonitors"), ("ServiceMonitor", "servicemonitors"),
-                             ("PrometheusRule", "prometheusrules"))}
+MONITORING_KINDS = ("PodMonitor", "PrometheusRule", "ServiceMonitor")  # (their CRD schemas: tests/crds/)
 GRAFANA = SCHEMAS / "grafana-foundation-sdk"
 
 METRICS_PORT = Settings().metrics_port
@@ -270,60 +269,11 @@ def _get(url: str) -> str | None:
 
 # -- the CRD schemas --------------------------------------------------------------------
 
-def structural_to_jsonschema(schema: Any) -> Any:
-    """A CRD's openAPIV3Schema as a JSON schema that refuses unknown fields wherever the
-    API server's strict field validation would: every object with declared properties,
-    unless it says x-kubernetes-preserve-unknown-fields."""
-    if isinstance(schema, list):
-        return [structural_to_jsonschema(s) for s in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {}
-    for key, value in schema.items():
-        if key == "properties":
-            out[key] = {name: structural_to_jsonschema(s) for name, s in value.items()}
-        elif key in ("default", "enum", "required", "example") or key.startswith("x-kubernetes-"):
-            out[key] = value
-        elif key == "pattern":
-            out[key] = re2_to_python(value)
-        else:
-            out[key] = structural_to_jsonschema(value)
-    if "properties" in out and "additionalProperties" not in out \
-            and not out.get("x-kubernetes-preserve-unknown-fields"):
-        out["additionalProperties"] = False
-    return out
-
-
-def re2_to_python(pattern: str) -> str:
-    """Go's RE2 takes a flag group anywhere (``^(?i)(abort|warn)?$``); Python only first."""
-    flag_group = re.compile(r"\(\?([a-z]+)\)")
-    flags = "".join(flag_group.findall(pattern))
-    return "(?" + flags + ")" + flag_group.sub("", pattern) if flags else pattern
-
-
-@lru_cache(maxsize=None)
-def crd_validator(kind: str) -> jsonschema.Draft7Validator:
-    crd = yaml.safe_load(CRDS[kind].read_text(encoding="utf-8"))
-    assert crd["spec"]["names"]["kind"] == kind
-    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
-    assert version["served"]
-    schema = structural_to_jsonschema(version["schema"]["openAPIV3Schema"])
-    # What the API server itself checks of every object's metadata.
-    schema["properties"]["metadata"] = {
-        "type": "object", "required": ["name"],
-        "properties": {"name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", "maxLength": 63},
-                       "namespace": {"type": "string"},
-                       "labels": {"type": "object", "additionalProperties": {"type": "string"}},
-                       "annotations": {"type": "object", "additionalProperties": {"type": "string"}}},
-        "additionalProperties": False}
-    jsonschema.Draft7Validator.check_schema(schema)
-    return jsonschema.Draft7Validator(schema)
-
-
 def crd_errors(doc: dict[str, Any]) -> list[str]:
+    """What the API server would refuse in ``doc``, against the Prometheus Operator's CRD
+    schema (vendored with the others; tests/crd_schema.py)."""
     assert doc["apiVersion"] == "monitoring.coreos.com/v1", doc["apiVersion"]
-    return [f"{'.'.join(map(str, e.absolute_path)) or '(root)'}: {e.message}"
-            for e in crd_validator(doc["kind"]).iter_errors(doc)]
+    return crd_schema.problems(doc)
 
 
 # -- the Grafana schemas ----------------------------------------------------------------
@@ -355,7 +305,7 @@ def test_kustomization_renders_the_monitors_and_rules_into_one_namespace() -> No
     assert {d["metadata"]["namespace"] for d in docs} == {kustomization["namespace"]}
 
 
-@pytest.mark.parametrize("kind", sorted(CRDS))
+@pytest.mark.parametrize("kind", MONITORING_KINDS)
 def test_objects_are_valid_against_the_prometheus_operator_crds(kind: str) -> None:
     errors = crd_errors(one(monitoring_objects(), kind))
     assert not errors, "\n".join(errors)

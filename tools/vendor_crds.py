@@ -52,6 +52,9 @@ ENVOY_GATEWAY_FILES = ("securitypolicies", "backends", "backendtrafficpolicies",
 ISTIO_KINDS = {"AuthorizationPolicy", "PeerAuthentication", "ServiceEntry", "DestinationRule", "VirtualService",
                "EnvoyFilter", "Gateway", "Sidecar"}
 ISTIO_FILE = "manifests/charts/base/files/crd-all.gen.yaml"
+PROMETHEUS_OPERATOR_KINDS = {"PodMonitor": "podmonitors", "ServiceMonitor": "servicemonitors",
+                             "PrometheusRule": "prometheusrules"}
+PROMETHEUS_OPERATOR_DIR = "example/prometheus-operator-crd"
 # Validation needs none of these.
 DROP = {"description", "example", "externalDocs"}
 # Values, not schemas: kept as they are.
@@ -248,6 +251,8 @@ def main() -> None:
     parser.add_argument("--envoy-gateway", required=True, help="envoyproxy/gateway checkout[@ref]")
     parser.add_argument("--istio", required=True, help="istio/istio checkout[@ref]")
     parser.add_argument("--istio-api", help="istio/api checkout[@ref], for IstioOperator's meshConfig")
+    parser.add_argument("--prometheus-operator", required=True,
+                        help="prometheus-operator/prometheus-operator checkout[@ref] (deploy/monitoring's kinds)")
     args = parser.parse_args()
     index: dict[str, Any] = {}
     for old in OUT.rglob("*.json"):  # a kind no longer listed goes
@@ -312,6 +317,17 @@ def main() -> None:
             "ref": api.ref or "", "commit": f"{istio.commit()} + {api.commit()}", "group": "install.istio.io",
             "kind": "IstioOperator", "version": "v1alpha1", "bytes": target.stat().st_size}
         print(f"{target.relative_to(OUT)}: {target.stat().st_size} bytes", file=sys.stderr)
+
+    po = Source(args.prometheus_operator)
+    for kind, name in PROMETHEUS_OPERATOR_KINDS.items():
+        file = f"{PROMETHEUS_OPERATOR_DIR}/monitoring.coreos.com_{name}.yaml"
+        text = po.read(file)
+        if text is None:
+            sys.exit(f"prometheus-operator: {file} not found")
+        source = {"repo": "prometheus-operator/prometheus-operator", "path": file, "ref": po.ref or "",
+                  "commit": po.commit()}
+        for crd in crds(text):
+            write(crd, OUT / crd["spec"]["group"], source, index)
 
     (OUT / "sources.json").write_text(json.dumps(index, indent=1, sort_keys=True) + "\n", encoding="utf-8")
 
