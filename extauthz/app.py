@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import grpc
@@ -164,7 +165,7 @@ def check_credentials(s: Any) -> grpc.ServerCredentials | None:
         raise StartupError("grpc_tls_cert_file and grpc_tls_key_file go together (and grpc_tls_client_ca_file "
                            "needs them)")
     try:
-        files = [open(path, "rb").read() if path else None
+        files = [Path(path).read_bytes() if path else None
                  for path in (s.grpc_tls_key_file, s.grpc_tls_cert_file, s.grpc_tls_client_ca_file)]
     except OSError as e:
         raise StartupError(f"cannot read a grpc_tls file: {type(e).__name__} {e.filename}") from None

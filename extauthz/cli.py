@@ -48,7 +48,7 @@ def parser() -> argparse.ArgumentParser:
 
     mesh = sub.add_parser("istio-mesh-config", help="merge extauthz's extension providers into a mesh config read "
                                                     "on stdin, keeping every other provider")
-    mesh.add_argument("--providers", required=True, help="deploy/istio/extension-providers.yaml")
+    mesh.add_argument("--providers", required=True, help="deploy/istio/mesh-config.yaml (or a file of extensionProviders)")
     mesh.add_argument("--format", default="mesh", choices=("mesh", "helm", "istiooperator"),
                       help="what stdin is: the istio ConfigMap's mesh (default), istiod's Helm values, an "
                            "IstioOperator")

@@ -65,6 +65,9 @@ class JsonModel(NamedTuple):
     stream: Any = ABSENT
     stream_options: Any = ABSENT
     stream_variant: str | None = None
+    # Read from text (request.TextBody): a '!' in the model or in a top-level member's name
+    # may stand for bytes that are not UTF-8, which a provider could read otherwise.
+    bang: bool = False
 
 
 class _Refused(ValueError):
@@ -103,8 +106,9 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 _LOW_SURROGATE_ESCAPE = re.compile(r"\\u[dD][c-fC-F][0-9a-fA-F]{2}")
 
 
-def read_json_model(body: bytes) -> JsonModel | Problem:
-    """The body's top-level ``model``, or why the body is refused."""
+def read_json_model(body: bytes, as_text: bool = False) -> JsonModel | Problem:
+    """The body's top-level ``model``, or why the body is refused. ``as_text``: the proxy
+    sent the body as text (JsonModel.bang)."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
@@ -132,8 +136,10 @@ def read_json_model(body: bytes) -> JsonModel | Problem:
         return LONE_SURROGATE
     variant = next((n for n in doc if len(n) in (6, 14) and n not in STREAM_NAMES and n.casefold() in STREAM_NAMES),
                    None)
-    return JsonModel(doc.get("model"), "model" in doc, body, doc.get("stream", ABSENT),
-                     doc.get("stream_options", ABSENT), variant)
+    model = doc.get("model")
+    bang = as_text and "!" in text and (isinstance(model, str) and "!" in model or any("!" in n for n in doc))
+    return JsonModel(model, "model" in doc, body, doc.get("stream", ABSENT), doc.get("stream_options", ABSENT),
+                     variant, bang)
 
 
 def _reads_as_model(name: str) -> bool:

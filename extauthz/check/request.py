@@ -8,8 +8,6 @@ becomes a Problem that the decision turns into a deny.
 
 from __future__ import annotations
 
-import json
-
 from typing import Any, Mapping
 
 from google.protobuf import json_format
@@ -111,19 +109,6 @@ class TextBody(bytes):
     these are not always the bytes the provider will read."""
 
 
-def text_may_differ(body: bytes, model: Any) -> bool:
-    """Whether a body sent as text may read otherwise as the bytes the provider gets: a '!'
-    in the model, or in a top-level member's name (a provider that drops the bytes '!'
-    stands for could read "mod\\xffel" as a second "model")."""
-    if isinstance(model, str) and "!" in model:
-        return True
-    try:
-        top = json.loads(body)
-    except ValueError:
-        return True
-    return isinstance(top, dict) and any("!" in name for name in top)
-
-
 def body_of(check: Any) -> bytes:
     http = check.attributes.request.http
     if http.raw_body or not http.body:
@@ -156,13 +141,13 @@ def with_body(facts: Facts, body: bytes) -> Facts:
             return facts._replace(body_problem=NO_MODEL)
         body_model = None
     else:
-        json_model = read_json_model(body)
+        json_model = read_json_model(body, isinstance(body, TextBody))
         if isinstance(json_model, Problem):
             return facts._replace(body_problem=json_model)
         if not json_model.present and endpoint.path_model is None:
             return facts._replace(body_problem=NO_MODEL)
         body_model = json_model.model
-        if isinstance(body, TextBody) and b"!" in body and text_may_differ(body, body_model):
+        if json_model.bang:
             return facts._replace(body_problem=TEXT_MODEL)
     if endpoint.path_model is None:
         model, problem = checked_name(body_model)

@@ -72,7 +72,5 @@ def scope_of(suffix: str) -> str | None:
 
 def tagged(suffix: str) -> str:
     """A counter suffix with its scope as the hash tag: ``rpm:{key:<hash>}:<minute>``."""
-    parts = suffix.split(":", 3)
-    if len(parts) < 3 or parts[1] not in ("key", "team"):
-        return suffix
-    return f"{parts[0]}:{{{parts[1]}:{parts[2]}}}" + (f":{parts[3]}" if len(parts) == 4 else "")
+    where = scope_of(suffix)
+    return suffix if where is None else suffix.replace(where, "{" + where + "}", 1)
