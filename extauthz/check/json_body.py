@@ -136,10 +136,11 @@ def read_json_model(body: bytes, as_text: bool = False) -> JsonModel | Problem:
         return LONE_SURROGATE
     variant = next((n for n in doc if len(n) in (6, 14) and n not in STREAM_NAMES and n.casefold() in STREAM_NAMES),
                    None)
-    model = doc.get("model")
-    bang = as_text and "!" in text and (isinstance(model, str) and "!" in model or any("!" in n for n in doc))
-    return JsonModel(model, "model" in doc, body, doc.get("stream", ABSENT), doc.get("stream_options", ABSENT),
-                     variant, bang)
+    found = JsonModel(doc.get("model"), "model" in doc, body, doc.get("stream", ABSENT),
+                      doc.get("stream_options", ABSENT), variant)
+    if as_text and "!" in text and (isinstance(found.model, str) and "!" in found.model or any("!" in n for n in doc)):
+        return found._replace(bang=True)
+    return found
 
 
 def _reads_as_model(name: str) -> bool:

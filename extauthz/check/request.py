@@ -141,13 +141,14 @@ def with_body(facts: Facts, body: bytes) -> Facts:
             return facts._replace(body_problem=NO_MODEL)
         body_model = None
     else:
-        json_model = read_json_model(body, isinstance(body, TextBody))
+        as_text = isinstance(body, TextBody)
+        json_model = read_json_model(body, as_text)
         if isinstance(json_model, Problem):
             return facts._replace(body_problem=json_model)
         if not json_model.present and endpoint.path_model is None:
             return facts._replace(body_problem=NO_MODEL)
         body_model = json_model.model
-        if json_model.bang:
+        if as_text and json_model.bang:
             return facts._replace(body_problem=TEXT_MODEL)
     if endpoint.path_model is None:
         model, problem = checked_name(body_model)
