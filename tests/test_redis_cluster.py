@@ -392,3 +392,19 @@ def test_cluster_settings_that_cannot_work_stop_the_start(config_path: Path) -> 
     checked = subprocess.run([sys.executable, "-m", "extauthz", "check-config", "--config", str(config_path)],
                              capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
     assert checked.returncode == 1 and "redis_mode is not cluster" in checked.stdout
+
+
+def test_a_connection_torn_down_mid_command_is_an_unavailable_store_not_an_error() -> None:
+    """Seen in a failover run: redis-py's cluster client sends on a connection another
+    coroutine has just torn down and raises AttributeError. The check must see Redis
+    unavailable (503, or the cached decision within max_stale_s), not an internal error."""
+    from extauthz.records.store import RedisReader, StoreUnavailable
+
+    class TornDown:
+        async def get(self, name: str) -> bytes:
+            raise AttributeError("'NoneType' object has no attribute 'writelines'")
+
+    reader = RedisReader("redis://127.0.0.1:1/0", 250)
+    reader.redis = TornDown()  # type: ignore[assignment]
+    with pytest.raises(StoreUnavailable):
+        asyncio.run(reader.get("{extauthz:}key:x"))

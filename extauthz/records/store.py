@@ -41,8 +41,13 @@ from extauthz.usage.limits import scope
 log = logging.getLogger("extauthz.store")
 
 # What a Redis call can fail with: a cluster client also raises RedisClusterException (no
-# node answers, a slot not covered), which is no RedisError.
-REDIS_FAILURES = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
+# node answers, a slot not covered), which is no RedisError, and during a failover
+# AttributeError (redis-py 8.1: a command sent on a connection that another coroutine
+# tore down, "'NoneType' object has no attribute 'writelines'"). Each try around a
+# Redis call holds that call only, so no error of ours is taken for Redis's (around more,
+# such as a whole transaction with the admin API's code in it: REDIS_ERRORS).
+REDIS_ERRORS = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
+REDIS_FAILURES = (*REDIS_ERRORS, AttributeError)
 TRANSACTION_ATTEMPTS = 100
 LIST_BATCH = 1000  # documents per MGET when listing
 # A retired key's record outlives its grace period by this much in Redis: its own expiry
@@ -429,7 +434,7 @@ class RedisWriter(Keyspace):
                 # Nothing was committed: a redirection refuses the whole MULTI, and a connection
                 # lost during EXEC itself is answered 503 by _attempts, not retried.
                 return await self._attempts(await self._transaction_client(refresh=True), body, watch)
-        except REDIS_FAILURES as e:
+        except REDIS_ERRORS as e:
             raise StoreUnavailable(type(e).__name__) from None
 
     async def _attempts(self, redis: aioredis.Redis, body: Callable[[Tx], Awaitable[Any]], watch: tuple[str, ...]) -> Any:
