@@ -18,8 +18,9 @@ Measurements:
    its rounds. checks/s over the rounds; p50/p99 from h2load's per-request logs; server
    CPU µs per check from /proc/<pid>/stat (utime+stime, all threads) over the same windows.
 2. Resident memory (VmRSS) of the warm sidecar after a check for each of the 100,000 keys.
-   Then a budget crossing (``bench/crossing.py``): settled as one sidecar settles it, the
-   time until the other sidecar refuses the key.
+   Then what a hold costs (``bench/holds.py``): checks one at a time for a caller with
+   budgets (its estimate held), one with rate limits only and one with neither, the
+   sidecar's CPU per check for each.
 3. End to end with wrk (1 thread, ``bench/mix.lua``) through Envoy: ``envoy_direct`` (no
    authorization), ``envoy_noop`` (ext_authz to the floor), ``envoy_sidecar`` (the full
    rendered config, warm sidecar: every allowed call's usage read, reported and settled)
@@ -63,7 +64,7 @@ from bench.measure import calibrate, rss_mb
 from bench.grpc_load import cache_hit_share, cache_stats, check_every_key, grpc_phase, grpc_ready, record_memory_estimate, verify
 from bench.envoy_load import EnvoyCase, bench_config, bootstrap, envoy_phase, start_envoy, verify_envoy
 from bench.report import table, targets, warnings
-from bench.crossing import crossing_ms
+from bench.holds import holds
 
 # == the run ====================================================================================
 
@@ -98,9 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sidecar RSS after a check for each of the {N_KEYS:,} keys: {results['sidecar_rss_mb_100k_keys']} MiB "
               f"(before: {results['sidecar_rss_mb_before_100k_keys']}; every key cached, estimated: "
               f"{results['sidecar_rss_mb_100k_keys_estimate']['mb']})")
-        crossing = results["budget_crossing"]
-        print(f"budget crossing enforced by the other replica: p50 {crossing['p50_ms']} ms, max {crossing['max_ms']} ms "
-              f"({crossing['crossings']} crossings)")
+        held = results["holds"]
+        print("checks one at a time, warm (sidecar CPU µs/check, p50 ms): "
+              + ", ".join(f"{n} {held[n]['cpu_us_per_check']} / {held[n]['p50_ms']}"
+                          for n in ("free", "limited", "budgeted"))
+              + f"; budgeted x limited {held['budgeted_cpu_x_limited']}")
         for name, t in results["targets"].items():
             print(f"target {name}: {t['value']} (limit {t['limit']}) {'PASS' if t['pass'] else 'MISS'}")
         for w in results["warnings"]:
@@ -196,8 +199,8 @@ def run(workdir: Path, procs: list[Proc]) -> dict[str, Any]:
     untracked.proc.wait_ready(lambda: sum(int(c.get("redir", -1)) > 0 for c in r.client_list()) >= 2)
     verify(untracked.grpc_port, all_probes, decisions=True)
     asyncio.run(check_every_key(untracked.grpc_port, N_KEYS, MEMORY_CONCURRENCY))  # as warm as the other
-    step("budget crossings: settled on one sidecar, refused by the other")
-    results["budget_crossing"] = crossing_ms(redis_port, warm.grpc_port, untracked.grpc_port)
+    step("holds: checks of a caller with budgets, one with rate limits, one with neither")
+    results["holds"] = holds(r, warm.grpc_port, warm.proc.pid)
 
     step("four Envoys: direct, ext_authz to the no-op server, to the sidecar, to the untracked sidecar")
     cases = []

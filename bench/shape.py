@@ -40,4 +40,4 @@ COLD_ENV = {"EXTAUTHZ_CACHE_MAX_ENTRIES": "0", "EXTAUTHZ_WORKERS": "1"}
 CACHE_SAMPLE = 2_000
 
 TARGETS = {"warm_cpu_x_floor_max": 1.15, "envoy_sidecar_rps_x_noop_min": 0.9, "rss_mb_max": 150.0,
-           "accounting_rps_x_without_min": 0.85, "budget_crossing_max_ms": 100.0}
+           "accounting_rps_x_without_min": 0.85, "budgeted_cpu_x_limited_max": 1.10}

@@ -204,8 +204,7 @@ class App:
         counters = RateCounters(self.store.redis, self.store, s.redis_timeout_ms / 1000)
         self.service = AuthorizationService(self.runtime, cached, s.log_allowed, logs.DecisionLog(s.log_format),
                                             check_message_limit(s), Upserts(cached, RedisWriter(self.store, s.audit_max_entries)), counters)
-        self.usage = UsageReports(counters, cached, lambda route_id, model: self.runtime().price(route_id, model),
-                                  self.store)
+        self.usage = UsageReports(counters, cached, lambda route_id, model: self.runtime().price(route_id, model))
         self.health = health_aio.HealthServicer()
         self.grpc: grpc.aio.Server | None = None
         self.health_grpc: grpc.aio.Server | None = None  # health on a port of its own (health_port)

@@ -163,6 +163,10 @@ class Settings:
     # Every key's and team's spend counted (as in LiteLLM); off: only those with a budget or
     # a rate limit (the others' responses are then not read at all).
     spend_tracking: bool = setting(True)
+    # The output tokens a call is assumed to ask for when neither it (max_tokens), its
+    # deployment (model_info.max_output_tokens) nor the price table says: a hold's bound
+    # (usage/estimate.py).
+    default_max_output_tokens: int = setting(16384, minimum=1)
     # Whether the Envoy in front sends usage reports (envoy/usage.lua and the gRPC access
     # log, as rendered). Without them budgets, tpm limits and max_parallel_requests cannot
     # be enforced: their callers are refused (403 usage_not_reported), never let through.

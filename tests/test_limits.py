@@ -82,10 +82,10 @@ def test_admission_of_requests_in_flight(redis_port: int) -> None:
         now = time.time()
         assert await counters.admit([place], "u1", now) is None
         assert await counters.admit([place], "u2", now) is None
-        assert await counters.admit([place], "u3", now) == place
+        assert await counters.admit([place], "u3", now) == (place, 2)
         await counters.settle([Settlement("u1", 0, [], ["inflight:key:a"])])  # u1 ended: its place is free
         assert await counters.admit([place], "u3", now) is None
-        assert await counters.admit([place], "u4", now) == place
+        assert await counters.admit([place], "u4", now) == (place, 2)
         # A report never came for u2 and u3: their places lapse after the route timeout.
         assert await counters.admit([place], "u4", now + 661) is None
         await redis.aclose()
@@ -110,10 +110,10 @@ def test_admission_takes_every_counter_or_none(redis_port: int) -> None:
         key, team = Counter("rpm:key:a:1", 3, "rpm_limit", "key"), Counter("rpm:team:t:1", 2, "rpm_limit", "team")
         assert await counters.admit([key, team]) is None
         assert await counters.admit([key, team]) is None
-        assert await counters.admit([key, team]) == team      # the team is full...
+        assert await counters.admit([key, team]) == (team, 2)     # the team is full...
         assert int(await redis.get("t:rpm:key:a:1")) == 2      # ...and the key's place was not taken
         assert await counters.admit([key]) is None
-        assert await counters.admit([key]) == key
+        assert await counters.admit([key]) == (key, 3)
         assert 0 < await redis.ttl("t:rpm:key:a:1") <= 65
         await redis.aclose()
     asyncio.run(run())

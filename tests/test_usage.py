@@ -10,6 +10,9 @@ import time
 from typing import Any
 
 import pytest
+
+from extauthz.usage.estimate import DEFAULT_MAX_OUTPUT_TOKENS
+from extauthz.usage.prices import price_of
 from google.protobuf import struct_pb2
 
 from extauthz.proto.envoy.data.accesslog.v3 import accesslog_pb2
@@ -72,25 +75,26 @@ def call(gateway: Gateway, key: str, path: str, body: dict, usage: str) -> Any:
 
 
 @pytest.mark.parametrize("path, body", [
-    ("/v1/chat/completions", {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}),
-    ("/v1/chat/completions", {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "stream": True,
-                              "stream_options": {"include_usage": True}}),
+    ("/v1/chat/completions", {"model": "gpt-4o", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}),
+    ("/v1/chat/completions", {"model": "gpt-4o", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}],
+                              "stream": True, "stream_options": {"include_usage": True}}),
     ("/v1/messages", {"model": "claude-sonnet", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}),
     ("/v1/messages", {"model": "claude-sonnet", "max_tokens": 5, "stream": True,
                       "messages": [{"role": "user", "content": "hi"}]}),
 ], ids=["openai-json", "openai-sse", "anthropic-json", "anthropic-sse"])
 def test_reported_tokens_are_counted_and_tpm_limit_refuses(provider_gateway: Gateway, path: str, body: dict) -> None:
     gateway = provider_gateway
-    key = gateway.new_key(models=[body["model"]], tpm_limit=100)
+    key = gateway.new_key(models=[body["model"]], tpm_limit=250)
     fresh_window()
     r = call(gateway, key, path, body, "30,40")
     assert r.status == 200, r.text
     wait_for(lambda: tpm_used(gateway, key) == 70, "the first response's 70 tokens")
-    assert call(gateway, key, path, body, "20,20").status == 200   # 70 < 100: admitted
-    wait_for(lambda: tpm_used(gateway, key) == 110, "110 tokens")
+    # 70, and what it may take (its body's bytes and max_tokens) fit in 250: admitted.
+    assert call(gateway, key, path, body, "100,80").status == 200
+    wait_for(lambda: tpm_used(gateway, key) == 250, "250 tokens")
     refused = call(gateway, key, path, body, "1,1")
     assert refused.status == 429, refused.text
-    assert "tpm_limit is 100 tokens per minute" in refused.json()["error"]["message"]
+    assert "tpm_limit is 250 tokens per minute" in refused.json()["error"]["message"]
     assert int(refused.headers["retry-after"]) >= 1
 
 
@@ -122,7 +126,9 @@ def test_a_client_request_id_cannot_merge_reports(gateway: Gateway) -> None:
     fresh_window()
     gateway.forget_upstream()
     for _ in range(3):
-        r = http("POST", gateway.envoy.url + "/v1/chat/completions", {"model": "gpt-4", "messages": []},
+        # (max_tokens: each holds little of the window while its report is on its way)
+        r = http("POST", gateway.envoy.url + "/v1/chat/completions", {"model": "gpt-4", "messages": [],
+                                                                       "max_tokens": 5},
                  {"Authorization": f"Bearer {key}", "x-fake-usage": "5,5", "x-request-id": "same-every-time"})
         assert r.status == 200
     wait_for(lambda: tpm_used(gateway, key) == 30, "all three reports")
@@ -136,18 +142,29 @@ def unpriced(sidecar: Any) -> float:
     return float(found.group(1)) if found else 0.0
 
 
-def test_a_response_without_usage_counts_no_tokens(gateway: Gateway, sidecar: Any) -> None:
-    key = gateway.new_key(models=["gpt-4"], tpm_limit=10)
-    body = {"model": "gpt-4", "messages": [], "stream": True}
-    before = unpriced(sidecar)
+def held(sidecar: Any) -> float:
+    metrics = http("GET", f"http://127.0.0.1:{sidecar.metrics_port}/metrics").text
+    found = re.search(r'^extauthz_usage_reports_total\{result="held"\} (\S+)$', metrics, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_a_response_without_usage_costs_what_it_held(gateway: Gateway, sidecar: Any) -> None:
+    # A provider that reports no usage, even asked for it (Azure's API versions before
+    # 2024-09-01 on a stream): the call is settled at what it held, never at nothing.
+    body = {"model": "gpt-4", "messages": [], "stream": True, "max_tokens": 100}
+    hold = len(json.dumps(body)) + 100       # the body's bytes and its max_tokens
+    key = gateway.new_key(models=["gpt-4"], tpm_limit=2 * hold + 50)
+    before = held(sidecar)
     fresh_window()
     gateway.forget_upstream()
-    for _ in range(3):  # a provider that reports no usage, even asked for it
-        assert call(gateway, key, "/v1/chat/completions", body, "none").status == 200
+    assert call(gateway, key, "/v1/chat/completions", body, "none").status == 200
     assert all(seen["body"]["stream_options"] == {"include_usage": True} for seen in gateway.upstream_seen())
-    wait_for(lambda: unpriced(sidecar) >= before + 3, "three unpriced reports")
-    assert tpm_used(gateway, key) == 0
-    assert call(gateway, key, "/v1/chat/completions", body, "none").status == 200  # still under tpm_limit
+    wait_for(lambda: held(sidecar) >= before + 1, "a report settled at its hold")
+    assert tpm_used(gateway, key) == hold
+    assert call(gateway, key, "/v1/chat/completions", body, "none").status == 200
+    wait_for(lambda: tpm_used(gateway, key) == 2 * hold, "two holds")
+    refused = call(gateway, key, "/v1/chat/completions", body, "none")
+    assert refused.status == 429 and f"tpm_limit is {2 * hold + 50}" in refused.json()["error"]["message"]
 
 
 def test_a_teams_tokens_are_shared_by_its_keys(gateway: Gateway) -> None:
@@ -278,25 +295,34 @@ def cut_after(gateway: Gateway, key: str, path: str, body: dict, usage: str, see
     conn.close()  # long before the stream's end
 
 
-def test_a_client_that_cuts_a_stream_still_pays_for_what_was_reported(provider_gateway: Gateway) -> None:
-    # Anthropic reports the input tokens in its first event: they count even if the client
-    # goes away before the last one.
+def test_a_client_that_cuts_a_stream_pays_what_was_reported_or_what_it_held(provider_gateway: Gateway) -> None:
+    # Anthropic reports the input tokens in its first event; a client going away before the
+    # last one pays those, or what the call held when admitted when that is more.
+    key = provider_gateway.new_key(models=["claude-sonnet"], tpm_limit=100_000)
+    reported = {"model": "claude-sonnet", "max_tokens": 5, "stream": True,
+                "messages": [{"role": "user", "content": "hi"}]}
+    fresh_window()
+    cut_after(provider_gateway, key, "/v1/messages", reported, "500,7", b"message_start")
+    wait_for(lambda: tpm_used(provider_gateway, key) == 501, "message_start's 500 input tokens and 1 output token")
     key = provider_gateway.new_key(models=["claude-sonnet"], tpm_limit=100_000)
     fresh_window()
-    cut_after(provider_gateway, key, "/v1/messages", {"model": "claude-sonnet", "max_tokens": 5, "stream": True,
-                                                      "messages": [{"role": "user", "content": "hi"}]},
-              "100,7", b"message_start")
-    wait_for(lambda: tpm_used(provider_gateway, key) == 101, "message_start's 100 input tokens and 1 output token")
+    cut_after(provider_gateway, key, "/v1/messages", {**reported, "max_tokens": 900}, "100,7", b"message_start")
+    held = len(json.dumps({**reported, "max_tokens": 900})) + 900  # the body's bytes, and max_tokens
+    wait_for(lambda: tpm_used(provider_gateway, key) == held, "what the call held")
 
 
-def test_a_client_that_cuts_geminis_json_stream_pays_for_the_chunks_it_got(provider_gateway: Gateway) -> None:
+def test_a_client_that_cuts_geminis_json_stream_pays_at_least_what_it_held(provider_gateway: Gateway) -> None:
     # streamGenerateContent without alt=sse: a JSON array, each chunk with a running
-    # usageMetadata; the last one read counts when the client goes away.
+    # usageMetadata; a client going away after the first pays at least its hold: its
+    # body's bytes and an output ceiling (the request names none).
     key = provider_gateway.new_key(models=["gemini-flash"], tpm_limit=100_000)
+    body = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}
     fresh_window()
-    cut_after(provider_gateway, key, "/v1beta/models/gemini-flash:streamGenerateContent",
-              {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}, "40,9", b"usageMetadata")
-    wait_for(lambda: tpm_used(provider_gateway, key) == 41, "the first chunk's 40 + 1 tokens")
+    cut_after(provider_gateway, key, "/v1beta/models/gemini-flash:streamGenerateContent", body, "40,9",
+              b"usageMetadata")
+    assert price_of("gemini", "gemini-2.0-flash", {}) is None    # a model the table lacks...
+    ceiling = DEFAULT_MAX_OUTPUT_TOKENS                          # ...holds default_max_output_tokens
+    wait_for(lambda: tpm_used(provider_gateway, key) == len(json.dumps(body)) + ceiling, "what the call held")
 
 
 def test_a_caller_cannot_ask_google_to_leave_the_usage_out(provider_gateway: Gateway) -> None:

@@ -426,6 +426,9 @@ async def echo(request: web.Request) -> web.StreamResponse:
                                                                 if names[0] == "prompt_tokens" else {})}
     if isinstance(fields, dict) and fields.get("stream") is True:
         return await stream(request, reply, fields, float(headers.get("x-fake-delay", "0")))
+    delay = float(headers.get("x-fake-delay", "0"))
+    if delay:  # a provider taking its time: calls overlap
+        await asyncio.sleep(delay)
     if headers.get("x-fake-usage-last"):  # the usage after everything else (the echo is large)
         usage = reply.pop("usage", None)
         return web.json_response({**reply, "echo": arrived, "usage": usage})

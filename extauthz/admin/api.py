@@ -114,16 +114,18 @@ def raw_hash(raw: str, param: str) -> str:
         raise ApiError(400, "invalid_request", f"'{param}' is not valid text", param) from None
 
 
-def explained_body(endpoint: Any, model: str) -> tuple[str, bytes]:
+def explained_body(endpoint: Any, model: str, max_tokens: int | None = None) -> tuple[str, bytes]:
     """The smallest request body naming ``model`` that the endpoint reads: a form for the
-    multipart endpoints (audio), JSON for the others, none where the path names it."""
+    multipart endpoints (audio), JSON for the others, none where the path names it; with
+    ``max_tokens`` when given (what a budget or token window holds depends on it)."""
+    extra = {"max_tokens": max_tokens} if max_tokens is not None else {}
     if isinstance(endpoint, Endpoint) and endpoint.body == MULTIPART:
         form = (f'--explain\r\nContent-Disposition: form-data; name="model"\r\n\r\n{model}\r\n'
                 '--explain--\r\n')
         return "multipart/form-data; boundary=explain", form.encode("utf-8", "surrogatepass")
     if isinstance(endpoint, Endpoint) and endpoint.path_model is not None:
-        return "application/json", b"{}"
-    return "application/json", json.dumps({"model": model}).encode()
+        return "application/json", json.dumps(extra).encode()
+    return "application/json", json.dumps({"model": model, **extra}).encode()
 
 
 NOT_MASTER = ApiError(401, "unauthorized", "This route needs the master key as 'Authorization: Bearer'.")
@@ -774,8 +776,11 @@ class AdminApi:
         if self.check is None:
             raise ApiError(503, "store_unavailable", "The check service is not running in this process.")
         body = await self.body(request)
-        schema.reject_unknown(body, {"key", "team_id", "model", "endpoint"})
+        schema.reject_unknown(body, {"key", "team_id", "model", "endpoint", "max_tokens"})
         model = schema.expect(body, "model", str, nullable=False)
+        max_tokens = schema.expect(body, "max_tokens", int)
+        if max_tokens is not None and not 0 < max_tokens <= 10_000_000:
+            raise ApiError(400, "invalid_request", "'max_tokens' must be a positive number of tokens", "max_tokens")
         path = schema.expect(body, "endpoint", str) or "/v1/chat/completions"
         if not path.startswith("/"):
             raise ApiError(400, "invalid_request", "'endpoint' must be a path such as /v1/chat/completions", "endpoint")
@@ -795,7 +800,7 @@ class AdminApi:
             key = KeyRecord(f"team:{team_id}", None, (ALL_TEAM_MODELS,), team.team_id, None, False,
                             f"a member of team {team_id}")
         endpoint = runtime.pass_through.match(path) or classify(path)
-        content_type, payload = explained_body(endpoint, model)
+        content_type, payload = explained_body(endpoint, model, max_tokens)
         facts = Facts(token="explain", model=None, path=path, endpoint=endpoint,
                       headers={"content-type": content_type})
         decision = await self.check.decide_key(facts, payload, runtime, key, team, owner, peek=True)

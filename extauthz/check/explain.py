@@ -150,6 +150,4 @@ def _limits_of(record: Any) -> Doc:
         out["max_budget"] = budget.max
         if budget.soft is not None:
             out["soft_budget"] = budget.soft
-    if record.spent:
-        out["spend"] = dict(record.spent)
     return out

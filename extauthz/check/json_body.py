@@ -68,6 +68,9 @@ class JsonModel(NamedTuple):
     # Read from text (request.TextBody): a '!' in the model or in a top-level member's name
     # may stand for bytes that are not UTF-8, which a provider could read otherwise.
     bang: bool = False
+    # The parsed body: what a call asks the provider for (max_tokens, n) bounds its hold
+    # (usage/estimate.py), read only for callers with a budget or a tpm_limit.
+    doc: Any = None
 
 
 class _Refused(ValueError):
@@ -137,7 +140,7 @@ def read_json_model(body: bytes, as_text: bool = False) -> JsonModel | Problem:
     variant = next((n for n in doc if len(n) in (6, 14) and n not in STREAM_NAMES and n.casefold() in STREAM_NAMES),
                    None)
     found = JsonModel(doc.get("model"), "model" in doc, body, doc.get("stream", ABSENT),
-                      doc.get("stream_options", ABSENT), variant)
+                      doc.get("stream_options", ABSENT), variant, False, doc)
     if as_text and "!" in text and (isinstance(found.model, str) and "!" in found.model or any("!" in n for n in doc)):
         return found._replace(bang=True)
     return found

@@ -35,6 +35,7 @@ from extauthz.records.lookup import lookup
 from extauthz.records.upsert import Upserts
 from extauthz.usage import budgets
 from extauthz.usage.counters import RateCounters
+from extauthz.usage.estimate import Estimate, estimate
 from extauthz.usage.limits import rate_counters, refusal, scope
 from extauthz.records.record import KeyRecord, TeamRecord, UserRecord
 from extauthz.records.store import RecordReader, StoreUnavailable
@@ -79,21 +80,6 @@ def route_refusal(identity: Identity, jwt: JwtAuth, facts: Facts) -> Deny | None
     which = "admin_allowed_routes" if identity.role in ADMIN_ROLES else "team_allowed_routes"
     return Deny(403, "route_not_allowed", f"A token with role {identity.role} may not call "
                 f"{facts.path.partition('?')[0]!r} ({which}: {list(allowed)}).")
-
-
-def budget_refusal(key: KeyRecord, team: TeamRecord | None, model: str, now: float,
-                   metadata: dict[str, Any]) -> Deny | None:
-    """The key's budget, then its team's: each compared with the spend read with its record
-    (nothing to do, not even a counter's name, for the callers without one)."""
-    if budgets.binding(key.budget):
-        over = budgets.exceeded(scope("key", key.account), key.budget, key.spent, model, now)
-        if over is not None:
-            return budgets.refusal(over[0], over[1], f"Key={key.label!r}", metadata)
-    if team is not None and budgets.binding(team.budget):
-        over = budgets.exceeded(scope("team", team.team_id), team.budget, team.spent, model, now)
-        if over is not None:
-            return budgets.refusal(over[0], over[1], f"Team={team.label!r}", metadata)
-    return None
 
 
 def list_reply(listed: tuple[str, str | None], names: list[str], runtime: Runtime) -> Decision:
@@ -381,24 +367,21 @@ class AuthorizationService:
 
     async def within_limits(self, decision: Decision, facts: Facts, key: KeyRecord, team: TeamRecord | None,
                              runtime: Runtime, peek: bool = False) -> Decision:
-        """An allowed request within its budgets (read with its records: no Redis round
-        trip) and its rate windows (one round trip, for callers with rate limits only), or
-        refused; a counted one carries the id its usage report is settled under."""
+        """An allowed request within its rate windows and budgets, in one Redis round trip
+        (for callers with a limit or a budget only), or refused: a call of a caller with a
+        budget or a tpm_limit holds its estimate there until its usage report settles it.
+        A counted one carries the id its usage report is settled under."""
         if not isinstance(decision, Allow):
             return decision
         now = time.time()
-        model = str(decision.metadata.get("model", ""))
-        # After the model check, as in LiteLLM: a model the caller may not use is a model error.
-        over = budget_refusal(key, team, model, now, decision.metadata)
-        if over is not None:
-            if not peek:
-                self.metrics.limited(over.metadata["limit"], team.team_id if team is not None else None)  # type: ignore
-            return over
-        if budgets.binding(key.budget) or (team is not None and budgets.binding(team.budget)):
+        key_budget, team_budget = budgets.binding(key.budget), team is not None and budgets.binding(team.budget)
+        if key_budget or team_budget:
             why = unpriced(decision, facts, runtime)
             if why is not None:
-                owner = f"Key {key.label!r}" if budgets.binding(key.budget) else \
-                    f"Team {team.label!r}"  # type: ignore[union-attr]
+                spent = await self.spent(decision, key, team, now, peek)
+                if spent is not None:
+                    return spent
+                owner = f"Key {key.label!r}" if key_budget else f"Team {team.label!r}"  # type: ignore[union-attr]
                 return Deny(403, "unpriced_model", f"{owner} has a budget, and this call's cost cannot be counted: "
                             f"{why}.", "model", decision.metadata)
         if not runtime.config.settings.usage_reports:
@@ -408,11 +391,13 @@ class AuthorizationService:
                             "gateway's Envoy does not send it (extauthz_settings.usage_reports is false), so the "
                             "limit cannot be enforced.", None, decision.metadata)
         key_limits, team_limits = key.limits, team.limits if team is not None else None
-        rate_limited = (key_limits is not None and key_limits.rate_limited) or (
-            team_limits is not None and team_limits.rate_limited)
+        limited = (key_limits is not None and key_limits.rate_limited) or (
+            team_limits is not None and team_limits.rate_limited) or key_budget or team_budget
         track = counted(key, team, runtime)
-        if self.counters is None or not (rate_limited or track):
+        if not (limited or track):
             return decision
+        if self.counters is None:  # (no Redis to count in: a limit is never lifted for it)
+            return UNAVAILABLE if limited else decision
         # The id its usage report will be settled under: Envoy's request id is the client's
         # own on a trusted network, and one sent on every request would settle only once.
         decision.metadata[USAGE_ID] = secrets.token_hex(USAGE_ID_LENGTH // 2)
@@ -420,26 +405,86 @@ class AuthorizationService:
         decision.metadata["key_id"] = key.token_hash
         if key.counter_id is not None:  # a regenerated key: its line's counters, whatever becomes of its record
             decision.metadata["key_account"] = key.counter_id
-        if rate_limited:
-            scopes = [(scope("key", key.account), f"key {key.label!r}", key_limits)]
-            if team is not None:
-                scopes.append((scope("team", team.team_id), f"team {team.label!r}", team_limits))
-            counters = rate_counters(scopes, model, now)
-            try:
-                limited = await (self.counters.peek(counters, now) if peek else
-                                 self.counters.admit(counters, decision.metadata[USAGE_ID], now))
-            except StoreUnavailable:
-                return UNAVAILABLE
-            if limited is not None:
-                if not peek:
-                    self.metrics.limited(limited.name, team.team_id if team is not None else None)
-                return refusal(limited, now, {k: v for k, v in decision.metadata.items() if k != USAGE_ID})
-            if any(c.kind == "s" for c in counters):
-                decision.metadata["inflight"] = "1"  # Envoy frees the place as the response ends
+        if limited:
+            refused = await self.admitted(decision, facts, key, team, runtime, now, peek)
+            if refused is not None:
+                return refused
+            if decision.metadata.get("inflight") == "1":  # Envoy frees the place as the response ends
                 return decision._replace(dynamic_headers=decision.dynamic_headers + COUNTED_IN_FLIGHT_HEADERS)
         if not track:  # no usage reports: its rpm window was counted, nothing else
             return decision
         return decision._replace(dynamic_headers=decision.dynamic_headers + COUNTED_HEADERS)
+
+    async def spent(self, decision: Allow, key: KeyRecord, team: TeamRecord | None, now: float,
+                    peek: bool) -> Deny | None:
+        """A budget already used up refuses as budget_exceeded before any question of price
+        (as LiteLLM: a spent budget is the answer whatever the model)."""
+        if self.counters is None:
+            return UNAVAILABLE
+        model = str(decision.metadata.get("model", ""))
+        counters = budgets.admission_counters(scope("key", key.account), f"Key={key.label!r}", key.budget, model,
+                                              now, 0.0)
+        if team is not None:
+            counters += budgets.admission_counters(scope("team", team.team_id), f"Team={team.label!r}", team.budget,
+                                                   model, now, 0.0)
+        try:
+            refused = await self.counters.peek(counters, now)
+        except StoreUnavailable:
+            return UNAVAILABLE
+        if refused is None:
+            return None
+        counter, value = refused
+        if not peek:
+            self.metrics.limited(counter.name, team.team_id if team is not None else None)
+        return budgets.refusal(counter, value, decision.metadata)
+
+    async def admitted(self, decision: Allow, facts: Facts, key: KeyRecord, team: TeamRecord | None,
+                       runtime: Runtime, now: float, peek: bool) -> Deny | None:
+        """The call admitted against every counter of its key and team (taking a place in
+        each, and holding its estimate in its token windows and budgets), or the refusal."""
+        assert self.counters is not None
+        model = str(decision.metadata.get("model", ""))
+        key_scope = scope("key", key.account)
+        scopes = [(key_scope, f"key {key.label!r}", key.limits)]
+        if team is not None:
+            scopes.append((scope("team", team.team_id), f"team {team.label!r}", team.limits))
+        holds = any(limits is not None and (limits.tpm is not None or limits.model_tpm) for _, _, limits in scopes) \
+            or budgets.binding(key.budget) or (team is not None and budgets.binding(team.budget))
+        estimate = self.estimate(decision, facts, runtime) if holds else None
+        counters = rate_counters(scopes, model, now, estimate.tokens if estimate is not None else 0)
+        cost = estimate.cost or 0.0 if estimate is not None else 0.0
+        counters += budgets.admission_counters(key_scope, f"Key={key.label!r}", key.budget, model, now, cost)
+        if team is not None:
+            counters += budgets.admission_counters(scope("team", team.team_id), f"Team={team.label!r}", team.budget,
+                                                   model, now, cost)
+        try:
+            refused = await (self.counters.peek(counters, now) if peek else
+                             self.counters.admit(counters, decision.metadata[USAGE_ID], now, estimate))
+        except StoreUnavailable:
+            return UNAVAILABLE
+        if refused is not None:
+            counter, value = refused
+            if not peek:
+                self.metrics.limited(counter.name, team.team_id if team is not None else None)
+            metadata = {k: v for k, v in decision.metadata.items() if k != USAGE_ID}
+            return budgets.refusal(counter, value, metadata) if counter.kind == "b" else \
+                refusal(counter, now, metadata)
+        if estimate is not None:  # its settlement trues up what it held, in the windows it held it in
+            decision.metadata["hold"] = "1"
+            decision.metadata["admitted"] = repr(now)
+        if any(c.kind == "s" for c in counters):
+            decision.metadata["inflight"] = "1"
+        return None
+
+    @staticmethod
+    def estimate(decision: Allow, facts: Facts, runtime: Runtime) -> Estimate:
+        """What the call may cost (usage/estimate.py), at its route's price."""
+        route, endpoint, body = decision.route, facts.endpoint, facts.json_model
+        price = runtime.price(route.route_id, str(decision.metadata.get("model", ""))) \
+            if isinstance(route, Route) else None
+        return estimate(body.doc if body is not None else None, len(body.body) if body is not None else 0,
+                        endpoint.operation if isinstance(endpoint, Endpoint) else None, price,
+                        runtime.config.settings.default_max_output_tokens)
 
     async def team_of(self, team_id: str, jwt: JwtAuth) -> TeamRecord | None:
         """A token's team; with team_id_upsert, one that does not exist yet is created (with

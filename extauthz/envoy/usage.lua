@@ -217,6 +217,13 @@ local function release(handle)
     ["x-team-id"] = decision["team_id"] or ""}, "", RELEASE_TIMEOUT_MS)
 end
 
+-- The response's last byte has passed: its counts are all it will report. A client
+-- that goes away, or a reset, ends the filter before this, and the call is then settled
+-- at no less than what it held when admitted (usage/reports.py).
+local function ended(handle)
+  handle:streamInfo():dynamicMetadata():set(NAMESPACE, "ended", 1)
+end
+
 -- One event's JSON, whole: its usage object, read.
 local function read_event(handle, event, found)
   local state = json_state()
@@ -304,6 +311,7 @@ function envoy_on_response(handle)
   local aws = string.find(content_type, "application/vnd.amazon.eventstream", 1, true) == 1
   if not json and not stream and not aws then
     for _ in handle:bodyChunks() do end  -- to the end, then free the place
+    ended(handle)
     release(handle)
     return
   end
@@ -330,5 +338,6 @@ function envoy_on_response(handle)
   if stream then
     end_line(handle, sse, found)   -- a last event without its newline
   end
+  ended(handle)
   release(handle)                  -- after the counts are written: the release may wait
 end

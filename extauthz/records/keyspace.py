@@ -45,6 +45,11 @@ class Keyspace:
         cluster settles each scope on its own slot: one mark each; elsewhere one for all)."""
         return f"settled:{scope}:{usage_id}" if self.cluster and scope else f"settled:{usage_id}"
 
+    def hold_record(self, usage_id: str, scope: str | None) -> str:
+        """The suffix of the record of what a call held at admission, read back by its
+        settlement (in a cluster one per scope's slot, as the settled marks)."""
+        return f"hold:{scope}:{usage_id}" if self.cluster and scope else f"hold:{usage_id}"
+
     def key_id(self, token_hash: str) -> str:
         return f"{self.prefix}key:{token_hash}"
 

@@ -114,8 +114,6 @@ class KeyRecord(NamedTuple):
     allowed_routes: tuple[str, ...] | None = None   # None: every route its kind of caller may use
     limits: Limits | None = None        # None: no enforced limit (no counter to take)
     budget: Budget | None = None        # None: no budget (its spend is still counted)
-    # The spend counters read with the record, when it has a budget (records/store.py).
-    spent: tuple[tuple[str, float], ...] = ()
     # A regenerated key's counters are those of the key it replaced (the first of its line).
     counter_id: str | None = None
     # A key regenerated with a grace period: when it stops (then it is an invalid key).
@@ -139,7 +137,7 @@ class KeyRecord(NamedTuple):
         return cls(doc["token"], doc.get("key_alias"), _shared(doc.get("models")), _name(doc.get("team_id")),
                    parse_time(doc.get("expires")), bool(doc.get("blocked")), doc.get("key_name"),
                    _name(user_id) if isinstance(user_id, str) and user_id else None, _allowed_routes(doc),
-                   limits.read(doc), budgets.read(doc), (), _text(doc.get("counter_id")), _retired_at(doc),
+                   limits.read(doc), budgets.read(doc), _text(doc.get("counter_id")), _retired_at(doc),
                    tuple(h for h in (_text(doc.get("rotated_to")), _text(doc.get("regenerated_from"))) if h))
 
     @classmethod
@@ -184,7 +182,6 @@ class TeamRecord(NamedTuple):
     blocked: bool
     limits: Limits | None = None
     budget: Budget | None = None
-    spent: tuple[tuple[str, float], ...] = ()
     shadow: bool = False    # metadata "enforcement": "shadow": its denials recorded, not enforced
 
     @property
@@ -195,7 +192,7 @@ class TeamRecord(NamedTuple):
     def from_document(cls, doc: dict[str, Any]) -> "TeamRecord":
         metadata = doc.get("metadata")
         return cls(_name(doc["team_id"]), doc.get("team_alias"), _shared(doc.get("models")), bool(doc.get("blocked")),
-                   limits.read(doc), budgets.read(doc), (),
+                   limits.read(doc), budgets.read(doc),
                    isinstance(metadata, dict) and metadata.get("enforcement") == "shadow")
 
     @classmethod

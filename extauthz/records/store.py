@@ -11,9 +11,9 @@ Layout (``<p>`` is the configured prefix, ``extauthz:`` by default; in a Redis C
 - ``<p>user_keys:<user_id>``          set of the hashes of the keys the user owns
 - ``<p>keys`` / ``<p>teams`` / ``<p>users``  sets of every key hash / team id / user id (listing)
 
-Reads cost one round trip per record, two for a key or team with a budget (its spend
-counters, usage/budgets.py, are read with it and cached with it). Every write runs in a WATCH/MULTI transaction
-that retries on conflict, so concurrent admin calls lose nothing.
+Reads cost one round trip per record (a budget's spend is read where a call is admitted
+against it, usage/counters.py). Every write runs in a WATCH/MULTI transaction that retries
+on conflict, so concurrent admin calls lose nothing.
 """
 
 from __future__ import annotations
@@ -35,8 +35,6 @@ from extauthz.records import audit
 from extauthz.records.connection import RedisTarget
 from extauthz.records.keyspace import Keyspace
 from extauthz.records.record import KeyRecord, TeamRecord, UserRecord, format_time, team_members
-from extauthz.usage.budgets import binding, spend_counters
-from extauthz.usage.limits import scope
 
 log = logging.getLogger("extauthz.store")
 
@@ -191,37 +189,15 @@ class RedisReader(Keyspace):
 
     async def get_key(self, token_hash: str) -> KeyRecord | None:
         raw = await self.get(self.key_id(token_hash))
-        if raw is None:
-            return None
-        key = KeyRecord.from_json(raw)
-        return await self.with_spend(key, scope("key", key.account))
+        return None if raw is None else KeyRecord.from_json(raw)
 
     async def get_team(self, team_id: str) -> TeamRecord | None:
         raw = await self.get(self.team_id(team_id))
-        return None if raw is None else await self.with_spend(TeamRecord.from_json(raw), scope("team", team_id))
-
-    async def with_spend(self, record: Any, where: str) -> Any:
-        """A record with a budget, with its spend in the current period(s)."""
-        if not binding(record.budget):
-            return record
-        counters = spend_counters(where, record.budget, None, time.time())
-        try:
-            raws = await asyncio.wait_for(self.redis.mget([self.counter(c.suffix) for c in counters]), self.timeout)
-        except REDIS_FAILURES as e:
-            raise StoreUnavailable(type(e).__name__) from None
-        return record._replace(spent=tuple((c.suffix, _amount(raw)) for c, raw in zip(counters, raws)
-                                           if raw is not None))
+        return None if raw is None else TeamRecord.from_json(raw)
 
     async def get_user(self, user_id: str) -> UserRecord | None:
         raw = await self.get(self.user_id(user_id))
         return None if raw is None else UserRecord.from_json(raw)
-
-
-def _amount(raw: bytes) -> float:
-    try:
-        return float(raw)
-    except ValueError:
-        return float("inf")  # a counter written by hand that is no amount: the budget refuses
 
 
 def lost_connection(e: WatchError) -> bool:

@@ -54,7 +54,7 @@ SPEND = Counter("extauthz_spend_usd_total", "Spend settled from the providers' r
 SOFT_BUDGET_CROSSINGS = Counter("extauthz_soft_budget_crossings_total",
                                 "Settlements that took a key's or team's spend past its soft_budget", ["team"])
 USAGE_REPORTS = Counter("extauthz_usage_reports_total", "Usage reports from Envoy, by what became of them",
-                        ["result"])  # settled, unpriced (no usage or no price), duplicate, failed
+                        ["result"])  # settled, held (ended without usage: at its hold), unpriced, duplicate, failed
 # Distinct team labels a process gives a metric; later teams are counted as "other".
 LIMIT_TEAM_LABELS = 100
 

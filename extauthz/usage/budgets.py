@@ -10,10 +10,12 @@ since the epoch (``1d`` resets at midnight UTC, ``1h`` on the hour), ``Nmo`` cal
 in UTC (``1mo`` on the first of the month). A new period reads a counter that does not
 exist yet: spend starts again at zero, with nothing to reset and nothing to reset twice.
 
-The check never reads a counter per request: a record's spend is read with the record
-(records/store.py) and cached with it; the settlement that takes a counter to its budget
-rewrites the record in place, which every replica's cache is told of (invalidation.py), so
-the next check reads the spend afresh.
+A call is admitted against its spend counters in Redis, atomically with its rate windows
+(usage/counters.py): it holds its estimate (usage/estimate.py) there until its usage
+report settles it, so calls in flight at once cannot together spend past the budget by
+more than one call's worth. A record's spend is also read with the record, for
+/access/explain; the settlement that takes a counter to its budget rewrites the record in
+place, which every replica's cache is told of (invalidation.py).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any, NamedTuple
 from urllib.parse import quote
 
 from extauthz.check.decision import Deny
+from extauthz.usage.limits import Counter
 
 DURATION = re.compile(r"([0-9]{1,6})(s|m|h|d|w|mo)")
 UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -185,30 +188,36 @@ def spend_counters(where: str, budget: Budget | None, model: str | None, now: fl
     return out
 
 
-def exceeded(where: str, budget: Budget | None, spent: tuple[tuple[str, float], ...], model: str,
-             now: float) -> tuple[SpendCounter, float] | None:
-    """The counter at or over its budget (``spend >= max_budget``, so a budget of 0 refuses
-    at once, as in LiteLLM) with its spend, or None. ``spent``: the counters read with the
-    record; one of an earlier period is not the current one, whose spend is then 0."""
+def admission_counters(where: str, owner: str, budget: Budget | None, model: str, now: float,
+                       cost: float) -> list[Counter]:
+    """The spend counters a call to ``model`` is admitted against (those with a max), each
+    to hold ``cost``, the call's estimate, which must fit in what is left: ``spend + held +
+    cost > max_budget`` refuses, and ``spend >= max_budget`` does even for a free call (a
+    budget of 0 refuses at once, as in LiteLLM)."""
     if not binding(budget):
-        return None
-    values = dict(spent)
-    for counter in spend_counters(where, budget, model, now):
-        if counter.max is not None:
-            value = values.get(counter.suffix, 0.0)
-            if value >= counter.max:
-                return counter, value
-    return None
+        return []
+    return [Counter(c.suffix, c.max, "model_max_budget" if c.model else "max_budget", owner, cost, "b",
+                    c.expires_at or 0.0, c.reset_at, c.model)
+            for c in spend_counters(where, budget, model, now) if c.max is not None]
 
 
 def money(value: float) -> str:
     return f"{value:.10g}"
 
 
-def refusal(counter: SpendCounter, spend: float, owner: str, metadata: dict[str, Any] | None) -> Deny:
-    meta = dict(metadata or {}, limit="model_max_budget" if counter.model else "max_budget")
+def refusal(counter: Counter, spend: float, metadata: dict[str, Any] | None) -> Deny:
+    """LiteLLM's budget_exceeded. ``spend`` counts the holds of the calls in flight; the
+    refusal of an estimate that does not fit in what is left names the estimate too, as
+    LiteLLM's fail_closed_budget_enforcement does, and how to make it smaller."""
+    meta = dict(metadata or {}, limit=counter.name)
     which = f" for model {counter.model!r}" if counter.model else ""
     resets = f" It resets at {datetime.fromtimestamp(counter.reset_at, timezone.utc).isoformat()}." \
         if counter.reset_at is not None and counter.reset_at != float("inf") else ""
-    return Deny(400, "budget_exceeded", f"Budget has been exceeded{which}! {owner} Current cost: {money(spend)}, "
-                f"Max budget: {money(counter.max or 0.0)}.{resets}", None, meta, (), "budget_exceeded")
+    estimated, hint = "", ""
+    if spend < counter.limit:
+        estimated = f"Estimated request cost: {money(counter.take)}, "
+        hint = (" The estimate is what the call may cost at most (its prompt, and its max_tokens or the model's "
+                "output limit): a lower max_tokens makes it smaller.")
+    return Deny(400, "budget_exceeded", f"Budget has been exceeded{which}! {counter.owner} Current cost: "
+                f"{money(spend)}, {estimated}Max budget: {money(counter.limit)}.{resets}{hint}", None, meta, (),
+                "budget_exceeded")

@@ -76,15 +76,25 @@ def read(doc: dict[str, Any]) -> Limits | None:
 
 class Counter(NamedTuple):
     """One counter a request is checked against: where it lives (after the prefix), its
-    limit, and what admitting the request adds (1 for requests; 0 for tokens, which the
-    response's usage report adds)."""
+    limit, and what admitting the request takes of it."""
 
     suffix: str
-    limit: int
+    limit: float
     name: str       # the LiteLLM field, for the message and the decision log
-    owner: str      # "key 'alias'" or "team 'alias'"
-    take: int = 1
-    kind: str = "n"  # "n": a count in a window; "s": the set of requests in flight
+    owner: str      # "key 'alias'" or "team 'alias'" (a budget's: "Key='alias'", LiteLLM's form)
+    take: float = 1
+    # "n": requests in a window (take 1); "s": the set of requests in flight, scored by
+    # deadline; "t": tokens in a window, "b": USD spent in a budget period, each taking the
+    # call's estimate as a hold its settlement trues up. The estimate must fit in what is
+    # left ("t": or the window be empty, so that a call larger than the whole window is
+    # not refused for good: it overshoots by itself at most).
+    kind: str = "n"
+    expires_at: float = 0.0             # a spend counter's end of life (0: kept)
+    reset_at: float | None = None       # a budget period's end, for the refusal's message
+    model: str | None = None            # model_max_budget's model
+
+
+HELD = frozenset("tb")  # kinds that hold an estimate until the call is settled
 
 
 def scope(kind: str, ident: str) -> str:
@@ -97,22 +107,24 @@ def window_of(now: float) -> int:
     return int(now // WINDOW_S)
 
 
-def rate_counters(scopes: list[tuple[str, str, Limits | None]], model: str, now: float) -> list[Counter]:  # noqa: C901
+def rate_counters(scopes: list[tuple[str, str, Limits | None]], model: str, now: float,  # noqa: C901
+                  tokens: int = 0) -> list[Counter]:
     """The counters a request is checked against: for each scope (its id, its label, its
-    limits), its rpm and tpm limits and those for this model, in the current minute."""
+    limits), its rpm and tpm limits and those for this model, in the current minute; a tpm
+    window holds ``tokens``, the call's estimate."""
     window = window_of(now)
     out = []
     for where, label, limits in scopes:
         if limits is None:
             continue
-        for kind, whole, per_model_limits, take in (("rpm", limits.rpm, limits.model_rpm, 1),
-                                                    ("tpm", limits.tpm, limits.model_tpm, 0)):
+        for kind, whole, per_model_limits, take, how in (("rpm", limits.rpm, limits.model_rpm, 1, "n"),
+                                                         ("tpm", limits.tpm, limits.model_tpm, tokens, "t")):
             if whole is not None:
-                out.append(Counter(f"{kind}:{where}:{window}", whole, f"{kind}_limit", label, take))
+                out.append(Counter(f"{kind}:{where}:{window}", whole, f"{kind}_limit", label, take, how))
             for name, limit in per_model_limits:
                 if name == model:
                     out.append(Counter(f"{kind}:{where}:model:{quote(model, safe='')}:{window}", limit,
-                                       f"model_{kind}_limit", label, take))
+                                       f"model_{kind}_limit", label, take, how))
         if limits.parallel is not None:
             out.append(Counter(f"inflight:{where}", limits.parallel, "max_parallel_requests", label, 1, "s"))
     return out

@@ -22,6 +22,9 @@ class Price(NamedTuple):
     output: float
     cache_read: float | None = None     # Anthropic's cache reads (OpenAI: cached prompt tokens)
     cache_write: float | None = None    # Anthropic's cache writes
+    # The most output tokens one call can ask for (a hold's bound when the request names
+    # none: usage/estimate.py); None when neither the deployment nor the table says.
+    max_output: int | None = None
 
 
 @lru_cache(maxsize=1)
@@ -35,6 +38,12 @@ def _number(value: Any) -> float | None:
     return float(value)
 
 
+def _ceiling(value: Any) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < MAX_TOKENS:
+        return None
+    return value
+
+
 def configured(info: Mapping[str, Any]) -> Price | None:
     """The deployment's own prices, when it gives both."""
     given = [_number(info.get(f)) for f in ("input_cost_per_token", "output_cost_per_token",
@@ -44,14 +53,20 @@ def configured(info: Mapping[str, Any]) -> Price | None:
     return Price(given[0], given[1], given[2], given[3])
 
 
+def output_ceiling(info: Mapping[str, Any]) -> int | None:
+    """The deployment's own ``max_output_tokens`` (LiteLLM's ``model_info``; else its
+    ``max_tokens``, which LiteLLM's map uses for the same)."""
+    return _ceiling(info.get("max_output_tokens")) or _ceiling(info.get("max_tokens"))
+
+
 def price_of(provider: str, provider_model: str, info: Mapping[str, Any]) -> Price | None:
     """A deployment's price: its own, else the table's for ``provider/model``, then ``model``
     (LiteLLM's keys: "gpt-4o", "azure/gpt-4o", "anthropic.claude-…" for Bedrock). An Azure
     deployment is named by its operator: ``model_info.base_model`` names the model, as in
     LiteLLM."""
-    own = configured(info)
+    own, ceiling = configured(info), output_ceiling(info)
     if own is not None:
-        return own
+        return own._replace(max_output=ceiling or _table_ceiling(provider, provider_model, info))
     models = bundled()["models"]
     base = info.get("base_model")
     names = (f"{provider}/{provider_model}", provider_model)
@@ -60,8 +75,18 @@ def price_of(provider: str, provider_model: str, info: Mapping[str, Any]) -> Pri
     for name in names:
         entry = models.get(name)
         if entry is not None:
-            return Price(entry["input"], entry["output"], entry.get("cache_read"), entry.get("cache_write"))
+            return Price(entry["input"], entry["output"], entry.get("cache_read"), entry.get("cache_write"),
+                         ceiling or entry.get("max_output"))
     return None
+
+
+def _table_ceiling(provider: str, provider_model: str, info: Mapping[str, Any]) -> int | None:
+    """The table's output ceiling for a deployment that prices itself."""
+    found = price_of(provider, provider_model, {k: v for k, v in info.items() if k not in _PRICE_FIELDS})
+    return found.max_output if found is not None else None
+
+
+_PRICE_FIELDS = frozenset({"input_cost_per_token", "output_cost_per_token"})
 
 
 # Reported token counts, as the providers name them (OpenAI: prompt/completion; Anthropic

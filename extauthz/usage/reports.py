@@ -17,12 +17,11 @@ from typing import Any, AsyncIterator, Callable, NamedTuple
 import grpc
 
 from extauthz.proto.envoy.service.accesslog.v3 import als_pb2
-from extauthz.records.store import Keyspace, RecordReader, StoreUnavailable
+from extauthz.records.store import RecordReader, StoreUnavailable
 from extauthz.telemetry.metrics import SOFT_BUDGET_CROSSINGS, SPEND, USAGE_REPORTS, TeamLabels
 from extauthz.usage import prices
 from extauthz.usage.budgets import spend_counters
-from extauthz.usage.counters import OVER, SOFT, RateCounters, Settlement
-from extauthz.records.lookup import MAX_LINE
+from extauthz.usage.counters import INFLIGHT_MAX_S, OVER, SOFT, RateCounters, Settlement
 from extauthz.usage.limits import inflight_sets, scope, usage_counters
 from extauthz.usage.prices import Price, Tokens, tokens_of
 
@@ -31,8 +30,10 @@ log = logging.getLogger("extauthz.usage")
 SERVICE = als_pb2.DESCRIPTOR.services_by_name["AccessLogService"].full_name
 EXT_AUTHZ = "envoy.filters.http.ext_authz"
 USAGE = "extauthz.usage"
+ENDED = "ended"          # set by envoy/usage.lua once the response's end has passed
 MAX_BATCH = 500          # reports per settlement script call (Envoy sends a few dozen at a time)
 UNPRICED_LOG_S = 60.0
+CLOCK_SKEW_S = 60.0      # how far replicas' clocks may differ
 
 
 class Report(NamedTuple):
@@ -44,6 +45,9 @@ class Report(NamedTuple):
     tokens: Tokens | None   # None: the response reported no usage
     inflight: bool = False  # it held a place in an in-flight set (max_parallel_requests)
     account: str | None = None  # a regenerated key's counters (its line's first key), when not its own
+    held: bool = False      # it held an estimate of its cost and tokens when admitted
+    ended: bool = True      # it ended with its usage told (or ended refused): settled at what was reported
+    admitted: float | None = None  # when it was admitted: the windows and periods its holds are in
 
 
 def _string(fields: Any, name: str) -> str | None:
@@ -71,9 +75,23 @@ def read_entry(entry: Any) -> Report | None:
     if USAGE in namespaces:
         usage = {name: value.number_value for name, value in namespaces[USAGE].fields.items()
                  if value.WhichOneof("kind") == "number_value"}
+    reported = tokens_of({n: v for n, v in usage.items() if n != ENDED})
+    # Ended: envoy/usage.lua saw the response's last byte pass (a client that went away, or
+    # a reset, never gets there), with its usage, or as a refusal (providers bill none).
+    status = entry.response.response_code.value if entry.response.HasField("response_code") else 0
+    ended = usage.get(ENDED) == 1 and (reported is not None or not 200 <= status < 300)
+    admitted = _string(decision, "admitted")
     return Report(usage_id, None if key_id.startswith("jwt:") else key_id, _string(decision, "team_id"),
-                  _string(decision, "model") or "", deployment, tokens_of(usage),  # type: ignore[arg-type]
-                  _string(decision, "inflight") == "1", _string(decision, "key_account"))
+                  _string(decision, "model") or "", deployment, reported,  # type: ignore[arg-type]
+                  _string(decision, "inflight") == "1", _string(decision, "key_account"),
+                  _string(decision, "hold") == "1", ended, _seconds(admitted))
+
+
+def _seconds(text: str | None) -> float | None:
+    try:
+        return float(text) if text else None
+    except ValueError:
+        return None
 
 
 def tokens(usage: dict[str, Any]) -> int | None:
@@ -85,12 +103,10 @@ class UsageReports:
     """The AccessLogService the rendered Envoy streams its usage reports to: each report
     settled once, into the token windows (tpm_limit) and the spend counters (budgets)."""
 
-    def __init__(self, counters: RateCounters, store: RecordReader, price: Callable[[str, str], Price | None],
-                 keyspace: Keyspace) -> None:
+    def __init__(self, counters: RateCounters, store: RecordReader, price: Callable[[str, str], Price | None]) -> None:
         self.counters = counters
         self.store = store
         self.price = price              # (route id, model) -> price, from the running config
-        self.keyspace = keyspace        # where records live (the budget's record is rewritten on a crossing)
         self.team_label = TeamLabels()
         self.settled = self.duplicates = self.unpriced = self.failed = 0
         self.last_warning = 0.0
@@ -120,51 +136,38 @@ class UsageReports:
                     log.exception("usage reports could not be settled")
         return als_pb2.StreamAccessLogsResponse()
 
-    async def owners(self, report: Report) -> list[tuple[str, tuple[str, ...], Any]]:
-        """(scope, the Redis keys of the records that read its counters, record) of the key
-        and the team a report is for."""
-        out: list[tuple[str, tuple[str, ...], Any]] = []
+    async def owners(self, report: Report) -> list[tuple[str, Any]]:
+        """(scope, record) of the key and the team a report is for."""
+        out: list[tuple[str, Any]] = []
         if report.key_id is not None:  # (the master key has no record)
             key = await self.store.get_key(report.key_id) if report.key_id != "master" else None
             # The counters the check took (its metadata): this key's record may be gone by now.
-            account = report.account or report.key_id
-            line = await self.line_of(key) if key is not None and key.linked else ()
-            out.append((scope("key", account), tuple(self.keyspace.key_id(h) for h in (report.key_id, *line)),
-                        key))
+            out.append((scope("key", report.account or report.key_id), key))
         if report.team_id is not None:
-            out.append((scope("team", report.team_id), (self.keyspace.team_id(report.team_id),),
-                        await self.store.get_team(report.team_id)))
+            out.append((scope("team", report.team_id), await self.store.get_team(report.team_id)))
         return out
 
-    async def line_of(self, key: Any) -> tuple[str, ...]:
-        """The other live keys of a regenerated key's line (its predecessors still in their
-        grace, its successors): they read the same counters, so a crossing rewrites them all."""
-        seen, todo, found = {key.token_hash}, list(key.linked), []
-        while todo and len(seen) <= MAX_LINE:
-            token_hash = todo.pop()
-            if token_hash in seen:
-                continue
-            seen.add(token_hash)
-            record = await self.store.get_key(token_hash)  # cached; a predecessor gone is a cached absence
-            if record is not None:
-                found.append(token_hash)
-                todo.extend(record.linked)
-        return tuple(found)
-
     async def settlement(self, report: Report, now: float) -> Settlement:
-        """What settling a report changes: its counters, its cost and spend counters."""
+        """What settling a report changes: its counters, its cost and spend counters, in the
+        windows and periods it was admitted in (where its holds are)."""
         owners = await self.owners(report)
-        scopes = [where for where, _, _ in owners]
+        scopes = [where for where, _ in owners]
+        # (Another replica's clock may differ a little; a time no call could have been
+        # admitted at is not believed.)
+        admitted = report.admitted
+        at = admitted if admitted is not None and now - INFLIGHT_MAX_S - CLOCK_SKEW_S <= admitted \
+            <= now + CLOCK_SKEW_S else now
         price = self.price(report.deployment, report.model)
         cost = prices.cost(price, report.tokens) if price is not None and report.tokens is not None else None
-        spend = [(c, record_keys) for where, record_keys, record in owners
+        spend = [c for where, record in owners
                  for c in spend_counters(where, record.budget if record is not None else None,
-                                         report.model, now)] if cost is not None else []
-        limited = [(where, record.limits if record is not None else None) for where, _, record in owners]
+                                         report.model, at)] if cost is not None or report.held else []
+        limited = [(where, record.limits if record is not None else None) for where, record in owners]
         # Ended, with or without usage: it leaves the in-flight sets either way.
         return Settlement(report.usage_id, report.tokens.total if report.tokens else 0,
-                          usage_counters(limited, report.model, now) if report.tokens else [],
-                          inflight_sets(scopes) if report.inflight else [], cost, spend)
+                          usage_counters(limited, report.model, at) if report.tokens or report.held else [],
+                          inflight_sets(scopes) if report.inflight else [], cost, spend, report.held,
+                          report.ended)
 
     async def settle(self, reports: list[Report]) -> None:
         """Settle a batch of reports (one Redis script call): tokens and cost to the key's and
@@ -198,6 +201,9 @@ class UsageReports:
         for report, item, flags in zip(reports, batch, results):
             if flags is None:
                 outcome = "duplicate"
+            elif item.held and not item.ended:
+                outcome = "held"  # no usage told at its end: settled at least at its hold
+                self.budget_notes(report, item, flags)
             elif item.cost is None:
                 outcome = "unpriced"  # counted for rpm at admission already
                 self.unpriced_note(report)
@@ -229,7 +235,7 @@ class UsageReports:
                  report.deployment, why)
 
     def budget_notes(self, report: Report, item: Settlement, flags: list[int]) -> None:
-        for (counter, _), flag in zip(item.spend, flags):
+        for counter, flag in zip(item.spend, flags):
             if not flag:
                 continue
             # A key by its hash's prefix, as the decision log names it.
