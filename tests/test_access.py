@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from extauthz.admin.access import Acting, Refused, acting_from_headers, key_owner_power
+from extauthz.admin.access import (Acting, Refused, acting_from_headers, holders_after_change, holders_of_new_value,
+                                   key_owner_power)
 
 LEAD = Acting("lead", ("t-a", "t-b")).with_admin_teams([
     {"team_id": "t-a", "members_with_roles": [{"user_id": "lead", "role": "admin"}]},
@@ -101,10 +102,30 @@ def test_acting_headers() -> None:
 ])
 def test_a_keys_power_is_its_owners(owner: dict, method: str, power: object) -> None:
     assert key_owner_power({"user_id": owner["user_id"]}, owner, method) == power
-    # Made (or last changed) for its owner by someone else: no power at all.
+    # Its value held by someone else too (made for the owner, reassigned, named by value): no power at all.
+    for holders in (["team-lead"], [owner["user_id"], "team-lead"], "team-lead", [None]):
+        with pytest.raises(Refused):
+            key_owner_power({"user_id": owner["user_id"], "secret_holders": holders}, owner, method)
+    assert key_owner_power({"user_id": owner["user_id"], "secret_holders": [owner["user_id"]]}, owner,
+                           method) == power
+    # A record from before secret_holders: made by someone else, no power; by its owner, its own.
     with pytest.raises(Refused):
         key_owner_power({"user_id": owner["user_id"], "created_by": "team-lead"}, owner, method)
     assert key_owner_power({"user_id": owner["user_id"], "created_by": owner["user_id"]}, owner, method) == power
+
+
+def test_who_holds_a_keys_value() -> None:
+    mine = {"user_id": "m", "secret_holders": ["m"]}
+    # Renamed by its owner, or changed by an admin by its hash: the same holders.
+    assert holders_after_change(mine, dict(mine, key_alias="x"), "m", True) == ["m"]
+    assert holders_after_change(mine, dict(mine, models=[]), "lead", False) == ["m"]
+    # Given to someone else: the previous owner keeps the value.
+    assert holders_after_change(mine, dict(mine, user_id="lead"), "lead", False) == ["m"]
+    # Named by its value in another user's call: that user holds it.
+    assert holders_after_change(mine, dict(mine), "lead", True) == ["lead", "m"]
+    # A new value: the user it was returned to, or (master key, proxy admin) its owner.
+    assert holders_of_new_value("lead", "m") == ["lead"] and holders_of_new_value(None, "m") == ["m"]
+    assert holders_of_new_value(None, None) == []
 
 
 @pytest.mark.parametrize("owner, method", [

@@ -247,6 +247,44 @@ def test_a_key_a_team_admin_made_for_someone_else_has_no_admin_powers(gateway: G
     assert ok(gateway.admin("/user/info?user_id=u-dev", method="GET"))["user_id"] == "u-dev"
 
 
+def test_a_value_a_team_admin_was_given_never_acts_as_its_owner(gateway: Gateway, team_with_roles: dict) -> None:
+    lead, dev = team_with_roles["lead"], team_with_roles["dev"]
+    ok(gateway.admin("/team/new", {"team_id": "t-devs-own", "models": ["gpt-4"]}))
+    ok(gateway.admin("/team/member_add", {"team_id": "t-devs-own", "member": {"role": "admin", "user_id": "u-dev"}}))
+    # The team admin makes a key for a member (and sees its value); the member renames it.
+    made = ok(call(gateway, "POST", "/key/generate", lead, {"team_id": "t-a", "user_id": "u-dev"}))
+    ok(call(gateway, "POST", "/key/update", dev, {"key": made["token"], "key_alias": "devs-now"}))
+    assert made["created_by"] == "u-lead" and made["secret_holders"] == ["u-lead"]
+    # The value the team admin holds does not make it an admin of the member's other team.
+    took = call(gateway, "POST", "/team/member_add", made["key"],
+                {"team_id": "t-devs-own", "member": {"role": "admin", "user_id": "u-lead"}})
+    assert code(took) == (403, "admin_not_allowed")
+    members = ok(gateway.admin("/team/info?team_id=t-devs-own", method="GET"))["team_info"]["members_with_roles"]
+    assert [m["user_id"] for m in members] == ["u-dev"]
+    # The owner regenerating it (a value only it sees) gets its powers back; the old value stops.
+    fresh = ok(call(gateway, "POST", "/key/regenerate", dev, {"key": made["token"]}))
+    assert fresh["secret_holders"] == ["u-dev"]
+    assert call(gateway, "GET", "/team/info?team_id=t-devs-own", fresh["key"]).status == 200
+    assert call(gateway, "GET", "/team/info?team_id=t-devs-own", made["key"]).status == 401
+
+
+def test_a_key_moved_to_a_team_admin_does_not_act_as_it(gateway: Gateway, team_with_roles: dict) -> None:
+    lead, dev = team_with_roles["lead"], team_with_roles["dev"]
+    own = ok(call(gateway, "POST", "/key/generate", dev, {"team_id": "t-a"}))
+    # The team admin takes the member's key (by its hash: it never saw the value).
+    moved = ok(call(gateway, "POST", "/key/update", lead, {"key": own["token"], "user_id": "u-lead"}))
+    assert moved["user_id"] == "u-lead" and moved["secret_holders"] == ["u-dev"]
+    # The member, who still holds the value, does not act as the team admin.
+    added = call(gateway, "POST", "/team/member_add", own["key"], {"team_id": "t-a", "member": {"user_id": "u-x1"}})
+    assert code(added) == (403, "admin_not_allowed")
+    assert code(call(gateway, "GET", "/key/list", own["key"])) == (403, "admin_not_allowed")
+    # Nor through the JWT-free path of naming a key by its value: a team admin who does holds it.
+    boss = ok(gateway.admin("/key/generate", {"user_id": "u-boss", "team_id": "t-a"}))
+    assert boss["secret_holders"] == ["u-boss"]
+    ok(call(gateway, "POST", "/key/update", lead, {"key": boss["token"], "metadata": {"seen": False}}))
+    assert call(gateway, "GET", "/team/list", boss["key"]).status == 200  # by its hash: still u-boss's alone
+
+
 def test_a_user_cannot_bring_back_a_blocked_secret(gateway: Gateway, team_with_roles: dict) -> None:
     dev = team_with_roles["dev"]
     chosen = call(gateway, "POST", "/key/generate", dev, {"team_id": "t-a", "key": "sk-chosen-by-the-user-123"})

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 from aiohttp import web
 
 from extauthz.admin import schema
-from extauthz.admin.access import Acting, Refused, acting_from_headers, actor_from_headers, key_owner_power
+from extauthz.admin.access import (Acting, Refused, acting_from_headers, actor_from_headers, holders_after_change,
+                                   holders_of_new_value, key_owner_power)
 from extauthz.records import audit
 from extauthz.records.audit import Actor, Note
 from extauthz.check import explain
@@ -77,6 +78,17 @@ def applying(changes: dict[str, Any]) -> Callable[[dict[str, Any]], dict[str, An
         doc["updated_at"] = now_iso()
         return doc
     return change
+
+
+def holding(change: Callable[[dict[str, Any]], dict[str, Any]], holder: str | None,
+            named_by_value: bool) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """A key's change, and who holds its value after it (admin/access.holders_after_change)."""
+    def changed(doc: dict[str, Any]) -> dict[str, Any]:
+        before = dict(doc)
+        after = change(doc)
+        after["secret_holders"] = holders_after_change(before, after, holder, named_by_value)
+        return after
+    return changed
 
 
 def refuse_acting_fields(body: dict[str, Any], also: frozenset[str] = frozenset()) -> None:
@@ -262,7 +274,7 @@ class AdminApi:
         """A virtual key on the admin API: its allowed_routes, then its owner's role; and
         the actor the audit trail names (the key's hash, its owner and the owner's role)."""
         key, _, _ = await self.caller(request, token, None, NOT_MASTER)
-        doc = await self.store.key_doc(key.token_hash)  # who made it (created_by) is on the document only
+        doc = await self.store.key_doc(key.token_hash)  # who holds its value is on the document only
         if doc is None:
             raise NOT_MASTER
         owner = await self.store.user_doc(key.user_id) if key.user_id else None
@@ -330,7 +342,9 @@ class AdminApi:
             if fixed is None:
                 refuse_acting_fields(body)
             change, check = self.acting_key_rules(who, changes)
-        doc = await self.writer(request).update_key(token_hash, change, check)
+        named_by_value = token_hash != body.get("key")
+        doc = await self.writer(request).update_key(
+            token_hash, holding(change, who.user_id if who is not None else None, named_by_value), check)
         return web.json_response(self.key_view(doc))
 
     def acting_key_rules(self, who: Acting, changes: dict[str, Any]) -> tuple[Callable[[dict[str, Any]], dict[str, Any]],
@@ -340,8 +354,7 @@ class AdminApi:
         def change(doc: dict[str, Any]) -> dict[str, Any]:
             if not who.owns(doc):  # the same answer as a missing key
                 raise NotFound("key not found")
-            # Changed by this user: the key's admin powers are its owner's only if the owner is it.
-            return applying(dict(changes, created_by=who.user_id))(doc)
+            return applying(dict(changes, updated_by=who.user_id))(doc)
 
         def check(key: dict[str, Any], team: dict[str, Any] | None) -> None:
             if not who.owns(key):
@@ -381,6 +394,7 @@ class AdminApi:
             who.check_new_key(doc, body.get("user_id"))
             doc["user_id"] = doc.get("user_id") or who.user_id
             doc["created_by"] = who.user_id
+        doc["secret_holders"] = holders_of_new_value(who.user_id if who is not None else None, doc.get("user_id"))
         if await self.store.key_doc(doc["token"]) is not None:
             raise ApiError(409, "conflict", "This key already exists.", "key")
         await self.writer(request).create_key(doc, self.check_team)
@@ -451,8 +465,15 @@ class AdminApi:
                 raise Refused("A user does not choose the key: one is generated.", param="new_key")
             refuse_acting_fields(body, frozenset({"grace_period"}))
             change, check = self.acting_key_rules(who, changes)
+        holder = who.user_id if who is not None else None
+
+        def regenerated(doc: dict[str, Any]) -> dict[str, Any]:  # a new value: only who it was returned to holds it
+            new = change(doc)
+            new["secret_holders"] = holders_of_new_value(holder, new.get("user_id"))
+            return new
+
         doc, old_key_expires = await self.writer(request).rotate_key(
-            old_hash, new_hash, change, check, grace_until)
+            old_hash, new_hash, regenerated, check, grace_until)
         return web.json_response(dict(self.key_view(doc, raw_key), old_key_expires=old_key_expires))
 
     async def key_info(self, request: web.Request) -> web.Response:
@@ -650,7 +671,8 @@ class AdminApi:
         if schema.expect(body, "auto_create_key", bool) is not False:  # checked before anything is written
             key_body = {k: body[k] for k in ("key_alias", "duration") if body.get(k) is not None}
             raw_key = "sk-" + secrets.token_urlsafe(24)
-            key = new_key_doc(raw_key, user_id=user_id, **schema.key_fields(key_body, self.runtime().catalog))
+            key = new_key_doc(raw_key, user_id=user_id, secret_holders=[user_id],
+                              **schema.key_fields(key_body, self.runtime().catalog))
             if key.get("key_alias") and await self.store.alias_owner(key["key_alias"]) is not None:
                 raise ApiError(409, "conflict", f"key_alias {key['key_alias']!r} is already in use", "key_alias")
         await self.writer(request).create_user(doc)
