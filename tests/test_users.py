@@ -285,6 +285,28 @@ def test_a_key_moved_to_a_team_admin_does_not_act_as_it(gateway: Gateway, team_w
     assert call(gateway, "GET", "/team/list", boss["key"]).status == 200  # by its hash: still u-boss's alone
 
 
+def test_leaving_a_team_ends_its_keys_there(gateway: Gateway) -> None:
+    for team in ("t-left", "t-stayed"):
+        ok(gateway.admin("/team/new", {"team_id": team, "models": ["gpt-4"]}))
+        ok(gateway.admin("/team/member_add", {"team_id": team, "member": {"user_id": "u-leaver"}}))
+    leaver = user_key(gateway, "u-leaver")
+    in_left = ok(call(gateway, "POST", "/key/generate", leaver, {"team_id": "t-left"}))
+    in_stayed = ok(call(gateway, "POST", "/key/generate", leaver, {"team_id": "t-stayed"}))
+    # A copy kept in its grace period ends with the key that replaced it.
+    successor = ok(call(gateway, "POST", "/key/regenerate", leaver, {"key": in_left["token"], "grace_period": "1h"}))
+    assert gateway.chat(in_left["key"], "gpt-4").status == 200
+    removed = ok(gateway.admin("/team/member_delete", {"team_id": "t-left", "user_id": "u-leaver"}))
+    assert removed["deleted_keys"] == [successor["token"]]
+    for gone in (in_left["key"], successor["key"]):
+        assert gateway.chat(gone, "gpt-4").status == 401
+    assert gateway.chat(in_stayed["key"], "gpt-4").status == 200
+    (entry,) = ok(gateway.admin(f"/audit?target={successor['token']}", method="GET"))["entries"][:1]
+    assert entry["route"] == "/team/member_delete"
+    # Deleted, a user keeps no key of any team.
+    ok(gateway.admin("/user/delete", {"user_ids": ["u-leaver"]}))
+    assert gateway.chat(in_stayed["key"], "gpt-4").status == 401 and gateway.chat(leaver, "gpt-4").status == 401
+
+
 def test_a_user_cannot_bring_back_a_blocked_secret(gateway: Gateway, team_with_roles: dict) -> None:
     dev = team_with_roles["dev"]
     chosen = call(gateway, "POST", "/key/generate", dev, {"team_id": "t-a", "key": "sk-chosen-by-the-user-123"})

@@ -655,7 +655,8 @@ class AdminApi:
             if not found:
                 raise NotFound(f"no member of team {team_id!r} with that user_id or user_email")
             user_id = found[0]
-        return web.json_response(await self.writer(request).remove_member(team_id, user_id))
+        team, deleted = await self.writer(request).remove_member(team_id, user_id)
+        return web.json_response(dict(team, deleted_keys=deleted))
 
     # -- users ----------------------------------------------------------------------------
 

@@ -731,8 +731,11 @@ class RedisWriter(Keyspace):
 
         return await self._transact(body)
 
-    async def remove_member(self, team_id: str, user_id: str) -> Doc:
-        async def body(tx: Tx) -> Doc:
+    async def remove_member(self, team_id: str, user_id: str) -> tuple[Doc, list[str]]:
+        """Remove a member from a team, and delete its keys in that team (as LiteLLM does):
+        leaving a team ends what it could do there. Returns the team and the deleted keys'
+        hashes (the audit entry names each)."""
+        async def body(tx: Tx) -> tuple[Doc, list[str]]:
             team = await self._team_for(tx, team_id)
             assert team is not None
             members = team_members(team)
@@ -740,14 +743,17 @@ class RedisWriter(Keyspace):
                 raise NotFound(f"user_id {user_id!r} is not a member of team {team_id!r}")
             await tx.pipe.watch(self.user_id(user_id))
             user = await tx.read(self.user_id(user_id))
+            keys = [k for k in await self._watched_keys(tx, self.user_keys_id(user_id)) if k.get("team_id") == team_id]
             tx.pipe.multi()
             new_team = dict(team, members_with_roles=[m for m in members if m.get("user_id") != user_id])
             self._queue_team(tx, team_id, new_team)
             if user is not None:
                 self._queue_user(tx, dict(user, teams=[t for t in user.get("teams") or [] if t != team_id]))
-            return new_team
+            for key in keys:
+                self._queue_key_removal(tx, key)
+            return new_team, [k["token"] for k in keys]
 
-        return await self._transact(body)
+        return await self._transact(body, self.user_keys_id(user_id))
 
     def _queue_member(self, tx: Tx, team_id: str, team: Doc | None, member: Doc) -> Doc:
         members = [m for m in team_members(team) if m.get("user_id") != member["user_id"]]
