@@ -71,6 +71,22 @@ def test_with_grace_both_keys_work_until_it_ends(gateway: Gateway, replica: Gate
         assert code_of(g, successor["key"]) == "ok"
 
 
+def test_a_key_whose_grace_ended_leaves_the_indexes(gateway: Gateway, redis_port: int) -> None:
+    import redis
+    client = redis.Redis(port=redis_port)
+    brief = gateway.new_key(models=["gpt-4"])
+    regenerate(gateway, brief, grace_period="1s")
+    assert client.sismember("extauthz:keys", digest(brief))      # listed while it works
+    # Redis drops its record a minute after; the next rotation unindexes what has ended.
+    ended = [m for m in client.zrange("extauthz:retired", 0, -1) if digest(brief) in m.decode()]
+    client.zadd("extauthz:retired", dict.fromkeys(ended, 0))
+    client.delete(f"extauthz:key:{digest(brief)}")
+    regenerate(gateway, gateway.new_key(models=["gpt-4"]))
+    assert not client.sismember("extauthz:keys", digest(brief))
+    assert not any(digest(brief) in m.decode() for m in client.zrange("extauthz:retired", 0, -1))
+    client.close()
+
+
 def test_the_new_key_inherits_limits_and_spend(gateway: Gateway, replica: Gateway) -> None:
     old = gateway.new_key(models=["gpt-4"], rpm_limit=3, max_budget=10)
     assert call(gateway, old).status == 200
@@ -254,3 +270,32 @@ def test_a_user_regenerates_its_own_keys_only(gateway: Gateway) -> None:
                gateway.admin(f"/key/{new.json()['key']}/regenerate", {}, key=manager)]   # the admin's form only
     assert [r.status for r in refused] == [404, 403, 403, 403], [r.text for r in refused]
     assert code_of(gateway, other) == code_of(gateway, new.json()["key"]) == "ok"
+
+
+def test_a_key_in_its_grace_is_decided_as_its_successor_and_listed(gateway: Gateway, replica: Gateway) -> None:
+    suffix = secrets.token_hex(4)
+    team, user = gateway.new_team(models=["gpt-4", "gpt-4o"]), f"hiding-user-{suffix}"
+    manager = gateway.admin("/user/new", {"user_id": user, "user_role": "internal_user"}).json()["key"]
+    assert gateway.admin("/team/member_add", {"team_id": team, "member": {"user_id": user}}).status == 200
+    mine = gateway.admin("/key/generate", {"team_id": team}, key=manager).json()["key"]
+    # A user keeps its old value an hour at most.
+    long = gateway.admin("/key/regenerate", {"key": mine, "grace_period": "90d"}, key=manager)
+    assert long.status == 400 and long.json()["error"]["param"] == "grace_period", long.text
+    new = gateway.admin("/key/regenerate", {"key": mine, "grace_period": "1h"}, key=manager).json()
+    # The admin limits the only key it thought there was: the old value gets the same at once.
+    assert gateway.admin("/key/update", {"key": new["token"], "max_budget": 0, "key_type": "llm_api",
+                                         "models": ["gpt-4"]}).status == 200
+    for g in (gateway, replica):
+        wait_until(lambda: code_of(g, mine) == "budget_exceeded", what="the successor's budget on the old key")
+    assert gateway.admin("/key/generate", {"team_id": team}, key=mine).status == 403     # llm_api: no admin routes
+    # It is listed, with when it stops, under its team and its owner.
+    listed = gateway.admin(f"/key/list?team_id={team}&return_full_object=true", method="GET").json()["keys"]
+    old = next(k for k in listed if k["token"] == digest(mine))
+    assert old["rotated_to"] == new["token"] and old["grace_until"] == new["old_key_expires"]
+    info = gateway.admin(f"/user/info?user_id={user}", method="GET").json()
+    assert digest(mine) in {k["token"] for k in info["keys"]}
+    # Nobody edits it (it would change nothing, or hide something); blocked or deleted, it stops.
+    assert gateway.admin("/key/update", {"key": digest(mine), "max_budget": 100}).status == 409
+    assert gateway.admin("/key/update", {"key": digest(mine), "metadata": {"x": 1}}, key=manager).status == 409
+    assert gateway.admin("/key/delete", {"keys": [digest(mine)]}, key=manager).status == 200
+    assert code_of(gateway, mine) == "invalid_api_key"

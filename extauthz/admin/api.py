@@ -51,6 +51,7 @@ HASH = re.compile(r"[0-9a-f]{64}")
 # What an acting user may change on a key it may touch (blocked, expires... stay the admin's).
 ACTING_KEY_CHANGES = {"key", "key_alias", "models", "metadata", "team_id", "user_id"}
 MAX_MEMBERS_PER_CALL = 100
+USER_GRACE_MAX_S = 3600     # the longest grace_period a user acting for itself may give its old key
 REPLICATED_HEADER = "x-extauthz-replicas-acknowledged"
 STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
 AUDIT_PAGE = 500            # entries read from the stream per round trip
@@ -456,6 +457,10 @@ class AdminApi:
             raise ApiError(400, "invalid_request", "'new_key' must be a new key (not this one, not the master key).",
                            "new_key")
         grace = schema.grace_seconds(schema.expect(body, "grace_period", str))
+        if grace and grace > USER_GRACE_MAX_S and acting(request) is not None:
+            # An old value kept for long by its own user would outlive what an admin does to the key.
+            raise ApiError(400, "invalid_request", f"A user's grace_period is at most {USER_GRACE_MAX_S // 3600}h.",
+                           "grace_period")
         grace_until = time.time() + grace if grace else None
         changes.update(key_name=masked_key(raw_key), regenerated_at=now_iso())
         change, check = applying(changes), self.check_team

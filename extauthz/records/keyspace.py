@@ -68,6 +68,11 @@ class Keyspace:
     def user_keys_id(self, user_id: str) -> str:
         return f"{self.prefix}user_keys:{user_id}"
 
+    @property
+    def retired_id(self) -> str:
+        """Keys in their grace period, by when Redis drops their records (records/store.py)."""
+        return f"{self.prefix}retired"
+
 
 def scope_of(suffix: str) -> str | None:
     """The scope a counter suffix counts for (``key:<hash>``, ``team:<id>``), or None."""

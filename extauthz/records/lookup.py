@@ -44,10 +44,11 @@ async def lookup(token: str | None, store: RecordReader, is_master: Callable[[st
 
 
 async def with_successors(key: KeyRecord, store: RecordReader, depth: int = 0) -> KeyRecord | None:
-    """A key replaced with a grace period answers for its successor too (and that one for
-    its own, down the line): the successor gone, it is no key; blocked or expired, so is it;
-    retired sooner, so is it. An admin who blocks, deletes or rotates again without grace
-    the new key of a leaked one stops both."""
+    """A key replaced with a grace period is decided with its successor's current record
+    (and that one with its own, down the line): models, limits, budgets, routes, team and
+    owner (and so admin powers) are the successor's; the successor gone, it is no key;
+    blocked or expired, so is it; retired sooner, so is it. What an admin does to the new
+    key (a budget of 0, a key_type, a block, a delete) reaches the old one at once."""
     # A retired key's first link is its successor; a line longer than rotations within one
     # grace period make is refused rather than followed.
     successor = await store.get_key(key.linked[0]) if depth < MAX_LINE else None
@@ -57,4 +58,5 @@ async def with_successors(key: KeyRecord, store: RecordReader, depth: int = 0) -
         return None
     expires = min((t for t in (key.expires_at, successor.expires_at) if t is not None), default=None)
     retired = min((t for t in (key.retired_at, successor.retired_at) if t is not None))
-    return key._replace(blocked=key.blocked or successor.blocked, expires_at=expires, retired_at=retired)
+    return successor._replace(token_hash=key.token_hash, key_name=key.key_name, linked=key.linked,
+                              blocked=key.blocked or successor.blocked, expires_at=expires, retired_at=retired)

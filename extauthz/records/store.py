@@ -51,6 +51,8 @@ LIST_BATCH = 1000  # documents per MGET when listing
 # A retired key's record outlives its grace period by this much in Redis: its own expiry
 # (the check compares grace_until with the clock) decides, Redis's only clears it away.
 GRACE_MARGIN_MS = 60_000
+# What may change on a key in its grace period (it is decided with its successor's record).
+RETIRED_CHANGES = frozenset({"blocked", "updated_at", "updated_by", "secret_holders"})
 KEEP_TTL = -1  # Tx.put: the record keeps the expiry it has
 
 
@@ -204,6 +206,12 @@ def lost_connection(e: WatchError) -> bool:
     """redis-py reports a connection lost under WATCH as a WatchError raised while handling
     the connection's error; a watched key that changed is one raised on its own."""
     return isinstance(e.__context__, REDIS_FAILURES) and not e.__suppress_context__
+
+
+def retired_member(doc: Doc) -> str:
+    """A key in its grace period in the ``retired`` index: its hash and the indexes that
+    name it, to unindex it once Redis has dropped its record."""
+    return json.dumps([doc["token"], doc.get("team_id"), doc.get("user_id")], separators=(",", ":"))
 
 
 class Tx:
@@ -494,12 +502,14 @@ class RedisWriter(Keyspace):
             team = await self._team_for(tx, new.get("team_id"))
             check_team(new, team)
             retired = bool(old.get("rotated_to"))
-            if retired and new.get("key_alias") != old.get("key_alias"):
-                raise Conflict("A replaced key's alias is its successor's; change the successor's.")
+            if retired and {k for k in new.keys() | old.keys() if new.get(k) != old.get(k)} - RETIRED_CHANGES:
+                # (it is decided as its successor: a change here would change nothing, or hide one)
+                raise Conflict("This key was regenerated: it is decided with the key that replaced it "
+                               f"({old['rotated_to']}); change that one, or delete or block this one.")
             if not retired:
                 await self._claim_alias(tx, new.get("key_alias"), token_hash)
             tx.pipe.multi()
-            if retired:  # a key in its grace period: no index names it
+            if retired:  # a key in its grace period: its indexes stay as they are
                 tx.put(self.key_id(token_hash), new, KEEP_TTL)
             else:
                 self._queue_key(tx, new, old)
@@ -539,12 +549,19 @@ class RedisWriter(Keyspace):
             team = await self._team_for(tx, new.get("team_id"))
             check_team(new, team)
             await self._claim_alias(tx, new.get("key_alias"), new_hash, old_hash)
+            now = time.time()
+            ended = [json.loads(m) for m in await tx.pipe.zrangebyscore(self.retired_id, "-inf", now)]
             tx.pipe.multi()
-            self._queue_key_removal(tx, old)
-            if grace_until is not None:  # the old key, unlisted, usable until it expires
+            for gone in ended:  # keys whose grace has ended (their records dropped by Redis): unindexed
+                self._queue_index_removal(tx, gone[0], gone[1], gone[2])
+            tx.pipe.zremrangebyscore(self.retired_id, "-inf", now)
+            if grace_until is not None:  # the old key, listed with its grace_until, usable until it expires
                 retired = dict(old, rotated_to=new_hash, grace_until=format_time(grace_until),
                                counter_id=new["counter_id"])
                 tx.put(old_id, retired, int(grace_until * 1000) + GRACE_MARGIN_MS)
+                tx.pipe.zadd(self.retired_id, {retired_member(retired): grace_until + GRACE_MARGIN_MS / 1000})
+            else:
+                self._queue_key_removal(tx, old)
             self._queue_key(tx, new, None)
             return new, format_time(grace_until) if grace_until is not None else None
 
@@ -582,15 +599,19 @@ class RedisWriter(Keyspace):
 
     def _queue_key_removal(self, tx: Tx, doc: Doc) -> None:
         token_hash = doc["token"]
-        pipe = tx.pipe
         tx.drop(self.key_id(token_hash))
-        pipe.srem(f"{self.prefix}keys", token_hash)
         if doc.get("key_alias") and not doc.get("rotated_to"):  # (a retired key's alias is its successor's)
-            pipe.delete(self.alias_id(doc["key_alias"]))
-        if doc.get("team_id"):
-            pipe.srem(self.team_keys_id(doc["team_id"]), token_hash)
-        if doc.get("user_id"):
-            pipe.srem(self.user_keys_id(doc["user_id"]), token_hash)
+            tx.pipe.delete(self.alias_id(doc["key_alias"]))
+        if doc.get("rotated_to"):
+            tx.pipe.zrem(self.retired_id, retired_member(doc))
+        self._queue_index_removal(tx, token_hash, doc.get("team_id"), doc.get("user_id"))
+
+    def _queue_index_removal(self, tx: Tx, token_hash: str, team_id: Any, user_id: Any) -> None:
+        tx.pipe.srem(f"{self.prefix}keys", token_hash)
+        if isinstance(team_id, str) and team_id:
+            tx.pipe.srem(self.team_keys_id(team_id), token_hash)
+        if isinstance(user_id, str) and user_id:
+            tx.pipe.srem(self.user_keys_id(user_id), token_hash)
 
     async def create_team(self, doc: Doc, exists_ok: bool = False) -> Doc:
         """Store a new team; with ``exists_ok`` (an upsert) an existing one is left as it is."""
