@@ -203,7 +203,9 @@ class App:
         cached = CachedStore(self.store, self.cache)
         counters = RateCounters(self.store.redis, self.store, s.redis_timeout_ms / 1000)
         self.service = AuthorizationService(self.runtime, cached, s.log_allowed, logs.DecisionLog(s.log_format),
-                                            check_message_limit(s), Upserts(cached, RedisWriter(self.store, s.audit_max_entries)), counters)
+                                            check_message_limit(s), Upserts(cached, RedisWriter(self.store, s.audit_max_entries,
+                                                                                     audit_max_bytes=s.audit_max_bytes)),
+                                            counters)
         self.usage = UsageReports(counters, cached, lambda route_id, model: self.runtime().price(route_id, model))
         self.health = health_aio.HealthServicer()
         self.grpc: grpc.aio.Server | None = None
@@ -262,7 +264,7 @@ class App:
         admin_redis = self.store.client(ADMIN_REDIS_TIMEOUT_S)
         self.closers.append(admin_redis.aclose)
         writer = RedisWriter(self.store, s.audit_max_entries, None, s.redis_wait_replicas, s.redis_wait_timeout_ms,
-                             admin_redis, ADMIN_REDIS_TIMEOUT_S)
+                             admin_redis, ADMIN_REDIS_TIMEOUT_S, audit_max_bytes=s.audit_max_bytes)
         self.closers.append(writer.close)
         await self.serve_http(AdminApi(self.runtime, writer, stats, self.service.store, self.service).app(),
                               admin_socket)

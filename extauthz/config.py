@@ -27,12 +27,12 @@ DISCOVERY_SUFFIX = "/.well-known/openid-configuration"
 
 # LiteLLM sections that a config may carry and that this service does not use.
 IGNORED_SECTIONS = frozenset({
-    "litellm_settings", "callback_settings",
+    "callback_settings",
     "guardrails", "credential_list", "mcp_servers", "mcp_aliases", "search_tools",
     "vector_store_registry", "files_settings", "finetune_settings", "assistant_settings",
     "include", "prompts", "model_group_settings",
 })
-USED_SECTIONS = frozenset({"model_list", "general_settings", "router_settings", "extauthz_settings",
+USED_SECTIONS = frozenset({"model_list", "general_settings", "router_settings", "extauthz_settings", "litellm_settings",
                            "environment_variables"})
 MODEL_ENTRY_KEYS = frozenset({"model_name", "litellm_params", "model_info"})
 # general_settings that decide who may call what and that the gateway does not enforce.
@@ -52,6 +52,13 @@ PROXY_WIDE_LIMITS = ("max_parallel_requests", "global_max_parallel_requests")
 # litellm_settings (a section otherwise not read) that restrict callers: LiteLLM's proxy-wide
 # budget and its end users' budgets. Budgets here are on keys and teams (usage/budgets.py).
 RESTRICTING_LITELLM_SETTINGS = ("max_budget", "max_end_user_budget")
+# litellm_settings read for /key/generate (admin/key_params.py): the values a key gets when
+# the request does not say, and the most it may ask for. Their fields, as LiteLLM's.
+KEY_BOUND_NUMBERS = ("max_budget", "max_parallel_requests", "tpm_limit", "rpm_limit")
+KEY_BOUND_DURATIONS = ("budget_duration", "duration")
+KEY_DEFAULT_FIELDS = (*KEY_BOUND_NUMBERS, *KEY_BOUND_DURATIONS, "user_id", "team_id", "models", "metadata")
+KEY_PARAMS = ("default_key_generate_params", "upperbound_key_generate_params")
+KEY_DURATION = re.compile(r"[0-9]{1,6}(s|m|h|d|w|mo)")
 RESTRICTING_SETTINGS = ("allowed_routes", "admin_only_routes", "allowed_ips", "enforce_user_param",
                         "public_routes", "admin_allowed_routes", "user_header_name")
 # A Bedrock deployment's own AWS identity: Envoy signs with its own (its environment, IRSA,
@@ -186,8 +193,17 @@ class Settings:
     # goes on, for rolling enforcement out on live traffic (check/shadow.py).
     enforcement: str = setting("enforce", choices=("enforce", "shadow"))
     shutdown_grace_s: float = setting(10.0, minimum=0)
-    # The audit trail's length in Redis (the stream <key_prefix>audit, trimmed to about this).
+    # The audit trail's size in Redis (the stream <key_prefix>audit): its oldest entries go
+    # past this many entries or bytes of entries.
     audit_max_entries: int = setting(100_000, minimum=1)
+    audit_max_bytes: int = setting(64 * 1024 * 1024, minimum=1024)
+    # Self-service bounds (users acting for themselves: a JWT's user, an internal user's
+    # key): the keys one user may own, and its admin writes per minute. 0: no bound.
+    max_keys_per_user: int = setting(100, minimum=0)
+    admin_writes_per_minute: int = setting(60, minimum=0)
+    # A record's metadata (any caller): its JSON size and nesting depth at most.
+    max_metadata_bytes: int = setting(16 * 1024, minimum=2)
+    max_metadata_depth: int = setting(8, minimum=1)
 
 
 @dataclass(frozen=True)
@@ -313,6 +329,9 @@ class Config:
     # Settings that decide who may call what and are not enforced: (setting, what happens).
     unenforced: tuple[tuple[str, str], ...] = ()
     jwt: JwtAuth | None = None
+    # litellm_settings.default_key_generate_params and upperbound_key_generate_params: (field, value).
+    key_defaults: tuple[tuple[str, Any], ...] = ()
+    key_upperbounds: tuple[tuple[str, Any], ...] = ()
 
     @property
     def routable(self) -> tuple[Deployment, ...]:
@@ -431,6 +450,13 @@ class _Parser:
             elif key not in USED_SECTIONS:
                 self.warnings.append(f"{key}: unknown top-level section, ignored")
         self.apply_environment_variables(top.get("environment_variables"))
+        litellm = self.mapping(top.get("litellm_settings"), "litellm_settings")
+        unused = sorted(str(k) for k in litellm if k not in (*KEY_PARAMS, *RESTRICTING_LITELLM_SETTINGS))
+        if unused:
+            self.warnings.append(f"litellm_settings: not used by extauthz: {', '.join(unused)}")
+        key_defaults = self.key_params(litellm, "default_key_generate_params", KEY_DEFAULT_FIELDS)
+        key_upperbounds = self.key_params(litellm, "upperbound_key_generate_params",
+                                          (*KEY_BOUND_NUMBERS, *KEY_BOUND_DURATIONS))
         models = top.get("model_list")
         if not isinstance(models, list) or not models:
             raise self.error("model_list", "must be a non-empty list of models")
@@ -455,7 +481,33 @@ class _Parser:
             self.sequence(general.get("pass_through_endpoints"), "general_settings.pass_through_endpoints")))
         self.distinct_clusters([d.api_base for d in deployments if d.routable] + [p.target for p in pass_through])
         return Config(self.file, deployments, master_key, settings, envoy, tuple(self.warnings), aliases,
-                      pass_through, unenforced, jwt)
+                      pass_through, unenforced, jwt, key_defaults, key_upperbounds)
+
+    def key_params(self, litellm: dict, name: str, fields: tuple[str, ...]) -> tuple[tuple[str, Any], ...]:
+        """One of LiteLLM's key generation maps, checked: a value that cannot be applied
+        refuses the config (a bound silently dropped would let keys past it)."""
+        where = f"litellm_settings.{name}"
+        given = self.mapping(litellm.get(name), where)
+        out = []
+        for field_name, value in given.items():
+            if field_name not in fields:
+                self.warnings.append(f"{where}.{field_name}: not used by extauthz (it reads {', '.join(fields)})")
+                continue
+            if value is None:
+                continue
+            if field_name in KEY_BOUND_NUMBERS and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                                    or not value >= 0 or value == float("inf")):
+                raise self.error(f"{where}.{field_name}", f"must be a number, 0 or more, got {value!r}")
+            if field_name in KEY_BOUND_DURATIONS and not (isinstance(value, str) and KEY_DURATION.fullmatch(value)):
+                raise self.error(f"{where}.{field_name}", f"must be a duration such as 30d or 1mo, got {value!r}")
+            if field_name in ("user_id", "team_id") and not (isinstance(value, str) and value):
+                raise self.error(f"{where}.{field_name}", f"must be a string, got {value!r}")
+            if field_name == "models" and not (isinstance(value, list) and all(isinstance(m, str) for m in value)):
+                raise self.error(f"{where}.models", f"must be a list of model names, got {value!r}")
+            if field_name == "metadata" and not isinstance(value, dict):
+                raise self.error(f"{where}.metadata", f"must be a mapping, got {value!r}")
+            out.append((field_name, value))
+        return tuple(out)
 
     # litellm_jwtauth keys the gateway reads; others are reported (see jwt_auth).
     JWT_KEYS = ("public_key_url", "audience", "issuer", "team_id_jwt_field", "team_ids_jwt_field", "team_id_default",

@@ -56,3 +56,29 @@ def test_filters() -> None:
     assert not audit.selected(found, None, "proxy_admin") and not audit.selected(found, None, "jwt")
     master = audit.entry(NOTE, {}, {P + "team:t": {"team_id": "t"}}, P, 0.0)
     assert audit.selected(master, None, "master_key") and not audit.selected(master, None, "system")
+
+
+def test_values_that_look_like_secrets_are_redacted_whatever_their_name() -> None:
+    import hashlib
+    import uuid
+    for secret in ("sk-proj-4f9Qx0aLm2Zr8Tt1Vb6Nc", "sk-ant-api03-abcdefghijklmnop", "AKIAIOSFODNN7EXAMPLE",
+                   "ghp_" + "a1B2" * 9, "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ1c2VyLTEifQ.c2ln",
+                   "-----BEGIN RSA PRIVATE KEY-----\nMIIE", "Bearer abcdefgh12345", "xoxb-1234-5678-abcdefgh",
+                   "Zx9Qm2Lp8Rt4Vb7Nc1Ka5Hs3Jd6Fg0Wy", "see token Zx9Qm2Lp8Rt4Vb7Nc1Ka5Hs3Jd6Fg0Wy here"):
+        assert audit.scrub({"note": secret}) == {"note": audit.REDACTED}, secret
+        assert audit.scrub([secret]) == [audit.REDACTED]
+    # Ids and ordinary words are not: hashes and UUIDs are one case; words are not random.
+    for plain in (hashlib.sha256(b"x").hexdigest(), str(uuid.uuid4()), "cost-centre-4711-analytics-production",
+                  "projects/my-project/locations/us-central1/endpoints/123456789", "gpt-4o-2024-08-06"):
+        assert audit.scrub({"note": plain}) == {"note": plain}, plain
+    for name in ("passphrase", "db_pwd", "bearer", "jwt", "session_id", "signature"):
+        assert audit.scrub({name: "plain"}) == {name: audit.REDACTED}, name
+
+
+def test_a_large_value_is_its_digest_and_size_and_ids_stay_whole() -> None:
+    before = {"token": "h", "metadata": {}}
+    after = {"token": "h", "metadata": {"notes": "n" * 5000}, "rotated_to": "a" * 64}
+    found = audit.entry(NOTE, {P + "key:h": before}, {P + "key:h": after}, P, 0.0)
+    changes = found["records"][0]["changes"]
+    assert changes["metadata"]["before"] == {} and set(changes["metadata"]["after"]) == {"sha256", "bytes"}
+    assert changes["metadata"]["after"]["bytes"] > 5000 and changes["rotated_to"]["after"] == "a" * 64

@@ -104,6 +104,8 @@ def test_a_team_admin_member_acts_with_its_token(rbac: Gateway, idp: IdentityPro
         .status == 200
     captain = idp.token(sub="u-captain", groups=["squad"], roles=["dev"])
     member = idp.token(sub="u-crew", groups=["squad"], roles=["dev"])
+    # A team admin adds existing users (as in LiteLLM, only proxy admins create them).
+    assert rbac.admin("/user/new", {"user_id": "u-crew", "auto_create_key": False}).status == 200
     added = call(rbac, "POST", "/team/member_add", captain, {"team_id": "squad", "member": {"user_id": "u-crew"}})
     assert added.status == 200, added.text
     made = call(rbac, "POST", "/key/generate", captain, {"team_id": "squad", "user_id": "u-crew"})

@@ -162,6 +162,7 @@ def test_a_team_admin_manages_the_teams_keys_and_members(gateway: Gateway, team_
     assert all(k["user_id"] == "u-lead" or k["team_id"] == "t-a" for k in listed)
     assert "dev-a" in {k["key_alias"] for k in listed} and "in-b" not in {k["key_alias"] for k in listed}
     assert ok(call(gateway, "GET", "/team/info?team_id=t-a", lead))["team_id"] == "t-a"
+    ok(gateway.admin("/user/new", {"user_id": "u-new", "auto_create_key": False}))
     ok(call(gateway, "POST", "/team/member_add", lead, {"team_id": "t-a", "member": {"user_id": "u-new"}}))
     ok(call(gateway, "POST", "/key/delete", lead, {"keys": [dev_team_key]}))
     assert gateway.chat(dev_team_key, "gpt-4").status == 401
@@ -325,10 +326,26 @@ def test_a_team_admin_adds_members_by_user_id_and_learns_nothing_else(gateway: G
     by_email = call(gateway, "POST", "/team/member_add", lead, {"team_id": "t-a",
                                                                 "member": {"user_email": "secret@example.com"}})
     assert code(by_email) == (403, "admin_not_allowed")
+    ok(gateway.admin("/user/new", {"user_id": "u-added", "user_email": "added@example.com", "auto_create_key": False}))
     added = ok(call(gateway, "POST", "/team/member_add", lead, {"team_id": "t-a", "member": {"user_id": "u-added"}}))
-    assert added["updated_users"] == [{"user_id": "u-added", "user_email": None}]
-    assert "proxy_admin" not in json.dumps(added["updated_users"])
+    assert added["updated_users"] == [{"user_id": "u-added"}]     # its e-mail is not the team admin's to read
+    assert "added@example.com" not in added_text(added)
+    # No user record is made, nor an admin pulled in, and the answer does not tell the two apart.
+    made_up = call(gateway, "POST", "/team/member_add", lead, {"team_id": "t-a", "member": {"user_id": "u-made-up"}})
+    admin = call(gateway, "POST", "/team/member_add", lead, {"team_id": "t-a", "member": {"user_id": "u-secret"}})
+    assert code(made_up) == code(admin) == (404, "not_found")
+    assert made_up.json()["error"]["message"].replace("u-made-up", "?") == \
+        admin.json()["error"]["message"].replace("u-secret", "?")
+    assert gateway.admin("/user/info?user_id=u-made-up", method="GET").status == 404
+    # A user id with an e-mail the team admin claims: refused, nothing stored under it.
+    claimed = call(gateway, "POST", "/team/member_add", lead, {"team_id": "t-a", "member": {
+        "user_id": "u-claim", "user_email": "ceo@example.com"}})
+    assert claimed.status == 404 and gateway.admin("/user/info?user_id=u-claim", method="GET").status == 404
     assert code(gateway.admin("/team/member_add", {"team_id": "t-a", "member": []})) == (400, "invalid_request")
+
+
+def added_text(answer: dict) -> str:
+    return json.dumps(answer["updated_users"]) + json.dumps(answer.get("members_with_roles"))
 
 
 def test_a_deleted_team_leaves_no_membership_behind(gateway: Gateway) -> None:

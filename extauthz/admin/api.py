@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from aiohttp import web
 
-from extauthz.admin import schema
+from extauthz.admin import key_params, schema
 from extauthz.admin.access import (Acting, Refused, acting_from_headers, actor_from_headers, holders_after_change,
                                    holders_of_new_value, key_owner_power)
 from extauthz.records import audit
@@ -39,7 +39,8 @@ from extauthz.check.runtime import Runtime
 from extauthz.check.responses import USAGE_ID_LENGTH, error_body
 from extauthz.usage import budgets, limits
 from extauthz.usage.counters import RateCounters
-from extauthz.records.store import AuditUnwritable, RecordReader, Conflict, MissingTeam, NotFound, RedisWriter, StoreUnavailable
+from extauthz.records.store import (AuditUnwritable, Conflict, LimitReached, MissingTeam, NotFound, RecordReader,
+                                    RedisWriter, StoreUnavailable)
 
 if TYPE_CHECKING:
     from extauthz.check.service import AuthorizationService
@@ -51,6 +52,10 @@ HASH = re.compile(r"[0-9a-f]{64}")
 # What an acting user may change on a key it may touch (blocked, expires... stay the admin's).
 ACTING_KEY_CHANGES = {"key", "key_alias", "models", "metadata", "team_id", "user_id"}
 MAX_MEMBERS_PER_CALL = 100
+# Headers Envoy sets on every request it passes on (x-forwarded-proto, x-request-id): such a
+# request came through a listener, perhaps the public one.
+PROXIED_HEADERS = ("x-forwarded-proto", "x-forwarded-for", "x-request-id", "x-envoy-expected-rq-timeout-ms",
+                   "forwarded")
 USER_GRACE_MAX_S = 3600     # the longest grace_period a user acting for itself may give its old key
 REPLICATED_HEADER = "x-extauthz-replicas-acknowledged"
 STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
@@ -223,6 +228,8 @@ class AdminApi:
             return error_response(Deny(400, "invalid_request", str(e), e.param))
         except MissingTeam as e:
             return error_response(Deny(400, "invalid_request", str(e), "team_id"))
+        except LimitReached as e:
+            return error_response(Deny(400, "limit_reached", str(e), e.param))
         except NotFound as e:
             return error_response(Deny(404, "not_found", str(e)))
         except Conflict as e:
@@ -269,7 +276,21 @@ class AdminApi:
                 # confirmed by the team's own member list.
                 request["acting"] = who.with_admin_teams(await self.store.team_docs(list(who.teams)),
                                                          members_only=by_key)
+                if request.method != "GET":
+                    await self.count_write(who.user_id)
         return await handler(request)
+
+    async def count_write(self, user_id: str) -> None:
+        """A user acting for itself makes at most admin_writes_per_minute writes a minute
+        (each may add to the audit trail every tenant shares)."""
+        bound = self.runtime().config.settings.admin_writes_per_minute
+        if not bound:
+            return
+        now = time.time()
+        if await self.counters.admin_write(user_id, now) > bound:
+            raise ApiError(429, "rate_limit_exceeded", f"User {user_id!r} made {bound} admin writes this minute, the "
+                           "most a user may (extauthz_settings.admin_writes_per_minute); try again in "
+                           f"{int(60 - now % 60) + 1}s.")
 
     async def key_power(self, token: str, request: web.Request) -> tuple[Acting | None, Actor]:
         """A virtual key on the admin API: its allowed_routes, then its owner's role; and
@@ -293,8 +314,7 @@ class AdminApi:
 
     # -- helpers --------------------------------------------------------------------------
 
-    @staticmethod
-    async def body(request: web.Request) -> dict[str, Any]:
+    async def body(self, request: web.Request) -> dict[str, Any]:
         raw = await request.read()
         try:
             body = json.loads(raw) if raw.strip() else {}
@@ -302,6 +322,13 @@ class AdminApi:
             raise ApiError(400, "invalid_json", "The request body is not valid JSON.") from None
         if not isinstance(body, dict):
             raise ApiError(400, "invalid_json", "The request body must be a JSON object.")
+        settings = self.runtime().config.settings
+        if body.get("metadata") is not None:  # what every replica caches, and the audit trail shows
+            schema.check_metadata(body["metadata"], settings.max_metadata_bytes, settings.max_metadata_depth)
+        for name in ("key_alias", "team_alias"):
+            if isinstance(body.get(name), str) and len(body[name]) > schema.MAX_ALIAS_CHARS:
+                raise ApiError(400, "invalid_request", f"'{name}' must be at most {schema.MAX_ALIAS_CHARS} "
+                               "characters", name)
         return body
 
     def check_team(self, key: dict[str, Any], team: dict[str, Any] | None) -> None:
@@ -334,7 +361,7 @@ class AdminApi:
         return view
 
     async def update_key(self, request: web.Request, fixed: dict[str, Any] | None = None) -> web.Response:
-        body = await self.body(request)
+        body = key_params.bounded(await self.body(request), self.runtime().config.key_upperbounds, fill=False)
         token_hash = token_hash_of(body.get("key"))
         changes = fixed if fixed is not None else schema.key_fields(body, self.runtime().catalog, {"key"})
         change, check = applying(changes), self.check_team
@@ -378,7 +405,9 @@ class AdminApi:
     # -- keys -----------------------------------------------------------------------------
 
     async def key_generate(self, request: web.Request) -> web.Response:
-        body = await self.body(request)
+        config = self.runtime().config
+        body = key_params.bounded(key_params.with_defaults(await self.body(request), config.key_defaults),
+                                  config.key_upperbounds, fill=True)
         fields = schema.key_fields(body, self.runtime().catalog, {"key"})
         raw_key = schema.expect(body, "key", str) or "sk-" + secrets.token_urlsafe(24)
         if len(raw_key) < 8:
@@ -398,7 +427,8 @@ class AdminApi:
         doc["secret_holders"] = holders_of_new_value(who.user_id if who is not None else None, doc.get("user_id"))
         if await self.store.key_doc(doc["token"]) is not None:
             raise ApiError(409, "conflict", "This key already exists.", "key")
-        await self.writer(request).create_key(doc, self.check_team)
+        await self.writer(request).create_key(doc, self.check_team, self.runtime().config.settings.max_keys_per_user
+                                              if who is not None else 0)
         return web.json_response(self.key_view(doc, raw_key))
 
     async def key_update(self, request: web.Request) -> web.Response:
@@ -438,7 +468,7 @@ class AdminApi:
         the same record under the new key, with any field updates the body gives, and the
         same counters (spend, rate windows). The old key stops at once, or at the end of
         ``grace_period``. Repeated with the same ``new_key``, it answers as the first time."""
-        body = await self.body(request)
+        body = key_params.bounded(await self.body(request), self.runtime().config.key_upperbounds, fill=False)
         in_path = request.match_info.get("key")
         if in_path is not None and body.get("key") not in (None, in_path):
             raise ApiError(400, "invalid_request", "The key in the path and the body's 'key' differ.", "key")
@@ -635,16 +665,29 @@ class AdminApi:
         members = [schema.member(m) for m in (given if isinstance(given, list) else [given])]
         if not members or len(members) > MAX_MEMBERS_PER_CALL:
             raise ApiError(400, "invalid_request", f"Give 1 to {MAX_MEMBERS_PER_CALL} members.", "member")
-        if who is not None and any(m["user_id"] is None for m in members):
-            # By e-mail, a team admin would look users up across every team (and pull them in).
-            raise Refused("A team admin adds members by user_id.", param="member")
+        if who is not None:
+            members = await self.addable_by_team_admin(members)
         if await self.store.team_doc(team_id) is None:
             raise MissingTeam(f"team_id {team_id!r} does not exist")
         doc, ids = await self.add_members(self.writer(request), team_id, members)
         users = [u for u in [await self.store.user_doc(i) for i in dict.fromkeys(ids)] if u is not None]
         if who is not None:  # who they are in this team, not the rest of their records
-            users = [{"user_id": u["user_id"], "user_email": u.get("user_email")} for u in users]
+            users = [{"user_id": u["user_id"]} for u in users]
         return web.json_response(dict(doc, updated_users=users))
+
+    async def addable_by_team_admin(self, members: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """A team admin adds existing internal users by user_id, and learns nothing of users
+        outside its teams: one that does not exist and one it may not add (an admin) get
+        the same answer; no user record is created; no e-mail is read or claimed."""
+        if any(m["user_id"] is None for m in members):
+            # By e-mail, a team admin would look users up across every team (and pull them in).
+            raise Refused("A team admin adds members by user_id.", param="member")
+        for m in members:
+            user = await self.store.user_doc(m["user_id"])
+            if user is None or user.get("user_role") in ("proxy_admin", "proxy_admin_viewer"):
+                raise NotFound(f"No user a team admin may add has the user_id {m['user_id']!r}: a team admin adds "
+                               "existing users (an admin creates them with /user/new).")
+        return [dict(m, user_email=None) for m in members]
 
     async def team_member_delete(self, request: web.Request) -> web.Response:
         body = await self.body(request)
@@ -903,8 +946,29 @@ class AdminApi:
 
     async def readiness(self, request: web.Request) -> web.Response:
         ok = await self.store.reader.ping()
+        status = 200 if ok else 503
+        if not await self.sees_details(request):
+            return web.json_response({"status": "healthy" if ok else "unhealthy"}, status=status)
         primary = await self.store.reader.primary()
         return web.json_response({"status": "healthy" if ok else "unhealthy",
                                   "redis": "connected" if ok else "unreachable", **self.stats(),
                                   **({"redis_primary": primary} if primary is not None else {})},
-                                 status=200 if ok else 503)
+                                 status=status)
+
+    async def sees_details(self, request: web.Request) -> bool:
+        """Readiness details (the Redis endpoint, warnings, counts) go to a caller on the
+        admin port itself (a probe, an operator) or to an admin; a request a proxy passed
+        on (Envoy sets these headers on every request) gets the status only."""
+        headers = lower_headers(request)
+        if not any(h in headers for h in PROXIED_HEADERS):
+            return True
+        token, _ = credentials(headers)
+        if token is None:
+            return False
+        if self.runtime().is_master(hash_token(token)):
+            return True
+        try:
+            who, _ = await self.key_power(token, request)
+        except (ApiError, Refused, StoreUnavailable):
+            return False
+        return who is None  # a proxy_admin's key (or its viewer's)

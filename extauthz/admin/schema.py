@@ -7,6 +7,7 @@ here are stored as given and reported back as ``not_enforced``.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from typing import Any
@@ -52,6 +53,29 @@ def expect(body: dict[str, Any], name: str, kind: type | tuple[type, ...], nulla
         names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
         raise Invalid(f"'{name}' must be {names}, got {type(value).__name__}", name)
     return value
+
+
+MAX_ALIAS_CHARS = 256
+
+
+def check_metadata(value: Any, max_bytes: int, max_depth: int) -> None:
+    """A record's metadata within the operator's bounds (extauthz_settings)."""
+    if not isinstance(value, dict):
+        return  # (the field's own check says what it must be)
+    size = len(json.dumps(value, separators=(",", ":"), default=str).encode())
+    if size > max_bytes:
+        raise Invalid(f"'metadata' is {size} bytes of JSON, over {max_bytes} (extauthz_settings.max_metadata_bytes)",
+                      "metadata")
+    level: list[dict | list] = [value]
+    depth = 1
+    while level:
+        level = [v for each in level for v in (each.values() if isinstance(each, dict) else each)
+                 if isinstance(v, (dict, list))]
+        if level:
+            depth += 1
+        if depth > max_depth:
+            raise Invalid(f"'metadata' is nested deeper than {max_depth} levels "
+                          "(extauthz_settings.max_metadata_depth)", "metadata")
 
 
 def reject_unknown(body: dict[str, Any], allowed: set[str]) -> None:

@@ -5,14 +5,20 @@ The entry is appended to a capped Redis stream (``<p>audit``) inside the write's
 MULTI/EXEC (records/store.py), so a change without its entry, or an entry without its
 change, cannot exist; once the write is committed the same entry is logged as JSON
 (logger ``extauthz.audit``). Records hold no raw keys and no provider credentials; a
-metadata field whose name says it is a secret is shown as ``[redacted]`` all the same.
+metadata field whose name says it is a secret, or whose value looks like one (a provider
+key, a JWT, a private key, a long random token), is shown as ``[redacted]`` all the same.
+A large value is shown as its digest and size: an entry stays small whatever a record
+holds, and the stream is bounded in bytes as well as in entries (records/store.py).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import re
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Iterable
@@ -26,10 +32,27 @@ KINDS = ("key", "team", "user")
 UNDIFFED = frozenset({"updated_at"})
 REDACTED = "[redacted]"
 # Names of values an admin may have put in a record's metadata that read as secrets.
-SECRET_NAME = re.compile(r"key|secret|passw|credential|token|auth|cookie|private", re.I)
+SECRET_NAME = re.compile(r"key|secret|passw|passphrase|pwd|credential|token|auth|bearer|cookie|private|"
+                         r"signature|session|jwt", re.I)
 # Top-level fields that are not secrets although their names say key or token: the key's
 # hash (its public id), its masked name (sk-...last 4), its alias, its type and routes.
 PUBLIC_FIELDS = frozenset({"token", "key_name", "key_alias", "key_type", "allowed_routes", "metadata"})
+# Top-level fields whose values are the gateway's own ids (key hashes, a masked key): not
+# read for secret-looking values.
+ID_FIELDS = frozenset({"token", "key_name", "counter_id", "regenerated_from", "rotated_to"})
+# Values that are secrets whatever they are named: provider and platform key formats,
+# a JWT, a PEM private key, a bearer credential.
+SECRET_VALUE = re.compile(
+    r"sk-[A-Za-z0-9_-]{12,}|sk_(?:live|test)_[A-Za-z0-9]{12,}|AKIA[0-9A-Z]{16}|ASIA[0-9A-Z]{16}|AIza[0-9A-Za-z_-]{30,}"
+    r"|gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,}|glpat-[A-Za-z0-9_-]{20,}|xox[abposr]-[A-Za-z0-9-]{10,}"
+    r"|hf_[A-Za-z0-9]{30,}|eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.|-----BEGIN [A-Z ]*PRIVATE KEY"
+    r"|\b[Bb]earer\s+\S{8,}")
+# A long run of random-looking characters (letters of both cases and digits, high entropy)
+# reads as a token; hex digests and UUIDs (one case) are ids, not secrets.
+TOKEN_RUN = re.compile(r"[A-Za-z0-9_+/=.~-]{32,}")
+TOKEN_ENTROPY_BITS = 4.0
+# A value whose JSON is longer is shown as its digest and size.
+FIELD_MAX_BYTES = 1024
 
 
 @dataclass(frozen=True)
@@ -59,20 +82,50 @@ class Note:
     route: str
 
 
+def looks_secret(text: str) -> bool:
+    """A string that reads as a credential whatever field holds it."""
+    if SECRET_VALUE.search(text):
+        return True
+    return any(_random(run) for run in TOKEN_RUN.findall(text))
+
+
+def _random(run: str) -> bool:
+    if not (any(c.isupper() for c in run) and any(c.islower() for c in run) and any(c.isdigit() for c in run)):
+        return False
+    counts = Counter(run)
+    return -sum(n / len(run) * math.log2(n / len(run)) for n in counts.values()) >= TOKEN_ENTROPY_BITS
+
+
 def scrub(value: Any, name: str = "") -> Any:
-    """A value as the trail shows it: nested fields named like secrets redacted."""
+    """A value as the trail shows it: nested fields named like secrets, and strings that
+    look like one, redacted."""
     if isinstance(value, dict):
         return {k: REDACTED if isinstance(k, str) and SECRET_NAME.search(k) else scrub(v, k)
                 for k, v in value.items()}
     if isinstance(value, list):
         return [scrub(v) for v in value]
+    if isinstance(value, str) and looks_secret(value):
+        return REDACTED
     return value
+
+
+def bounded(value: Any) -> Any:
+    """A value as an entry holds it: itself, or when its JSON is over FIELD_MAX_BYTES its
+    digest and size (a record's large metadata would otherwise be stored twice per change)."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    raw = json.dumps(value, separators=(",", ":"), default=str, sort_keys=True).encode()
+    if len(raw) <= FIELD_MAX_BYTES:
+        return value
+    return {"sha256": hashlib.sha256(raw).hexdigest(), "bytes": len(raw)}
 
 
 def _field(name: str, value: Any) -> Any:
     if name not in PUBLIC_FIELDS and SECRET_NAME.search(name):
         return REDACTED
-    return scrub(value)
+    if name in ID_FIELDS:
+        return value
+    return bounded(scrub(value))
 
 
 def changes(before: Doc | None, after: Doc | None) -> Doc:

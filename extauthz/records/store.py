@@ -72,6 +72,14 @@ class Conflict(Exception):
     pass
 
 
+class LimitReached(Exception):
+    """A write would take its caller past a bound an operator sets (the setting named)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class MissingTeam(Exception):
     """A key names a team that does not exist."""
 
@@ -208,6 +216,40 @@ def lost_connection(e: WatchError) -> bool:
     return isinstance(e.__context__, REDIS_FAILURES) and not e.__suppress_context__
 
 
+# An audit entry appended, and the stream trimmed from its oldest end until it holds at
+# most ARGV[2] entries and ARGV[3] bytes of entries (its newest entry always stays). Each
+# entry carries its size ("n"); KEYS[2] keeps the stream's total. Queued in the write's
+# MULTI, so the entry and the change it records commit together.
+APPEND_AUDIT = """
+local size = #ARGV[1]
+redis.call('XADD', KEYS[1], '*', 'entry', ARGV[1], 'n', size)
+local total = redis.call('INCRBY', KEYS[2], size)
+local count = redis.call('XLEN', KEYS[1])
+local max_entries, max_bytes = tonumber(ARGV[2]), tonumber(ARGV[3])
+while count > 1 and (count > max_entries or total > max_bytes) do
+  local oldest = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 100)
+  for _, e in ipairs(oldest) do
+    if count <= 1 or (count <= max_entries and total <= max_bytes) then break end
+    local fields, n = e[2], nil
+    for i = 1, #fields, 2 do
+      if fields[i] == 'n' then n = tonumber(fields[i + 1]) end
+    end
+    if n == nil then  -- an entry from before sizes were kept
+      for i = 1, #fields, 2 do
+        if fields[i] == 'entry' then n = #fields[i + 1] end
+      end
+    end
+    redis.call('XDEL', KEYS[1], e[1])
+    total = total - (n or 0)
+    count = count - 1
+  end
+end
+if total < 0 then total = 0 end
+redis.call('SET', KEYS[2], total)
+return total
+"""
+
+
 def retired_member(doc: Doc) -> str:
     """A key in its grace period in the ``retired`` index: its hash and the indexes that
     name it, to unindex it once Redis has dropped its record."""
@@ -252,7 +294,8 @@ class RedisWriter(Keyspace):
     def __init__(self, reader: RedisReader, audit_max_entries: int = 100_000,
                  note: audit.Note | None = None, wait_replicas: int = 0, wait_timeout_ms: int = 1000,
                  client: aioredis.Redis | None = None, client_timeout: float | None = None,
-                 node_clients: dict[tuple[str, int], aioredis.Redis] | None = None) -> None:
+                 node_clients: dict[tuple[str, int], aioredis.Redis] | None = None,
+                 audit_max_bytes: int = 64 * 1024 * 1024) -> None:
         super().__init__(reader.counter_prefix, reader.cluster)
         self.reader = reader
         # Its own client where given: listings of a million keys take longer than a lookup's timeout.
@@ -262,6 +305,7 @@ class RedisWriter(Keyspace):
         # Cluster: a client per primary that has held the records' slot, for transactions.
         self.node_clients = node_clients if node_clients is not None else {}
         self.audit_max_entries = audit_max_entries
+        self.audit_max_bytes = audit_max_bytes
         self.note = note
         self.wait_replicas, self.wait_timeout_ms = wait_replicas, wait_timeout_ms
         # The fewest replicas that acknowledged one of this writer's writes (None: none waited for).
@@ -270,7 +314,7 @@ class RedisWriter(Keyspace):
     def by(self, note: audit.Note) -> "RedisWriter":
         """This writer, its writes made by ``note``'s actor through ``note``'s route."""
         return RedisWriter(self.reader, self.audit_max_entries, note, self.wait_replicas, self.wait_timeout_ms,
-                           self.redis, self.client_timeout, self.node_clients)
+                           self.redis, self.client_timeout, self.node_clients, self.audit_max_bytes)
 
     async def close(self) -> None:
         for client in self.node_clients.values():
@@ -316,6 +360,10 @@ class RedisWriter(Keyspace):
             if connection is not None:
                 await pool.release(connection)
         self.replicated = acknowledged if self.replicated is None else min(self.replicated, acknowledged)
+
+    @property
+    def audit_bytes_id(self) -> str:
+        return f"{self.prefix}audit_bytes"
 
     @property
     def audit_id(self) -> str:
@@ -436,8 +484,8 @@ class RedisWriter(Keyspace):
                     result = await body(tx)
                     found = audit.entry(note, tx.read_docs, tx.written, self.prefix, time.time())
                     if found is not None:
-                        pipe.xadd(self.audit_id, {"entry": audit.encode(found)},
-                                  maxlen=self.audit_max_entries, approximate=True)
+                        pipe.eval(APPEND_AUDIT, 2, self.audit_id, self.audit_bytes_id, audit.encode(found),
+                                  self.audit_max_entries, self.audit_max_bytes)
                     try:
                         await pipe.execute()
                     except WatchError as e:
@@ -476,13 +524,20 @@ class RedisWriter(Keyspace):
         if owner is not None and owner.decode() not in (token_hash, *also):
             raise Conflict(f"key_alias {alias!r} is already in use")
 
-    async def create_key(self, doc: Doc, check_team: Callable[[Doc, Doc | None], None]) -> Doc:
-        """Store a new key; ``check_team(key, team)`` raises to refuse it (runs under WATCH)."""
+    async def create_key(self, doc: Doc, check_team: Callable[[Doc, Doc | None], None],
+                         max_user_keys: int = 0) -> Doc:
+        """Store a new key; ``check_team(key, team)`` raises to refuse it (runs under WATCH).
+        With ``max_user_keys``, refused (LimitReached) when its owner has that many already."""
         token_hash = doc["token"]
+        owner = doc.get("user_id")
+        watched = (self.user_keys_id(owner),) if max_user_keys and isinstance(owner, str) and owner else ()
 
         async def body(tx: Tx) -> Doc:
             if await tx.pipe.exists(self.key_id(token_hash)):
                 raise Conflict("This key already exists.")
+            if watched and await tx.pipe.scard(watched[0]) >= max_user_keys:
+                raise LimitReached(f"User {owner!r} owns {max_user_keys} keys, the most a user may "
+                                   "(extauthz_settings.max_keys_per_user): delete one first.", "user_id")
             team = await self._team_for(tx, doc.get("team_id"))
             check_team(doc, team)
             await self._claim_alias(tx, doc.get("key_alias"), token_hash)
@@ -490,7 +545,7 @@ class RedisWriter(Keyspace):
             self._queue_key(tx, doc, None)
             return doc
 
-        return await self._transact(body, self.key_id(token_hash))
+        return await self._transact(body, self.key_id(token_hash), *watched)
 
     async def update_key(self, token_hash: str, change: Callable[[Doc], Doc],
                          check_team: Callable[[Doc, Doc | None], None]) -> Doc:
@@ -550,7 +605,8 @@ class RedisWriter(Keyspace):
             check_team(new, team)
             await self._claim_alias(tx, new.get("key_alias"), new_hash, old_hash)
             now = time.time()
-            ended = [json.loads(m) for m in await tx.pipe.zrangebyscore(self.retired_id, "-inf", now)]
+            ended = [json.loads(m) for m in await tx.pipe.zrangebyscore(self.retired_id, "-inf", now)
+                     if isinstance(m, (bytes, str))]
             tx.pipe.multi()
             for gone in ended:  # keys whose grace has ended (their records dropped by Redis): unindexed
                 self._queue_index_removal(tx, gone[0], gone[1], gone[2])

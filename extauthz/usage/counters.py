@@ -402,6 +402,19 @@ class RateCounters:
         values = [int(r) if r is not None else 0 for r in raws]
         return list(zip(values[0::2], values[1::2]))
 
+    async def admin_write(self, user_id: str, now: float) -> int:
+        """Count one admin write of a user acting for itself in this minute's window;
+        the count so far (bounded by extauthz_settings.admin_writes_per_minute)."""
+        name = self.keyspace.counter(f"admin_writes:{window_of(now)}:{user_id}")
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.incr(name)
+                pipe.expire(name, WINDOW_S + 5)
+                count, _ = await asyncio.wait_for(pipe.execute(), self.timeout_s)
+        except REDIS_FAILURES as e:
+            raise StoreUnavailable(type(e).__name__) from None
+        return int(count)
+
     async def spent(self, names: list[str]) -> list[float]:
         """The amounts in these spend counters (0 for one not written yet)."""
         if not names:

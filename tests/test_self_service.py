@@ -1,0 +1,161 @@
+"""Self-service that no ordinary user can abuse, through real Envoy and Redis: a user's
+keys, metadata and admin writes are bounded (and so is what every tenant shares: Redis,
+the audit trail); LiteLLM's default and upper-bound key parameters apply to every key
+minted; secrets are kept out of the audit trail whatever they are named; readiness
+details stay off the public listener."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import redis
+import yaml
+
+from tests.conftest import Gateway
+from tests.harness import EXAMPLE_CONFIG, MASTER_KEY, Stack, http, start_stack
+from tests.test_limits import fresh_window
+
+PREFIX = "selfsvc:"
+BOUNDS = {"EXTAUTHZ_KEY_PREFIX": PREFIX, "EXTAUTHZ_MAX_KEYS_PER_USER": "3", "EXTAUTHZ_ADMIN_WRITES_PER_MINUTE": "12",
+          "EXTAUTHZ_AUDIT_MAX_BYTES": "40000"}
+LITELLM_SETTINGS = {
+    "default_key_generate_params": {"max_budget": 5, "models": ["gpt-4"]},
+    "upperbound_key_generate_params": {"max_budget": 10, "rpm_limit": 100, "duration": "30d"},
+}
+
+
+@pytest.fixture(scope="module")
+def bounded(workdir: Path, upstream_port: int, redis_port: int) -> Iterator[Gateway]:
+    config = yaml.safe_load(EXAMPLE_CONFIG.read_text().replace("127.0.0.1:8081", f"127.0.0.1:{upstream_port}"))
+    config["litellm_settings"] = LITELLM_SETTINGS
+    path = workdir / "config-self-service.yaml"
+    path.write_text(yaml.safe_dump(config))
+    stack: Stack = start_stack(workdir, path, f"redis://127.0.0.1:{redis_port}/0", BOUNDS)
+    try:
+        yield Gateway(stack.envoy, upstream_port, stack.sidecar)
+    finally:
+        stack.stop()
+
+
+@pytest.fixture
+def client(redis_port: int) -> Iterator[redis.Redis]:
+    c = redis.Redis(port=redis_port)
+    yield c
+    c.close()
+
+
+def user(gateway: Gateway) -> tuple[str, str]:
+    """A new internal user, in a team of its own, and its personal key."""
+    user_id = "u-" + secrets.token_hex(4)
+    team = gateway.new_team(models=["gpt-4"])
+    made = gateway.admin("/user/new", {"user_id": user_id, "user_role": "internal_user"})
+    assert made.status == 200, made.text
+    assert gateway.admin("/team/member_add", {"team_id": team, "member": {"user_id": user_id}}).status == 200
+    return made.json()["key"], team
+
+
+def error(r: Any) -> tuple[int, str, str]:
+    found = r.json()["error"]
+    return r.status, found["code"], found["message"]
+
+
+def prefixed_bytes(client: redis.Redis) -> int:
+    return sum(client.memory_usage(k) or 0 for k in client.scan_iter(f"{PREFIX}*"))
+
+
+def test_one_user_cannot_fill_the_shared_redis(bounded: Gateway, client: redis.Redis) -> None:
+    key, team = user(bounded)
+    fresh_window()
+    own = bounded.admin("/key/generate", {"team_id": team}, key=key).json()["token"]
+    before = prefixed_bytes(client)
+    # The issue's attack: 400 KB of metadata per call. Refused, naming the setting.
+    big = {"blob": "x" * 400_000}
+    for path, body in (("/key/update", {"key": own, "metadata": big}), ("/key/generate", {"team_id": team,
+                                                                                           "metadata": big})):
+        status, code, message = error(bounded.admin(path, body, key=key))
+        assert (status, code) == (400, "invalid_request") and "max_metadata_bytes" in message
+    deep: dict = {}
+    for _ in range(20):
+        deep = {"d": deep}
+    assert "max_metadata_depth" in error(bounded.admin("/key/update", {"key": own, "metadata": deep}, key=key))[2]
+    # An admin is bound by the same record size (every replica caches the record).
+    assert bounded.admin("/key/update", {"key": own, "metadata": big}).status == 400
+    # Writes are counted per user: the 13th in a minute is refused until the next.
+    answers = [bounded.admin("/key/update", {"key": own, "metadata": {"n": i}}, key=key).status for i in range(12)]
+    assert answers.count(429) >= 1 and set(answers) == {200, 429}, answers
+    status, code, message = error(bounded.admin("/key/update", {"key": own, "metadata": {"n": -1}}, key=key))
+    assert (status, code) == (429, "rate_limit_exceeded") and "admin_writes_per_minute" in message
+    assert bounded.admin("/key/update", {"key": own, "metadata": {"by": "admin"}}).status == 200  # not the admin's
+    assert prefixed_bytes(client) - before < 256 * 1024
+
+
+def test_a_user_owns_a_bounded_number_of_keys(bounded: Gateway) -> None:
+    key, team = user(bounded)        # its personal key is one of its keys
+    fresh_window()
+    made = [bounded.admin("/key/generate", {"team_id": team}, key=key) for _ in range(3)]
+    assert [r.status for r in made] == [200, 200, 400]
+    status, code, message = error(made[-1])
+    assert (status, code) == (400, "limit_reached") and "max_keys_per_user" in message
+    assert bounded.admin("/key/delete", {"keys": [made[0].json()["token"]]}, key=key).status == 200
+    assert bounded.admin("/key/generate", {"team_id": team}, key=key).status == 200
+    # The admin is not bound by it: it may give the user more.
+    assert bounded.admin("/key/generate", {"team_id": team, "user_id": made[1].json()["user_id"]}).status == 200
+
+
+def test_the_audit_trail_is_bounded_in_bytes_and_keeps_no_secret(bounded: Gateway, client: redis.Redis) -> None:
+    key = bounded.new_key(key_alias="audited-" + secrets.token_hex(4))
+    token = bounded.admin(f"/key/info?key={key}", method="GET").json()["key"]
+    secrets_given = {"passphrase": "correct horse battery", "pwd": "hunter2hunter2", "bearer": "abc123abc123",
+                     "note": "sk-proj-" + secrets.token_urlsafe(24), "cfg": "AKIA" + "ABCDEFGHIJKLMNOP",
+                     "jwt_like": "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ1c2VyLTEifQ.c2lnbmF0dXJl",
+                     "blob": secrets.token_urlsafe(40), "plain": "team analytics, cost centre 42"}
+    assert bounded.admin("/key/update", {"key": key, "metadata": secrets_given}).status == 200
+    large = {"notes": ["line %d of a long description" % i for i in range(400)]}    # about 12 KB
+    assert bounded.admin("/key/update", {"key": key, "metadata": large}).status == 200
+    entries = bounded.admin(f"/audit?target={token}", method="GET").json()["entries"]
+    shown = json.dumps(entries)
+    for value in list(secrets_given.values())[:-1]:
+        assert value not in shown
+    assert "team analytics, cost centre 42" in shown
+    digest = entries[0]["records"][0]["changes"]["metadata"]["after"]
+    assert set(digest) == {"sha256", "bytes"} and digest["bytes"] > 10_000
+    assert bounded.sidecar is not None
+    log = bounded.sidecar.proc.log_text()
+    assert not any(value in log for value in list(secrets_given.values())[:-1])
+    # Many writes later, the stream holds at most its bytes (the newest entry always).
+    for i in range(60):
+        assert bounded.admin("/key/update", {"key": key, "metadata": {"i": i, "pad": "p" * 900}}).status == 200
+    sizes = [len(fields[b"entry"]) for _, fields in client.xrange(f"{PREFIX}audit")]
+    assert sum(sizes) <= 40_000 and int(client.get(f"{PREFIX}audit_bytes")) == sum(sizes)
+
+
+def test_litellms_key_generate_params_bound_every_key(bounded: Gateway) -> None:
+    made = bounded.admin("/key/generate", {}).json()
+    assert made["max_budget"] == 5 and made["models"] == ["gpt-4"] and made["expires"] is not None
+    over = bounded.admin("/key/generate", {"rpm_limit": 1000})
+    status, code, message = error(over)
+    assert status == 400 and "rpm_limit is over max limit set in config" in message and "upperbound" in message
+    assert bounded.admin("/key/generate", {"duration": "90d"}).status == 400
+    assert bounded.admin("/key/update", {"key": made["key"], "max_budget": 50}).status == 400
+    assert bounded.admin("/key/regenerate", {"key": made["key"], "rpm_limit": 101}).status == 400
+    assert bounded.admin("/key/update", {"key": made["key"], "max_budget": 9}).status == 200
+    # A user minting its own key gets the same bounds: no way around what the admin set.
+    key, team = user(bounded)
+    own = bounded.admin("/key/generate", {"team_id": team}, key=key).json()
+    assert own["max_budget"] == 5 and own["expires"] is not None
+    assert bounded.admin("/key/generate", {"team_id": team, "max_budget": 11}, key=key).status == 400
+
+
+def test_readiness_details_stay_off_the_public_listener(bounded: Gateway) -> None:
+    public = http("GET", bounded.envoy.url + "/health/readiness")
+    assert public.status == 200 and public.json() == {"status": "healthy"}
+    assert "redis" not in public.text and "127.0.0.1" not in public.text
+    assert "redis_endpoint" in http("GET", bounded.envoy.url + "/health/readiness", None,
+                                    {"Authorization": f"Bearer {MASTER_KEY}"}).text
+    assert bounded.sidecar is not None
+    direct = http("GET", f"http://127.0.0.1:{bounded.sidecar.admin_port}/health/readiness")
+    assert "redis_endpoint" in direct.text
