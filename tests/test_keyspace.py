@@ -34,7 +34,7 @@ def test_in_a_cluster_every_record_index_and_the_audit_trail_share_one_slot() ->
     k = Keyspace("extauthz:", cluster=True)
     names = [k.key_id("a" * 64), k.key_id("b" * 64), k.team_id(TEAM), k.alias_id("alias"), k.user_id("u@x"),
              k.team_keys_id(TEAM), k.user_keys_id("u@x"), f"{k.prefix}keys", f"{k.prefix}audit",
-             f"{k.prefix}replication_probe"]
+             f"{k.prefix}replication_probe", k.legacy_alias_id("alias"), k.retired_id, f"{k.prefix}audit_bytes"]
     assert len({slot(n) for n in names}) == 1
     assert k.key_id("h") == "{extauthz:}key:h"
 

@@ -105,7 +105,7 @@ def test_records_share_one_slot_and_counters_spread_over_the_primaries(
     names = set(holding[records_port])
     assert {f"{RECORDS}key:{k['token']}" for k in keys} <= names
     assert {f"{RECORDS}team:{team}", f"{RECORDS}keys", f"{RECORDS}teams", f"{RECORDS}audit",
-            f"{RECORDS}alias:spread-0", f"{RECORDS}team_keys:{team}"} <= names
+            f"{RECORDS}alias_of:spread-0", f"{RECORDS}team_keys:{team}"} <= names
     windows = {port: keys_on(port, "extauthz:rpm:{key:*") for port in primaries}
     assert sum(len(w) for w in windows.values()) == 12
     assert sum(1 for w in windows.values() if w) >= 2, windows  # 12 keys' windows, not on one primary

@@ -159,3 +159,31 @@ def test_readiness_details_stay_off_the_public_listener(bounded: Gateway) -> Non
     assert bounded.sidecar is not None
     direct = http("GET", f"http://127.0.0.1:{bounded.sidecar.admin_port}/health/readiness")
     assert "redis_endpoint" in direct.text
+
+
+def test_an_alias_is_unique_per_owner_and_tells_nothing_of_others(bounded: Gateway) -> None:
+    alias = "prod-billing-" + secrets.token_hex(3)
+    first, first_team = user(bounded)
+    second, second_team = user(bounded)
+    fresh_window()
+    mine = bounded.admin("/key/generate", {"team_id": first_team, "key_alias": alias}, key=first)
+    assert mine.status == 200, mine.text
+    # Another user, and the admin, may use the same name: a user reserves nothing for others,
+    # and its answer does not tell that the name is taken elsewhere.
+    theirs = bounded.admin("/key/generate", {"team_id": second_team, "key_alias": alias}, key=second)
+    assert theirs.status == 200, theirs.text
+    admins = bounded.admin("/key/generate", {"key_alias": alias})
+    assert admins.status == 200, admins.text
+    # Within one owner, still unique (as LiteLLM's aliases are).
+    again = bounded.admin("/key/generate", {"team_id": first_team, "key_alias": alias}, key=first)
+    assert error(again)[:2] == (409, "conflict") and "this owner" in error(again)[2]
+    assert bounded.admin("/key/generate", {"key_alias": alias}).status == 409
+    listed = bounded.admin(f"/key/list?key_alias={alias}", method="GET").json()["keys"]
+    assert sorted(listed) == sorted(r.json()["token"] for r in (mine, theirs, admins))
+    assert bounded.admin(f"/key/list?key_alias={alias}", method="GET", key=first).json()["keys"] == \
+        [mine.json()["token"]]
+    # By alias, each deletes its own; the admin is asked which one.
+    assert error(bounded.admin("/key/delete", {"key_aliases": [alias]}))[:2] == (409, "conflict")
+    gone = bounded.admin("/key/delete", {"key_aliases": [alias]}, key=second)
+    assert gone.status == 200 and gone.json()["deleted_keys"] == [theirs.json()["token"]]
+    assert bounded.chat(mine.json()["key"], "gpt-4").status == 200

@@ -448,12 +448,17 @@ class AdminApi:
         if not keys and not aliases:
             raise ApiError(400, "invalid_request", "Give 'keys' or 'key_aliases' to delete.", "keys")
         hashes = [token_hash_of(k) for k in keys]
-        for alias in aliases:
-            owner = await self.store.alias_owner(alias) if isinstance(alias, str) else None
-            if owner is None:
-                raise NotFound("no such key of this user" if acting(request) else f"no key with key_alias {alias!r}")
-            hashes.append(owner)
         who = acting(request)
+        for alias in aliases:
+            found = await self.store.alias_keys(alias) if isinstance(alias, str) else []
+            if who is not None:
+                found = [h for h in found if who.owns(await self.store.key_doc(h))]
+            if not found:
+                raise NotFound("no such key of this user" if who is not None else f"no key with key_alias {alias!r}")
+            if len(found) > 1:  # (aliases are unique per owner)
+                raise ApiError(409, "conflict", f"Several keys have the key_alias {alias!r}, each of another owner: "
+                               "name the one to delete in 'keys' (its hash, from /key/list).", "key_aliases")
+            hashes.append(found[0])
         if who is not None:  # all of them its own, or none is deleted (one answer: no oracle)
             for h in hashes:
                 if not who.owns(await self.store.key_doc(h)):
@@ -526,14 +531,13 @@ class AdminApi:
         and its teams'), so a page of a million keys reads one page of documents; only a filter
         no index answers (organization_id) reads every candidate."""
         query, who = request.query, acting(request)
-        wanted = {field: query.get(param) for param, field in (
+        wanted: dict[str, str] = {field: query[param] for param, field in (
             ("team_id", "team_id"), ("key_alias", "key_alias"), ("key_hash", "token"), ("user_id", "user_id"),
             ("organization_id", "organization_id")) if query.get(param)}
         if "token" in wanted:
             hashes = [wanted["token"]]
         elif "key_alias" in wanted:
-            owner = await self.store.alias_owner(wanted["key_alias"])
-            hashes = [owner] if owner is not None else []
+            hashes = await self.store.alias_keys(wanted["key_alias"])
         elif "team_id" in wanted or "user_id" in wanted:
             hashes = await self.store.key_hashes(wanted.get("team_id"), wanted.get("user_id"))
         elif who is not None:  # its own keys and those of the teams it administers
@@ -721,9 +725,7 @@ class AdminApi:
             key_body = {k: body[k] for k in ("key_alias", "duration") if body.get(k) is not None}
             raw_key = "sk-" + secrets.token_urlsafe(24)
             key = new_key_doc(raw_key, user_id=user_id, secret_holders=[user_id],
-                              **schema.key_fields(key_body, self.runtime().catalog))
-            if key.get("key_alias") and await self.store.alias_owner(key["key_alias"]) is not None:
-                raise ApiError(409, "conflict", f"key_alias {key['key_alias']!r} is already in use", "key_alias")
+                              **schema.key_fields(key_body, self.runtime().catalog))  # (its alias: a new owner's)
         await self.writer(request).create_user(doc)
         out = dict(doc, not_enforced=schema.not_enforced(doc, user=True))
         if key is not None:

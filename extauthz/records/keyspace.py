@@ -57,6 +57,11 @@ class Keyspace:
         return f"{self.prefix}team:{team_id}"
 
     def alias_id(self, alias: str) -> str:
+        """The index of the keys holding an alias: a hash, owner (user_id, "" for none) to key hash."""
+        return f"{self.prefix}alias_of:{alias}"
+
+    def legacy_alias_id(self, alias: str) -> str:
+        """Where a record from before per-owner aliases named the one key of an alias (read only)."""
         return f"{self.prefix}alias:{alias}"
 
     def team_keys_id(self, team_id: str) -> str:

@@ -5,7 +5,8 @@ Layout (``<p>`` is the configured prefix, ``extauthz:`` by default; in a Redis C
 
 - ``<p>key:<sha256 hex of the key>``  JSON key record (the raw key is never stored)
 - ``<p>team:<team_id>``               JSON team record
-- ``<p>alias:<key_alias>``            the hash of the key holding that alias (uniqueness)
+- ``<p>alias_of:<key_alias>``         hash: owner (user_id, "" for none) to the key holding that alias
+                                      (unique per owner); ``<p>alias:<key_alias>``, read only, from before
 - ``<p>team_keys:<team_id>``          set of the hashes of the team's keys
 - ``<p>user:<user_id>``               JSON user record
 - ``<p>user_keys:<user_id>``          set of the hashes of the keys the user owns
@@ -250,6 +251,12 @@ return total
 """
 
 
+def alias_owner_field(doc: Doc) -> str:
+    """Whose aliases a key's alias is unique among: its owner's ("" for keys without one)."""
+    owner = doc.get("user_id")
+    return owner if isinstance(owner, str) else ""
+
+
 def retired_member(doc: Doc) -> str:
     """A key in its grace period in the ``retired`` index: its hash and the indexes that
     name it, to unindex it once Redis has dropped its record."""
@@ -393,9 +400,18 @@ class RedisWriter(Keyspace):
         raw = await self.reader.get(self.user_id(user_id))
         return None if raw is None else json.loads(raw)
 
-    async def alias_owner(self, alias: str) -> str | None:
-        raw = await self.reader.get(self.alias_id(alias))
-        return None if raw is None else raw.decode()
+    async def alias_keys(self, alias: str) -> list[str]:
+        """The hashes of the keys holding an alias now (one per owner): each index entry
+        checked against its key's record, so an entry a change left behind names nothing."""
+        try:
+            held = await asyncio.wait_for(self.redis.hgetall(self.alias_id(alias)), self.timeout)
+            legacy = await self.reader.get(self.legacy_alias_id(alias))
+        except REDIS_FAILURES as e:
+            raise StoreUnavailable(type(e).__name__) from None
+        found = [*held.values(), *([legacy] if legacy is not None else [])]
+        hashes = sorted({v.decode() if isinstance(v, bytes) else str(v) for v in found})
+        return [d["token"] for d in await self.key_docs(hashes)
+                if d.get("key_alias") == alias and not d.get("rotated_to")]
 
     async def _members(self, set_key: str) -> list[str]:
         """A listing set's members, sorted (a million of them is one SMEMBERS, not a million
@@ -515,14 +531,24 @@ class RedisWriter(Keyspace):
             raise MissingTeam(f"team_id {team_id!r} does not exist")
         return team
 
-    async def _claim_alias(self, tx: Tx, alias: str | None, token_hash: str, *also: str) -> None:
-        """An alias free, or held by this key (or one of ``also``, the key it replaces)."""
+    async def _claim_alias(self, tx: Tx, doc: Doc, *also: str) -> None:
+        """A key's alias free among its owner's keys, or held by this key (or one of
+        ``also``, the key it replaces). Aliases are unique per owner: a user's choice can
+        neither reserve a name for everyone nor learn that another owner uses it."""
+        alias, token_hash = doc.get("key_alias"), doc["token"]
         if alias is None:
             return
-        await tx.pipe.watch(self.alias_id(alias))
-        owner = await tx.pipe.get(self.alias_id(alias))
-        if owner is not None and owner.decode() not in (token_hash, *also):
-            raise Conflict(f"key_alias {alias!r} is already in use")
+        owner = alias_owner_field(doc)
+        await tx.pipe.watch(self.alias_id(alias), self.legacy_alias_id(alias))
+        found = await tx.pipe.hget(self.alias_id(alias), owner)
+        legacy = await tx.pipe.get(self.legacy_alias_id(alias))
+        for holder in {h.decode() for h in (found, legacy) if h is not None} - {token_hash, *also}:
+            await tx.pipe.watch(self.key_id(holder))
+            other = await tx.read(self.key_id(holder))
+            if other is not None and other.get("key_alias") == alias and not other.get("rotated_to") \
+                    and alias_owner_field(other) == owner:
+                raise Conflict(f"key_alias {alias!r} is already in use by another key of "
+                               f"{'this owner' if owner else 'the keys without an owner'}")
 
     async def create_key(self, doc: Doc, check_team: Callable[[Doc, Doc | None], None],
                          max_user_keys: int = 0) -> Doc:
@@ -540,7 +566,7 @@ class RedisWriter(Keyspace):
                                    "(extauthz_settings.max_keys_per_user): delete one first.", "user_id")
             team = await self._team_for(tx, doc.get("team_id"))
             check_team(doc, team)
-            await self._claim_alias(tx, doc.get("key_alias"), token_hash)
+            await self._claim_alias(tx, doc)
             tx.pipe.multi()
             self._queue_key(tx, doc, None)
             return doc
@@ -562,7 +588,7 @@ class RedisWriter(Keyspace):
                 raise Conflict("This key was regenerated: it is decided with the key that replaced it "
                                f"({old['rotated_to']}); change that one, or delete or block this one.")
             if not retired:
-                await self._claim_alias(tx, new.get("key_alias"), token_hash)
+                await self._claim_alias(tx, new)
             tx.pipe.multi()
             if retired:  # a key in its grace period: its indexes stay as they are
                 tx.put(self.key_id(token_hash), new, KEEP_TTL)
@@ -603,7 +629,7 @@ class RedisWriter(Keyspace):
             new.pop("grace_until", None)
             team = await self._team_for(tx, new.get("team_id"))
             check_team(new, team)
-            await self._claim_alias(tx, new.get("key_alias"), new_hash, old_hash)
+            await self._claim_alias(tx, new, old_hash)
             now = time.time()
             ended = [json.loads(m) for m in await tx.pipe.zrangebyscore(self.retired_id, "-inf", now)
                      if isinstance(m, (bytes, str))]
@@ -629,10 +655,11 @@ class RedisWriter(Keyspace):
         tx.put(self.key_id(token_hash), new)
         pipe.sadd(f"{self.prefix}keys", token_hash)
         old_alias, old_team = (old or {}).get("key_alias"), (old or {}).get("team_id")
-        if old_alias and old_alias != new.get("key_alias"):
-            pipe.delete(self.alias_id(old_alias))
+        if old is not None and old_alias and (old_alias, alias_owner_field(old)) != (
+                new.get("key_alias"), alias_owner_field(new)):
+            pipe.hdel(self.alias_id(old_alias), alias_owner_field(old))
         if new.get("key_alias"):
-            pipe.set(self.alias_id(new["key_alias"]), token_hash)
+            pipe.hset(self.alias_id(new["key_alias"]), alias_owner_field(new), token_hash)
         if old_team and old_team != new.get("team_id"):
             pipe.srem(self.team_keys_id(old_team), token_hash)
         if new.get("team_id"):
@@ -657,7 +684,7 @@ class RedisWriter(Keyspace):
         token_hash = doc["token"]
         tx.drop(self.key_id(token_hash))
         if doc.get("key_alias") and not doc.get("rotated_to"):  # (a retired key's alias is its successor's)
-            tx.pipe.delete(self.alias_id(doc["key_alias"]))
+            tx.pipe.hdel(self.alias_id(doc["key_alias"]), alias_owner_field(doc))
         if doc.get("rotated_to"):
             tx.pipe.zrem(self.retired_id, retired_member(doc))
         self._queue_index_removal(tx, token_hash, doc.get("team_id"), doc.get("user_id"))
