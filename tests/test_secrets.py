@@ -61,7 +61,8 @@ def test_secrets_never_leak(workdir: Path, upstream_port: int, redis_port: int) 
     for name in client.scan_iter(count=1000):
         kind = client.type(name)
         value = {b"string": lambda: client.get(name), b"set": lambda: sorted(client.smembers(name)),
-                 b"stream": lambda: client.xrange(name), b"zset": lambda: client.zrange(name, 0, -1)}[kind]()
+                 b"stream": lambda: client.xrange(name), b"zset": lambda: client.zrange(name, 0, -1),
+                 b"hash": lambda: client.hgetall(name)}[kind]()
         dump.append(f"{name!r} {value!r}")
     client.close()
     stored = "\n".join(dump)
