@@ -125,7 +125,14 @@ def test_who_holds_a_keys_value() -> None:
     assert holders_after_change(mine, dict(mine), "lead", True) == ["lead", "m"]
     # A new value: the user it was returned to, or (master key, proxy admin) its owner.
     assert holders_of_new_value("lead", "m") == ["lead"] and holders_of_new_value(None, "m") == ["m"]
-    assert holders_of_new_value(None, None) == []
+    assert holders_of_new_value(None, None) == ["*"]
+    # A key made without an owner was handed to nobody known: given an owner, it has no powers.
+    ownerless = {"user_id": None, "secret_holders": holders_of_new_value(None, None)}
+    assert holders_after_change(ownerless, dict(ownerless, user_id="p"), "lead", False) == ["*"]
+    with pytest.raises(Refused):
+        key_owner_power({"user_id": "p", "secret_holders": ["*"]}, {"user_id": "p", "user_role": "proxy_admin"}, "GET")
+    with pytest.raises(Refused):  # an empty list, or a record from before without owner or creator
+        key_owner_power({"user_id": "p", "secret_holders": []}, {"user_id": "p", "user_role": "proxy_admin"}, "GET")
 
 
 @pytest.mark.parametrize("owner, method", [

@@ -21,7 +21,7 @@ from extauthz.usage.estimate import DEFAULT_MAX_OUTPUT_TOKENS, Estimate, estimat
 from extauthz.usage.limits import Counter
 from extauthz.usage.prices import Price, price_of
 
-PRICE = Price(1e-6, 2e-6, max_output=1000)
+PRICE = Price(1e-6, 2e-6, max_output=1000, max_input=50_000)
 
 
 # -- the estimate (pure) --------------------------------------------------------------------------
@@ -31,7 +31,7 @@ PRICE = Price(1e-6, 2e-6, max_output=1000)
     ({"max_completion_tokens": 10, "max_tokens": 20}, "chat/completions", 100 + 20),   # the most it asks for
     ({"max_output_tokens": 50}, "responses", 100 + 50),
     ({}, "chat/completions", 100 + 1000),                                              # the model's ceiling
-    ({"max_tokens": 10**9}, "chat/completions", 100 + 1000),                           # at most the ceiling
+    ({"max_tokens": 10**9}, "chat/completions", 100 + 10**9),      # as asked: a table's ceiling may be old
     ({"max_tokens": 10, "n": 3}, "chat/completions", 100 + 30),
     ({"max_tokens": 10, "best_of": 4, "n": 2}, "completions", 100 + 40),
     ({"generationConfig": {"maxOutputTokens": 7, "candidateCount": 2}}, "generateContent", 100 + 14),
@@ -40,7 +40,15 @@ PRICE = Price(1e-6, 2e-6, max_output=1000)
     ({"max_tokens": True}, "chat/completions", 100 + 1000),
     ({"max_tokens": 0}, "chat/completions", 100 + 1000),
     ({"max_tokens": 10, "MAX_TOKENS": 900}, "chat/completions", 100 + 1000),  # a lenient reader's other value
-    ({"max_tokens": 10, "N": 5}, "chat/completions", 100 + 1000),
+    ({"max_tokens": 10, "N": 5}, "chat/completions", 100 + 5 * 1000),   # its count counts, at the ceiling
+    ({"max_tokens": 10, "n": "8"}, "chat/completions", 100 + 128 * 10),    # a count read leniently: the most
+    ({"max_tokens": 10, "n": 8.0}, "chat/completions", 100 + 128 * 10),
+    ({"max_tokens": 10, "n": None}, "chat/completions", 100 + 10),
+    ({"generationConfig": {"maxOutputTokens": 7, "candidateCount": "8"}}, "generateContent", 100 + 128 * 7),
+    ({"generation_config": {"max_output_tokens": 7, "candidate_count": 8}}, "generateContent", 100 + 8 * 1000),
+    ({"previous_response_id": "resp_1", "max_output_tokens": 5}, "responses", 50_000 + 5),  # stored context
+    ({"prompt": {"id": "pmpt_1"}, "max_output_tokens": 5}, "responses", 50_000 + 5),
+    ({"prompt": "inline text", "max_tokens": 5}, "completions", 100 + 5),
     ({"max_tokens": 10}, "embeddings", 100),                     # no output
     ({}, "moderations", 100),
     ({}, "messages/count_tokens", 100),
@@ -48,7 +56,8 @@ PRICE = Price(1e-6, 2e-6, max_output=1000)
 def test_the_estimate_bounds_what_a_call_asks_for(doc: dict, operation: str, tokens: int) -> None:
     found = estimate(doc, 100, operation, PRICE)
     assert found.tokens == tokens
-    assert found.cost == pytest.approx(100 * 1e-6 + (tokens - 100) * 2e-6)
+    held_input = 50_000 if tokens >= 50_000 and tokens < 10**9 else 100
+    assert found.cost == pytest.approx(held_input * 1e-6 + (tokens - held_input) * 2e-6)
 
 
 def test_an_unknown_models_ceiling_is_the_default_and_an_unpriced_call_has_no_cost() -> None:

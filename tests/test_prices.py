@@ -21,9 +21,10 @@ def test_the_bundled_table_says_where_it_comes_from() -> None:
 
 
 @pytest.mark.parametrize("provider, model, expected", [
-    ("openai", "gpt-4o", Price(2.5e-06, 1e-05, 1.25e-06, None, 16384)),  # max_output: its output limit
-    ("azure", "gpt-4o", Price(2.5e-06, 1e-05, 1.25e-06, None, 16384)),   # "azure/gpt-4o"
-    ("openai", "text-embedding-3-small", Price(2e-08, 0.0, None, None)),
+    # max_output, max_input: its output limit and its input window
+    ("openai", "gpt-4o", Price(2.5e-06, 1e-05, 1.25e-06, None, 16384, 128000)),
+    ("azure", "gpt-4o", Price(2.5e-06, 1e-05, 1.25e-06, None, 16384, 128000)),   # "azure/gpt-4o"
+    ("openai", "text-embedding-3-small", Price(2e-08, 0.0, None, None, None, 8191)),
     ("hosted_vllm", "my-own-llama", None),                               # unpriced
 ])
 def test_table_prices(provider: str, model: str, expected: Price | None) -> None:
@@ -33,7 +34,7 @@ def test_table_prices(provider: str, model: str, expected: Price | None) -> None
 def test_the_deployments_own_price_wins() -> None:
     own = {"input_cost_per_token": 1e-06, "output_cost_per_token": 2e-06}
     # (its output limit is the model's still: a price of its own does not change what it may answer)
-    assert price_of("openai", "gpt-4o", own) == Price(1e-06, 2e-06, max_output=16384)
+    assert price_of("openai", "gpt-4o", own) == Price(1e-06, 2e-06, max_output=16384, max_input=128000)
     # Half a price, or a careless one, is no price of its own.
     assert price_of("openai", "gpt-4o", {"input_cost_per_token": 1e-06}) == price_of("openai", "gpt-4o", {})
     assert price_of("hosted_vllm", "x", {"input_cost_per_token": "1", "output_cost_per_token": 2}) is None
@@ -87,5 +88,5 @@ def test_litellm_params_prices_are_read_and_win() -> None:
                            "output_cost_per_token": 2e-06}}]})
     (deployment,) = config.deployments
     assert price_of(deployment.provider, deployment.provider_model, deployment.info) == \
-        Price(1e-06, 2e-06, max_output=16384)
+        Price(1e-06, 2e-06, max_output=16384, max_input=128000)
     assert not any("input_cost_per_token" in w for w in config.warnings)  # read, so not "not used"

@@ -102,13 +102,25 @@ def test_a_user_owns_a_bounded_number_of_keys(bounded: Gateway) -> None:
     assert (status, code) == (400, "limit_reached") and "max_keys_per_user" in message
     assert bounded.admin("/key/delete", {"keys": [made[0].json()["token"]]}, key=key).status == 200
     assert bounded.admin("/key/generate", {"team_id": team}, key=key).status == 200
+    # Nor does a key given to it, or an old one kept in its grace, count for nothing.
+    assert error(bounded.admin("/key/regenerate", {"key": made[1].json()["token"], "grace_period": "1h"},
+                               key=key))[:2] == (400, "limit_reached")
+    owner = made[1].json()["user_id"]
+    other = bounded.admin("/key/generate", {"team_id": team, "user_id": "someone-else"}).json()["token"]
+    members = bounded.admin("/team/member_add", {"team_id": team, "member": {"user_id": owner, "role": "admin"}})
+    assert members.status == 200, members.text
+    moved = bounded.admin("/key/update", {"key": other, "user_id": owner}, key=key)
+    assert error(moved)[:2] == (400, "limit_reached"), moved.text
     # The admin is not bound by it: it may give the user more.
-    assert bounded.admin("/key/generate", {"team_id": team, "user_id": made[1].json()["user_id"]}).status == 200
+    assert bounded.admin("/key/generate", {"team_id": team, "user_id": owner}).status == 200
 
 
 def test_the_audit_trail_is_bounded_in_bytes_and_keeps_no_secret(bounded: Gateway, client: redis.Redis) -> None:
     key = bounded.new_key(key_alias="audited-" + secrets.token_hex(4))
     token = bounded.admin(f"/key/info?key={key}", method="GET").json()["key"]
+    named = "AKIA" + "QRSTUVWXYZABCDEF"
+    assert bounded.admin("/key/update", {"key": key, "key_alias": "sk-proj-" + "Zx9Qm2Lp8Rt4Vb7Nc1Ka5Hs3",
+                                         "metadata": {named: "x"}}).status == 200
     secrets_given = {"passphrase": "correct horse battery", "pwd": "hunter2hunter2", "bearer": "abc123abc123",
                      "note": "sk-proj-" + secrets.token_urlsafe(24), "cfg": "AKIA" + "ABCDEFGHIJKLMNOP",
                      "jwt_like": "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ1c2VyLTEifQ.c2lnbmF0dXJl",
@@ -118,8 +130,8 @@ def test_the_audit_trail_is_bounded_in_bytes_and_keeps_no_secret(bounded: Gatewa
     assert bounded.admin("/key/update", {"key": key, "metadata": large}).status == 200
     entries = bounded.admin(f"/audit?target={token}", method="GET").json()["entries"]
     shown = json.dumps(entries)
-    for value in list(secrets_given.values())[:-1]:
-        assert value not in shown
+    for value in [*list(secrets_given.values())[:-1], named, "Zx9Qm2Lp8Rt4Vb7Nc1Ka5Hs3"]:
+        assert value not in shown, value
     assert "team analytics, cost centre 42" in shown
     digest = entries[0]["records"][0]["changes"]["metadata"]["after"]
     assert set(digest) == {"sha256", "bytes"} and digest["bytes"] > 10_000
@@ -143,6 +155,15 @@ def test_litellms_key_generate_params_bound_every_key(bounded: Gateway) -> None:
     assert bounded.admin("/key/update", {"key": made["key"], "max_budget": 50}).status == 400
     assert bounded.admin("/key/regenerate", {"key": made["key"], "rpm_limit": 101}).status == 400
     assert bounded.admin("/key/update", {"key": made["key"], "max_budget": 9}).status == 200
+    # Taking a bound off (null) is over it too.
+    for lifted in ({"duration": None}, {"expires": None}, {"max_budget": None}):
+        assert bounded.admin("/key/update", {"key": made["key"], **lifted}).status == 400, lifted
+    # The key /user/new makes for a user is bound as any other.
+    auto = bounded.admin("/user/new", {"user_id": "auto-" + secrets.token_hex(3), "duration": "900d"})
+    assert auto.status == 400
+    auto = bounded.admin("/user/new", {"user_id": "auto-" + secrets.token_hex(3)}).json()
+    info = bounded.admin(f"/key/info?key={auto['key']}", method="GET").json()["info"]
+    assert info["max_budget"] == 5 and info["expires"] is not None
     # A user minting its own key gets the same bounds: no way around what the admin set.
     key, team = user(bounded)
     own = bounded.admin("/key/generate", {"team_id": team}, key=key).json()

@@ -286,6 +286,20 @@ def test_a_key_moved_to_a_team_admin_does_not_act_as_it(gateway: Gateway, team_w
     assert call(gateway, "GET", "/team/list", boss["key"]).status == 200  # by its hash: still u-boss's alone
 
 
+def test_a_key_made_without_an_owner_never_acts_as_the_owner_given_later(gateway: Gateway,
+                                                                        team_with_roles: dict) -> None:
+    lead = team_with_roles["lead"]
+    # A team key the admin made for no one (its value shared with the team, the lead among them).
+    shared = ok(gateway.admin("/key/generate", {"team_id": "t-a"}))
+    assert shared["secret_holders"] == ["*"]
+    # The team admin gives it to the team's proxy_admin member, by its hash.
+    ok(call(gateway, "POST", "/key/update", lead, {"key": shared["token"], "user_id": "u-boss"}))
+    for method, path in (("GET", "/user/list"), ("GET", "/team/list")):
+        assert code(call(gateway, method, path, shared["key"])) == (403, "admin_not_allowed"), path
+    assert code(call(gateway, "POST", "/user/new", shared["key"], {"user_id": "u-minted", "user_role": "proxy_admin"})) \
+        == (403, "admin_not_allowed")
+
+
 def test_leaving_a_team_ends_its_keys_there(gateway: Gateway) -> None:
     for team in ("t-left", "t-stayed"):
         ok(gateway.admin("/team/new", {"team_id": team, "models": ["gpt-4"]}))
@@ -303,7 +317,16 @@ def test_leaving_a_team_ends_its_keys_there(gateway: Gateway) -> None:
     assert gateway.chat(in_stayed["key"], "gpt-4").status == 200
     (entry,) = ok(gateway.admin(f"/audit?target={successor['token']}", method="GET"))["entries"][:1]
     assert entry["route"] == "/team/member_delete"
+    # A team admin that leaves keeps no value it made for a member: that key is blocked.
+    ok(gateway.admin("/team/member_add", {"team_id": "t-stayed", "member": {"user_id": "u-made-for"}}))
+    ok(gateway.admin("/team/member_add", {"team_id": "t-stayed", "member": {"user_id": "u-leaver", "role": "admin"}}))
+    for_member = ok(call(gateway, "POST", "/key/generate", leaver, {"team_id": "t-stayed", "user_id": "u-made-for"}))
+    left = ok(gateway.admin("/team/member_delete", {"team_id": "t-stayed", "user_id": "u-leaver"}))
+    assert left["blocked_keys"] == [for_member["token"]] and in_stayed["token"] in left["deleted_keys"]
+    assert code(gateway.chat(for_member["key"], "gpt-4")) == (403, "key_blocked")
     # Deleted, a user keeps no key of any team.
+    ok(gateway.admin("/team/member_add", {"team_id": "t-stayed", "member": {"user_id": "u-leaver"}}))
+    in_stayed = ok(call(gateway, "POST", "/key/generate", leaver, {"team_id": "t-stayed"}))
     ok(gateway.admin("/user/delete", {"user_ids": ["u-leaver"]}))
     assert gateway.chat(in_stayed["key"], "gpt-4").status == 401 and gateway.chat(leaver, "gpt-4").status == 401
 

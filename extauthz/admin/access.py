@@ -24,7 +24,7 @@ from extauthz.admin.schema import USER_ROLES
 from extauthz.check import routes
 from extauthz.check.routing import ACTING_ROUTES, ACTING_TEAMS_HEADER, ACTING_USER_HEADER, ADMIN_ACTOR_HEADER
 from extauthz.records.audit import MASTER_KEY, Actor
-from extauthz.records.record import team_members
+from extauthz.records.record import ANYONE, secret_holders, team_members
 
 Doc = dict[str, Any]
 READ_ROUTES = tuple(r for r in ACTING_ROUTES if r in routes.INFO_ROUTES)
@@ -112,23 +112,6 @@ def actor_from_headers(headers: Mapping[str, str], acting: Acting | None) -> Act
     return Actor("jwt", user_id=found["user_id"], role=found["role"])
 
 
-UNREADABLE_HOLDERS = frozenset({"<unreadable secret_holders>"})  # a field written by hand: no admin powers
-
-
-def secret_holders(key: Doc) -> frozenset[str]:
-    """The users who were given the key's value, or showed they hold it (the master key's
-    holder and proxy admins, who hold every power already, are not counted). A record
-    from before the field: whoever made it (``created_by``), else its owner."""
-    found = key.get("secret_holders")
-    if found is None:
-        made_by = key.get("created_by")
-        first = made_by if made_by is not None else key.get("user_id")
-        return frozenset((first,)) if isinstance(first, str) else frozenset()
-    if not isinstance(found, list) or not all(isinstance(h, str) for h in found):
-        return UNREADABLE_HOLDERS
-    return frozenset(found)
-
-
 def holders_after_change(before: Doc, after: Doc, holder: str | None, named_by_value: bool) -> list[str]:
     """Who holds the value of a changed key: those who did, its previous owner when the key
     is given to someone else (the value stays with it), and the user who made the change
@@ -144,9 +127,11 @@ def holders_after_change(before: Doc, after: Doc, holder: str | None, named_by_v
 
 def holders_of_new_value(holder: str | None, owner: Any) -> list[str]:
     """Who holds a value just generated: the user it was returned to; for the master key
-    or a proxy admin (``holder`` None), the key's owner, as if handed to it."""
+    or a proxy admin (``holder`` None), the key's owner, as if handed to it; for a key
+    without an owner, anyone (a key given an owner later acts as it only once the owner
+    has regenerated it)."""
     first = holder if holder is not None else owner
-    return [first] if isinstance(first, str) and first else []
+    return [first] if isinstance(first, str) and first else [ANYONE]
 
 
 def key_owner_power(key: Doc, owner: Doc | None, method: str) -> Acting | str:

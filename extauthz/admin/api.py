@@ -372,7 +372,8 @@ class AdminApi:
             change, check = self.acting_key_rules(who, changes)
         named_by_value = token_hash != body.get("key")
         doc = await self.writer(request).update_key(
-            token_hash, holding(change, who.user_id if who is not None else None, named_by_value), check)
+            token_hash, holding(change, who.user_id if who is not None else None, named_by_value), check,
+            self.runtime().config.settings.max_keys_per_user if who is not None else 0)
         return web.json_response(self.key_view(doc))
 
     def acting_key_rules(self, who: Acting, changes: dict[str, Any]) -> tuple[Callable[[dict[str, Any]], dict[str, Any]],
@@ -513,7 +514,8 @@ class AdminApi:
             return new
 
         doc, old_key_expires = await self.writer(request).rotate_key(
-            old_hash, new_hash, regenerated, check, grace_until)
+            old_hash, new_hash, regenerated, check, grace_until,
+            self.runtime().config.settings.max_keys_per_user if who is not None else 0)
         return web.json_response(dict(self.key_view(doc, raw_key), old_key_expires=old_key_expires))
 
     async def key_info(self, request: web.Request) -> web.Response:
@@ -707,8 +709,8 @@ class AdminApi:
             if not found:
                 raise NotFound(f"no member of team {team_id!r} with that user_id or user_email")
             user_id = found[0]
-        team, deleted = await self.writer(request).remove_member(team_id, user_id)
-        return web.json_response(dict(team, deleted_keys=deleted))
+        team, deleted, blocked = await self.writer(request).remove_member(team_id, user_id)
+        return web.json_response(dict(team, deleted_keys=deleted, blocked_keys=blocked))
 
     # -- users ----------------------------------------------------------------------------
 
@@ -722,7 +724,11 @@ class AdminApi:
         doc = new_user_doc(user_id, **fields)
         key = raw_key = None
         if schema.expect(body, "auto_create_key", bool) is not False:  # checked before anything is written
-            key_body = {k: body[k] for k in ("key_alias", "duration") if body.get(k) is not None}
+            config = self.runtime().config  # (the key a user gets is bound as any key minted)
+            key_body = key_params.bounded(key_params.with_defaults(
+                {k: body[k] for k in ("key_alias", "duration") if body.get(k) is not None},
+                tuple((k, v) for k, v in config.key_defaults if k not in ("user_id", "team_id"))),
+                config.key_upperbounds, fill=True)
             raw_key = "sk-" + secrets.token_urlsafe(24)
             key = new_key_doc(raw_key, user_id=user_id, secret_holders=[user_id],
                               **schema.key_fields(key_body, self.runtime().catalog))  # (its alias: a new owner's)

@@ -36,6 +36,10 @@ def bounded(body: dict[str, Any], upperbounds: tuple[tuple[str, Any], ...], fill
         if name == "duration" and value is None and out.get("expires") is not None:
             _expires_within(out["expires"], bound)
             continue
+        if value is None and not fill and (name in out or (name == "duration" and "expires" in out)):
+            # null given on an update: no limit at all, which is over any bound
+            raise Invalid(f"{name} is over max limit set in config - user_value=null (none); max_value={bound} "
+                          "(litellm_settings.upperbound_key_generate_params)", name)
         if value is None:
             if fill:
                 out[name] = bound

@@ -36,7 +36,8 @@ SECRET_NAME = re.compile(r"key|secret|passw|passphrase|pwd|credential|token|auth
                          r"signature|session|jwt", re.I)
 # Top-level fields that are not secrets although their names say key or token: the key's
 # hash (its public id), its masked name (sk-...last 4), its alias, its type and routes.
-PUBLIC_FIELDS = frozenset({"token", "key_name", "key_alias", "key_type", "allowed_routes", "metadata"})
+PUBLIC_FIELDS = frozenset({"token", "key_name", "key_alias", "key_type", "allowed_routes", "metadata",
+                           "secret_holders"})
 # Top-level fields whose values are the gateway's own ids (key hashes, a masked key): not
 # read for secret-looking values.
 ID_FIELDS = frozenset({"token", "key_name", "counter_id", "regenerated_from", "rotated_to"})
@@ -100,8 +101,10 @@ def scrub(value: Any, name: str = "") -> Any:
     """A value as the trail shows it: nested fields named like secrets, and strings that
     look like one, redacted."""
     if isinstance(value, dict):
-        return {k: REDACTED if isinstance(k, str) and SECRET_NAME.search(k) else scrub(v, k)
-                for k, v in value.items()}
+        # (a name that is itself a secret is replaced too, numbered so that none collide)
+        return {(f"{REDACTED}{i}" if isinstance(k, str) and looks_secret(k) else k):
+                (REDACTED if isinstance(k, str) and (SECRET_NAME.search(k) or looks_secret(k)) else scrub(v, k))
+                for i, (k, v) in enumerate(value.items())}
     if isinstance(value, list):
         return [scrub(v) for v in value]
     if isinstance(value, str) and looks_secret(value):
@@ -165,7 +168,7 @@ def entry(note: Note, read: dict[str, Doc | None], written: dict[str, Doc | None
         shown: Doc = {"type": kind, "id": ident, "op": op}
         alias = (after or before or {}).get("key_alias" if kind == "key" else "team_alias")
         if alias:
-            shown["alias"] = alias
+            shown["alias"] = scrub(alias)
         shown["changes"] = diff
         records.append(shown)
     if not records:

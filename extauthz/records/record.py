@@ -59,6 +59,27 @@ def masked_key(raw_key: str) -> str:
     return f"sk-...{raw_key[-4:]}"
 
 
+UNREADABLE_HOLDERS = frozenset({"<unreadable secret_holders>"})  # a field written by hand: no admin powers
+# A value returned to the master key's holder (or a proxy admin) for a key with no owner:
+# who was handed it is not known (a team key is often shared), so it is nobody's alone.
+ANYONE = "*"
+
+
+def secret_holders(key: dict[str, Any]) -> frozenset[str]:
+    """The users who were given the key's value, or showed they hold it; ``*`` when that
+    is not known. The master key's holder and proxy admins, who hold every power already,
+    are not counted when they make a key for its owner. A record from before the field:
+    whoever made it (``created_by``), else its owner, else anyone."""
+    found = key.get("secret_holders")
+    if found is None:
+        made_by = key.get("created_by")
+        first = made_by if made_by is not None else key.get("user_id")
+        return frozenset((first if isinstance(first, str) and first else ANYONE,))
+    if not isinstance(found, list) or not all(isinstance(h, str) for h in found):
+        return UNREADABLE_HOLDERS
+    return frozenset(found) or frozenset((ANYONE,))
+
+
 def new_key_doc(raw_key: str, **fields: Any) -> dict[str, Any]:
     """A key's stored document: its hash, never the key itself."""
     stamp = now_iso()

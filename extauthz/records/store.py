@@ -35,7 +35,8 @@ from extauthz.telemetry import tracing
 from extauthz.records import audit
 from extauthz.records.connection import RedisTarget
 from extauthz.records.keyspace import Keyspace
-from extauthz.records.record import KeyRecord, TeamRecord, UserRecord, format_time, team_members
+from extauthz.records.record import (KeyRecord, TeamRecord, UserRecord, format_time, now_iso, secret_holders,
+                                     team_members)
 
 log = logging.getLogger("extauthz.store")
 
@@ -555,15 +556,11 @@ class RedisWriter(Keyspace):
         """Store a new key; ``check_team(key, team)`` raises to refuse it (runs under WATCH).
         With ``max_user_keys``, refused (LimitReached) when its owner has that many already."""
         token_hash = doc["token"]
-        owner = doc.get("user_id")
-        watched = (self.user_keys_id(owner),) if max_user_keys and isinstance(owner, str) and owner else ()
 
         async def body(tx: Tx) -> Doc:
             if await tx.pipe.exists(self.key_id(token_hash)):
                 raise Conflict("This key already exists.")
-            if watched and await tx.pipe.scard(watched[0]) >= max_user_keys:
-                raise LimitReached(f"User {owner!r} owns {max_user_keys} keys, the most a user may "
-                                   "(extauthz_settings.max_keys_per_user): delete one first.", "user_id")
+            await self._check_key_count(tx, doc, max_user_keys)
             team = await self._team_for(tx, doc.get("team_id"))
             check_team(doc, team)
             await self._claim_alias(tx, doc)
@@ -571,10 +568,20 @@ class RedisWriter(Keyspace):
             self._queue_key(tx, doc, None)
             return doc
 
-        return await self._transact(body, self.key_id(token_hash), *watched)
+        return await self._transact(body, self.key_id(token_hash))
+
+    async def _check_key_count(self, tx: Tx, doc: Doc, max_user_keys: int) -> None:
+        """A key given to an owner who has ``max_user_keys`` already is refused (0: no bound)."""
+        owner = doc.get("user_id")
+        if not max_user_keys or not isinstance(owner, str) or not owner:
+            return
+        await tx.pipe.watch(self.user_keys_id(owner))
+        if await tx.pipe.scard(self.user_keys_id(owner)) >= max_user_keys:
+            raise LimitReached(f"User {owner!r} owns {max_user_keys} keys, the most a user may "
+                               "(extauthz_settings.max_keys_per_user): delete one first.", "user_id")
 
     async def update_key(self, token_hash: str, change: Callable[[Doc], Doc],
-                         check_team: Callable[[Doc, Doc | None], None]) -> Doc:
+                         check_team: Callable[[Doc, Doc | None], None], max_user_keys: int = 0) -> Doc:
         async def body(tx: Tx) -> Doc:
             old = await tx.read(self.key_id(token_hash))
             if old is None:
@@ -582,6 +589,8 @@ class RedisWriter(Keyspace):
             new = change(dict(old))
             team = await self._team_for(tx, new.get("team_id"))
             check_team(new, team)
+            if new.get("user_id") != old.get("user_id"):
+                await self._check_key_count(tx, new, max_user_keys)
             retired = bool(old.get("rotated_to"))
             if retired and {k for k in new.keys() | old.keys() if new.get(k) != old.get(k)} - RETIRED_CHANGES:
                 # (it is decided as its successor: a change here would change nothing, or hide one)
@@ -600,7 +609,7 @@ class RedisWriter(Keyspace):
 
     async def rotate_key(self, old_hash: str, new_hash: str, change: Callable[[Doc], Doc],
                          check_team: Callable[[Doc, Doc | None], None],
-                         grace_until: float | None) -> tuple[Doc, str | None]:
+                         grace_until: float | None, max_user_keys: int = 0) -> tuple[Doc, str | None]:
         """Replace a key by a new one (/key/regenerate): the new record is the old one with
         ``change`` applied, under the new hash, sharing its counters (``counter_id``: its
         spend and rate windows go on). The old record stops at once, or stays usable until
@@ -629,6 +638,8 @@ class RedisWriter(Keyspace):
             new.pop("grace_until", None)
             team = await self._team_for(tx, new.get("team_id"))
             check_team(new, team)
+            if grace_until is not None or new.get("user_id") != old.get("user_id"):  # one more key for the owner
+                await self._check_key_count(tx, new, max_user_keys)
             await self._claim_alias(tx, new, old_hash)
             now = time.time()
             ended = [json.loads(m) for m in await tx.pipe.zrangebyscore(self.retired_id, "-inf", now)
@@ -835,11 +846,12 @@ class RedisWriter(Keyspace):
 
         return await self._transact(body)
 
-    async def remove_member(self, team_id: str, user_id: str) -> tuple[Doc, list[str]]:
-        """Remove a member from a team, and delete its keys in that team (as LiteLLM does):
-        leaving a team ends what it could do there. Returns the team and the deleted keys'
-        hashes (the audit entry names each)."""
-        async def body(tx: Tx) -> tuple[Doc, list[str]]:
+    async def remove_member(self, team_id: str, user_id: str) -> tuple[Doc, list[str], list[str]]:
+        """Remove a member from a team, delete its keys in that team (as LiteLLM does) and
+        block the team's keys of others whose value it holds (one it made for a member):
+        leaving a team ends what it could do there. Returns the team and the deleted and
+        the blocked keys' hashes (the audit entry names each)."""
+        async def body(tx: Tx) -> tuple[Doc, list[str], list[str]]:
             team = await self._team_for(tx, team_id)
             assert team is not None
             members = team_members(team)
@@ -848,6 +860,8 @@ class RedisWriter(Keyspace):
             await tx.pipe.watch(self.user_id(user_id))
             user = await tx.read(self.user_id(user_id))
             keys = [k for k in await self._watched_keys(tx, self.user_keys_id(user_id)) if k.get("team_id") == team_id]
+            held = [k for k in await self._watched_keys(tx, self.team_keys_id(team_id))
+                    if k.get("user_id") != user_id and user_id in secret_holders(k) and not k.get("blocked")]
             tx.pipe.multi()
             new_team = dict(team, members_with_roles=[m for m in members if m.get("user_id") != user_id])
             self._queue_team(tx, team_id, new_team)
@@ -855,9 +869,11 @@ class RedisWriter(Keyspace):
                 self._queue_user(tx, dict(user, teams=[t for t in user.get("teams") or [] if t != team_id]))
             for key in keys:
                 self._queue_key_removal(tx, key)
-            return new_team, [k["token"] for k in keys]
+            for key in held:
+                tx.put(self.key_id(key["token"]), dict(key, blocked=True, updated_at=now_iso()), KEEP_TTL)
+            return new_team, [k["token"] for k in keys], [k["token"] for k in held]
 
-        return await self._transact(body, self.user_keys_id(user_id))
+        return await self._transact(body, self.user_keys_id(user_id), self.team_keys_id(team_id))
 
     def _queue_member(self, tx: Tx, team_id: str, team: Doc | None, member: Doc) -> Doc:
         members = [m for m in team_members(team) if m.get("user_id") != member["user_id"]]

@@ -25,6 +25,9 @@ class Price(NamedTuple):
     # The most output tokens one call can ask for (a hold's bound when the request names
     # none: usage/estimate.py); None when neither the deployment nor the table says.
     max_output: int | None = None
+    # The most input tokens one call can bring (its context window): a hold's bound for a
+    # call that makes the provider read stored context (usage/estimate.py).
+    max_input: int | None = None
 
 
 @lru_cache(maxsize=1)
@@ -66,7 +69,10 @@ def price_of(provider: str, provider_model: str, info: Mapping[str, Any]) -> Pri
     LiteLLM."""
     own, ceiling = configured(info), output_ceiling(info)
     if own is not None:
-        return own._replace(max_output=ceiling or _table_ceiling(provider, provider_model, info))
+        table = _table_price(provider, provider_model, info)
+        return own._replace(max_output=ceiling or (table.max_output if table is not None else None),
+                            max_input=_ceiling(info.get("max_input_tokens"))
+                            or (table.max_input if table is not None else None))
     models = bundled()["models"]
     base = info.get("base_model")
     names = (f"{provider}/{provider_model}", provider_model)
@@ -76,14 +82,14 @@ def price_of(provider: str, provider_model: str, info: Mapping[str, Any]) -> Pri
         entry = models.get(name)
         if entry is not None:
             return Price(entry["input"], entry["output"], entry.get("cache_read"), entry.get("cache_write"),
-                         ceiling or entry.get("max_output"))
+                         ceiling or entry.get("max_output"), _ceiling(info.get("max_input_tokens"))
+                         or entry.get("max_input"))
     return None
 
 
-def _table_ceiling(provider: str, provider_model: str, info: Mapping[str, Any]) -> int | None:
-    """The table's output ceiling for a deployment that prices itself."""
-    found = price_of(provider, provider_model, {k: v for k, v in info.items() if k not in _PRICE_FIELDS})
-    return found.max_output if found is not None else None
+def _table_price(provider: str, provider_model: str, info: Mapping[str, Any]) -> Price | None:
+    """The table's entry (its token ceilings) for a deployment that prices itself."""
+    return price_of(provider, provider_model, {k: v for k, v in info.items() if k not in _PRICE_FIELDS})
 
 
 _PRICE_FIELDS = frozenset({"input_cost_per_token", "output_cost_per_token"})
