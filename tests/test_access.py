@@ -123,8 +123,15 @@ def test_who_holds_a_keys_value() -> None:
     assert holders_after_change(mine, dict(mine, user_id="lead"), "lead", False) == ["m"]
     # Named by its value in another user's call: that user holds it.
     assert holders_after_change(mine, dict(mine), "lead", True) == ["lead", "m"]
-    # A new value: the user it was returned to, or (master key, proxy admin) its owner.
-    assert holders_of_new_value("lead", "m") == ["lead"] and holders_of_new_value(None, "m") == ["m"]
+    # A new value: the user it was returned to and its owner (the master key's holder: not counted).
+    assert holders_of_new_value("lead", "m") == ["lead", "m"] and holders_of_new_value(None, "m") == ["m"]
+    assert holders_of_new_value("m", "m") == ["m"]
+    # A proxy admin that holds it lends nothing while it is one (the caller says who is, now).
+    admin_made = {"user_id": "u", "secret_holders": ["p", "u"]}
+    user = {"user_id": "u", "user_role": "internal_user", "teams": []}
+    assert key_owner_power(admin_made, user, "GET", frozenset({"p"})) == Acting("u", ())
+    with pytest.raises(Refused):
+        key_owner_power(admin_made, user, "GET")
     assert holders_of_new_value(None, None) == ["*"]
     # A key made without an owner was handed to nobody known: given an owner, it has no powers.
     ownerless = {"user_id": None, "secret_holders": holders_of_new_value(None, None)}

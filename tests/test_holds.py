@@ -60,6 +60,30 @@ def test_the_estimate_bounds_what_a_call_asks_for(doc: dict, operation: str, tok
     assert found.cost == pytest.approx(held_input * 1e-6 + (tokens - held_input) * 2e-6)
 
 
+@pytest.mark.parametrize("doc", [
+    {"messages": [{"role": "user", "content": [{"type": "file", "file": {"file_id": "file-1"}}]}]},
+    {"input": [{"role": "user", "content": [{"type": "input_file", "file_url": "https://x/a.pdf"}]}]},
+    {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/i.png"}}]}]},
+    {"messages": [{"role": "user", "content": [{"type": "document", "source": {"type": "url", "url": "https://x"}}]}]},
+    {"contents": [{"parts": [{"fileData": {"fileUri": "https://youtube.com/watch?v=1"}}]}]},
+    {"tools": [{"type": "web_fetch_20250910", "name": "web_fetch", "max_uses": 10}]},
+    {"tools": [{"type": "web_search_preview"}]},
+    {"mcp_servers": [{"type": "url", "url": "https://mcp"}]},
+])
+def test_input_the_provider_fetches_holds_the_models_input_window(doc: dict) -> None:
+    assert estimate(dict(doc, max_tokens=5), 100, "chat/completions", PRICE).tokens == 50_000 + 5
+    # An image sent inline is in the body's bytes already.
+    inline = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
+        "url": "data:image/png;base64,AAAA"}}]}], "max_tokens": 5}
+    assert estimate(inline, 100, "chat/completions", PRICE).tokens == 100 + 5
+
+
+def test_a_forms_size_is_its_input_and_its_count_multiplies() -> None:
+    assert estimate(None, 5000, "images/edits", PRICE, form_counts=("4",)).tokens == 5000 + 4 * 1000
+    assert estimate(None, 5000, "images/edits", PRICE, form_counts=("4.0",)).tokens == 5000 + 128 * 1000
+    assert estimate(None, 5000, "audio/transcriptions", PRICE).tokens == 5000 + 1000
+
+
 def test_an_unknown_models_ceiling_is_the_default_and_an_unpriced_call_has_no_cost() -> None:
     assert estimate({}, 10, "chat/completions", None) == Estimate(10 + DEFAULT_MAX_OUTPUT_TOKENS, None)
     assert estimate({}, 10, "chat/completions", None, default_max_output=50) == Estimate(60, None)

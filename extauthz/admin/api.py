@@ -33,6 +33,7 @@ from extauthz.check.facts import Facts
 from extauthz.check.decision import Deny
 from extauthz.check.policy import authenticate, route_denied, visible_models
 from extauthz.records.lookup import Records, lookup
+from extauthz.records.record import ANYONE, secret_holders
 from extauthz.records.record import KeyRecord, format_time, hash_token, masked_key, team_members, new_key_doc, new_team_doc, new_user_doc, now_iso
 from extauthz.check.request import credentials
 from extauthz.check.runtime import Runtime
@@ -84,6 +85,16 @@ def applying(changes: dict[str, Any]) -> Callable[[dict[str, Any]], dict[str, An
         doc["updated_at"] = now_iso()
         return doc
     return change
+
+
+def holder_of(request: web.Request) -> str | None:
+    """Who a key's value returned or named in this request is held by: the acting user,
+    the proxy admin (by its key or its token); None for the master key's holder."""
+    who = acting(request)
+    if who is not None:
+        return who.user_id
+    actor: Actor = request["audit"].actor
+    return actor.user_id if actor.kind != "master_key" else None
 
 
 def holding(change: Callable[[dict[str, Any]], dict[str, Any]], holder: str | None,
@@ -296,11 +307,14 @@ class AdminApi:
         """A virtual key on the admin API: its allowed_routes, then its owner's role; and
         the actor the audit trail names (the key's hash, its owner and the owner's role)."""
         key, _, _ = await self.caller(request, token, None, NOT_MASTER)
-        doc = await self.store.key_doc(key.token_hash)  # who holds its value is on the document only
-        if doc is None:
+        doc = await self.store.key_doc(key.token_hash) if key is not None else None  # (its holders: the document's)
+        if key is None or doc is None:
             raise NOT_MASTER
         owner = await self.store.user_doc(key.user_id) if key.user_id else None
-        power = key_owner_power(doc, owner, request.method)
+        # A proxy admin that made or named the key holds every power already, while it is one.
+        others = secret_holders(doc) - {key.user_id, ANYONE}
+        admins = frozenset([h for h in others if ((await self.store.user_doc(h)) or {}).get("user_role") == "proxy_admin"])
+        power = key_owner_power(doc, owner, request.method, admins)
         actor = Actor("key", user_id=key.user_id, role=(owner or {}).get("user_role"), key_hash=key.token_hash)
         return (power if isinstance(power, Acting) else None), actor
 
@@ -372,7 +386,7 @@ class AdminApi:
             change, check = self.acting_key_rules(who, changes)
         named_by_value = token_hash != body.get("key")
         doc = await self.writer(request).update_key(
-            token_hash, holding(change, who.user_id if who is not None else None, named_by_value), check,
+            token_hash, holding(change, holder_of(request), named_by_value), check,
             self.runtime().config.settings.max_keys_per_user if who is not None else 0)
         return web.json_response(self.key_view(doc))
 
@@ -389,6 +403,8 @@ class AdminApi:
             if not who.owns(key):
                 raise Refused("The key would leave the caller's keys.", param="user_id")
             who.check_new_key(key, key.get("user_id"))
+            if "user_id" in changes:
+                who.check_owner(key, team)
             self.check_team(key, team)
 
         return change, check
@@ -425,10 +441,15 @@ class AdminApi:
             who.check_new_key(doc, body.get("user_id"))
             doc["user_id"] = doc.get("user_id") or who.user_id
             doc["created_by"] = who.user_id
-        doc["secret_holders"] = holders_of_new_value(who.user_id if who is not None else None, doc.get("user_id"))
+        doc["secret_holders"] = holders_of_new_value(holder_of(request), doc.get("user_id"))
         if await self.store.key_doc(doc["token"]) is not None:
             raise ApiError(409, "conflict", "This key already exists.", "key")
-        await self.writer(request).create_key(doc, self.check_team, self.runtime().config.settings.max_keys_per_user
+        check = self.check_team
+        if who is not None:
+            def check(key: dict[str, Any], team: dict[str, Any] | None) -> None:
+                who.check_owner(key, team)
+                self.check_team(key, team)
+        await self.writer(request).create_key(doc, check, self.runtime().config.settings.max_keys_per_user
                                               if who is not None else 0)
         return web.json_response(self.key_view(doc, raw_key))
 
@@ -506,7 +527,7 @@ class AdminApi:
                 raise Refused("A user does not choose the key: one is generated.", param="new_key")
             refuse_acting_fields(body, frozenset({"grace_period"}))
             change, check = self.acting_key_rules(who, changes)
-        holder = who.user_id if who is not None else None
+        holder = holder_of(request)
 
         def regenerated(doc: dict[str, Any]) -> dict[str, Any]:  # a new value: only who it was returned to holds it
             new = change(doc)

@@ -31,6 +31,10 @@ _MAX_PART_HEADER_LINES = 16  # clients send 1 to 3; lines cost Python time where
 class FormModel(NamedTuple):
     model: str | None  # the value of the single part named "model"; None when there is none
     content_type: str  # the content type to forward: the one boundary, nothing a parser could read differently
+    # What a hold reads (usage/estimate.py): the body's size, and the values of the parts
+    # a lenient reader takes for "n" (how many images), as sent.
+    size: int = 0
+    counts: tuple[str, ...] = ()
 
 
 NOT_FORM = Problem("invalid_request_body", "This endpoint takes a multipart/form-data body.")
@@ -77,12 +81,13 @@ def form_model(body: bytes, content_type: str) -> FormModel | Problem:
     """The model a multipart/form-data body names, or the Problem that refuses it; never raises."""
     try:
         boundary = _boundary(content_type)
-        model = _model_part(body, boundary)
+        counts: list[str] = []
+        model = _model_part(body, boundary, counts)
     except _Refused as refused:
         return refused.problem
     if _BARE_VALUE_RE.fullmatch(boundary) is None:  # quoted only when it must be
         boundary = f'"{boundary}"'
-    return FormModel(model, f"multipart/form-data; boundary={boundary}")
+    return FormModel(model, f"multipart/form-data; boundary={boundary}", len(body), tuple(counts))
 
 
 def _boundary(content_type: str) -> str:
@@ -137,8 +142,9 @@ def _parameterized(value: str, kind_pattern: re.Pattern[str], where: str) -> tup
         raise _ambiguous(f"{where} {error}") from None
 
 
-def _model_part(body: bytes, boundary: str) -> str | None:
-    """Walk the parts; the UTF-8 value of the single part named "model", if any."""
+def _model_part(body: bytes, boundary: str, counts: list[str]) -> str | None:
+    """Walk the parts; the UTF-8 value of the single part named "model", if any (and into
+    ``counts``, the value of each part named like "n")."""
     dash_boundary = b"--" + boundary.encode("ascii")
     if not body.startswith(dash_boundary):
         raise _malformed("it does not start with the boundary (a preamble is not allowed)")
@@ -170,7 +176,7 @@ def _model_part(body: bytes, boundary: str) -> str | None:
         if part_end < part_start or not body.startswith(b"\r\n", part_end):
             # "--boundary" inside the data, or after a bare LF: some parsers see a boundary there
             raise _ambiguous(f"part {parts} holds the boundary string outside a delimiter line")
-        data_span = _model_data(body, part_start, part_end, parts)
+        data_span = _model_data(body, part_start, part_end, parts, counts)
         if data_span is not None:
             if model_span is not None:
                 raise _Refused(DUPLICATE_MODEL)
@@ -183,9 +189,12 @@ def _model_part(body: bytes, boundary: str) -> str | None:
         raise _Refused(MODEL_NOT_UTF8) from None
 
 
-def _model_data(body: bytes, start: int, end: int, number: int) -> tuple[int, int] | None:
+def _model_data(body: bytes, start: int, end: int, number: int, counts: list[str]) -> tuple[int, int] | None:
     """Check part `number` (body[start:end]); where its data is when it is the model part, else None."""
     headers, data_start = _headers(body, start, end, number)
+    counted = _count_value(headers, body, data_start, end)
+    if counted is not None:
+        counts.append(counted)
     if "content-disposition" not in headers:
         raise _malformed(f"part {number} has no Content-Disposition header")
     disposition, params = _parameterized(headers["content-disposition"], _TOKEN_RE,
@@ -219,6 +228,14 @@ def _model_data(body: bytes, start: int, end: int, number: int) -> tuple[int, in
                 or text_params.get("charset", "utf-8").lower() not in _MODEL_CHARSETS):
             raise _ambiguous("the 'model' part is not plain UTF-8 text")
     return data_start, end
+
+
+def _count_value(headers: dict[str, str], body: bytes, data_start: int, end: int) -> str | None:
+    """A part named like "n" (a count of outputs): its value, as text (a hold reads it)."""
+    disposition = headers.get("content-disposition", "")
+    if not re.search(r'(?i)\bname\s*=\s*"?\s*n\s*"?\s*(;|$)', disposition):
+        return None
+    return body[data_start:min(end, data_start + 32)].decode("utf-8", "replace")
 
 
 def _headers(body: bytes, start: int, end: int, number: int) -> tuple[dict[str, str], int]:

@@ -479,12 +479,13 @@ class AuthorizationService:
     @staticmethod
     def estimate(decision: Allow, facts: Facts, runtime: Runtime) -> Estimate:
         """What the call may cost (usage/estimate.py), at its route's price."""
-        route, endpoint, body = decision.route, facts.endpoint, facts.json_model
+        route, endpoint, body, form = decision.route, facts.endpoint, facts.json_model, facts.form
         price = runtime.price(route.route_id, str(decision.metadata.get("model", ""))) \
             if isinstance(route, Route) else None
-        return estimate(body.doc if body is not None else None, len(body.body) if body is not None else 0,
+        size = len(body.body) if body is not None else form.size if form is not None else 0
+        return estimate(body.doc if body is not None else None, size,
                         endpoint.operation if isinstance(endpoint, Endpoint) else None, price,
-                        runtime.config.settings.default_max_output_tokens)
+                        runtime.config.settings.default_max_output_tokens, form.counts if form is not None else ())
 
     async def team_of(self, team_id: str, jwt: JwtAuth) -> TeamRecord | None:
         """A token's team; with team_id_upsert, one that does not exist yet is created (with
