@@ -513,8 +513,45 @@ class _Parser:
     JWT_KEYS = ("public_key_url", "audience", "issuer", "team_id_jwt_field", "team_ids_jwt_field", "team_id_default",
                 "user_id_jwt_field", "user_email_jwt_field", "org_id_jwt_field", "roles_jwt_field", "role_mappings",
                 "admin_jwt_scope", "enforce_rbac", "team_id_upsert", "user_id_upsert", "scope_mappings",
+                "enforce_scope_based_access",
                 "clock_skew_s", "public_key_ttl", "team_allowed_routes", "admin_allowed_routes")
     INTERNAL_ROLES = ("proxy_admin", "proxy_admin_viewer", "internal_user", "internal_user_viewer", "team")
+
+    def scope_mappings(self, raw: dict, where: str) -> list[tuple[str, tuple[str, ...]]]:
+        """Scopes and the models each grants. LiteLLM's form: a list of ``{scope, models,
+        routes}`` with ``enforce_scope_based_access: true`` (it refuses the list without it,
+        and so does this); a mapping of scope to models is this gateway's shorter form. A
+        scope mapping's ``routes`` are read by neither (reported)."""
+        given = raw.get("scope_mappings")
+        enforce = raw.get("enforce_scope_based_access", False)
+        if not isinstance(enforce, bool):
+            raise self.error(f"{where}.enforce_scope_based_access", "expected true or false")
+        if isinstance(given, list):
+            if not enforce:
+                raise self.error(f"{where}.scope_mappings", "a list of scope mappings needs "
+                                 "enforce_scope_based_access: true (as LiteLLM requires)")
+            pairs = []
+            for i, entry in enumerate(given):
+                entry = self.mapping(entry, f"{where}.scope_mappings[{i}]")
+                unknown = sorted(str(k) for k in entry if k not in ("scope", "models", "routes"))
+                if unknown or not isinstance(entry.get("scope"), str) or not entry["scope"]:
+                    raise self.error(f"{where}.scope_mappings[{i}]", "needs 'scope' (and 'models'); unknown: "
+                                     + (", ".join(unknown) or "none"))
+                if entry.get("routes") is not None:
+                    self.warnings.append(f"{where}.scope_mappings[{i}].routes: not enforced (nor by LiteLLM, "
+                                         "which reads a scope mapping's models only)")
+                pairs.append((entry["scope"], entry.get("models") if entry.get("models") is not None else []))
+        else:
+            pairs = list(self.mapping(given, f"{where}.scope_mappings").items())
+            if enforce and not pairs:
+                self.warnings.append(f"{where}.enforce_scope_based_access: true without scope_mappings: "
+                                     "nothing to enforce")
+        scopes = []
+        for scope, models in pairs:
+            if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
+                raise self.error(f"{where}.scope_mappings.{scope}", "expected a list of models or access groups")
+            scopes.append((str(scope), tuple(models)))
+        return scopes
 
     def jwt_auth(self, general: dict) -> JwtAuth | None:
         """``enable_jwt_auth`` with its ``litellm_jwtauth`` section, or None when JWTs are off."""
@@ -586,11 +623,7 @@ class _Parser:
                 raise self.error(f"{where}.role_mappings[{i}]", "needs 'role' and an 'internal_role' of "
                                  + ", ".join(self.INTERNAL_ROLES))
             mappings.append((role, internal))
-        scopes = []
-        for scope, models in self.mapping(raw.get("scope_mappings"), f"{where}.scope_mappings").items():
-            if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
-                raise self.error(f"{where}.scope_mappings.{scope}", "expected a list of models or access groups")
-            scopes.append((str(scope), tuple(models)))
+        scopes = self.scope_mappings(raw, where)
         flags = {}
         for k in ("enforce_rbac", "team_id_upsert", "user_id_upsert"):
             value = raw.get(k, False)

@@ -227,3 +227,20 @@ def test_a_scoped_internal_user_cannot_mint_a_key_wider_than_its_scopes() -> Non
     assert checked(dev, "", path="/key/generate", **common) == (200, "ok")
     assert checked(dev, "", path="/key/generate", scope_mappings={"basic": ["gpt-4"]},
                    **common) == (403, "admin_not_allowed")
+
+
+def test_litellms_list_of_scope_mappings_loads_and_narrows() -> None:
+    c = jwt_config(enforce_scope_based_access=True, scope_mappings=[
+        {"scope": "basic", "models": ["gpt-4"]}, {"scope": "routes-only", "routes": ["/v1/chat/completions"]}])
+    assert c.jwt is not None and c.jwt.scope_mappings == (("basic", ("gpt-4",)), ("routes-only", ()))
+    assert any("scope_mappings[1].routes: not enforced" in w for w in c.warnings)
+    listed = {"enforce_scope_based_access": True, "scope_mappings": [{"scope": "basic", "models": ["gpt-4"]}]}
+    assert checked({"groups": ["ml"], "scope": "basic"}, "gpt-4", **listed) == (200, "ok")
+    assert checked({"groups": ["ml"], "scope": "basic"}, "gpt-4o", **listed) == (403, "model_not_allowed")
+    assert checked({"groups": ["ml"], "scope": "other"}, "gpt-4", **listed) == (403, "scope_not_allowed")
+
+
+def test_a_list_of_scope_mappings_without_enforcement_is_refused_as_litellm_refuses_it() -> None:
+    from extauthz.config import ConfigError
+    with pytest.raises(ConfigError, match="enforce_scope_based_access: true"):
+        jwt_config(scope_mappings=[{"scope": "basic", "models": ["gpt-4"]}])
