@@ -332,6 +332,8 @@ class Config:
     # litellm_settings.default_key_generate_params and upperbound_key_generate_params: (field, value).
     key_defaults: tuple[tuple[str, Any], ...] = ()
     key_upperbounds: tuple[tuple[str, Any], ...] = ()
+    # litellm_settings.budget_exceeded_status_code: LiteLLM's status for budget_exceeded.
+    budget_exceeded_status: int = 422
 
     @property
     def routable(self) -> tuple[Deployment, ...]:
@@ -451,7 +453,12 @@ class _Parser:
                 self.warnings.append(f"{key}: unknown top-level section, ignored")
         self.apply_environment_variables(top.get("environment_variables"))
         litellm = self.mapping(top.get("litellm_settings"), "litellm_settings")
-        unused = sorted(str(k) for k in litellm if k not in (*KEY_PARAMS, *RESTRICTING_LITELLM_SETTINGS))
+        unused = sorted(str(k) for k in litellm if k not in (*KEY_PARAMS, *RESTRICTING_LITELLM_SETTINGS,
+                                                              "budget_exceeded_status_code"))
+        budget_status = litellm.get("budget_exceeded_status_code", 422)
+        if isinstance(budget_status, bool) or not isinstance(budget_status, int) or not 400 <= budget_status <= 599:
+            raise self.error("litellm_settings.budget_exceeded_status_code", "must be an HTTP error status "
+                             f"(400-599), got {budget_status!r}")
         if unused:
             self.warnings.append(f"litellm_settings: not used by extauthz: {', '.join(unused)}")
         key_defaults = self.key_params(litellm, "default_key_generate_params", KEY_DEFAULT_FIELDS)
@@ -481,7 +488,7 @@ class _Parser:
             self.sequence(general.get("pass_through_endpoints"), "general_settings.pass_through_endpoints")))
         self.distinct_clusters([d.api_base for d in deployments if d.routable] + [p.target for p in pass_through])
         return Config(self.file, deployments, master_key, settings, envoy, tuple(self.warnings), aliases,
-                      pass_through, unenforced, jwt, key_defaults, key_upperbounds)
+                      pass_through, unenforced, jwt, key_defaults, key_upperbounds, budget_status)
 
     def key_params(self, litellm: dict, name: str, fields: tuple[str, ...]) -> tuple[tuple[str, Any], ...]:
         """One of LiteLLM's key generation maps, checked: a value that cannot be applied

@@ -1,7 +1,7 @@
 """Budgets (max_budget, budget_duration, soft_budget, model_max_budget) on keys and teams:
 the pure rules, the settlement script on a real Redis, and what a caller sees through
 Envoy: spend priced from the provider's reported usage, the request after the crossing
-refused with 400 budget_exceeded, on every replica, and a new period starting afresh."""
+refused with 422 budget_exceeded, on every replica, and a new period starting afresh."""
 
 from __future__ import annotations
 
@@ -89,7 +89,7 @@ def test_a_refusal_says_what_was_spent_of_what() -> None:
     counter = budgets.admission_counters("key:h", "Key='ci'", Budget(0.1, period=Period(3600)), "gpt-4", 3700.0,
                                          0.05)[0]
     deny = budgets.refusal(counter, 0.12, {"key_hash": "ab"})
-    assert deny.status == 400 and deny.code == "budget_exceeded" and deny.type == "budget_exceeded"
+    assert deny.status == 422 and deny.code == "budget_exceeded" and deny.type == "budget_exceeded"
     assert deny.message == ("Budget has been exceeded! Key='ci' Current cost: 0.12, Max budget: 0.1. "
                             "It resets at 1970-01-01T02:00:00+00:00.")
     assert deny.metadata == {"key_hash": "ab", "limit": "max_budget"}
@@ -213,7 +213,7 @@ def test_the_request_after_the_crossing_is_refused(gateway: Gateway) -> None:
     wait_for(lambda: spend_of(gateway, key) == pytest.approx(0.12), "the second response's cost")
     refused = call(gateway, key)
     error = refused.json()["error"]
-    assert refused.status == 400 and error["type"] == "budget_exceeded" and error["code"] == "budget_exceeded"
+    assert refused.status == 422 and error["type"] == "budget_exceeded" and error["code"] == "budget_exceeded"
     assert "Key='budgeted' Current cost: 0.12, Max budget: 0.1" in error["message"]
     info = gateway.admin(f"/key/info?key={key}", method="GET").json()["info"]
     assert info["spend"] == pytest.approx(0.12) and info["max_budget"] == 0.1 and info["budget_reset_at"] is None
@@ -243,7 +243,7 @@ def test_a_teams_budget_holds_for_all_its_keys_and_a_models_for_its_model(gatewa
     assert call(gateway, one).status == 200                      # 0.06: the team's budget is spent
     wait_for(lambda: gateway.admin(f"/team/info?team_id={team}", method="GET").json()["team_info"]["spend"]
              == pytest.approx(COST), "the team's spend settled (its hold trued up)")
-    assert call(gateway, two, usage="0,0").status == 400
+    assert call(gateway, two, usage="0,0").status == 422
     error = call(gateway, two, "gpt-4o").json()["error"]
     assert error["type"] == "budget_exceeded" and "Team=" in error["message"]
     listed = {t["team_id"]: t for t in gateway.admin("/team/list", method="GET").json()}
@@ -252,9 +252,9 @@ def test_a_teams_budget_holds_for_all_its_keys_and_a_models_for_its_model(gatewa
     assert sorted(k["spend"] for k in keys) == pytest.approx([0.0, COST])
 
     key = gateway.new_key(models=["gpt-4", "gpt-4o"], model_max_budget={"gpt-4": 0.01})
-    assert call(gateway, key, max_tokens=500).status == 400    # what it may cost (0.03) does not fit
+    assert call(gateway, key, max_tokens=500).status == 422    # what it may cost (0.03) does not fit
     assert call(gateway, key, max_tokens=100).status == 200    # 0.008 does
-    wait_for(lambda: call(gateway, key, usage="0,0").status == 400, "gpt-4's budget enforced")
+    wait_for(lambda: call(gateway, key, usage="0,0").status == 422, "gpt-4's budget enforced")
     assert call(gateway, key, "gpt-4o").status == 200           # another model: its own budget (none)
     wait_for(lambda: gateway.admin(f"/key/info?key={key}", method="GET").json()["info"]["model_spend"]
              == {"gpt-4": pytest.approx(COST)}, "gpt-4's spend settled")
@@ -276,7 +276,7 @@ def test_a_new_period_starts_afresh(gateway: Gateway) -> None:
     if left < 10:
         time.sleep(left + 0.2)    # the whole of what follows within one period
     assert call(gateway, key).status == 200
-    wait_for(lambda: call(gateway, key, usage="0,0").status == 400, "the budget enforced", timeout=8)
+    wait_for(lambda: call(gateway, key, usage="0,0").status == 422, "the budget enforced", timeout=8)
     wait_for(lambda: spend_of(gateway, key) == pytest.approx(COST), "the cost settled", timeout=4)
     info = gateway.admin(f"/key/info?key={key}", method="GET").json()["info"]
     reset_at = info["budget_reset_at"]
@@ -337,9 +337,9 @@ def test_a_budget_holds_on_every_replica_at_once(gateway: Gateway, replica: Gate
     key = gateway.new_key(models=["gpt-4"], max_budget=0.05)
     assert call(replica, key).status == 200          # it held the budget's whole 0.05, then settled at 0.06
     refused = call(gateway, key)                     # at once, whether or not the report has arrived
-    assert refused.status == 400 and refused.json()["error"]["type"] == "budget_exceeded"
+    assert refused.status == 422 and refused.json()["error"]["type"] == "budget_exceeded"
     wait_for(lambda: spend_of(gateway, key) == pytest.approx(COST), "the cost settled")
-    assert call(replica, key, usage="0,0").status == 400
+    assert call(replica, key, usage="0,0").status == 422
 
 
 def test_without_spend_tracking_only_callers_with_limits_are_counted(gateway: Gateway, replica: Gateway) -> None:
@@ -387,3 +387,22 @@ def test_where_envoy_sends_no_usage_reports_a_limit_that_needs_them_refuses(work
     finally:
         stack.stop()
 
+
+def test_the_budget_status_is_litellms_and_settable_as_there() -> None:
+    from extauthz.config import ConfigError, from_dict
+    model = {"model_name": "m", "litellm_params": {"model": "openai/gpt-4o", "api_key": "x"}}
+    assert from_dict({"model_list": [model]}).budget_exceeded_status == 422
+    set_back = from_dict({"model_list": [model], "litellm_settings": {"budget_exceeded_status_code": 429}})
+    assert set_back.budget_exceeded_status == 429 and not any("budget_exceeded" in w for w in set_back.warnings)
+    for bad in (200, "429", True):
+        with pytest.raises(ConfigError, match="budget_exceeded_status_code"):
+            from_dict({"model_list": [model], "litellm_settings": {"budget_exceeded_status_code": bad}})
+
+
+def test_the_openai_sdk_raises_its_unprocessable_entity_error_for_a_spent_budget(gateway: Gateway) -> None:
+    import openai
+    key = gateway.new_key(models=["gpt-4"], max_budget=0)
+    client = openai.OpenAI(base_url=f"{gateway.envoy.url}/v1", api_key=key, max_retries=0)
+    with pytest.raises(openai.UnprocessableEntityError) as refused:
+        client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
+    assert refused.value.status_code == 422 and refused.value.body["code"] == "budget_exceeded"

@@ -73,7 +73,7 @@ def test_team_models_and_azure_deployment(gateway: Gateway) -> None:
 
 def test_access_group_on_a_key(gateway: Gateway) -> None:
     # The guide's key has "max_budget": 0, which LiteLLM itself treats as a spent budget
-    # (spend >= max_budget): its group's models get 400 budget_exceeded, the others still
+    # (spend >= max_budget): its group's models get 422 budget_exceeded, the others still
     # 403 model_not_allowed (the model check comes first, as in LiteLLM).
     r = gateway.admin("/key/generate", {"models": ["beta-models"], "max_budget": 0})
     assert r.status == 200, r.text
@@ -82,7 +82,7 @@ def test_access_group_on_a_key(gateway: Gateway) -> None:
     key = body["key"]
     gateway.forget_upstream()
     for model in ("gpt-4", "fireworks-llama-v3-70b-instruct"):
-        error = assert_error(gateway.chat(key, model), 400, "budget_exceeded")
+        error = assert_error(gateway.chat(key, model), 422, "budget_exceeded")
         assert error["type"] == "budget_exceeded"
         assert "Current cost: 0, Max budget: 0" in error["message"]
     assert_error(gateway.chat(key, "gpt-4o"), 403, "model_not_allowed")

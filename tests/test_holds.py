@@ -262,11 +262,11 @@ def test_concurrent_calls_never_spend_past_a_budget(gateway: Any) -> None:
     statuses = asyncio.run(burst(gateway, key, 40, "1000,2000", max_tokens=2000))
     admitted = statuses.count(200)
     # Each holds what it may cost (0.153: its body and max_tokens): three fit in 0.5.
-    assert set(statuses) == {200, 400} and admitted == 3, statuses
+    assert set(statuses) == {200, 422} and admitted == 3, statuses
     wait_for(lambda: key_info(gateway, key)["spend"] == pytest.approx(3 * CALL_COST), "the three calls settled")
     # Settled at 0.45, what is left (0.05) holds no call of this size: refused, naming the estimate.
     r = asyncio.run(burst(gateway, key, 1, "1000,2000", max_tokens=2000))
-    assert r == [400]
+    assert r == [422]
     assert asyncio.run(burst(gateway, key, 1, "10,10", max_tokens=10)) == [200]   # a small call still fits
 
 
@@ -318,10 +318,10 @@ def test_streams_cut_before_their_usage_cost_what_they_held(gateway: Any, path: 
     # Each may cost 0.27 (its bytes, and gpt-4's 4,096 output tokens): the first holds it,
     # the second does not fit beside it.
     served = [cut_stream(gateway, key, path, body, first) for _ in range(8)]
-    assert served.count(200) == 1 and set(served) == {200, 400}, served
+    assert served.count(200) == 1 and set(served) == {200, 422}, served
     held = len(json.dumps(body)) * 3e-05 + 4096 * 6e-05
     wait_for(lambda: key_info(gateway, key)["spend"] == pytest.approx(held), "the cut stream settled at its hold")
-    assert cut_stream(gateway, key, path, body, first) == 400
+    assert cut_stream(gateway, key, path, body, first) == 422
 
 
 def test_an_anthropic_stream_cut_after_its_input_tokens_costs_what_it_held(provider_gateway: Any) -> None:
@@ -335,7 +335,7 @@ def test_an_anthropic_stream_cut_after_its_input_tokens_costs_what_it_held(provi
     held = len(json.dumps(body)) * max(price.input, price.cache_write or 0) + 4000 * price.output
     key = provider_gateway.new_key(models=["claude-sonnet"], max_budget=held * 1.5)
     served = [cut_stream(provider_gateway, key, "/v1/messages", body, b"message_start") for _ in range(8)]
-    assert served.count(200) == 1 and set(served) == {200, 400}, served
+    assert served.count(200) == 1 and set(served) == {200, 422}, served
     wait_for(lambda: key_info(provider_gateway, key)["spend"] == pytest.approx(held), "the hold settled")
 
 

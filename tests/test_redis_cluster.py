@@ -160,7 +160,7 @@ def test_spend_is_settled_and_a_budget_enforced_through_envoy(
         wait_for(lambda: spend_of(gateway, key) == pytest.approx(0.06), "the first response's cost")
         assert call(gateway, key).status == 200  # 0.12 now: over
         wait_for(lambda: spend_of(gateway, key) == pytest.approx(0.12), "the second response's cost")
-        wait_for(lambda: call(gateway, key, usage="0,0").status == 400, "the budget enforced")
+        wait_for(lambda: call(gateway, key, usage="0,0").status == 422, "the budget enforced")
         error = call(gateway, key).json()["error"]
         assert error["code"] == "budget_exceeded" and "Key='cluster-budgeted'" in error["message"]
         info = gateway.admin(f"/team/info?team_id={team}", method="GET").json()["team_info"]

@@ -110,7 +110,7 @@ def test_a_budget_crossed_by_one_key_refuses_the_other(gateway: Gateway, replica
     assert call(gateway, old).status == 200          # 0.12: crossed by the old key's call
     # Asked without a call: the replica reads the line's one spend counter, whichever key crossed it.
     wait_until(lambda: explained(replica, new) == "budget_exceeded", what="the crossing seen by the new key")
-    assert call(replica, new).status == 400
+    assert call(replica, new).status == 422
 
 
 def test_a_crossing_reaches_every_key_of_a_line(gateway: Gateway, replica: Gateway) -> None:

@@ -70,7 +70,7 @@ def test_a_shadow_teams_limits_are_recorded_and_let_through(gateway: Gateway, si
     assert {line["code"] for line in shadow_lines(sidecar, "shadow-limits")} == {"budget_exceeded"}
     # The same limits on an enforcing team refuse.
     enforcing = gateway.new_key(team_id=gateway.new_team(models=["gpt-4"], max_budget=0))
-    assert gateway.chat(enforcing, "gpt-4").status == 400
+    assert gateway.chat(enforcing, "gpt-4").status == 422
 
 
 def test_the_setting_puts_every_caller_in_shadow_mode(workdir: Path, config_path: Path, redis_port: int,

@@ -378,7 +378,7 @@ class AuthorizationService:
         if key_budget or team_budget:
             why = unpriced(decision, facts, runtime)
             if why is not None:
-                spent = await self.spent(decision, key, team, now, peek)
+                spent = await self.spent(decision, key, team, runtime, now, peek)
                 if spent is not None:
                     return spent
                 owner = f"Key {key.label!r}" if key_budget else f"Team {team.label!r}"  # type: ignore[union-attr]
@@ -415,7 +415,7 @@ class AuthorizationService:
             return decision
         return decision._replace(dynamic_headers=decision.dynamic_headers + COUNTED_HEADERS)
 
-    async def spent(self, decision: Allow, key: KeyRecord, team: TeamRecord | None, now: float,
+    async def spent(self, decision: Allow, key: KeyRecord, team: TeamRecord | None, runtime: Runtime, now: float,
                     peek: bool) -> Deny | None:
         """A budget already used up refuses as budget_exceeded before any question of price
         (as LiteLLM: a spent budget is the answer whatever the model)."""
@@ -436,7 +436,7 @@ class AuthorizationService:
         counter, value = refused
         if not peek:
             self.metrics.limited(counter.name, team.team_id if team is not None else None)
-        return budgets.refusal(counter, value, decision.metadata)
+        return budgets.refusal(counter, value, decision.metadata, runtime.config.budget_exceeded_status)
 
     async def admitted(self, decision: Allow, facts: Facts, key: KeyRecord, team: TeamRecord | None,
                        runtime: Runtime, now: float, peek: bool) -> Deny | None:
@@ -467,8 +467,8 @@ class AuthorizationService:
             if not peek:
                 self.metrics.limited(counter.name, team.team_id if team is not None else None)
             metadata = {k: v for k, v in decision.metadata.items() if k != USAGE_ID}
-            return budgets.refusal(counter, value, metadata) if counter.kind == "b" else \
-                refusal(counter, now, metadata)
+            return budgets.refusal(counter, value, metadata, runtime.config.budget_exceeded_status) \
+                if counter.kind == "b" else refusal(counter, now, metadata)
         if estimate is not None:  # its settlement trues up what it held, in the windows it held it in
             decision.metadata["hold"] = "1"
             decision.metadata["admitted"] = repr(now)

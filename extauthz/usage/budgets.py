@@ -205,7 +205,13 @@ def money(value: float) -> str:
     return f"{value:.10g}"
 
 
-def refusal(counter: Counter, spend: float, metadata: dict[str, Any] | None) -> Deny:
+# LiteLLM's status for budget_exceeded (litellm.budget_exceeded_status_code since 1.108;
+# litellm_settings.budget_exceeded_status_code sets it, as in LiteLLM).
+BUDGET_EXCEEDED_STATUS = 422
+
+
+def refusal(counter: Counter, spend: float, metadata: dict[str, Any] | None,
+            status: int = BUDGET_EXCEEDED_STATUS) -> Deny:
     """LiteLLM's budget_exceeded. ``spend`` counts the holds of the calls in flight; the
     refusal of an estimate that does not fit in what is left names the estimate too, as
     LiteLLM's fail_closed_budget_enforcement does, and how to make it smaller."""
@@ -218,6 +224,6 @@ def refusal(counter: Counter, spend: float, metadata: dict[str, Any] | None) -> 
         estimated = f"Estimated request cost: {money(counter.take)}, "
         hint = (" The estimate is what the call may cost at most (its prompt, and its max_tokens or the model's "
                 "output limit): a lower max_tokens makes it smaller.")
-    return Deny(400, "budget_exceeded", f"Budget has been exceeded{which}! {counter.owner} Current cost: "
+    return Deny(status, "budget_exceeded", f"Budget has been exceeded{which}! {counter.owner} Current cost: "
                 f"{money(spend)}, {estimated}Max budget: {money(counter.limit)}.{resets}{hint}", None, meta, (),
                 "budget_exceeded")
