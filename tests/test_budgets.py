@@ -406,3 +406,15 @@ def test_the_openai_sdk_raises_its_unprocessable_entity_error_for_a_spent_budget
     with pytest.raises(openai.UnprocessableEntityError) as refused:
         client.chat.completions.create(model="gpt-4", messages=[{"role": "user", "content": "hi"}])
     assert refused.value.status_code == 422 and refused.value.body["code"] == "budget_exceeded"
+
+
+def test_a_key_whose_budget_is_spent_lists_no_models_as_in_litellm(gateway: Gateway) -> None:
+    import openai
+    key = gateway.new_key(models=["gpt-4"], max_budget=0, key_alias="spent-lister")
+    listed = http("GET", gateway.envoy.url + "/v1/models", None, {"Authorization": f"Bearer {key}"})
+    assert listed.status == 422 and listed.json()["error"]["code"] == "budget_exceeded"
+    assert "Key='spent-lister'" in listed.json()["error"]["message"]
+    with pytest.raises(openai.UnprocessableEntityError):
+        openai.OpenAI(base_url=f"{gateway.envoy.url}/v1", api_key=key, max_retries=0).models.list()
+    assert http("GET", gateway.envoy.url + "/v1/models", None,
+                {"Authorization": f"Bearer {gateway.new_key(models=['gpt-4'], max_budget=1)}"}).status == 200

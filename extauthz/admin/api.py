@@ -929,7 +929,26 @@ class AdminApi:
         """What the calling virtual key may call, by the same rules as Check."""
         token, problem = credentials(lower_headers(request))
         key, team, owner = await self.caller(request, token, problem)
+        if key is not None:
+            await self.refuse_spent(key, team)
         return visible_models(key, team, self.runtime().catalog, owner)
+
+    async def refuse_spent(self, key: KeyRecord, team: Any) -> None:
+        """A key whose budget (or its team's) is spent gets budget_exceeded on the listing
+        routes too, as in LiteLLM, whose budget check runs on every route."""
+        now = time.time()
+        counters = budgets.admission_counters(limits.scope("key", key.account), f"Key={key.label!r}", key.budget,
+                                              "", now, 0.0)
+        if team is not None:
+            counters += budgets.admission_counters(limits.scope("team", team.team_id), f"Team={team.label!r}",
+                                                   team.budget, "", now, 0.0)
+        if not counters:
+            return
+        refused = await self.counters.peek(counters, now)
+        if refused is not None:
+            error = ApiError(400, "budget_exceeded", "")
+            error.deny = budgets.refusal(refused[0], refused[1], None, self.runtime().config.budget_exceeded_status)
+            raise error
 
     async def caller(self, request: web.Request, token: str | None, problem: Any,
                      unknown: ApiError | None = None) -> Records:
