@@ -91,7 +91,8 @@ def gw(workdir: Path, redis_port: int, upstream_port: int, idp: IdentityProvider
         "team_ids_jwt_field": "groups", "roles_jwt_field": "realm_access.roles",
         "role_mappings": [{"role": "gw-admin", "internal_role": "proxy_admin"},
                           {"role": "gw-viewer", "internal_role": "proxy_admin_viewer"},
-                          {"role": "gw-dev", "internal_role": "internal_user"}]}})
+                          {"role": "gw-dev", "internal_role": "internal_user"}],
+        "admin_jwt_scope": "gw.admin"}})
     path = workdir / "jwt.yaml"
     path.write_text(yaml.safe_dump(base))
     stack = start_stack(workdir, path, f"redis://127.0.0.1:{redis_port}/13")
@@ -136,9 +137,14 @@ def test_a_token_without_a_usable_team_is_refused(gw: Gateway, idp: IdentityProv
     assert r.status == 403 and r.json()["error"]["code"] == code
 
 
-def test_an_admin_role_calls_every_model(gw: Gateway, idp: IdentityProvider) -> None:
-    token = idp.token(realm_access={"roles": ["gw-admin"]})
-    assert gw.chat(token, "gpt-3.5-turbo").status == 200
+def test_the_admin_scope_calls_every_model_a_mapped_admin_role_its_teams(gw: Gateway, idp: IdentityProvider) -> None:
+    assert gw.chat(idp.token(scope="openid gw.admin"), "gpt-3.5-turbo").status == 200
+    # As in LiteLLM, a role mapped to proxy_admin feeds the admin routes, not the models.
+    mapped = idp.token(groups=["ml"], realm_access={"roles": ["gw-admin"]})
+    assert gw.chat(mapped, "gpt-4").status == 200
+    refused = gw.chat(mapped, "gpt-3.5-turbo")
+    assert refused.status == 403 and refused.json()["error"]["code"] == "model_not_allowed"
+    assert gw.chat(idp.token(realm_access={"roles": ["gw-admin"]}), "gpt-4").status == 403   # no team: no model
 
 
 def forged(idp: IdentityProvider, kind: str) -> str:
@@ -208,7 +214,7 @@ def test_a_token_with_a_second_credential_beside_it_is_refused(gw: Gateway, idp:
 
 
 def test_an_admin_token_is_logged_as_its_user_not_as_the_master_key(gw: Gateway, idp: IdentityProvider) -> None:
-    token = idp.token(sub="root-alice", realm_access={"roles": ["gw-admin"]})
+    token = idp.token(sub="root-alice", scope="gw.admin")
     assert gw.chat(token, "gpt-4o").status == 200
 
     def logged() -> list[dict]:
@@ -237,7 +243,7 @@ def test_a_token_lists_what_it_may_call(gw: Gateway, idp: IdentityProvider) -> N
     assert get("/v1/models/gpt-3.5-turbo", token).status == 404
     groups = get("/model_group/info", token).json()["data"]
     assert [g["model_group"] for g in groups] == ["gpt-4", "gpt-4o"]
-    admin = get("/v1/models", idp.token(realm_access={"roles": ["gw-admin"]})).json()["data"]
+    admin = get("/v1/models", idp.token(scope="gw.admin")).json()["data"]
     assert "gpt-3.5-turbo" in [m["id"] for m in admin]
     assert get("/v1/models", forged(idp, "expired")).status == 401
     # A virtual key's list still comes from the admin API.

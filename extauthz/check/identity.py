@@ -23,6 +23,10 @@ class Identity:
     teams: tuple[str, ...]
     role: str | None            # None: enforce_rbac and no role mapped
     scopes: tuple[str, ...]
+    # A proxy admin by admin_jwt_scope: every model, as LiteLLM's admin scope. A role
+    # mapped to proxy_admin (role_mappings) feeds the admin routes only, as in LiteLLM:
+    # its models are its teams'.
+    every_model: bool = False
 
 
 def claim(claims: Mapping[str, Any], path: str | None) -> Any:
@@ -56,7 +60,8 @@ def identify(claims: Mapping[str, Any], jwt: JwtAuth) -> Identity:
     scopes = tuple(scope_claim.split()) if isinstance(scope_claim, str) else strings(scope_claim)
     mapped = {internal for role, internal in jwt.role_mappings
               if role in strings(claim(claims, jwt.roles_jwt_field))}
-    if jwt.admin_jwt_scope and jwt.admin_jwt_scope in scopes:
+    admin_scope = bool(jwt.admin_jwt_scope and jwt.admin_jwt_scope in scopes)
+    if admin_scope:
         mapped.add("proxy_admin")
     role = next((r for r in ROLES if r in mapped), None)
     if role is None and not jwt.enforce_rbac:
@@ -64,7 +69,7 @@ def identify(claims: Mapping[str, Any], jwt: JwtAuth) -> Identity:
     user = claim(claims, jwt.user_id_jwt_field)
     email = claim(claims, jwt.user_email_jwt_field)
     return Identity(user if isinstance(user, str) else None, email if isinstance(email, str) else None,
-                    tuple(dict.fromkeys(teams)), role, scopes)
+                    tuple(dict.fromkeys(teams)), role, scopes, admin_scope)
 
 
 def issued_for(claims: Mapping[str, Any], jwt: JwtAuth) -> bool:
