@@ -33,10 +33,10 @@ from extauthz.check.facts import Facts
 from extauthz.check.decision import Deny
 from extauthz.check.policy import authenticate, route_denied, visible_models
 from extauthz.records.lookup import Records, lookup
-from extauthz.records.record import ANYONE, secret_holders
-from extauthz.records.record import KeyRecord, format_time, hash_token, masked_key, team_members, new_key_doc, new_team_doc, new_user_doc, now_iso
+from extauthz.records.record import ANYONE, KeyRecord, secret_holders, format_time, hash_token, masked_key, team_members, new_key_doc, new_team_doc, new_user_doc, now_iso
 from extauthz.check.request import credentials
 from extauthz.check.runtime import Runtime
+from extauthz.check.service import budget_counters
 from extauthz.check.responses import USAGE_ID_LENGTH, error_body
 from extauthz.usage import budgets, limits
 from extauthz.usage.counters import RateCounters
@@ -937,11 +937,7 @@ class AdminApi:
         """A key whose budget (or its team's) is spent gets budget_exceeded on the listing
         routes too, as in LiteLLM, whose budget check runs on every route."""
         now = time.time()
-        counters = budgets.admission_counters(limits.scope("key", key.account), f"Key={key.label!r}", key.budget,
-                                              "", now, 0.0)
-        if team is not None:
-            counters += budgets.admission_counters(limits.scope("team", team.team_id), f"Team={team.label!r}",
-                                                   team.budget, "", now, 0.0)
+        counters = budget_counters(key, team, "", now, 0.0)
         if not counters:
             return
         refused = await self.counters.peek(counters, now)

@@ -192,9 +192,6 @@ def _model_part(body: bytes, boundary: str, counts: list[str]) -> str | None:
 def _model_data(body: bytes, start: int, end: int, number: int, counts: list[str]) -> tuple[int, int] | None:
     """Check part `number` (body[start:end]); where its data is when it is the model part, else None."""
     headers, data_start = _headers(body, start, end, number)
-    counted = _count_value(headers, body, data_start, end)
-    if counted is not None:
-        counts.append(counted)
     if "content-disposition" not in headers:
         raise _malformed(f"part {number} has no Content-Disposition header")
     disposition, params = _parameterized(headers["content-disposition"], _TOKEN_RE,
@@ -215,6 +212,8 @@ def _model_data(body: bytes, start: int, end: int, number: int, counts: list[str
         if "=?" in name:  # Python's email decodes RFC 2047 encoded-words, even in quotes
             raise _ambiguous(f"part {number} has a name with an RFC 2047 encoded-word")
         folded = _folded(name)
+        if folded == "n":  # a count of outputs, as a lenient parser may read it: what a hold reads
+            counts.append(body[data_start:min(end, data_start + 32)].decode("utf-8", "replace"))
         if folded == "model":
             raise _ambiguous(f"part {number} has a name that some parsers read as 'model'")
         if folded == "_charset_":  # HTML's convention: it changes how the other fields decode
@@ -228,14 +227,6 @@ def _model_data(body: bytes, start: int, end: int, number: int, counts: list[str
                 or text_params.get("charset", "utf-8").lower() not in _MODEL_CHARSETS):
             raise _ambiguous("the 'model' part is not plain UTF-8 text")
     return data_start, end
-
-
-def _count_value(headers: dict[str, str], body: bytes, data_start: int, end: int) -> str | None:
-    """A part named like "n" (a count of outputs): its value, as text (a hold reads it)."""
-    disposition = headers.get("content-disposition", "")
-    if not re.search(r'(?i)\bname\s*=\s*"?\s*n\s*"?\s*(;|$)', disposition):
-        return None
-    return body[data_start:min(end, data_start + 32)].decode("utf-8", "replace")
 
 
 def _headers(body: bytes, start: int, end: int, number: int) -> tuple[dict[str, str], int]:

@@ -36,7 +36,7 @@ from extauthz.records.upsert import Upserts
 from extauthz.usage import budgets
 from extauthz.usage.counters import RateCounters
 from extauthz.usage.estimate import Estimate, estimate
-from extauthz.usage.limits import rate_counters, refusal, scope
+from extauthz.usage.limits import Counter, rate_counters, refusal, scope
 from extauthz.records.record import KeyRecord, TeamRecord, UserRecord
 from extauthz.records.store import RecordReader, StoreUnavailable
 from extauthz.telemetry import logs, tracing
@@ -80,6 +80,17 @@ def route_refusal(identity: Identity, jwt: JwtAuth, facts: Facts) -> Deny | None
     which = "admin_allowed_routes" if identity.role in ADMIN_ROLES else "team_allowed_routes"
     return Deny(403, "route_not_allowed", f"A token with role {identity.role} may not call "
                 f"{facts.path.partition('?')[0]!r} ({which}: {list(allowed)}).")
+
+
+def budget_counters(key: KeyRecord, team: TeamRecord | None, model: str, now: float, cost: float) -> list[Counter]:
+    """The budgets a call is admitted against, its key's then its team's, each to hold
+    ``cost`` (0: only whether one is spent already), named as LiteLLM's refusal names them."""
+    counters = budgets.admission_counters(scope("key", key.account), f"Key={key.label!r}", key.budget, model, now,
+                                          cost)
+    if team is not None:
+        counters += budgets.admission_counters(scope("team", team.team_id), f"Team={team.label!r}", team.budget,
+                                               model, now, cost)
+    return counters
 
 
 def list_reply(listed: tuple[str, str | None], names: list[str], runtime: Runtime) -> Decision:
@@ -421,12 +432,7 @@ class AuthorizationService:
         (as LiteLLM: a spent budget is the answer whatever the model)."""
         if self.counters is None:
             return UNAVAILABLE
-        model = str(decision.metadata.get("model", ""))
-        counters = budgets.admission_counters(scope("key", key.account), f"Key={key.label!r}", key.budget, model,
-                                              now, 0.0)
-        if team is not None:
-            counters += budgets.admission_counters(scope("team", team.team_id), f"Team={team.label!r}", team.budget,
-                                                   model, now, 0.0)
+        counters = budget_counters(key, team, str(decision.metadata.get("model", "")), now, 0.0)
         try:
             refused = await self.counters.peek(counters, now)
         except StoreUnavailable:
@@ -444,19 +450,14 @@ class AuthorizationService:
         each, and holding its estimate in its token windows and budgets), or the refusal."""
         assert self.counters is not None
         model = str(decision.metadata.get("model", ""))
-        key_scope = scope("key", key.account)
-        scopes = [(key_scope, f"key {key.label!r}", key.limits)]
+        scopes = [(scope("key", key.account), f"key {key.label!r}", key.limits)]
         if team is not None:
             scopes.append((scope("team", team.team_id), f"team {team.label!r}", team.limits))
         holds = any(limits is not None and (limits.tpm is not None or limits.model_tpm) for _, _, limits in scopes) \
             or budgets.binding(key.budget) or (team is not None and budgets.binding(team.budget))
         estimate = self.estimate(decision, facts, runtime) if holds else None
         counters = rate_counters(scopes, model, now, estimate.tokens if estimate is not None else 0)
-        cost = estimate.cost or 0.0 if estimate is not None else 0.0
-        counters += budgets.admission_counters(key_scope, f"Key={key.label!r}", key.budget, model, now, cost)
-        if team is not None:
-            counters += budgets.admission_counters(scope("team", team.team_id), f"Team={team.label!r}", team.budget,
-                                                   model, now, cost)
+        counters += budget_counters(key, team, model, now, estimate.cost or 0.0 if estimate is not None else 0.0)
         try:
             refused = await (self.counters.peek(counters, now) if peek else
                              self.counters.admit(counters, decision.metadata[USAGE_ID], now, estimate))

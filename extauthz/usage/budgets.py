@@ -13,9 +13,7 @@ exist yet: spend starts again at zero, with nothing to reset and nothing to rese
 A call is admitted against its spend counters in Redis, atomically with its rate windows
 (usage/counters.py): it holds its estimate (usage/estimate.py) there until its usage
 report settles it, so calls in flight at once cannot together spend past the budget by
-more than one call's worth. A record's spend is also read with the record, for
-/access/explain; the settlement that takes a counter to its budget rewrites the record in
-place, which every replica's cache is told of (invalidation.py).
+more than one call's worth. Nothing is cached: every replica reads the same counters.
 """
 
 from __future__ import annotations
