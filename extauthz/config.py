@@ -295,7 +295,10 @@ class JwtAuth:
     team_id_jwt_field: str | None = None      # claim paths may be nested: "realm_access.roles"
     team_ids_jwt_field: str | None = None
     team_id_default: str | None = None
-    user_id_jwt_field: str | None = "sub"
+    user_id_jwt_field: str | None = "sub"     # (LiteLLM's default is none; "sub" names the caller)
+    # LiteLLM's rule: a user_id_jwt_field set (without user_id_upsert) admits only users
+    # with a record (/user/new); left unset, the token's "sub" only names the caller.
+    user_record_required: bool = False
     user_email_jwt_field: str | None = None
     org_id_jwt_field: str | None = None
     roles_jwt_field: str | None = None
@@ -656,7 +659,9 @@ class _Parser:
                        scope_mappings=tuple(scopes), clock_skew_s=skew, public_key_ttl_s=float(ttl),
                        **allowed_routes,
                        **{k: v for k, v in text.items() if k != "user_id_jwt_field"},
-                       user_id_jwt_field=text["user_id_jwt_field"] or "sub", **flags)
+                       user_id_jwt_field=text["user_id_jwt_field"] or "sub",
+                       user_record_required=text["user_id_jwt_field"] is not None and not flags["user_id_upsert"],
+                       **flags)
 
     def apply_environment_variables(self, raw: Any) -> None:
         """LiteLLM sets ``environment_variables`` before it reads ``os.environ/`` references

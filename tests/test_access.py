@@ -31,19 +31,29 @@ def test_owns(key: dict | None, owns: bool) -> None:
     assert LEAD.owns(key) is owns
 
 
-@pytest.mark.parametrize("key, requested, refused", [
-    ({"team_id": "t-b"}, None, False),             # its own key in a team it is a member of
-    ({"team_id": "t-a"}, "dev", False),            # anyone's in a team it administers
-    ({"team_id": "t-b"}, "dev", True),             # not someone else's where it is a plain member
-    ({"team_id": "t-c"}, None, True),              # not outside its teams
-    ({"team_id": None}, None, True),               # nor without a team
+# As LEAD, in a t-b that lets its plain members make and change their own keys.
+GRANTED = Acting("lead", ("t-a", "t-b")).with_admin_teams([
+    {"team_id": "t-a", "members_with_roles": [{"user_id": "lead", "role": "admin"}]},
+    {"team_id": "t-b", "members_with_roles": [{"user_id": "lead", "role": "user"}],
+     "team_member_permissions": ["/key/generate", "/key/update"]}])
+
+
+@pytest.mark.parametrize("who, key, requested, route, refused", [
+    (GRANTED, {"team_id": "t-b"}, None, "/key/generate", False),  # its own key where members may make one
+    (LEAD, {"team_id": "t-b"}, None, "/key/generate", True),      # not where they may not (LiteLLM's default)
+    (GRANTED, {"team_id": "t-b"}, None, "/key/regenerate", True),  # nor by a route the team did not grant
+    (LEAD, {"team_id": "t-a"}, "dev", "/key/generate", False),    # anyone's in a team it administers
+    (GRANTED, {"team_id": "t-b"}, "dev", "/key/generate", True),  # not someone else's where it is a plain member
+    (LEAD, {"team_id": "t-c"}, None, "/key/generate", True),      # not outside its teams
+    (LEAD, {"team_id": None}, None, "/key/generate", False),      # its personal key (its record narrows it)
+    (LEAD, {"team_id": None}, "dev", "/key/generate", True),      # not another user's personal key
 ])
-def test_new_keys(key: dict, requested: str | None, refused: bool) -> None:
+def test_new_keys(who: Acting, key: dict, requested: str | None, route: str, refused: bool) -> None:
     if refused:
         with pytest.raises(Refused):
-            LEAD.check_new_key(key, requested)
+            who.check_new_key(key, requested, route)
     else:
-        LEAD.check_new_key(key, requested)
+        who.check_new_key(key, requested, route)
 
 
 def test_a_key_owner_s_teams_count_only_where_the_team_lists_it() -> None:

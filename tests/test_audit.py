@@ -172,7 +172,7 @@ def test_the_actor_is_the_management_key_and_only_admins_read_the_trail(gateway:
     assert trail(gateway, f"actor={user}&limit=1", key=key)[0]["id"] == entry["id"]   # a proxy_admin reads it
     for role in ("proxy_admin_viewer", "internal_user"):
         r = gateway.admin("/audit", method="GET", key=admins[role][1])
-        assert r.status == 403 and r.json()["error"]["code"] == "admin_not_allowed", (role, r.text)
+        assert r.status == 401 and r.json()["error"]["code"] == "admin_not_allowed", (role, r.text)
     assert gateway.admin("/audit", method="GET", key="sk-not-a-key-at-all").status == 401
     assert http("GET", gateway.envoy.url + "/audit").status == 401
 

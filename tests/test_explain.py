@@ -162,4 +162,4 @@ def test_unknown_keys_and_bad_requests(sidecar: Sidecar, gateway: Gateway) -> No
     assert r.status == 200 and r.json()["decision"] == "allow"
     r = http("POST", gateway.envoy.url + "/access/explain", {"key": raw, "model": "gpt-4"},
              {"Authorization": f"Bearer {raw}"})
-    assert r.status == 403 and r.json()["error"]["code"] == "admin_not_allowed"
+    assert r.status == 401 and r.json()["error"]["code"] == "admin_not_allowed"

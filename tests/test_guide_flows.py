@@ -147,7 +147,7 @@ def test_denies_through_envoy(gateway: Gateway) -> None:
 def test_block_unblock_update_delete(gateway: Gateway) -> None:
     key = gateway.new_key(models=["gpt-4"], key_alias="ops-bot")
     assert gateway.admin("/key/block", {"key": key}).status == 200
-    assert_error(gateway.chat(key, "gpt-4"), 403, "key_blocked")
+    assert_error(gateway.chat(key, "gpt-4"), 401, "key_blocked")
     assert gateway.admin("/key/unblock", {"key": key}).status == 200
     assert gateway.chat(key, "gpt-4").status == 200
 
@@ -172,7 +172,7 @@ def test_blocked_team(gateway: Gateway) -> None:
     key = gateway.new_key(team_id=team_id)
     assert gateway.chat(key, "gpt-4").status == 200
     assert gateway.admin("/team/block", {"team_id": team_id}).status == 200
-    assert_error(gateway.chat(key, "gpt-4"), 403, "team_blocked")
+    assert_error(gateway.chat(key, "gpt-4"), 401, "team_blocked")
     assert gateway.admin("/team/unblock", {"team_id": team_id}).status == 200
     assert gateway.chat(key, "gpt-4").status == 200
 

@@ -80,6 +80,9 @@ class Teams:
     async def get_team(self, team_id: str) -> TeamRecord | None:
         return {"ml": TeamRecord("ml", "ml", ("gpt-4", "gpt-4o"), False)}.get(team_id)
 
+    async def get_user(self, user_id: str) -> None:
+        return None
+
 
 def checked(claims: dict | None, model: str, general: dict | None = None, path: str = "/v1/chat/completions",
             **jwtauth: object) -> tuple[int, str]:

@@ -88,7 +88,7 @@ def test_an_internal_user_viewer_reads_its_keys_only(rbac: Gateway, idp: Identit
     listed = call(rbac, "GET", "/key/list?return_full_object=true", reader)
     assert listed.status == 200, listed.text
     assert [k["key_alias"] for k in listed.json()["keys"]] == ["reader-key"]
-    assert code(call(rbac, "POST", "/key/generate", reader, {"team_id": "core"})) == (403, "admin_not_allowed")
+    assert code(call(rbac, "POST", "/key/generate", reader, {"team_id": "core"})) == (401, "admin_not_allowed")
 
 
 def test_a_token_naming_too_many_teams_is_refused(rbac: Gateway, idp: IdentityProvider) -> None:  # noqa: F811
@@ -163,3 +163,16 @@ def test_explaining_a_team_answers_as_its_tokens_are_checked(rbac: Gateway, idp:
         explained = rbac.admin("/access/explain", {"team_id": "explained-team", "model": model}).json()
         got = (checked.status, "ok" if checked.status == 200 else checked.json()["error"]["code"])
         assert (explained["status"], explained.get("code", "ok")) == got, (model, explained)
+
+
+def test_a_tokens_user_is_narrowed_by_its_terms_in_the_team(rbac: Gateway, idp: IdentityProvider) -> None:  # noqa: F811
+    assert rbac.admin("/team/new", {"team_id": "terms", "models": ["gpt-4", "gpt-4o"]}).status == 200
+    assert rbac.admin("/team/member_add", {"team_id": "terms", "member": {"user_id": "u-narrow"},
+                                           "allowed_models": ["gpt-4o"]}).status == 200
+    narrow, other = idp.token(sub="u-narrow", groups=["terms"]), idp.token(sub="u-other", groups=["terms"])
+    assert rbac.chat(narrow, "gpt-4o").status == 200
+    refused = rbac.chat(narrow, "gpt-4")
+    assert refused.status == 403 and "'u-narrow' in team 'terms'" in refused.json()["error"]["message"]
+    assert rbac.chat(other, "gpt-4").status == 200
+    listed = http("GET", rbac.envoy.url + "/v1/models", None, {"Authorization": f"Bearer {narrow}"}).json()
+    assert [m["id"] for m in listed["data"]] == ["gpt-4o"]

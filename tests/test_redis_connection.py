@@ -141,7 +141,7 @@ def test_tls_with_an_acl_user_serves_and_invalidates(workdir: Path, config_path:
         assert checked(side, key) == (200, "ok")
         assert admin(side, "/key/block", {"key": key}).status == 200
         # The block reached the cache through tracking on the TLS connection.
-        wait_until(lambda: checked(side, key) == (403, "key_blocked"), what="the block seen over TLS")
+        wait_until(lambda: checked(side, key) == (401, "key_blocked"), what="the block seen over TLS")
         log = side.proc.log_text()
         assert "rediss://localhost" in log and "user extauthz with a password" in log and PASSWORD not in log
     finally:

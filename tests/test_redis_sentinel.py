@@ -95,7 +95,7 @@ def test_a_failover_allows_nothing_the_state_forbids(workdir: Path, config_path:
         allowed = admin(side, "/key/generate", {"models": ["gpt-4"]}).json()["key"]
         blocked = admin(side, "/key/generate", {"models": ["gpt-4"]}).json()["key"]
         assert admin(side, "/key/block", {"key": blocked}).status == 200
-        assert checked(side, allowed) == (200, "ok") and checked(side, blocked) == (403, "key_blocked")
+        assert checked(side, allowed) == (200, "ok") and checked(side, blocked) == (401, "key_blocked")
         # The writes reached the replica (what asynchronous replication can lose is what it has not).
         assert cli(cell.primary_port, "WAIT", "1", "5000") == "1"
 
@@ -128,8 +128,8 @@ def test_a_failover_allows_nothing_the_state_forbids(workdir: Path, config_path:
             stop.set()
             thread.join()
         assert set(answers["allowed"]) <= {(200, "ok"), (503, "authz_unavailable")}, set(answers["allowed"])
-        assert set(answers["blocked"]) <= {(403, "key_blocked"), (503, "authz_unavailable")}, set(answers["blocked"])
-        assert (403, "key_blocked") in answers["blocked"][-5:]
+        assert set(answers["blocked"]) <= {(401, "key_blocked"), (503, "authz_unavailable")}, set(answers["blocked"])
+        assert (401, "key_blocked") in answers["blocked"][-5:]
         print(f"promotion {promoted - killed:.1f} s after the kill; service {back - promoted:.1f} s after it")
         assert admin(side, "/health/readiness", method="GET").json()["redis_primary"] == \
             f"127.0.0.1:{cell.replica_port}"
@@ -139,7 +139,7 @@ def test_a_failover_allows_nothing_the_state_forbids(workdir: Path, config_path:
         assert f'address="127.0.0.1:{cell.primary_port}"}} 0.0' in metric_value(side, "extauthz_redis_primary")
         # The new primary takes writes, and its changes reach the cache.
         assert admin(side, "/key/block", {"key": allowed}).status == 200
-        wait_until(lambda: checked(side, allowed) == (403, "key_blocked"), what="a block after the failover")
+        wait_until(lambda: checked(side, allowed) == (401, "key_blocked"), what="a block after the failover")
         assert admin(side, "/key/generate", {}).status == 200
     finally:
         side.proc.stop()
@@ -160,7 +160,7 @@ def test_admin_writes_say_whether_a_replica_has_them(workdir: Path, config_path:
         r = admin(side, "/key/block", {"key": key})
         assert r.status == 202 and r.headers["x-extauthz-replicas-acknowledged"] == "0/1"
         assert r.json()["blocked"] is True
-        assert checked(side, key) == (403, "key_blocked")          # committed on the primary
+        assert checked(side, key) == (401, "key_blocked")          # committed on the primary
         assert "x-extauthz-replicas-acknowledged" not in admin(side, "/key/info?key=" + key, method="GET").headers
     finally:
         side.proc.stop()

@@ -58,7 +58,7 @@ def test_redis_killed_then_restarted(workdir: Path, config_path: Path) -> None:
               f"sidecar trusted its cache again {recovery * 1000:.0f} ms after redis was back")
         assert chat(stack, key) == (200, "")
         assert admin(stack, "/key/block", {"key": key}).status == 200
-        assert chat(stack, key) == (403, "key_blocked")
+        assert chat(stack, key) == (401, "key_blocked")
     finally:
         stack.stop()
         redis_proc.stop()
@@ -79,7 +79,7 @@ def test_key_revoked_while_cut_off_is_denied_after_recovery(workdir: Path, confi
             direct.set(record, json.dumps({**json.loads(direct.get(record)), "blocked": True}))
             assert chat(stack, created["key"]) == (200, "")  # stale by design, bounded by max_stale
             proxy.restore()
-            wait_until(lambda: chat(stack, created["key"]) == (403, "key_blocked"))
+            wait_until(lambda: chat(stack, created["key"]) == (401, "key_blocked"))
         finally:
             stack.stop()
             direct.close()

@@ -51,7 +51,8 @@ def client(redis_port: int) -> Iterator[redis.Redis]:
 def user(gateway: Gateway) -> tuple[str, str]:
     """A new internal user, in a team of its own, and its personal key."""
     user_id = "u-" + secrets.token_hex(4)
-    team = gateway.new_team(models=["gpt-4"])
+    team = gateway.new_team(models=["gpt-4"], team_member_permissions=[
+        "/key/generate", "/key/update", "/key/delete", "/key/regenerate"])
     made = gateway.admin("/user/new", {"user_id": user_id, "user_role": "internal_user"})
     assert made.status == 200, made.text
     assert gateway.admin("/team/member_add", {"team_id": team, "member": {"user_id": user_id}}).status == 200

@@ -49,7 +49,8 @@ def test_authentication_is_always_enforced(gateway: Gateway) -> None:
     team = gateway.new_team(models=["gpt-4"], metadata={"enforcement": "shadow"})
     blocked = gateway.new_key(team_id=team)
     assert gateway.admin("/key/block", {"key": blocked}).status == 200
-    assert gateway.chat(blocked, "gpt-4o").status == 403
+    r = gateway.chat(blocked, "gpt-4o")
+    assert r.status == 401 and r.json()["error"]["code"] == "key_blocked"
     assert gateway.chat("sk-not-a-key", "gpt-4o").status == 401
     assert gateway.chat(None, "gpt-4o").status == 401
     expired = gateway.new_key(team_id=team, expires="2020-01-01T00:00:00Z")
@@ -58,7 +59,7 @@ def test_authentication_is_always_enforced(gateway: Gateway) -> None:
     assert gateway.chat(member, "gpt-4o").status == 200          # shadowed: a model denial
     assert gateway.admin("/team/block", {"team_id": team}).status == 200
     r = gateway.chat(member, "gpt-4")
-    assert r.status == 403 and r.json()["error"]["code"] == "team_blocked"
+    assert r.status == 401 and r.json()["error"]["code"] == "team_blocked"
 
 
 def test_a_shadow_teams_limits_are_recorded_and_let_through(gateway: Gateway, sidecar: Any) -> None:

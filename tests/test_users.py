@@ -14,6 +14,9 @@ from tests.conftest import Gateway
 from tests.harness import MASTER_KEY, http
 from tests.test_litellm_cli import lite
 
+# The key routes LiteLLM's teams grant their plain members when asked (team_member_permissions).
+MEMBER_KEYS = {"team_member_permissions": ["/key/generate", "/key/update", "/key/delete", "/key/regenerate"]}
+
 
 def call(gateway: Gateway, method: str, path: str, key: str, body: Any = None):
     return http(method, gateway.envoy.url + path, body, {"Authorization": f"Bearer {key}"})
@@ -58,7 +61,7 @@ def test_a_user_and_its_personal_key(gateway: Gateway) -> None:
 
 def test_a_team_key_follows_the_team_not_the_user(gateway: Gateway) -> None:
     # As in LiteLLM: a user's models narrow its personal keys only.
-    ok(gateway.admin("/team/new", {"team_id": "t-pers", "models": ["gpt-4o"]}))
+    ok(gateway.admin("/team/new", {"team_id": "t-pers", "models": ["gpt-4o"], **MEMBER_KEYS}))
     ok(gateway.admin("/user/new", {"user_id": "u-pers", "models": ["gpt-4"], "auto_create_key": False}))
     key = user_key(gateway, "u-pers", team_id="t-pers")
     assert gateway.chat(key, "gpt-4o").status == 200
@@ -78,7 +81,7 @@ def test_a_careless_user_record_is_refused(gateway: Gateway, body: dict, param: 
 
 
 def test_team_members_are_added_and_removed(gateway: Gateway) -> None:
-    ok(gateway.admin("/team/new", {"team_id": "t-mem", "models": ["gpt-4"]}))
+    ok(gateway.admin("/team/new", {"team_id": "t-mem", "models": ["gpt-4"], **MEMBER_KEYS}))
     team = ok(gateway.admin("/team/member_add", {"team_id": "t-mem", "member": [
         {"role": "admin", "user_id": "u-lead"}, {"role": "user", "user_email": "dev@example.com"}]}))
     roles = {m.get("user_id") if m["role"] == "admin" else m["user_email"]: m["role"]
@@ -124,21 +127,22 @@ def test_a_key_on_the_admin_api_has_its_owners_role(gateway: Gateway) -> None:
     assert ok(call(gateway, "POST", "/team/new", root, {"team_id": "t-by-root"}))["team_id"] == "t-by-root"
     audit = user_key(gateway, "u-audit", key_type="management")
     assert call(gateway, "GET", "/team/list", audit).status == 200
-    assert code(call(gateway, "POST", "/team/new", audit, {"team_id": "t-by-audit"})) == (403, "admin_not_allowed")
+    # A route the caller's role may not use at all: LiteLLM's 401.
+    assert code(call(gateway, "POST", "/team/new", audit, {"team_id": "t-by-audit"})) == (401, "admin_not_allowed")
     # A key with no owner, or an owner without a record, has no admin powers.
-    assert code(call(gateway, "GET", "/team/list", gateway.new_key())) == (403, "admin_not_allowed")
-    assert code(call(gateway, "GET", "/team/list", user_key(gateway, "u-ghost"))) == (403, "admin_not_allowed")
+    assert code(call(gateway, "GET", "/team/list", gateway.new_key())) == (401, "admin_not_allowed")
+    assert code(call(gateway, "GET", "/team/list", user_key(gateway, "u-ghost"))) == (401, "admin_not_allowed")
     assert code(call(gateway, "GET", "/team/list", "sk-not-a-key-at-all")) == (401, "unauthorized")
     blocked = user_key(gateway, "u-root", blocked=True)
-    assert code(call(gateway, "GET", "/team/list", blocked)) == (403, "key_blocked")
+    assert code(call(gateway, "GET", "/team/list", blocked)) == (401, "key_blocked")
     assert MASTER_KEY not in call(gateway, "GET", "/team/list", root).text
 
 
 @pytest.fixture(scope="module")
 def team_with_roles(gateway: Gateway) -> dict[str, str]:
     """Team t-a with lead (admin) and dev (user); t-b where lead is a plain user; keys of each."""
-    ok(gateway.admin("/team/new", {"team_id": "t-a", "models": ["gpt-4", "gpt-4o"]}))
-    ok(gateway.admin("/team/new", {"team_id": "t-b", "models": ["gpt-4"]}))
+    ok(gateway.admin("/team/new", {"team_id": "t-a", "models": ["gpt-4", "gpt-4o"], **MEMBER_KEYS}))
+    ok(gateway.admin("/team/new", {"team_id": "t-b", "models": ["gpt-4"], **MEMBER_KEYS}))
     ok(gateway.admin("/user/new", {"user_id": "u-boss", "user_role": "proxy_admin", "auto_create_key": False}))
     ok(gateway.admin("/team/member_add", {"team_id": "t-a", "member": [
         {"role": "admin", "user_id": "u-lead"}, {"role": "user", "user_id": "u-dev"}, {"role": "user",
@@ -156,7 +160,7 @@ def test_a_team_admin_manages_the_teams_keys_and_members(gateway: Gateway, team_
     assert gateway.chat(for_dev["key"], "gpt-4o").status == 200
     # A key made for someone else has no admin powers: it would otherwise act with that user's role.
     assert for_dev["created_by"] == "u-lead"
-    assert code(call(gateway, "GET", "/key/list", for_dev["key"])) == (403, "admin_not_allowed")
+    assert code(call(gateway, "GET", "/key/list", for_dev["key"])) == (401, "admin_not_allowed")
     listed = ok(call(gateway, "GET", "/key/list?return_full_object=true", lead))["keys"]
     # Its own keys, and the team's: none of another team's, none of another user's elsewhere.
     assert all(k["user_id"] == "u-lead" or k["team_id"] == "t-a" for k in listed)
@@ -171,8 +175,8 @@ def test_a_team_admin_manages_the_teams_keys_and_members(gateway: Gateway, team_
     assert call(gateway, "POST", "/team/member_add", lead, {"team_id": "t-b", "member": {"user_id": "x"}}).status \
         == 403
     assert call(gateway, "POST", "/key/delete", lead, {"key_aliases": ["in-b"]}).status == 404
-    assert call(gateway, "POST", "/team/new", lead, {"team_id": "t-lead"}).status == 403
-    assert call(gateway, "POST", "/user/new", lead, {"user_id": "u-made-by-lead"}).status == 403
+    assert call(gateway, "POST", "/team/new", lead, {"team_id": "t-lead"}).status == 401
+    assert call(gateway, "POST", "/user/new", lead, {"user_id": "u-made-by-lead"}).status == 401
     assert call(gateway, "GET", "/user/info?user_id=u-dev", lead).status == 404
 
 
@@ -181,13 +185,13 @@ def test_a_team_admin_cannot_lend_itself_another_users_role(gateway: Gateway, te
     # u-boss (a proxy_admin) is a member of t-a: a management key of its would act as a proxy_admin.
     made = ok(call(gateway, "POST", "/key/generate", lead, {"team_id": "t-a", "user_id": "u-boss",
                                                             "key_type": "management"}))
-    assert code(call(gateway, "GET", "/team/list", made["key"])) == (403, "admin_not_allowed")
-    assert code(call(gateway, "POST", "/team/new", made["key"], {"team_id": "t-x"})) == (403, "admin_not_allowed")
+    assert code(call(gateway, "GET", "/team/list", made["key"])) == (401, "admin_not_allowed")
+    assert code(call(gateway, "POST", "/team/new", made["key"], {"team_id": "t-x"})) == (401, "admin_not_allowed")
     # The master key's own key for u-boss does act as u-boss; a team admin's change takes that away.
     boss = ok(gateway.admin("/key/generate", {"user_id": "u-boss", "team_id": "t-a"}))["key"]
     assert call(gateway, "GET", "/team/list", boss).status == 200
     ok(call(gateway, "POST", "/key/update", lead, {"key": boss, "metadata": {"touched": True}}))
-    assert code(call(gateway, "GET", "/team/list", boss)) == (403, "admin_not_allowed")
+    assert code(call(gateway, "GET", "/team/list", boss)) == (401, "admin_not_allowed")
 
 
 def test_a_plain_member_manages_its_own_keys_only(gateway: Gateway, team_with_roles: dict) -> None:
@@ -205,15 +209,15 @@ def test_a_plain_member_manages_its_own_keys_only(gateway: Gateway, team_with_ro
     ok(gateway.admin("/key/block", {"key": own["key"]}))
     lifted = call(gateway, "POST", "/key/update", dev, {"key": own["key"], "blocked": False})
     assert code(lifted) == (403, "admin_not_allowed")
-    assert call(gateway, "POST", "/key/unblock", dev, {"key": own["key"]}).status == 403
-    assert code(gateway.chat(own["key"], "gpt-4")) == (403, "key_blocked")
+    assert call(gateway, "POST", "/key/unblock", dev, {"key": own["key"]}).status == 401
+    assert code(gateway.chat(own["key"], "gpt-4")) == (401, "key_blocked")
     moved = call(gateway, "POST", "/key/update", dev, {"key": own["key"], "team_id": "t-b"})
     assert moved.status == 403
     assert ok(call(gateway, "GET", "/user/info", dev))["user_id"] == "u-dev"
 
 
 def test_litellm_cli_users_and_teams(gateway: Gateway, tmp_path: Path) -> None:
-    ok(gateway.admin("/team/new", {"team_id": "t-cli", "models": ["gpt-4"]}))
+    ok(gateway.admin("/team/new", {"team_id": "t-cli", "models": ["gpt-4"], **MEMBER_KEYS}))
     made = json.loads(lite(gateway, "users", "create", "--email", "cli@example.com", "--role", "internal_user",
                            "--team", "t-cli", home=tmp_path))
     user_id = made["user_id"]
@@ -240,17 +244,17 @@ def test_a_key_a_team_admin_made_for_someone_else_has_no_admin_powers(gateway: G
     for method, path, body in (("GET", "/user/list", None), ("GET", "/team/list", None),
                                ("POST", "/team/block", {"team_id": "t-b"}),
                                ("POST", "/user/delete", {"user_ids": ["u-dev"]})):
-        assert code(call(gateway, method, path, made["key"], body)) == (403, "admin_not_allowed"), path
+        assert code(call(gateway, method, path, made["key"], body)) == (401, "admin_not_allowed"), path
     # Nor can it hand its own key to a proxy_admin: changed by it, the key is its, not theirs.
     own = ok(call(gateway, "POST", "/key/generate", lead, {"team_id": "t-a"}))["key"]
     ok(call(gateway, "POST", "/key/update", lead, {"key": own, "user_id": "u-boss"}))
-    assert code(call(gateway, "GET", "/team/list", own)) == (403, "admin_not_allowed")
+    assert code(call(gateway, "GET", "/team/list", own)) == (401, "admin_not_allowed")
     assert ok(gateway.admin("/user/info?user_id=u-dev", method="GET"))["user_id"] == "u-dev"
 
 
 def test_a_value_a_team_admin_was_given_never_acts_as_its_owner(gateway: Gateway, team_with_roles: dict) -> None:
     lead, dev = team_with_roles["lead"], team_with_roles["dev"]
-    ok(gateway.admin("/team/new", {"team_id": "t-devs-own", "models": ["gpt-4"]}))
+    ok(gateway.admin("/team/new", {"team_id": "t-devs-own", "models": ["gpt-4"], **MEMBER_KEYS}))
     ok(gateway.admin("/team/member_add", {"team_id": "t-devs-own", "member": {"role": "admin", "user_id": "u-dev"}}))
     # The team admin makes a key for a member (and sees its value); the member renames it.
     made = ok(call(gateway, "POST", "/key/generate", lead, {"team_id": "t-a", "user_id": "u-dev"}))
@@ -259,7 +263,7 @@ def test_a_value_a_team_admin_was_given_never_acts_as_its_owner(gateway: Gateway
     # The value the team admin holds does not make it an admin of the member's other team.
     took = call(gateway, "POST", "/team/member_add", made["key"],
                 {"team_id": "t-devs-own", "member": {"role": "admin", "user_id": "u-lead"}})
-    assert code(took) == (403, "admin_not_allowed")
+    assert code(took) == (401, "admin_not_allowed")
     members = ok(gateway.admin("/team/info?team_id=t-devs-own", method="GET"))["team_info"]["members_with_roles"]
     assert [m["user_id"] for m in members] == ["u-dev"]
     # The owner regenerating it (a value only it sees) gets its powers back; the old value stops.
@@ -277,8 +281,8 @@ def test_a_key_moved_to_a_team_admin_does_not_act_as_it(gateway: Gateway, team_w
     assert moved["user_id"] == "u-lead" and moved["secret_holders"] == ["u-dev"]
     # The member, who still holds the value, does not act as the team admin.
     added = call(gateway, "POST", "/team/member_add", own["key"], {"team_id": "t-a", "member": {"user_id": "u-x1"}})
-    assert code(added) == (403, "admin_not_allowed")
-    assert code(call(gateway, "GET", "/key/list", own["key"])) == (403, "admin_not_allowed")
+    assert code(added) == (401, "admin_not_allowed")
+    assert code(call(gateway, "GET", "/key/list", own["key"])) == (401, "admin_not_allowed")
     # Nor through the JWT-free path of naming a key by its value: a team admin who does holds it.
     boss = ok(gateway.admin("/key/generate", {"user_id": "u-boss", "team_id": "t-a"}))
     assert boss["secret_holders"] == ["u-boss"]
@@ -295,9 +299,9 @@ def test_a_key_made_without_an_owner_never_acts_as_the_owner_given_later(gateway
     # The team admin gives it to the team's proxy_admin member, by its hash.
     ok(call(gateway, "POST", "/key/update", lead, {"key": shared["token"], "user_id": "u-boss"}))
     for method, path in (("GET", "/user/list"), ("GET", "/team/list")):
-        assert code(call(gateway, method, path, shared["key"])) == (403, "admin_not_allowed"), path
+        assert code(call(gateway, method, path, shared["key"])) == (401, "admin_not_allowed"), path
     assert code(call(gateway, "POST", "/user/new", shared["key"], {"user_id": "u-minted", "user_role": "proxy_admin"})) \
-        == (403, "admin_not_allowed")
+        == (401, "admin_not_allowed")
 
 
 def test_a_team_admin_gives_team_keys_to_members_only(gateway: Gateway, team_with_roles: dict) -> None:
@@ -321,7 +325,7 @@ def test_a_proxy_admin_demoted_keeps_no_power_through_keys_it_made(gateway: Gate
     assert for_alice["secret_holders"] == ["u-alice-admin", "u-p-admin"]
     assert call(gateway, "GET", "/user/list", for_alice["key"]).status == 200     # p is an admin: it lends nothing
     ok(gateway.admin("/user/update", {"user_id": "u-p-admin", "user_role": "internal_user"}))
-    assert code(call(gateway, "GET", "/user/list", for_alice["key"])) == (403, "admin_not_allowed")
+    assert code(call(gateway, "GET", "/user/list", for_alice["key"])) == (401, "admin_not_allowed")
     # Regenerated by the master key (for her, a value only she is handed), it is hers again.
     fresh = ok(gateway.admin("/key/regenerate", {"key": for_alice["token"]}))
     assert call(gateway, "GET", "/user/list", fresh["key"]).status == 200
@@ -329,7 +333,7 @@ def test_a_proxy_admin_demoted_keeps_no_power_through_keys_it_made(gateway: Gate
 
 def test_leaving_a_team_ends_its_keys_there(gateway: Gateway) -> None:
     for team in ("t-left", "t-stayed"):
-        ok(gateway.admin("/team/new", {"team_id": team, "models": ["gpt-4"]}))
+        ok(gateway.admin("/team/new", {"team_id": team, "models": ["gpt-4"], **MEMBER_KEYS}))
         ok(gateway.admin("/team/member_add", {"team_id": team, "member": {"user_id": "u-leaver"}}))
     leaver = user_key(gateway, "u-leaver")
     in_left = ok(call(gateway, "POST", "/key/generate", leaver, {"team_id": "t-left"}))
@@ -350,7 +354,7 @@ def test_leaving_a_team_ends_its_keys_there(gateway: Gateway) -> None:
     for_member = ok(call(gateway, "POST", "/key/generate", leaver, {"team_id": "t-stayed", "user_id": "u-made-for"}))
     left = ok(gateway.admin("/team/member_delete", {"team_id": "t-stayed", "user_id": "u-leaver"}))
     assert left["blocked_keys"] == [for_member["token"]] and in_stayed["token"] in left["deleted_keys"]
-    assert code(gateway.chat(for_member["key"], "gpt-4")) == (403, "key_blocked")
+    assert code(gateway.chat(for_member["key"], "gpt-4")) == (401, "key_blocked")
     # Deleted, a user keeps no key of any team.
     ok(gateway.admin("/team/member_add", {"team_id": "t-stayed", "member": {"user_id": "u-leaver"}}))
     in_stayed = ok(call(gateway, "POST", "/key/generate", leaver, {"team_id": "t-stayed"}))
@@ -399,12 +403,12 @@ def added_text(answer: dict) -> str:
 
 
 def test_a_deleted_team_leaves_no_membership_behind(gateway: Gateway) -> None:
-    ok(gateway.admin("/team/new", {"team_id": "t-gone", "models": ["gpt-4"]}))
+    ok(gateway.admin("/team/new", {"team_id": "t-gone", "models": ["gpt-4"], **MEMBER_KEYS}))
     ok(gateway.admin("/team/member_add", {"team_id": "t-gone", "member": {"user_id": "u-ex"}}))
     ex_key = user_key(gateway, "u-ex")
     ok(gateway.admin("/team/delete", {"team_ids": ["t-gone"]}))
     assert ok(gateway.admin("/user/info?user_id=u-ex", method="GET"))["user_info"]["teams"] == []
-    ok(gateway.admin("/team/new", {"team_id": "t-gone", "models": ["gpt-4o"]}))
+    ok(gateway.admin("/team/new", {"team_id": "t-gone", "models": ["gpt-4o"], **MEMBER_KEYS}))
     assert code(call(gateway, "POST", "/key/generate", ex_key, {"team_id": "t-gone"})) == (403, "admin_not_allowed")
     assert call(gateway, "GET", "/team/info?team_id=t-gone", ex_key).status == 404
 
@@ -441,7 +445,7 @@ def test_concurrent_team_delete_and_key_update_leave_no_dangling_alias(gateway: 
     from concurrent.futures import ThreadPoolExecutor
     for i in range(15):
         team = f"t-race-{i}"
-        ok(gateway.admin("/team/new", {"team_id": team}))
+        ok(gateway.admin("/team/new", {"team_id": team, **MEMBER_KEYS}))
         key = gateway.new_key(team_id=team, key_alias=f"race-old-{i}")
         with ThreadPoolExecutor(2) as pool:
             deleting = pool.submit(gateway.admin, "/team/delete", {"team_ids": [team]})

@@ -20,22 +20,36 @@ import json
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from extauthz.admin.schema import USER_ROLES
+from extauthz.admin.schema import BASELINE_MEMBER_ROUTES, USER_ROLES
 from extauthz.check import routes
 from extauthz.check.routing import ACTING_ROUTES, ACTING_TEAMS_HEADER, ACTING_USER_HEADER, ADMIN_ACTOR_HEADER
 from extauthz.records.audit import MASTER_KEY, Actor
 from extauthz.records.record import ANYONE, secret_holders, team_members
 
 Doc = dict[str, Any]
-READ_ROUTES = tuple(r for r in ACTING_ROUTES if r in routes.INFO_ROUTES)
+READ_ROUTES = tuple(r for r in ACTING_ROUTES if r in routes.INFO_ROUTES or r in routes.MODEL_INFO_ROUTES)
+
+# LiteLLM's status for a route the caller's role may not use at all (its "Only proxy admin
+# can be used to ..."): 401. A record the caller may not touch is 403 (or 404, below).
+ROUTE_REFUSED = 401
+
 
 class Refused(Exception):
-    """The caller may not do this (403, or 404 where saying more would tell what exists)."""
+    """The caller may not do this (403, or 404 where saying more would tell what exists;
+    ROUTE_REFUSED where its role may not use the route at all)."""
 
     def __init__(self, message: str, status: int = 403, param: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.param = param
+
+
+def member_routes(team: Doc | None) -> frozenset[str]:
+    """The key routes a plain member of a team may use on the team's keys."""
+    granted = (team or {}).get("team_member_permissions")
+    if not isinstance(granted, list):
+        return BASELINE_MEMBER_ROUTES
+    return BASELINE_MEMBER_ROUTES | frozenset(g for g in granted if isinstance(g, str))
 
 
 @dataclass(frozen=True)
@@ -44,6 +58,8 @@ class Acting:
     teams: tuple[str, ...]
     read_only: bool = False
     admin_teams: frozenset[str] = frozenset()   # teams where it is an "admin" member
+    # In the other teams, the key routes the team grants its plain members (by team id).
+    granted: tuple[tuple[str, frozenset[str]], ...] = ()
 
     def with_admin_teams(self, team_docs: list[Doc | None], members_only: bool = False) -> "Acting":
         """The teams where it is an admin member, from the teams' records. With
@@ -54,7 +70,8 @@ class Acting:
         pairs = list(zip(self.teams, team_docs))
         admin = frozenset(t for t, d in pairs if role_in(d) == "admin")
         teams = tuple(t for t, d in pairs if role_in(d) is not None) if members_only else self.teams
-        return Acting(self.user_id, teams, self.read_only, admin)
+        granted = tuple((t, member_routes(d)) for t, d in pairs if t not in admin)
+        return Acting(self.user_id, teams, self.read_only, admin, granted)
 
     def may_use(self, method: str, route: str) -> bool:
         return route in (READ_ROUTES if self.read_only or method == "GET" else ACTING_ROUTES)
@@ -63,16 +80,30 @@ class Acting:
         """A key it may read, change or delete: its own, or one of a team it administers."""
         return key is not None and (key.get("user_id") == self.user_id or key.get("team_id") in self.admin_teams)
 
-    def check_new_key(self, key: Doc, requested_user: Any) -> None:
-        """A key it may create (or a key's state after an update): in one of its teams, for
-        itself, or for anyone in a team it administers."""
+    def check_new_key(self, key: Doc, requested_user: Any, route: str = "/key/generate") -> None:
+        """A key it may create (or a key's state after an update by ``route``): its own
+        personal key (no team: its user record narrows it), a key of one of its teams for
+        itself where the team lets its members (team_member_permissions), or a key for
+        anyone in a team it administers."""
         team_id = key.get("team_id")
-        if team_id not in self.teams and team_id not in self.admin_teams:
+        if team_id is not None and team_id not in self.teams and team_id not in self.admin_teams:
             raise Refused(f"Give a team_id of the caller's teams: {sorted(set(self.teams) | self.admin_teams)}.",
                           param="team_id")
-        if requested_user not in (None, self.user_id) and team_id not in self.admin_teams:
+        if requested_user not in (None, self.user_id) and (team_id is None or team_id not in self.admin_teams):
             raise Refused("A user creates keys for itself only (a team admin for the team's members).",
                           param="user_id")
+        self.check_member_route(team_id, route)
+
+    def check_member_route(self, team_id: Any, route: str) -> None:
+        """A plain member uses a team's keys by the routes the team grants it (LiteLLM's
+        team member permissions: /key/info and /key/health, and team_member_permissions)."""
+        if team_id is None or team_id in self.admin_teams:
+            return
+        granted = dict(self.granted).get(team_id, BASELINE_MEMBER_ROUTES)
+        if route not in granted:
+            raise Refused(f"Team member does not have permissions for endpoint: {route}. You only have access to the "
+                          f"following endpoints: {sorted(granted)} for team {team_id}. Ask an admin to add it to the "
+                          "team's team_member_permissions.", ROUTE_REFUSED, param=route)
 
     def check_owner(self, key: Doc, team: Doc | None) -> None:
         """A key it gives to someone else goes to a member of the key's team: not to no one,
@@ -156,15 +187,16 @@ def key_owner_power(key: Doc, owner: Doc | None, method: str, admins: frozenset[
     if not secret_holders(key) - admins <= {owner_id}:
         raise Refused("This key's value was given to someone other than its owner (made, reassigned or "
                       "regenerated by another user, or named by its value in another user's call): it has no admin "
-                      "powers. Its owner gets them back by regenerating it.")
+                      "powers. Its owner gets them back by regenerating it.", ROUTE_REFUSED)
     role = owner.get("user_role") if owner is not None else None
     if owner is None or role not in USER_ROLES:
-        raise Refused("This key's owner has no admin role (a key needs a user_id whose user has a user_role).")
+        raise Refused("This key's owner has no admin role (a key needs a user_id whose user has a user_role).",
+                      ROUTE_REFUSED)
     if role == "proxy_admin":
         return "master"
     if role == "proxy_admin_viewer":
         if method != "GET":
-            raise Refused("A proxy_admin_viewer's key may only read.")
+            raise Refused("A proxy_admin_viewer's key may only read.", ROUTE_REFUSED)
         return "read"
     teams = owner.get("teams")
     return Acting(owner["user_id"], tuple(t for t in teams if isinstance(t, str)) if isinstance(teams, list) else (),

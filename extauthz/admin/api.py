@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 from aiohttp import web
 
 from extauthz.admin import key_params, schema
-from extauthz.admin.access import (Acting, Refused, acting_from_headers, actor_from_headers, holders_after_change,
+from extauthz.admin.access import (ROUTE_REFUSED, Acting, Refused, acting_from_headers, actor_from_headers, holders_after_change,
                                    holders_of_new_value, key_owner_power)
 from extauthz.records import audit
 from extauthz.records.audit import Actor, Note
@@ -33,7 +33,7 @@ from extauthz.check.facts import Facts
 from extauthz.check.decision import Deny
 from extauthz.check.policy import authenticate, route_denied, visible_models
 from extauthz.records.lookup import Records, lookup
-from extauthz.records.record import ANYONE, KeyRecord, secret_holders, format_time, hash_token, masked_key, team_members, new_key_doc, new_team_doc, new_user_doc, now_iso
+from extauthz.records.record import ANYONE, MEMBER_TERMS, KeyRecord, TeamRecord, secret_holders, format_time, hash_token, masked_key, team_members, new_key_doc, new_team_doc, new_user_doc, now_iso
 from extauthz.check.request import credentials
 from extauthz.check.runtime import Runtime
 from extauthz.check.service import budget_counters
@@ -53,6 +53,9 @@ HASH = re.compile(r"[0-9a-f]{64}")
 # What an acting user may change on a key it may touch (blocked, expires... stay the admin's).
 ACTING_KEY_CHANGES = {"key", "key_alias", "models", "metadata", "team_id", "user_id"}
 MAX_MEMBERS_PER_CALL = 100
+# LiteLLM's per-member rate limits and budget raises: refused rather than stored unread.
+MEMBER_TERMS_NOT_ENFORCED = ("tpm_limit", "rpm_limit", "temp_budget_increase", "temp_budget_expiry",
+                             "model_max_budget")
 # Headers Envoy sets on every request it passes on (x-forwarded-proto, x-request-id): such a
 # request came through a listener, perhaps the public one.
 PROXIED_HEADERS = ("x-forwarded-proto", "x-forwarded-for", "x-request-id", "x-envoy-expected-rq-timeout-ms",
@@ -64,6 +67,9 @@ AUDIT_PAGE = 500            # entries read from the stream per round trip
 AUDIT_SCAN_MAX = 100_000    # entries one GET /audit looks through at most (then 'next' goes on)
 # /internal/ is Envoy's (usage.lua), on the sidecar's own port: no Envoy route reaches it.
 OPEN_ROUTES = ("/v1/models", "/models", "/model_group/info", "/health/", "/internal/")
+# What any valid virtual key may read of itself, admin powers or not, as in LiteLLM: its
+# own /key/info, and /model/info of the models it may call.
+SELF_READ_ROUTES = ("/key/info", "/model/info", "/v1/model/info")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -158,6 +164,8 @@ def explained_body(endpoint: Any, model: str, max_tokens: int | None = None) -> 
 
 
 NOT_MASTER = ApiError(401, "unauthorized", "This route needs the master key as 'Authorization: Bearer'.")
+# The powers of a key reading its own records (SELF_READ_ROUTES): no team, no other key.
+SELF_ONLY = Acting("<self>", ())
 
 
 class AdminApi:
@@ -192,6 +200,7 @@ class AdminApi:
         get("/team/info", self.team_info)
         get("/team/list", self.team_list)
         post("/team/member_add", self.team_member_add)
+        post("/team/member_update", self.team_member_update)
         post("/team/member_delete", self.team_member_delete)
         post("/user/new", self.user_new)
         post("/user/update", self.user_update)
@@ -274,15 +283,21 @@ class AdminApi:
             if token is None:
                 raise NOT_MASTER
             by_key = not self.runtime().is_master(hash_token(token))
+            if by_key and request.method == "GET" and route_name(request) in SELF_READ_ROUTES:
+                # (its own records: a key without admin powers reads them too; the handlers
+                # narrow to them whatever the key's powers)
+                request["self_reader"], _, _ = await self.caller(request, token, None, NOT_MASTER)
             if by_key:
-                who, actor = await self.key_power(token, request)
+                who, actor = await self.key_power(token, request, "self_reader" in request)
             else:
                 who = acting_from_headers(request.headers)
                 actor = actor_from_headers(request.headers, who)
             request["audit"] = Note(actor, route_name(request))
-            if who is not None:
+            if who is SELF_ONLY:
+                request["acting"] = SELF_ONLY
+            elif who is not None:
                 if not who.may_use(request.method, route_name(request)):
-                    raise Refused(f"A user acting for itself may not use {route_name(request)!r}.")
+                    raise Refused(f"A user acting for itself may not use {route_name(request)!r}.", ROUTE_REFUSED)
                 # A token's teams are the IdP's word; a key owner's, its record's, each
                 # confirmed by the team's own member list.
                 request["acting"] = who.with_admin_teams(await self.store.team_docs(list(who.teams)),
@@ -303,9 +318,11 @@ class AdminApi:
                            "most a user may (extauthz_settings.admin_writes_per_minute); try again in "
                            f"{int(60 - now % 60) + 1}s.")
 
-    async def key_power(self, token: str, request: web.Request) -> tuple[Acting | None, Actor]:
+    async def key_power(self, token: str, request: web.Request, reads_itself: bool = False) -> tuple[
+            Acting | None, Actor]:
         """A virtual key on the admin API: its allowed_routes, then its owner's role; and
-        the actor the audit trail names (the key's hash, its owner and the owner's role)."""
+        the actor the audit trail names (the key's hash, its owner and the owner's role).
+        ``reads_itself``: a key without admin powers reads its own records only."""
         key, _, _ = await self.caller(request, token, None, NOT_MASTER)
         doc = await self.store.key_doc(key.token_hash) if key is not None else None  # (its holders: the document's)
         if key is None or doc is None:
@@ -314,8 +331,15 @@ class AdminApi:
         # A proxy admin that made or named the key holds every power already, while it is one.
         others = secret_holders(doc) - {key.user_id, ANYONE}
         admins = frozenset([h for h in others if ((await self.store.user_doc(h)) or {}).get("user_role") == "proxy_admin"])
-        power = key_owner_power(doc, owner, request.method, admins)
         actor = Actor("key", user_id=key.user_id, role=(owner or {}).get("user_role"), key_hash=key.token_hash)
+        try:
+            power = key_owner_power(doc, owner, request.method, admins)
+        except Refused:
+            if not reads_itself:
+                raise
+            return SELF_ONLY, actor
+        if reads_itself and power in ("master", "read"):
+            del request["self_reader"]  # an admin's key reads every record
         return (power if isinstance(power, Acting) else None), actor
 
     def writer(self, request: web.Request) -> RedisWriter:
@@ -383,26 +407,27 @@ class AdminApi:
         if who is not None:
             if fixed is None:
                 refuse_acting_fields(body)
-            change, check = self.acting_key_rules(who, changes)
+            change, check = self.acting_key_rules(who, changes, "/key/update")
         named_by_value = token_hash != body.get("key")
         doc = await self.writer(request).update_key(
             token_hash, holding(change, holder_of(request), named_by_value), check,
             self.runtime().config.settings.max_keys_per_user if who is not None else 0)
         return web.json_response(self.key_view(doc))
 
-    def acting_key_rules(self, who: Acting, changes: dict[str, Any]) -> tuple[Callable[[dict[str, Any]], dict[str, Any]],
-                                                                              Callable[..., None]]:
-        """An acting user's change of a key and the check of the result; both run in the
-        transaction, on the stored key before and after."""
+    def acting_key_rules(self, who: Acting, changes: dict[str, Any], route: str) -> tuple[
+            Callable[[dict[str, Any]], dict[str, Any]], Callable[..., None]]:
+        """An acting user's change of a key by ``route`` and the check of the result; both
+        run in the transaction, on the stored key before and after."""
         def change(doc: dict[str, Any]) -> dict[str, Any]:
             if not who.owns(doc):  # the same answer as a missing key
                 raise NotFound("key not found")
+            who.check_member_route(doc.get("team_id"), route)
             return applying(dict(changes, updated_by=who.user_id))(doc)
 
         def check(key: dict[str, Any], team: dict[str, Any] | None) -> None:
             if not who.owns(key):
                 raise Refused("The key would leave the caller's keys.", param="user_id")
-            who.check_new_key(key, key.get("user_id"))
+            who.check_new_key(key, key.get("user_id"), route)
             if "user_id" in changes:
                 who.check_owner(key, team)
             self.check_team(key, team)
@@ -439,6 +464,10 @@ class AdminApi:
                 # A secret the admin blocked or let expire must not come back through delete and create.
                 raise Refused("A user does not choose the key: one is generated.", param="key")
             who.check_new_key(doc, body.get("user_id"))
+            if doc.get("team_id") is None and await self.store.user_doc(who.user_id) is None:
+                # A personal key is narrowed by its owner's record: without one, nothing would.
+                raise Refused("A personal key (no team_id) needs a user record for its owner (/user/new, or "
+                              "user_id_upsert); give a team_id of the caller's teams.", param="team_id")
             doc["user_id"] = doc.get("user_id") or who.user_id
             doc["created_by"] = who.user_id
         doc["secret_holders"] = holders_of_new_value(holder_of(request), doc.get("user_id"))
@@ -483,8 +512,10 @@ class AdminApi:
             hashes.append(found[0])
         if who is not None:  # all of them its own, or none is deleted (one answer: no oracle)
             for h in hashes:
-                if not who.owns(await self.store.key_doc(h)):
+                doc = await self.store.key_doc(h)
+                if doc is None or not who.owns(doc):
                     raise NotFound("no such key of this user")
+                who.check_member_route(doc.get("team_id"), "/key/delete")
         deleted = [h for h in hashes if await self.writer(request).delete_key(h)]
         if not deleted:
             raise NotFound("none of the given keys exist")
@@ -526,7 +557,7 @@ class AdminApi:
             if given is not None:
                 raise Refused("A user does not choose the key: one is generated.", param="new_key")
             refuse_acting_fields(body, frozenset({"grace_period"}))
-            change, check = self.acting_key_rules(who, changes)
+            change, check = self.acting_key_rules(who, changes, "/key/regenerate")
         holder = holder_of(request)
 
         def regenerated(doc: dict[str, Any]) -> dict[str, Any]:  # a new value: only who it was returned to holds it
@@ -540,9 +571,20 @@ class AdminApi:
         return web.json_response(dict(self.key_view(doc, raw_key), old_key_expires=old_key_expires))
 
     async def key_info(self, request: web.Request) -> web.Response:
-        token_hash = token_hash_of(request.query.get("key"))
+        """A key's record with its use; a key calling without ``?key=`` gets its own, as in
+        LiteLLM (client tools read their remaining budget so)."""
+        reader: KeyRecord | None = request.get("self_reader")
+        given = request.query.get("key")
+        if given is None and reader is not None:
+            token_hash = reader.token_hash
+        else:
+            token_hash = token_hash_of(given)
         doc = await self.store.key_doc(token_hash)
         who = acting(request)
+        if reader is not None and token_hash in (reader.token_hash, reader.account):
+            who = None  # (itself; a replaced key in its grace period reads its line's first)
+        elif who is SELF_ONLY:
+            doc = None
         if doc is None or (who is not None and not who.owns(doc)):
             raise NotFound("key not found")
         (doc,) = await self.with_use([doc], "key", "token")
@@ -646,22 +688,51 @@ class AdminApi:
         keys = await self.store.list_keys(team_id)
         if who is not None:
             keys = [k for k in keys if who.owns(k)]
+        memberships = await self.memberships(doc)
         (doc,) = await self.with_use([doc], "team", "team_id")
         return web.json_response({"team_id": team_id, "team_info": doc,
-                                  "keys": [self.key_view(k) for k in keys]})
+                                  "keys": [self.key_view(k) for k in keys], "team_memberships": memberships})
+
+    async def memberships(self, doc: dict[str, Any]) -> list[dict[str, Any]]:
+        """A team's members with terms of their own, in LiteLLM's shape, with their spend
+        this budget period."""
+        try:
+            members = TeamRecord.from_document(doc).members or {}
+        except (KeyError, TypeError):
+            return []
+        now = time.time()
+        counters = [budgets.spend_counters(m.spend_scope, m.budget, None, now)[0] for m in members.values()]
+        spent = await self.counters.spent([c.suffix for c in counters]) if counters else []
+        stored = {m.get("user_id"): m for m in doc.get("team_memberships") or [] if isinstance(m, dict)}
+        return [{"user_id": m.user_id, "team_id": m.team_id, "spend": amount, "litellm_budget_table": {
+                    "max_budget": m.budget.max if m.budget else None,
+                    "budget_duration": stored.get(m.user_id, {}).get("budget_duration"),
+                    "allowed_models": list(m.models),
+                    "budget_reset_at": format_time(c.reset_at) if c.reset_at not in (None, float("inf")) else None}}
+                for m, c, amount in zip(members.values(), counters, spent)]
 
     async def team_list(self, request: web.Request) -> web.Response:
-        teams = await self.store.list_teams()
-        user_id = request.query.get("user_id")
+        """The teams; LiteLLM's ``user_id`` filter names a member. A user acting for itself
+        lists its own teams (``user_id`` itself, or none), as in LiteLLM."""
+        user_id, who = request.query.get("user_id"), acting(request)
+        if who is not None:
+            if user_id not in (None, who.user_id):
+                raise Refused("A user lists its own teams only (user_id: itself).", param="user_id")
+            mine = set(who.teams) | who.admin_teams
+            teams = [t for t in await self.store.team_docs(sorted(mine)) if t is not None]
+        else:
+            teams = await self.store.list_teams()
         if user_id:  # LiteLLM's filter: the teams this user is a member of
             teams = [t for t in teams if any(m.get("user_id") == user_id for m in team_members(t))]
         return web.json_response(await self.with_use(teams, "team", "team_id"))
 
     # -- team members ---------------------------------------------------------------------
 
-    async def add_members(self, writer: RedisWriter, team_id: str, given: list[dict[str, Any]]) -> tuple[dict[str, Any], list[str]]:
-        """Add members; one named by e-mail only is the one user with that e-mail, or a new
-        one. Returns the team and the members' user ids."""
+    async def add_members(self, writer: RedisWriter, team_id: str, given: list[dict[str, Any]],
+                          terms: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[str]]:
+        """Add members (each with ``terms``, its own in the team, when given); one named by
+        e-mail only is the one user with that e-mail, or a new one. Returns the team and the
+        members' user ids."""
         by_email: dict[str, list[str]] = {}
         if any(m["user_id"] is None for m in given):
             for u in await self.store.list_users():
@@ -677,14 +748,15 @@ class AdminApi:
                                    "name the member by user_id.", "member")
                 member = dict(member, user_id=known[0] if known else str(uuid.uuid4()))
             user = new_user_doc(member["user_id"], user_email=member["user_email"])
-            team = await writer.add_member(team_id, member, user)
+            team = await writer.add_member(team_id, member, user, terms)
             ids.append(member["user_id"])
         return team, ids
 
     async def team_member_add(self, request: web.Request) -> web.Response:
         body = await self.body(request)
-        schema.reject_unknown(body, {"team_id", "member", "max_budget_in_team", "allowed_models"})
+        schema.reject_unknown(body, {"team_id", "member", *MEMBER_TERMS})
         team_id = schema.expect(body, "team_id", str, nullable=False)
+        terms = schema.member_terms(body, self.runtime().catalog)
         who = acting(request)
         if who is not None:
             who.check_team(team_id, manage=True)
@@ -696,7 +768,7 @@ class AdminApi:
             members = await self.addable_by_team_admin(members)
         if await self.store.team_doc(team_id) is None:
             raise MissingTeam(f"team_id {team_id!r} does not exist")
-        doc, ids = await self.add_members(self.writer(request), team_id, members)
+        doc, ids = await self.add_members(self.writer(request), team_id, members, terms)
         users = [u for u in [await self.store.user_doc(i) for i in dict.fromkeys(ids)] if u is not None]
         if who is not None:  # who they are in this team, not the rest of their records
             users = [{"user_id": u["user_id"]} for u in users]
@@ -716,6 +788,43 @@ class AdminApi:
                                "existing users (an admin creates them with /user/new).")
         return [dict(m, user_email=None) for m in members]
 
+    async def team_member_update(self, request: web.Request) -> web.Response:
+        """A member's role and its own terms in the team (LiteLLM's /team/member_update)."""
+        body = await self.body(request)
+        unsupported = sorted(k for k in body if k in MEMBER_TERMS_NOT_ENFORCED and body[k] not in (None, {}))
+        if unsupported:  # restricting terms are enforced or refused, never stored unread
+            raise ApiError(400, "invalid_request", f"{', '.join(unsupported)} on a team member is not enforced by "
+                           "this gateway: set limits on the member's keys instead.", unsupported[0])
+        schema.reject_unknown(body, {"team_id", "user_id", "user_email", "role", *MEMBER_TERMS,
+                                     *MEMBER_TERMS_NOT_ENFORCED})
+        team_id = schema.expect(body, "team_id", str, nullable=False)
+        who = acting(request)
+        if who is not None:
+            who.check_team(team_id, manage=True)
+        role = schema.expect(body, "role", str)
+        if role is not None and role not in schema.MEMBER_ROLES:
+            raise ApiError(400, "invalid_request", f"'role' must be one of {list(schema.MEMBER_ROLES)}, got {role!r}",
+                           "role")
+        terms = schema.member_terms(body, self.runtime().catalog)
+        user_id = await self.member_named(team_id, body)
+        team = await self.writer(request).update_member(team_id, user_id, role, terms)
+        return web.json_response({"team_id": team_id, "user_id": user_id, "role": next(
+            (m.get("role") for m in team_members(team) if m.get("user_id") == user_id), None),
+            **next((m for m in team.get("team_memberships") or [] if m.get("user_id") == user_id), {})})
+
+    async def member_named(self, team_id: str, body: dict[str, Any]) -> str:
+        """The member a body names by user_id, or by user_email among the team's members."""
+        user_id, email = schema.expect(body, "user_id", str), schema.expect(body, "user_email", str)
+        if user_id:
+            return user_id
+        team = await self.store.team_doc(team_id)
+        if team is None:
+            raise MissingTeam(f"team_id {team_id!r} does not exist")
+        found = [m["user_id"] for m in team_members(team) if email and m.get("user_email") == email]
+        if not found:
+            raise NotFound(f"no member of team {team_id!r} with that user_id or user_email")
+        return found[0]
+
     async def team_member_delete(self, request: web.Request) -> web.Response:
         body = await self.body(request)
         schema.reject_unknown(body, {"team_id", "user_id", "user_email"})
@@ -723,13 +832,7 @@ class AdminApi:
         who = acting(request)
         if who is not None:
             who.check_team(team_id, manage=True)
-        user_id, email = schema.expect(body, "user_id", str), schema.expect(body, "user_email", str)
-        if not user_id:
-            team = await self.store.team_doc(team_id)
-            found = [m["user_id"] for m in team_members(team) if email and m.get("user_email") == email]
-            if not found:
-                raise NotFound(f"no member of team {team_id!r} with that user_id or user_email")
-            user_id = found[0]
+        user_id = await self.member_named(team_id, body)
         team, deleted, blocked = await self.writer(request).remove_member(team_id, user_id)
         return web.json_response(dict(team, deleted_keys=deleted, blocked_keys=blocked))
 
@@ -820,7 +923,7 @@ class AdminApi:
         """The master key, or a proxy_admin (a JWT's role, or a management key's owner's)."""
         actor = request["audit"].actor
         if actor.kind != "master_key" and actor.role != "proxy_admin":
-            raise Refused(f"Only the master key or a proxy_admin may {what}.")
+            raise Refused(f"Only the master key or a proxy_admin may {what}.", ROUTE_REFUSED)
 
     async def audit_trail(self, request: web.Request) -> web.Response:
         """The audit trail, newest first: ``target`` (a key, its hash or alias, a team or user
@@ -912,13 +1015,31 @@ class AdminApi:
     # -- models ---------------------------------------------------------------------------
 
     async def model_info(self, request: web.Request) -> web.Response:
+        """The deployments: every one for an admin, those of the models it may call for a
+        key or a user acting for itself (LiteLLM's filter)."""
+        names: set[str] | None = None
+        if request.get("self_reader") is not None:
+            names = set(await self.visible(request))
+        elif acting(request) is not None:
+            names = await self.acting_models(acting(request))  # type: ignore[arg-type]
         data = [{"model_name": d.model_name,
                  "litellm_params": {"model": f"{d.provider}/{d.provider_model}", "api_base": d.api_base or None,
                                     "api_version": d.api_version, "weight": d.weight},
                  "model_info": {"id": d.name, "access_groups": list(d.access_groups), "routable": d.routable,
                                 **({"reason": d.unavailable} if not d.routable else {})}}
-                for d in self.runtime().config.deployments]
+                for d in self.runtime().config.deployments if names is None or d.model_name in names]
         return web.json_response({"data": data})
+
+    async def acting_models(self, who: Acting) -> set[str]:
+        """The models a user acting for itself may call through any of its teams."""
+        catalog, names = self.runtime().catalog, set()
+        for team_id in who.teams:
+            team = await self.records.get_team(team_id)
+            if team is not None and not team.blocked:
+                key = KeyRecord(f"acting:{who.user_id}", None, (ALL_TEAM_MODELS,), team_id, None, False, None,
+                                who.user_id)
+                names.update(visible_models(key, team, catalog, team.member(who.user_id)))
+        return names
 
     async def model_group_info(self, request: web.Request) -> web.Response:
         """The model groups the calling key may use (the same list as /v1/models), with

@@ -33,10 +33,19 @@ BUDGET_FIELDS = {"max_budget", "soft_budget", "budget_duration", "model_max_budg
 LIMIT_FIELDS = RATE_FIELDS | BUDGET_FIELDS
 KEY_FIELDS = LIMIT_FIELDS | {"models", "team_id", "key_alias", "duration", "expires", "metadata", "blocked", "user_id", "key_type",
               "allowed_routes"}
-TEAM_FIELDS = LIMIT_FIELDS | {"team_alias", "models", "blocked", "metadata", "members_with_roles"}
+TEAM_FIELDS = LIMIT_FIELDS | {"team_alias", "models", "blocked", "metadata", "members_with_roles",
+                              "team_member_permissions"}
 USER_FIELDS = LIMIT_FIELDS | {"user_email", "user_role", "models", "teams", "metadata", "key_alias", "duration"}
 USER_ROLES = ("proxy_admin", "proxy_admin_viewer", "internal_user", "internal_user_viewer")
 MEMBER_ROLES = ("admin", "user")
+# What a plain member may do with a team's keys (LiteLLM's team member permissions): its
+# baseline, and what the team's team_member_permissions add to it.
+BASELINE_MEMBER_ROUTES = frozenset({"/key/info", "/key/health"})
+MEMBER_PERMISSIONS = frozenset({
+    "/key/generate", "/key/update", "/key/delete", "/key/regenerate", "/key/service-account/generate",
+    "/key/{key_id}/regenerate", "/key/block", "/key/unblock", "/key/bulk_update", "/team/key/bulk_update",
+    "/key/{key_id}/reset_spend", "/key/access_group_assignment", "/auto_router/manage", "/key/info",
+    "/key/health", "/key/list", "/key/aliases"})
 
 
 class Invalid(ValueError):
@@ -244,12 +253,43 @@ def member(value: Any) -> dict[str, Any]:
     return {"role": role, "user_id": user_id or None, "user_email": email or None}
 
 
+def member_terms(body: dict[str, Any], catalog: Catalog) -> dict[str, Any]:
+    """A member's own terms in a team, as /team/member_add and /team/member_update take
+    them (those present; ``allowed_models: []`` lifts the member's narrowing, as in LiteLLM)."""
+    out: dict[str, Any] = {}
+    if "max_budget_in_team" in body:
+        try:
+            out["max_budget_in_team"] = budgets.usd(body["max_budget_in_team"], "max_budget_in_team")
+        except ValueError as e:
+            raise Invalid(str(e), "max_budget_in_team") from None
+    if "budget_duration" in body:
+        try:
+            budgets.period(body["budget_duration"])
+        except ValueError as e:
+            raise Invalid(str(e), "budget_duration") from None
+        out["budget_duration"] = body["budget_duration"]
+    if "allowed_models" in body:
+        try:
+            models = models_list({"models": body["allowed_models"]}, catalog)
+        except Invalid as e:
+            raise Invalid(str(e).replace("'models'", "'allowed_models'"), "allowed_models") from None
+        out["allowed_models"] = models or []
+    return out
+
+
 def team_fields(body: dict[str, Any], catalog: Catalog, extra: set[str] = frozenset()) -> dict[str, Any]:
     out = record_fields(body, catalog, TEAM_FIELDS | extra)
     if "team_alias" in body:
         out["team_alias"] = expect(body, "team_alias", str)
     if body.get("members_with_roles") is not None:
         out["members_with_roles"] = [member(m) for m in expect(body, "members_with_roles", list)]
+    if "team_member_permissions" in body:
+        granted = expect(body, "team_member_permissions", list)
+        unknown = [g for g in granted or [] if g not in MEMBER_PERMISSIONS]
+        if unknown:
+            raise Invalid(f"'team_member_permissions' holds unknown route(s) {unknown}; known: "
+                          f"{sorted(MEMBER_PERMISSIONS)}", "team_member_permissions")
+        out["team_member_permissions"] = granted
     return out
 
 

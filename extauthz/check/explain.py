@@ -16,7 +16,7 @@ from extauthz.check.decision import Allow, Deny, Reply
 from extauthz.check.endpoints import Endpoint
 from extauthz.check.policy import admitting_entry
 from extauthz.check.wildcard import matches
-from extauthz.records.record import KeyRecord, TeamRecord, UserRecord, format_time
+from extauthz.records.record import KeyRecord, MemberScope, Owner, TeamRecord, format_time
 
 Doc = dict[str, Any]
 LIMIT_CODES = frozenset({"rate_limit_exceeded", "budget_exceeded", "unpriced_model", "usage_not_reported"})
@@ -65,7 +65,7 @@ def list_view(owner: str, allowed: tuple[str, ...], resolution: Resolution | Non
     return view
 
 
-def lists_view(key: KeyRecord, team: TeamRecord | None, owner: UserRecord | None,
+def lists_view(key: KeyRecord, team: TeamRecord | None, owner: Owner | None,
                resolution: Resolution | None) -> list[Doc]:
     team_decides = ALL_TEAM_MODELS in key.models and team is not None
     key_models = key.models if team_decides or ALL_TEAM_MODELS not in key.models else \
@@ -74,7 +74,8 @@ def lists_view(key: KeyRecord, team: TeamRecord | None, owner: UserRecord | None
     if team is not None:
         views.append(list_view(f"team {team.team_id}", team.models, resolution))
     if owner is not None:
-        views.append(list_view(f"user {owner.user_id}", owner.models, resolution))
+        where = f" in team {owner.team_id}" if isinstance(owner, MemberScope) else ""
+        views.append(list_view(f"user {owner.user_id}{where}", owner.models, resolution))
     return views
 
 
@@ -119,7 +120,7 @@ def outcome_view(decision: Any) -> Doc:
     return {"decision": "deny", "status": 500, "code": "internal_error"}
 
 
-def explain(decision: Any, key: KeyRecord, team: TeamRecord | None, owner: UserRecord | None, catalog: Catalog,
+def explain(decision: Any, key: KeyRecord, team: TeamRecord | None, owner: Owner | None, catalog: Catalog,
             model: str, endpoint: Any) -> Doc:
     """The decision and the steps behind it."""
     resolution = catalog.resolve(model)
@@ -130,6 +131,8 @@ def explain(decision: Any, key: KeyRecord, team: TeamRecord | None, owner: UserR
     steps += [{"step": "allowed_models", **v} for v in lists_view(key, team, owner, resolution)]
     steps.append({"step": "deployments", "serving": deployments_view(resolution, endpoint)})
     limits: Doc = {"step": "limits", "key": _limits_of(key), "team": _limits_of(team) if team else None}
+    if isinstance(owner, MemberScope) and owner.budget is not None:
+        limits["member"] = {"user_id": owner.user_id, **_limits_of(owner)}
     if code in LIMIT_CODES:
         limits["refused_by"] = code
     steps.append(limits)

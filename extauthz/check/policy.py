@@ -15,7 +15,7 @@ from extauthz.check import routes
 from extauthz.check.decision import Allow, Deny, Grant
 from extauthz.check.endpoints import PassThrough
 from extauthz.check.facts import Facts, Problem
-from extauthz.records.record import KeyRecord, TeamRecord, UserRecord
+from extauthz.records.record import KeyRecord, Owner, TeamRecord
 
 LISTED_MODELS_MAX = 50
 
@@ -62,13 +62,13 @@ def key_admits(key: KeyRecord, team: TeamRecord | None, resolution: Resolution) 
 
 
 def allowed_by(key: KeyRecord, team: TeamRecord | None, resolution: Resolution,
-               owner: UserRecord | None = None) -> bool:
+               owner: Owner | None = None) -> bool:
     return key_admits(key, team, resolution) and (team is None or list_admits(team.models, resolution)) \
         and (owner is None or list_admits(owner.models, resolution))
 
 
 def visible_models(key: KeyRecord, team: TeamRecord | None, catalog: Catalog,
-                   owner: UserRecord | None = None) -> list[str]:
+                   owner: Owner | None = None) -> list[str]:
     """The model names a key can call; /v1/models and deny messages both use this.
     It depends only on the lists, so it is computed once per catalog and set of lists."""
     lists = (key.models, team.models if team is not None else None, owner.models if owner is not None else None)
@@ -76,7 +76,7 @@ def visible_models(key: KeyRecord, team: TeamRecord | None, catalog: Catalog,
 
 
 def _visible(key: KeyRecord, team: TeamRecord | None, catalog: Catalog,
-             owner: UserRecord | None) -> tuple[str, ...]:
+             owner: Owner | None) -> tuple[str, ...]:
     names = [g.name for g in catalog.groups.values() if allowed_by(key, team, Resolution(g.name, g), owner)]
     names += [a.name for a in catalog.aliases.values() if not a.hidden
               and allowed_by(key, team, Resolution(a.name, catalog.groups[a.target], alias_of=a.target), owner)]
@@ -96,17 +96,17 @@ def authenticate(facts: Facts, key: KeyRecord | None, team: TeamRecord | None, n
     if key.expires_at is not None and key.expires_at <= now:
         return Deny(401, "key_expired", f"Key {key.label!r} has expired.", metadata=meta)
     if key.blocked:
-        return Deny(403, "key_blocked", f"Key {key.label!r} is blocked.", metadata=meta)
+        return Deny(401, "key_blocked", f"Key {key.label!r} is blocked.", metadata=meta)
     if key.team_id is not None:
         if team is None:
             return Deny(403, "team_not_found", f"The team of key {key.label!r} does not exist.", metadata=meta)
         if team.blocked:
-            return Deny(403, "team_blocked", f"Team {team.label!r} is blocked.", metadata=meta)
+            return Deny(401, "team_blocked", f"Team {team.label!r} is blocked.", metadata=meta)
     return None
 
 
 def decide(facts: Facts, key: KeyRecord | None, team: TeamRecord | None,
-           catalog: Catalog, now: float, draw: float = 0.0, owner: UserRecord | None = None) -> Decision:
+           catalog: Catalog, now: float, draw: float = 0.0, owner: Owner | None = None) -> Decision:
     """``draw`` in [0, 1) picks among a model group's deployments by weight."""
     denied = authenticate(facts, key, team, now)
     if denied is not None:
@@ -125,9 +125,10 @@ def route_denied(facts: Facts, key: KeyRecord) -> Deny | None:
 
 
 def authorize(facts: Facts, key: KeyRecord, team: TeamRecord | None, catalog: Catalog,
-              draw: float, owner: UserRecord | None = None) -> Grant | Deny:
+              draw: float, owner: Owner | None = None) -> Grant | Deny:
     """The decision for a caller ``authenticate`` let through, once the body is read.
-    ``owner``: the user record of a key without a team, whose models narrow the key's."""
+    ``owner``: the user record of a key without a team, or its owner's terms in the key's
+    team (a member's allowed_models): their models narrow the key's."""
     meta = _metadata(facts, key)
     endpoint = facts.endpoint
     if endpoint is None:
@@ -152,7 +153,7 @@ def authorize(facts: Facts, key: KeyRecord, team: TeamRecord | None, catalog: Ca
     if team is not None and not list_admits(team.models, resolution):
         return _model_denied(model, "not allowed", key, team, True, catalog, meta)
     if owner is not None and not list_admits(owner.models, resolution):
-        return _model_denied(model, f"not allowed for its user {owner.user_id!r}", key, team, False, catalog, meta,
+        return _model_denied(model, f"not allowed for {owner.narrows}", key, team, False, catalog, meta,
                              owner)
     index = _pick(resolution, draw, endpoint.api_format)
     if index is None:
@@ -179,7 +180,7 @@ def _problem(problem: Problem, meta: dict[str, Any]) -> Deny:
 
 
 def _model_denied(model: str, why: str, key: KeyRecord, team: TeamRecord | None, by_team: bool,
-                  catalog: Catalog, meta: dict[str, Any], owner: UserRecord | None = None) -> Deny:
+                  catalog: Catalog, meta: dict[str, Any], owner: Owner | None = None) -> Deny:
     who = f"team {team.label!r}" if by_team and team is not None else f"key {key.label!r}"
     usable = visible_models(key, team, catalog, owner)
     shown = usable[:LISTED_MODELS_MAX]

@@ -51,8 +51,8 @@ ACTING_HEADERS = (ACTING_USER_HEADER, ACTING_TEAMS_HEADER, ADMIN_ACTOR_HEADER)
 # The admin routes an acting user may use (its own keys; in a team where it is an admin
 # member, the team's keys and members); the admin API narrows each to those records.
 ACTING_ROUTES = ("/key/generate", "/key/list", "/key/delete", "/key/info", "/key/update", "/key/regenerate",
-                 "/team/info",
-                 "/team/member_add", "/team/member_delete", "/user/info")
+                 "/team/info", "/team/list", "/model/info", "/v1/model/info",
+                 "/team/member_add", "/team/member_update", "/team/member_delete", "/user/info")
 # The admin routes a JWT caller's request reaches through the check (Envoy's routes for
 # them are rendered from these).
 JWT_ADMIN_PREFIXES = ("/key/", "/team/", "/user/")

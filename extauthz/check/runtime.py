@@ -14,7 +14,7 @@ from extauthz.config import Config, setting_path
 from extauthz.records.record import hash_token
 from extauthz.check.request import PassThroughPaths
 from extauthz.check.routing import AdminRoute, Proxy, Route
-from extauthz.usage.prices import Price, price_of
+from extauthz.usage.prices import Price, configured, free_of_charge, price_of
 
 
 MISSING = object()
@@ -35,6 +35,9 @@ class Runtime:
     prices: Mapping[str, Price | None] = field(default_factory=dict, repr=False)
     wildcard_routes: Mapping[str, Route] = field(default_factory=dict, repr=False)
     wildcard_prices: dict[tuple[str, str], Price | None] = field(default_factory=dict, repr=False)
+    # Routes whose deployment the config prices at zero (self-hosted, say): budgets do not
+    # apply to their calls, as LiteLLM skips its budget checks for zero-cost models.
+    free_routes: frozenset[str] = frozenset()
 
     @classmethod
     def of(cls, config: Config, tokens: Tokens = NO_TOKENS) -> "Runtime":
@@ -51,7 +54,8 @@ class Runtime:
         prices = {r.route_id: price_of(r.deployment.provider, r.deployment.provider_model, r.deployment.info)
                   for r in catalog.routes.values()}
         wildcards = {r.route_id: r for r in catalog.routes.values() if "*" in r.deployment.provider_model}
-        return cls(config, catalog, master, paths, refusal, admin, prices, wildcards)
+        free = frozenset(r.route_id for r in catalog.routes.values() if free_of_charge(configured(r.deployment.info)))
+        return cls(config, catalog, master, paths, refusal, admin, prices, wildcards, {}, free)
 
     def price(self, route_id: str, model: str) -> Price | None:
         """A settled call's price: its route's; a wildcard route's (``openai/*``) is the

@@ -8,6 +8,7 @@ import logging
 import random
 import secrets
 import time
+from dataclasses import replace
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -28,7 +29,7 @@ from extauthz.check.catalog import ALL_TEAM_MODELS
 from extauthz.check import listing
 from extauthz.check import shadow as shadow_mode
 from extauthz.check import routes
-from extauthz.check.identity import ADMIN_ROLES, Identity, identify, issued_for, scope_models
+from extauthz.check.identity import ADMIN_ROLES, Identity, claim, identify, issued_for, scope_models, strings
 from extauthz.config import JwtAuth
 from extauthz.check.policy import visible_models
 from extauthz.records.lookup import lookup
@@ -37,7 +38,7 @@ from extauthz.usage import budgets
 from extauthz.usage.counters import RateCounters
 from extauthz.usage.estimate import Estimate, estimate
 from extauthz.usage.limits import Counter, rate_counters, refusal, scope
-from extauthz.records.record import KeyRecord, TeamRecord, UserRecord
+from extauthz.records.record import KeyRecord, Owner, TeamRecord, UserRecord
 from extauthz.records.store import RecordReader, StoreUnavailable
 from extauthz.telemetry import logs, tracing
 from extauthz.telemetry.metrics import CheckMetrics
@@ -82,15 +83,49 @@ def route_refusal(identity: Identity, jwt: JwtAuth, facts: Facts) -> Deny | None
                 f"{facts.path.partition('?')[0]!r} ({which}: {list(allowed)}).")
 
 
+def missing_team(identity: Identity, claims: Any, jwt: JwtAuth, needs_team: bool) -> Deny | None:
+    """A token that names no team is refused (401, as LiteLLM refuses one it requires a
+    team of); with ``team_id_jwt_field`` set, LiteLLM requires that claim itself, even when
+    ``team_ids_jwt_field`` names teams (``team_id_default`` stands in for it). Without
+    ``needs_team`` (the admin routes), only that requirement."""
+    required = jwt.team_id_jwt_field is not None and not jwt.team_id_default \
+        and not strings(claim(claims, jwt.team_id_jwt_field))
+    if (identity.teams or not needs_team) and not required:
+        return None
+    fields = " and ".join(f"{n} {f!r}" for n, f in (("team_id field", jwt.team_id_jwt_field),
+                                                    ("team_ids field", jwt.team_ids_jwt_field)) if f)
+    return Deny(401, "missing_team", f"No team found in token. Checked {fields or 'no team field (none is set)'}.")
+
+
 def budget_counters(key: KeyRecord, team: TeamRecord | None, model: str, now: float, cost: float) -> list[Counter]:
-    """The budgets a call is admitted against, its key's then its team's, each to hold
-    ``cost`` (0: only whether one is spent already), named as LiteLLM's refusal names them."""
+    """The budgets a call is admitted against, its key's, its team's, then its owner's in
+    that team (max_budget_in_team), each to hold ``cost`` (0: only whether one is spent
+    already), named as LiteLLM's refusal names them."""
     counters = budgets.admission_counters(scope("key", key.account), f"Key={key.label!r}", key.budget, model, now,
                                           cost)
     if team is not None:
         counters += budgets.admission_counters(scope("team", team.team_id), f"Team={team.label!r}", team.budget,
                                                model, now, cost)
+        member = team.member(key.user_id)
+        if member is not None:
+            counters += budgets.admission_counters(member.spend_scope, f"User={member.user_id!r} in Team="
+                                                   f"{team.label!r}", member.budget, model, now, cost)
     return counters
+
+
+def budgeted(key: KeyRecord, team: TeamRecord | None) -> str | None:
+    """Whose budget a call of this caller is admitted against, named (the key's, its
+    team's, or its owner's in the team), or None."""
+    if budgets.binding(key.budget):
+        return f"Key {key.label!r}"
+    if team is None:
+        return None
+    if budgets.binding(team.budget):
+        return f"Team {team.label!r}"
+    member = team.member(key.user_id)
+    if member is not None and budgets.binding(member.budget):
+        return f"User {member.user_id!r} in team {team.label!r}"
+    return None
 
 
 def list_reply(listed: tuple[str, str | None], names: list[str], runtime: Runtime) -> Decision:
@@ -145,11 +180,12 @@ def unpriced(decision: Allow, facts: Facts, runtime: Runtime) -> str | None:
 def needs_reports(key: KeyRecord, team: TeamRecord | None) -> str | None:
     """The limit of a caller that only usage reports can enforce (a budget, tokens per
     minute, requests in flight), named, or None."""
+    owner = budgeted(key, team)
+    if owner is not None:
+        return f"{owner}'s budget"
     for owner, record in ((f"Key {key.label!r}", key), (f"Team {team.label!r}" if team else "", team)):
         if record is None:
             continue
-        if budgets.binding(record.budget):
-            return f"{owner}'s budget"
         found = record.limits
         if found is not None and (found.tpm is not None or found.model_tpm or found.parallel is not None):
             return f"{owner}'s {'max_parallel_requests' if found.parallel is not None else 'tpm_limit'}"
@@ -163,7 +199,7 @@ def counted(key: KeyRecord, team: TeamRecord | None, runtime: Runtime) -> bool:
     settings = runtime.config.settings
     if not settings.usage_reports:
         return False
-    return settings.spend_tracking or any(
+    return settings.spend_tracking or budgeted(key, team) is not None or any(
         r is not None and (r.budget is not None or r.limits is not None and r.limits.rate_limited)
         for r in (key, team))
 
@@ -267,7 +303,7 @@ class AuthorizationService:
         return await self.decide_key(facts, body_of(request), runtime, key, team, owner)
 
     async def decide_key(self, facts: Facts, body: bytes, runtime: Runtime, key: KeyRecord | None,
-                         team: TeamRecord | None, owner: UserRecord | None, peek: bool = False) -> Decision:
+                         team: TeamRecord | None, owner: Owner | None, peek: bool = False) -> Decision:
         """A virtual key's decision, from its records (also /access/explain's, with ``peek``:
         its rate limits looked at, nothing taken)."""
         now = time.time()
@@ -324,9 +360,21 @@ class AuthorizationService:
             # Each team costs a lookup (and with team_id_upsert a write) on this request's path.
             return Deny(403, "too_many_teams", f"The token names more than {MAX_TOKEN_TEAMS} teams, or an id over "
                         f"{MAX_ID_CHARS} characters.")
+        admin_route = facts.endpoint is None and jwt_admin_path(facts.path)
+        missing = None if identity.every_model else missing_team(identity, claims, jwt, not admin_route)
+        if missing is not None:
+            return missing
+        try:
+            user = await self.token_user(identity, jwt)
+        except StoreUnavailable:
+            return UNAVAILABLE
+        if isinstance(user, Deny):
+            return user
+        if user is not None and user.user_role == "proxy_admin":  # LiteLLM's other proxy admin by JWT
+            identity = replace(identity, role="proxy_admin", every_model=True)
         body = body_of(request)
         label = identity.user_id or identity.email or "jwt"
-        if facts.endpoint is None and jwt_admin_path(facts.path):
+        if admin_route:
             return self.admin_access(identity, label, request.attributes.request.http.method, facts.path, runtime)
         listed = listing.listing(facts.path) if facts.endpoint is None else None
         if identity.every_model:  # admin_jwt_scope: every model, like the master key, logged as who it is
@@ -342,18 +390,18 @@ class AuthorizationService:
             return Deny(403, "scope_not_allowed", "None of the token's scopes grants a model.")
         try:
             teams = [t for t in [await self.team_of(team_id, jwt) for team_id in identity.teams] if t is not None]
-            if jwt.user_id_upsert and identity.user_id and self.upserts is not None:
-                await self.upserts.user(identity.user_id, identity.email)
         except StoreUnavailable:
             return UNAVAILABLE
         if not teams:
-            named = ", ".join(repr(t) for t in identity.teams) or "none"
-            return Deny(403, "team_not_found", f"None of the token's teams exists (teams in the token: {named}).")
+            named = ", ".join(repr(t) for t in identity.teams)
+            return Deny(404, "team_not_found", f"Team doesn't exist in db. Team={named}. Create the team via "
+                        "`/team/new` call (or set team_id_upsert).")
         if listed is not None:  # what any of its usable teams allows, as one list
             names: list[str] = []
             for team in teams:
                 if not team.blocked:
-                    visible = visible_models(team_key(identity, label, models, team), team, runtime.catalog)
+                    visible = visible_models(team_key(identity, label, models, team), team, runtime.catalog,
+                                             team.member(identity.user_id))
                     names.extend(n for n in visible if n not in names)
             return list_reply(listed, names, runtime)
         denials = []
@@ -361,7 +409,7 @@ class AuthorizationService:
             key = team_key(identity, label, models, team)
             refused = authenticate(facts, key, team, time.time())
             decision, read = (refused, facts) if refused is not None else await self.with_body(
-                facts, body, key, team, runtime)
+                facts, body, key, team, runtime, team.member(identity.user_id))
             if isinstance(decision, Allow):
                 decision.metadata["role"] = identity.role
                 return await self.enforced(decision, read, key, team, runtime)
@@ -385,14 +433,15 @@ class AuthorizationService:
         if not isinstance(decision, Allow):
             return decision
         now = time.time()
-        key_budget, team_budget = budgets.binding(key.budget), team is not None and budgets.binding(team.budget)
-        if key_budget or team_budget:
+        # (LiteLLM skips budgets for a model its config prices at zero: a self-hosted one.)
+        free = isinstance(decision.route, Route) and decision.route.route_id in runtime.free_routes
+        owner = None if free else budgeted(key, team)
+        if owner is not None:
             why = unpriced(decision, facts, runtime)
             if why is not None:
                 spent = await self.spent(decision, key, team, runtime, now, peek)
                 if spent is not None:
                     return spent
-                owner = f"Key {key.label!r}" if key_budget else f"Team {team.label!r}"  # type: ignore[union-attr]
                 return Deny(403, "unpriced_model", f"{owner} has a budget, and this call's cost cannot be counted: "
                             f"{why}.", "model", decision.metadata)
         if not runtime.config.settings.usage_reports:
@@ -403,7 +452,7 @@ class AuthorizationService:
                             "limit cannot be enforced.", None, decision.metadata)
         key_limits, team_limits = key.limits, team.limits if team is not None else None
         limited = (key_limits is not None and key_limits.rate_limited) or (
-            team_limits is not None and team_limits.rate_limited) or key_budget or team_budget
+            team_limits is not None and team_limits.rate_limited) or owner is not None
         track = counted(key, team, runtime)
         if not (limited or track):
             return decision
@@ -417,7 +466,7 @@ class AuthorizationService:
         if key.counter_id is not None:  # a regenerated key: its line's counters, whatever becomes of its record
             decision.metadata["key_account"] = key.counter_id
         if limited:
-            refused = await self.admitted(decision, facts, key, team, runtime, now, peek)
+            refused = await self.admitted(decision, facts, key, team, runtime, now, peek, owner is not None)
             if refused is not None:
                 return refused
             if decision.metadata.get("inflight") == "1":  # Envoy frees the place as the response ends
@@ -445,19 +494,21 @@ class AuthorizationService:
         return budgets.refusal(counter, value, decision.metadata, runtime.config.budget_exceeded_status)
 
     async def admitted(self, decision: Allow, facts: Facts, key: KeyRecord, team: TeamRecord | None,
-                       runtime: Runtime, now: float, peek: bool) -> Deny | None:
+                       runtime: Runtime, now: float, peek: bool, budgeted_call: bool) -> Deny | None:
         """The call admitted against every counter of its key and team (taking a place in
-        each, and holding its estimate in its token windows and budgets), or the refusal."""
+        each, and holding its estimate in its token windows and, when ``budgeted_call``, its
+        budgets), or the refusal."""
         assert self.counters is not None
         model = str(decision.metadata.get("model", ""))
         scopes = [(scope("key", key.account), f"key {key.label!r}", key.limits)]
         if team is not None:
             scopes.append((scope("team", team.team_id), f"team {team.label!r}", team.limits))
         holds = any(limits is not None and (limits.tpm is not None or limits.model_tpm) for _, _, limits in scopes) \
-            or budgets.binding(key.budget) or (team is not None and budgets.binding(team.budget))
+            or budgeted_call
         estimate = self.estimate(decision, facts, runtime) if holds else None
         counters = rate_counters(scopes, model, now, estimate.tokens if estimate is not None else 0)
-        counters += budget_counters(key, team, model, now, estimate.cost or 0.0 if estimate is not None else 0.0)
+        if budgeted_call:
+            counters += budget_counters(key, team, model, now, estimate.cost or 0.0 if estimate is not None else 0.0)
         try:
             refused = await (self.counters.peek(counters, now) if peek else
                              self.counters.admit(counters, decision.metadata[USAGE_ID], now, estimate))
@@ -488,6 +539,20 @@ class AuthorizationService:
                         endpoint.operation if isinstance(endpoint, Endpoint) else None, price,
                         runtime.config.settings.default_max_output_tokens, form.counts if form is not None else ())
 
+    async def token_user(self, identity: Identity, jwt: JwtAuth) -> UserRecord | Deny | None:
+        """The user record of a token's user: created first with user_id_upsert; without
+        it, with user_id_jwt_field set, a token's user with no record is refused, as in
+        LiteLLM (an admin_jwt_scope token excepted)."""
+        if identity.user_id is None:
+            return None
+        if jwt.user_id_upsert and self.upserts is not None:
+            await self.upserts.user(identity.user_id, identity.email)
+        user = await self.store.get_user(identity.user_id)
+        if user is None and jwt.user_record_required and not identity.every_model:
+            return Deny(401, "user_not_found", f"User doesn't exist in db. 'user_id'={identity.user_id}. Create "
+                        "the user via `/user/new` call (or set user_id_upsert).")
+        return user
+
     async def team_of(self, team_id: str, jwt: JwtAuth) -> TeamRecord | None:
         """A token's team; with team_id_upsert, one that does not exist yet is created (with
         no models: an admin grants them)."""
@@ -516,7 +581,7 @@ class AuthorizationService:
         allowed = identity.role == "proxy_admin" or (identity.role == "proxy_admin_viewer" and method == "GET") \
             or bool(acting)
         if not allowed:
-            return Deny(403, "admin_not_allowed", f"The token's role ({identity.role}) may not use this admin route.")
+            return Deny(401, "admin_not_allowed", f"The token's role ({identity.role}) may not use this admin route.")
         if runtime.admin_route is None:
             return Deny(403, "admin_not_allowed", "The admin API needs general_settings.master_key.")
         meta = {"key_alias": label, "role": identity.role, "deployment": "admin_api"}
@@ -526,7 +591,7 @@ class AuthorizationService:
         return Allow(runtime.admin_route, acting + actor, meta)  # type: ignore[arg-type]
 
     async def with_body(self, facts: Facts, body: bytes, key: KeyRecord, team: TeamRecord | None,
-                        runtime: Runtime, owner: UserRecord | None = None) -> tuple[Decision, Facts]:
+                        runtime: Runtime, owner: Owner | None = None) -> tuple[Decision, Facts]:
         if len(body) <= INLINE_BODY_BYTES:
             return decide_with_body(facts, body, key, team, runtime, random.random(), owner)
         return await asyncio.get_running_loop().run_in_executor(

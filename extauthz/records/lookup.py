@@ -1,14 +1,15 @@
 """The records behind a presented key, read the same way by the check path and by the
 admin API's /v1/models: the master key is a record of its own, a key's team is read
 only when it has one, its owner only when it has no team (a user's models narrow its
-personal keys, as in LiteLLM). Raises StoreUnavailable."""
+personal keys, as in LiteLLM; a team key's owner is narrowed by its terms in the team,
+which the team's record holds). Raises StoreUnavailable."""
 
 from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
 from extauthz.records.store import RecordReader
-from extauthz.records.record import MASTER, KeyRecord, TeamRecord, UserRecord, hash_token
+from extauthz.records.record import MASTER, KeyRecord, Owner, TeamRecord, hash_token
 
 
 MAX_LINE = 8  # keys replaced in a row, each still in its grace period
@@ -17,7 +18,9 @@ MAX_LINE = 8  # keys replaced in a row, each still in its grace period
 class Records(NamedTuple):
     key: KeyRecord | None
     team: TeamRecord | None
-    owner: UserRecord | None    # read for keys without a team only
+    # What narrows the key on its owner's behalf: its user record for a key without a
+    # team; for a team's key, the owner's own terms in that team (a MemberScope), if any.
+    owner: Owner | None
 
 
 NONE = Records(None, None, None)
@@ -39,7 +42,8 @@ async def lookup(token: str | None, store: RecordReader, is_master: Callable[[st
     if key is None:
         return NONE
     if key.team_id is not None:
-        return Records(key, await store.get_team(key.team_id), None)
+        team = await store.get_team(key.team_id)
+        return Records(key, team, team.member(key.user_id) if team is not None else None)
     return Records(key, None, await store.get_user(key.user_id) if key.user_id is not None else None)
 
 

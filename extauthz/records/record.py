@@ -12,6 +12,7 @@ import json
 import sys
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
+from urllib.parse import quote
 
 from extauthz.check import routes
 from extauthz.usage import budgets, limits
@@ -22,7 +23,7 @@ from extauthz.usage.limits import Limits
 NOT_ENFORCED = (
     "organization_id", "tags", "guardrails", "permissions", "aliases", "config",
     "allowed_cache_controls", "spend", "send_invite_email",
-    "object_permission", "team_member_permissions", "model_aliases", "budget_id", "enforced_params",
+    "object_permission", "model_aliases", "budget_id", "enforced_params",
     "user_alias", "sso_user_id", "auto_create_key",
 )
 
@@ -196,6 +197,71 @@ def _allowed_routes(doc: dict[str, Any]) -> tuple[str, ...] | None:
     return _shared(value)
 
 
+class MemberScope(NamedTuple):
+    """A member's own terms in a team (LiteLLM's team membership): its ``allowed_models``
+    narrow the team's keys it owns (and its tokens' calls through the team), and its
+    ``max_budget_in_team`` is what they may spend together there."""
+
+    user_id: str
+    team_id: str
+    models: tuple[str, ...]
+    budget: Budget | None = None
+    limits: None = None     # (a member has no rate limits of its own: settlement reads none)
+
+    @property
+    def narrows(self) -> str:
+        return f"its user {self.user_id!r} in team {self.team_id!r}"
+
+    @property
+    def spend_scope(self) -> str:
+        """Its spend counters' scope: the team's (one slot in a cluster), then the member."""
+        return f"{limits.scope('team', self.team_id)}:member:{quote(self.user_id, safe='')}"
+
+
+# A membership stored by hand that does not read narrows every member to no model and no
+# budget: it refuses, rather than lifts, what it stood for.
+ANY_MEMBER = "*"
+UNREADABLE_MEMBERSHIP = ("<unreadable team_memberships>",)
+
+
+def memberships(doc: dict[str, Any]) -> dict[str, MemberScope] | None:
+    """A team document's ``team_memberships`` (members with terms of their own), by user id;
+    None when no member has any."""
+    found, team_id = doc.get("team_memberships"), doc["team_id"]
+    if found in (None, []):
+        return None
+    out = {}
+    try:
+        for entry in found:
+            user_id, models = entry["user_id"], entry.get("allowed_models") or []
+            if not isinstance(user_id, str) or not user_id or not isinstance(models, list) \
+                    or not all(isinstance(m, str) and m for m in models):
+                raise ValueError("a membership that does not read")
+            budget = budgets.parse({"max_budget": entry.get("max_budget_in_team"),
+                                    "budget_duration": entry.get("budget_duration")})
+            out[_name(user_id)] = MemberScope(_name(user_id), _name(team_id), _shared(models), budget)
+    except (ValueError, TypeError, KeyError, OverflowError):
+        return {ANY_MEMBER: MemberScope(ANY_MEMBER, _name(team_id), UNREADABLE_MEMBERSHIP, budgets.UNREADABLE)}
+    return out
+
+
+MEMBER_TERMS = ("max_budget_in_team", "budget_duration", "allowed_models")
+
+
+def with_terms(team: dict[str, Any], user_id: str, terms: dict[str, Any] | None) -> dict[str, Any]:
+    """A team document with a member's own terms set over those it has (None: removed).
+    A member left without a term has no entry; ``allowed_models: []`` is no narrowing."""
+    found = team.get("team_memberships")
+    entries = [m for m in found if isinstance(m, dict)] if isinstance(found, list) else []
+    if terms == {}:
+        return team
+    old = next((m for m in entries if m.get("user_id") == user_id), {})
+    merged = {} if terms is None else {k: v for k, v in {**old, **terms}.items()
+                                       if k in MEMBER_TERMS and v not in (None, [])}
+    kept = [m for m in entries if m.get("user_id") != user_id]
+    return dict(team, team_memberships=[*kept, {"user_id": user_id, **merged}] if merged else kept)
+
+
 class TeamRecord(NamedTuple):
     team_id: str
     team_alias: str | None
@@ -204,17 +270,25 @@ class TeamRecord(NamedTuple):
     limits: Limits | None = None
     budget: Budget | None = None
     shadow: bool = False    # metadata "enforcement": "shadow": its denials recorded, not enforced
+    members: dict[str, MemberScope] | None = None   # members with terms of their own, by user id
 
     @property
     def label(self) -> str:
         return self.team_alias or self.team_id
+
+    def member(self, user_id: str | None) -> MemberScope | None:
+        """The terms of a member in this team, None when it has none of its own."""
+        if self.members is None or user_id is None:
+            return None
+        found = self.members.get(user_id)
+        return found if found is not None else self.members.get(ANY_MEMBER)
 
     @classmethod
     def from_document(cls, doc: dict[str, Any]) -> "TeamRecord":
         metadata = doc.get("metadata")
         return cls(_name(doc["team_id"]), doc.get("team_alias"), _shared(doc.get("models")), bool(doc.get("blocked")),
                    limits.read(doc), budgets.read(doc),
-                   isinstance(metadata, dict) and metadata.get("enforcement") == "shadow")
+                   isinstance(metadata, dict) and metadata.get("enforcement") == "shadow", memberships(doc))
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> "TeamRecord":
@@ -228,6 +302,10 @@ class UserRecord(NamedTuple):
     user_role: str | None
     models: tuple[str, ...]
 
+    @property
+    def narrows(self) -> str:
+        return f"its user {self.user_id!r}"
+
     @classmethod
     def from_document(cls, doc: dict[str, Any]) -> "UserRecord":
         return cls(_name(doc["user_id"]), doc.get("user_role"), _shared(doc.get("models")))
@@ -236,6 +314,10 @@ class UserRecord(NamedTuple):
     def from_json(cls, raw: bytes | str) -> "UserRecord":
         return cls.from_document(json.loads(raw))
 
+
+# What narrows a key on its owner's behalf (records/lookup.py): the user record of a key
+# without a team, or the owner's terms in the key's team.
+Owner = UserRecord | MemberScope
 
 # The master key acts as a key that may call every model, as in LiteLLM.
 MASTER = KeyRecord("master", "master key", (), None, None, False)

@@ -36,7 +36,7 @@ from extauthz.records import audit
 from extauthz.records.connection import RedisTarget
 from extauthz.records.keyspace import Keyspace
 from extauthz.records.record import (KeyRecord, TeamRecord, UserRecord, format_time, now_iso, secret_holders,
-                                     team_members)
+                                     team_members, with_terms)
 
 log = logging.getLogger("extauthz.store")
 
@@ -827,9 +827,9 @@ class RedisWriter(Keyspace):
 
         return await self._transact(body, self.user_id(user_id), self.user_keys_id(user_id))
 
-    async def add_member(self, team_id: str, member: Doc, user: Doc) -> Doc:
-        """Add (or re-role) a member of a team; ``user`` is the user record to create when
-        the member has none. Returns the team."""
+    async def add_member(self, team_id: str, member: Doc, user: Doc, terms: Doc | None = None) -> Doc:
+        """Add (or re-role) a member of a team, with its own terms there when given;
+        ``user`` is the user record to create when the member has none. Returns the team."""
         user_id = member["user_id"]
 
         async def body(tx: Tx) -> Doc:
@@ -838,7 +838,7 @@ class RedisWriter(Keyspace):
             await tx.pipe.watch(self.user_id(user_id))
             existing = await tx.read(self.user_id(user_id))
             tx.pipe.multi()
-            new_team = self._queue_member(tx, team_id, team, member)
+            new_team = self._queue_member(tx, team_id, with_terms(team, user_id, terms or {}), member)
             stored = existing or user
             self._queue_user(tx, dict(stored, teams=[*(t for t in stored.get("teams") or [] if t != team_id),
                                                      team_id]))
@@ -864,6 +864,8 @@ class RedisWriter(Keyspace):
                     if k.get("user_id") != user_id and user_id in secret_holders(k) and not k.get("blocked")]
             tx.pipe.multi()
             new_team = dict(team, members_with_roles=[m for m in members if m.get("user_id") != user_id])
+            if "team_memberships" in team:  # (its terms go with it: one who joins again starts afresh)
+                new_team = with_terms(new_team, user_id, None)
             self._queue_team(tx, team_id, new_team)
             if user is not None:
                 self._queue_user(tx, dict(user, teams=[t for t in user.get("teams") or [] if t != team_id]))
@@ -874,6 +876,20 @@ class RedisWriter(Keyspace):
             return new_team, [k["token"] for k in keys], [k["token"] for k in held]
 
         return await self._transact(body, self.user_keys_id(user_id), self.team_keys_id(team_id))
+
+    async def update_member(self, team_id: str, user_id: str, role: str | None, terms: Doc) -> Doc:
+        """A member's role and its own terms in a team (those given). Returns the team."""
+        async def body(tx: Tx) -> Doc:
+            team = await self._team_for(tx, team_id)
+            assert team is not None
+            found = [m for m in team_members(team) if m.get("user_id") == user_id]
+            if not found:
+                raise NotFound(f"user_id {user_id!r} is not a member of team {team_id!r}")
+            tx.pipe.multi()
+            member = dict(found[0], role=role) if role is not None else found[0]
+            return self._queue_member(tx, team_id, with_terms(team, user_id, terms), member)
+
+        return await self._transact(body)
 
     def _queue_member(self, tx: Tx, team_id: str, team: Doc | None, member: Doc) -> Doc:
         members = [m for m in team_members(team) if m.get("user_id") != member["user_id"]]

@@ -56,6 +56,12 @@ def configured(info: Mapping[str, Any]) -> Price | None:
     return Price(given[0], given[1], given[2], given[3])
 
 
+def free_of_charge(price: Price | None) -> bool:
+    """A price of zero for everything a call can be charged for (a deployment's own: the
+    table's zeros may be a price not known yet)."""
+    return price is not None and not any((price.input, price.output, price.cache_read, price.cache_write))
+
+
 def output_ceiling(info: Mapping[str, Any]) -> int | None:
     """The deployment's own ``max_output_tokens`` (LiteLLM's ``model_info``; else its
     ``max_tokens``, which LiteLLM's map uses for the same)."""

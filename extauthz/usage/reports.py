@@ -17,6 +17,7 @@ from typing import Any, AsyncIterator, Callable, NamedTuple
 import grpc
 
 from extauthz.proto.envoy.service.accesslog.v3 import als_pb2
+from extauthz.records.record import MemberScope
 from extauthz.records.store import RecordReader, StoreUnavailable
 from extauthz.telemetry.metrics import SOFT_BUDGET_CROSSINGS, SPEND, USAGE_REPORTS, TeamLabels
 from extauthz.usage import prices
@@ -48,6 +49,7 @@ class Report(NamedTuple):
     held: bool = False      # it held an estimate of its cost and tokens when admitted
     ended: bool = True      # it ended with its usage told (or ended refused): settled at what was reported
     admitted: float | None = None  # when it was admitted: the windows and periods its holds are in
+    user_id: str | None = None  # the key's owner (or the token's user): its terms in the team
 
 
 def _string(fields: Any, name: str) -> str | None:
@@ -84,7 +86,7 @@ def read_entry(entry: Any) -> Report | None:
     return Report(usage_id, None if key_id.startswith("jwt:") else key_id, _string(decision, "team_id"),
                   _string(decision, "model") or "", deployment, reported,  # type: ignore[arg-type]
                   _string(decision, "inflight") == "1", _string(decision, "key_account"),
-                  _string(decision, "hold") == "1", ended, _seconds(admitted))
+                  _string(decision, "hold") == "1", ended, _seconds(admitted), _string(decision, "user_id"))
 
 
 def _seconds(text: str | None) -> float | None:
@@ -137,21 +139,26 @@ class UsageReports:
         return als_pb2.StreamAccessLogsResponse()
 
     async def owners(self, report: Report) -> list[tuple[str, Any]]:
-        """(scope, record) of the key and the team a report is for."""
+        """(scope, record) of the key, the team and the member in that team (one with a
+        budget of its own) a report is for."""
         out: list[tuple[str, Any]] = []
         if report.key_id is not None:  # (the master key has no record)
             key = await self.store.get_key(report.key_id) if report.key_id != "master" else None
             # The counters the check took (its metadata): this key's record may be gone by now.
             out.append((scope("key", report.account or report.key_id), key))
         if report.team_id is not None:
-            out.append((scope("team", report.team_id), await self.store.get_team(report.team_id)))
+            team = await self.store.get_team(report.team_id)
+            out.append((scope("team", report.team_id), team))
+            member = team.member(report.user_id) if team is not None else None
+            if member is not None and member.budget is not None:
+                out.append((member.spend_scope, member))
         return out
 
     async def settlement(self, report: Report, now: float) -> Settlement:
         """What settling a report changes: its counters, its cost and spend counters, in the
         windows and periods it was admitted in (where its holds are)."""
         owners = await self.owners(report)
-        scopes = [where for where, _ in owners]
+        scopes = [where for where, record in owners if not isinstance(record, MemberScope)]  # (in-flight sets)
         # (Another replica's clock may differ a little; a time no call could have been
         # admitted at is not believed.)
         admitted = report.admitted
@@ -240,6 +247,7 @@ class UsageReports:
                 continue
             # A key by its hash's prefix, as the decision log names it.
             who = f"key {(report.key_id or '')[:12]}" if counter.suffix.startswith("spend:key:") \
+                else f"user {report.user_id!r} in team {report.team_id!r}" if ":member:" in counter.suffix \
                 else f"team {report.team_id!r}"
             which = f" for model {counter.model!r}" if counter.model else ""
             if flag == SOFT:
