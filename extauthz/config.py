@@ -296,9 +296,10 @@ class JwtAuth:
     team_ids_jwt_field: str | None = None
     team_id_default: str | None = None
     user_id_jwt_field: str | None = "sub"     # (LiteLLM's default is none; "sub" names the caller)
-    # LiteLLM's rule: a user_id_jwt_field set (without user_id_upsert) admits only users
-    # with a record (/user/new); left unset, the token's "sub" only names the caller.
-    user_record_required: bool = False
+    # Whether the config sets user_id_jwt_field. LiteLLM reads a user record only then: a
+    # record's proxy_admin role counts, and without user_id_upsert only users with a
+    # record (/user/new) are admitted. Left unset, the token's "sub" only names the caller.
+    user_id_field_set: bool = False
     user_email_jwt_field: str | None = None
     org_id_jwt_field: str | None = None
     roles_jwt_field: str | None = None
@@ -307,6 +308,10 @@ class JwtAuth:
     enforce_rbac: bool = False
     team_id_upsert: bool = False
     user_id_upsert: bool = False
+    @property
+    def user_record_required(self) -> bool:
+        return self.user_id_field_set and not self.user_id_upsert
+
     # Beyond LiteLLM: scope -> models or access groups (wildcards allowed), intersected
     # with the team's models.
     scope_mappings: tuple[tuple[str, tuple[str, ...]], ...] = ()
@@ -524,6 +529,8 @@ class _Parser:
                 "user_id_jwt_field", "user_email_jwt_field", "org_id_jwt_field", "roles_jwt_field", "role_mappings",
                 "admin_jwt_scope", "enforce_rbac", "team_id_upsert", "user_id_upsert", "scope_mappings",
                 "enforce_scope_based_access",
+                # (a token's models are always its teams' here: LiteLLM's switch for that is read as on)
+                "enforce_team_based_model_access",
                 "clock_skew_s", "public_key_ttl", "team_allowed_routes", "admin_allowed_routes")
     INTERNAL_ROLES = ("proxy_admin", "proxy_admin_viewer", "internal_user", "internal_user_viewer", "team")
 
@@ -660,7 +667,7 @@ class _Parser:
                        **allowed_routes,
                        **{k: v for k, v in text.items() if k != "user_id_jwt_field"},
                        user_id_jwt_field=text["user_id_jwt_field"] or "sub",
-                       user_record_required=text["user_id_jwt_field"] is not None and not flags["user_id_upsert"],
+                       user_id_field_set=text["user_id_jwt_field"] is not None,
                        **flags)
 
     def apply_environment_variables(self, raw: Any) -> None:

@@ -247,3 +247,23 @@ def test_a_list_of_scope_mappings_without_enforcement_is_refused_as_litellm_refu
     from extauthz.config import ConfigError
     with pytest.raises(ConfigError, match="enforce_scope_based_access: true"):
         jwt_config(scope_mappings=[{"scope": "basic", "models": ["gpt-4"]}])
+
+
+def test_litellms_claim_and_record_requirements() -> None:
+    # team_id_jwt_field set: its claim is required even when team_ids_jwt_field names teams.
+    assert checked({"groups": ["ml"]}, "gpt-4", team_id_jwt_field="team") == (401, "missing_team")
+    assert checked({"team": "ml"}, "gpt-4", team_id_jwt_field="team") == (200, "ok")
+    assert checked({"groups": ["ml"]}, "gpt-4", team_id_jwt_field="team", team_id_default="ml") == (200, "ok")
+    assert checked({"team": ["", 7]}, "gpt-4", team_id_jwt_field="team") == (401, "missing_team")
+    assert checked({"groups": []}, "gpt-4") == (401, "missing_team")
+    assert checked({"groups": ["nobody-has-this"]}, "gpt-4") == (404, "team_not_found")
+    # user_id_jwt_field set, without user_id_upsert: the user needs a record (this store has none).
+    assert checked({"sub": "bob", "groups": ["ml"]}, "gpt-4", user_id_jwt_field="sub") == (401, "user_not_found")
+    assert checked({"sub": "bob", "groups": ["ml"]}, "gpt-4") == (200, "ok")   # unset: "sub" only names it
+    assert jwt_config(user_id_jwt_field="sub").jwt.user_record_required
+    assert not jwt_config(user_id_jwt_field="sub", user_id_upsert=True).jwt.user_record_required
+
+
+def test_enforce_team_based_model_access_is_read_as_always_on() -> None:
+    c = jwt_config(enforce_team_based_model_access=True)
+    assert not any("enforce_team_based_model_access" in w for w in c.warnings)

@@ -318,3 +318,16 @@ def test_an_acting_user_is_never_trimmed_into_another_or_into_none(gw: Gateway, 
         assert all(k.get("user_id") == sub for k in r.json()["keys"])
     info = http("GET", gw.envoy.url + f"/key/info?key={made.json()['key']}", headers={"Authorization": f"Bearer {odd}"})
     assert info.status in (401, 404)
+
+
+def test_a_sub_alone_never_reads_a_user_record_into_admin_powers(gw: Gateway, idp: IdentityProvider) -> None:
+    # user_id_jwt_field is not set here: as in LiteLLM, no user record is read, so a "sub"
+    # that happens to name a proxy_admin record (of another IdP, or typed by hand) is nobody.
+    assert gw.admin("/user/new", {"user_id": "ops-root", "user_role": "proxy_admin",
+                                  "auto_create_key": False}).status == 200
+    token = idp.token(sub="ops-root", groups=["ml"])
+    assert gw.chat(token, "gpt-4").status == 200
+    refused = gw.chat(token, "gpt-4o")
+    assert refused.status == 403 and refused.json()["error"]["code"] == "model_not_allowed"
+    assert http("POST", gw.envoy.url + "/team/new", {"team_alias": "nope"},
+                {"Authorization": f"Bearer {token}"}).status == 401

@@ -114,6 +114,8 @@ def test_a_user_record_with_the_proxy_admin_role_makes_its_token_a_proxy_admin(
     assert parity.admin("/user/new", {"user_id": "jwt-plain", "auto_create_key": False}).status == 200
     boss, plain = idp.token(sub="jwt-boss", team="jwt-narrow"), idp.token(sub="jwt-plain", team="jwt-narrow")
     assert parity.chat(boss, "gpt-4o").status == 200          # every model, as LiteLLM's proxy admin
+    # A token without the user claim this config names is no one's (stricter than LiteLLM).
+    assert refusal(parity.chat(idp.token(sub=None, team="jwt-narrow"), "gpt-4")) == (401, "user_not_found")
     assert refusal(parity.chat(plain, "gpt-4o")) == (403, "model_not_allowed")
     assert call(parity, "POST", "/team/new", boss, {"team_alias": "by-boss"}).status == 200
 
@@ -174,6 +176,31 @@ def test_an_internal_user_makes_a_personal_key_narrowed_by_its_record(parity: Ga
     assert call(parity, "POST", "/key/generate", key, {"user_id": "someone-else"}).status == 403
 
 
+def test_a_user_granted_no_models_by_name_gets_no_personal_key(parity: Gateway,
+                                                                idp: IdentityProvider) -> None:  # noqa: F811
+    # A record member_add (or user_id_upsert) made holds models [], LiteLLM's "every model":
+    # a key narrowed by it alone would reach what no admin granted the user.
+    team = parity.new_team(models=["gpt-4"], team_member_permissions=["/key/generate", "/key/update",
+                                                                      "/key/regenerate"])
+    member = "p-" + secrets.token_hex(4)
+    assert parity.admin("/team/member_add", {"team_id": team, "member": {"user_id": member}}).status == 200
+    key = parity.new_key(user_id=member)
+    refused = call(parity, "POST", "/key/generate", key, {})
+    assert refused.status == 403 and refused.json()["error"]["param"] == "team_id"
+    team_key = call(parity, "POST", "/key/generate", key, {"team_id": team}).json()["key"]
+    for path in ("/key/update", "/key/regenerate"):                  # nor by moving a team key out of its team
+        moved = call(parity, "POST", path, key, {"key": team_key, "team_id": None})
+        assert moved.status == 403, (path, moved.text)
+    assert refusal(parity.chat(team_key, "gpt-4o")) == (403, "model_not_allowed")
+    # A JWT user too (its record, made here by an admin, names no model).
+    assert parity.admin("/team/new", {"team_id": "jwt-personal", "models": ["gpt-4"],
+                                      "team_member_permissions": ["/key/generate"]}).status == 200
+    assert parity.admin("/user/new", {"user_id": "jwt-personal-1", "auto_create_key": False}).status == 200
+    token = idp.token(sub="jwt-personal-1", team="jwt-personal", roles=["dev"])
+    assert call(parity, "POST", "/key/generate", token, {}).status == 403
+    assert call(parity, "POST", "/key/generate", token, {"team_id": "jwt-personal"}).status == 200
+
+
 def test_any_key_reads_its_own_key_info_and_models(parity: Gateway) -> None:
     key = parity.new_key(models=["gpt-4"], max_budget=3, key_alias="no-owner")  # no user: no admin powers
     own = call(parity, "GET", "/key/info", key)
@@ -192,3 +219,14 @@ def test_a_spent_budget_does_not_refuse_a_deployment_priced_at_zero(parity: Gate
     key = parity.new_key(models=["gpt-4", "local-llama"], max_budget=0)
     assert refusal(parity.chat(key, "gpt-4")) == (422, "budget_exceeded")
     assert parity.chat(key, "local-llama").status == 200
+
+
+def test_only_a_deployment_priced_at_zero_for_everything_is_free() -> None:
+    from extauthz.usage.prices import free_of_charge
+    assert free_of_charge({"input_cost_per_token": 0, "output_cost_per_token": 0.0, "input_cost_per_image": "0"})
+    assert not free_of_charge({"input_cost_per_token": 0, "output_cost_per_token": 0, "input_cost_per_image": 0.04})
+    assert not free_of_charge({"input_cost_per_token": 0, "output_cost_per_token": 0,
+                               "output_cost_per_second": "1e-4"})
+    assert not free_of_charge({"input_cost_per_token": 0, "output_cost_per_token": 0, "input_cost_per_image": "x"})
+    assert not free_of_charge({"input_cost_per_token": 0})          # not given: a price not known
+    assert not free_of_charge({})

@@ -94,11 +94,12 @@ def test_a_members_budget_and_models_narrow_its_team_keys(gateway: Gateway) -> N
     unread = gateway.admin("/team/member_update", {"team_id": team, "user_id": "m-ann", "rpm_limit": 1})
     assert unread.status == 400 and unread.json()["error"]["param"] == "rpm_limit"
 
-    # Leaving the team ends its terms: one who joins again starts afresh.
+    # Its terms outlive its membership: a token's groups may still name the team, and one
+    # who joins again does not come back wider than it left.
     assert gateway.admin("/team/member_delete", {"team_id": team, "user_id": "m-ann"}).status == 200
     assert gateway.admin("/team/member_add", {"team_id": team, "member": {"user_id": "m-ann"}}).status == 200
-    assert info()["team_memberships"] == []
-    assert call(gateway, member_key(gateway, team, "m-ann"), "gpt-4o").status == 200
+    assert [m["user_id"] for m in info()["team_memberships"]] == ["m-ann"]
+    assert call(gateway, member_key(gateway, team, "m-ann"), "gpt-4o").status == 403
 
 
 @pytest.mark.parametrize("body, param", [
@@ -130,5 +131,44 @@ def test_a_team_admin_sets_its_members_terms_and_no_one_elses(gateway: Gateway) 
     refused = gateway.admin("/team/member_update", {"team_id": team, "user_id": "m-crew", "allowed_models": []},
                             key=crew)                          # a plain member may not lift its own
     assert refused.status in (401, 403)
+    # Nor a team admin its own: they are the bounds an admin set on it.
+    assert gateway.admin("/team/member_update", {"team_id": team, "user_id": "m-lead", "allowed_models": ["gpt-4"]}
+                         ).status == 200
+    own = gateway.admin("/team/member_update", {"team_id": team, "user_id": "m-lead", "allowed_models": []}, key=lead)
+    assert own.status == 403 and "its own terms" in own.json()["error"]["message"]
+    assert gateway.admin("/team/member_add", {"team_id": team, "member": {"user_id": "m-lead", "role": "admin"},
+                                              "max_budget_in_team": 100}, key=lead).status == 403
+    assert call(gateway, member_key(gateway, team, "m-lead"), "gpt-4o").status == 403
     assert gateway.admin("/team/member_update", {"team_id": other, "user_id": "m-crew", "max_budget_in_team": 9},
                          key=lead).status in (401, 403)        # not its team
+
+
+def test_a_teams_default_member_models_narrow_a_member_given_none(gateway: Gateway) -> None:
+    team = gateway.new_team(models=["gpt-4", "gpt-4o"], default_team_member_models=["gpt-4o"])
+    assert gateway.admin("/team/member_add", {"team_id": team, "member": {"user_id": "m-default"}}).status == 200
+    assert gateway.admin("/team/member_add", {"team_id": team, "member": {"user_id": "m-own"},
+                                              "allowed_models": ["gpt-4"]}).status == 200
+    defaulted, own = member_key(gateway, team, "m-default"), member_key(gateway, team, "m-own")
+    assert call(gateway, defaulted, "gpt-4o").status == 200 and call(gateway, defaulted, "gpt-4").status == 403
+    assert call(gateway, own, "gpt-4").status == 200 and call(gateway, own, "gpt-4o").status == 403
+    refused = gateway.admin("/team/new", {"default_team_member_models": ["no-such-model"]})
+    assert refused.status == 400 and refused.json()["error"]["param"] == "default_team_member_models"
+
+
+@pytest.mark.parametrize("stored", [5, ["junk"], {"m-x": {}}])
+def test_terms_stored_by_hand_that_do_not_read_fail_closed_and_answer_json(gateway: Gateway, redis_port: int,
+                                                                           stored: Any) -> None:
+    import json
+
+    import redis
+    team = gateway.new_team(models=["gpt-4"])
+    assert gateway.admin("/team/member_add", {"team_id": team, "member": {"user_id": "m-hand"}}).status == 200
+    client = redis.Redis(port=redis_port)
+    doc = json.loads(client.get(f"extauthz:team:{team}"))
+    client.set(f"extauthz:team:{team}", json.dumps({**doc, "team_memberships": stored}))
+    client.close()
+    key = member_key(gateway, team, "m-hand")
+    assert call(gateway, key).status == 403                    # the check refuses, rather than lifts
+    assert gateway.admin(f"/team/info?team_id={team}", method="GET").status == 200
+    updated = gateway.admin("/team/member_update", {"team_id": team, "user_id": "m-hand", "role": "admin"})
+    assert updated.status == 200 and updated.json()["role"] == "admin"

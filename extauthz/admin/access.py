@@ -49,7 +49,9 @@ def member_routes(team: Doc | None) -> frozenset[str]:
     granted = (team or {}).get("team_member_permissions")
     if not isinstance(granted, list):
         return BASELINE_MEMBER_ROUTES
-    return BASELINE_MEMBER_ROUTES | frozenset(g for g in granted if isinstance(g, str))
+    found = BASELINE_MEMBER_ROUTES | frozenset(g for g in granted if isinstance(g, str))
+    # (LiteLLM names regenerating by either of its paths; both are one route here)
+    return found | {"/key/regenerate"} if "/key/{key_id}/regenerate" in found else found
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from extauthz.admin.access import (ROUTE_REFUSED, Acting, Refused, acting_from_h
 from extauthz.records import audit
 from extauthz.records.audit import Actor, Note
 from extauthz.check import explain
-from extauthz.check.catalog import ALL_TEAM_MODELS
+from extauthz.check.catalog import ALL_TEAM_MODELS, NO_DEFAULT_MODELS
 from extauthz.check.endpoints import MULTIPART, Endpoint, classify
 from extauthz.check import listing
 from extauthz.telemetry import metrics
@@ -33,7 +33,7 @@ from extauthz.check.facts import Facts
 from extauthz.check.decision import Deny
 from extauthz.check.policy import authenticate, route_denied, visible_models
 from extauthz.records.lookup import Records, lookup
-from extauthz.records.record import ANYONE, MEMBER_TERMS, KeyRecord, TeamRecord, secret_holders, format_time, hash_token, masked_key, team_members, new_key_doc, new_team_doc, new_user_doc, now_iso
+from extauthz.records.record import ANYONE, MEMBER_TERMS, KeyRecord, TeamRecord, membership_entries, secret_holders, format_time, hash_token, masked_key, team_members, new_key_doc, new_team_doc, new_user_doc, now_iso
 from extauthz.check.request import credentials
 from extauthz.check.runtime import Runtime
 from extauthz.check.service import budget_counters
@@ -53,6 +53,8 @@ HASH = re.compile(r"[0-9a-f]{64}")
 # What an acting user may change on a key it may touch (blocked, expires... stay the admin's).
 ACTING_KEY_CHANGES = {"key", "key_alias", "models", "metadata", "team_id", "user_id"}
 MAX_MEMBERS_PER_CALL = 100
+# A team admin's own terms are the bounds an admin set on it: it does not lift them.
+OWN_TERMS = "A team admin does not set its own terms in the team (an admin does)."
 # LiteLLM's per-member rate limits and budget raises: refused rather than stored unread.
 MEMBER_TERMS_NOT_ENFORCED = ("tpm_limit", "rpm_limit", "temp_budget_increase", "temp_budget_expiry",
                              "model_max_budget")
@@ -407,17 +409,19 @@ class AdminApi:
         if who is not None:
             if fixed is None:
                 refuse_acting_fields(body)
-            change, check = self.acting_key_rules(who, changes, "/key/update")
+            change, check = self.acting_key_rules(who, changes, "/key/update", await self.personal_key_refusal(who))
         named_by_value = token_hash != body.get("key")
         doc = await self.writer(request).update_key(
             token_hash, holding(change, holder_of(request), named_by_value), check,
             self.runtime().config.settings.max_keys_per_user if who is not None else 0)
         return web.json_response(self.key_view(doc))
 
-    def acting_key_rules(self, who: Acting, changes: dict[str, Any], route: str) -> tuple[
+    def acting_key_rules(self, who: Acting, changes: dict[str, Any], route: str,
+                         personal_refused: Refused | None) -> tuple[
             Callable[[dict[str, Any]], dict[str, Any]], Callable[..., None]]:
         """An acting user's change of a key by ``route`` and the check of the result; both
-        run in the transaction, on the stored key before and after."""
+        run in the transaction, on the stored key before and after (a key left without a
+        team is a personal key: ``personal_refused`` says why the user may not have one)."""
         def change(doc: dict[str, Any]) -> dict[str, Any]:
             if not who.owns(doc):  # the same answer as a missing key
                 raise NotFound("key not found")
@@ -428,6 +432,8 @@ class AdminApi:
             if not who.owns(key):
                 raise Refused("The key would leave the caller's keys.", param="user_id")
             who.check_new_key(key, key.get("user_id"), route)
+            if key.get("team_id") is None and personal_refused is not None:
+                raise personal_refused
             if "user_id" in changes:
                 who.check_owner(key, team)
             self.check_team(key, team)
@@ -464,10 +470,10 @@ class AdminApi:
                 # A secret the admin blocked or let expire must not come back through delete and create.
                 raise Refused("A user does not choose the key: one is generated.", param="key")
             who.check_new_key(doc, body.get("user_id"))
-            if doc.get("team_id") is None and await self.store.user_doc(who.user_id) is None:
-                # A personal key is narrowed by its owner's record: without one, nothing would.
-                raise Refused("A personal key (no team_id) needs a user record for its owner (/user/new, or "
-                              "user_id_upsert); give a team_id of the caller's teams.", param="team_id")
+            if doc.get("team_id") is None:
+                refused = await self.personal_key_refusal(who)
+                if refused is not None:
+                    raise refused
             doc["user_id"] = doc.get("user_id") or who.user_id
             doc["created_by"] = who.user_id
         doc["secret_holders"] = holders_of_new_value(holder_of(request), doc.get("user_id"))
@@ -557,7 +563,8 @@ class AdminApi:
             if given is not None:
                 raise Refused("A user does not choose the key: one is generated.", param="new_key")
             refuse_acting_fields(body, frozenset({"grace_period"}))
-            change, check = self.acting_key_rules(who, changes, "/key/regenerate")
+            change, check = self.acting_key_rules(who, changes, "/key/regenerate",
+                                                  await self.personal_key_refusal(who))
         holder = holder_of(request)
 
         def regenerated(doc: dict[str, Any]) -> dict[str, Any]:  # a new value: only who it was returned to holds it
@@ -703,7 +710,7 @@ class AdminApi:
         now = time.time()
         counters = [budgets.spend_counters(m.spend_scope, m.budget, None, now)[0] for m in members.values()]
         spent = await self.counters.spent([c.suffix for c in counters]) if counters else []
-        stored = {m.get("user_id"): m for m in doc.get("team_memberships") or [] if isinstance(m, dict)}
+        stored = {m.get("user_id"): m for m in membership_entries(doc)}
         return [{"user_id": m.user_id, "team_id": m.team_id, "spend": amount, "litellm_budget_table": {
                     "max_budget": m.budget.max if m.budget else None,
                     "budget_duration": stored.get(m.user_id, {}).get("budget_duration"),
@@ -766,8 +773,14 @@ class AdminApi:
             raise ApiError(400, "invalid_request", f"Give 1 to {MAX_MEMBERS_PER_CALL} members.", "member")
         if who is not None:
             members = await self.addable_by_team_admin(members)
-        if await self.store.team_doc(team_id) is None:
+            if terms and any(m["user_id"] == who.user_id for m in members):
+                raise Refused(OWN_TERMS, param="member")
+        team = await self.store.team_doc(team_id)
+        if team is None:
             raise MissingTeam(f"team_id {team_id!r} does not exist")
+        default = team.get("default_team_member_models")
+        if "allowed_models" not in terms and isinstance(default, list) and default:
+            terms["allowed_models"] = default  # LiteLLM's fallback for a member given no models of its own
         doc, ids = await self.add_members(self.writer(request), team_id, members, terms)
         users = [u for u in [await self.store.user_doc(i) for i in dict.fromkeys(ids)] if u is not None]
         if who is not None:  # who they are in this team, not the rest of their records
@@ -807,10 +820,12 @@ class AdminApi:
                            "role")
         terms = schema.member_terms(body, self.runtime().catalog)
         user_id = await self.member_named(team_id, body)
+        if who is not None and terms and user_id == who.user_id:
+            raise Refused(OWN_TERMS, param="user_id")
         team = await self.writer(request).update_member(team_id, user_id, role, terms)
         return web.json_response({"team_id": team_id, "user_id": user_id, "role": next(
             (m.get("role") for m in team_members(team) if m.get("user_id") == user_id), None),
-            **next((m for m in team.get("team_memberships") or [] if m.get("user_id") == user_id), {})})
+            **next((m for m in membership_entries(team) if m.get("user_id") == user_id), {})})
 
     async def member_named(self, team_id: str, body: dict[str, Any]) -> str:
         """The member a body names by user_id, or by user_email among the team's members."""
@@ -1029,6 +1044,18 @@ class AdminApi:
                                 **({"reason": d.unavailable} if not d.routable else {})}}
                 for d in self.runtime().config.deployments if names is None or d.model_name in names]
         return web.json_response({"data": data})
+
+    async def personal_key_refusal(self, who: Acting) -> Refused | None:
+        """Why a user acting for itself may not hold a key outside its teams, or None. Such a
+        key is narrowed by the user's record only, so the record must name the models an
+        admin granted the user: an empty list (every model, in LiteLLM's reading) is what
+        a record made by member_add or user_id_upsert holds, and granted nothing."""
+        user = await self.store.user_doc(who.user_id)
+        models = user.get("models") if user is not None else None
+        if isinstance(models, list) and models and NO_DEFAULT_MODELS not in models:
+            return None
+        return Refused("A personal key (no team_id) is for models an admin granted its user by name (the user "
+                       "record's models); give a team_id of the caller's teams.", param="team_id")
 
     async def acting_models(self, who: Acting) -> set[str]:
         """The models a user acting for itself may call through any of its teams."""

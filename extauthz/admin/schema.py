@@ -34,7 +34,7 @@ LIMIT_FIELDS = RATE_FIELDS | BUDGET_FIELDS
 KEY_FIELDS = LIMIT_FIELDS | {"models", "team_id", "key_alias", "duration", "expires", "metadata", "blocked", "user_id", "key_type",
               "allowed_routes"}
 TEAM_FIELDS = LIMIT_FIELDS | {"team_alias", "models", "blocked", "metadata", "members_with_roles",
-                              "team_member_permissions"}
+                              "team_member_permissions", "default_team_member_models"}
 USER_FIELDS = LIMIT_FIELDS | {"user_email", "user_role", "models", "teams", "metadata", "key_alias", "duration"}
 USER_ROLES = ("proxy_admin", "proxy_admin_viewer", "internal_user", "internal_user_viewer")
 MEMBER_ROLES = ("admin", "user")
@@ -290,6 +290,13 @@ def team_fields(body: dict[str, Any], catalog: Catalog, extra: set[str] = frozen
             raise Invalid(f"'team_member_permissions' holds unknown route(s) {unknown}; known: "
                           f"{sorted(MEMBER_PERMISSIONS)}", "team_member_permissions")
         out["team_member_permissions"] = granted
+    if "default_team_member_models" in body:  # (a new member's allowed_models when it is given none)
+        try:
+            out["default_team_member_models"] = models_list({"models": body["default_team_member_models"]},
+                                                            catalog) or []
+        except Invalid as e:
+            raise Invalid(str(e).replace("'models'", "'default_team_member_models'"),
+                          "default_team_member_models") from None
     return out
 
 

@@ -14,7 +14,7 @@ from extauthz.config import Config, setting_path
 from extauthz.records.record import hash_token
 from extauthz.check.request import PassThroughPaths
 from extauthz.check.routing import AdminRoute, Proxy, Route
-from extauthz.usage.prices import Price, configured, free_of_charge, price_of
+from extauthz.usage.prices import Price, free_of_charge, price_of
 
 
 MISSING = object()
@@ -54,7 +54,7 @@ class Runtime:
         prices = {r.route_id: price_of(r.deployment.provider, r.deployment.provider_model, r.deployment.info)
                   for r in catalog.routes.values()}
         wildcards = {r.route_id: r for r in catalog.routes.values() if "*" in r.deployment.provider_model}
-        free = frozenset(r.route_id for r in catalog.routes.values() if free_of_charge(configured(r.deployment.info)))
+        free = frozenset(r.route_id for r in catalog.routes.values() if free_of_charge(r.deployment.info))
         return cls(config, catalog, master, paths, refusal, admin, prices, wildcards, {}, free)
 
     def price(self, route_id: str, model: str) -> Price | None:

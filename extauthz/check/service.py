@@ -370,7 +370,9 @@ class AuthorizationService:
             return UNAVAILABLE
         if isinstance(user, Deny):
             return user
-        if user is not None and user.user_role == "proxy_admin":  # LiteLLM's other proxy admin by JWT
+        if user is not None and user.user_role == "proxy_admin" and jwt.user_id_field_set:
+            # LiteLLM's other proxy admin by JWT (it reads a user record only when the
+            # config names the claim: a "sub" alone shares no namespace with the records).
             identity = replace(identity, role="proxy_admin", every_model=True)
         body = body_of(request)
         label = identity.user_id or identity.email or "jwt"
@@ -544,9 +546,14 @@ class AuthorizationService:
         it, with user_id_jwt_field set, a token's user with no record is refused, as in
         LiteLLM (an admin_jwt_scope token excepted)."""
         if identity.user_id is None:
+            if jwt.user_record_required and not identity.every_model:  # (stricter than LiteLLM: see the docs)
+                return Deny(401, "user_not_found", f"The token has no {jwt.user_id_jwt_field!r} claim, and this "
+                            "gateway admits only users with a record (user_id_jwt_field is set).")
             return None
         if jwt.user_id_upsert and self.upserts is not None:
             await self.upserts.user(identity.user_id, identity.email)
+        if not jwt.user_id_field_set:
+            return None  # (no record is read: a "sub" alone only names the caller)
         user = await self.store.get_user(identity.user_id)
         if user is None and jwt.user_record_required and not identity.every_model:
             return Deny(401, "user_not_found", f"User doesn't exist in db. 'user_id'={identity.user_id}. Create "

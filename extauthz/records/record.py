@@ -220,8 +220,16 @@ class MemberScope(NamedTuple):
 
 # A membership stored by hand that does not read narrows every member to no model and no
 # budget: it refuses, rather than lifts, what it stood for.
-ANY_MEMBER = "*"
+# (Its key is no user id: a membership names a non-empty one.)
+ANY_MEMBER = ""
 UNREADABLE_MEMBERSHIP = ("<unreadable team_memberships>",)
+
+
+def membership_entries(doc: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """A team document's ``team_memberships`` entries that read as entries (the admin API's
+    view of a record written by hand; the check reads the whole field, see memberships)."""
+    found = (doc or {}).get("team_memberships")
+    return [m for m in found if isinstance(m, dict)] if isinstance(found, list) else []
 
 
 def memberships(doc: dict[str, Any]) -> dict[str, MemberScope] | None:
@@ -233,7 +241,8 @@ def memberships(doc: dict[str, Any]) -> dict[str, MemberScope] | None:
     out = {}
     try:
         for entry in found:
-            user_id, models = entry["user_id"], entry.get("allowed_models") or []
+            user_id, models = entry["user_id"], entry.get("allowed_models", [])
+            models = [] if models is None else models
             if not isinstance(user_id, str) or not user_id or not isinstance(models, list) \
                     or not all(isinstance(m, str) and m for m in models):
                 raise ValueError("a membership that does not read")
@@ -251,8 +260,7 @@ MEMBER_TERMS = ("max_budget_in_team", "budget_duration", "allowed_models")
 def with_terms(team: dict[str, Any], user_id: str, terms: dict[str, Any] | None) -> dict[str, Any]:
     """A team document with a member's own terms set over those it has (None: removed).
     A member left without a term has no entry; ``allowed_models: []`` is no narrowing."""
-    found = team.get("team_memberships")
-    entries = [m for m in found if isinstance(m, dict)] if isinstance(found, list) else []
+    entries = membership_entries(team)
     if terms == {}:
         return team
     old = next((m for m in entries if m.get("user_id") == user_id), {})

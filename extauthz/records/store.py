@@ -863,9 +863,9 @@ class RedisWriter(Keyspace):
             held = [k for k in await self._watched_keys(tx, self.team_keys_id(team_id))
                     if k.get("user_id") != user_id and user_id in secret_holders(k) and not k.get("blocked")]
             tx.pipe.multi()
+            # (Its terms in the team stay: a token's groups may still name the team, and
+            # one who joins again must not come back wider than it left.)
             new_team = dict(team, members_with_roles=[m for m in members if m.get("user_id") != user_id])
-            if "team_memberships" in team:  # (its terms go with it: one who joins again starts afresh)
-                new_team = with_terms(new_team, user_id, None)
             self._queue_team(tx, team_id, new_team)
             if user is not None:
                 self._queue_user(tx, dict(user, teams=[t for t in user.get("teams") or [] if t != team_id]))

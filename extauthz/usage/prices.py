@@ -56,10 +56,21 @@ def configured(info: Mapping[str, Any]) -> Price | None:
     return Price(given[0], given[1], given[2], given[3])
 
 
-def free_of_charge(price: Price | None) -> bool:
-    """A price of zero for everything a call can be charged for (a deployment's own: the
-    table's zeros may be a price not known yet)."""
-    return price is not None and not any((price.input, price.output, price.cache_read, price.cache_write))
+def free_of_charge(info: Mapping[str, Any]) -> bool:
+    """Whether a deployment's own config prices everything at zero: its token prices given
+    as 0, and no other cost (per image, per second, per character...) above it. The
+    table's zeros do not count: they may be a price not known yet."""
+    own = configured(info)
+    if own is None or any((own.input, own.output, own.cache_read, own.cache_write)):
+        return False
+    for name, value in info.items():
+        if "cost" in name and value is not None:
+            try:
+                if float(value) != 0:  # (a string, as YAML reads 5e-6, is a number too)
+                    return False
+            except (TypeError, ValueError):
+                return False  # a cost that does not read is no proof of a free model
+    return True
 
 
 def output_ceiling(info: Mapping[str, Any]) -> int | None:
