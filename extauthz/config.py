@@ -60,7 +60,9 @@ KEY_DEFAULT_FIELDS = (*KEY_BOUND_NUMBERS, *KEY_BOUND_DURATIONS, "user_id", "team
 KEY_PARAMS = ("default_key_generate_params", "upperbound_key_generate_params")
 KEY_DURATION = re.compile(r"[0-9]{1,6}(s|m|h|d|w|mo)")
 RESTRICTING_SETTINGS = ("allowed_routes", "admin_only_routes", "allowed_ips", "enforce_user_param",
-                        "public_routes", "admin_allowed_routes", "user_header_name")
+                        "public_routes", "admin_allowed_routes", "user_header_name",
+                        # (a user's budget binds its personal keys here, as by default in LiteLLM)
+                        "apply_user_budget_to_team_keys")
 # A Bedrock deployment's own AWS identity: Envoy signs with its own (its environment, IRSA,
 # an instance role), so a deployment naming another cannot be honoured. Only references to
 # the standard environment variables, which Envoy reads itself, are the same identity.

@@ -66,6 +66,9 @@ def test_scope_and_tag_of_a_counter_suffix() -> None:
     assert scope_of("rpm:key:h:1") == "key:h" and scope_of("inflight:team:t") == "team:t"
     assert scope_of("settled:u1") is None and scope_of("replication_probe") is None
     assert tagged("inflight:team:t") == "inflight:{team:t}" and tagged("settled:u1") == "settled:u1"
+    # A user's spend (its personal keys') has its own slot; a member's shares its team's.
+    assert tagged("spend:user:u%2F1:86400s:3") == "spend:{user:u%2F1}:86400s:3"
+    assert tagged("spend:team:t:member:ann") == "spend:{team:t}:member:ann"
 
 
 def test_a_prefix_with_a_brace_is_refused_in_a_cluster() -> None:

@@ -77,7 +77,7 @@ def test_an_admin_only_route_is_refused_with_litellms_401(parity: Gateway) -> No
     _, key = new_user(parity)
     assert refusal(call(parity, "POST", "/team/new", key, {"team_alias": "mine"})) == (401, "admin_not_allowed")
     _, viewer = new_user(parity, "proxy_admin_viewer")
-    assert refusal(call(parity, "POST", "/key/generate", viewer, {})) == (401, "admin_not_allowed")
+    assert refusal(call(parity, "POST", "/key/generate", viewer, {})) == (403, "admin_not_allowed")  # a viewer's write
     # A record the caller may not touch stays 404: whether it exists is not the caller's to learn.
     other = parity.new_key(models=["gpt-4"])
     assert call(parity, "GET", f"/key/info?key={other}", key).status == 404
@@ -130,7 +130,7 @@ def test_an_internal_user_token_lists_its_teams_and_reads_its_models(parity: Gat
     listed = call(parity, "GET", "/team/list?user_id=jwt-dev-1", token)
     assert listed.status == 200, listed.text
     assert [t["team_id"] for t in listed.json()] == ["jwt-dev"]
-    assert call(parity, "GET", "/team/list?user_id=someone-else", token).status == 403
+    assert call(parity, "GET", "/team/list?user_id=someone-else", token).status == 401
     info = call(parity, "GET", "/model/info", token)
     assert info.status == 200, info.text
     assert {d["model_name"] for d in info.json()["data"]} == {"gpt-4o"}

@@ -172,3 +172,17 @@ def test_terms_stored_by_hand_that_do_not_read_fail_closed_and_answer_json(gatew
     assert gateway.admin(f"/team/info?team_id={team}", method="GET").status == 200
     updated = gateway.admin("/team/member_update", {"team_id": team, "user_id": "m-hand", "role": "admin"})
     assert updated.status == 200 and updated.json()["role"] == "admin"
+
+
+def test_a_users_budget_holds_for_its_personal_keys_together(gateway: Gateway) -> None:
+    made = gateway.admin("/user/new", {"user_id": "m-budgeted", "max_budget": 0.05, "models": ["gpt-4"]})
+    assert made.status == 200, made.text
+    first, second = made.json()["key"], gateway.new_key(user_id="m-budgeted")
+    assert call(gateway, first).status == 200                    # 0.06 of 0.05
+    user = lambda: gateway.admin("/user/info?user_id=m-budgeted", method="GET").json()["user_info"]  # noqa: E731
+    wait_for(lambda: user()["spend"] == pytest.approx(COST), "the user's spend settled")
+    refused = call(gateway, second, usage="0,0")                 # its other personal key
+    assert refused.status == 422 and "User='m-budgeted'" in refused.json()["error"]["message"]
+    assert "max_budget" not in user()["not_enforced"]
+    team = gateway.new_team(models=["gpt-4"])                    # a team key follows its team, as in LiteLLM
+    assert call(gateway, gateway.new_key(user_id="m-budgeted", team_id=team)).status == 200

@@ -127,8 +127,8 @@ def test_a_key_on_the_admin_api_has_its_owners_role(gateway: Gateway) -> None:
     assert ok(call(gateway, "POST", "/team/new", root, {"team_id": "t-by-root"}))["team_id"] == "t-by-root"
     audit = user_key(gateway, "u-audit", key_type="management")
     assert call(gateway, "GET", "/team/list", audit).status == 200
-    # A route the caller's role may not use at all: LiteLLM's 401.
-    assert code(call(gateway, "POST", "/team/new", audit, {"team_id": "t-by-audit"})) == (401, "admin_not_allowed")
+    # A viewer's write: LiteLLM's 403 (a route a role may not use at all is 401).
+    assert code(call(gateway, "POST", "/team/new", audit, {"team_id": "t-by-audit"})) == (403, "admin_not_allowed")
     # A key with no owner, or an owner without a record, has no admin powers.
     assert code(call(gateway, "GET", "/team/list", gateway.new_key())) == (401, "admin_not_allowed")
     assert code(call(gateway, "GET", "/team/list", user_key(gateway, "u-ghost"))) == (401, "admin_not_allowed")

@@ -198,7 +198,7 @@ def key_owner_power(key: Doc, owner: Doc | None, method: str, admins: frozenset[
         return "master"
     if role == "proxy_admin_viewer":
         if method != "GET":
-            raise Refused("A proxy_admin_viewer's key may only read.", ROUTE_REFUSED)
+            raise Refused("A proxy_admin_viewer's key may only read.")  # (LiteLLM's 403 for a viewer)
         return "read"
     teams = owner.get("teams")
     return Acting(owner["user_id"], tuple(t for t in teams if isinstance(t, str)) if isinstance(teams, list) else (),

@@ -724,7 +724,7 @@ class AdminApi:
         user_id, who = request.query.get("user_id"), acting(request)
         if who is not None:
             if user_id not in (None, who.user_id):
-                raise Refused("A user lists its own teams only (user_id: itself).", param="user_id")
+                raise Refused("A user lists its own teams only (user_id: itself).", ROUTE_REFUSED, param="user_id")
             mine = set(who.teams) | who.admin_teams
             teams = [t for t in await self.store.team_docs(sorted(mine)) if t is not None]
         else:
@@ -914,6 +914,9 @@ class AdminApi:
             raise NotFound(f"user_id {user_id!r} does not exist")
         keys = await self.store.list_keys(user_id=user_id)
         teams = [t for t in [await self.store.team_doc(t) for t in doc.get("teams") or []] if t is not None]
+        (doc,) = await self.with_use([doc], "user", "user_id")  # (its spend: its personal keys')
+        for name in ("rpm_used", "tpm_used"):  # (a user has no rate windows of its own)
+            doc.pop(name, None)
         return web.json_response({"user_id": user_id, "user_info": dict(doc, not_enforced=schema.not_enforced(doc, user=True)),
                                   "keys": [self.key_view(k) for k in keys], "teams": teams})
 

@@ -94,7 +94,8 @@ def reject_unknown(body: dict[str, Any], allowed: set[str]) -> None:
 
 
 def not_enforced(doc: dict[str, Any], user: bool = False) -> list[str]:
-    stored_only = NOT_ENFORCED + tuple(LIMIT_FIELDS) if user else NOT_ENFORCED
+    # (a user's budget binds its personal keys; its rate limits are stored only)
+    stored_only = NOT_ENFORCED + tuple(RATE_FIELDS) if user else NOT_ENFORCED
     # "spend" is counted (a view shows the counted one); one an admin sets is not used.
     return sorted(k for k in doc if k in stored_only and doc[k] is not None and k != "spend")
 

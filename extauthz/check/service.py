@@ -98,11 +98,14 @@ def missing_team(identity: Identity, claims: Any, jwt: JwtAuth, needs_team: bool
 
 
 def budget_counters(key: KeyRecord, team: TeamRecord | None, model: str, now: float, cost: float) -> list[Counter]:
-    """The budgets a call is admitted against, its key's, its team's, then its owner's in
-    that team (max_budget_in_team), each to hold ``cost`` (0: only whether one is spent
-    already), named as LiteLLM's refusal names them."""
+    """The budgets a call is admitted against, its key's, its owner's (a personal key's),
+    its team's, then its owner's in that team (max_budget_in_team), each to hold ``cost``
+    (0: only whether one is spent already), named as LiteLLM's refusal names them."""
     counters = budgets.admission_counters(scope("key", key.account), f"Key={key.label!r}", key.budget, model, now,
                                           cost)
+    if key.user_budget is not None and key.user_id is not None:  # (a personal key's owner's)
+        counters += budgets.admission_counters(scope("user", key.user_id), f"User={key.user_id!r}",
+                                               key.user_budget, model, now, cost)
     if team is not None:
         counters += budgets.admission_counters(scope("team", team.team_id), f"Team={team.label!r}", team.budget,
                                                model, now, cost)
@@ -115,9 +118,11 @@ def budget_counters(key: KeyRecord, team: TeamRecord | None, model: str, now: fl
 
 def budgeted(key: KeyRecord, team: TeamRecord | None) -> str | None:
     """Whose budget a call of this caller is admitted against, named (the key's, its
-    team's, or its owner's in the team), or None."""
+    owner's, its team's, or its owner's in the team), or None."""
     if budgets.binding(key.budget):
         return f"Key {key.label!r}"
+    if budgets.binding(key.user_budget):
+        return f"User {key.user_id!r}"
     if team is None:
         return None
     if budgets.binding(team.budget):
@@ -587,8 +592,9 @@ class AuthorizationService:
                       (ACTING_TEAMS_HEADER, json.dumps(list(identity.teams))))
         allowed = identity.role == "proxy_admin" or (identity.role == "proxy_admin_viewer" and method == "GET") \
             or bool(acting)
-        if not allowed:
-            return Deny(401, "admin_not_allowed", f"The token's role ({identity.role}) may not use this admin route.")
+        if not allowed:  # (LiteLLM: 403 for a viewer's write, 401 for a route a role may not use)
+            return Deny(403 if identity.role == "proxy_admin_viewer" else 401, "admin_not_allowed",
+                        f"The token's role ({identity.role}) may not use this admin route.")
         if runtime.admin_route is None:
             return Deny(403, "admin_not_allowed", "The admin API needs general_settings.master_key.")
         meta = {"key_alias": label, "role": identity.role, "deployment": "admin_api"}

@@ -80,9 +80,10 @@ class Keyspace:
 
 
 def scope_of(suffix: str) -> str | None:
-    """The scope a counter suffix counts for (``key:<hash>``, ``team:<id>``), or None."""
+    """The scope a counter suffix counts for (``key:<hash>``, ``team:<id>``, ``user:<id>``),
+    or None."""
     parts = suffix.split(":", 3)
-    return f"{parts[1]}:{parts[2]}" if len(parts) >= 3 and parts[1] in ("key", "team") else None
+    return f"{parts[1]}:{parts[2]}" if len(parts) >= 3 and parts[1] in ("key", "team", "user") else None
 
 
 def tagged(suffix: str) -> str:

@@ -44,7 +44,10 @@ async def lookup(token: str | None, store: RecordReader, is_master: Callable[[st
     if key.team_id is not None:
         team = await store.get_team(key.team_id)
         return Records(key, team, team.member(key.user_id) if team is not None else None)
-    return Records(key, None, await store.get_user(key.user_id) if key.user_id is not None else None)
+    owner = await store.get_user(key.user_id) if key.user_id is not None else None
+    if owner is not None and owner.budget is not None:
+        key = key._replace(user_budget=owner.budget)
+    return Records(key, None, owner)
 
 
 async def with_successors(key: KeyRecord, store: RecordReader, depth: int = 0) -> KeyRecord | None:

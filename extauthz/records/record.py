@@ -143,6 +143,9 @@ class KeyRecord(NamedTuple):
     # The other records sharing its counters while one is in its grace period: a retired
     # key's successor first, then the key it replaced itself, if any.
     linked: tuple[str, ...] = ()
+    # A personal key's owner's budget (records/lookup.py sets it from the user record, as
+    # LiteLLM applies a user's max_budget to its keys without a team): spent at the user's scope.
+    user_budget: Budget | None = None
 
     @property
     def label(self) -> str:
@@ -304,11 +307,14 @@ class TeamRecord(NamedTuple):
 
 
 class UserRecord(NamedTuple):
-    """A user (LiteLLM's /user/new): its models narrow the keys it owns that have no team."""
+    """A user (LiteLLM's /user/new): its models narrow the keys it owns that have no team,
+    and its budget is what they may spend together (as in LiteLLM, not its team keys')."""
 
     user_id: str
     user_role: str | None
     models: tuple[str, ...]
+    budget: Budget | None = None    # max_budget (and its period, model_max_budget): its personal keys'
+    limits: None = None             # (a user's rate limits are stored only: settlement reads none)
 
     @property
     def narrows(self) -> str:
@@ -316,7 +322,7 @@ class UserRecord(NamedTuple):
 
     @classmethod
     def from_document(cls, doc: dict[str, Any]) -> "UserRecord":
-        return cls(_name(doc["user_id"]), doc.get("user_role"), _shared(doc.get("models")))
+        return cls(_name(doc["user_id"]), doc.get("user_role"), _shared(doc.get("models")), budgets.read(doc))
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> "UserRecord":

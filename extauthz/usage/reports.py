@@ -17,7 +17,7 @@ from typing import Any, AsyncIterator, Callable, NamedTuple
 import grpc
 
 from extauthz.proto.envoy.service.accesslog.v3 import als_pb2
-from extauthz.records.record import MemberScope
+from extauthz.records.record import MemberScope, UserRecord
 from extauthz.records.store import RecordReader, StoreUnavailable
 from extauthz.telemetry.metrics import SOFT_BUDGET_CROSSINGS, SPEND, USAGE_REPORTS, TeamLabels
 from extauthz.usage import prices
@@ -146,6 +146,10 @@ class UsageReports:
             key = await self.store.get_key(report.key_id) if report.key_id != "master" else None
             # The counters the check took (its metadata): this key's record may be gone by now.
             out.append((scope("key", report.account or report.key_id), key))
+        if report.team_id is None and report.user_id is not None and report.key_id is not None:
+            user = await self.store.get_user(report.user_id)  # (a personal key's owner's budget)
+            if user is not None and user.budget is not None:
+                out.append((scope("user", report.user_id), user))
         if report.team_id is not None:
             team = await self.store.get_team(report.team_id)
             out.append((scope("team", report.team_id), team))
@@ -158,7 +162,8 @@ class UsageReports:
         """What settling a report changes: its counters, its cost and spend counters, in the
         windows and periods it was admitted in (where its holds are)."""
         owners = await self.owners(report)
-        scopes = [where for where, record in owners if not isinstance(record, MemberScope)]  # (in-flight sets)
+        # (in-flight sets are a key's and a team's: max_parallel_requests)
+        scopes = [where for where, record in owners if not isinstance(record, (MemberScope, UserRecord))]
         # (Another replica's clock may differ a little; a time no call could have been
         # admitted at is not believed.)
         admitted = report.admitted
@@ -247,6 +252,7 @@ class UsageReports:
                 continue
             # A key by its hash's prefix, as the decision log names it.
             who = f"key {(report.key_id or '')[:12]}" if counter.suffix.startswith("spend:key:") \
+                else f"user {report.user_id!r}" if counter.suffix.startswith("spend:user:") \
                 else f"user {report.user_id!r} in team {report.team_id!r}" if ":member:" in counter.suffix \
                 else f"team {report.team_id!r}"
             which = f" for model {counter.model!r}" if counter.model else ""
