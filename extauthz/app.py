@@ -206,7 +206,8 @@ class App:
                                             check_message_limit(s), Upserts(cached, RedisWriter(self.store, s.audit_max_entries,
                                                                                      audit_max_bytes=s.audit_max_bytes)),
                                             counters)
-        self.usage = UsageReports(counters, cached, lambda route_id, model: self.runtime().price(route_id, model))
+        self.usage = UsageReports(counters, cached, lambda route_id, model: self.runtime().price(route_id, model),
+                                  lambda model: self.runtime().catalog.same_model(model))
         self.health = health_aio.HealthServicer()
         self.grpc: grpc.aio.Server | None = None
         self.health_grpc: grpc.aio.Server | None = None  # health on a port of its own (health_port)

@@ -6,16 +6,18 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import redis.asyncio as aioredis
+import yaml
 
 from extauthz.usage import limits
 from extauthz.records.keyspace import Keyspace
 from extauthz.usage.counters import RateCounters, Settlement
 from extauthz.usage.limits import Counter, Limits, rate_counters
 from tests.conftest import Gateway
-from tests.harness import start_stack
+from tests.harness import EXAMPLE_CONFIG, start_stack
 
 
 # -- pure ---------------------------------------------------------------------------------------
@@ -214,3 +216,54 @@ def test_the_limit_metric_labels_a_bounded_set_of_teams() -> None:
     assert count("rpm_limit", "other") - before == 5
     metrics.limited("tpm_limit", None)
     assert count("tpm_limit", "none") >= 1
+
+
+# -- another name for the same model --------------------------------------------------------------
+
+ALIASED = {"gpt4-alias": "gpt-4", "gpt4-hidden": {"model": "gpt-4", "hidden": True}}
+
+
+def test_a_model_and_its_aliases_are_one_model_for_per_model_limits() -> None:
+    from tests.test_policy import catalog_of, deployment
+    catalog = catalog_of(deployment("gpt-4", "openai/gpt-4"), deployment("*", "openai/*"), aliases=ALIASED)
+    whole = frozenset({"gpt-4", "gpt4-alias", "gpt4-hidden"})
+    assert catalog.same_model("gpt-4") == catalog.same_model("gpt4-alias") == catalog.same_model("gpt4-hidden") \
+        == whole
+    assert catalog.same_model("openai/gpt-4o") == {"openai/gpt-4o"}   # a name a pattern serves is its own
+    assert catalog.same_model("nothing-serves-this") == {"nothing-serves-this"}
+    # The counter is the limit's, whichever name the call asked for.
+    key = Limits(model_rpm=(("gpt-4", 1),))
+    for asked in ("gpt-4", "gpt4-alias"):
+        (counter,) = rate_counters([("key:h", "k", key)], catalog.same_model(asked), 6_000_030.0)
+        assert counter.suffix == "rpm:key:h:model:gpt-4:100000"
+    assert rate_counters([("key:h", "k", Limits(model_rpm=(("gpt4-alias", 1),)))], catalog.same_model("gpt-4"),
+                         6_000_030.0)[0].suffix == "rpm:key:h:model:gpt4-alias:100000"
+    # One name is a name, never a string whose substrings match.
+    assert rate_counters([("key:h", "k", Limits(model_rpm=(("gpt-4", 1),)))], "gpt-4o", 6_000_030.0) == []
+
+
+@pytest.fixture(scope="module")
+def aliased(workdir: Path, upstream_port: int, redis_port: int) -> Iterator[Gateway]:
+    config = yaml.safe_load(EXAMPLE_CONFIG.read_text().replace("127.0.0.1:8081", f"127.0.0.1:{upstream_port}"))
+    config["router_settings"] = {"model_group_alias": {"gpt4-alias": "gpt-4"}}
+    path = workdir / "config-aliased.yaml"
+    path.write_text(yaml.safe_dump(config))
+    stack = start_stack(workdir, path, f"redis://127.0.0.1:{redis_port}/8")
+    try:
+        yield Gateway(stack.envoy, upstream_port, stack.sidecar)
+    finally:
+        stack.stop()
+
+
+def test_an_alias_takes_its_models_limits_and_budget(aliased: Gateway) -> None:
+    fresh_window()
+    limited = aliased.new_key(models=["gpt-4", "gpt4-alias"], model_rpm_limit={"gpt-4": 1})
+    assert aliased.chat(limited, "gpt4-alias").status == 200
+    refused = aliased.chat(limited, "gpt-4")                   # the same model, by its own name
+    assert refused.status == 429 and refused.json()["error"]["code"] == "rate_limit_exceeded"
+    assert aliased.chat(limited, "gpt4-alias").status == 429
+    budgeted = aliased.new_key(models=["gpt-4", "gpt4-alias", "gpt-4o"], model_max_budget={"gpt4-alias": 0})
+    for asked in ("gpt-4", "gpt4-alias"):
+        spent = aliased.chat(budgeted, asked)
+        assert spent.status == 422 and spent.json()["error"]["code"] == "budget_exceeded", asked
+    assert aliased.chat(budgeted, "gpt-4o").status == 200      # another model: its own budget (none)

@@ -1088,7 +1088,7 @@ class AdminApi:
         """A key whose budget (or its team's) is spent gets budget_exceeded on the listing
         routes too, as in LiteLLM, whose budget check runs on every route."""
         now = time.time()
-        counters = budget_counters(key, team, "", now, 0.0)
+        counters = budget_counters(key, team, (), now, 0.0)
         if not counters:
             return
         refused = await self.counters.peek(counters, now)

@@ -122,6 +122,7 @@ class Catalog:
         self.folded_patterns: tuple[tuple[str, ModelGroup], ...] = tuple(
             (g.name.casefold(), g) for g in self.patterns)
         self.variant_of = lru_cache(maxsize=65536)(self._variant_of)
+        self.same_model = lru_cache(maxsize=65536)(self._same_model)
         self.visible: Memo[tuple[str, ...]] = Memo(4096)  # (key models, team models) -> visible names
 
     def _resolve(self, name: str) -> Resolution | None:
@@ -135,6 +136,17 @@ class Catalog:
             if matches(group.name, name):
                 return Resolution(name, group, capture(group.name, name))
         return None
+
+    def _same_model(self, name: str) -> frozenset[str]:
+        """Every name a per-model limit or budget (``model_rpm_limit``, ``model_max_budget``)
+        may give the model ``name`` asks for: a model group and its aliases are one model,
+        whichever of them a limit names and a call asks for. A name a pattern serves is a
+        model of its own."""
+        resolution = self.resolve(name)
+        if resolution is None or resolution.capture is not None:
+            return frozenset((name,))
+        group = resolution.alias_of or resolution.group.name
+        return frozenset((name, group, *(a.name for a in self.aliases.values() if a.target == group)))
 
     def _variant_of(self, name: str) -> str | None:
         """The model group serving ``name``'s canonical form, when ``resolve(name)``

@@ -10,7 +10,7 @@ import secrets
 import time
 from dataclasses import replace
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -97,22 +97,24 @@ def missing_team(identity: Identity, claims: Any, jwt: JwtAuth, needs_team: bool
     return Deny(401, "missing_team", f"No team found in token. Checked {fields or 'no team field (none is set)'}.")
 
 
-def budget_counters(key: KeyRecord, team: TeamRecord | None, model: str, now: float, cost: float) -> list[Counter]:
+def budget_counters(key: KeyRecord, team: TeamRecord | None, names: Collection[str], now: float,
+                    cost: float) -> list[Counter]:
     """The budgets a call is admitted against, its key's, its owner's (a personal key's),
     its team's, then its owner's in that team (max_budget_in_team), each to hold ``cost``
-    (0: only whether one is spent already), named as LiteLLM's refusal names them."""
-    counters = budgets.admission_counters(scope("key", key.account), f"Key={key.label!r}", key.budget, model, now,
+    (0: only whether one is spent already), named as LiteLLM's refusal names them.
+    ``names``: the model's every name (Catalog.same_model), for its model_max_budget."""
+    counters = budgets.admission_counters(scope("key", key.account), f"Key={key.label!r}", key.budget, names, now,
                                           cost)
     if key.user_budget is not None and key.user_id is not None:  # (a personal key's owner's)
         counters += budgets.admission_counters(scope("user", key.user_id), f"User={key.user_id!r}",
-                                               key.user_budget, model, now, cost)
+                                               key.user_budget, names, now, cost)
     if team is not None:
         counters += budgets.admission_counters(scope("team", team.team_id), f"Team={team.label!r}", team.budget,
-                                               model, now, cost)
+                                               names, now, cost)
         member = team.member(key.user_id)
         if member is not None:
             counters += budgets.admission_counters(member.spend_scope, f"User={member.user_id!r} in Team="
-                                                   f"{team.label!r}", member.budget, model, now, cost)
+                                                   f"{team.label!r}", member.budget, names, now, cost)
     return counters
 
 
@@ -488,7 +490,8 @@ class AuthorizationService:
         (as LiteLLM: a spent budget is the answer whatever the model)."""
         if self.counters is None:
             return UNAVAILABLE
-        counters = budget_counters(key, team, str(decision.metadata.get("model", "")), now, 0.0)
+        counters = budget_counters(key, team, runtime.catalog.same_model(str(decision.metadata.get("model", ""))),
+                                   now, 0.0)
         try:
             refused = await self.counters.peek(counters, now)
         except StoreUnavailable:
@@ -513,9 +516,10 @@ class AuthorizationService:
         holds = any(limits is not None and (limits.tpm is not None or limits.model_tpm) for _, _, limits in scopes) \
             or budgeted_call
         estimate = self.estimate(decision, facts, runtime) if holds else None
-        counters = rate_counters(scopes, model, now, estimate.tokens if estimate is not None else 0)
+        names = runtime.catalog.same_model(model)  # (an alias takes its model's limits)
+        counters = rate_counters(scopes, names, now, estimate.tokens if estimate is not None else 0)
         if budgeted_call:
-            counters += budget_counters(key, team, model, now, estimate.cost or 0.0 if estimate is not None else 0.0)
+            counters += budget_counters(key, team, names, now, estimate.cost or 0.0 if estimate is not None else 0.0)
         try:
             refused = await (self.counters.peek(counters, now) if peek else
                              self.counters.admit(counters, decision.metadata[USAGE_ID], now, estimate))

@@ -21,11 +21,11 @@ from __future__ import annotations
 import math
 import re
 from datetime import datetime, timezone
-from typing import Any, NamedTuple
+from typing import Any, Collection, NamedTuple
 from urllib.parse import quote
 
 from extauthz.check.decision import Deny
-from extauthz.usage.limits import Counter
+from extauthz.usage.limits import Counter, model_names
 
 DURATION = re.compile(r"([0-9]{1,6})(s|m|h|d|w|mo)")
 UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -87,7 +87,7 @@ def usd(value: Any, name: str) -> float | None:
 
 
 class ModelBudget(NamedTuple):
-    model: str              # as requested, as for model_rpm_limit
+    model: str              # a model's name (it covers the model's other names: Catalog.same_model)
     max: float
     period: Period | None   # its own time_period, else the record's budget_duration
 
@@ -172,23 +172,26 @@ def _counter(base: str, which: Period | None, now: float) -> tuple[str, float | 
     return f"{base}:{which.tag}:{index}", end + SPEND_GRACE_S, end
 
 
-def spend_counters(where: str, budget: Budget | None, model: str | None, now: float) -> list[SpendCounter]:
+def spend_counters(where: str, budget: Budget | None, names: str | Collection[str] | None,
+                   now: float) -> list[SpendCounter]:
     """The counters of a scope (``key:<hash>``, ``team:<id>``) in the current period: its
-    whole spend, and that of ``model`` when it has a budget of its own (every model's when
-    ``model`` is None: what a record is read with)."""
+    whole spend, and that of the model named by ``names`` (every name of it: an alias
+    spends its model's budget) when it has a budget of its own (every model's when
+    ``names`` is None: what a record is read with)."""
     budget = budget or Budget()
+    names = model_names(names) if names is not None else None
     suffix, expires, end = _counter(f"spend:{where}", budget.period, now)
     out = [SpendCounter(suffix, budget.max, budget.soft, None, expires, end)]
     for each in budget.models:
-        if model is None or each.model == model:
+        if names is None or each.model in names:
             suffix, expires, end = _counter(f"spend:{where}:model:{quote(each.model, safe='')}", each.period, now)
             out.append(SpendCounter(suffix, each.max, None, each.model, expires, end))
     return out
 
 
-def admission_counters(where: str, owner: str, budget: Budget | None, model: str, now: float,
+def admission_counters(where: str, owner: str, budget: Budget | None, names: str | Collection[str], now: float,
                        cost: float) -> list[Counter]:
-    """The spend counters a call to ``model`` is admitted against (those with a max), each
+    """The spend counters a call to the model ``names`` names is admitted against (those with a max), each
     to hold ``cost``, the call's estimate, which must fit in what is left: ``spend + held +
     cost > max_budget`` refuses, and ``spend >= max_budget`` does even for a free call (a
     budget of 0 refuses at once, as in LiteLLM)."""
@@ -196,7 +199,7 @@ def admission_counters(where: str, owner: str, budget: Budget | None, model: str
         return []
     return [Counter(c.suffix, c.max, "model_max_budget" if c.model else "max_budget", owner, cost, "b",
                     c.expires_at or 0.0, c.reset_at, c.model)
-            for c in spend_counters(where, budget, model, now) if c.max is not None]
+            for c in spend_counters(where, budget, names, now) if c.max is not None]
 
 
 def money(value: float) -> str:

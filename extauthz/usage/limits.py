@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from urllib.parse import quote
-from typing import Any, NamedTuple
+from typing import Any, Collection, NamedTuple
 
 from extauthz.check.decision import Deny
 
@@ -22,9 +22,10 @@ MAX_COUNT = 1_000_000_000  # more is a typo (and no window holds it)
 
 class Limits(NamedTuple):
     rpm: int | None = None
-    model_rpm: tuple[tuple[str, int], ...] = ()   # model (as requested) -> requests per minute
+    # A model's name (covering its other names: Catalog.same_model) -> requests per minute
+    model_rpm: tuple[tuple[str, int], ...] = ()
     tpm: int | None = None
-    model_tpm: tuple[tuple[str, int], ...] = ()   # model (as requested) -> tokens per minute
+    model_tpm: tuple[tuple[str, int], ...] = ()   # the same, tokens per minute
     parallel: int | None = None                   # requests in flight at once
 
     @property
@@ -107,11 +108,19 @@ def window_of(now: float) -> int:
     return int(now // WINDOW_S)
 
 
-def rate_counters(scopes: list[tuple[str, str, Limits | None]], model: str, now: float,  # noqa: C901
+def model_names(names: str | Collection[str]) -> Collection[str]:
+    """A model's names as the per-model matches take them: one name is a name, never a
+    string whose every substring would match."""
+    return (names,) if isinstance(names, str) else names
+
+
+def rate_counters(scopes: list[tuple[str, str, Limits | None]], names: str | Collection[str], now: float,  # noqa: C901
                   tokens: int = 0) -> list[Counter]:
     """The counters a request is checked against: for each scope (its id, its label, its
-    limits), its rpm and tpm limits and those for this model, in the current minute; a tpm
-    window holds ``tokens``, the call's estimate."""
+    limits), its rpm and tpm limits and those for this model (``names``: every name of it,
+    Catalog.same_model, so that an alias takes its model's limit), in the current minute;
+    a tpm window holds ``tokens``, the call's estimate."""
+    names = model_names(names)
     window = window_of(now)
     out = []
     for where, label, limits in scopes:
@@ -122,8 +131,8 @@ def rate_counters(scopes: list[tuple[str, str, Limits | None]], model: str, now:
             if whole is not None:
                 out.append(Counter(f"{kind}:{where}:{window}", whole, f"{kind}_limit", label, take, how))
             for name, limit in per_model_limits:
-                if name == model:
-                    out.append(Counter(f"{kind}:{where}:model:{quote(model, safe='')}:{window}", limit,
+                if name in names:  # (the counter is the limit's: every name of the model takes it)
+                    out.append(Counter(f"{kind}:{where}:model:{quote(name, safe='')}:{window}", limit,
                                        f"model_{kind}_limit", label, take, how))
         if limits.parallel is not None:
             out.append(Counter(f"inflight:{where}", limits.parallel, "max_parallel_requests", label, 1, "s"))
@@ -135,19 +144,19 @@ def inflight_sets(scopes: list[str]) -> list[str]:
     return [f"inflight:{where}" for where in scopes]
 
 
-def usage_counters(scopes: list[tuple[str, Limits | None]], model: str, now: float) -> list[str]:
+def usage_counters(scopes: list[tuple[str, Limits | None]], names: str | Collection[str], now: float) -> list[str]:
     """The token counters a settled response adds to: those of the scopes with rate limits
     (the whole minute's, shown as tpm_used), and the model's where a model_tpm_limit names
     it. A scope without limits counts nothing: its every report would cost Redis writes no
     check reads."""
+    names = model_names(names)
     window = window_of(now)
     out = []
     for where, limits in scopes:
         if limits is None or not limits.rate_limited:
             continue
         out.append(f"tpm:{where}:{window}")
-        if any(name == model for name, _ in limits.model_tpm):
-            out.append(f"tpm:{where}:model:{quote(model, safe='')}:{window}")
+        out += [f"tpm:{where}:model:{quote(name, safe='')}:{window}" for name, _ in limits.model_tpm if name in names]
     return out
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, AsyncIterator, Callable, NamedTuple
+from typing import Any, AsyncIterator, Callable, Collection, NamedTuple
 
 import grpc
 
@@ -105,10 +105,12 @@ class UsageReports:
     """The AccessLogService the rendered Envoy streams its usage reports to: each report
     settled once, into the token windows (tpm_limit) and the spend counters (budgets)."""
 
-    def __init__(self, counters: RateCounters, store: RecordReader, price: Callable[[str, str], Price | None]) -> None:
+    def __init__(self, counters: RateCounters, store: RecordReader, price: Callable[[str, str], Price | None],
+                 same_model: Callable[[str], Collection[str]] = lambda model: (model,)) -> None:
         self.counters = counters
         self.store = store
         self.price = price              # (route id, model) -> price, from the running config
+        self.same_model = same_model    # model -> its every name (Catalog.same_model), from the running config
         self.team_label = TeamLabels()
         self.settled = self.duplicates = self.unpriced = self.failed = 0
         self.last_warning = 0.0
@@ -171,13 +173,14 @@ class UsageReports:
             <= now + CLOCK_SKEW_S else now
         price = self.price(report.deployment, report.model)
         cost = prices.cost(price, report.tokens) if price is not None and report.tokens is not None else None
+        names = self.same_model(report.model)
         spend = [c for where, record in owners
                  for c in spend_counters(where, record.budget if record is not None else None,
-                                         report.model, at)] if cost is not None or report.held else []
+                                         names, at)] if cost is not None or report.held else []
         limited = [(where, record.limits if record is not None else None) for where, record in owners]
         # Ended, with or without usage: it leaves the in-flight sets either way.
         return Settlement(report.usage_id, report.tokens.total if report.tokens else 0,
-                          usage_counters(limited, report.model, at) if report.tokens or report.held else [],
+                          usage_counters(limited, names, at) if report.tokens or report.held else [],
                           inflight_sets(scopes) if report.inflight else [], cost, spend, report.held,
                           report.ended)
 
