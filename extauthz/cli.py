@@ -32,7 +32,7 @@ def parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="load the config and report what the gateway makes of it")
     check.add_argument("--config", required=True)
     check.add_argument("--strict", action="store_true",
-                       help="also exit 1 when a deployment is unavailable or a setting is not enforced")
+                       help="also exit 1 on a warning or a deployment that is not routable")
 
     render = sub.add_parser("envoy-config", help="print an Envoy bootstrap for this config")
     render.add_argument("--config", required=True)
@@ -145,7 +145,11 @@ def check_config(config: Config, strict: bool) -> int:
     unavailable = sum(not d.routable for d in config.deployments)
     out.write(f"{len(config.deployments)} deployments, {unavailable} not routable, "
               f"{len(config.unenforced)} settings not enforced\n")
-    return 1 if unusable is not None or (strict and (unavailable or config.unenforced)) else 0
+    # An error line is a config that will refuse what it was meant to allow (or not start):
+    # a CI job running this fails on it; --strict fails on warnings and unroutable too.
+    errors = unusable is not None or bool(config.unenforced)
+    warned = bool(config.warnings) or bool(renamed_calls(config)) or bool(unavailable)
+    return 1 if errors or (strict and warned) else 0
 
 
 def exit_now(code: int) -> int:

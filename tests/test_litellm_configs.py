@@ -119,7 +119,7 @@ def test_check_config_reports_each_deployment_and_what_is_not_enforced(tmp_path:
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(litellm_config(8081)))
     done = check_config(path)
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 1, done.stderr             # it prints an error line: a CI job fails on it
     lines = done.stdout.splitlines()
     assert "deployment 0:gpt-4o  provider=openai  upstream=127.0.0.1:8081  routable" in lines
     assert any(line.startswith("deployment 2:titan  provider=bedrock  upstream=-  NOT ROUTABLE: Bedrock model "
@@ -129,6 +129,11 @@ def test_check_config_reports_each_deployment_and_what_is_not_enforced(tmp_path:
     assert lines[-1] == "4 deployments, 3 not routable, 1 settings not enforced"
     assert "sk-upstream-from-config" not in done.stdout + done.stderr
     assert check_config(path, "--strict").returncode == 1
+    fine = tmp_path / "fine.yaml"   # warnings only: 0, and 1 with --strict
+    fine.write_text(yaml.safe_dump({"model_list": [{"model_name": "m", "litellm_params": {
+        "model": "openai/m", "api_key": "x", "rpm": 5}}], "general_settings": {"master_key": "sk-x"}}))
+    assert check_config(fine).returncode == 0 and "warning: " in check_config(fine).stdout
+    assert check_config(fine, "--strict").returncode == 1
 
 
 def test_check_config_exits_2_on_a_config_that_does_not_load(tmp_path: Path) -> None:
