@@ -680,6 +680,8 @@ class _Parser:
         if values:
             merged = dict(self.environ)
             for name, value in values.items():
+                if isinstance(value, (bool, int, float)):  # (REDIS_PORT: 6379: LiteLLM sets str(value))
+                    value = str(value)
                 merged[str(name)] = self.string(value, f"environment_variables.{name}", secret=True) or ""
             self.environ = merged
 

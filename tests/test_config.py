@@ -293,3 +293,14 @@ def test_vertex_credentials_are_checked_at_load_without_quoting_them(tmp_path: P
     assert d.routable is routable
     if not routable:
         assert "SECRETKEY" not in d.unavailable and "vertex_credentials is neither" in d.unavailable
+
+
+def test_numbers_in_environment_variables_are_set_as_litellm_sets_them(tmp_path: Path) -> None:
+    raw = {"model_list": [{"model_name": "m", "litellm_params": {
+        "model": "openai/m", "api_base": "os.environ/UPSTREAM_BASE", "api_key": "os.environ/UPSTREAM_KEY"}}],
+        "environment_variables": {"REDIS_PORT": 6379, "UPSTREAM_BASE": "http://up:8080/v1", "UPSTREAM_KEY": 12345,
+                                  "DEBUG": True},
+        "general_settings": {"master_key": "sk-m"}}
+    c = config.load(write(tmp_path, raw), environ={})
+    (d,) = c.deployments
+    assert d.routable and d.api_key == "12345" and d.api_base == "http://up:8080/v1"

@@ -109,7 +109,11 @@ def test_wildcard_access_groups(gateway: Gateway) -> None:
     assert_reached(gateway.chat(key, "openai/gpt-4"), ("authorization", "Bearer sk-upstream-openai-wildcard"),
                    "gpt-4", "/v1/chat/completions", key)
     gateway.forget_upstream()
-    assert_error(gateway.chat(key, "openai/o1-mini"), 403, "model_not_allowed")
+    refused = gateway.chat(key, "openai/o1-mini")
+    assert_error(refused, 403, "model_not_allowed")
+    # The refusal says what decided, not only that openai/* is among the valid models.
+    assert "served by the model group 'openai/o1-*', access groups ['restricted-models']" in \
+        refused.json()["error"]["message"]
     assert gateway.upstream_seen() == []
 
 

@@ -495,3 +495,11 @@ def test_a_keys_allowed_routes_refuse_before_the_body():
     llm = k._replace(allowed_routes=("llm_api_routes",))
     assert route_denied(facts("gpt-4"), llm) is None
     assert route_denied(facts("gpt-4", path="/v1/embeddings"), k._replace(allowed_routes=("/v1/chat/*",))) is not None
+
+
+def test_a_refusal_names_the_group_a_more_specific_pattern_or_an_alias_serves() -> None:
+    denied = decide(facts("openai/o1-mini"), key(["default-models"]), None, CATALOG, NOW)
+    assert isinstance(denied, Deny) and denied.code == "model_not_allowed"
+    assert "it is served by the model group 'openai/o1-*', access groups ['restricted-models']" in denied.message
+    plain = decide(facts("gpt-4o"), key(["gpt-4"]), None, CATALOG, NOW)
+    assert isinstance(plain, Deny) and "served by" not in plain.message   # asked by its group's own name

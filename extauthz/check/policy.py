@@ -149,12 +149,12 @@ def authorize(facts: Facts, key: KeyRecord, team: TeamRecord | None, catalog: Ca
     if resolution is None:
         return _model_denied(model, "no such model", key, team, team is not None, catalog, meta, owner)
     if not key_admits(key, team, resolution):
-        return _model_denied(model, "not allowed", key, team, False, catalog, meta, owner)
+        return _model_denied(model, "not allowed" + served_by_note(resolution), key, team, False, catalog, meta, owner)
     if team is not None and not list_admits(team.models, resolution):
-        return _model_denied(model, "not allowed", key, team, True, catalog, meta)
+        return _model_denied(model, "not allowed" + served_by_note(resolution), key, team, True, catalog, meta)
     if owner is not None and not list_admits(owner.models, resolution):
-        return _model_denied(model, f"not allowed for {owner.narrows}", key, team, False, catalog, meta,
-                             owner)
+        return _model_denied(model, f"not allowed for {owner.narrows}{served_by_note(resolution)}", key, team, False,
+                             catalog, meta, owner)
     index = _pick(resolution, draw, endpoint.api_format)
     if index is None:
         reasons = sorted({d.unavailable or "" for d in resolution.group.deployments})
@@ -177,6 +177,17 @@ def forward(grant: Grant, facts: Facts, counted: bool = False) -> Allow | Deny:
 
 def _problem(problem: Problem, meta: dict[str, Any]) -> Deny:
     return Deny(problem.status, problem.code, problem.message, problem.param, meta)
+
+
+def served_by_note(resolution: Resolution) -> str:
+    """What decided, when the name is served under another: the model group a pattern or an
+    alias leads to, and its access groups (``openai/o1-mini`` is ``openai/o1-*``'s, not
+    ``openai/*``'s), so the common refusal needs no /access/explain."""
+    group = resolution.group
+    if group.name == resolution.requested:
+        return ""
+    groups = f", access groups {sorted(group.access_groups)}" if group.access_groups else ""
+    return f"; it is served by the model group {group.name!r}{groups}"
 
 
 def _model_denied(model: str, why: str, key: KeyRecord, team: TeamRecord | None, by_team: bool,
