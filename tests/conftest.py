@@ -1,12 +1,13 @@
 from __future__ import annotations
 
 import subprocess
-
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
+import yaml
 
 from tests import harness
 from tests.harness import MASTER_KEY, Envoy, Response, Sidecar, http
@@ -170,3 +171,20 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
         openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
                 "-out", f"{name}.crt", "-days", "2", *(("-extfile", "san.ext") if name == "server" else ()))
     return d
+
+
+@contextmanager
+def example_stack(workdir: Path, upstream_port: int, redis_url: str, name: str, edit: Callable[[dict], None],
+                  env: dict[str, str] | None = None) -> Iterator[Gateway]:
+    """A stack of its own on examples/config.yaml pointed at the fake upstream, as ``edit``
+    changes it (a module's fixture: an alias, JWTs, LiteLLM's settings...)."""
+    config = yaml.safe_load(harness.EXAMPLE_CONFIG.read_text().replace("127.0.0.1:8081",
+                                                                       f"127.0.0.1:{upstream_port}"))
+    edit(config)
+    path = workdir / f"config-{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    stack = harness.start_stack(workdir, path, redis_url, env)
+    try:
+        yield Gateway(stack.envoy, upstream_port, stack.sidecar)
+    finally:
+        stack.stop()

@@ -10,14 +10,13 @@ from typing import Iterator
 
 import pytest
 import redis.asyncio as aioredis
-import yaml
 
 from extauthz.usage import limits
 from extauthz.records.keyspace import Keyspace
 from extauthz.usage.counters import RateCounters, Settlement
 from extauthz.usage.limits import Counter, Limits, rate_counters
-from tests.conftest import Gateway
-from tests.harness import EXAMPLE_CONFIG, start_stack
+from tests.conftest import Gateway, example_stack
+from tests.harness import start_stack
 
 
 # -- pure ---------------------------------------------------------------------------------------
@@ -244,15 +243,10 @@ def test_a_model_and_its_aliases_are_one_model_for_per_model_limits() -> None:
 
 @pytest.fixture(scope="module")
 def aliased(workdir: Path, upstream_port: int, redis_port: int) -> Iterator[Gateway]:
-    config = yaml.safe_load(EXAMPLE_CONFIG.read_text().replace("127.0.0.1:8081", f"127.0.0.1:{upstream_port}"))
-    config["router_settings"] = {"model_group_alias": {"gpt4-alias": "gpt-4"}}
-    path = workdir / "config-aliased.yaml"
-    path.write_text(yaml.safe_dump(config))
-    stack = start_stack(workdir, path, f"redis://127.0.0.1:{redis_port}/8")
-    try:
-        yield Gateway(stack.envoy, upstream_port, stack.sidecar)
-    finally:
-        stack.stop()
+    def alias(config: dict) -> None:
+        config["router_settings"] = {"model_group_alias": {"gpt4-alias": "gpt-4"}}
+    with example_stack(workdir, upstream_port, f"redis://127.0.0.1:{redis_port}/8", "aliased", alias) as gateway:
+        yield gateway
 
 
 def test_an_alias_takes_its_models_limits_and_budget(aliased: Gateway) -> None:

@@ -14,8 +14,8 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from tests.conftest import Gateway
-from tests.harness import EXAMPLE_CONFIG, http, start_stack
+from tests.conftest import Gateway, example_stack
+from tests.harness import http
 from tests.test_jwt import AUDIENCE, IdentityProvider, idp  # noqa: F401 (idp: the fixture)
 
 FREE_MODEL = {"model_name": "local-llama", "litellm_params": {
@@ -25,20 +25,15 @@ FREE_MODEL = {"model_name": "local-llama", "litellm_params": {
 
 @pytest.fixture(scope="module")
 def parity(workdir: Path, upstream_port: int, redis_port: int, idp: IdentityProvider) -> Iterator[Gateway]:  # noqa: F811
-    config = yaml.safe_load(EXAMPLE_CONFIG.read_text().replace("127.0.0.1:8081", f"127.0.0.1:{upstream_port}"))
-    config["model_list"].append(yaml.safe_load(yaml.safe_dump(FREE_MODEL).replace(
-        "127.0.0.1:8081", f"127.0.0.1:{upstream_port}")))
-    config["general_settings"].update({"enable_jwt_auth": True, "litellm_jwtauth": {
-        "public_key_url": f"{idp.base}/.well-known/openid-configuration", "audience": AUDIENCE,
-        "team_id_jwt_field": "team", "team_ids_jwt_field": "groups", "user_id_jwt_field": "sub",
-        "roles_jwt_field": "roles", "role_mappings": [{"role": "dev", "internal_role": "internal_user"}]}})
-    path = workdir / "config-parity.yaml"
-    path.write_text(yaml.safe_dump(config))
-    stack = start_stack(workdir, path, f"redis://127.0.0.1:{redis_port}/9")
-    try:
-        yield Gateway(stack.envoy, upstream_port, stack.sidecar)
-    finally:
-        stack.stop()
+    def edit(config: dict) -> None:
+        config["model_list"].append(yaml.safe_load(yaml.safe_dump(FREE_MODEL).replace(
+            "127.0.0.1:8081", f"127.0.0.1:{upstream_port}")))
+        config["general_settings"].update({"enable_jwt_auth": True, "litellm_jwtauth": {
+            "public_key_url": f"{idp.base}/.well-known/openid-configuration", "audience": AUDIENCE,
+            "team_id_jwt_field": "team", "team_ids_jwt_field": "groups", "user_id_jwt_field": "sub",
+            "roles_jwt_field": "roles", "role_mappings": [{"role": "dev", "internal_role": "internal_user"}]}})
+    with example_stack(workdir, upstream_port, f"redis://127.0.0.1:{redis_port}/9", "parity", edit) as gateway:
+        yield gateway
 
 
 def refusal(r: Any) -> tuple[int, str]:

@@ -13,10 +13,9 @@ from typing import Any, Iterator
 
 import pytest
 import redis
-import yaml
 
-from tests.conftest import Gateway
-from tests.harness import EXAMPLE_CONFIG, MASTER_KEY, Stack, http, start_stack
+from tests.conftest import Gateway, example_stack
+from tests.harness import MASTER_KEY, http
 from tests.test_limits import fresh_window
 
 PREFIX = "selfsvc:"
@@ -30,15 +29,11 @@ LITELLM_SETTINGS = {
 
 @pytest.fixture(scope="module")
 def bounded(workdir: Path, upstream_port: int, redis_port: int) -> Iterator[Gateway]:
-    config = yaml.safe_load(EXAMPLE_CONFIG.read_text().replace("127.0.0.1:8081", f"127.0.0.1:{upstream_port}"))
-    config["litellm_settings"] = LITELLM_SETTINGS
-    path = workdir / "config-self-service.yaml"
-    path.write_text(yaml.safe_dump(config))
-    stack: Stack = start_stack(workdir, path, f"redis://127.0.0.1:{redis_port}/0", BOUNDS)
-    try:
-        yield Gateway(stack.envoy, upstream_port, stack.sidecar)
-    finally:
-        stack.stop()
+    def edit(config: dict) -> None:
+        config["litellm_settings"] = LITELLM_SETTINGS
+    with example_stack(workdir, upstream_port, f"redis://127.0.0.1:{redis_port}/0", "self-service", edit,
+                       BOUNDS) as gateway:
+        yield gateway
 
 
 @pytest.fixture
