@@ -375,8 +375,10 @@ class AdminApi:
         schema.check_key_against_team(key, team, self.runtime().catalog)
 
     async def with_use(self, docs: list[dict[str, Any]], scope: str, id_field: str) -> list[dict[str, Any]]:
-        """Each record with ``rpm_used`` and ``tpm_used`` (its rate windows this minute) and
-        its ``spend`` this budget period (``model_spend`` per model budget, ``budget_reset_at``)."""
+        """Each record with its ``spend`` this budget period (``model_spend`` per model budget,
+        ``budget_reset_at``) and, when it has a rate limit, ``rpm_used`` and ``tpm_used`` (its
+        rate windows this minute: only a rate-limited record's are counted, so a 0 shown for
+        another would read as "not used")."""
         now = time.time()
         scopes = [limits.scope(scope, d.get("counter_id") or d[id_field]) for d in docs]
         used = await self.counters.used(scopes, now)
@@ -386,10 +388,13 @@ class AdminApi:
         for doc, (rpm, tpm), each in zip(docs, used, counters):
             amounts = [next(values) for _ in each]
             whole = each[0]
-            out.append(dict(doc, rpm_used=rpm, tpm_used=tpm, spend=amounts[0],
-                            model_spend={c.model: v for c, v in zip(each[1:], amounts[1:])},
-                            budget_reset_at=format_time(whole.reset_at) if whole.reset_at not in (
-                                None, float("inf")) else None))
+            view = dict(doc, spend=amounts[0], model_spend={c.model: v for c, v in zip(each[1:], amounts[1:])},
+                        budget_reset_at=format_time(whole.reset_at) if whole.reset_at not in (
+                            None, float("inf")) else None)
+            found = limits.read(doc)
+            if found is not None and found.rate_limited:
+                view.update(rpm_used=rpm, tpm_used=tpm)
+            out.append(view)
         return out
 
     @staticmethod
