@@ -255,6 +255,21 @@ def test_anthropic_sdk_messages(gw: ProviderGateway) -> None:
     assert sent_version and echo["headers"]["anthropic-version"] == sent_version
 
 
+def test_the_sdks_stream_helpers_read_the_demo_upstream_through_the_gateway(gw: ProviderGateway) -> None:
+    # A newcomer's first stream against `make run` must not fail in the SDK's own helper.
+    key = gw.new_key(models=["claude-sonnet", "gpt-4o"])
+    with anthropic_client(gw, key).messages.stream(model="claude-sonnet", max_tokens=16, messages=HELLO) as events:
+        text = "".join(events.text_stream)
+        final = events.get_final_message()
+    assert text == "fake" and final.content[0].text == "fake" and final.stop_reason == "end_turn"
+    with openai_client(gw, key).chat.completions.stream(model="gpt-4o", messages=HELLO) as chunks:
+        for _ in chunks:
+            pass
+        completion = chunks.get_final_completion()
+    assert completion.choices[0].message.content == "fake stream"
+    assert completion.choices[0].finish_reason == "stop"
+
+
 def test_anthropic_sdk_count_tokens(gw: ProviderGateway) -> None:
     key = gw.new_key(models=["claude-sonnet"])
     count = anthropic_client(gw, key).messages.count_tokens(model="claude-sonnet", messages=HELLO)

@@ -450,18 +450,24 @@ async def stream(request: web.Request, reply: dict[str, Any], body: dict[str, An
                   {"type": "response.completed", "response": echoed}]
         lines = [f"event: {e['type']}\ndata: {json.dumps(e)}\n\n" for e in events]
     elif request.path.endswith("/messages"):
-        events = [{"type": "message_start", "message": {**reply, "content": [],
+        # Every event of Anthropic's stream, so the SDK's messages.stream() helper reads it.
+        events = [{"type": "message_start", "message": {**reply, "content": [], "stop_reason": None,
                                                         "usage": {"input_tokens": usage.get("input_tokens", 0),
                                                                   "output_tokens": 1}}},
+                  {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
                   {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "fake"}},
-                  {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                  {"type": "content_block_stop", "index": 0},
+                  {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
                    "usage": {"output_tokens": usage.get("output_tokens", 0)}},
                   {"type": "message_stop"}]
         lines = [f"event: {e['type']}\ndata: {json.dumps(e)}\n\n" for e in events]
     else:
         chunk = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": reply.get("model")}
-        lines = [f"data: {json.dumps({**chunk, 'choices': [{'index': 0, 'delta': {'content': w}}], 'usage': None})}\n\n"
-                 for w in ("fake ", "stream")]
+        # As OpenAI streams: the role first, the text, then the finish reason (the SDK's
+        # chat.completions.stream() helper reads all three).
+        deltas = ({"role": "assistant", "content": "fake "}, {"content": "stream"}, {})
+        choices = [[{"index": 0, "delta": d, "finish_reason": None if d else "stop"}] for d in deltas]
+        lines = [f"data: {json.dumps({**chunk, 'choices': c, 'usage': None})}\n\n" for c in choices]
         if (body.get("stream_options") or {}).get("include_usage") and usage:
             lines.append(f"data: {json.dumps({**chunk, 'choices': [], 'usage': usage})}\n\n")
         lines.append("data: [DONE]\n\n")
