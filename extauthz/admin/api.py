@@ -36,7 +36,7 @@ from extauthz.records.lookup import Records, lookup
 from extauthz.records.record import ANYONE, MEMBER_TERMS, KeyRecord, TeamRecord, membership_entries, secret_holders, format_time, hash_token, masked_key, team_members, new_key_doc, new_team_doc, new_user_doc, now_iso
 from extauthz.check.request import credentials
 from extauthz.check.runtime import Runtime
-from extauthz.check.service import budget_counters
+from extauthz.check.service import budget_counters, teams_visible
 from extauthz.check.responses import USAGE_ID_LENGTH, error_body
 from extauthz.usage import budgets, limits
 from extauthz.usage.counters import RateCounters
@@ -1067,14 +1067,8 @@ class AdminApi:
 
     async def acting_models(self, who: Acting) -> set[str]:
         """The models a user acting for itself may call through any of its teams."""
-        catalog, names = self.runtime().catalog, set()
-        for team_id in who.teams:
-            team = await self.records.get_team(team_id)
-            if team is not None and not team.blocked:
-                key = KeyRecord(f"acting:{who.user_id}", None, (ALL_TEAM_MODELS,), team_id, None, False, None,
-                                who.user_id)
-                names.update(visible_models(key, team, catalog, team.member(who.user_id)))
-        return names
+        teams = [t for t in [await self.records.get_team(team_id) for team_id in who.teams] if t is not None]
+        return set(teams_visible(who.user_id, who.user_id, None, teams, self.runtime().catalog))
 
     async def model_group_info(self, request: web.Request) -> web.Response:
         """The model groups the calling key may use (the same list as /v1/models), with

@@ -25,7 +25,7 @@ from extauthz.check.routing import (USAGE_HEADER, ACTING_ROUTES, ADMIN_ACTOR_HEA
                                     COUNTED_IN_FLIGHT, STREAMED_USAGE, Route, jwt_admin_path, streams_unasked)
 from extauthz.check.runtime import Runtime
 from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2
-from extauthz.check.catalog import ALL_TEAM_MODELS
+from extauthz.check.catalog import ALL_TEAM_MODELS, Catalog
 from extauthz.check import listing
 from extauthz.check import shadow as shadow_mode
 from extauthz.check import routes
@@ -67,10 +67,23 @@ MAX_ID_CHARS = 256
 INLINE_BODY_BYTES = 64 * 1024
 
 
-def team_key(identity: Identity, label: str, models: tuple[str, ...] | None, team: TeamRecord) -> KeyRecord:
+def team_key(user_id: str | None, label: str, models: tuple[str, ...] | None, team: TeamRecord) -> KeyRecord:
     """A JWT caller as a key of one of its teams: the team's models, narrowed by its scopes."""
     return KeyRecord(f"jwt:{label}", label, models if models is not None else (ALL_TEAM_MODELS,), team.team_id,
-                     None, False, None, identity.user_id)
+                     None, False, None, user_id)
+
+
+def teams_visible(user_id: str | None, label: str, models: tuple[str, ...] | None, teams: list[TeamRecord],
+                  catalog: Catalog) -> list[str]:
+    """What a caller of these teams may call, as one list (a JWT's /v1/models, a user acting
+    for itself on /model/info): each usable team's models, as a key of it would see them,
+    narrowed by the caller's own terms there."""
+    names: list[str] = []
+    for team in teams:
+        if not team.blocked:
+            visible = visible_models(team_key(user_id, label, models, team), team, catalog, team.member(user_id))
+            names.extend(n for n in visible if n not in names)
+    return names
 
 
 def route_refusal(identity: Identity, jwt: JwtAuth, facts: Facts) -> Deny | None:
@@ -406,16 +419,10 @@ class AuthorizationService:
             return Deny(404, "team_not_found", f"Team doesn't exist in db. Team={named}. Create the team via "
                         "`/team/new` call (or set team_id_upsert).")
         if listed is not None:  # what any of its usable teams allows, as one list
-            names: list[str] = []
-            for team in teams:
-                if not team.blocked:
-                    visible = visible_models(team_key(identity, label, models, team), team, runtime.catalog,
-                                             team.member(identity.user_id))
-                    names.extend(n for n in visible if n not in names)
-            return list_reply(listed, names, runtime)
+            return list_reply(listed, teams_visible(identity.user_id, label, models, teams, runtime.catalog), runtime)
         denials = []
         for team in teams:
-            key = team_key(identity, label, models, team)
+            key = team_key(identity.user_id, label, models, team)
             refused = authenticate(facts, key, team, time.time())
             decision, read = (refused, facts) if refused is not None else await self.with_body(
                 facts, body, key, team, runtime, team.member(identity.user_id))
