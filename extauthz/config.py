@@ -213,6 +213,9 @@ class EnvoySettings:
     """Settings only the rendered Envoy bootstrap reads (same section, same overrides)."""
 
     listen_port: int = setting(4000, **PORT)
+    # The address Envoy's listener binds: every interface (a container's, a pod's), or
+    # 127.0.0.1 for a gateway on a workstation (make run).
+    listen_host: str = setting("0.0.0.0")
     envoy_admin_port: int = setting(9901, **PORT)
     # A listener on every address that serves Envoy's /stats/prometheus and nothing else
     # of the admin API (which stays on 127.0.0.1), for Prometheus to scrape. 0: none.

@@ -467,10 +467,24 @@ async def stream(request: web.Request, reply: dict[str, Any], body: dict[str, An
         # chat.completions.stream() helper reads all three).
         deltas = ({"role": "assistant", "content": "fake "}, {"content": "stream"}, {})
         choices = [[{"index": 0, "delta": d, "finish_reason": None if d else "stop"}] for d in deltas]
-        lines = [f"data: {json.dumps({**chunk, 'choices': c, 'usage': None})}\n\n" for c in choices]
-        if (body.get("stream_options") or {}).get("include_usage") and usage:
+        # Asked for usage (stream_options.include_usage), OpenAI adds "usage": null to
+        # every chunk and a last chunk with no choices and the usage; not asked, neither.
+        asked = (body.get("stream_options") or {}).get("include_usage") is True
+        lines = [f"data: {json.dumps({**chunk, 'choices': c, **({'usage': None} if asked else {})})}\n\n"
+                 for c in choices]
+        if asked and usage:
             lines.append(f"data: {json.dumps({**chunk, 'choices': [], 'usage': usage})}\n\n")
         lines.append("data: [DONE]\n\n")
+    if request.headers.get("x-fake-crlf"):  # lines ended as the SSE spec also allows
+        lines = [line.replace("\n", "\r\n") for line in lines]
+    pieces = int(request.headers.get("x-fake-piece-bytes", "0"))
+    if pieces:  # the stream cut anywhere, events split across writes (as a network may)
+        whole = "".join(lines).encode()
+        for at in range(0, len(whole), pieces):
+            await response.write(whole[at:at + pieces])
+            await asyncio.sleep(0.002)
+        await response.write_eof()
+        return response
     for line in lines:
         await response.write(line.encode())
         if delay:

@@ -67,6 +67,9 @@ def _metadata_part(items: tuple) -> bytes:
 # from the memoized rest of the metadata, into a template of its fixed length.
 USAGE_ID = "usage_id"
 USAGE_ID_LENGTH = 24
+# "1" on a counted stream whose usage the gateway asked for and the client did not: Envoy's
+# usage filter (envoy/usage.lua) takes what was added out of the stream.
+USAGE_UNASKED = "usage_unasked"
 
 
 def _usage_id_template() -> tuple[bytes, bytes]:

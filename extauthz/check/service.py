@@ -19,7 +19,7 @@ from extauthz.check.facts import Facts
 from extauthz.check.decision import Allow, Deny, Grant, Reply
 from extauthz.check.policy import UNAVAILABLE, Decision, authenticate, authorize, forward, route_denied
 from extauthz.check.request import body_of, facts_from_check, with_body
-from extauthz.check.responses import USAGE_ID, USAGE_ID_LENGTH, allow_bytes, deny_bytes, reply_bytes
+from extauthz.check.responses import USAGE_ID, USAGE_ID_LENGTH, USAGE_UNASKED, allow_bytes, deny_bytes, reply_bytes
 from extauthz.check.endpoints import Endpoint
 from extauthz.check.routing import (USAGE_HEADER, ACTING_ROUTES, ADMIN_ACTOR_HEADER, ACTING_TEAMS_HEADER, ACTING_USER_HEADER, COUNTED,
                                     COUNTED_IN_FLIGHT, STREAMED_USAGE, Route, jwt_admin_path, streams_unasked)
@@ -195,6 +195,18 @@ def unpriced(decision: Allow, facts: Facts, runtime: Runtime) -> str | None:
         return (f"its deployment's API version ({decision.route.deployment.api_version}) does not report a "
                 "stream's usage; send \"stream\": false, or use api_version 2024-09-01 or later")
     return None
+
+
+def hide_asked_usage(decision: Allow, facts: Facts) -> Allow:
+    """A counted stream whose usage only the gateway asked for (routing.usage_edit): Envoy's
+    usage filter reads the usage, then takes out what the client did not ask for (the last
+    chunk, "usage": null in the others), so the client gets the provider's stream as sent
+    for its own request."""
+    endpoint = facts.endpoint
+    if isinstance(decision.route, Route) and isinstance(endpoint, Endpoint) and endpoint.operation in STREAMED_USAGE \
+            and streams_unasked(facts.json_model) and decision.route.takes_stream_options:
+        decision.metadata[USAGE_UNASKED] = "1"
+    return decision
 
 
 def needs_reports(key: KeyRecord, team: TeamRecord | None) -> str | None:
@@ -486,10 +498,11 @@ class AuthorizationService:
             if refused is not None:
                 return refused
             if decision.metadata.get("inflight") == "1":  # Envoy frees the place as the response ends
-                return decision._replace(dynamic_headers=decision.dynamic_headers + COUNTED_IN_FLIGHT_HEADERS)
+                return hide_asked_usage(decision._replace(
+                    dynamic_headers=decision.dynamic_headers + COUNTED_IN_FLIGHT_HEADERS), facts)
         if not track:  # no usage reports: its rpm window was counted, nothing else
             return decision
-        return decision._replace(dynamic_headers=decision.dynamic_headers + COUNTED_HEADERS)
+        return hide_asked_usage(decision._replace(dynamic_headers=decision.dynamic_headers + COUNTED_HEADERS), facts)
 
     async def spent(self, decision: Allow, key: KeyRecord, team: TeamRecord | None, runtime: Runtime, now: float,
                     peek: bool) -> Deny | None:

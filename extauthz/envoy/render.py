@@ -70,7 +70,8 @@ T = TypeVar("T")
 
 def render(config: Config, listen_port: int | None = None, authz_port: int | None = None,
            admin_port: int | None = None, envoy_admin_port: int | None = None,
-           authz_host: str | None = None, admin_host: str | None = None) -> dict[str, Any]:
+           authz_host: str | None = None, admin_host: str | None = None,
+           listen_host: str | None = None) -> dict[str, Any]:
     """A complete v3 bootstrap; an argument left as None comes from the config's settings.
     With JWTs on, an OIDC discovery document is read here (``jwt.fetch_json``)."""
     s, e = config.settings, config.envoy
@@ -83,7 +84,8 @@ def render(config: Config, listen_port: int | None = None, authz_port: int | Non
     return {
         "admin": {"address": _address("127.0.0.1", _pick(envoy_admin_port, e.envoy_admin_port))},
         "static_resources": {
-            "listeners": [_listener(s, e, _pick(listen_port, e.listen_port), _signers(config),
+            "listeners": [_listener(s, e, _pick(listen_host, e.listen_host), _pick(listen_port, e.listen_port),
+                                    _signers(config),
                                     [jwt.jwt_filter(config.jwt, sources)] if config.jwt else []),
                           *([_stats_listener(e.envoy_stats_port)] if e.envoy_stats_port else [])],
             "clusters": [
@@ -101,9 +103,10 @@ def render(config: Config, listen_port: int | None = None, authz_port: int | Non
 
 def render_yaml(config: Config, listen_port: int | None = None, authz_port: int | None = None,
                 admin_port: int | None = None, envoy_admin_port: int | None = None,
-                authz_host: str | None = None, admin_host: str | None = None) -> str:
+                authz_host: str | None = None, admin_host: str | None = None, listen_host: str | None = None) -> str:
     bootstrap = render(config, listen_port=listen_port, authz_port=authz_port, admin_port=admin_port,
-                       envoy_admin_port=envoy_admin_port, authz_host=authz_host, admin_host=admin_host)
+                       envoy_admin_port=envoy_admin_port, authz_host=authz_host, admin_host=admin_host,
+                       listen_host=listen_host)
     return yaml.dump(bootstrap, Dumper=_PlainDumper, sort_keys=False)
 
 
@@ -170,7 +173,7 @@ def _stats_listener(port: int) -> dict[str, Any]:
                                             "typed_config": hcm}]}]}
 
 
-def _listener(s: Settings, e: EnvoySettings, port: int, signers: list[tuple[str, str]],
+def _listener(s: Settings, e: EnvoySettings, host: str, port: int, signers: list[tuple[str, str]],
               identity: list[dict[str, Any]]) -> dict[str, Any]:
     hcm = _typed(
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
@@ -199,7 +202,7 @@ def _listener(s: Settings, e: EnvoySettings, port: int, signers: list[tuple[str,
     )
     return {
         "name": "ingress",
-        "address": _address("0.0.0.0", port),
+        "address": _address(host, port),
         "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
                                         "typed_config": hcm}]}],
     }

@@ -17,6 +17,13 @@
 -- count of each name wins. The counts are written as they come, so a client that goes
 -- away mid-stream still leaves what was reported until then.
 --
+-- A stream whose usage the gateway asked for and the client did not (the check's
+-- usage_unasked): after its counts are read, each event loses what asking added, so the
+-- client gets the events the provider sends a request that did not ask. OpenAI adds a
+-- last chunk with no choices and the usage (dropped) and "usage": null to every other
+-- chunk (taken out). Events are held until their blank line only (one event at most; an
+-- event longer than LINE_MAX passes on as it comes, unread: no usage chunk is that long).
+--
 -- AWS's event stream (Bedrock's invoke-with-response-stream): each message's payload is
 -- {"bytes": "<base64>"}, the bytes of an Anthropic stream event, decoded and read as above.
 local NAMESPACE = "extauthz.usage"
@@ -65,6 +72,137 @@ local function unbase64(text)
     n = n + 1
     out[n] = string.char(math.floor(bits / 16))
   end
+  return table.concat(out)
+end
+
+-- The nesting depth at byte ``at`` of an event whose JSON starts at ``from`` (1: a member
+-- of the top-level object), or -1 when ``at`` is inside a string.
+local function depth_at(text, from, at)
+  local depth, pos = 0, from
+  while true do
+    local i = string.find(text, "[{}%[%]\"]", pos)
+    if i == nil or i >= at then return depth end
+    local c = string.byte(text, i)
+    if c == 34 then           -- a string: to its closing quote
+      local j = i + 1
+      while true do
+        local k = string.find(text, "[\"\\]", j)
+        if k == nil or k >= at then return -1 end
+        if string.byte(text, k) == 92 then
+          j = k + 2
+        else
+          pos = k + 1
+          break
+        end
+      end
+    else
+      depth = depth + ((c == 123 or c == 91) and 1 or -1)
+      pos = i + 1
+    end
+  end
+end
+
+-- Where ``pattern`` first matches a member of the top-level object, or nil.
+local function find_top(text, from, pattern)
+  local pos = from
+  while true do
+    local s, e = string.find(text, pattern, pos)
+    if s == nil then return nil end
+    if depth_at(text, from, s) == 1 then return s, e end
+    pos = s + 1
+  end
+end
+
+-- Where the object opened at ``open`` closes (nil: not in this text).
+local function object_end(text, open)
+  local depth, pos = 0, open
+  while true do
+    local i = string.find(text, "[{}%[%]\"]", pos)
+    if i == nil then return nil end
+    local c = string.byte(text, i)
+    if c == 34 then
+      local j = i + 1
+      while true do
+        local k = string.find(text, "[\"\\]", j)
+        if k == nil then return nil end
+        if string.byte(text, k) == 92 then
+          j = k + 2
+        else
+          pos = k + 1
+          break
+        end
+      end
+    else
+      depth = depth + ((c == 123 or c == 91) and 1 or -1)
+      if depth == 0 then return i end
+      pos = i + 1
+    end
+  end
+end
+
+-- One whole event (its lines and the blank line ending it), less what asking added: ""
+-- for the usage chunk (no choices), else the event without its top-level "usage" (null,
+-- or the counts some servers put on the last chunk with choices).
+local function unasked_removed(event)
+  if not string.find(event, "\"usage\"", 1, true) then
+    return event
+  end
+  local from = string.find(event, "{", 1, true)
+  if from == nil then
+    return event
+  end
+  local s, e = find_top(event, from, "\"usage\"%s*:%s*null")
+  if s == nil then
+    local open
+    s, open = find_top(event, from, "\"usage\"%s*:%s*{")
+    if s == nil then
+      return event
+    end
+    if find_top(event, from, "\"choices\"%s*:%s*%[%s*%]") then
+      return ""
+    end
+    e = object_end(event, open)
+    if e == nil then
+      return event
+    end
+  end
+  local before = string.match(string.sub(event, 1, s - 1), "()%s*,%s*$")
+  if before then                                   -- ', "usage": null'
+    return string.sub(event, 1, before - 1) .. string.sub(event, e + 1)
+  end
+  local after = string.match(event, "^%s*,%s*()", e + 1)
+  return string.sub(event, 1, s - 1) .. string.sub(event, after or (e + 1))   -- '"usage": null, '
+end
+
+-- The bytes of the stream to send on now, holding an unfinished event for the next chunk.
+local function hide_state()
+  return {carry = "", passing = false}
+end
+
+local function without_unasked(hs, text)
+  local buf, out, pos = hs.carry .. text, {}, 1
+  if hs.passing then          -- the rest of an event too long to hold, up to its blank line
+    local _, e = string.find(buf, "\r?\n\r?\n")
+    if e == nil then
+      local send = math.max(0, #buf - 3)   -- (the blank line's first bytes may be the last)
+      hs.carry = string.sub(buf, send + 1)
+      return string.sub(buf, 1, send)
+    end
+    out[1] = string.sub(buf, 1, e)
+    pos, hs.passing = e + 1, false
+  end
+  while true do
+    local _, e = string.find(buf, "\r?\n\r?\n", pos)
+    if e == nil then break end
+    out[#out + 1] = unasked_removed(string.sub(buf, pos, e))
+    pos = e + 1
+  end
+  local rest = string.sub(buf, pos)
+  if #rest > LINE_MAX then
+    out[#out + 1] = string.sub(rest, 1, #rest - 3)
+    rest, hs.passing = string.sub(rest, -3), true
+  end
+  hs.carry = rest
   return table.concat(out)
 end
 
@@ -315,6 +453,12 @@ function envoy_on_response(handle)
     release(handle)
     return
   end
+  local decision = handle:streamInfo():dynamicMetadata():get("envoy.filters.http.ext_authz")
+  local hide = stream and decision ~= nil and decision["usage_unasked"] == "1"
+  local hs = hide_state()
+  if hide then
+    handle:headers():remove("content-length")   -- (the stream's length changes)
+  end
   local found = {}
   local state, tail, sse, read = json_state(), "", sse_state(), nil
   for chunk in handle:bodyChunks() do
@@ -333,6 +477,9 @@ function envoy_on_response(handle)
       tail = scan_aws(handle, tail .. text, found)
     else
       scan_sse(handle, sse, text, found)
+      if hide then
+        chunk:setBytes(without_unasked(hs, text))
+      end
     end
   end
   if stream then

@@ -1,0 +1,144 @@
+"""`make run` as a newcomer uses it: while LiteLLM's proxy (or anything) holds the usual
+ports, `make run PORT=...` comes up, says where everything is, serves the quick start it
+prints, listens on 127.0.0.1 only, and Ctrl-C stops it all without a word that reads like
+a failure. PORT=0 lets Envoy choose (the test reads the port from what make run prints)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from tests.harness import http
+
+REPO = Path(__file__).resolve().parent.parent
+# What the stack listened on before: LiteLLM's 4000, the admin API, the fake upstream,
+# Redis, the Check port, metrics, Envoy's admin.
+USUAL_PORTS = (4000, 4001, 8081, 6380, 9000, 9464, 9901)
+UP = re.compile(r"extauthz is up on (http://127\.0\.0\.1:(\d+))")
+FAILURE_WORDS = ("error", "traceback", "exited", "failed", "***", "did not come up", "killed")
+
+
+@pytest.fixture
+def usual_ports_taken() -> Iterator[list[socket.socket]]:
+    """The usual ports held (those something else holds already are taken anyway)."""
+    held = []
+    for port in USUAL_PORTS:
+        s = socket.socket()
+        try:
+            s.bind(("127.0.0.1", port))
+            s.listen()
+            held.append(s)
+        except OSError:
+            s.close()
+    yield held
+    for s in held:
+        s.close()
+
+
+class MakeRun:
+    def __init__(self, run_dir: Path, *args: str) -> None:
+        self.proc = subprocess.Popen(["make", "-s", "run", *args], cwd=REPO, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                     env={**os.environ, "EXTAUTHZ_RUN_DIR": str(run_dir)})
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=self.read, daemon=True)
+        self.reader.start()
+
+    def read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_up(self, timeout: float = 120.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = UP.search(self.output)
+            if found and "Ctrl-C stops everything" in self.output:
+                return found.group(1)
+            assert self.proc.poll() is None, f"make run exited ({self.proc.returncode}):\n{self.output}"
+            time.sleep(0.1)
+        raise AssertionError(f"make run not up in {timeout} s:\n{self.output}")
+
+    def ctrl_c(self) -> int:
+        """The terminal's Ctrl-C: SIGINT to the foreground process group (make and the script)."""
+        os.killpg(self.proc.pid, signal.SIGINT)
+        code = self.proc.wait(30)
+        self.reader.join(5)
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+
+def shown(output: str, name: str) -> str:
+    found = re.search(rf"^  {re.escape(name)}\s+(\S+)", output, re.M)
+    assert found, f"make run does not show {name}:\n{output}"
+    return found.group(1)
+
+
+def test_make_run_comes_up_beside_the_usual_ports_serves_its_quick_start_and_stops_quietly(
+        tmp_path: Path, usual_ports_taken: list[socket.socket]) -> None:
+    run = MakeRun(tmp_path, "PORT=0")
+    try:
+        gateway = run.wait_up()
+        out = run.output
+        port = int(UP.search(out).group(2))  # type: ignore[union-attr]
+        assert port not in USUAL_PORTS
+        # The listener is on loopback only.
+        envoy_admin = shown(out, "Envoy admin")
+        listeners = http("GET", f"{envoy_admin}/listeners?format=json").json()["listener_statuses"]
+        (ingress,) = [lst for lst in listeners if lst["name"] == "ingress"]
+        assert ingress["local_address"]["socket_address"]["address"] == "127.0.0.1"
+        for name in ("admin API", "metrics", "fake upstream"):
+            assert not any(f":{p}" in shown(out, name) for p in USUAL_PORTS), out
+        # The commands it prints work copy-pasted.
+        commands = [line.strip() for line in run.lines if line.startswith(("  KEY=", "  curl "))]
+        assert len(commands) == 2, out
+        tried = subprocess.run(["bash", "-ec", "\n".join(commands)], capture_output=True, text=True, timeout=30)
+        assert tried.returncode == 0, tried.stderr
+        assert "fake upstream: POST /v1/chat/completions model=gpt-4" in tried.stdout, tried.stdout
+        ready = (tmp_path / "extauthz.ready.json").read_text()
+        sidecar_pid = int(re.search(r'"pid": (\d+)', ready).group(1))  # type: ignore[union-attr]
+
+        before = len(run.lines)
+        code = run.ctrl_c()
+        said = "\n".join(run.lines[before:])
+        assert code in (0, -signal.SIGINT), said   # (make itself ends by the signal, silently)
+        assert "Stopped." in said
+        assert not [w for w in FAILURE_WORDS if w in said.lower()], said
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        with pytest.raises(ProcessLookupError):
+            os.kill(sidecar_pid, 0)
+        assert gateway.endswith(f":{port}")
+    finally:
+        run.kill()
+
+
+def test_make_run_on_a_taken_port_says_which_and_what_to_do(
+        tmp_path: Path, usual_ports_taken: list[socket.socket]) -> None:
+    taken = usual_ports_taken[0].getsockname()[1] if usual_ports_taken else 4000
+    run = MakeRun(tmp_path, f"PORT={taken}")
+    try:
+        code = run.proc.wait(60)
+        run.reader.join(5)
+        assert code != 0
+        assert f"127.0.0.1:{taken} is taken" in run.output and "make run PORT=" in run.output, run.output
+        assert not (tmp_path / "extauthz.ready.json").exists()  # nothing was started
+    finally:
+        run.kill()
