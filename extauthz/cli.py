@@ -142,6 +142,15 @@ def check_config(config: Config, strict: bool) -> int:
         out.write(f"error: redis: {unusable} (the sidecar would not start)\n")
     for warning in [*config.warnings, *renamed_calls(config)]:
         out.write(f"warning: {warning}\n")
+    unpriced = unpriced_deployments(config)
+    budgets = budgets_in_settings(config)
+    for d in unpriced if budgets else ():
+        out.write(f"warning: deployment {d.name} ({d.provider}/{d.provider_model}) has no price, and keys get a budget "
+                  f"from {budgets}: a caller with a budget is refused its calls (403 unpriced_model); set "
+                  "input_cost_per_token and output_cost_per_token in its model_info\n")
+    if unpriced and not budgets:
+        out.write(f"note: {len(unpriced)} deployments have no price ({', '.join(d.name for d in unpriced)}): a "
+                  "key, team or user with a max_budget is refused their calls (403 unpriced_model)\n")
     for setting, effect in config.unenforced:
         out.write(f"error: {setting_path(setting)} is not enforced by extauthz: {effect}\n")
     unavailable = sum(not d.routable for d in config.deployments)
@@ -150,8 +159,24 @@ def check_config(config: Config, strict: bool) -> int:
     # An error line is a config that will refuse what it was meant to allow (or not start):
     # a CI job running this fails on it; --strict fails on warnings and unroutable too.
     errors = unusable is not None or bool(config.unenforced)
-    warned = bool(config.warnings) or bool(renamed_calls(config)) or bool(unavailable)
+    warned = bool(config.warnings) or bool(renamed_calls(config)) or bool(unavailable) or bool(budgets and unpriced)
     return 1 if errors or (strict and warned) else 0
+
+
+def unpriced_deployments(config: Config) -> list[config_module.Deployment]:
+    """Routable deployments with no price, their own or LiteLLM's table's (a wildcard's
+    price is the model called's, known only then)."""
+    from extauthz.usage.prices import price_of
+    return [d for d in config.routable if "*" not in d.model_name
+            and price_of(d.provider, d.provider_model, d.info) is None]
+
+
+def budgets_in_settings(config: Config) -> str | None:
+    """The config's settings that give keys a budget, named, or None."""
+    named = [f"litellm_settings.{section}.max_budget" for section, params in (
+        ("default_key_generate_params", config.key_defaults), ("upperbound_key_generate_params", config.key_upperbounds))
+        if dict(params).get("max_budget") is not None]
+    return " and ".join(named) or None
 
 
 def exit_now(code: int) -> int:

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import yaml
 
 from extauthz import providers
+from extauthz.not_applied import not_applied
 from extauthz.tokens import TokenSpec, google_info, missing_library
 from extauthz.check.endpoints import OPERATIONS, classify, model_call_segment, unsafe_path
 from extauthz.check import routes
@@ -63,6 +64,11 @@ RESTRICTING_SETTINGS = ("allowed_routes", "admin_only_routes", "allowed_ips", "e
                         "public_routes", "admin_allowed_routes", "user_header_name",
                         # (a user's budget binds its personal keys here, as by default in LiteLLM)
                         "apply_user_budget_to_team_keys")
+# Every general_settings key the gateway reads (applied, or refusing while set); any other
+# is reported as not applied (not_applied.py).
+GENERAL_SETTINGS_READ = frozenset({"master_key", "enable_jwt_auth", "litellm_jwtauth", "role_permissions",
+                                   "pass_through_endpoints", *ADMITTING_SETTINGS, *RESTRICTING_SETTINGS,
+                                   *PROXY_WIDE_LIMITS})
 # A Bedrock deployment's own AWS identity: Envoy signs with its own (its environment, IRSA,
 # an instance role), so a deployment naming another cannot be honoured. Only references to
 # the standard environment variables, which Envoy reads itself, are the same identity.
@@ -461,7 +467,7 @@ class _Parser:
         top = self.mapping(raw, "")
         for key in top:
             if key in IGNORED_SECTIONS:
-                self.warnings.append(f"{key}: LiteLLM section not used by extauthz, ignored")
+                self.warnings.append(not_applied("", key))
             elif key not in USED_SECTIONS:
                 self.warnings.append(f"{key}: unknown top-level section, ignored")
         self.apply_environment_variables(top.get("environment_variables"))
@@ -472,8 +478,7 @@ class _Parser:
         if isinstance(budget_status, bool) or not isinstance(budget_status, int) or not 400 <= budget_status <= 599:
             raise self.error("litellm_settings.budget_exceeded_status_code", "must be an HTTP error status "
                              f"(400-599), got {budget_status!r}")
-        if unused:
-            self.warnings.append(f"litellm_settings: not used by extauthz: {', '.join(unused)}")
+        self.warnings.extend(not_applied("litellm_settings", name) for name in unused)
         key_defaults = self.key_params(litellm, "default_key_generate_params", KEY_DEFAULT_FIELDS)
         key_upperbounds = self.key_params(litellm, "upperbound_key_generate_params",
                                           (*KEY_BOUND_NUMBERS, *KEY_BOUND_DURATIONS))
@@ -493,9 +498,10 @@ class _Parser:
             raise self.error("general_settings.master_key", "must not be empty")
         settings, envoy = self.settings(self.mapping(top.get("extauthz_settings"), "extauthz_settings"))
         router = self.mapping(top.get("router_settings"), "router_settings")
-        ignored = sorted(str(k) for k in router if k != "model_group_alias")
-        if ignored:
-            self.warnings.append(f"router_settings: not used by extauthz: {', '.join(ignored)}")
+        self.warnings.extend(not_applied("router_settings", str(k)) for k in sorted(router, key=str)
+                             if k != "model_group_alias")
+        self.warnings.extend(not_applied("general_settings", str(k)) for k in sorted(general, key=str)
+                             if k not in GENERAL_SETTINGS_READ)
         aliases = self.aliases(router.get("model_group_alias"), {d.model_name for d in deployments})
         pass_through = tuple(self.pass_through(i, e, deployments) for i, e in enumerate(
             self.sequence(general.get("pass_through_endpoints"), "general_settings.pass_through_endpoints")))

@@ -136,6 +136,49 @@ def test_check_config_reports_each_deployment_and_what_is_not_enforced(tmp_path:
     assert check_config(fine, "--strict").returncode == 1
 
 
+def test_check_config_names_each_litellm_setting_not_applied_and_what_is_lost(tmp_path: Path) -> None:
+    # A LiteLLM proxy's usual config: fallbacks, retries, a cache, callbacks, a database,
+    # alerts, a routing strategy; key budgets by default, and a self-hosted model unpriced.
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({
+        "model_list": [{"model_name": "gpt-4o", "litellm_params": {"model": "openai/gpt-4o", "api_key": "x"}},
+                       {"model_name": "llama", "litellm_params": {"model": "openai/my-llama", "api_key": "x",
+                                                                  "api_base": "http://127.0.0.1:8000/v1"}}],
+        "litellm_settings": {"fallbacks": [{"gpt-4o": ["llama"]}], "num_retries": 3, "cache": True,
+                             "success_callback": ["langfuse"], "default_key_generate_params": {"max_budget": 10}},
+        "general_settings": {"master_key": "sk-x", "database_url": "postgresql://u:secret@db/litellm",
+                             "store_model_in_db": True, "alerting": ["slack"], "made_up": 1},
+        "router_settings": {"routing_strategy": "usage-based-routing-v2"},
+        "guardrails": [{"guardrail_name": "g"}]}))
+    done = check_config(path)
+    lines = done.stdout.splitlines()
+    lost = {line.split(": not applied by extauthz: ")[0].removeprefix("warning: "):
+            line.split(": not applied by extauthz: ")[1] for line in lines if ": not applied by extauthz: " in line}
+    assert lost["litellm_settings.fallbacks"].startswith("a failed call is not retried on another model")
+    assert "retry" in lost["litellm_settings.num_retries"]
+    assert lost["litellm_settings.cache"].startswith("responses are not cached")
+    assert "callbacks" in lost["litellm_settings.success_callback"]
+    assert "no database is read" in lost["general_settings.database_url"]
+    assert "models kept in LiteLLM's database" in lost["general_settings.store_model_in_db"]
+    assert "no alerts" in lost["general_settings.alerting"]
+    assert "weight" in lost["router_settings.routing_strategy"]
+    assert "guardrails" in lost["guardrails"]
+    assert "warning: general_settings.made_up: not read by extauthz" in lines
+    assert "secret" not in done.stdout + done.stderr
+    # Keys get budgets by default: the unpriced deployment is a warning naming it.
+    (unpriced,) = [line for line in lines if "has no price" in line]
+    assert unpriced.startswith("warning: deployment 1:llama (openai/my-llama) has no price") \
+        and "default_key_generate_params.max_budget" in unpriced and "unpriced_model" in unpriced
+    assert done.returncode == 0 and check_config(path, "--strict").returncode == 1
+    # Without budgets in the config: a note, not a warning (keys may still get budgets).
+    raw = yaml.safe_load(path.read_text())
+    raw["litellm_settings"] = {}
+    path.write_text(yaml.safe_dump(raw))
+    lines = check_config(path).stdout.splitlines()
+    assert "note: 1 deployments have no price (1:llama): a key, team or user with a max_budget is refused their " \
+           "calls (403 unpriced_model)" in lines
+
+
 def test_check_config_exits_2_on_a_config_that_does_not_load(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("model_list: [")
