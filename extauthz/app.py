@@ -96,7 +96,10 @@ class RuntimeBox:
         report_config(new)
 
     def stats(self) -> dict[str, int]:
-        return {"reloads": self.reloads, "reload_failures": self.reload_failures}
+        config = self.current.config
+        return {"reloads": self.reloads, "reload_failures": self.reload_failures,
+                "deployments_not_routable": sum(not d.routable for d in config.deployments),
+                "pass_through_not_served": sum(not p.routable for p in config.pass_through)}
 
 
 def report_config(config: Config) -> None:
@@ -108,6 +111,11 @@ def report_config(config: Config) -> None:
     for d in config.deployments:
         if not d.routable:
             log.warning("deployment %s is not routable: %s", d.name, d.unavailable)
+    served = sum(p.routable for p in config.pass_through)
+    metrics.count_pass_through(served, len(config.pass_through) - served)
+    for p in config.pass_through:
+        if not p.routable:
+            log.warning("pass-through endpoint %s is not served: %s", p.path, p.unavailable)
     for setting, effect in config.unenforced:
         log.error("config: %s is not enforced by extauthz: %s", setting_path(setting), effect)
 

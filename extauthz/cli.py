@@ -119,6 +119,9 @@ def check_config(config: Config, strict: bool) -> int:
         where = providers.upstream(d.api_base).authority if d.routable else "-"
         state = "routable" if d.routable else f"NOT ROUTABLE: {d.unavailable}"
         out.write(f"deployment {d.name}  provider={d.provider}  upstream={where}  {state}\n")
+    for p in config.pass_through:
+        state = "served" if p.routable else f"NOT SERVED: {p.unavailable}"
+        out.write(f"pass-through {p.path}  target={p.target}  {state}\n")
     groups: dict[str, list[str]] = {}
     for d in config.deployments:
         for g in d.access_groups:
@@ -154,12 +157,15 @@ def check_config(config: Config, strict: bool) -> int:
     for setting, effect in config.unenforced:
         out.write(f"error: {setting_path(setting)} is not enforced by extauthz: {effect}\n")
     unavailable = sum(not d.routable for d in config.deployments)
+    unserved = sum(not p.routable for p in config.pass_through)
     out.write(f"{len(config.deployments)} deployments, {unavailable} not routable, "
-              f"{len(config.unenforced)} settings not enforced\n")
+              + (f"{unserved} pass-through endpoints not served, " if unserved else "")
+              + f"{len(config.unenforced)} settings not enforced\n")
     # An error line is a config that will refuse what it was meant to allow (or not start):
     # a CI job running this fails on it; --strict fails on warnings and unroutable too.
     errors = unusable is not None or bool(config.unenforced)
-    warned = bool(config.warnings) or bool(renamed_calls(config)) or bool(unavailable) or bool(budgets and unpriced)
+    warned = bool(config.warnings) or bool(renamed_calls(config)) or bool(unavailable or unserved) \
+        or bool(budgets and unpriced)
     return 1 if errors or (strict and warned) else 0
 
 

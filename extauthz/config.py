@@ -290,6 +290,13 @@ class PassThroughConfig:
     target: str
     headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     include_subpath: bool = False
+    # Why it is not served (its requests are refused, 503; Envoy gets no cluster for it),
+    # or None: the rest of the config serves, as with an unroutable deployment.
+    unavailable: str | None = None
+
+    @property
+    def routable(self) -> bool:
+        return self.unavailable is None
 
 
 @dataclass(frozen=True)
@@ -505,7 +512,8 @@ class _Parser:
         aliases = self.aliases(router.get("model_group_alias"), {d.model_name for d in deployments})
         pass_through = tuple(self.pass_through(i, e, deployments) for i, e in enumerate(
             self.sequence(general.get("pass_through_endpoints"), "general_settings.pass_through_endpoints")))
-        self.distinct_clusters([d.api_base for d in deployments if d.routable] + [p.target for p in pass_through])
+        self.distinct_clusters([d.api_base for d in deployments if d.routable]
+                               + [p.target for p in pass_through if p.routable])
         return Config(self.file, deployments, master_key, settings, envoy, tuple(self.warnings), aliases,
                       pass_through, unenforced, jwt, key_defaults, key_upperbounds, budget_status)
 
@@ -778,14 +786,14 @@ class _Parser:
         subpath = entry.get("include_subpath", False)
         if not isinstance(subpath, bool):
             raise self.error(f"{where}.include_subpath", "expected true or false")
-        reached = model_call_reached(target, subpath, deployments)
-        if reached:
-            raise self.error(f"{where}.target", (
-                f"{target!r}{' and its subpaths' if subpath else ''} reach {reached!r}, a model call at a "
-                "provider; a pass-through forwards without checking the model"))
         headers = self.mapping(entry.get("headers"), f"{where}.headers")
         pairs = tuple((str(k).lower(), self.header_value(v, f"{where}.headers.{k}")) for k, v in headers.items())
-        return PassThroughConfig(path, target, pairs, subpath)
+        reached = model_call_reached(target, subpath, deployments)
+        # Served, it would forward model calls without checking the model: loaded as
+        # unavailable (refused, and reported), the rest of the config serves.
+        unavailable = (f"{target!r}{' and its subpaths' if subpath else ''} reach {reached!r}, a model call at a "
+                       "provider, and a pass-through forwards without checking the model") if reached else None
+        return PassThroughConfig(path, target, pairs, subpath, unavailable)
 
     def deployment(self, index: int, entry: Any) -> Deployment:
         where = f"model_list[{index}]"

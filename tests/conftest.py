@@ -142,7 +142,7 @@ def provider_gateway(workdir: Path, redis_port: int) -> Iterator[ProviderGateway
         try:
             proxy = harness.start_envoy(workdir, config, side)
             try:
-                yield ProviderGateway(proxy, procs["openai"][1], upstreams={f: p for f, (_, p) in procs.items()})
+                yield ProviderGateway(proxy, procs["openai"][1], side, upstreams={f: p for f, (_, p) in procs.items()})
             finally:
                 proxy.proc.stop()
         finally:

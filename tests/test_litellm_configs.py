@@ -179,6 +179,37 @@ def test_check_config_names_each_litellm_setting_not_applied_and_what_is_lost(tm
            "calls (403 unpriced_model)" in lines
 
 
+def test_check_config_reports_a_pass_through_it_does_not_serve(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({
+        "model_list": [{"model_name": "gpt-4o", "litellm_params": {"model": "openai/gpt-4o", "api_key": "x"}}],
+        "general_settings": {"master_key": "sk-x", "pass_through_endpoints": [
+            {"path": "/raw", "target": "https://api.openai.com/v1/chat/completions"},
+            {"path": "/files", "target": "https://api.openai.com/v1/files", "include_subpath": True}]}}))
+    done = check_config(path)
+    lines = done.stdout.splitlines()
+    assert "pass-through /files  target=https://api.openai.com/v1/files  served" in lines
+    (raw,) = [line for line in lines if line.startswith("pass-through /raw ")]
+    assert "NOT SERVED: " in raw and "a model call at a provider" in raw
+    assert lines[-1] == "1 deployments, 0 not routable, 1 pass-through endpoints not served, 0 settings not enforced"
+    assert done.returncode == 0 and check_config(path, "--strict").returncode == 1
+
+
+def test_an_oidc_discovery_url_out_of_reach_says_what_to_set_instead(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({
+        "model_list": [{"model_name": "gpt-4o", "litellm_params": {"model": "openai/gpt-4o", "api_key": "x"}}],
+        "general_settings": {"master_key": "sk-x", "enable_jwt_auth": True, "litellm_jwtauth": {
+            "public_key_url": "https://login.idp.invalid/tenant/.well-known/openid-configuration",
+            "audience": "api://gateway", "team_id_jwt_field": "team"}}}))
+    done = subprocess.run([sys.executable, "-m", "extauthz", "envoy-config", "--config", str(path)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 2 and done.stdout == ""
+    assert "could not be read" in done.stderr and "jwks_uri" in done.stderr
+    assert "set litellm_jwtauth.public_key_url to the jwks_uri itself" in done.stderr
+    assert "litellm_jwtauth.issuer to 'https://login.idp.invalid/tenant'" in done.stderr
+
+
 def test_check_config_exits_2_on_a_config_that_does_not_load(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("model_list: [")

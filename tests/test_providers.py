@@ -216,6 +216,26 @@ def test_unknown_paths_are_denied_and_pass_through_paths_are_forwarded(provider_
     denied(post(gw, "/v1/rerank", "sk-bogus", {}), 401, "invalid_api_key")
 
 
+def test_a_pass_through_reaching_a_model_call_is_not_served_and_the_rest_serves(
+        provider_gateway: ProviderGateway) -> None:
+    # Loaded as not served, not refused with the whole config: its requests are a 503
+    # naming why, never forwarded; the operator sees it in readiness and a metric.
+    gw = provider_gateway
+    key = gw.new_key(models=["gpt-4o"])
+    gw.forget()
+    message = denied(post(gw, "/raw-chat", key, {"model": "gpt-4o", "messages": []}), 503, "pass_through_unavailable")
+    assert "'/raw-chat' is not served" in message and "a model call at a provider" in message
+    assert all(gw.seen(f) == [] for f in gw.upstreams)
+    reached(post(gw, "/v1/rerank", key, {"query": "q", "documents": ["a"]}), gw, "openai", "/v1/rerank",
+            ("authorization", "Bearer cohere-prov"), key)
+    assert gw.sidecar is not None
+    ready = http("GET", f"http://127.0.0.1:{gw.sidecar.admin_port}/health/readiness").json()
+    assert ready["status"] == "healthy" and ready["config"]["pass_through_not_served"] == 1
+    metrics = http("GET", f"http://127.0.0.1:{gw.sidecar.metrics_port}/metrics").text
+    assert 'extauthz_pass_through_endpoints{served="false"} 1.0' in metrics
+    assert 'extauthz_pass_through_endpoints{served="true"} 2.0' in metrics
+
+
 def test_gzip_bodies_are_checked_decompressed(provider_gateway: ProviderGateway) -> None:
     gw = provider_gateway
     key = gw.new_key(models=["openai/*"])

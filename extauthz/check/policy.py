@@ -139,6 +139,9 @@ def authorize(facts: Facts, key: KeyRecord, team: TeamRecord | None, catalog: Ca
     if isinstance(endpoint, PassThrough):
         route = catalog.pass_through[endpoint.index]
         meta["deployment"] = route.route_id
+        if route.config.unavailable is not None:
+            return Deny(503, "pass_through_unavailable", f"The pass-through endpoint {route.config.path!r} is not "
+                        f"served: {route.config.unavailable}.", None, meta)
         return Grant(route, None, meta)
     model = facts.model or ""
     resolution = catalog.resolve(model)

@@ -36,7 +36,14 @@ def jwks_sources(jwt: JwtAuth, fetch: Fetch = fetch_json) -> list[tuple[str, str
     out = []
     for url, issuer in zip(jwt.public_key_urls, jwt.issuers):
         if url.rstrip("/").endswith(DISCOVERY_SUFFIX):
-            doc = fetch(url)
+            try:
+                doc = fetch(url)
+            except (OSError, ValueError) as e:
+                raise ValueError(
+                    f"{url} could not be read ({getattr(e, 'reason', None) or e}): rendering reads an OIDC discovery "
+                    "document for the key set's address (its jwks_uri). Render where the identity provider is "
+                    "reachable, or set litellm_jwtauth.public_key_url to the jwks_uri itself (and "
+                    f"litellm_jwtauth.issuer to {issuer!r}), which renders offline") from None
             jwks = doc.get("jwks_uri")
             if not isinstance(jwks, str) or providers.base_problem(jwks):
                 raise ValueError(f"{url}: the discovery document names no usable jwks_uri")

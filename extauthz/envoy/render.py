@@ -557,7 +557,7 @@ def _authz_tls(e: EnvoySettings) -> dict[str, Any]:
 
 def _upstream_clusters(config: Config) -> list[dict[str, Any]]:
     upstreams: dict[str, providers.Upstream] = {}
-    for base in [d.api_base for d in config.routable] + [p.target for p in config.pass_through]:
+    for base in [d.api_base for d in config.routable] + [p.target for p in config.pass_through if p.routable]:
         u = providers.upstream(base)
         upstreams.setdefault(u.cluster, u)
     return [_upstream_cluster(u) for u in upstreams.values()]

@@ -45,6 +45,8 @@ REDIS_UNSAFE = Gauge("extauthz_redis_unsafe_settings", "Settings of the Redis se
 CONFIG_RELOADS = Counter("extauthz_config_reloads_total", "Config reloads", ["result"])  # ok, failed
 DEPLOYMENTS = Gauge("extauthz_deployments", "Deployments in the config, by whether the gateway can route them",
                     ["routable"], multiprocess_mode="max")
+PASS_THROUGH = Gauge("extauthz_pass_through_endpoints", "Pass-through endpoints in the config, by whether they "
+                     "are served (one reaching a provider's model calls is not)", ["served"], multiprocess_mode="max")
 TOKEN_REFRESHES = Counter("extauthz_token_refreshes_total", "Refreshes of provider OAuth tokens (Vertex, Entra)",
                           ["result"])  # ok, failed
 LIMIT_DENIALS = Counter("extauthz_limit_denials_total", "Requests refused by a usage limit, by the limit and team",
@@ -75,6 +77,11 @@ class TeamLabels:
             self.seen.add(team_id)
         return team_id
 ADMIN_REQUESTS = Counter("extauthz_admin_requests_total", "Admin API requests", ["route", "status"])
+
+
+def count_pass_through(served: int, unavailable: int) -> None:
+    PASS_THROUGH.labels("true").set(served)
+    PASS_THROUGH.labels("false").set(unavailable)
 
 
 def count_deployments(routable: int, unavailable: int) -> None:
