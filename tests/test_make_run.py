@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 # Redis, the Check port, metrics, Envoy's admin.
 USUAL_PORTS = (4000, 4001, 8081, 6380, 9000, 9464, 9901)
 UP = re.compile(r"extauthz is up on (http://127\.0\.0\.1:(\d+))")
+PRINTED_COMMAND = ("  KEY=", "  TOKEN=", "  curl ")
 FAILURE_WORDS = ("error", "traceback", "exited", "failed", "***", "did not come up", "killed")
 
 
@@ -45,8 +46,8 @@ def usual_ports_taken() -> Iterator[list[socket.socket]]:
 
 
 class MakeRun:
-    def __init__(self, run_dir: Path, *args: str) -> None:
-        self.proc = subprocess.Popen(["make", "-s", "run", *args], cwd=REPO, stdout=subprocess.PIPE,
+    def __init__(self, run_dir: Path, *args: str, target: str = "run") -> None:
+        self.proc = subprocess.Popen(["make", "-s", target, *args], cwd=REPO, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, start_new_session=True,
                                      env={**os.environ, "EXTAUTHZ_RUN_DIR": str(run_dir)})
         self.lines: list[str] = []
@@ -107,7 +108,7 @@ def test_make_run_comes_up_beside_the_usual_ports_serves_its_quick_start_and_sto
         for name in ("admin API", "metrics", "fake upstream"):
             assert not any(f":{p}" in shown(out, name) for p in USUAL_PORTS), out
         # The commands it prints work copy-pasted.
-        commands = [line.strip() for line in run.lines if line.startswith(("  KEY=", "  curl "))]
+        commands = [line.strip() for line in run.lines if line.startswith(PRINTED_COMMAND)]
         assert len(commands) == 2, out
         tried = subprocess.run(["bash", "-ec", "\n".join(commands)], capture_output=True, text=True, timeout=30)
         assert tried.returncode == 0, tried.stderr
@@ -140,5 +141,35 @@ def test_make_run_on_a_taken_port_says_which_and_what_to_do(
         assert code != 0
         assert f"127.0.0.1:{taken} is taken" in run.output and "make run PORT=" in run.output, run.output
         assert not (tmp_path / "extauthz.ready.json").exists()  # nothing was started
+    finally:
+        run.kill()
+
+
+def test_make_run_jwt_verifies_the_local_identity_providers_tokens_in_envoy(tmp_path: Path) -> None:
+    # The recipe of docs/identity-and-jwt.md: the printed commands make a team, get a
+    # token for it from the local identity provider and call a model with it; Envoy
+    # verifies the RS256 signature (a token changed by one byte is refused).
+    run = MakeRun(tmp_path, "PORT=0", target="run-jwt")
+    try:
+        gateway = run.wait_up()
+        commands = [line.strip() for line in run.lines if line.startswith(PRINTED_COMMAND)]
+        assert [c.split()[0] for c in commands] == ["curl", "TOKEN=$(curl", "curl"], run.output
+        tried = subprocess.run(["bash", "-ec", "\n".join(commands[:2]) + "\necho; echo \"$TOKEN\""], capture_output=True,
+                               text=True, timeout=30)
+        assert tried.returncode == 0, tried.stderr
+        token = tried.stdout.strip().splitlines()[-1]
+        assert token.count(".") == 2
+
+        def chat(bearer: str, model: str) -> tuple[int, dict]:
+            r = http("POST", f"{gateway}/v1/chat/completions", {"model": model, "messages": []},
+                     {"Authorization": f"Bearer {bearer}"})
+            return r.status, r.json()
+        status, body = chat(token, "gpt-4")
+        assert status == 200 and body["choices"][0]["message"]["content"].startswith("fake upstream: POST"), body
+        assert chat(token, "gpt-4o")[1]["error"]["code"] == "model_not_allowed"
+        header, payload, signature = token.split(".")
+        flipped = signature[:-2] + ("A" if signature[-2] != "A" else "B") + signature[-1]
+        assert chat(f"{header}.{payload}.{flipped}", "gpt-4")[1]["error"]["code"] == "invalid_jwt"
+        assert run.ctrl_c() in (0, -signal.SIGINT)
     finally:
         run.kill()
