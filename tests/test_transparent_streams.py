@@ -50,7 +50,8 @@ def as_the_provider_got(gateway: Gateway, body: dict[str, Any]) -> tuple[str, di
     {"x-fake-crlf": "1"},             # lines ended with \r\n
     {"x-fake-piece-bytes": "7"},      # events cut across the network's chunks
     {"x-fake-piece-bytes": "1", "x-fake-crlf": "1"},
-], ids=["plain", "crlf", "pieces", "bytes-crlf"])
+    {"x-fake-unended": "1", "x-fake-piece-bytes": "5"},   # the last event without its newline
+], ids=["plain", "crlf", "pieces", "bytes-crlf", "unended"])
 @pytest.mark.parametrize("path, body", [
     ("/v1/chat/completions", {"model": "gpt-4", "messages": HELLO, "stream": True}),
     ("/v1/chat/completions", {"model": "gpt-4", "messages": HELLO, "stream": True,
@@ -66,7 +67,7 @@ def test_a_client_that_did_not_ask_gets_the_providers_stream_and_its_tokens_are_
     provider_path, provider_body = as_the_provider_got(gateway, body)
     assert got == direct(gateway, provider_path, provider_body, headers)
     assert '"usage"' not in got and '"choices": []' not in got
-    assert got.rstrip().endswith("data: [DONE]")
+    assert got.rstrip().endswith("data: [DONE]") and len(got) > 200
     wait_for(lambda: tpm_used(gateway, key) == 12, "the stream's 12 tokens counted")
 
 

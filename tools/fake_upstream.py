@@ -477,6 +477,8 @@ async def stream(request: web.Request, reply: dict[str, Any], body: dict[str, An
         lines.append("data: [DONE]\n\n")
     if request.headers.get("x-fake-crlf"):  # lines ended as the SSE spec also allows
         lines = [line.replace("\n", "\r\n") for line in lines]
+    if request.headers.get("x-fake-unended"):  # a server that ends its last event without a newline
+        lines[-1] = lines[-1].rstrip("\r\n")
     pieces = int(request.headers.get("x-fake-piece-bytes", "0"))
     if pieces:  # the stream cut anywhere, events split across writes (as a network may)
         whole = "".join(lines).encode()

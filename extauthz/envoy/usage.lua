@@ -21,8 +21,8 @@
 -- usage_unasked): after its counts are read, each event loses what asking added, so the
 -- client gets the events the provider sends a request that did not ask. OpenAI adds a
 -- last chunk with no choices and the usage (dropped) and "usage": null to every other
--- chunk (taken out). Events are held until their blank line only (one event at most; an
--- event longer than LINE_MAX passes on as it comes, unread: no usage chunk is that long).
+-- chunk (taken out). Nothing is held but an unfinished "data: {" line (a line longer than
+-- LINE_MAX passes on as it comes, unread: no usage chunk is that long).
 --
 -- AWS's event stream (Bedrock's invoke-with-response-stream): each message's payload is
 -- {"bytes": "<base64>"}, the bytes of an Anthropic stream event, decoded and read as above.
@@ -103,14 +103,16 @@ local function depth_at(text, from, at)
 end
 
 -- Where ``pattern`` first matches a member of the top-level object, or nil.
+local FIND_TRIES = 8   -- (each try scans the event: a few at most, whatever it holds)
 local function find_top(text, from, pattern)
   local pos = from
-  while true do
+  for _ = 1, FIND_TRIES do
     local s, e = string.find(text, pattern, pos)
     if s == nil then return nil end
     if depth_at(text, from, s) == 1 then return s, e end
     pos = s + 1
   end
+  return nil
 end
 
 -- Where the object opened at ``open`` closes (nil: not in this text).
@@ -140,10 +142,10 @@ local function object_end(text, open)
   end
 end
 
--- One whole event (its lines and the blank line ending it), less what asking added: ""
--- for the usage chunk (no choices), else the event without its top-level "usage" (null,
--- or the counts some servers put on the last chunk with choices).
-local function unasked_removed(event)
+-- One "data:" line, less what asking added: "" for the usage chunk (no choices), else the
+-- line without its top-level "usage" (null, or the counts some servers put on the last
+-- chunk with choices).
+local function unasked_removed(event)   -- (a line: an event of one line, as these are)
   if not string.find(event, "\"usage\"", 1, true) then
     return event
   end
@@ -174,35 +176,62 @@ local function unasked_removed(event)
   return string.sub(event, 1, s - 1) .. string.sub(event, after or (e + 1))   -- '"usage": null, '
 end
 
--- The bytes of the stream to send on now, holding an unfinished event for the next chunk.
+-- Whether a line (or the start of one) is, or may become, a "data:" line holding a JSON
+-- object: only such a line can be the usage chunk or carry "usage": null.
+local OBJECT_LINES = {"data: {", "data:{"}
+local function object_line(text)
+  for _, start in ipairs(OBJECT_LINES) do
+    local n = math.min(#text, #start)
+    if string.sub(text, 1, n) == string.sub(start, 1, n) then
+      return true
+    end
+  end
+  return false
+end
+
+-- The bytes of the stream to send on now. Line by line: only an unfinished line that may
+-- become a JSON "data:" line is held for the next chunk (so a stream ending without a
+-- newline loses nothing but such a cut line); the blank line ending a dropped event goes
+-- with it.
 local function hide_state()
-  return {carry = "", passing = false}
+  return {carry = "", passing = false, drop_blank = false}
 end
 
 local function without_unasked(hs, text)
-  local buf, out, pos = hs.carry .. text, {}, 1
-  if hs.passing then          -- the rest of an event too long to hold, up to its blank line
-    local _, e = string.find(buf, "\r?\n\r?\n")
-    if e == nil then
-      local send = math.max(0, #buf - 3)   -- (the blank line's first bytes may be the last)
-      hs.carry = string.sub(buf, send + 1)
-      return string.sub(buf, 1, send)
+  local buf, out, pos, n = hs.carry .. text, {}, 1, 0
+  hs.carry = ""
+  while pos <= #buf do
+    local nl = string.find(buf, "\n", pos, true)
+    if hs.passing then                     -- the rest of a line passed on unread
+      n = n + 1
+      out[n] = string.sub(buf, pos, nl or #buf)
+      if nl == nil then break end
+      hs.passing = false
+      pos = nl + 1
+    elseif nl == nil then                  -- an unfinished line
+      local tail = string.sub(buf, pos)
+      if #tail <= LINE_MAX and (object_line(tail) or tail == "\r") then   -- ("\r": a blank line's start)
+        hs.carry = tail
+      else
+        n = n + 1
+        out[n] = tail
+        hs.passing = true
+      end
+      break
+    else
+      local line = string.sub(buf, pos, nl)
+      pos = nl + 1
+      local blank = line == "\n" or line == "\r\n"
+      if not (blank and hs.drop_blank) then
+        local kept = object_line(line) and unasked_removed(line) or line
+        n = n + 1
+        out[n] = kept
+        hs.drop_blank = kept == ""
+      else
+        hs.drop_blank = false
+      end
     end
-    out[1] = string.sub(buf, 1, e)
-    pos, hs.passing = e + 1, false
   end
-  while true do
-    local _, e = string.find(buf, "\r?\n\r?\n", pos)
-    if e == nil then break end
-    out[#out + 1] = unasked_removed(string.sub(buf, pos, e))
-    pos = e + 1
-  end
-  local rest = string.sub(buf, pos)
-  if #rest > LINE_MAX then
-    out[#out + 1] = string.sub(rest, 1, #rest - 3)
-    rest, hs.passing = string.sub(rest, -3), true
-  end
-  hs.carry = rest
   return table.concat(out)
 end
 
