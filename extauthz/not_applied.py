@@ -14,7 +14,7 @@ _CALLBACKS = "no logging or alerting callbacks: use the decision log, Envoy's ac
              "metrics (docs/observability.md)"
 _PARAMS = "request bodies are not adapted to a provider: it reads what the client sent (the model's name " \
           "aside)"
-_LOGGING = "logging is set with extauthz_settings.log_level and log_format"
+_LOGGING = "logging is set with `extauthz serve --log-level` and extauthz_settings.log_format"
 _DATABASE = "no database is read: keys, teams and users live in Redis, models in this file only (models " \
             "kept in LiteLLM's database must be written into model_list)"
 _ALERTS = "no alerts are sent: the shipped Prometheus rules alert on the gateway (deploy/monitoring)"

@@ -173,3 +173,50 @@ def test_make_run_jwt_verifies_the_local_identity_providers_tokens_in_envoy(tmp_
         assert run.ctrl_c() in (0, -signal.SIGINT)
     finally:
         run.kill()
+
+
+def fenced_blocks(markdown: str, heading: str) -> list[str]:
+    """The ```sh blocks of the section under ``heading`` (to the next heading of its level)."""
+    level = heading.split()[0]
+    section = markdown.split(f"\n{heading}\n", 1)[1]
+    section = re.split(rf"\n{level} ", section, maxsplit=1)[0]
+    return re.findall(r"```sh\n(.*?)```", section, re.S)
+
+
+def run_copied(block: str, gateway: str) -> subprocess.CompletedProcess:
+    """A documented block pasted into bash, as the reader would (its make run on another port)."""
+    script = "set -eo pipefail\n" + block.replace("localhost:4000", gateway.removeprefix("http://"))
+    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60, cwd=REPO)
+
+
+def test_the_readme_quick_start_works_copy_pasted(tmp_path: Path) -> None:
+    (block,) = fenced_blocks((REPO / "README.md").read_text(), "## Quick start")
+    assert "make run" not in block.replace("`make run`", "")  # (the stack is already up)
+    run = MakeRun(tmp_path, "PORT=0")
+    try:
+        done = run_copied(block, run.wait_up())
+        assert done.returncode == 0, done.stderr
+        out = done.stdout
+        assert "fake upstream: POST /v1/chat/completions model=gpt-4 credential=Bearer sk-upstream-gpt-4" in out
+        assert out.count('"code":"model_not_allowed"') >= 3, out           # gpt-4o, the team's gpt-4, o1-mini
+        assert '"code":"budget_exceeded"' in out
+        assert '"decision": "deny"' in out and '"code": "model_not_allowed"' in out   # explain
+        assert "fake upstream: POST /v1/chat/completions model=gpt-4o-mini" in out   # through openai/*
+    finally:
+        run.kill()
+
+
+def test_the_local_jwt_recipe_works_copy_pasted(tmp_path: Path) -> None:
+    blocks = fenced_blocks((REPO / "docs" / "identity-and-jwt.md").read_text(), "## Try JWTs locally")
+    (recipe,) = [b for b in blocks if "TOKEN=" in b]
+    run = MakeRun(tmp_path, "PORT=0", target="run-jwt")
+    try:
+        gateway = run.wait_up()
+        done = run_copied(recipe.replace("$(cat .run/idp.url)", f"$(cat {tmp_path}/idp.url)"), gateway)
+        assert done.returncode == 0, done.stderr
+        out = done.stdout
+        assert "fake upstream: POST /v1/chat/completions model=gpt-4" in out
+        assert '{"id": "gpt-4", "object": "model"' in out and '"code": "model_not_allowed"' in out
+        assert '"team_id": "ml"' in out.split('"code": "model_not_allowed"')[1]   # the admin token's /team/list
+    finally:
+        run.kill()

@@ -43,6 +43,7 @@ from prometheus_client.metrics import MetricWrapperBase
 from extauthz.config import Settings
 from extauthz.telemetry import metrics as metrics_module
 from tests import crd_schema
+from tests.test_docs import anchors
 from tests.harness import installed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -415,15 +416,6 @@ def test_rules_pass_promtool_check(tmp_path: Path) -> None:
     assert f"SUCCESS: {sum(len(g['rules']) for g in groups)} rules found" in result.stdout
 
 
-def readme_anchors(path: Path) -> set[str]:
-    anchors = set()
-    for line in path.read_text(encoding="utf-8").splitlines():
-        m = re.match(r"^#{1,6}\s+(.*?)\s*$", line)
-        if m:
-            anchors.add(re.sub(r"[^\w\- ]", "", m.group(1).lower()).replace(" ", "-"))
-    return anchors
-
-
 def test_alerts_carry_severity_summary_description_and_a_runbook_that_exists() -> None:
     found = alerts()
     assert len({a["alert"] for a in found}) == len(found), "two alerts share a name"
@@ -435,7 +427,7 @@ def test_alerts_carry_severity_summary_description_and_a_runbook_that_exists() -
         assert annotations["summary"].strip() and len(annotations["description"]) > len(annotations["summary"]), name
         file, _, anchor = annotations["runbook_url"].partition("#")
         assert (REPO / file).is_file(), f"{name}: runbook {file} does not exist"
-        assert anchor in readme_anchors(REPO / file), f"{name}: {file} has no section #{anchor}"
+        assert anchor in anchors(REPO / file), f"{name}: {file} has no section #{anchor}"
 
 
 def test_alerts_cover_what_operators_need() -> None:

@@ -544,7 +544,7 @@ class AdminApi:
         old_hash = token_hash_of(in_path if in_path is not None else body.get("key"))
         if body.get("new_master_key") is not None:
             raise ApiError(400, "invalid_request", "The master key is general_settings.master_key in the config; "
-                           "change it there (see the README's Operations section).", "new_master_key")
+                           "change it there (see docs/operations.md).", "new_master_key")
         changes = schema.key_fields(body, self.runtime().catalog, {"key", "new_key", "grace_period",
                                                                   "new_master_key"})
         given = schema.expect(body, "new_key", str)

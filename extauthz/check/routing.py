@@ -344,7 +344,8 @@ def hosted_edits(body: JsonModel | None, hosted: providers.HostedAnthropic
 
 
 # OpenAI-format streams report their usage only when asked (stream_options.include_usage);
-# a counted call is asked, so that its tokens and cost are known (see the README).
+# a counted call is asked, so that its tokens and cost are known; Envoy's usage filter takes it out again for a client
+# that did not ask (docs/usage-limits.md).
 STREAMED_USAGE = ("chat/completions", "completions")
 INCLUDE_USAGE = b'"include_usage": true'
 # Azure OpenAI reads stream_options from this API version on; older ones refuse the field.

@@ -5,7 +5,7 @@ as the rendered Envoy config so that neither can drift:
   EnvoyFilter on the gateway. istio-proxy is built with ``envoy.filters.http.lua`` and
   without the transform filter (istio/proxy, bazel/extension_config/
   extensions_build_config.bzl), and the transform filter would re-serialize bodies and
-  fail open anyway (see the README); the Lua splice replaces the model's bytes only.
+  fail open anyway (see docs/security.md); the Lua splice replaces the model's bytes only.
 - ``merge_providers``: extauthz's extension providers merged, by name, into a mesh config
   that already has others. ``istioctl install -f`` with a partial IstioOperator, or a Helm
   values file, replaces the whole ``extensionProviders`` list; this keeps every other

@@ -19,14 +19,14 @@ slot while the load spreads over the primaries:
   choose another's slot or tag.
 
 Records are not spread: they are small (under 1 KiB a key), read once per cache miss and
-written by admins. The README's scale section gives the figures and the limit this sets.
+written by admins. docs/redis.md gives the figures and the limit this sets.
 """
 
 from __future__ import annotations
 
 
 class Keyspace:
-    """Names in Redis (see the module's doc and the README's schema section)."""
+    """Names in Redis (see the module's doc and docs/redis.md)."""
 
     def __init__(self, prefix: str, cluster: bool = False) -> None:
         if cluster and (not prefix or "{" in prefix or "}" in prefix):

@@ -1,6 +1,6 @@
 """Key and team records: what the decision reads, and their stored JSON form.
 
-A record is stored as one JSON document (see the README's schema section). The
+A record is stored as one JSON document (see docs/redis.md). The
 decision needs only a few of its fields: those become a KeyRecord or TeamRecord; the
 admin API reads the documents themselves.
 """

@@ -5,7 +5,7 @@ team, model, deployment) and the usage Envoy read from the response (namespace
 stream's counts). Each is settled once per usage id into the token windows the check
 compares with ``tpm_limit`` and, priced (usage/prices.py), into the spend counters it
 compares with the budgets. The report travels after the response, off the request's path; a lost
-one costs only its count (see the README's usage section).
+one costs only its count (see docs/usage-limits.md).
 """
 
 from __future__ import annotations
