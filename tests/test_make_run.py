@@ -46,10 +46,10 @@ def usual_ports_taken() -> Iterator[list[socket.socket]]:
 
 
 class MakeRun:
-    def __init__(self, run_dir: Path, *args: str, target: str = "run") -> None:
+    def __init__(self, run_dir: Path, *args: str, target: str = "run", env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(["make", "-s", target, *args], cwd=REPO, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                                     env={**os.environ, "EXTAUTHZ_RUN_DIR": str(run_dir)})
+                                     env={**os.environ, "EXTAUTHZ_RUN_DIR": str(run_dir), **(env or {})})
         self.lines: list[str] = []
         self.reader = threading.Thread(target=self.read, daemon=True)
         self.reader.start()
@@ -127,6 +127,28 @@ def test_make_run_comes_up_beside_the_usual_ports_serves_its_quick_start_and_sto
         with pytest.raises(ProcessLookupError):
             os.kill(sidecar_pid, 0)
         assert gateway.endswith(f":{port}")
+    finally:
+        run.kill()
+
+
+def test_make_run_keeps_what_it_writes_to_its_user_and_prints_no_secret(tmp_path: Path) -> None:
+    # A config whose master key comes from the environment: make run names the variable,
+    # never its value; its copy of the config (credentials in it) is the user's alone.
+    config = tmp_path / "mine.yaml"
+    config.write_text((REPO / "examples" / "config.yaml").read_text().replace(
+        "master_key: sk-1234", "master_key: os.environ/DEMO_MASTER_KEY"))
+    run_dir = tmp_path / "run"
+    run = MakeRun(run_dir, "PORT=0", f"CONFIG={config}", env={"DEMO_MASTER_KEY": "sk-never-printed-42"})
+    try:
+        gateway = run.wait_up()
+        assert "sk-never-printed-42" not in run.output
+        assert shown(run.output, "master key") == "$DEMO_MASTER_KEY"
+        assert http("POST", f"{gateway}/key/generate", {"models": ["gpt-4"]},
+                    {"Authorization": "Bearer sk-never-printed-42"}).status == 200
+        assert run_dir.stat().st_mode & 0o777 == 0o700
+        assert (run_dir / "config.yaml").stat().st_mode & 0o077 == 0
+        run.ctrl_c()
+        assert "sk-never-printed-42" not in run.output
     finally:
         run.kill()
 

@@ -224,7 +224,8 @@ def test_a_pass_through_reaching_a_model_call_is_not_served_and_the_rest_serves(
     key = gw.new_key(models=["gpt-4o"])
     gw.forget()
     message = denied(post(gw, "/raw-chat", key, {"model": "gpt-4o", "messages": []}), 503, "pass_through_unavailable")
-    assert "'/raw-chat' is not served" in message and "a model call at a provider" in message
+    assert "'/raw-chat' is not served" in message and "reaches a provider's model calls" in message
+    assert "127.0.0.1" not in message and "/v1/chat/completions" not in message  # (the target is the operator's)
     assert all(gw.seen(f) == [] for f in gw.upstreams)
     reached(post(gw, "/v1/rerank", key, {"query": "q", "documents": ["a"]}), gw, "openai", "/v1/rerank",
             ("authorization", "Bearer cohere-prov"), key)

@@ -51,7 +51,11 @@ def as_the_provider_got(gateway: Gateway, body: dict[str, Any]) -> tuple[str, di
     {"x-fake-piece-bytes": "7"},      # events cut across the network's chunks
     {"x-fake-piece-bytes": "1", "x-fake-crlf": "1"},
     {"x-fake-unended": "1", "x-fake-piece-bytes": "5"},   # the last event without its newline
-], ids=["plain", "crlf", "pieces", "bytes-crlf", "unended"])
+    {"x-fake-cr": "1", "x-fake-piece-bytes": "3"},        # lines ended with a bare \r
+    {"x-fake-usage-shape": "no-choices"},                 # the usage chunk has no "choices" member
+    {"x-fake-usage-shape": "last-choice", "x-fake-piece-bytes": "4"},  # the counts on the last chunk
+    {"x-fake-usage-shape": "string-event"},               # an event that is a JSON string
+], ids=["plain", "crlf", "pieces", "bytes-crlf", "unended", "cr", "no-choices", "last-choice", "string-event"])
 @pytest.mark.parametrize("path, body", [
     ("/v1/chat/completions", {"model": "gpt-4", "messages": HELLO, "stream": True}),
     ("/v1/chat/completions", {"model": "gpt-4", "messages": HELLO, "stream": True,
@@ -102,3 +106,16 @@ def test_the_common_sdk_loop_reads_every_chunk_and_spend_is_counted(gateway: Gat
         final = events.get_final_completion()
     assert final.choices[0].message.content == "fake stream" and final.usage is None
     wait_for(lambda: spend() == pytest.approx(2 * once), "the second stream's spend, the same")
+
+
+def test_a_shadow_allow_past_its_limit_streams_as_the_provider_sent_too(gateway: Gateway) -> None:
+    # Let through uncounted (its limit said no, the team is in shadow mode), but asked for
+    # its usage all the same: the client still gets the stream its request would get.
+    team = gateway.new_team(models=["gpt-4"], metadata={"enforcement": "shadow"}, max_budget=0)
+    key = gateway.new_key(team_id=team)
+    body = {"model": "gpt-4", "messages": HELLO, "stream": True}
+    gateway.forget_upstream()
+    got = streamed(gateway, key, body)
+    provider_path, provider_body = as_the_provider_got(gateway, body)
+    assert got == direct(gateway, provider_path, provider_body)
+    assert '"usage"' not in got

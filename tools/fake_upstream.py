@@ -472,11 +472,21 @@ async def stream(request: web.Request, reply: dict[str, Any], body: dict[str, An
         asked = (body.get("stream_options") or {}).get("include_usage") is True
         lines = [f"data: {json.dumps({**chunk, 'choices': c, **({'usage': None} if asked else {})})}\n\n"
                  for c in choices]
-        if asked and usage:
-            lines.append(f"data: {json.dumps({**chunk, 'choices': [], 'usage': usage})}\n\n")
+        # Where OpenAI-compatible servers put the counts: a last chunk with no choices
+        # (OpenAI's), one without a "choices" member, or the last chunk with choices.
+        shape = request.headers.get("x-fake-usage-shape", "openai")
+        if shape == "string-event":  # an event whose data is a JSON string, before the chunks
+            lines.insert(0, 'data: "no tokens counted here"\n\n')
+        if asked and usage and shape == "last-choice":
+            lines[-1] = f"data: {json.dumps({**chunk, 'choices': choices[-1], 'usage': usage})}\n\n"
+        elif asked and usage:
+            last = {**chunk, 'usage': usage} if shape == "no-choices" else {**chunk, 'choices': [], 'usage': usage}
+            lines.append(f"data: {json.dumps(last)}\n\n")
         lines.append("data: [DONE]\n\n")
     if request.headers.get("x-fake-crlf"):  # lines ended as the SSE spec also allows
         lines = [line.replace("\n", "\r\n") for line in lines]
+    if request.headers.get("x-fake-cr"):    # and this, the third way
+        lines = [line.replace("\n", "\r") for line in lines]
     if request.headers.get("x-fake-unended"):  # a server that ends its last event without a newline
         lines[-1] = lines[-1].rstrip("\r\n")
     pieces = int(request.headers.get("x-fake-piece-bytes", "0"))

@@ -124,10 +124,13 @@ def serve(port: int, ready_file: str | None) -> None:
                 claims = json.loads(self.rfile.read(int(self.headers.get("content-length") or 0)) or b"{}")
                 if not isinstance(claims, dict) or not isinstance(claims.get("sub"), str):
                     raise ValueError
+                lifetime = claims.get("expires_in", 3600)
+                if isinstance(lifetime, bool) or not isinstance(lifetime, int) or abs(lifetime) > 10 ** 8:
+                    raise ValueError
             except ValueError:
-                self.answer(400, {"error": "invalid_request", "error_description": 'send JSON claims with a "sub"'})
+                self.answer(400, {"error": "invalid_request", "error_description": 'send JSON claims with a "sub" '
+                                  '(and "expires_in" in seconds, an integer)'})
                 return
-            lifetime = int(claims.get("expires_in", 3600))
             self.answer(200, {"access_token": token(key, self.issuer(), claims), "token_type": "Bearer",
                               "expires_in": lifetime})
 

@@ -140,8 +140,10 @@ def authorize(facts: Facts, key: KeyRecord, team: TeamRecord | None, catalog: Ca
         route = catalog.pass_through[endpoint.index]
         meta["deployment"] = route.route_id
         if route.config.unavailable is not None:
+            # (Why, with its target, is for the operator: check-config, the logs, readiness.)
             return Deny(503, "pass_through_unavailable", f"The pass-through endpoint {route.config.path!r} is not "
-                        f"served: {route.config.unavailable}.", None, meta)
+                        "served: its target reaches a provider's model calls, which are checked here. Ask the "
+                        "operator (extauthz check-config names it).", None, meta)
         return Grant(route, None, meta)
     model = facts.model or ""
     resolution = catalog.resolve(model)

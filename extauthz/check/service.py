@@ -201,11 +201,14 @@ def hide_asked_usage(decision: Allow, facts: Facts) -> Allow:
     """A counted stream whose usage only the gateway asked for (routing.usage_edit): Envoy's
     usage filter reads the usage, then takes out what the client did not ask for (the last
     chunk, "usage": null in the others), so the client gets the provider's stream as sent
-    for its own request."""
+    for its own request. The filter runs on its response even where nothing is settled (a
+    shadow-mode allow past its limit, no Redis to count in)."""
     endpoint = facts.endpoint
     if isinstance(decision.route, Route) and isinstance(endpoint, Endpoint) and endpoint.operation in STREAMED_USAGE \
             and streams_unasked(facts.json_model) and decision.route.takes_stream_options:
         decision.metadata[USAGE_UNASKED] = "1"
+        if all(name != USAGE_HEADER for name, _ in decision.dynamic_headers):
+            return decision._replace(dynamic_headers=decision.dynamic_headers + COUNTED_HEADERS)
     return decision
 
 
@@ -362,7 +365,8 @@ class AuthorizationService:
         if shadow and isinstance(limited, Deny) and limited.code in shadow_mode.LIMIT_CODES \
                 and isinstance(decision, Allow):
             decision.metadata.pop(USAGE_ID, None)  # let through uncounted: its limit said no
-            return shadow_mode.mark(decision, limited)
+            read = hide_asked_usage(decision, facts) if counted(key, team, runtime) else decision
+            return shadow_mode.mark(read, limited)
         return limited
 
     async def decide_jwt(self, facts: Facts, request: external_auth_pb2.CheckRequest, runtime: Runtime) -> Decision:
@@ -485,7 +489,7 @@ class AuthorizationService:
         if not (limited or track):
             return decision
         if self.counters is None:  # (no Redis to count in: a limit is never lifted for it)
-            return UNAVAILABLE if limited else decision
+            return UNAVAILABLE if limited else hide_asked_usage(decision, facts)
         # The id its usage report will be settled under: Envoy's request id is the client's
         # own on a trusted network, and one sent on every request would settle only once.
         decision.metadata[USAGE_ID] = secrets.token_hex(USAGE_ID_LENGTH // 2)

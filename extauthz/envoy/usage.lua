@@ -21,8 +21,8 @@
 -- usage_unasked): after its counts are read, each event loses what asking added, so the
 -- client gets the events the provider sends a request that did not ask. OpenAI adds a
 -- last chunk with no choices and the usage (dropped) and "usage": null to every other
--- chunk (taken out). Nothing is held but an unfinished "data: {" line (a line longer than
--- LINE_MAX passes on as it comes, unread: no usage chunk is that long).
+-- chunk (taken out). Nothing is held but an unfinished "data: {" line and the usage chunk
+-- until its event ends (see without_unasked).
 --
 -- AWS's event stream (Bedrock's invoke-with-response-stream): each message's payload is
 -- {"bytes": "<base64>"}, the bytes of an Anthropic stream event, decoded and read as above.
@@ -75,105 +75,90 @@ local function unbase64(text)
   return table.concat(out)
 end
 
--- The nesting depth at byte ``at`` of an event whose JSON starts at ``from`` (1: a member
--- of the top-level object), or -1 when ``at`` is inside a string.
-local function depth_at(text, from, at)
-  local depth, pos = 0, from
+-- A line longer than this is not edited (no usage chunk is that long): it passes on as
+-- it comes.
+local EDIT_MAX = 16384
+local WANTED = {usage = true, choices = true}
+
+-- The top-level members "usage" and "choices" of the JSON object a line holds, in one
+-- pass: for each, where its name starts and its value's first and last bytes (the last
+-- is nil when the line ends first).
+local function top_members(text, from)
+  local found, depth, pos = {}, 0, from
+  local expect_key, key, key_start, member = false, nil, nil, nil
+  local function close(at)                -- the member being read ends before ``at``
+    if member ~= nil then
+      local last = at - 1
+      while last >= member.first and string.find(string.sub(text, last, last), "%s") do last = last - 1 end
+      member.last = last
+      member = nil
+    end
+  end
   while true do
-    local i = string.find(text, "[{}%[%]\"]", pos)
-    if i == nil or i >= at then return depth end
+    local i = string.find(text, "[{}%[%]\":,]", pos)
+    if i == nil then return found end
     local c = string.byte(text, i)
-    if c == 34 then           -- a string: to its closing quote
-      local j = i + 1
+    if c == 34 then                       -- a string, to its closing quote
+      local j, k = i + 1, nil
       while true do
-        local k = string.find(text, "[\"\\]", j)
-        if k == nil or k >= at then return -1 end
-        if string.byte(text, k) == 92 then
-          j = k + 2
-        else
-          pos = k + 1
-          break
-        end
+        k = string.find(text, "[\"\\]", j)
+        if k == nil then return found end
+        if string.byte(text, k) == 92 then j = k + 2 else break end
       end
+      if depth == 1 and expect_key then
+        key, key_start = string.sub(text, i + 1, k - 1), i
+      end
+      expect_key = false
+      pos = k + 1
     else
-      depth = depth + ((c == 123 or c == 91) and 1 or -1)
+      if c == 123 or c == 91 then         -- { [
+        depth = depth + 1
+        expect_key = depth == 1 and c == 123
+      elseif c == 125 or c == 93 then     -- } ]
+        if depth == 1 then close(i) end
+        depth = depth - 1
+        if depth == 0 then return found end
+      elseif depth == 1 and c == 58 then  -- ':' after a top-level name
+        if key ~= nil then
+          member = {start = key_start, first = i + 1}
+          if WANTED[key] then found[key] = member end
+          while string.find(string.sub(text, member.first, member.first), "%s") do
+            member.first = member.first + 1
+          end
+        end
+        key = nil
+      elseif depth == 1 and c == 44 then  -- ','
+        close(i)
+        expect_key = true
+      end
       pos = i + 1
     end
   end
 end
 
--- Where ``pattern`` first matches a member of the top-level object, or nil.
-local FIND_TRIES = 8   -- (each try scans the event: a few at most, whatever it holds)
-local function find_top(text, from, pattern)
-  local pos = from
-  for _ = 1, FIND_TRIES do
-    local s, e = string.find(text, pattern, pos)
-    if s == nil then return nil end
-    if depth_at(text, from, s) == 1 then return s, e end
-    pos = s + 1
+-- One complete line, less what asking added: "" for the usage chunk (a top-level usage
+-- object, and no choices or none), else the line without its top-level "usage" member
+-- (null, or the counts some servers put on the last chunk with choices).
+local function unasked_removed(line)
+  if #line > EDIT_MAX or not string.find(line, "\"usage\"", 1, true) then
+    return line
   end
-  return nil
-end
-
--- Where the object opened at ``open`` closes (nil: not in this text).
-local function object_end(text, open)
-  local depth, pos = 0, open
-  while true do
-    local i = string.find(text, "[{}%[%]\"]", pos)
-    if i == nil then return nil end
-    local c = string.byte(text, i)
-    if c == 34 then
-      local j = i + 1
-      while true do
-        local k = string.find(text, "[\"\\]", j)
-        if k == nil then return nil end
-        if string.byte(text, k) == 92 then
-          j = k + 2
-        else
-          pos = k + 1
-          break
-        end
-      end
-    else
-      depth = depth + ((c == 123 or c == 91) and 1 or -1)
-      if depth == 0 then return i end
-      pos = i + 1
-    end
+  local members = top_members(line, string.find(line, "{", 1, true))
+  local usage, choices = members.usage, members.choices
+  if usage == nil or usage.last == nil then
+    return line
   end
-end
-
--- One "data:" line, less what asking added: "" for the usage chunk (no choices), else the
--- line without its top-level "usage" (null, or the counts some servers put on the last
--- chunk with choices).
-local function unasked_removed(event)   -- (a line: an event of one line, as these are)
-  if not string.find(event, "\"usage\"", 1, true) then
-    return event
+  if string.sub(line, usage.first, usage.first) == "{" and (choices == nil or choices.last ~= nil
+      and string.find(string.sub(line, choices.first, choices.last), "^%[%s*%]$")) then
+    return ""
   end
-  local from = string.find(event, "{", 1, true)
-  if from == nil then
-    return event
-  end
-  local s, e = find_top(event, from, "\"usage\"%s*:%s*null")
-  if s == nil then
-    local open
-    s, open = find_top(event, from, "\"usage\"%s*:%s*{")
-    if s == nil then
-      return event
-    end
-    if find_top(event, from, "\"choices\"%s*:%s*%[%s*%]") then
-      return ""
-    end
-    e = object_end(event, open)
-    if e == nil then
-      return event
-    end
-  end
-  local before = string.match(string.sub(event, 1, s - 1), "()%s*,%s*$")
+  local s, e = usage.start, usage.last
+  local before = string.match(string.sub(line, 1, s - 1), "()%s*,%s*$")
   if before then                                   -- ', "usage": null'
-    return string.sub(event, 1, before - 1) .. string.sub(event, e + 1)
+    return string.sub(line, 1, before - 1) .. string.sub(line, e + 1)
   end
-  local after = string.match(event, "^%s*,%s*()", e + 1)
-  return string.sub(event, 1, s - 1) .. string.sub(event, after or (e + 1))   -- '"usage": null, '
+  local after = string.match(line, "^%s*,%s*()", e + 1)
+  return string.sub(line, 1, s - 1) .. string.sub(line, after or (e + 1))   -- '"usage": null, '
 end
 
 -- Whether a line (or the start of one) is, or may become, a "data:" line holding a JSON
@@ -189,47 +174,90 @@ local function object_line(text)
   return false
 end
 
--- The bytes of the stream to send on now. Line by line: only an unfinished line that may
--- become a JSON "data:" line is held for the next chunk (so a stream ending without a
--- newline loses nothing but such a cut line); the blank line ending a dropped event goes
--- with it.
+-- Where the line starting at ``pos`` ends, its terminator included: "\n", "\r\n" or "\r"
+-- (SSE's three), or nil. A "\r" last in ``buf`` ends its line too; the "\n" the next
+-- chunk may start with is then the rest of that end (without_unasked's after_cr).
+local function line_end(buf, pos)
+  local i = string.find(buf, "[\r\n]", pos)
+  if i ~= nil and string.byte(buf, i) == 13 and string.byte(buf, i + 1) == 10 then
+    return i + 1
+  end
+  return i
+end
+
+local function blank(line)
+  return line == "\n" or line == "\r\n" or line == "\r"
+end
+
+-- The stream's bytes to send on now, line by line. Held for the next chunk: an unfinished
+-- line that may become a JSON "data:" line, and the usage chunk until the blank line that
+-- makes it a whole event (then both are dropped; a usage line inside a longer event is
+-- left as it came). Nothing else waits, so a stream that ends without a newline loses
+-- only such a cut line, which an SSE reader would not dispatch either.
 local function hide_state()
-  return {carry = "", passing = false, drop_blank = false}
+  -- after_cr: the last chunk ended with "\r", and what became of that line ("emit",
+  -- "pending" or "drop"), for a "\n" this one may start with.
+  return {carry = "", passing = false, pending = nil, event_start = true, after_cr = nil}
 end
 
 local function without_unasked(hs, text)
-  local buf, out, pos, n = hs.carry .. text, {}, 1, 0
+  local buf, out, n, pos = hs.carry .. text, {}, 0, 1
   hs.carry = ""
+  local function emit(piece)
+    n = n + 1
+    out[n] = piece
+  end
+  if hs.after_cr ~= nil and string.byte(buf, 1) == 10 then
+    if hs.after_cr == "emit" then
+      emit("\n")
+    elseif hs.after_cr == "pending" then
+      hs.pending = hs.pending .. "\n"
+    end
+    pos = 2
+  end
+  hs.after_cr = nil
   while pos <= #buf do
-    local nl = string.find(buf, "\n", pos, true)
-    if hs.passing then                     -- the rest of a line passed on unread
-      n = n + 1
-      out[n] = string.sub(buf, pos, nl or #buf)
-      if nl == nil then break end
-      hs.passing = false
-      pos = nl + 1
-    elseif nl == nil then                  -- an unfinished line
+    local e = line_end(buf, pos)
+    if e == nil then                                 -- an unfinished line
       local tail = string.sub(buf, pos)
-      if #tail <= LINE_MAX and (object_line(tail) or tail == "\r") then   -- ("\r": a blank line's start)
+      if not hs.passing and #tail <= EDIT_MAX and object_line(tail) then
         hs.carry = tail
       else
-        n = n + 1
-        out[n] = tail
+        emit(tail)
         hs.passing = true
       end
       break
+    end
+    local line = string.sub(buf, pos, e)
+    pos = e + 1
+    local fate = "emit"
+    if hs.passing then                               -- the end of a line passed on unread
+      emit(line)
+      hs.passing, hs.event_start = false, false
     else
-      local line = string.sub(buf, pos, nl)
-      pos = nl + 1
-      local blank = line == "\n" or line == "\r\n"
-      if not (blank and hs.drop_blank) then
-        local kept = object_line(line) and unasked_removed(line) or line
-        n = n + 1
-        out[n] = kept
-        hs.drop_blank = kept == ""
+      local held = hs.pending
+      hs.pending = nil
+      if held ~= nil and blank(line) then            -- the usage chunk, a whole event: dropped
+        fate = "drop"
+        hs.event_start = true
       else
-        hs.drop_blank = false
+        if held ~= nil then emit(held) end
+        if blank(line) then
+          emit(line)
+          hs.event_start = true
+        else
+          local kept = object_line(line) and unasked_removed(line) or line
+          if kept == "" and hs.event_start then
+            hs.pending, fate = line, "pending"
+          else
+            emit(kept == "" and line or kept)
+          end
+          hs.event_start = false
+        end
       end
+    end
+    if e == #buf and string.byte(buf, e) == 13 then
+      hs.after_cr = fate
     end
   end
   return table.concat(out)
@@ -338,7 +366,7 @@ local function scan_json(state, text)
           if state.depth == state.top then
             state.member = state.last_key
           end
-          if (state.depth == state.top and USAGE_KEYS[state.last_key]) or (state.depth == state.top + 1
+          if (state.depth == state.top and USAGE_KEYS[state.last_key]) or (state.depth == (state.top or -2) + 1
               and PARENTS[state.parent] and state.last_key == "usage") then
             state.want_object = true
             state.last_key = nil
@@ -348,7 +376,7 @@ local function scan_json(state, text)
         else  -- a string starts: at the top level it may be a key
           state.in_string = true
           state.last_key = nil
-          if not state.capturing and (state.depth == state.top or (state.depth == state.top + 1
+          if not state.capturing and (state.depth == state.top or (state.depth == (state.top or -2) + 1
                                                                    and PARENTS[state.parent])) then
             state.key = ""
             key_from = i + 1
@@ -507,7 +535,15 @@ function envoy_on_response(handle)
     else
       scan_sse(handle, sse, text, found)
       if hide then
-        chunk:setBytes(without_unasked(hs, text))
+        local held = (hs.pending or "") .. hs.carry
+        local ok, sent = pcall(without_unasked, hs, text)
+        if ok then
+          chunk:setBytes(sent)
+        else                     -- (a bug must not cut the client's stream: it gets the rest as sent)
+          handle:logErr("extauthz usage filter: " .. tostring(sent))
+          chunk:setBytes(held .. text)
+          hide = false
+        end
       end
     end
   end
