@@ -14,6 +14,7 @@ import pytest
 
 from tests.conftest import Gateway
 from tests.harness import http
+from tests.test_budgets import COST, USAGE
 from tests.test_limits import fresh_window
 from tests.test_usage import tpm_used, wait_for
 
@@ -97,15 +98,13 @@ def test_the_common_sdk_loop_reads_every_chunk_and_spend_is_counted(gateway: Gat
         return float(gateway.admin(f"/key/info?key={key}", method="GET").json()["info"]["spend"])
 
     text = "".join(chunk.choices[0].delta.content or "" for chunk in client.chat.completions.create(
-        model="gpt-4", messages=HELLO, stream=True, extra_headers={"x-fake-usage": "1000,1000"}))
+        model="gpt-4", messages=HELLO, stream=True, extra_headers={"x-fake-usage": USAGE}))
     assert text == "fake stream"
-    wait_for(lambda: spend() > 0, "the stream's spend")
-    once = spend()
-    with client.chat.completions.stream(model="gpt-4", messages=HELLO,
-                                        extra_headers={"x-fake-usage": "1000,1000"}) as events:
+    wait_for(lambda: spend() == pytest.approx(COST), "the stream's spend, at its reported usage")
+    with client.chat.completions.stream(model="gpt-4", messages=HELLO, extra_headers={"x-fake-usage": USAGE}) as events:
         final = events.get_final_completion()
     assert final.choices[0].message.content == "fake stream" and final.usage is None
-    wait_for(lambda: spend() == pytest.approx(2 * once), "the second stream's spend, the same")
+    wait_for(lambda: spend() == pytest.approx(2 * COST), "the second stream's spend")
 
 
 def test_a_shadow_allow_past_its_limit_streams_as_the_provider_sent_too(gateway: Gateway) -> None:
