@@ -27,17 +27,18 @@ from grpc_health.v1.health import aio as health_aio
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from extauthz import config as config_module
-from extauthz.telemetry import logs, metrics, tracing
 from extauthz.admin.api import AdminApi
-from extauthz.records.cache import CachedStore, RecordCache
-from extauthz.config import Config, ConfigError, Settings, setting_path
-from extauthz.records.invalidation import Invalidator
 from extauthz.check.runtime import Runtime
-from extauthz.tokens import Tokens
-from extauthz.check.service import SERVICE as AUTHZ_SERVICE, AuthorizationService
+from extauthz.check.service import SERVICE as AUTHZ_SERVICE
+from extauthz.check.service import AuthorizationService
+from extauthz.config import Config, ConfigError, Settings, setting_path
 from extauthz.records import connection
+from extauthz.records.cache import CachedStore, RecordCache
+from extauthz.records.invalidation import Invalidator
 from extauthz.records.store import RedisReader, RedisWriter
 from extauthz.records.upsert import Upserts
+from extauthz.telemetry import logs, metrics, tracing
+from extauthz.tokens import Tokens
 from extauthz.usage.counters import RateCounters
 from extauthz.usage.reports import UsageReports
 
@@ -178,6 +179,8 @@ def check_credentials(s: Any) -> grpc.ServerCredentials | None:
     except OSError as e:
         raise StartupError(f"cannot read a grpc_tls file: {type(e).__name__} {e.filename}") from None
     key, cert, client_ca = files
+    if key is None or cert is None:  # (the config requires both with TLS on)
+        raise StartupError("grpc_tls needs grpc_tls_key_file and grpc_tls_cert_file")
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
                                        require_client_auth=client_ca is not None)
 
@@ -210,10 +213,9 @@ class App:
         self.redis_warnings: list[str] = []
         cached = CachedStore(self.store, self.cache)
         counters = RateCounters(self.store.redis, self.store, s.redis_timeout_ms / 1000)
+        upsert_writer = RedisWriter(self.store, s.audit_max_entries, audit_max_bytes=s.audit_max_bytes)
         self.service = AuthorizationService(self.runtime, cached, s.log_allowed, logs.DecisionLog(s.log_format),
-                                            check_message_limit(s), Upserts(cached, RedisWriter(self.store, s.audit_max_entries,
-                                                                                     audit_max_bytes=s.audit_max_bytes)),
-                                            counters)
+                                            check_message_limit(s), Upserts(cached, upsert_writer), counters)
         self.usage = UsageReports(counters, cached, lambda route_id, model: self.runtime().price(route_id, model),
                                   lambda model: self.runtime().catalog.same_model(model))
         self.health = health_aio.HealthServicer()
@@ -373,4 +375,5 @@ async def serve(config: Config, reuse_port: bool = False, ready_file: str | None
     try:  # bounded: a part that does not stop must not keep the process alive
         await asyncio.wait_for(app.stop(), app.settings.shutdown_grace_s + STOP_MARGIN_S)
     except asyncio.TimeoutError:
-        log.error("shutdown did not finish within %.0f s; exiting anyway", app.settings.shutdown_grace_s + STOP_MARGIN_S)
+        log.error("shutdown did not finish within %.0f s; exiting anyway",
+                  app.settings.shutdown_grace_s + STOP_MARGIN_S)

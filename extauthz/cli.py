@@ -8,11 +8,13 @@ import dataclasses
 import logging
 import os
 import sys
+from typing import Any
 
-from extauthz.records import connection
-from extauthz import config as config_module, providers
-from extauthz.telemetry import logs
+from extauthz import config as config_module
+from extauthz import providers
 from extauthz.config import Config, ConfigError, setting_path
+from extauthz.records import connection
+from extauthz.telemetry import logs
 
 
 def parser() -> argparse.ArgumentParser:
@@ -49,7 +51,8 @@ def parser() -> argparse.ArgumentParser:
 
     mesh = sub.add_parser("istio-mesh-config", help="merge extauthz's extension providers into a mesh config read "
                                                     "on stdin, keeping every other provider")
-    mesh.add_argument("--providers", required=True, help="deploy/istio/mesh-config.yaml (or a file of extensionProviders)")
+    mesh.add_argument("--providers", required=True,
+                      help="deploy/istio/mesh-config.yaml (or a file of extensionProviders)")
     mesh.add_argument("--format", default="mesh", choices=("mesh", "helm", "istiooperator"),
                       help="what stdin is: the istio ConfigMap's mesh (default), istiod's Helm values, an "
                            "IstioOperator")
@@ -59,7 +62,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def with_overrides(config: Config, **overrides: object) -> Config:
-    given = {k: v for k, v in overrides.items() if v is not None}
+    given: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
     return dataclasses.replace(config, settings=dataclasses.replace(config.settings, **given)) if given else config
 
 
@@ -180,7 +183,8 @@ def unpriced_deployments(config: Config) -> list[config_module.Deployment]:
 def budgets_in_settings(config: Config) -> str | None:
     """The config's settings that give keys a budget, named, or None."""
     named = [f"litellm_settings.{section}.max_budget" for section, params in (
-        ("default_key_generate_params", config.key_defaults), ("upperbound_key_generate_params", config.key_upperbounds))
+        ("default_key_generate_params", config.key_defaults),
+        ("upperbound_key_generate_params", config.key_upperbounds))
         if dict(params).get("max_budget") is not None]
     return " and ".join(named) or None
 

@@ -18,10 +18,10 @@ from typing import Any, Mapping
 import yaml
 
 from extauthz import providers
+from extauthz.check import routes
+from extauthz.check.endpoints import OPERATIONS, classify, model_call_segment, unsafe_path
 from extauthz.not_applied import not_applied
 from extauthz.tokens import TokenSpec, google_info, missing_library
-from extauthz.check.endpoints import OPERATIONS, classify, model_call_segment, unsafe_path
-from extauthz.check import routes
 
 ENV_PREFIX = "os.environ/"
 DISCOVERY_SUFFIX = "/.well-known/openid-configuration"
@@ -116,7 +116,7 @@ def setting(default: Any, *, minimum: float | None = None, maximum: float | None
                  metadata={"min": minimum, "max": maximum, "choices": choices, "off": off})
 
 
-PORT = {"minimum": 1, "maximum": 65535}
+PORT: dict[str, Any] = {"minimum": 1, "maximum": 65535}
 
 
 @dataclass(frozen=True)
@@ -648,7 +648,7 @@ class _Parser:
             # Without one, a token the IdP issued for any other application would do.
             self.jwt_problem = f"{where}.audience is not set: give the audience tokens for this gateway carry"
             return None
-        text = {k: self.string(raw.get(k), f"{where}.{k}") for k in (
+        text: dict[str, Any] = {k: self.string(raw.get(k), f"{where}.{k}") for k in (
             "team_id_jwt_field", "team_ids_jwt_field", "team_id_default", "user_id_jwt_field",
             "user_email_jwt_field", "org_id_jwt_field", "roles_jwt_field", "admin_jwt_scope")}
         mappings = []
@@ -660,7 +660,7 @@ class _Parser:
                                  + ", ".join(self.INTERNAL_ROLES))
             mappings.append((role, internal))
         scopes = self.scope_mappings(raw, where)
-        flags = {}
+        flags: dict[str, Any] = {}
         for k in ("enforce_rbac", "team_id_upsert", "user_id_upsert"):
             value = raw.get(k, False)
             if not isinstance(value, bool):
@@ -669,7 +669,7 @@ class _Parser:
         skew = raw.get("clock_skew_s", 60)
         if isinstance(skew, bool) or not isinstance(skew, int) or not 0 <= skew <= 600:
             raise self.error(f"{where}.clock_skew_s", "expected seconds, 0 to 600")
-        allowed_routes = {}
+        allowed_routes: dict[str, Any] = {}
         for k in ("team_allowed_routes", "admin_allowed_routes"):
             if raw.get(k) is not None:
                 problem = routes.problem(raw[k])
@@ -777,7 +777,9 @@ class _Parser:
         if path == "/" or classify(path) is not None or classify(path + "/x") is not None:
             raise self.error(f"{where}.path", f"{path!r} overlaps the LLM endpoints, whose model is checked")
         target = self.string(entry.get("target"), f"{where}.target")
-        problem = providers.base_problem(target) if target else "is required"
+        if not target:
+            raise self.error(f"{where}.target", "is required")
+        problem = providers.base_problem(target)
         if problem:
             raise self.error(f"{where}.target", problem)
         if unsafe_path(providers.upstream(target).base_path):
@@ -883,7 +885,8 @@ class _Parser:
         credential whose tokens the sidecar refreshes; else no credential at all."""
         try:
             static = self.string(params.get("azure_ad_token"), f"{where}.litellm_params.azure_ad_token", secret=True)
-            tenant, client, secret = (self.string(params.get(k), f"{where}.litellm_params.{k}", secret=k == "client_secret")
+            tenant, client, secret = (self.string(params.get(k), f"{where}.litellm_params.{k}",
+                                                  secret=k == "client_secret")
                                       for k in ("tenant_id", "client_id", "client_secret"))
             authority = self.string(params.get("azure_authority_host"), f"{where}.litellm_params.azure_authority_host")
         except UnsetVariable as e:
@@ -968,7 +971,8 @@ class _Parser:
             model_id = self.string(params.get("model_id"), f"{where}.litellm_params.model_id")
         except UnsetVariable as e:
             raise Unroutable(f"environment variable {e.name} ({e.where}) is not set") from None
-        return {"api_base": api_base.rstrip("/"), "region": region, **({"provider_model": model_id} if model_id else {})}
+        return {"api_base": api_base.rstrip("/"), "region": region,
+                **({"provider_model": model_id} if model_id else {})}
 
     def header_value(self, value: Any, where: str) -> str:
         """A pass-through header; as in LiteLLM, a reference may end a longer value
@@ -998,7 +1002,8 @@ class _Parser:
                      for cls in (Settings, EnvoySettings))  # type: ignore[return-value]
 
     def setting(self, spec: dataclasses.Field, value: Any, where: str) -> Any:
-        kind, rules = type(spec.default), spec.metadata
+        kind: Any = type(spec.default)  # (every setting has a default: its type is the setting's)
+        rules = spec.metadata
         if kind is tuple:  # a list of strings: YAML's list, or the environment's comma-separated text
             items = [v.strip() for v in value.split(",")] if isinstance(value, str) else value
             if not isinstance(items, list) or not all(isinstance(v, str) and v for v in items):

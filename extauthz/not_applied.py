@@ -55,8 +55,8 @@ NOT_APPLIED: dict[str, dict[str, str]] = {
                          "disable_prisma_schema_update"), _DATABASE),
         **dict.fromkeys(("alerting", "alert_types", "alerting_threshold", "alerting_args", "alert_to_webhook_url",
                          "spend_report_frequency"), _ALERTS),
-        **dict.fromkeys(("proxy_batch_write_at", "disable_spend_logs", "disable_error_logs", "store_prompts_in_spend_logs",
-                         "maximum_spend_logs_retention_period"), _SPEND_LOGS),
+        **dict.fromkeys(("proxy_batch_write_at", "disable_spend_logs", "disable_error_logs",
+                         "store_prompts_in_spend_logs", "maximum_spend_logs_retention_period"), _SPEND_LOGS),
         **dict.fromkeys(("ui_access_mode", "disable_adding_master_key_hash_to_db", "ui_username", "ui_password"), _UI),
         **dict.fromkeys(("background_health_checks", "health_check_interval", "health_check_details"),
                         "the providers are not health-checked by the gateway: Envoy's outlier detection and "

@@ -144,6 +144,8 @@ def _fetch_azure(spec: TokenSpec) -> tuple[str, float]:
 
     timeouts = {"connection_timeout": HTTP_TIMEOUT_S, "read_timeout": HTTP_TIMEOUT_S}
     if spec.client_secret:
+        if spec.tenant_id is None or spec.client_id is None:  # (the config gives them with a secret)
+            raise ValueError("an Entra client secret needs its tenant_id and client_id")
         # Another authority host (a sovereign cloud, a private one) is taken as given: no
         # instance discovery against Microsoft's public cloud.
         extra: dict[str, Any] = {"authority": spec.authority, "disable_instance_discovery": True} \

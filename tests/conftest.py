@@ -13,6 +13,20 @@ from tests import harness
 from tests.harness import MASTER_KEY, Envoy, Response, Sidecar, http
 
 
+# Test lanes: `make test-fast` runs the tests not marked "stack" (pure logic and quick
+# tools, for the edit-run loop); `make test` runs everything. A test is of the stack when
+# it uses the session's processes (every such fixture needs workdir) or its module starts
+# its own.
+STACK_MODULES = frozenset({"test_make_run", "test_deploy", "test_monitoring", "test_litellm_differential",
+                           "test_litellm_cli"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "workdir" in getattr(item, "fixturenames", ()) or item.module.__name__.rsplit(".", 1)[-1] in STACK_MODULES:
+            item.add_marker(pytest.mark.stack)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_process_outlives_the_run() -> Iterator[None]:
     yield

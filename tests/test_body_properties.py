@@ -25,6 +25,7 @@ from extauthz.check.json_body import model_span, read_json_model
 from tests import harness
 from tests.form_readers import email_reading, python_multipart_reading
 from tests.harness import MASTER_KEY, Stack, http
+from tests.lanes import examples
 
 PROVIDER_MODELS = {"Bearer k-alpha": "provider-alpha", "Bearer k-beta": "provider-beta", "Bearer k-wa": "whisper-a"}
 WILDCARD = "Bearer k-w"  # w/* -> the part after "w/"
@@ -141,7 +142,7 @@ def only_the_model_changed(sent: bytes, got: bytes) -> None:
         assert span.start <= prefix and len(sent) - suffix <= span.end, (sent, got)
 
 
-@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=examples(250), deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.function_scoped_fixture])
 @given(body=json_body())
 def test_every_json_parser_reads_the_model_the_gateway_checked(stack: Stack, key: str, body: bytes) -> None:
@@ -226,7 +227,7 @@ def form_body(draw: st.DrawFn) -> tuple[bytes, str]:
     return body, content_type
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=examples(200), deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.function_scoped_fixture])
 @given(form=form_body())
 def test_every_form_parser_reads_the_model_the_gateway_checked(stack: Stack, key: str,

@@ -8,8 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from extauthz.check.json_body import MAX_DEPTH, JsonModel, model_span, read_json_model
 from extauthz.check.facts import Problem
+from extauthz.check.json_body import MAX_DEPTH, JsonModel, model_span, read_json_model
+from tests.lanes import examples
 
 
 def code(body: bytes) -> str | None:
@@ -91,7 +92,7 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size
                                                                                       max_size=3), max_leaves=12)
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=examples(500), deadline=None)
 @given(doc=st.dictionaries(st.text(max_size=6), JSON, max_size=4), model=st.text(min_size=1, max_size=8),
        ascii_only=st.booleans(), indent=st.sampled_from([None, 0, 2]))
 def test_any_plain_document_reads_as_json_loads_does_and_its_span_is_exact(doc: dict, model: str, ascii_only: bool,

@@ -12,8 +12,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from extauthz.check.facts import Problem
-from extauthz.check.multipart_body import _MAX_PART_HEADER_LINES, MAX_PART_HEADER_BYTES, MAX_PARTS, FormModel, form_model
+from extauthz.check.multipart_body import (
+    _MAX_PART_HEADER_LINES,
+    MAX_PART_HEADER_BYTES,
+    MAX_PARTS,
+    FormModel,
+    form_model,
+)
 from tests.form_readers import email_reading, python_multipart_reading
+from tests.lanes import examples
 
 BOUNDARY = "6435993f0447af850676c6e3d1e0f797"  # httpx: os.urandom(16).hex()
 CTYPE = f"multipart/form-data; boundary={BOUNDARY}"
@@ -309,13 +316,13 @@ def test_too_many_parts_stops_early() -> None:
 
 # --- never raises ----------------------------------------------------------------------------------
 
-@settings(max_examples=500, deadline=None, database=None)
+@settings(max_examples=examples(500), deadline=None, database=None)
 @given(body=st.binary(max_size=300), content_type=st.text(max_size=60))
 def test_random_input_never_raises(body: bytes, content_type: str) -> None:
     assert isinstance(form_model(body, content_type), (FormModel, Problem))
 
 
-@settings(max_examples=300, deadline=None, database=None)
+@settings(max_examples=examples(300), deadline=None, database=None)
 @given(content_type=st.text(max_size=80).map(lambda t: "multipart/form-data; boundary=" + t))
 def test_random_boundaries_never_raise(content_type: str) -> None:
     assert isinstance(form_model(form(MODEL, boundary="x"), content_type), (FormModel, Problem))
@@ -523,7 +530,7 @@ def attacked_forms(draw: st.DrawFn) -> Form:
     return form
 
 
-@settings(max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(300), deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(clean_forms())
 def test_what_clients_send_is_accepted_and_read_alike(case: tuple[Form, bytes | None]) -> None:
     form, model = case
@@ -532,7 +539,7 @@ def test_what_clients_send_is_accepted_and_read_alike(case: tuple[Form, bytes | 
     assert result.model == (None if model is None else model.decode())
 
 
-@settings(max_examples=1500, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(1500), deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(attacked_forms())
 def test_attacked_forms_are_refused_or_read_alike(form: Form) -> None:
     assert_parsers_agree(form.content_type, form.body())
@@ -544,7 +551,7 @@ SPLICES = [b"\r\n", b"\n", b"\r", b"--", b'"', b";", b"; name=model", b'; name="
            b"\r\n --", b"=2D"]
 
 
-@settings(max_examples=1000, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(1000), deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=clean_forms(), data=st.data())
 def test_mutated_forms_are_refused_or_read_alike(case: tuple[Form, bytes | None], data: st.DataObject) -> None:
     form, _ = case

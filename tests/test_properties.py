@@ -10,14 +10,15 @@ import time
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from extauthz.config import from_dict
 from extauthz.check.decision import Allow
 from extauthz.check.policy import allowed_by, decide
-from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2
-from extauthz.records.record import MASTER, KeyRecord, TeamRecord, hash_token
 from extauthz.check.request import body_of, facts_from_check, with_body
 from extauthz.check.responses import allow_bytes, deny_bytes
 from extauthz.check.runtime import Runtime
+from extauthz.config import from_dict
+from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2
+from extauthz.records.record import MASTER, KeyRecord, TeamRecord, hash_token
+from tests.lanes import examples
 
 RUNTIME = Runtime.of(from_dict({
     "model_list": [
@@ -56,7 +57,7 @@ def body_strategy() -> st.SearchStrategy[bytes]:
     return st.one_of(as_json, duplicated, st.binary(max_size=200), st.just(b""), st.just(b"[" * 5000))
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(1500), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(token=TOKENS, header=st.sampled_from(["authorization", "x-api-key", "api-key", "x-goog-api-key"]),
        scheme=st.sampled_from(["Bearer ", "bearer ", "Basic ", ""]), path=PATHS, body=body_strategy(),
        extra=st.dictionaries(st.sampled_from(["x-api-key", "content-encoding", "x-envoy-auth-partial-body",

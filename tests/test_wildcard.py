@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from extauthz.check.wildcard import capture, matches, parts
+from tests.lanes import examples
 
 
 def regex(pattern: str) -> re.Pattern[str]:
@@ -96,7 +97,7 @@ PATTERNS = st.text(alphabet="ab-*", max_size=9).filter(lambda p: p.count("*") <=
 NAMES = st.text(alphabet="ab-", max_size=12)
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=examples(3000), deadline=None)
 @given(pattern=PATTERNS, name=NAMES)
 def test_property_same_answer_and_capture_as_the_regex(pattern: str, name: str) -> None:
     found = regex(pattern).fullmatch(name)

@@ -69,7 +69,7 @@ class Acting:
         whose records still list it count: a deleted and recreated team is not its team."""
         def role_in(doc: Doc | None) -> str | None:
             return next((m.get("role") for m in team_members(doc) if m.get("user_id") == self.user_id), None)
-        pairs = list(zip(self.teams, team_docs))
+        pairs = list(zip(self.teams, team_docs, strict=False))
         admin = frozenset(t for t, d in pairs if role_in(d) == "admin")
         teams = tuple(t for t, d in pairs if role_in(d) is not None) if members_only else self.teams
         granted = tuple((t, member_routes(d)) for t, d in pairs if t not in admin)

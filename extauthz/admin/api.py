@@ -14,34 +14,63 @@ import re
 import secrets
 import time
 import uuid
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from aiohttp import web
 
 from extauthz.admin import key_params, schema
-from extauthz.admin.access import (ROUTE_REFUSED, Acting, Refused, acting_from_headers, actor_from_headers, holders_after_change,
-                                   holders_of_new_value, key_owner_power)
-from extauthz.records import audit
-from extauthz.records.audit import Actor, Note
-from extauthz.check import explain
+from extauthz.admin.access import (
+    ROUTE_REFUSED,
+    Acting,
+    Refused,
+    acting_from_headers,
+    actor_from_headers,
+    holders_after_change,
+    holders_of_new_value,
+    key_owner_power,
+)
+from extauthz.check import explain, listing
 from extauthz.check.catalog import ALL_TEAM_MODELS, NO_DEFAULT_MODELS
-from extauthz.check.endpoints import MULTIPART, Endpoint, classify
-from extauthz.check import listing
-from extauthz.telemetry import metrics
-from extauthz.check.facts import Facts
 from extauthz.check.decision import Deny
+from extauthz.check.endpoints import MULTIPART, Endpoint, classify
+from extauthz.check.facts import Facts
 from extauthz.check.policy import authenticate, route_denied, visible_models
-from extauthz.records.lookup import Records, lookup
-from extauthz.records.record import ANYONE, MEMBER_TERMS, KeyRecord, TeamRecord, membership_entries, secret_holders, format_time, hash_token, masked_key, team_members, new_key_doc, new_team_doc, new_user_doc, now_iso
 from extauthz.check.request import credentials
+from extauthz.check.responses import USAGE_ID_LENGTH, error_body
 from extauthz.check.runtime import Runtime
 from extauthz.check.service import budget_counters, teams_visible
-from extauthz.check.responses import USAGE_ID_LENGTH, error_body
+from extauthz.records import audit
+from extauthz.records.audit import Actor, Note
+from extauthz.records.lookup import Records, lookup
+from extauthz.records.record import (
+    ANYONE,
+    MEMBER_TERMS,
+    KeyRecord,
+    TeamRecord,
+    format_time,
+    hash_token,
+    masked_key,
+    membership_entries,
+    new_key_doc,
+    new_team_doc,
+    new_user_doc,
+    now_iso,
+    secret_holders,
+    team_members,
+)
+from extauthz.records.store import (
+    AuditUnwritable,
+    Conflict,
+    LimitReached,
+    MissingTeam,
+    NotFound,
+    RecordReader,
+    RedisWriter,
+    StoreUnavailable,
+)
+from extauthz.telemetry import metrics
 from extauthz.usage import budgets, limits
 from extauthz.usage.counters import RateCounters
-from extauthz.records.store import (AuditUnwritable, Conflict, LimitReached, MissingTeam, NotFound, RecordReader,
-                                    RedisWriter, StoreUnavailable)
 
 if TYPE_CHECKING:
     from extauthz.check.service import AuthorizationService
@@ -332,7 +361,8 @@ class AdminApi:
         owner = await self.store.user_doc(key.user_id) if key.user_id else None
         # A proxy admin that made or named the key holds every power already, while it is one.
         others = secret_holders(doc) - {key.user_id, ANYONE}
-        admins = frozenset([h for h in others if ((await self.store.user_doc(h)) or {}).get("user_role") == "proxy_admin"])
+        admins = frozenset([h for h in others
+                            if ((await self.store.user_doc(h)) or {}).get("user_role") == "proxy_admin"])
         actor = Actor("key", user_id=key.user_id, role=(owner or {}).get("user_role"), key_hash=key.token_hash)
         try:
             power = key_owner_power(doc, owner, request.method, admins)
@@ -382,13 +412,15 @@ class AdminApi:
         now = time.time()
         scopes = [limits.scope(scope, d.get("counter_id") or d[id_field]) for d in docs]
         used = await self.counters.used(scopes, now)
-        counters = [budgets.spend_counters(where, budgets.read(d), None, now) for where, d in zip(scopes, docs)]
+        counters = [budgets.spend_counters(where, budgets.read(d), None, now)
+                    for where, d in zip(scopes, docs, strict=False)]
         values = iter(await self.counters.spent([c.suffix for each in counters for c in each]))
         out = []
-        for doc, (rpm, tpm), each in zip(docs, used, counters):
+        for doc, (rpm, tpm), each in zip(docs, used, counters, strict=False):
             amounts = [next(values) for _ in each]
             whole = each[0]
-            view = dict(doc, spend=amounts[0], model_spend={c.model: v for c, v in zip(each[1:], amounts[1:])},
+            view = dict(doc, spend=amounts[0],
+                        model_spend={c.model: v for c, v in zip(each[1:], amounts[1:], strict=True)},
                         budget_reset_at=format_time(whole.reset_at) if whole.reset_at not in (
                             None, float("inf")) else None)
             found = limits.read(doc)
@@ -721,7 +753,7 @@ class AdminApi:
                     "budget_duration": stored.get(m.user_id, {}).get("budget_duration"),
                     "allowed_models": list(m.models),
                     "budget_reset_at": format_time(c.reset_at) if c.reset_at not in (None, float("inf")) else None}}
-                for m, c, amount in zip(members.values(), counters, spent)]
+                for m, c, amount in zip(members.values(), counters, spent, strict=False)]
 
     async def team_list(self, request: web.Request) -> web.Response:
         """The teams; LiteLLM's ``user_id`` filter names a member. A user acting for itself
@@ -922,7 +954,8 @@ class AdminApi:
         (doc,) = await self.with_use([doc], "user", "user_id")  # (its spend: its personal keys')
         for name in ("rpm_used", "tpm_used"):  # (a user has no rate windows of its own)
             doc.pop(name, None)
-        return web.json_response({"user_id": user_id, "user_info": dict(doc, not_enforced=schema.not_enforced(doc, user=True)),
+        return web.json_response({"user_id": user_id,
+                                  "user_info": dict(doc, not_enforced=schema.not_enforced(doc, user=True)),
                                   "keys": [self.key_view(k) for k in keys], "teams": teams})
 
     async def user_list(self, request: web.Request) -> web.Response:
@@ -1079,8 +1112,8 @@ class AdminApi:
         """What the calling virtual key may call, by the same rules as Check."""
         token, problem = credentials(lower_headers(request))
         key, team, owner = await self.caller(request, token, problem)
-        if key is not None:
-            await self.refuse_spent(key, team)
+        assert key is not None  # (caller refuses a request without a valid key)
+        await self.refuse_spent(key, team)
         return visible_models(key, team, self.runtime().catalog, owner)
 
     async def refuse_spent(self, key: KeyRecord, team: Any) -> None:

@@ -16,7 +16,8 @@ from extauthz.admin.schema import Invalid, duration_seconds, expires_time
 from extauthz.records.record import parse_time
 
 DURATIONS = ("budget_duration", "duration")
-EMPTY_MEANS_DEFAULT: dict[str, Any] = {"models": [], "metadata": {}}  # LiteLLM fills these when empty, not only when absent
+# LiteLLM fills these when empty, not only when absent.
+EMPTY_MEANS_DEFAULT: dict[str, Any] = {"models": [], "metadata": {}}
 
 
 def with_defaults(body: dict[str, Any], defaults: tuple[tuple[str, Any], ...]) -> dict[str, Any]:

@@ -10,14 +10,14 @@ from __future__ import annotations
 import json
 import re
 import time
-from typing import Any
+from typing import AbstractSet, Any
 
-from extauthz.check.catalog import ALL_MODELS, ALL_TEAM_MODELS, NO_DEFAULT_MODELS, SPECIAL_ENTRIES, Catalog, Resolution
 from extauthz.check import routes
-from extauthz.usage import budgets, limits
+from extauthz.check.catalog import ALL_MODELS, ALL_TEAM_MODELS, NO_DEFAULT_MODELS, SPECIAL_ENTRIES, Catalog, Resolution
 from extauthz.check.policy import admits, list_admits
-from extauthz.records.record import NOT_ENFORCED, format_time, parse_time
 from extauthz.check.wildcard import matches
+from extauthz.records.record import NOT_ENFORCED, format_time, parse_time
+from extauthz.usage import budgets, limits
 
 DURATION = re.compile(r"([0-9]+)(s|m|h|d|w|mo)")
 DURATION_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "mo": 30 * 86400}
@@ -31,8 +31,8 @@ MAX_PATTERN_STARS = 4
 RATE_FIELDS = {"rpm_limit", "model_rpm_limit", "tpm_limit", "model_tpm_limit", "max_parallel_requests"}
 BUDGET_FIELDS = {"max_budget", "soft_budget", "budget_duration", "model_max_budget"}
 LIMIT_FIELDS = RATE_FIELDS | BUDGET_FIELDS
-KEY_FIELDS = LIMIT_FIELDS | {"models", "team_id", "key_alias", "duration", "expires", "metadata", "blocked", "user_id", "key_type",
-              "allowed_routes"}
+KEY_FIELDS = LIMIT_FIELDS | {"models", "team_id", "key_alias", "duration", "expires", "metadata", "blocked", "user_id",
+                             "key_type", "allowed_routes"}
 TEAM_FIELDS = LIMIT_FIELDS | {"team_alias", "models", "blocked", "metadata", "members_with_roles",
                               "team_member_permissions", "default_team_member_models"}
 USER_FIELDS = LIMIT_FIELDS | {"user_email", "user_role", "models", "teams", "metadata", "key_alias", "duration"}
@@ -185,7 +185,7 @@ def record_fields(body: dict[str, Any], catalog: Catalog, allowed: set[str]) -> 
     return out
 
 
-def key_fields(body: dict[str, Any], catalog: Catalog, extra: set[str] = frozenset()) -> dict[str, Any]:
+def key_fields(body: dict[str, Any], catalog: Catalog, extra: AbstractSet[str] = frozenset()) -> dict[str, Any]:
     """The stored fields a /key/generate or /key/update body sets (only those present)."""
     out = record_fields(body, catalog, KEY_FIELDS | extra)
     for name in ("team_id", "key_alias", "user_id"):
@@ -218,7 +218,7 @@ def key_fields(body: dict[str, Any], catalog: Catalog, extra: set[str] = frozens
     return out
 
 
-def user_fields(body: dict[str, Any], catalog: Catalog, extra: set[str] = frozenset()) -> dict[str, Any]:
+def user_fields(body: dict[str, Any], catalog: Catalog, extra: AbstractSet[str] = frozenset()) -> dict[str, Any]:
     """The stored fields a /user/new or /user/update body sets."""
     out = record_fields(body, catalog, USER_FIELDS | extra)
     out.pop("blocked", None)
@@ -278,7 +278,7 @@ def member_terms(body: dict[str, Any], catalog: Catalog) -> dict[str, Any]:
     return out
 
 
-def team_fields(body: dict[str, Any], catalog: Catalog, extra: set[str] = frozenset()) -> dict[str, Any]:
+def team_fields(body: dict[str, Any], catalog: Catalog, extra: AbstractSet[str] = frozenset()) -> dict[str, Any]:
     out = record_fields(body, catalog, TEAM_FIELDS | extra)
     if "team_alias" in body:
         out["team_alias"] = expect(body, "team_alias", str)

@@ -20,10 +20,10 @@ from functools import lru_cache
 from typing import Mapping
 
 from extauthz import providers
-from extauthz.config import Alias, Deployment, PassThroughConfig
 from extauthz.check.memo import Memo
 from extauthz.check.routing import PassThroughRoute, Proxy, Route
 from extauthz.check.wildcard import capture, matches
+from extauthz.config import Alias, Deployment, PassThroughConfig
 from extauthz.tokens import NO_TOKENS, Tokens
 
 # Entries of an allowed-models list that are not model or group names.

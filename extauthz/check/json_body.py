@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
-from json.decoder import scanstring
+from json.decoder import scanstring  # type: ignore[attr-defined]  # (json's own, not in the stubs)
 from typing import Any, Callable, NamedTuple
 
 from extauthz.check.facts import ModelSpan, Problem
@@ -102,9 +102,10 @@ def _float(text: str) -> float:
 
 
 _DECODER = json.JSONDecoder(object_pairs_hook=_object, parse_constant=_constant, parse_float=_float)
-_scan_value = _DECODER.scan_once
+_scan_value = _DECODER.scan_once  # type: ignore[attr-defined]  # (the scanner json.loads uses)
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
-_skip = _WHITESPACE.match
+# Always a match (the pattern takes the empty string): typed so, without a check per call.
+_skip: Callable[[str, int], re.Match[str]] = _WHITESPACE.match  # type: ignore[assignment]
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 _LOW_SURROGATE_ESCAPE = re.compile(r"\\u[dD][c-fC-F][0-9a-fA-F]{2}")
 

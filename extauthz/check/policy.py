@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from extauthz.check.catalog import ALL_MODELS, ALL_TEAM_MODELS, Catalog, Resolution, matches
 from extauthz.check import routes
-from extauthz.check.decision import Allow, Deny, Grant
+from extauthz.check.catalog import ALL_MODELS, ALL_TEAM_MODELS, Catalog, Resolution, matches
+from extauthz.check.decision import Allow, Deny, Grant, Reply
 from extauthz.check.endpoints import PassThrough
 from extauthz.check.facts import Facts, Problem
 from extauthz.records.record import KeyRecord, Owner, TeamRecord
@@ -20,7 +20,7 @@ from extauthz.records.record import KeyRecord, Owner, TeamRecord
 LISTED_MODELS_MAX = 50
 
 
-Decision = Allow | Deny
+Decision = Allow | Deny | Reply
 
 MISSING_KEY = Problem("missing_api_key", "No API key: send it as 'Authorization: Bearer <key>'.", 401)
 UNAVAILABLE = Deny(503, "authz_unavailable", "Authorization is temporarily unavailable; try again.")
@@ -137,14 +137,14 @@ def authorize(facts: Facts, key: KeyRecord, team: TeamRecord | None, catalog: Ca
     if facts.body_problem is not None:
         return _problem(facts.body_problem, meta)
     if isinstance(endpoint, PassThrough):
-        route = catalog.pass_through[endpoint.index]
-        meta["deployment"] = route.route_id
-        if route.config.unavailable is not None:
+        passing = catalog.pass_through[endpoint.index]
+        meta["deployment"] = passing.route_id
+        if passing.config.unavailable is not None:
             # (Why, with its target, is for the operator: check-config, the logs, readiness.)
-            return Deny(503, "pass_through_unavailable", f"The pass-through endpoint {route.config.path!r} is not "
+            return Deny(503, "pass_through_unavailable", f"The pass-through endpoint {passing.config.path!r} is not "
                         "served: its target reaches a provider's model calls, which are checked here. Ask the "
                         "operator (extauthz check-config names it).", None, meta)
-        return Grant(route, None, meta)
+        return Grant(passing, None, meta)
     model = facts.model or ""
     resolution = catalog.resolve(model)
     served_by = catalog.variant_of(model)  # e.g. openai/O1-mini reaching openai/* past openai/o1-*

@@ -14,8 +14,8 @@ from google.protobuf import json_format
 
 from extauthz.check.endpoints import MULTIPART, Endpoint, PassThrough, classify, split_query, unsafe_path
 from extauthz.check.facts import Facts, Problem
-from extauthz.check.json_body import read_json_model
-from extauthz.check.multipart_body import form_model
+from extauthz.check.json_body import JsonModel, read_json_model
+from extauthz.check.multipart_body import FormModel, form_model
 from extauthz.providers import CLIENT_KEY_HEADERS
 
 MODEL_NAME_MAX = 256
@@ -126,14 +126,15 @@ def with_body(facts: Facts, body: bytes) -> Facts:
         return facts._replace(body_problem=PARTIAL_BODY)
     if headers.get("content-encoding", "identity").strip().lower() not in ("", "identity"):
         return facts._replace(body_problem=ENCODED_BODY)
-    json_model, form = None, None
+    json_model: JsonModel | None = None
+    form: FormModel | None = None
     if endpoint.body == MULTIPART:
         if isinstance(body, TextBody):
             return facts._replace(body_problem=TEXT_FORM)
-        form = form_model(body, headers.get("content-type", ""))
-        if isinstance(form, Problem):
-            return facts._replace(body_problem=form)
-        body_model = form.model
+        read_form = form_model(body, headers.get("content-type", ""))
+        if isinstance(read_form, Problem):
+            return facts._replace(body_problem=read_form)
+        form, body_model = read_form, read_form.model
         if body_model is None and endpoint.path_model is None:
             return facts._replace(body_problem=NO_MODEL)
     elif not body:
@@ -142,9 +143,10 @@ def with_body(facts: Facts, body: bytes) -> Facts:
         body_model = None
     else:
         as_text = isinstance(body, TextBody)
-        json_model = read_json_model(body, as_text)
-        if isinstance(json_model, Problem):
-            return facts._replace(body_problem=json_model)
+        read_json = read_json_model(body, as_text)
+        if isinstance(read_json, Problem):
+            return facts._replace(body_problem=read_json)
+        json_model = read_json
         if not json_model.present and endpoint.path_model is None:
             return facts._replace(body_problem=NO_MODEL)
         body_model = json_model.model

@@ -10,11 +10,12 @@ reads one response; per request only a few headers are encoded.
 from __future__ import annotations
 
 import json
+from typing import Any, cast
 
 from google.protobuf import wrappers_pb2
 
-from extauthz.check.memo import Memo
 from extauthz.check.decision import Allow, Deny, Reply
+from extauthz.check.memo import Memo
 from extauthz.proto.envoy.config.core.v3 import base_pb2
 from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2
 from extauthz.proto.envoy.type.v3 import http_status_pb2
@@ -121,7 +122,7 @@ def _deny_bytes(deny: Deny) -> bytes:
     response = external_auth_pb2.CheckResponse(
         status=status_pb2.Status(code=grpc_code, message=deny.code),
         denied_response=external_auth_pb2.DeniedHttpResponse(
-            status=http_status_pb2.HttpStatus(code=deny.status),
+            status=http_status_pb2.HttpStatus(code=cast(Any, deny.status)),  # (the enum's values are the codes)
             headers=[JSON_CONTENT_TYPE, *(header(k, v) for k, v in deny.headers)], body=error_body(deny)))
     return response.SerializeToString()
 
@@ -131,7 +132,8 @@ def reply_bytes(reply: Reply) -> bytes:
     response = external_auth_pb2.CheckResponse(
         status=status_pb2.Status(code=GRPC_PERMISSION_DENIED, message="answered by the gateway"),
         denied_response=external_auth_pb2.DeniedHttpResponse(
-            status=http_status_pb2.HttpStatus(code=reply.status), headers=[JSON_CONTENT_TYPE], body=reply.body))
+            status=http_status_pb2.HttpStatus(code=cast(Any, reply.status)), headers=[JSON_CONTENT_TYPE],
+            body=reply.body))
     return response.SerializeToString() + metadata_part(reply.metadata)
 
 

@@ -107,7 +107,8 @@ def _path_matches(pattern: str, route: str, model_call: bool) -> bool:
     if "{" in pattern:
         wanted, given = pattern.split("/"), route.split("/")
         return len(wanted) == len(given) and all(
-            (w.startswith("{") and g != "") if w.startswith("{") else w == g for w, g in zip(wanted, given))
+            (w.startswith("{") and g != "") if w.startswith("{") else w == g
+            for w, g in zip(wanted, given, strict=True))
     if route == pattern:
         return True
     # The paths under a path (LiteLLM's rule: "/v1", a pass-through prefix), but a route of

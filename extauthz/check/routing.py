@@ -14,11 +14,11 @@ from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, urlencode
 
 from extauthz import providers
-from extauthz.config import Deployment, PassThroughConfig
 from extauthz.check.endpoints import JSON, Endpoint, PassThrough, model_call_segment
 from extauthz.check.facts import Facts, Problem
-from extauthz.check.responses import allow_prefix
 from extauthz.check.json_body import ABSENT, JsonModel, Member, members, model_span, removal_span
+from extauthz.check.responses import allow_prefix
+from extauthz.config import Deployment, PassThroughConfig
 from extauthz.tokens import NO_TOKENS, TokenHolder, Tokens
 
 # Set on every allow; Envoy routes on it (cluster_header). A client's own value never

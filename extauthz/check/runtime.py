@@ -9,13 +9,12 @@ from typing import Mapping
 
 from extauthz.check.catalog import Catalog
 from extauthz.check.decision import Deny
-from extauthz.tokens import NO_TOKENS, Tokens
-from extauthz.config import Config, setting_path
-from extauthz.records.record import hash_token
 from extauthz.check.request import PassThroughPaths
 from extauthz.check.routing import AdminRoute, Proxy, Route
+from extauthz.config import Config, setting_path
+from extauthz.records.record import hash_token
+from extauthz.tokens import NO_TOKENS, Tokens
 from extauthz.usage.prices import Price, free_of_charge, price_of
-
 
 MISSING = object()
 

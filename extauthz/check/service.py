@@ -8,40 +8,49 @@ import logging
 import random
 import secrets
 import time
-from dataclasses import replace
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any, Callable, Collection
 
 import grpc
 from google.protobuf.message import DecodeError
 
-from extauthz.check.facts import Facts
+from extauthz.check import listing, routes
+from extauthz.check import shadow as shadow_mode
+from extauthz.check.catalog import ALL_TEAM_MODELS, Catalog
 from extauthz.check.decision import Allow, Deny, Grant, Reply
-from extauthz.check.policy import UNAVAILABLE, Decision, authenticate, authorize, forward, route_denied
+from extauthz.check.endpoints import Endpoint
+from extauthz.check.facts import Facts
+from extauthz.check.identity import ADMIN_ROLES, Identity, claim, identify, issued_for, scope_models, strings
+from extauthz.check.policy import UNAVAILABLE, Decision, authenticate, authorize, forward, route_denied, visible_models
 from extauthz.check.request import body_of, facts_from_check, with_body
 from extauthz.check.responses import USAGE_ID, USAGE_ID_LENGTH, USAGE_UNASKED, allow_bytes, deny_bytes, reply_bytes
-from extauthz.check.endpoints import Endpoint
-from extauthz.check.routing import (USAGE_HEADER, ACTING_ROUTES, ADMIN_ACTOR_HEADER, ACTING_TEAMS_HEADER, ACTING_USER_HEADER, COUNTED,
-                                    COUNTED_IN_FLIGHT, STREAMED_USAGE, Route, jwt_admin_path, streams_unasked)
+from extauthz.check.routing import (
+    ACTING_ROUTES,
+    ACTING_TEAMS_HEADER,
+    ACTING_USER_HEADER,
+    ADMIN_ACTOR_HEADER,
+    COUNTED,
+    COUNTED_IN_FLIGHT,
+    STREAMED_USAGE,
+    USAGE_HEADER,
+    Route,
+    jwt_admin_path,
+    streams_unasked,
+)
 from extauthz.check.runtime import Runtime
-from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2
-from extauthz.check.catalog import ALL_TEAM_MODELS, Catalog
-from extauthz.check import listing
-from extauthz.check import shadow as shadow_mode
-from extauthz.check import routes
-from extauthz.check.identity import ADMIN_ROLES, Identity, claim, identify, issued_for, scope_models, strings
 from extauthz.config import JwtAuth
-from extauthz.check.policy import visible_models
+from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2
 from extauthz.records.lookup import lookup
+from extauthz.records.record import KeyRecord, Owner, TeamRecord, UserRecord
+from extauthz.records.store import RecordReader, StoreUnavailable
 from extauthz.records.upsert import Upserts
+from extauthz.telemetry import logs, tracing
+from extauthz.telemetry.metrics import CheckMetrics
 from extauthz.usage import budgets
 from extauthz.usage.counters import RateCounters
 from extauthz.usage.estimate import Estimate, estimate
 from extauthz.usage.limits import Counter, rate_counters, refusal, scope
-from extauthz.records.record import KeyRecord, Owner, TeamRecord, UserRecord
-from extauthz.records.store import RecordReader, StoreUnavailable
-from extauthz.telemetry import logs, tracing
-from extauthz.telemetry.metrics import CheckMetrics
 
 log = logging.getLogger("extauthz.check")
 
@@ -447,7 +456,7 @@ class AuthorizationService:
                 return await self.enforced(decision, read, key, team, runtime)
             denials.append((decision, read, key, team))
         first, read, key, team = denials[0]
-        if len(denials) > 1 and all(d.code == "model_not_allowed" for d, _, _, _ in denials):
+        if len(denials) > 1 and all(isinstance(d, Deny) and d.code == "model_not_allowed" for d, _, _, _ in denials):
             each = "; ".join(f"team {t.label!r}: {list(t.models) or 'all models'}" for t in teams)
             first = Deny(403, "model_not_allowed", f"No team of the token may use {facts.model!r}. {each}.", "model",
                          first.metadata)

@@ -15,8 +15,10 @@ import urllib.request
 from typing import Any, Callable
 
 from extauthz import providers
-from extauthz.check.request import JWT_FILTER, JWT_PAYLOAD as PAYLOAD_KEY  # where the sidecar reads the claims
+from extauthz.check.request import JWT_FILTER  # where the sidecar reads the claims
+from extauthz.check.request import JWT_PAYLOAD as PAYLOAD_KEY
 from extauthz.config import DISCOVERY_SUFFIX, JwtAuth
+
 # A JWT's first segment is base64url JSON: it starts "eyJ" ('{"'). Anything else after
 # "Bearer " is a virtual key.
 JWT_BEARER = r"^Bearer eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*$"
@@ -34,7 +36,7 @@ def jwks_sources(jwt: JwtAuth, fetch: Fetch = fetch_json) -> list[tuple[str, str
     rendering, for its ``jwks_uri``; its ``issuer`` must be the one its URL implies (OIDC
     Discovery requires it), which is the one the sidecar also checks."""
     out = []
-    for url, issuer in zip(jwt.public_key_urls, jwt.issuers):
+    for url, issuer in zip(jwt.public_key_urls, jwt.issuers, strict=False):
         if url.rstrip("/").endswith(DISCOVERY_SUFFIX):
             try:
                 doc = fetch(url)
@@ -62,7 +64,7 @@ def cluster_name(url: str) -> str:
 def jwt_filter(jwt: JwtAuth, sources: list[tuple[str, str]]) -> dict[str, Any]:
     names = [f"idp{i}" for i in range(len(sources))]
     idps = {}
-    for name, (jwks, issuer) in zip(names, sources):
+    for name, (jwks, issuer) in zip(names, sources, strict=True):
         provider: dict[str, Any] = {
             "remote_jwks": {
                 "http_uri": {"uri": jwks, "cluster": cluster_name(jwks), "timeout": "5s"},

@@ -15,17 +15,25 @@ from typing import Any, TypeVar
 import yaml
 
 from extauthz import providers
-from extauthz.config import Config, EnvoySettings, Settings
+from extauthz.check import listing
 from extauthz.check.decision import Deny
 from extauthz.check.policy import MISSING_KEY
-from extauthz.check.responses import error_body
+from extauthz.check.responses import USAGE_ID, error_body
+from extauthz.check.routing import (
+    ACTING_HEADERS,
+    CLUSTER_HEADER,
+    COUNTED,
+    COUNTED_IN_FLIGHT,
+    INTERNAL_HEADERS,
+    JWT_ADMIN_PATHS,
+    JWT_ADMIN_PREFIXES,
+    SIGN_HEADER,
+    USAGE_HEADER,
+    signer,
+)
+from extauthz.config import Config, EnvoySettings, Settings
 from extauthz.envoy import jwt
 from extauthz.envoy.jwt import JWT_BEARER
-from extauthz.check import listing
-from extauthz.check.responses import USAGE_ID
-from extauthz.check.routing import (ACTING_HEADERS, CLUSTER_HEADER, INTERNAL_HEADERS, USAGE_HEADER, COUNTED,
-                                    COUNTED_IN_FLIGHT, JWT_ADMIN_PATHS,
-                                    JWT_ADMIN_PREFIXES, SIGN_HEADER, signer)
 
 AUTHZ_CLUSTER = "extauthz"
 ADMIN_CLUSTER = "extauthz_admin"
@@ -53,7 +61,8 @@ AUTHZ_CONNECTIONS_PER_WORKER = 4
 ADMIN_PATHS = ("/v1/models", "/models", "/model/info", "/v1/model/info", "/model_group/info", "/audit",
                "/access/explain")
 # Gemini's calls on its v1 path, which the admin API's /v1/models/ prefix would take.
-GEMINI_V1_CALL = r"^/v1/models/[^/:]+:(generateContent|streamGenerateContent)/?$"  # as classify reads it  # matched without the query
+# As classify reads it (matched without the query).
+GEMINI_V1_CALL = r"^/v1/models/[^/:]+:(generateContent|streamGenerateContent)/?$"
 # Not "/model/": Bedrock's InvokeModel path (/model/{id}/invoke) is an LLM call.
 ADMIN_PREFIXES = ("/key/", "/team/", "/user/", "/v1/models/", "/models/", "/health/")
 # Routes the sidecar is not asked about: the admin API checks the master key itself (its
@@ -134,7 +143,8 @@ def _overload_manager(max_heap: int) -> dict[str, Any]:
     monitors: list[dict[str, Any]] = [{
         "name": "envoy.resource_monitors.global_downstream_max_connections",
         "typed_config": _typed("envoy.extensions.resource_monitors.downstream_connections.v3."
-                               "DownstreamConnectionsConfig", max_active_downstream_connections=MAX_DOWNSTREAM_CONNECTIONS),
+                               "DownstreamConnectionsConfig",
+                               max_active_downstream_connections=MAX_DOWNSTREAM_CONNECTIONS),
     }]
     if not max_heap:
         return {"resource_monitors": monitors}
@@ -397,7 +407,8 @@ def _aws_signing_filters(signers: list[tuple[str, str]]) -> list[dict[str, Any]]
     come from Envoy's own AWS chain (environment, web identity / IRSA, container or
     instance role), never from the sidecar."""
     return [_only_when(f"{AWS_SIGNING_FILTER}.{service}.{region}", SIGN_HEADER, signer(service, region),
-                       {"name": AWS_SIGNING_FILTER, "typed_config": _typed(AWS_SIGNING, **_aws_signing(service, region))})
+                       {"name": AWS_SIGNING_FILTER,
+                        "typed_config": _typed(AWS_SIGNING, **_aws_signing(service, region))})
             for service, region in signers]
 
 
@@ -454,7 +465,7 @@ LISTING_MATCHES = (*({"path": p} for p in (*listing.LIST_PATHS, listing.GROUP_IN
 JWT_ADMIN_MATCHES = (*({"prefix": p} for p in JWT_ADMIN_PREFIXES), *({"path": p} for p in JWT_ADMIN_PATHS))
 
 
-def _jwt_listing_route(match: dict[str, str]) -> dict[str, Any]:
+def _jwt_listing_route(match: dict[str, Any]) -> dict[str, Any]:
     only_get = [] if match in JWT_ADMIN_MATCHES else [{"name": ":method", "string_match": {"exact": "GET"}}]
     route = _admin_route({**match, "headers": [
         {"name": "authorization", "string_match": {"safe_regex": {"regex": JWT_BEARER}}}, *only_get]})
@@ -462,7 +473,7 @@ def _jwt_listing_route(match: dict[str, str]) -> dict[str, Any]:
     return route
 
 
-def _admin_route(match: dict[str, str]) -> dict[str, Any]:
+def _admin_route(match: dict[str, Any]) -> dict[str, Any]:
     return {
         "match": match,
         "route": {"cluster": ADMIN_CLUSTER},

@@ -158,7 +158,7 @@ class CachedStore:
         self.store = store
         self.cache = cache
 
-    async def _lookup(self, redis_key: str, load: Callable[[], Awaitable[Any]], make: Callable[[tuple], Any]) -> Any:
+    async def _lookup(self, redis_key: str, load: Callable[[], Awaitable[Any]], make: Callable[[Any], Any]) -> Any:
         cache = self.cache
         if cache.trusted:
             row = cache.get(redis_key)
@@ -179,7 +179,7 @@ class CachedStore:
         cache.put(redis_key, None if record is None else tuple(record), epoch)
         return record
 
-    def _stale_or_raise(self, redis_key: str, make: Callable[[tuple], Any]) -> Any:
+    def _stale_or_raise(self, redis_key: str, make: Callable[[Any], Any]) -> Any:
         row = self.cache.stale(redis_key)
         if row is MISS:
             raise StoreUnavailable("redis unreachable")

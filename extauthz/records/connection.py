@@ -116,7 +116,7 @@ class RedisTarget:
         return aioredis.Redis(connection_pool=self.node_pool(host, port, **kwargs))
 
     def _sentinel(self) -> Sentinel:
-        asked = {"socket_timeout": 1.0, "socket_connect_timeout": 1.0}
+        asked: dict[str, Any] = {"socket_timeout": 1.0, "socket_connect_timeout": 1.0}
         if self.sentinel_password is not None:
             asked["password"] = self.sentinel_password
         if self.tls:

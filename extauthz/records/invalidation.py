@@ -114,7 +114,7 @@ class Invalidator:
                     pairs.append((pool.make_connection(), pool.make_connection()))
                     await self._open(*pairs[-1])
                 if self.target.cluster:
-                    for (_, tracker), address in zip(pairs, self.primaries):
+                    for (_, tracker), address in zip(pairs, self.primaries, strict=False):
                         await self._settled(tracker, address)
                 self.cache.mark_trusted()
                 self.tracked = [_address(tracker) for _, tracker in pairs]
@@ -153,7 +153,7 @@ class Invalidator:
     async def _serve(self, pairs: list[tuple[AbstractConnection, AbstractConnection]]) -> None:
         watched = self.primaries if self.target.cluster else [None] * len(pairs)
         closed = asyncio.Event()
-        tasks = [asyncio.create_task(job) for (subscriber, tracker), address in zip(pairs, watched)
+        tasks = [asyncio.create_task(job) for (subscriber, tracker), address in zip(pairs, watched, strict=False)
                  for job in (self._listen(subscriber, closed), self._heartbeat(tracker, address, closed))]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)

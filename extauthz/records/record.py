@@ -192,7 +192,8 @@ def _allowed_routes(doc: dict[str, Any]) -> tuple[str, ...] | None:
     enforced may hold a string, or only a key_type (LiteLLM stores both; its preset then)."""
     value = doc.get("allowed_routes")
     if value in (None, []):
-        return routes.KEY_TYPES.get(doc.get("key_type")) if isinstance(doc.get("key_type"), str) else None
+        key_type = doc.get("key_type")
+        return routes.KEY_TYPES.get(key_type) if isinstance(key_type, str) else None
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):

@@ -23,20 +23,28 @@ import asyncio
 import json
 import logging
 import time
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any, Awaitable, Callable, Protocol, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import AskError, MovedError, RedisClusterException, RedisError, WatchError
+from redis.exceptions import ConnectionError as RedisConnectionError
 
-from extauthz.telemetry import tracing
 from extauthz.records import audit
 from extauthz.records.connection import RedisTarget
 from extauthz.records.keyspace import Keyspace
-from extauthz.records.record import (KeyRecord, TeamRecord, UserRecord, format_time, now_iso, secret_holders,
-                                     team_members, with_terms)
+from extauthz.records.record import (
+    KeyRecord,
+    TeamRecord,
+    UserRecord,
+    format_time,
+    now_iso,
+    secret_holders,
+    team_members,
+    with_terms,
+)
+from extauthz.telemetry import tracing
 
 log = logging.getLogger("extauthz.store")
 
@@ -56,6 +64,11 @@ GRACE_MARGIN_MS = 60_000
 # What may change on a key in its grace period (it is decided with its successor's record).
 RETIRED_CHANGES = frozenset({"blocked", "updated_at", "updated_by", "secret_holders"})
 KEEP_TTL = -1  # Tx.put: the record keeps the expiry it has
+
+
+def text(raw: bytes | str) -> str:
+    """A name Redis returned (bytes: the clients do not decode), as text."""
+    return raw.decode() if isinstance(raw, bytes) else raw
 
 
 class StoreUnavailable(Exception):
@@ -146,7 +159,8 @@ class RedisReader(Keyspace):
         if manager is None:
             return None
         try:
-            host, port = await asyncio.wait_for(manager.discover_master(pool.service_name), self.timeout)
+            host, port = await asyncio.wait_for(manager.discover_master(pool.service_name),  # type: ignore[attr-defined]
+                                                self.timeout)
         except REDIS_FAILURES:
             return None
         return f"{host}:{port}"
@@ -190,7 +204,7 @@ class RedisReader(Keyspace):
                          "key, team and spend counter; turn on AOF or RDB snapshots")
         return found
 
-    async def get(self, redis_key: str) -> bytes | None:
+    async def get(self, redis_key: str) -> bytes | str | None:
         try:
             if tracing.enabled():
                 with tracing.redis_span("GET"):
@@ -418,7 +432,7 @@ class RedisWriter(Keyspace):
         """A listing set's members, sorted (a million of them is one SMEMBERS, not a million
         documents)."""
         try:
-            return sorted(m.decode() for m in await self.redis.smembers(set_key))
+            return sorted(text(m) for m in await self.redis.smembers(set_key))
         except REDIS_FAILURES as e:
             raise StoreUnavailable(type(e).__name__) from None
 
@@ -463,7 +477,8 @@ class RedisWriter(Keyspace):
             raws = await asyncio.wait_for(self.redis.xrevrange(self.audit_id, end, "-", count), self.timeout)
         except REDIS_FAILURES as e:
             raise StoreUnavailable(type(e).__name__) from None
-        return [(sid.decode(), json.loads(fields[b"entry"])) for sid, fields in raws]
+        entries = cast("list[tuple[bytes, dict[bytes, bytes]]]", raws)  # (bytes: decode_responses is off)
+        return [(sid.decode(), json.loads(fields[b"entry"])) for sid, fields in entries]
 
     # -- atomic writes --------------------------------------------------------------------
 
@@ -486,7 +501,8 @@ class RedisWriter(Keyspace):
         except REDIS_ERRORS as e:
             raise StoreUnavailable(type(e).__name__) from None
 
-    async def _attempts(self, redis: aioredis.Redis, body: Callable[[Tx], Awaitable[Any]], watch: tuple[str, ...]) -> Any:
+    async def _attempts(self, redis: aioredis.Redis, body: Callable[[Tx], Awaitable[Any]],
+                        watch: tuple[str, ...]) -> Any:
         note = self.note
         assert note is not None
         async with redis.pipeline(transaction=True) as pipe:
@@ -543,7 +559,7 @@ class RedisWriter(Keyspace):
         await tx.pipe.watch(self.alias_id(alias), self.legacy_alias_id(alias))
         found = await tx.pipe.hget(self.alias_id(alias), owner)
         legacy = await tx.pipe.get(self.legacy_alias_id(alias))
-        for holder in {h.decode() for h in (found, legacy) if h is not None} - {token_hash, *also}:
+        for holder in {text(h) for h in (found, legacy) if h is not None} - {token_hash, *also}:
             await tx.pipe.watch(self.key_id(holder))
             other = await tx.read(self.key_id(holder))
             if other is not None and other.get("key_alias") == alias and not other.get("rotated_to") \
@@ -737,7 +753,7 @@ class RedisWriter(Keyspace):
     async def _watched_keys(self, tx: Tx, set_key: str) -> list[Doc]:
         """The key documents a set names, watched: a concurrent change to one of them
         (a new alias, another team) reruns the transaction instead of leaving an index behind."""
-        hashes = [m.decode() for m in await tx.pipe.smembers(set_key)]
+        hashes = [text(m) for m in await tx.pipe.smembers(set_key)]
         if hashes:
             await tx.pipe.watch(*(self.key_id(h) for h in hashes))
         return [d for d in [await tx.read(self.key_id(h)) for h in hashes] if d is not None]

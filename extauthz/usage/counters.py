@@ -329,11 +329,11 @@ class RateCounters:
         answers = await asyncio.gather(*(self._settle(group) for group in groups.values()), return_exceptions=True)
         results: list[list[int] | None] = [None] * len(batch)
         failure: BaseException | None = None
-        for group, answer in zip(groups.values(), answers):
+        for group, answer in zip(groups.values(), answers, strict=False):
             if isinstance(answer, BaseException):
                 failure = answer
                 continue
-            for part, flags in zip(group, answer):
+            for part, flags in zip(group, answer, strict=False):
                 if flags is None:
                     continue
                 merged = results[part.request]
@@ -341,7 +341,7 @@ class RateCounters:
                     item = batch[part.request]
                     priced = item.cost is not None or item.held
                     merged = results[part.request] = [0] * len(item.spend) if priced else []
-                for j, flag in zip(part.spend_at, flags):
+                for j, flag in zip(part.spend_at, flags, strict=False):
                     merged[j] = flag
         if failure is not None:
             if not isinstance(failure, REDIS_FAILURES):
@@ -400,7 +400,7 @@ class RateCounters:
         except REDIS_FAILURES as e:
             raise StoreUnavailable(type(e).__name__) from None
         values = [int(r) if r is not None else 0 for r in raws]
-        return list(zip(values[0::2], values[1::2]))
+        return list(zip(values[0::2], values[1::2], strict=False))
 
     async def admin_write(self, user_id: str, now: float) -> int:
         """Count one admin write of a user acting for itself in this minute's window;
@@ -425,7 +425,7 @@ class RateCounters:
             raise StoreUnavailable(type(e).__name__) from None
         return [round(float(r), 10) if r is not None else 0.0 for r in raws]
 
-    async def _mget(self, suffixes: list[str]) -> list[bytes | None]:
+    async def _mget(self, suffixes: list[str]) -> list[bytes | str | None]:
         """Counters of several scopes, in order (in a cluster, one MGET per slot)."""
         names = [self.keyspace.counter(n) for n in suffixes]
         if self.keyspace.cluster:

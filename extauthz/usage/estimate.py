@@ -97,11 +97,12 @@ def _requested(doc: Mapping[str, Any]) -> tuple[int | None, int]:
     inference = doc.get("inferenceConfig")
     if isinstance(inference, dict) and "maxTokens" in inference:
         asked.append(_whole(inference.get("maxTokens")))
-    if lenient or not asked or None in asked:
+    limits = [n for n in asked if n is not None]
+    if lenient or not asked or len(limits) < len(asked):
         # another spelling a lenient reader takes, or a limit that does not read as one:
         # the provider is held to nothing the request says
         return None, _times(times)
-    return max(asked), _times(times)
+    return max(limits), _times(times)
 
 
 def _form_count(text: str) -> Any:

@@ -11,8 +11,8 @@ refused request is told to retry when the minute turns.
 from __future__ import annotations
 
 import math
-from urllib.parse import quote
 from typing import Any, Collection, NamedTuple
+from urllib.parse import quote
 
 from extauthz.check.decision import Deny
 

@@ -92,7 +92,7 @@ def price_of(provider: str, provider_model: str, info: Mapping[str, Any]) -> Pri
                             or (table.max_input if table is not None else None))
     models = bundled()["models"]
     base = info.get("base_model")
-    names = (f"{provider}/{provider_model}", provider_model)
+    names: tuple[str, ...] = (f"{provider}/{provider_model}", provider_model)
     if isinstance(base, str) and base:
         names = (base, f"{provider}/{base.rpartition('/')[2]}", base.rpartition("/")[2]) + names
     for name in names:

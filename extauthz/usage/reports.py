@@ -84,7 +84,7 @@ def read_entry(entry: Any) -> Report | None:
     ended = usage.get(ENDED) == 1 and (reported is not None or not 200 <= status < 300)
     admitted = _string(decision, "admitted")
     return Report(usage_id, None if key_id.startswith("jwt:") else key_id, _string(decision, "team_id"),
-                  _string(decision, "model") or "", deployment, reported,  # type: ignore[arg-type]
+                  _string(decision, "model") or "", deployment, reported,
                   _string(decision, "inflight") == "1", _string(decision, "key_account"),
                   _string(decision, "hold") == "1", ended, _seconds(admitted), _string(decision, "user_id"))
 
@@ -213,7 +213,7 @@ class UsageReports:
             return
         outcomes: dict[str, int] = {}
         spent: dict[str, float] = {}
-        for report, item, flags in zip(reports, batch, results):
+        for report, item, flags in zip(reports, batch, results, strict=False):
             if flags is None:
                 outcome = "duplicate"
             elif item.held and not item.ended:
@@ -250,7 +250,7 @@ class UsageReports:
                  report.deployment, why)
 
     def budget_notes(self, report: Report, item: Settlement, flags: list[int]) -> None:
-        for counter, flag in zip(item.spend, flags):
+        for counter, flag in zip(item.spend, flags, strict=False):
             if not flag:
                 continue
             # A key by its hash's prefix, as the decision log names it.
