@@ -15,7 +15,7 @@ import redis
 import yaml
 
 from extauthz import config as config_module
-from extauthz import providers
+from extauthz.domain import providers
 from extauthz.envoy.render import EXT_AUTHZ_FILTER, SPLICE_FILTER, render
 from tests.harness import BIN, Proc, http, http_ok
 from bench.shape import GROUP, MASTER_KEY, MIX_LUA, MODEL_A, MODEL_B, N_KEYS, WRK_CONNECTIONS, WRK_REPS, WRK_S, WRK_WARMUP_S

@@ -22,7 +22,7 @@ from bench.grpc_load import check_stub
 from bench.measure import cpu_seconds, percentile
 from bench.population import check_request
 from bench.shape import MODEL_A, PREFIX
-from extauthz.records.record import new_key_doc, new_team_doc
+from extauthz.domain.record import new_key_doc, new_team_doc
 
 ROUNDS = 5
 CHECKS = 400

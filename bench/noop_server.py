@@ -21,7 +21,7 @@ import grpc
 from extauthz.proto.envoy.config.core.v3 import base_pb2
 from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from extauthz.proto.google.rpc import status_pb2
-from extauthz.check.routing import NO_SPLICE, SPLICE_HEADER
+from extauthz.domain.envoy_names import NO_SPLICE, SPLICE_HEADER
 
 NO_REWRITE = base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=SPLICE_HEADER, value=NO_SPLICE))
 

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import redis
 
 from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2
-from extauthz.records.record import hash_token
+from extauthz.domain.record import hash_token
 from bench.shape import FUTURE, GROUP, H2_PROCS, MODEL_A, MODEL_B, N_KEYS, N_TEAMS, PAST, PREFIX, UNKNOWN_MODEL
 
 # == population =================================================================================

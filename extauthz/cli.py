@@ -11,8 +11,8 @@ import sys
 from typing import Any
 
 from extauthz import config as config_module
-from extauthz import providers
 from extauthz.config import Config, ConfigError, setting_path
+from extauthz.domain import providers
 from extauthz.records import connection
 from extauthz.telemetry import logs
 
@@ -203,7 +203,7 @@ def renamed_calls(config: Config) -> list[str]:
     model by another name, which would have to be written into the body."""
     if config.settings.body_rewrite:
         return []
-    from extauthz import providers
+    from extauthz.domain import providers
     renamed = [d.model_name for d in config.routable if d.model_name != d.provider_model
                and not providers.provider(d.provider, d.provider_model).model_in_path]
     aliases = [a.name for a in config.aliases]

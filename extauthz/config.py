@@ -17,9 +17,8 @@ from typing import Any, Mapping
 
 import yaml
 
-from extauthz import providers
-from extauthz.check import routes
-from extauthz.check.endpoints import OPERATIONS, classify, model_call_segment, unsafe_path
+from extauthz.domain import providers, route_access
+from extauthz.domain.endpoints import OPERATIONS, classify, model_call_segment, unsafe_path
 from extauthz.not_applied import not_applied
 from extauthz.tokens import TokenSpec, google_info, missing_library
 
@@ -51,7 +50,7 @@ ADMITTING_SETTINGS = {
 # LiteLLM's proxy-wide capacity limits: not who may call what, so a warning, not a refusal.
 PROXY_WIDE_LIMITS = ("max_parallel_requests", "global_max_parallel_requests")
 # litellm_settings (a section otherwise not read) that restrict callers: LiteLLM's proxy-wide
-# budget and its end users' budgets. Budgets here are on keys and teams (usage/budgets.py).
+# budget and its end users' budgets. Budgets here are on keys and teams (domain/budgets.py).
 RESTRICTING_LITELLM_SETTINGS = ("max_budget", "max_end_user_budget")
 # litellm_settings read for /key/generate (admin/key_params.py): the values a key gets when
 # the request does not say, and the most it may ask for. Their fields, as LiteLLM's.
@@ -336,7 +335,7 @@ class JwtAuth:
     clock_skew_s: int = 60
     # LiteLLM's public_key_ttl: how long Envoy keeps a fetched JWKS before fetching it again.
     public_key_ttl_s: float = 120
-    # The paths each kind of caller may use (check/routes.py patterns); None: no restriction
+    # The paths each kind of caller may use (check/route_access.py patterns); None: no restriction
     # beyond its role. Admin: proxy_admin and proxy_admin_viewer; team: the other roles.
     team_allowed_routes: tuple[str, ...] | None = None
     admin_allowed_routes: tuple[str, ...] | None = None
@@ -672,7 +671,7 @@ class _Parser:
         allowed_routes: dict[str, Any] = {}
         for k in ("team_allowed_routes", "admin_allowed_routes"):
             if raw.get(k) is not None:
-                problem = routes.problem(raw[k])
+                problem = route_access.problem(raw[k])
                 if problem:  # a restriction that cannot be read would be lifted: no JWT is accepted
                     self.jwt_problem = f"{where}.{k}: {problem}"
                     return None

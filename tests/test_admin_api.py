@@ -209,7 +209,7 @@ def test_key_list_pages_through_many_keys_reading_one_page(workdir, config_path,
     filters by alias and hash come from their index. (A page used to read every key's
     document, which timed out past some ten thousand keys.)"""
     import redis as sync_redis
-    from extauthz.records.record import new_key_doc
+    from extauthz.domain.record import new_key_doc
     from tests.harness import start_sidecar
     db = 14
     r = sync_redis.Redis(port=redis_port, db=db)

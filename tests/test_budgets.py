@@ -16,8 +16,8 @@ import redis.asyncio as aioredis
 
 from extauthz.check.json_body import read_json_model
 from extauthz.check.routing import usage_edit
-from extauthz.usage import budgets
-from extauthz.usage.budgets import Budget, ModelBudget, Period, SpendCounter
+from extauthz.domain import budgets
+from extauthz.domain.budgets import Budget, ModelBudget, Period, SpendCounter
 from extauthz.records.keyspace import Keyspace
 from extauthz.usage.counters import OVER, SOFT, RateCounters, Settlement
 from tests.conftest import Gateway

@@ -11,7 +11,7 @@ import asyncio
 import pytest
 
 from extauthz.records.cache import FAILURES_BEFORE_FAIL_FAST, RETRY_AFTER_FAILURE_S, CachedStore, RecordCache
-from extauthz.records.record import KeyRecord, TeamRecord
+from extauthz.domain.record import KeyRecord, TeamRecord
 from extauthz.records.store import StoreUnavailable
 
 KEY = KeyRecord("h1", "alias", ("gpt-4",), None, None, False)

@@ -16,9 +16,9 @@ import yaml
 
 from extauthz import config as config_module
 from extauthz.envoy import render as envoy_config
-from extauthz import providers
+from extauthz.domain import providers
 from extauthz.config import Config
-from extauthz.check.routing import CLUSTER_HEADER, ACTING_HEADERS, INTERNAL_HEADERS
+from extauthz.domain.envoy_names import CLUSTER_HEADER, ACTING_HEADERS, INTERNAL_HEADERS
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "config.yaml"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from extauthz.check.routing import CLUSTER_HEADER
+from extauthz.domain.envoy_names import CLUSTER_HEADER
 from tests.test_istio import docs, upstream_clusters
 
 EG = Path(__file__).resolve().parent.parent / "deploy" / "envoy-gateway"

@@ -14,11 +14,11 @@ import pytest
 import redis.asyncio as aioredis
 
 from extauthz.records.keyspace import Keyspace
-from extauthz.usage import budgets
-from extauthz.usage.budgets import SpendCounter
+from extauthz.domain import budgets
+from extauthz.domain.budgets import SpendCounter
 from extauthz.usage.counters import RateCounters, Settlement
 from extauthz.usage.estimate import DEFAULT_MAX_OUTPUT_TOKENS, Estimate, estimate
-from extauthz.usage.limits import Counter
+from extauthz.domain.limits import Counter
 from extauthz.usage.prices import Price, price_of
 
 PRICE = Price(1e-6, 2e-6, max_output=1000, max_input=50_000)

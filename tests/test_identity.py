@@ -69,7 +69,7 @@ from extauthz.check.runtime import Runtime  # noqa: E402
 from extauthz.check.service import AuthorizationService  # noqa: E402
 from extauthz.config import from_dict  # noqa: E402
 from extauthz.proto.envoy.service.auth.v3.external_auth_pb2 import CheckResponse  # noqa: E402
-from extauthz.records.record import TeamRecord  # noqa: E402
+from extauthz.domain.record import TeamRecord
 from tests.harness import check_request  # noqa: E402
 
 

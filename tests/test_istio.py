@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from extauthz.check.routing import CLUSTER_HEADER, INTERNAL_HEADERS
+from extauthz.domain.envoy_names import CLUSTER_HEADER, INTERNAL_HEADERS
 from extauthz.envoy import istio
 from extauthz.envoy.render import SPLICE_FILTER
 from tests.harness import BIN, MASTER_KEY, Envoy, Proc, Sidecar, http, http_ok, listener_port, ready_file, render_envoy

@@ -11,9 +11,9 @@ from redis.crc import key_slot
 
 from extauthz.records.connection import UnusableTarget, target
 from extauthz.records.keyspace import Keyspace, scope_of, tagged
-from extauthz.usage.budgets import SpendCounter
+from extauthz.domain.budgets import SpendCounter
 from extauthz.usage.counters import RateCounters, Settlement
-from extauthz.usage.limits import Counter, scope
+from extauthz.domain.limits import Counter, scope
 from tests.test_redis_connection import settings
 
 TEAM = "ml-platform/prod:a"  # an IdP group name: slashes and a colon

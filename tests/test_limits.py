@@ -11,10 +11,10 @@ from typing import Iterator
 import pytest
 import redis.asyncio as aioredis
 
-from extauthz.usage import limits
+from extauthz.domain import limits
 from extauthz.records.keyspace import Keyspace
 from extauthz.usage.counters import RateCounters, Settlement
-from extauthz.usage.limits import Counter, Limits, rate_counters
+from extauthz.domain.limits import Counter, Limits, rate_counters
 from tests.conftest import Gateway, example_stack
 from tests.harness import start_stack
 

@@ -17,7 +17,7 @@ from extauthz.check.service import AuthorizationService
 from extauthz.config import from_dict, load
 from extauthz.envoy.render import render_yaml
 from extauthz.proto.envoy.service.auth.v3.external_auth_pb2 import CheckResponse
-from extauthz.records.record import KeyRecord
+from extauthz.domain.record import KeyRecord
 from tests.conftest import Gateway
 from tests.harness import BIN, ROOT, check_request, http, start_sidecar, start_stack
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from extauthz.records.record import ANY_MEMBER, MemberScope, TeamRecord, with_terms
-from extauthz.usage.budgets import Budget, Period
+from extauthz.domain.record import ANY_MEMBER, MemberScope, TeamRecord, with_terms
+from extauthz.domain.budgets import Budget, Period
 from tests.conftest import Gateway
 from tests.harness import http
 from tests.test_budgets import COST, call

@@ -8,13 +8,14 @@ import pytest
 
 from extauthz.check.catalog import canonical_name
 from extauthz.config import from_dict
-from extauthz.check.endpoints import classify
+from extauthz.domain.endpoints import classify
 from extauthz.check.facts import Facts, Problem
-from extauthz.check.decision import Allow, Deny
+from extauthz.check.decision import Allow
+from extauthz.domain.deny import Deny
 from extauthz.check.policy import decide, visible_models
-from extauthz.records.record import MASTER, KeyRecord, TeamRecord
+from extauthz.domain.record import MASTER, KeyRecord, TeamRecord
 from extauthz.check.json_body import read_json_model
-from extauthz.check.routing import CLUSTER_HEADER, NO_SPLICE, SPLICE_HEADER
+from extauthz.domain.envoy_names import CLUSTER_HEADER, NO_SPLICE, SPLICE_HEADER
 from extauthz.check.runtime import Runtime
 
 NOW = 1_800_000_000.0
@@ -463,7 +464,7 @@ def test_what_a_wildcard_matched_goes_into_a_path_only_when_plain(requested: str
 # -- a user's models narrow its personal keys ------------------------------------------------
 
 def owner(models=()):
-    from extauthz.records.record import UserRecord
+    from extauthz.domain.record import UserRecord
     return UserRecord("u-ann", "internal_user", tuple(models))
 
 

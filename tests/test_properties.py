@@ -17,7 +17,7 @@ from extauthz.check.responses import allow_bytes, deny_bytes
 from extauthz.check.runtime import Runtime
 from extauthz.config import from_dict
 from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2
-from extauthz.records.record import MASTER, KeyRecord, TeamRecord, hash_token
+from extauthz.domain.record import MASTER, KeyRecord, TeamRecord, hash_token
 from tests.lanes import examples
 
 RUNTIME = Runtime.of(from_dict({

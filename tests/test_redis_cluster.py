@@ -24,9 +24,9 @@ import redis
 import redis.asyncio as aioredis
 
 from extauthz.records.keyspace import Keyspace
-from extauthz.usage.budgets import SpendCounter
+from extauthz.domain.budgets import SpendCounter
 from extauthz.usage.counters import OVER, RateCounters, Settlement
-from extauthz.usage.limits import scope
+from extauthz.domain.limits import scope
 from tests.conftest import Gateway
 from tests.harness import MASTER_KEY, http, start_sidecar, start_stack, wait_until
 from tests.redis_cluster import Cluster, cli

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from extauthz.check.endpoints import (ANTHROPIC, GEMINI, JSON, MULTIPART, OPENAI, Endpoint, PassThrough, classify,
-                                model_call_segment, unsafe_path)
+from extauthz.domain.endpoints import (ANTHROPIC, GEMINI, JSON, MULTIPART, OPENAI, Endpoint, PassThrough, classify, model_call_segment, unsafe_path)
 from extauthz.check.facts import Facts
 from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2
 from extauthz.check.request import PassThroughPaths, body_of, facts_from_check, with_body

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from google.protobuf import json_format
 
-from extauthz.check.decision import Deny
+from extauthz.domain.deny import Deny
 from extauthz.check.responses import deny_bytes, metadata_part
 from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2
 

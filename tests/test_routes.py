@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from extauthz.check import routes
-from extauthz.check.endpoints import PassThrough, classify
+from extauthz.domain import route_access
+from extauthz.domain.endpoints import PassThrough, classify
 
 
 def permits(patterns: list[str], path: str) -> bool:
-    return routes.permits(tuple(patterns), path, classify(path))
+    return route_access.permits(tuple(patterns), path, classify(path))
 
 
 @pytest.mark.parametrize("path, groups", [
@@ -30,11 +30,11 @@ def permits(patterns: list[str], path: str) -> bool:
 ])
 def test_groups_of_a_route(path: str, groups: set[str]) -> None:
     route = path.partition("?")[0]
-    assert routes.groups_of(route, classify(path)) == groups
+    assert route_access.groups_of(route, classify(path)) == groups
 
 
 def test_pass_through_routes_are_llm_api_routes() -> None:
-    assert routes.groups_of("/langfuse/x", PassThrough(0, "/langfuse/x", "")) == {
+    assert route_access.groups_of("/langfuse/x", PassThrough(0, "/langfuse/x", "")) == {
         "llm_api_routes", "mapped_pass_through_routes"}
 
 
@@ -77,11 +77,11 @@ def test_patterns(patterns: list[str], path: str, allowed: bool) -> None:
     (["/{a}{b}x"], False), (["/x{a}"], False), (["/{a}/{b}"], True), (["/a}"], False),
 ])
 def test_problem(patterns: object, ok: bool) -> None:
-    assert (routes.problem(patterns) is None) is ok
+    assert (route_access.problem(patterns) is None) is ok
 
 
 def test_key_types_are_litellms_presets() -> None:
-    assert routes.KEY_TYPES == {"llm_api": ("llm_api_routes",), "management": ("management_routes",),
+    assert route_access.KEY_TYPES == {"llm_api": ("llm_api_routes",), "management": ("management_routes",),
                                 "read_only": ("info_routes",), "default": None}
 
 
@@ -89,6 +89,6 @@ def test_many_placeholders_match_segment_by_segment() -> None:
     # Adjacent placeholders are refused at input (a regex of them backtracks for seconds);
     # whole-segment ones match segment by segment.
     pattern = ("/" + "/".join("{p%d}" % i for i in range(200)),)
-    assert routes.permits(pattern, "/" + "/".join("a" * 50 for _ in range(200)), None)
-    assert not routes.permits(pattern, "/" + "/".join("a" * 50 for _ in range(199)), None)
-    assert not routes.permits(pattern, "/" + "/".join("a" * 50 for _ in range(199)) + "/", None)
+    assert route_access.permits(pattern, "/" + "/".join("a" * 50 for _ in range(200)), None)
+    assert not route_access.permits(pattern, "/" + "/".join("a" * 50 for _ in range(199)), None)
+    assert not route_access.permits(pattern, "/" + "/".join("a" * 50 for _ in range(199)) + "/", None)

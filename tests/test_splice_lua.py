@@ -10,7 +10,8 @@ from typing import Iterator
 import pytest
 import yaml
 
-from extauthz.check.routing import SPLICE_HEADER, edits_plan
+from extauthz.domain.envoy_names import SPLICE_HEADER
+from extauthz.check.routing import edits_plan
 from extauthz.envoy.render import _splice_filter
 from tests.harness import BIN, Proc, http, http_ok, listener_port, ready_file
 

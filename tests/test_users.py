@@ -427,7 +427,7 @@ def test_records_written_by_hand_fail_closed(gateway: Gateway, redis_port: int) 
     import redis
     r = redis.Redis(port=redis_port, db=0)
     key = gateway.new_key(models=["gpt-4"])
-    from extauthz.records.record import hash_token
+    from extauthz.domain.record import hash_token
     doc = json.loads(r.get(f"extauthz:key:{hash_token(key)}"))
     r.set(f"extauthz:key:{hash_token(key)}", json.dumps(dict(doc, allowed_routes=42, user_id={"x": 1})))
     assert code(gateway.chat(key, "gpt-4")) == (403, "route_not_allowed")

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from extauthz.check.wildcard import capture, matches, parts
+from extauthz.domain.wildcard import capture, matches, parts
 from tests.lanes import examples
 
 

@@ -21,13 +21,14 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from extauthz.admin.schema import BASELINE_MEMBER_ROUTES, USER_ROLES
-from extauthz.check import routes
-from extauthz.check.routing import ACTING_ROUTES, ACTING_TEAMS_HEADER, ACTING_USER_HEADER, ADMIN_ACTOR_HEADER
+from extauthz.check.routing import ACTING_ROUTES
+from extauthz.domain import route_access
+from extauthz.domain.envoy_names import ACTING_TEAMS_HEADER, ACTING_USER_HEADER, ADMIN_ACTOR_HEADER
+from extauthz.domain.record import ANYONE, secret_holders, team_members
 from extauthz.records.audit import MASTER_KEY, Actor
-from extauthz.records.record import ANYONE, secret_holders, team_members
 
 Doc = dict[str, Any]
-READ_ROUTES = tuple(r for r in ACTING_ROUTES if r in routes.INFO_ROUTES or r in routes.MODEL_INFO_ROUTES)
+READ_ROUTES = tuple(r for r in ACTING_ROUTES if r in route_access.INFO_ROUTES or r in route_access.MODEL_INFO_ROUTES)
 
 # LiteLLM's status for a route the caller's role may not use at all (its "Only proxy admin
 # can be used to ..."): 401. A record the caller may not touch is 403 (or 404, below).

@@ -30,19 +30,18 @@ from extauthz.admin.access import (
     key_owner_power,
 )
 from extauthz.check import explain, listing
-from extauthz.check.catalog import ALL_TEAM_MODELS, NO_DEFAULT_MODELS
-from extauthz.check.decision import Deny
-from extauthz.check.endpoints import MULTIPART, Endpoint, classify
 from extauthz.check.facts import Facts
 from extauthz.check.policy import authenticate, route_denied, visible_models
 from extauthz.check.request import credentials
-from extauthz.check.responses import USAGE_ID_LENGTH, error_body
+from extauthz.check.responses import error_body
 from extauthz.check.runtime import Runtime
 from extauthz.check.service import budget_counters, teams_visible
-from extauthz.records import audit
-from extauthz.records.audit import Actor, Note
-from extauthz.records.lookup import Records, lookup
-from extauthz.records.record import (
+from extauthz.domain import budgets, limits
+from extauthz.domain.deny import Deny
+from extauthz.domain.endpoints import MULTIPART, Endpoint, classify
+from extauthz.domain.envoy_names import USAGE_ID_LENGTH
+from extauthz.domain.model_names import ALL_TEAM_MODELS, NO_DEFAULT_MODELS
+from extauthz.domain.record import (
     ANYONE,
     MEMBER_TERMS,
     KeyRecord,
@@ -58,6 +57,9 @@ from extauthz.records.record import (
     secret_holders,
     team_members,
 )
+from extauthz.records import audit
+from extauthz.records.audit import Actor, Note
+from extauthz.records.lookup import Records, lookup
 from extauthz.records.store import (
     AuditUnwritable,
     Conflict,
@@ -69,7 +71,6 @@ from extauthz.records.store import (
     StoreUnavailable,
 )
 from extauthz.telemetry import metrics
-from extauthz.usage import budgets, limits
 from extauthz.usage.counters import RateCounters
 
 if TYPE_CHECKING:

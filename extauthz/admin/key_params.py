@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from extauthz.admin.schema import Invalid, duration_seconds, expires_time
-from extauthz.records.record import parse_time
+from extauthz.domain.record import parse_time
 
 DURATIONS = ("budget_duration", "duration")
 # LiteLLM fills these when empty, not only when absent.

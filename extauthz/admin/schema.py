@@ -12,12 +12,12 @@ import re
 import time
 from typing import AbstractSet, Any
 
-from extauthz.check import routes
-from extauthz.check.catalog import ALL_MODELS, ALL_TEAM_MODELS, NO_DEFAULT_MODELS, SPECIAL_ENTRIES, Catalog, Resolution
+from extauthz.check.catalog import Catalog, Resolution
 from extauthz.check.policy import admits, list_admits
-from extauthz.check.wildcard import matches
-from extauthz.records.record import NOT_ENFORCED, format_time, parse_time
-from extauthz.usage import budgets, limits
+from extauthz.domain import budgets, limits, route_access
+from extauthz.domain.model_names import ALL_MODELS, ALL_TEAM_MODELS, NO_DEFAULT_MODELS, SPECIAL_ENTRIES
+from extauthz.domain.record import NOT_ENFORCED, format_time, parse_time
+from extauthz.domain.wildcard import matches
 
 DURATION = re.compile(r"([0-9]+)(s|m|h|d|w|mo)")
 DURATION_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400, "mo": 30 * 86400}
@@ -26,7 +26,7 @@ MAX_DURATION_SECONDS = MAX_DURATION_DAYS * 86400
 # Matching is linear whatever the count; the cap keeps allowed-models entries readable
 # and bounds the work a stored pattern costs on every request.
 MAX_PATTERN_STARS = 4
-# Limits enforced on keys and teams (see usage/limits.py, usage/budgets.py); on users they
+# Limits enforced on keys and teams (see domain/limits.py, domain/budgets.py); on users they
 # are stored only.
 RATE_FIELDS = {"rpm_limit", "model_rpm_limit", "tpm_limit", "model_tpm_limit", "max_parallel_requests"}
 BUDGET_FIELDS = {"max_budget", "soft_budget", "budget_duration", "model_max_budget"}
@@ -203,16 +203,16 @@ def key_fields(body: dict[str, Any], catalog: Catalog, extra: AbstractSet[str] =
         out["expires"] = None
     if "allowed_routes" in body:
         allowed = expect(body, "allowed_routes", list)
-        problem = routes.problem(allowed) if allowed else None
+        problem = route_access.problem(allowed) if allowed else None
         if problem:
             raise Invalid(f"'allowed_routes': {problem}", "allowed_routes")
         out["allowed_routes"] = allowed or None
     if body.get("key_type") is not None:
         key_type = expect(body, "key_type", str)
-        if key_type not in routes.KEY_TYPES:
-            raise Invalid(f"'key_type' must be one of {list(routes.KEY_TYPES)}, got {key_type!r}", "key_type")
+        if key_type not in route_access.KEY_TYPES:
+            raise Invalid(f"'key_type' must be one of {list(route_access.KEY_TYPES)}, got {key_type!r}", "key_type")
         out["key_type"] = key_type
-        preset = routes.KEY_TYPES[key_type]
+        preset = route_access.KEY_TYPES[key_type]
         if preset is not None:  # as LiteLLM: the type's routes replace any given
             out["allowed_routes"] = list(preset)
     return out

@@ -19,20 +19,13 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Mapping
 
-from extauthz import providers
 from extauthz.check.memo import Memo
 from extauthz.check.routing import PassThroughRoute, Proxy, Route
-from extauthz.check.wildcard import capture, matches
 from extauthz.config import Alias, Deployment, PassThroughConfig
+from extauthz.domain import providers
+from extauthz.domain.model_names import SPECIAL_ENTRIES
+from extauthz.domain.wildcard import capture, matches
 from extauthz.tokens import NO_TOKENS, Tokens
-
-# Entries of an allowed-models list that are not model or group names.
-ALL_MODELS = frozenset({"*", "all-proxy-models"})
-ALL_TEAM_MODELS = "all-team-models"
-# LiteLLM's entry for "no model of its own": a list holding only it admits nothing (a
-# user who may call its teams' models only; a team created by team_id_upsert).
-NO_DEFAULT_MODELS = "no-default-models"
-SPECIAL_ENTRIES = ALL_MODELS | {ALL_TEAM_MODELS, NO_DEFAULT_MODELS}
 
 
 def canonical_name(name: str) -> str:

@@ -7,11 +7,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from extauthz.domain.deny import Headers
+
 if TYPE_CHECKING:
     from extauthz.check.routing import PassThroughRoute, Route
-
-Headers = tuple[tuple[str, str], ...]
-
 
 class Grant(NamedTuple):
     """The policy's yes: the route (deployment or pass-through) chosen for this caller."""
@@ -43,21 +42,6 @@ class Allow(NamedTuple):
 
 
 @dataclass(frozen=True)
-class Deny:
-    status: int
-    code: str
-    message: str
-    param: str | None = None
-    metadata: dict[str, Any] | None = None
-    headers: Headers = ()           # sent to the client with the error (retry-after)
-    error_type: str | None = None   # LiteLLM's own type where it has one (budget_exceeded)
-
-    @property
-    def type(self) -> str:
-        return self.error_type or ERROR_TYPES.get(self.status, "api_error")
-
-
-@dataclass(frozen=True)
 class Reply:
     """An answer the check gives itself, not forwarded anywhere (a JWT caller's model list:
     only the check sees its claims). Sent as a denied response with this status and body."""
@@ -65,17 +49,3 @@ class Reply:
     status: int
     body: str
     metadata: dict[str, Any] | None = None
-
-
-ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "invalid_request_error",
-    405: "invalid_request_error",
-    415: "invalid_request_error",
-    429: "rate_limit_error",
-    500: "api_error",
-    503: "service_unavailable_error",
-}

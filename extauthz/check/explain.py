@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from extauthz.check.catalog import ALL_TEAM_MODELS, Catalog, Resolution
-from extauthz.check.decision import Allow, Deny, Reply
-from extauthz.check.endpoints import Endpoint
+from extauthz.check.catalog import Catalog, Resolution
+from extauthz.check.decision import Allow, Reply
 from extauthz.check.policy import admitting_entry
-from extauthz.check.wildcard import matches
-from extauthz.records.record import KeyRecord, MemberScope, Owner, TeamRecord, format_time
+from extauthz.domain.deny import Deny
+from extauthz.domain.endpoints import Endpoint
+from extauthz.domain.model_names import ALL_TEAM_MODELS
+from extauthz.domain.record import KeyRecord, MemberScope, Owner, TeamRecord, format_time
+from extauthz.domain.wildcard import matches
 
 Doc = dict[str, Any]
 LIMIT_CODES = frozenset({"rate_limit_exceeded", "budget_exceeded", "unpriced_model", "usage_not_reported"})

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Mapping, NamedTuple
 
-from extauthz.check.endpoints import Endpoint, PassThrough
+from extauthz.domain.endpoints import Endpoint, PassThrough
 
 if TYPE_CHECKING:
     from extauthz.check.json_body import JsonModel

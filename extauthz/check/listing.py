@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from extauthz.check.catalog import Catalog
-from extauthz.check.endpoints import split_query
+from extauthz.domain.endpoints import split_query
 
 # model_info fields /model_group/info reports, as LiteLLM names them.
 GROUP_INFO_FIELDS = ("mode", "input_cost_per_token", "output_cost_per_token", "max_tokens", "max_input_tokens",

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from extauthz.check import routes
-from extauthz.check.catalog import ALL_MODELS, ALL_TEAM_MODELS, Catalog, Resolution, matches
-from extauthz.check.decision import Allow, Deny, Grant, Reply
-from extauthz.check.endpoints import PassThrough
+from extauthz.check.catalog import Catalog, Resolution, matches
+from extauthz.check.decision import Allow, Grant, Reply
 from extauthz.check.facts import Facts, Problem
-from extauthz.records.record import KeyRecord, Owner, TeamRecord
+from extauthz.domain import route_access
+from extauthz.domain.deny import Deny
+from extauthz.domain.endpoints import PassThrough
+from extauthz.domain.model_names import ALL_MODELS, ALL_TEAM_MODELS
+from extauthz.domain.record import KeyRecord, Owner, TeamRecord
 
 LISTED_MODELS_MAX = 50
 
@@ -118,7 +120,7 @@ def decide(facts: Facts, key: KeyRecord | None, team: TeamRecord | None,
 
 def route_denied(facts: Facts, key: KeyRecord) -> Deny | None:
     """A key's allowed_routes (its key_type's preset, or its own list), before any body is read."""
-    if key.allowed_routes is None or routes.permits(key.allowed_routes, facts.path, facts.endpoint):
+    if key.allowed_routes is None or route_access.permits(key.allowed_routes, facts.path, facts.endpoint):
         return None
     return Deny(403, "route_not_allowed", f"Key {key.label!r} may not call {facts.path.partition('?')[0]!r}; "
                 f"its allowed_routes are {list(key.allowed_routes)}.", None, _metadata(facts, key))

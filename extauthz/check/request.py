@@ -12,11 +12,12 @@ from typing import Any, Mapping
 
 from google.protobuf import json_format
 
-from extauthz.check.endpoints import MULTIPART, Endpoint, PassThrough, classify, split_query, unsafe_path
 from extauthz.check.facts import Facts, Problem
 from extauthz.check.json_body import JsonModel, read_json_model
 from extauthz.check.multipart_body import FormModel, form_model
-from extauthz.providers import CLIENT_KEY_HEADERS
+from extauthz.domain.endpoints import MULTIPART, Endpoint, PassThrough, classify, split_query, unsafe_path
+from extauthz.domain.envoy_names import JWT_FILTER, JWT_PAYLOAD
+from extauthz.domain.providers import CLIENT_KEY_HEADERS
 
 MODEL_NAME_MAX = 256
 
@@ -84,8 +85,6 @@ def facts_from_check(check: Any, pass_through: PassThroughPaths = NO_PASS_THROUG
                  request_id=headers.get("x-request-id", ""), headers=headers, claims=verified_claims(check))
 
 
-JWT_FILTER = "envoy.filters.http.jwt_authn"
-JWT_PAYLOAD = "jwt_payload"
 
 
 def verified_claims(check: Any) -> dict[str, Any] | None:

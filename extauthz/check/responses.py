@@ -14,8 +14,10 @@ from typing import Any, cast
 
 from google.protobuf import wrappers_pb2
 
-from extauthz.check.decision import Allow, Deny, Reply
+from extauthz.check.decision import Allow, Reply
 from extauthz.check.memo import Memo
+from extauthz.domain.deny import Deny
+from extauthz.domain.envoy_names import USAGE_ID, USAGE_ID_LENGTH
 from extauthz.proto.envoy.config.core.v3 import base_pb2
 from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2
 from extauthz.proto.envoy.type.v3 import http_status_pb2
@@ -64,13 +66,6 @@ def _metadata_part(items: tuple) -> bytes:
     return response.SerializeToString()
 
 
-# An allow's usage id (usage/reports.py) is new for every request: it is encoded apart
-# from the memoized rest of the metadata, into a template of its fixed length.
-USAGE_ID = "usage_id"
-USAGE_ID_LENGTH = 24
-# "1" on a counted stream whose usage the gateway asked for and the client did not: Envoy's
-# usage filter (envoy/usage.lua) takes what was added out of the stream.
-USAGE_UNASKED = "usage_unasked"
 
 
 def _usage_id_template() -> tuple[bytes, bytes]:

@@ -13,41 +13,22 @@ from functools import lru_cache
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, urlencode
 
-from extauthz import providers
-from extauthz.check.endpoints import JSON, Endpoint, PassThrough, model_call_segment
 from extauthz.check.facts import Facts, Problem
 from extauthz.check.json_body import ABSENT, JsonModel, Member, members, model_span, removal_span
 from extauthz.check.responses import allow_prefix
 from extauthz.config import Deployment, PassThroughConfig
+from extauthz.domain import providers
+from extauthz.domain.endpoints import JSON, Endpoint, PassThrough, model_call_segment
+from extauthz.domain.envoy_names import (
+    CLUSTER_HEADER,
+    INTERNAL_HEADERS,
+    NO_SPLICE,
+    SIGN_HEADER,
+    SPLICE_HEADER,
+    USAGE_HEADER,
+)
 from extauthz.tokens import NO_TOKENS, TokenHolder, Tokens
 
-# Set on every allow; Envoy routes on it (cluster_header). A client's own value never
-# survives an allow, and a request without it matches no upstream route.
-CLUSTER_HEADER = "x-extauthz-cluster"
-# The body rewrite that Envoy's Lua filter applies (envoy/splice.lua): "-" for none, else the
-# byte span of the body's "model" value and the provider-side name to put there. Set on
-# every allow, so a client's own value never survives.
-SPLICE_HEADER = "x-extauthz-splice"
-NO_SPLICE = "-"
-# Set on allows to AWS deployments only ("bedrock:us-east-1"): Envoy's signing filter for
-# that service and region runs on it (and on nothing else, whatever host a route reaches).
-SIGN_HEADER = "x-extauthz-sign"
-# Set to "1" on allows whose usage is counted (callers with rate limits): Envoy's usage
-# filter (envoy/usage.lua) runs on their responses only.
-USAGE_HEADER = "x-extauthz-usage"
-# Its values: a counted call; one that also holds an in-flight place (max_parallel_requests).
-COUNTED, COUNTED_IN_FLIGHT = "1", "2"
-# Headers only the gateway may set; Envoy's routes remove them before the provider too.
-INTERNAL_HEADERS = (CLUSTER_HEADER, SPLICE_HEADER, SIGN_HEADER, USAGE_HEADER)
-# An internal_user's request to the admin API, swapped to the master key: who it acts as
-# (the user, and its teams as a JSON list). They only narrow the master key's power, and
-# are stripped from client requests with the internal headers (but not by the admin route).
-ACTING_USER_HEADER = "x-extauthz-acting-user"
-ACTING_TEAMS_HEADER = "x-extauthz-acting-teams"
-# Any JWT caller the check lets onto the admin API: its user and role (JSON), the actor
-# the audit trail names (the request reaches the admin API with the master key).
-ADMIN_ACTOR_HEADER = "x-extauthz-admin-actor"
-ACTING_HEADERS = (ACTING_USER_HEADER, ACTING_TEAMS_HEADER, ADMIN_ACTOR_HEADER)
 # The admin routes an acting user may use (its own keys; in a team where it is an admin
 # member, the team's keys and members); the admin API narrows each to those records.
 ACTING_ROUTES = ("/key/generate", "/key/list", "/key/delete", "/key/info", "/key/update", "/key/regenerate",

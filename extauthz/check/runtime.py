@@ -8,11 +8,11 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from extauthz.check.catalog import Catalog
-from extauthz.check.decision import Deny
 from extauthz.check.request import PassThroughPaths
 from extauthz.check.routing import AdminRoute, Proxy, Route
 from extauthz.config import Config, setting_path
-from extauthz.records.record import hash_token
+from extauthz.domain.deny import Deny
+from extauthz.domain.record import hash_token
 from extauthz.tokens import NO_TOKENS, Tokens
 from extauthz.usage.prices import Price, free_of_charge, price_of
 

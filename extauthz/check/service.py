@@ -15,42 +15,43 @@ from typing import Any, Callable, Collection
 import grpc
 from google.protobuf.message import DecodeError
 
-from extauthz.check import listing, routes
+from extauthz.check import listing
 from extauthz.check import shadow as shadow_mode
-from extauthz.check.catalog import ALL_TEAM_MODELS, Catalog
-from extauthz.check.decision import Allow, Deny, Grant, Reply
-from extauthz.check.endpoints import Endpoint
+from extauthz.check.catalog import Catalog
+from extauthz.check.decision import Allow, Grant, Reply
 from extauthz.check.facts import Facts
 from extauthz.check.identity import ADMIN_ROLES, Identity, claim, identify, issued_for, scope_models, strings
 from extauthz.check.policy import UNAVAILABLE, Decision, authenticate, authorize, forward, route_denied, visible_models
 from extauthz.check.request import body_of, facts_from_check, with_body
-from extauthz.check.responses import USAGE_ID, USAGE_ID_LENGTH, USAGE_UNASKED, allow_bytes, deny_bytes, reply_bytes
-from extauthz.check.routing import (
-    ACTING_ROUTES,
+from extauthz.check.responses import allow_bytes, deny_bytes, reply_bytes
+from extauthz.check.routing import ACTING_ROUTES, STREAMED_USAGE, Route, jwt_admin_path, streams_unasked
+from extauthz.check.runtime import Runtime
+from extauthz.config import JwtAuth
+from extauthz.domain import budgets, route_access
+from extauthz.domain.deny import Deny
+from extauthz.domain.endpoints import Endpoint
+from extauthz.domain.envoy_names import (
     ACTING_TEAMS_HEADER,
     ACTING_USER_HEADER,
     ADMIN_ACTOR_HEADER,
     COUNTED,
     COUNTED_IN_FLIGHT,
-    STREAMED_USAGE,
     USAGE_HEADER,
-    Route,
-    jwt_admin_path,
-    streams_unasked,
+    USAGE_ID,
+    USAGE_ID_LENGTH,
+    USAGE_UNASKED,
 )
-from extauthz.check.runtime import Runtime
-from extauthz.config import JwtAuth
+from extauthz.domain.limits import Counter, rate_counters, refusal, scope
+from extauthz.domain.model_names import ALL_TEAM_MODELS
+from extauthz.domain.record import KeyRecord, Owner, TeamRecord, UserRecord
 from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2
 from extauthz.records.lookup import lookup
-from extauthz.records.record import KeyRecord, Owner, TeamRecord, UserRecord
 from extauthz.records.store import RecordReader, StoreUnavailable
 from extauthz.records.upsert import Upserts
 from extauthz.telemetry import logs, tracing
 from extauthz.telemetry.metrics import CheckMetrics
-from extauthz.usage import budgets
 from extauthz.usage.counters import RateCounters
 from extauthz.usage.estimate import Estimate, estimate
-from extauthz.usage.limits import Counter, rate_counters, refusal, scope
 
 log = logging.getLogger("extauthz.check")
 
@@ -98,7 +99,7 @@ def teams_visible(user_id: str | None, label: str, models: tuple[str, ...] | Non
 def route_refusal(identity: Identity, jwt: JwtAuth, facts: Facts) -> Deny | None:
     """LiteLLM's admin_allowed_routes (admin roles) and team_allowed_routes (the others)."""
     allowed = jwt.admin_allowed_routes if identity.role in ADMIN_ROLES else jwt.team_allowed_routes
-    if allowed is None or routes.permits(allowed, facts.path, facts.endpoint):
+    if allowed is None or route_access.permits(allowed, facts.path, facts.endpoint):
         return None
     which = "admin_allowed_routes" if identity.role in ADMIN_ROLES else "team_allowed_routes"
     return Deny(403, "route_not_allowed", f"A token with role {identity.role} may not call "

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from extauthz.check.decision import Allow, Deny, Grant
+from extauthz.check.decision import Allow, Grant
 from extauthz.check.facts import Facts
 from extauthz.check.policy import authorize, forward
-from extauthz.records.record import KeyRecord, TeamRecord
+from extauthz.domain.deny import Deny
+from extauthz.domain.record import KeyRecord, TeamRecord
 
 SHADOW, ENFORCE = "shadow", "enforce"
 # What shadow mode lets through: the model the caller may not use, and its limits.

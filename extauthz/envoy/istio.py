@@ -19,7 +19,7 @@ import json
 from importlib import resources
 from typing import Any
 
-from extauthz.check.routing import CLUSTER_HEADER
+from extauthz.domain.envoy_names import CLUSTER_HEADER
 
 LUA = "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua"
 SPLICE_NAME = "extauthz.splice"

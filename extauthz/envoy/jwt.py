@@ -14,10 +14,10 @@ import json
 import urllib.request
 from typing import Any, Callable
 
-from extauthz import providers
-from extauthz.check.request import JWT_FILTER  # where the sidecar reads the claims
-from extauthz.check.request import JWT_PAYLOAD as PAYLOAD_KEY
 from extauthz.config import DISCOVERY_SUFFIX, JwtAuth
+from extauthz.domain import providers
+from extauthz.domain.envoy_names import JWT_FILTER
+from extauthz.domain.envoy_names import JWT_PAYLOAD as PAYLOAD_KEY
 
 # A JWT's first segment is base64url JSON: it starts "eyJ" ('{"'). Anything else after
 # "Bearer " is a virtual key.

@@ -14,24 +14,23 @@ from typing import Any, TypeVar
 
 import yaml
 
-from extauthz import providers
 from extauthz.check import listing
-from extauthz.check.decision import Deny
 from extauthz.check.policy import MISSING_KEY
-from extauthz.check.responses import USAGE_ID, error_body
-from extauthz.check.routing import (
+from extauthz.check.responses import error_body
+from extauthz.check.routing import JWT_ADMIN_PATHS, JWT_ADMIN_PREFIXES, signer
+from extauthz.config import Config, EnvoySettings, Settings
+from extauthz.domain import providers
+from extauthz.domain.deny import Deny
+from extauthz.domain.envoy_names import (
     ACTING_HEADERS,
     CLUSTER_HEADER,
     COUNTED,
     COUNTED_IN_FLIGHT,
     INTERNAL_HEADERS,
-    JWT_ADMIN_PATHS,
-    JWT_ADMIN_PREFIXES,
     SIGN_HEADER,
     USAGE_HEADER,
-    signer,
+    USAGE_ID,
 )
-from extauthz.config import Config, EnvoySettings, Settings
 from extauthz.envoy import jwt
 from extauthz.envoy.jwt import JWT_BEARER
 

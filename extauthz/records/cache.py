@@ -15,7 +15,7 @@ import time
 from collections import OrderedDict
 from typing import Any, Awaitable, Callable, NamedTuple, Protocol
 
-from extauthz.records.record import KeyRecord, TeamRecord, UserRecord
+from extauthz.domain.record import KeyRecord, TeamRecord, UserRecord
 from extauthz.records.store import RecordReader, StoreUnavailable
 
 MISS = object()

@@ -5,7 +5,7 @@ Standalone and sentinel (``<p>`` the configured prefix, ``extauthz:`` by default
 - records, their indexes and the audit trail: ``<p>key:<hash>``, ``<p>team:<id>``,
   ``<p>alias:<alias>``, ``<p>keys``, ``<p>audit``, ... (records/store.py lists them);
 - counters: ``<p><kind>:<scope>[:...]``, scope ``key:<hash>`` or ``team:<id>`` (its id
-  percent-encoded, usage/limits.scope): rate windows, in-flight sets, spend, settled marks.
+  percent-encoded, domain/limits.scope): rate windows, in-flight sets, spend, settled marks.
 
 Cluster: the same names with hash tags, so that every script and transaction touches one
 slot while the load spreads over the primaries:

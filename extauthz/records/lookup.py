@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
-from extauthz.records.record import MASTER, KeyRecord, Owner, TeamRecord, hash_token
+from extauthz.domain.record import MASTER, KeyRecord, Owner, TeamRecord, hash_token
 from extauthz.records.store import RecordReader
 
 MAX_LINE = 8  # keys replaced in a row, each still in its grace period

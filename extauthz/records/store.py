@@ -31,10 +31,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import AskError, MovedError, RedisClusterException, RedisError, WatchError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from extauthz.records import audit
-from extauthz.records.connection import RedisTarget
-from extauthz.records.keyspace import Keyspace
-from extauthz.records.record import (
+from extauthz.domain.record import (
     KeyRecord,
     TeamRecord,
     UserRecord,
@@ -44,6 +41,9 @@ from extauthz.records.record import (
     team_members,
     with_terms,
 )
+from extauthz.records import audit
+from extauthz.records.connection import RedisTarget
+from extauthz.records.keyspace import Keyspace
 from extauthz.telemetry import tracing
 
 log = logging.getLogger("extauthz.store")

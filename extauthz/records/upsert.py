@@ -9,9 +9,9 @@ key it is given reads on the admin API, nothing more, until an admin changes the
 
 from __future__ import annotations
 
-from extauthz.check.catalog import NO_DEFAULT_MODELS
+from extauthz.domain.model_names import NO_DEFAULT_MODELS
+from extauthz.domain.record import TeamRecord, new_team_doc, new_user_doc
 from extauthz.records.audit import Actor, Note
-from extauthz.records.record import TeamRecord, new_team_doc, new_user_doc
 from extauthz.records.store import RecordReader, RedisWriter
 
 

@@ -7,7 +7,7 @@ Keys (``<p>`` the key prefix; in a cluster the scope is the hash tag,
 ``<p>rpm:{<scope>}:<minute>``: records/keyspace.py): ``<p>rpm:<scope>:<minute>`` and
 ``<p>rpm:<scope>:model:<model>:<minute>`` (``tpm:`` the same), where scope is
 ``key:<token hash>`` or ``team:<team_id>``, each expiring shortly after its minute;
-``<p>inflight:<scope>`` (requests in flight); ``<p>spend:<scope>…`` (usage/budgets.py).
+``<p>inflight:<scope>`` (requests in flight); ``<p>spend:<scope>…`` (domain/budgets.py).
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from typing import NamedTuple, Sequence
 
 import redis.asyncio as aioredis
 
+from extauthz.domain.budgets import SpendCounter
+from extauthz.domain.limits import HELD, WINDOW_S, Counter, window_of
 from extauthz.records.keyspace import Keyspace, scope_of
 from extauthz.records.store import REDIS_FAILURES, StoreUnavailable
-from extauthz.usage.budgets import SpendCounter
 from extauthz.usage.estimate import Estimate
-from extauthz.usage.limits import HELD, WINDOW_S, Counter, window_of
 
 log = logging.getLogger("extauthz.usage")
 
@@ -32,7 +32,7 @@ SOFT, OVER = 1, 2  # what a settlement did to a spend counter
 
 # ARGV: the windows' lifetime, now, the request's usage id, its in-flight deadline, the
 # hold record's lifetime (0: no record), the call's estimate (tokens, USD); then per
-# counter its limit, what admitting takes, its kind (usage/limits.Counter) and when it
+# counter its limit, what admitting takes, its kind (domain/limits.Counter) and when it
 # expires (a spend counter's end of life, 0: kept). KEYS: the counters, then the hold
 # record when there is one: what each counter held of the estimate, read back by SETTLE.
 # Returns {0, ''} when every counter admitted the request (and each then takes its share),
@@ -251,7 +251,7 @@ class RateCounters:
     async def admit(self, counters: list[Counter], usage_id: str = "-", now: float = 0.0,
                     estimate: Estimate | None = None) -> tuple[Counter, float] | None:
         """Take one of each counter, or none; the counter that refused, with its value. A
-        held counter (usage/limits.HELD) takes the ``estimate``, and what it took is kept
+        held counter (domain/limits.HELD) takes the ``estimate``, and what it took is kept
         in a hold record for the settlement."""
         taken: list[list[Counter]] = []
         try:

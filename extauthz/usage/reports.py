@@ -16,14 +16,14 @@ from typing import Any, AsyncIterator, Callable, Collection, NamedTuple
 
 import grpc
 
+from extauthz.domain.budgets import spend_counters
+from extauthz.domain.limits import inflight_sets, scope, usage_counters
+from extauthz.domain.record import MemberScope, UserRecord
 from extauthz.proto.envoy.service.accesslog.v3 import als_pb2
-from extauthz.records.record import MemberScope, UserRecord
 from extauthz.records.store import RecordReader, StoreUnavailable
 from extauthz.telemetry.metrics import SOFT_BUDGET_CROSSINGS, SPEND, USAGE_REPORTS, TeamLabels
 from extauthz.usage import prices
-from extauthz.usage.budgets import spend_counters
 from extauthz.usage.counters import INFLIGHT_MAX_S, OVER, SOFT, RateCounters, Settlement
-from extauthz.usage.limits import inflight_sets, scope, usage_counters
 from extauthz.usage.prices import Price, Tokens, tokens_of
 
 log = logging.getLogger("extauthz.usage")

@@ -24,8 +24,8 @@ from datetime import datetime, timezone
 from typing import Any, Collection, NamedTuple
 from urllib.parse import quote
 
-from extauthz.check.decision import Deny
-from extauthz.usage.limits import Counter, model_names
+from extauthz.domain.deny import Deny
+from extauthz.domain.limits import Counter, model_names
 
 DURATION = re.compile(r"([0-9]{1,6})(s|m|h|d|w|mo)")
 UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}

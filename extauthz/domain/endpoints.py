@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import unquote
 
-from extauthz.providers import ANTHROPIC, BEDROCK_INVOKE, GEMINI, OPENAI, VERTEX_RAW_PREDICT  # the API formats
+from extauthz.domain.providers import ANTHROPIC, BEDROCK_INVOKE, GEMINI, OPENAI, VERTEX_RAW_PREDICT
 
 JSON, MULTIPART = "json", "multipart"
 

@@ -14,10 +14,9 @@ from datetime import datetime, timezone
 from typing import Any, NamedTuple
 from urllib.parse import quote
 
-from extauthz.check import routes
-from extauthz.usage import budgets, limits
-from extauthz.usage.budgets import Budget
-from extauthz.usage.limits import Limits
+from extauthz.domain import budgets, limits, route_access
+from extauthz.domain.budgets import Budget
+from extauthz.domain.limits import Limits
 
 # Fields LiteLLM accepts that are stored and returned but not enforced yet.
 NOT_ENFORCED = (
@@ -193,7 +192,7 @@ def _allowed_routes(doc: dict[str, Any]) -> tuple[str, ...] | None:
     value = doc.get("allowed_routes")
     if value in (None, []):
         key_type = doc.get("key_type")
-        return routes.KEY_TYPES.get(key_type) if isinstance(key_type, str) else None
+        return route_access.KEY_TYPES.get(key_type) if isinstance(key_type, str) else None
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):

@@ -14,8 +14,8 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
-from extauthz import providers
-from extauthz.check.endpoints import Endpoint, PassThrough, unsafe_path
+from extauthz.domain import providers
+from extauthz.domain.endpoints import Endpoint, PassThrough, unsafe_path
 
 # The listing and model-information routes (the admin API or, for JWTs, the check answers them).
 LISTING_ROUTES = ("/v1/models", "/models")

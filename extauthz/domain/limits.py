@@ -14,7 +14,7 @@ import math
 from typing import Any, Collection, NamedTuple
 from urllib.parse import quote
 
-from extauthz.check.decision import Deny
+from extauthz.domain.deny import Deny
 
 WINDOW_S = 60
 MAX_COUNT = 1_000_000_000  # more is a typo (and no window holds it)
