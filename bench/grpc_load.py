@@ -206,13 +206,13 @@ def cache_hit_share(port: int, r: redis.Redis) -> float:
 
 
 def record_memory_estimate() -> dict[str, float]:
-    """What a cache of every key and team costs, built directly from extauthz.records.record in a
+    """What a cache of every key and team costs, built directly from extauthz.domain.record in a
     fresh process: a cross-check for the RSS figure, and a figure when the cache does not hold."""
     code = (
         "import json, os\n"
         "from collections import OrderedDict\n"
         "from bench.population import key_doc, team_doc\nfrom bench.shape import N_KEYS, N_TEAMS, PREFIX\n"
-        "from extauthz.records.record import KeyRecord, TeamRecord\n"
+        "from extauthz.domain.record import KeyRecord, TeamRecord\n"
         "rss = lambda: int([l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1]) / 1024\n"
         "keys = [json.dumps(key_doc(n), separators=(',', ':')).encode() for n in range(N_KEYS)]\n"
         "teams = [json.dumps(team_doc(t), separators=(',', ':')).encode() for t in range(N_TEAMS)]\n"

@@ -192,7 +192,7 @@ def run(workdir: Path, procs: list[Proc]) -> dict[str, Any]:
     results["sidecar_rss_mb_100k_keys_estimate"] = {
         "mb": round(rss_before + estimate["mb"], 1),
         "how": f"RSS before the pass ({rss_before:.1f}) + {estimate['mb']} MiB for {estimate['records']:,} "
-               f"records built with extauthz.records.record in an OrderedDict, in a separate process"}
+               f"records built with extauthz.domain.record in an OrderedDict, in a separate process"}
 
     step("a second warm sidecar, with spend_tracking off (no usage accounting for keys without limits)")
     untracked = sidecar("untracked", {**WARM_ENV, "EXTAUTHZ_SPEND_TRACKING": "false"})
