@@ -30,12 +30,13 @@ from extauthz.admin.access import (
     key_owner_power,
 )
 from extauthz.check import explain, listing
+from extauthz.check.enforcement import budget_counters
 from extauthz.check.facts import Facts
+from extauthz.check.jwt_callers import teams_visible
 from extauthz.check.policy import authenticate, route_denied, visible_models
 from extauthz.check.request import credentials
 from extauthz.check.responses import error_body
 from extauthz.check.runtime import Runtime
-from extauthz.check.service import budget_counters, teams_visible
 from extauthz.domain import budgets, limits
 from extauthz.domain.deny import Deny
 from extauthz.domain.endpoints import MULTIPART, Endpoint, classify

@@ -3,46 +3,45 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
-import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import Any, Callable, Collection
+from typing import Any, Callable
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from extauthz.check import listing
 from extauthz.check import shadow as shadow_mode
-from extauthz.check.catalog import Catalog
 from extauthz.check.decision import Allow, Grant, Reply
+from extauthz.check.enforcement import LimitEnforcement, counted, hide_asked_usage
 from extauthz.check.facts import Facts
-from extauthz.check.identity import ADMIN_ROLES, Identity, claim, identify, issued_for, scope_models, strings
+from extauthz.check.identity import Identity, identify, issued_for, scope_models
+from extauthz.check.jwt_callers import (
+    JWT_NOT_FOR_US,
+    JWT_OFF,
+    MAX_ID_CHARS,
+    MAX_TOKEN_TEAMS,
+    NO_ROLE,
+    admin_access,
+    list_reply,
+    missing_team,
+    route_refusal,
+    team_key,
+    teams_visible,
+)
 from extauthz.check.policy import UNAVAILABLE, Decision, authenticate, authorize, forward, route_denied, visible_models
 from extauthz.check.request import body_of, facts_from_check, with_body
 from extauthz.check.responses import allow_bytes, deny_bytes, reply_bytes
-from extauthz.check.routing import ACTING_ROUTES, STREAMED_USAGE, Route, jwt_admin_path, streams_unasked
+from extauthz.check.routing import jwt_admin_path
 from extauthz.check.runtime import Runtime
 from extauthz.config import JwtAuth
-from extauthz.domain import budgets, route_access
 from extauthz.domain.deny import Deny
-from extauthz.domain.endpoints import Endpoint
 from extauthz.domain.envoy_names import (
-    ACTING_TEAMS_HEADER,
-    ACTING_USER_HEADER,
-    ADMIN_ACTOR_HEADER,
-    COUNTED,
-    COUNTED_IN_FLIGHT,
-    USAGE_HEADER,
     USAGE_ID,
-    USAGE_ID_LENGTH,
-    USAGE_UNASKED,
 )
-from extauthz.domain.limits import Counter, rate_counters, refusal, scope
-from extauthz.domain.model_names import ALL_TEAM_MODELS
 from extauthz.domain.record import KeyRecord, Owner, TeamRecord, UserRecord
 from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2
 from extauthz.records.lookup import lookup
@@ -51,7 +50,6 @@ from extauthz.records.upsert import Upserts
 from extauthz.telemetry import logs, tracing
 from extauthz.telemetry.metrics import CheckMetrics
 from extauthz.usage.counters import RateCounters
-from extauthz.usage.estimate import Estimate, estimate
 
 log = logging.getLogger("extauthz.check")
 
@@ -61,112 +59,10 @@ TOO_LARGE = Deny(413, "body_too_large", "The check request is larger than this g
                 "was not forwarded.")
 UNREADABLE = Deny(400, "invalid_check_request", "The check request could not be decoded; the request was "
                   "not forwarded.")
-JWT_OFF = Deny(401, "jwt_not_accepted", "This gateway no longer accepts JWTs; use a virtual key.")
-JWT_NOT_FOR_US = Deny(401, "invalid_jwt", "The token's issuer or audience is not one this gateway accepts.")
-NO_ROLE = Deny(403, "no_role", "The token maps to no role, and this gateway requires one (enforce_rbac).")
 DEADLINE_SLACK_S = 0.1
-# A counted allow: Envoy's usage filter runs on its response, which must come
-# uncompressed (Envoy does not inflate responses; usage in a gzip body could not be read).
-COUNTED_HEADERS = ((USAGE_HEADER, COUNTED), ("accept-encoding", "identity"))
-COUNTED_IN_FLIGHT_HEADERS = ((USAGE_HEADER, COUNTED_IN_FLIGHT), ("accept-encoding", "identity"))
-# A token's teams and ids, bounded: Entra ID puts at most 200 groups in a token.
-MAX_TOKEN_TEAMS = 200
-MAX_ID_CHARS = 256
 # Bodies larger than this are read on a thread of their own: the event loop goes on
 # answering other checks meanwhile (the parser gives up the GIL between its steps).
 INLINE_BODY_BYTES = 64 * 1024
-
-
-def team_key(user_id: str | None, label: str, models: tuple[str, ...] | None, team: TeamRecord) -> KeyRecord:
-    """A JWT caller as a key of one of its teams: the team's models, narrowed by its scopes."""
-    return KeyRecord(f"jwt:{label}", label, models if models is not None else (ALL_TEAM_MODELS,), team.team_id,
-                     None, False, None, user_id)
-
-
-def teams_visible(user_id: str | None, label: str, models: tuple[str, ...] | None, teams: list[TeamRecord],
-                  catalog: Catalog) -> list[str]:
-    """What a caller of these teams may call, as one list (a JWT's /v1/models, a user acting
-    for itself on /model/info): each usable team's models, as a key of it would see them,
-    narrowed by the caller's own terms there."""
-    names: list[str] = []
-    for team in teams:
-        if not team.blocked:
-            visible = visible_models(team_key(user_id, label, models, team), team, catalog, team.member(user_id))
-            names.extend(n for n in visible if n not in names)
-    return names
-
-
-def route_refusal(identity: Identity, jwt: JwtAuth, facts: Facts) -> Deny | None:
-    """LiteLLM's admin_allowed_routes (admin roles) and team_allowed_routes (the others)."""
-    allowed = jwt.admin_allowed_routes if identity.role in ADMIN_ROLES else jwt.team_allowed_routes
-    if allowed is None or route_access.permits(allowed, facts.path, facts.endpoint):
-        return None
-    which = "admin_allowed_routes" if identity.role in ADMIN_ROLES else "team_allowed_routes"
-    return Deny(403, "route_not_allowed", f"A token with role {identity.role} may not call "
-                f"{facts.path.partition('?')[0]!r} ({which}: {list(allowed)}).")
-
-
-def missing_team(identity: Identity, claims: Any, jwt: JwtAuth, needs_team: bool) -> Deny | None:
-    """A token that names no team is refused (401, as LiteLLM refuses one it requires a
-    team of); with ``team_id_jwt_field`` set, LiteLLM requires that claim itself, even when
-    ``team_ids_jwt_field`` names teams (``team_id_default`` stands in for it). Without
-    ``needs_team`` (the admin routes), only that requirement."""
-    required = jwt.team_id_jwt_field is not None and not jwt.team_id_default \
-        and not strings(claim(claims, jwt.team_id_jwt_field))
-    if (identity.teams or not needs_team) and not required:
-        return None
-    fields = " and ".join(f"{n} {f!r}" for n, f in (("team_id field", jwt.team_id_jwt_field),
-                                                    ("team_ids field", jwt.team_ids_jwt_field)) if f)
-    return Deny(401, "missing_team", f"No team found in token. Checked {fields or 'no team field (none is set)'}.")
-
-
-def budget_counters(key: KeyRecord, team: TeamRecord | None, names: Collection[str], now: float,
-                    cost: float) -> list[Counter]:
-    """The budgets a call is admitted against, its key's, its owner's (a personal key's),
-    its team's, then its owner's in that team (max_budget_in_team), each to hold ``cost``
-    (0: only whether one is spent already), named as LiteLLM's refusal names them.
-    ``names``: the model's every name (Catalog.same_model), for its model_max_budget."""
-    counters = budgets.admission_counters(scope("key", key.account), f"Key={key.label!r}", key.budget, names, now,
-                                          cost)
-    if key.user_budget is not None and key.user_id is not None:  # (a personal key's owner's)
-        counters += budgets.admission_counters(scope("user", key.user_id), f"User={key.user_id!r}",
-                                               key.user_budget, names, now, cost)
-    if team is not None:
-        counters += budgets.admission_counters(scope("team", team.team_id), f"Team={team.label!r}", team.budget,
-                                               names, now, cost)
-        member = team.member(key.user_id)
-        if member is not None:
-            counters += budgets.admission_counters(member.spend_scope, f"User={member.user_id!r} in Team="
-                                                   f"{team.label!r}", member.budget, names, now, cost)
-    return counters
-
-
-def budgeted(key: KeyRecord, team: TeamRecord | None) -> str | None:
-    """Whose budget a call of this caller is admitted against, named (the key's, its
-    owner's, its team's, or its owner's in the team), or None."""
-    if budgets.binding(key.budget):
-        return f"Key {key.label!r}"
-    if budgets.binding(key.user_budget):
-        return f"User {key.user_id!r}"
-    if team is None:
-        return None
-    if budgets.binding(team.budget):
-        return f"Team {team.label!r}"
-    member = team.member(key.user_id)
-    if member is not None and budgets.binding(member.budget):
-        return f"User {member.user_id!r} in team {team.label!r}"
-    return None
-
-
-def list_reply(listed: tuple[str, str | None], names: list[str], runtime: Runtime) -> Decision:
-    kind, model = listed
-    if kind == "groups":
-        return Reply(200, json.dumps(listing.group_info(runtime.catalog, names)))
-    if kind == "models":
-        return Reply(200, json.dumps(listing.models_page(runtime.catalog, names)))
-    if model not in names:
-        return Deny(404, "model_not_found", f"The model {model!r} does not exist or this token cannot use it.")
-    return Reply(200, json.dumps(listing.model_entry(runtime.catalog, model)))
 
 
 def decide_with_body(facts: Facts, body: bytes, key: Any, team: Any, runtime: Runtime, draw: float,
@@ -178,84 +74,12 @@ def decide_with_body(facts: Facts, body: bytes, key: Any, team: Any, runtime: Ru
     return (forward(granted, facts, counted(key, team, runtime)) if isinstance(granted, Grant) else granted), facts
 
 
-# Operations whose responses report the tokens they cost; those free of charge; any other
-# (images, audio) has no price per token, so a caller with a budget cannot be counted on it.
-PRICED_OPERATIONS = frozenset({"chat/completions", "completions", "embeddings", "responses", "messages",
-                               "generateContent", "streamGenerateContent", "invoke", "invoke-with-response-stream",
-                               "rawPredict", "streamRawPredict"})
-FREE_OPERATIONS = frozenset({"messages/count_tokens", "moderations"})
-
-
-def unpriced(decision: Allow, facts: Facts, runtime: Runtime) -> str | None:
-    """Why an allowed call's cost could not be counted, or None. A caller with a budget is
-    refused such a call: letting it through uncounted would lift the budget."""
-    endpoint = facts.endpoint
-    if not isinstance(decision.route, Route) or not isinstance(endpoint, Endpoint):
-        return "a pass-through path has no price"
-    if endpoint.operation in FREE_OPERATIONS and (endpoint.operation != "moderations"
-                                                  or decision.route.deployment.provider in ("openai", "azure")):
-        return None  # (OpenAI's moderations are free; others' are not)
-    if endpoint.operation not in PRICED_OPERATIONS:
-        return f"{endpoint.operation!r} calls are not priced per token"
-    if runtime.price(decision.route.route_id, str(decision.metadata.get("model", ""))) is None:
-        return (f"its deployment ({decision.route.route_id}) has no price: set input_cost_per_token and "
-                "output_cost_per_token on it")
-    if endpoint.operation in STREAMED_USAGE and streams_unasked(facts.json_model) \
-            and not decision.route.takes_stream_options:
-        return (f"its deployment's API version ({decision.route.deployment.api_version}) does not report a "
-                "stream's usage; send \"stream\": false, or use api_version 2024-09-01 or later")
-    return None
-
-
-def hide_asked_usage(decision: Allow, facts: Facts) -> Allow:
-    """A counted stream whose usage only the gateway asked for (routing.usage_edit): Envoy's
-    usage filter reads the usage, then takes out what the client did not ask for (the last
-    chunk, "usage": null in the others), so the client gets the provider's stream as sent
-    for its own request. The filter runs on its response even where nothing is settled (a
-    shadow-mode allow past its limit, no Redis to count in)."""
-    endpoint = facts.endpoint
-    if isinstance(decision.route, Route) and isinstance(endpoint, Endpoint) and endpoint.operation in STREAMED_USAGE \
-            and streams_unasked(facts.json_model) and decision.route.takes_stream_options:
-        decision.metadata[USAGE_UNASKED] = "1"
-        if all(name != USAGE_HEADER for name, _ in decision.dynamic_headers):
-            return decision._replace(dynamic_headers=decision.dynamic_headers + COUNTED_HEADERS)
-    return decision
-
-
-def needs_reports(key: KeyRecord, team: TeamRecord | None) -> str | None:
-    """The limit of a caller that only usage reports can enforce (a budget, tokens per
-    minute, requests in flight), named, or None."""
-    owner = budgeted(key, team)
-    if owner is not None:
-        return f"{owner}'s budget"
-    for owner, record in ((f"Key {key.label!r}", key), (f"Team {team.label!r}" if team else "", team)):
-        if record is None:
-            continue
-        found = record.limits
-        if found is not None and (found.tpm is not None or found.model_tpm or found.parallel is not None):
-            return f"{owner}'s {'max_parallel_requests' if found.parallel is not None else 'tpm_limit'}"
-    return None
-
-
-def counted(key: KeyRecord, team: TeamRecord | None, runtime: Runtime) -> bool:
-    """Whether an allowed call's response is read for its usage: every call while spend is
-    tracked (the default), else those of keys and teams with a rate limit or a budget;
-    none where Envoy sends no usage reports."""
-    settings = runtime.config.settings
-    if not settings.usage_reports:
-        return False
-    return settings.spend_tracking or budgeted(key, team) is not None or any(
-        r is not None and (r.budget is not None or r.limits is not None and r.limits.rate_limited)
-        for r in (key, team))
-
-
 class AuthorizationService:
     def __init__(self, runtime: Callable[[], Runtime], store: RecordReader, log_allowed: bool = False,
                  decision_log: logs.DecisionLog | None = None, max_message_bytes: int = 64 * 1024 * 1024,
                  upserts: Upserts | None = None, counters: RateCounters | None = None) -> None:
         self.max_message_bytes = max_message_bytes
         self.upserts = upserts
-        self.counters = counters
         self.runtime = runtime
         self.store = store
         self.log_allowed = log_allowed
@@ -264,6 +88,7 @@ class AuthorizationService:
         self.last_store_warning = 0.0
         # One thread: large bodies queue for it rather than crowd the event loop out.
         self.body_reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="extauthz-body")
+        self.limits = LimitEnforcement(counters, self.metrics)
 
     def add_to(self, server: grpc.aio.Server) -> None:
         # Registered by hand so Check can return bytes it assembled (see responses.py)
@@ -371,7 +196,7 @@ class AuthorizationService:
             permitted = shadow_mode.as_permitted(decision, facts, key, runtime.catalog, random.random(),
                                                  counted(key, team, runtime))
             decision = permitted if permitted is not None else decision
-        limited = await self.within_limits(decision, facts, key, team, runtime, peek)
+        limited = await self.limits.within_limits(decision, facts, key, team, runtime, peek)
         if shadow and isinstance(limited, Deny) and limited.code in shadow_mode.LIMIT_CODES \
                 and isinstance(decision, Allow):
             decision.metadata.pop(USAGE_ID, None)  # let through uncounted: its limit said no
@@ -423,7 +248,7 @@ class AuthorizationService:
         body = body_of(request)
         label = identity.user_id or identity.email or "jwt"
         if admin_route:
-            return self.admin_access(identity, label, request.attributes.request.http.method, facts.path, runtime)
+            return admin_access(identity, label, request.attributes.request.http.method, facts.path, runtime)
         listed = listing.listing(facts.path) if facts.endpoint is None else None
         if identity.every_model:  # admin_jwt_scope: every model, like the master key, logged as who it is
             admin = KeyRecord(f"jwt:{label}", label, (), None, None, False, None, identity.user_id)
@@ -466,123 +291,6 @@ class AuthorizationService:
         return await self.enforced(first, read, key, team, runtime) if isinstance(first, Deny) \
             and first.code == "model_not_allowed" else first
 
-    async def within_limits(self, decision: Decision, facts: Facts, key: KeyRecord, team: TeamRecord | None,
-                             runtime: Runtime, peek: bool = False) -> Decision:
-        """An allowed request within its rate windows and budgets, in one Redis round trip
-        (for callers with a limit or a budget only), or refused: a call of a caller with a
-        budget or a tpm_limit holds its estimate there until its usage report settles it.
-        A counted one carries the id its usage report is settled under."""
-        if not isinstance(decision, Allow):
-            return decision
-        now = time.time()
-        # (LiteLLM skips budgets for a model its config prices at zero: a self-hosted one.)
-        free = isinstance(decision.route, Route) and decision.route.route_id in runtime.free_routes
-        owner = None if free else budgeted(key, team)
-        if owner is not None:
-            why = unpriced(decision, facts, runtime)
-            if why is not None:
-                spent = await self.spent(decision, key, team, runtime, now, peek)
-                if spent is not None:
-                    return spent
-                return Deny(403, "unpriced_model", f"{owner} has a budget, and this call's cost cannot be counted: "
-                            f"{why}.", "model", decision.metadata)
-        if not runtime.config.settings.usage_reports:
-            needing = needs_reports(key, team)
-            if needing is not None:
-                return Deny(403, "usage_not_reported", f"{needing} needs the usage providers report, and this "
-                            "gateway's Envoy does not send it (extauthz_settings.usage_reports is false), so the "
-                            "limit cannot be enforced.", None, decision.metadata)
-        key_limits, team_limits = key.limits, team.limits if team is not None else None
-        limited = (key_limits is not None and key_limits.rate_limited) or (
-            team_limits is not None and team_limits.rate_limited) or owner is not None
-        track = counted(key, team, runtime)
-        if not (limited or track):
-            return decision
-        if self.counters is None:  # (no Redis to count in: a limit is never lifted for it)
-            return UNAVAILABLE if limited else hide_asked_usage(decision, facts)
-        # The id its usage report will be settled under: Envoy's request id is the client's
-        # own on a trusted network, and one sent on every request would settle only once.
-        decision.metadata[USAGE_ID] = secrets.token_hex(USAGE_ID_LENGTH // 2)
-        # The whole hash, for the usage report's counters (the logs show its prefix only).
-        decision.metadata["key_id"] = key.token_hash
-        if key.counter_id is not None:  # a regenerated key: its line's counters, whatever becomes of its record
-            decision.metadata["key_account"] = key.counter_id
-        if limited:
-            refused = await self.admitted(decision, facts, key, team, runtime, now, peek, owner is not None)
-            if refused is not None:
-                return refused
-            if decision.metadata.get("inflight") == "1":  # Envoy frees the place as the response ends
-                return hide_asked_usage(decision._replace(
-                    dynamic_headers=decision.dynamic_headers + COUNTED_IN_FLIGHT_HEADERS), facts)
-        if not track:  # no usage reports: its rpm window was counted, nothing else
-            return decision
-        return hide_asked_usage(decision._replace(dynamic_headers=decision.dynamic_headers + COUNTED_HEADERS), facts)
-
-    async def spent(self, decision: Allow, key: KeyRecord, team: TeamRecord | None, runtime: Runtime, now: float,
-                    peek: bool) -> Deny | None:
-        """A budget already used up refuses as budget_exceeded before any question of price
-        (as LiteLLM: a spent budget is the answer whatever the model)."""
-        if self.counters is None:
-            return UNAVAILABLE
-        counters = budget_counters(key, team, runtime.catalog.same_model(str(decision.metadata.get("model", ""))),
-                                   now, 0.0)
-        try:
-            refused = await self.counters.peek(counters, now)
-        except StoreUnavailable:
-            return UNAVAILABLE
-        if refused is None:
-            return None
-        counter, value = refused
-        if not peek:
-            self.metrics.limited(counter.name, team.team_id if team is not None else None)
-        return budgets.refusal(counter, value, decision.metadata, runtime.config.budget_exceeded_status)
-
-    async def admitted(self, decision: Allow, facts: Facts, key: KeyRecord, team: TeamRecord | None,
-                       runtime: Runtime, now: float, peek: bool, budgeted_call: bool) -> Deny | None:
-        """The call admitted against every counter of its key and team (taking a place in
-        each, and holding its estimate in its token windows and, when ``budgeted_call``, its
-        budgets), or the refusal."""
-        assert self.counters is not None
-        model = str(decision.metadata.get("model", ""))
-        scopes = [(scope("key", key.account), f"key {key.label!r}", key.limits)]
-        if team is not None:
-            scopes.append((scope("team", team.team_id), f"team {team.label!r}", team.limits))
-        holds = any(limits is not None and (limits.tpm is not None or limits.model_tpm) for _, _, limits in scopes) \
-            or budgeted_call
-        estimate = self.estimate(decision, facts, runtime) if holds else None
-        names = runtime.catalog.same_model(model)  # (an alias takes its model's limits)
-        counters = rate_counters(scopes, names, now, estimate.tokens if estimate is not None else 0)
-        if budgeted_call:
-            counters += budget_counters(key, team, names, now, estimate.cost or 0.0 if estimate is not None else 0.0)
-        try:
-            refused = await (self.counters.peek(counters, now) if peek else
-                             self.counters.admit(counters, decision.metadata[USAGE_ID], now, estimate))
-        except StoreUnavailable:
-            return UNAVAILABLE
-        if refused is not None:
-            counter, value = refused
-            if not peek:
-                self.metrics.limited(counter.name, team.team_id if team is not None else None)
-            metadata = {k: v for k, v in decision.metadata.items() if k != USAGE_ID}
-            return budgets.refusal(counter, value, metadata, runtime.config.budget_exceeded_status) \
-                if counter.kind == "b" else refusal(counter, now, metadata)
-        if estimate is not None:  # its settlement trues up what it held, in the windows it held it in
-            decision.metadata["hold"] = "1"
-            decision.metadata["admitted"] = repr(now)
-        if any(c.kind == "s" for c in counters):
-            decision.metadata["inflight"] = "1"
-        return None
-
-    @staticmethod
-    def estimate(decision: Allow, facts: Facts, runtime: Runtime) -> Estimate:
-        """What the call may cost (usage/estimate.py), at its route's price."""
-        route, endpoint, body, form = decision.route, facts.endpoint, facts.json_model, facts.form
-        price = runtime.price(route.route_id, str(decision.metadata.get("model", ""))) \
-            if isinstance(route, Route) else None
-        size = len(body.body) if body is not None else form.size if form is not None else 0
-        return estimate(body.doc if body is not None else None, size,
-                        endpoint.operation if isinstance(endpoint, Endpoint) else None, price,
-                        runtime.config.settings.default_max_output_tokens, form.counts if form is not None else ())
 
     async def token_user(self, identity: Identity, jwt: JwtAuth) -> UserRecord | Deny | None:
         """The user record of a token's user: created first with user_id_upsert; without
@@ -611,35 +319,6 @@ class AuthorizationService:
             team = await self.upserts.team(team_id)
         return team
 
-    @staticmethod
-    def admin_access(identity: Any, label: str, method: str, path: str, runtime: Runtime) -> Decision:
-        scoped = bool(runtime.config.jwt and runtime.config.jwt.scope_mappings)
-        """The admin API for a JWT caller: proxy_admin every route, proxy_admin_viewer the
-        read routes (GET); other roles none. Allowed, the request reaches the admin API
-        with the master key in place of the token."""
-        acting: tuple[tuple[str, str], ...] = ()
-        route = path.partition("?")[0]
-        viewer = identity.role == "internal_user_viewer"
-        if identity.role in ("internal_user", "internal_user_viewer") and identity.user_id \
-                and identity.user_id.strip() and route in ACTING_ROUTES and (method == "GET" or not viewer):
-            if route in ("/key/generate", "/key/update", "/key/regenerate") and scoped:
-                # A key of its team's models would reach more than the token's scopes allow.
-                return Deny(403, "admin_not_allowed", "With scope_mappings, a token cannot create or change keys.")
-            # Its own keys only: the admin API narrows the master key to this user and teams.
-            acting = ((ACTING_USER_HEADER, json.dumps(identity.user_id)),
-                      (ACTING_TEAMS_HEADER, json.dumps(list(identity.teams))))
-        allowed = identity.role == "proxy_admin" or (identity.role == "proxy_admin_viewer" and method == "GET") \
-            or bool(acting)
-        if not allowed:  # (LiteLLM: 403 for a viewer's write, 401 for a route a role may not use)
-            return Deny(403 if identity.role == "proxy_admin_viewer" else 401, "admin_not_allowed",
-                        f"The token's role ({identity.role}) may not use this admin route.")
-        if runtime.admin_route is None:
-            return Deny(403, "admin_not_allowed", "The admin API needs general_settings.master_key.")
-        meta = {"key_alias": label, "role": identity.role, "deployment": "admin_api"}
-        if identity.user_id:
-            meta["user_id"] = identity.user_id
-        actor = ((ADMIN_ACTOR_HEADER, json.dumps({"user_id": identity.user_id or label, "role": identity.role})),)
-        return Allow(runtime.admin_route, acting + actor, meta)  # type: ignore[arg-type]
 
     async def with_body(self, facts: Facts, body: bytes, key: KeyRecord, team: TeamRecord | None,
                         runtime: Runtime, owner: Owner | None = None) -> tuple[Decision, Facts]:
