@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,8 +37,9 @@ class Cluster:
         another process makes it exit at once, and it is started again on another."""
         for _ in range(5):
             port, bus = free_port(), free_port()
-            data = self.workdir / f"cluster-node-{port}"
-            data.mkdir(exist_ok=True)
+            # A directory of its own: a port an earlier node of the session had leaves that
+            # node's nodes.conf, which would make this one part of the old cluster.
+            data = Path(tempfile.mkdtemp(prefix=f"cluster-node-{port}-", dir=self.workdir))
             proc = Proc("redis-server", [shutil.which("redis-server") or "redis-server", "--port", str(port),
                                          "--cluster-port", str(bus), "--bind", "127.0.0.1", "--dir", str(data),
                                          "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
