@@ -175,7 +175,7 @@ def authorize(facts: Facts, key: KeyRecord, team: TeamRecord | None, catalog: Ca
 def forward(grant: Grant, facts: Facts, counted: bool = False) -> Allow | Deny:
     """Routing's step: what the upstream request becomes, or why it cannot be sent
     (a format the deployment does not read, a body that cannot carry its model).
-    ``counted``: its response's usage will be read (see service.counted)."""
+    ``counted``: its response's usage will be read (see enforcement.counted)."""
     headers = grant.route.forward_headers(facts, grant.capture, counted)
     if isinstance(headers, Problem):
         return _problem(headers, grant.metadata)

@@ -83,7 +83,7 @@ def _static_headers(upstream: providers.Upstream, credential: Headers, per_reque
         + credential
     overwritten = {name for name, _ in headers} | set(per_request)
     # Envoy applies sets before removes: a header we overwrite must not also be removed.
-    # USAGE_HEADER is set per request after this (service.within_limits); a client's never
+    # USAGE_HEADER is set per request after this (enforcement.within_limits); a client's never
     # reaches here (removed early), and the routes remove the gateway's before the provider.
     remove = tuple(h for h in (*providers.CLIENT_KEY_HEADERS, *providers.CLIENT_ONLY_HEADERS, *INTERNAL_HEADERS)
                    if h not in overwritten and h != USAGE_HEADER)

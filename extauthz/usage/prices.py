@@ -120,7 +120,7 @@ OUTPUT_FIELDS = ("completion_tokens", "output_tokens", "candidatesTokenCount", "
 MAX_TOKENS = 10**12  # a count past this is not one
 
 
-class Tokens(NamedTuple):
+class TokenCounts(NamedTuple):
     input: int
     output: int
     cache_read: int = 0     # Anthropic's, beside its input tokens (OpenAI's are inside prompt_tokens)
@@ -131,17 +131,17 @@ class Tokens(NamedTuple):
         return self.input + self.output + self.cache_read + self.cache_write
 
 
-def tokens_of(usage: Mapping[str, Any]) -> Tokens | None:
+def tokens_of(usage: Mapping[str, Any]) -> TokenCounts | None:
     """A response's reported usage, or None when it reports none."""
     counts = {k: int(v) for k, v in usage.items()
               if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < MAX_TOKENS}
     if not counts:
         return None
-    return Tokens(sum(counts.get(f, 0) for f in INPUT_FIELDS), sum(counts.get(f, 0) for f in OUTPUT_FIELDS),
+    return TokenCounts(sum(counts.get(f, 0) for f in INPUT_FIELDS), sum(counts.get(f, 0) for f in OUTPUT_FIELDS),
                   counts.get("cache_read_input_tokens", 0), counts.get("cache_creation_input_tokens", 0))
 
 
-def cost(price: Price, tokens: Tokens) -> float:
+def cost(price: Price, tokens: TokenCounts) -> float:
     """USD for one response's tokens. OpenAI's cached prompt tokens are priced as prompt
     tokens (their count is nested where the response filter does not read): a cost is
     never under the provider's."""

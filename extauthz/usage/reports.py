@@ -24,7 +24,7 @@ from extauthz.records.store import RecordReader, StoreUnavailable
 from extauthz.telemetry.metrics import SOFT_BUDGET_CROSSINGS, SPEND, USAGE_REPORTS, TeamLabels
 from extauthz.usage import prices
 from extauthz.usage.counters import INFLIGHT_MAX_S, OVER, SOFT, RateCounters, Settlement
-from extauthz.usage.prices import Price, Tokens, tokens_of
+from extauthz.usage.prices import Price, TokenCounts, tokens_of
 
 log = logging.getLogger("extauthz.usage")
 
@@ -38,12 +38,12 @@ CLOCK_SKEW_S = 60.0      # how far replicas' clocks may differ
 
 
 class Report(NamedTuple):
-    usage_id: str           # set by the check on the allow (see service.within_limits)
+    usage_id: str           # set by the check on the allow (see check/enforcement.within_limits)
     key_id: str | None      # None for a JWT caller (it has no key of its own)
     team_id: str | None
     model: str
     deployment: str         # the route id: its price
-    tokens: Tokens | None   # None: the response reported no usage
+    tokens: TokenCounts | None   # None: the response reported no usage
     inflight: bool = False  # it held a place in an in-flight set (max_parallel_requests)
     account: str | None = None  # a regenerated key's counters (its line's first key), when not its own
     held: bool = False      # it held an estimate of its cost and tokens when admitted
