@@ -35,8 +35,9 @@ from extauthz.config import Config, ConfigError, Settings, setting_path
 from extauthz.records import connection
 from extauthz.records.cache import CachedStore, RecordCache
 from extauthz.records.invalidation import Invalidator
-from extauthz.records.store import RedisReader, RedisWriter
+from extauthz.records.store import RedisReader
 from extauthz.records.upsert import Upserts
+from extauthz.records.writer import RedisWriter
 from extauthz.telemetry import logs, metrics, tracing
 from extauthz.tokens import Tokens
 from extauthz.usage.counters import RateCounters

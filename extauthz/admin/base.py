@@ -48,9 +48,9 @@ from extauthz.records.store import (
     MissingTeam,
     NotFound,
     RecordReader,
-    RedisWriter,
     StoreUnavailable,
 )
+from extauthz.records.writer import RedisWriter
 from extauthz.telemetry import metrics
 from extauthz.usage.counters import RateCounters
 

@@ -24,11 +24,8 @@ from extauthz.domain.record import (
     new_user_doc,
     team_members,
 )
-from extauthz.records.store import (
-    MissingTeam,
-    NotFound,
-    RedisWriter,
-)
+from extauthz.records.store import MissingTeam, NotFound
+from extauthz.records.writer import RedisWriter
 
 if TYPE_CHECKING:
     pass

@@ -12,7 +12,8 @@ from __future__ import annotations
 from extauthz.domain.model_names import NO_DEFAULT_MODELS
 from extauthz.domain.record import TeamRecord, new_team_doc, new_user_doc
 from extauthz.records.audit import Actor, Note
-from extauthz.records.store import RecordReader, RedisWriter
+from extauthz.records.store import RecordReader
+from extauthz.records.writer import RedisWriter
 
 
 class Upserts:
