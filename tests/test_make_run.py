@@ -5,6 +5,7 @@ a failure. PORT=0 lets Envoy choose (the test reads the port from what make run 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -81,9 +82,14 @@ class MakeRun:
         return code
 
     def kill(self) -> None:
+        """Stopped as a user would (Ctrl-C), else killed: what it started dies with it."""
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+            os.killpg(self.proc.pid, signal.SIGINT)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
 
 
 def shown(output: str, name: str) -> str:
@@ -151,6 +157,36 @@ def test_make_run_keeps_what_it_writes_to_its_user_and_prints_no_secret(tmp_path
         assert "sk-never-printed-42" not in run.output
     finally:
         run.kill()
+
+
+def test_nothing_make_run_started_outlives_it_when_it_is_killed(tmp_path: Path) -> None:
+    # SIGKILL leaves the script no time to stop anything: its processes go with it.
+    run = MakeRun(tmp_path, "PORT=0")
+    try:
+        run.wait_up()
+        started = [json.loads((tmp_path / f).read_text())["pid"] for f in ("extauthz.ready.json",)]
+        script = int(subprocess.run(["pgrep", "-f", f"scripts/run --port=0"], capture_output=True, text=True)
+                     .stdout.split()[0])
+        children = [int(p) for p in subprocess.run(["pgrep", "-P", str(script)], capture_output=True,
+                                                     text=True).stdout.split()]
+        assert set(started) <= set(children) and len(children) == 4   # redis, upstream, sidecar, Envoy
+        os.kill(script, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while any(alive(p) for p in children):
+            assert time.monotonic() < deadline, f"still running: {[p for p in children if alive(p)]}"
+            time.sleep(0.1)
+    finally:
+        run.kill()
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    state = Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[-1][:1] if Path(f"/proc/{pid}/stat").exists() \
+        else "X"
+    return state != "Z"  # (a zombie is gone, only not yet reaped)
 
 
 def test_make_run_on_a_taken_port_says_which_and_what_to_do(
