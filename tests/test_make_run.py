@@ -164,12 +164,14 @@ def test_nothing_make_run_started_outlives_it_when_it_is_killed(tmp_path: Path) 
     run = MakeRun(tmp_path, "PORT=0")
     try:
         run.wait_up()
-        started = [json.loads((tmp_path / f).read_text())["pid"] for f in ("extauthz.ready.json",)]
-        script = int(subprocess.run(["pgrep", "-f", f"scripts/run --port=0"], capture_output=True, text=True)
-                     .stdout.split()[0])
-        children = [int(p) for p in subprocess.run(["pgrep", "-P", str(script)], capture_output=True,
-                                                     text=True).stdout.split()]
-        assert set(started) <= set(children) and len(children) == 4   # redis, upstream, sidecar, Envoy
+        sidecar = json.loads((tmp_path / "extauthz.ready.json").read_text())["pid"]
+
+        def children_of(pid: int) -> list[int]:
+            found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+            return [int(p) for p in found.split()]
+        (script,) = children_of(run.proc.pid)  # (make runs the script itself, no shell between)
+        children = children_of(script)
+        assert sidecar in children and len(children) == 4   # redis, upstream, sidecar, Envoy
         os.kill(script, signal.SIGKILL)
         deadline = time.monotonic() + 20
         while any(alive(p) for p in children):
@@ -212,8 +214,8 @@ def test_make_run_jwt_verifies_the_local_identity_providers_tokens_in_envoy(tmp_
         gateway = run.wait_up()
         commands = [line.strip() for line in run.lines if line.startswith(PRINTED_COMMAND)]
         assert [c.split()[0] for c in commands] == ["curl", "TOKEN=$(curl", "curl"], run.output
-        tried = subprocess.run(["bash", "-ec", "\n".join(commands[:2]) + "\necho; echo \"$TOKEN\""], capture_output=True,
-                               text=True, timeout=30)
+        script = "\n".join(commands[:2]) + "\necho; echo \"$TOKEN\""
+        tried = subprocess.run(["bash", "-ec", script], capture_output=True, text=True, timeout=30)
         assert tried.returncode == 0, tried.stderr
         token = tried.stdout.strip().splitlines()[-1]
         assert token.count(".") == 2
