@@ -66,7 +66,7 @@ class ExplainRoutes(AdminBase):
         content_type, payload = explained_body(endpoint, model, max_tokens)
         facts = Facts(token="explain", model=None, path=path, endpoint=endpoint,
                       headers={"content-type": content_type})
-        decision = await self.check.decide_key(facts, payload, runtime, key, team, owner, peek=True)
+        decision = await self.check.keys.decide_key(facts, payload, runtime, key, team, owner, peek=True)
         if key is None:
             return web.json_response({**explain.outcome_view(decision),
                                       "steps": [{"step": "caller", "found": False}]})

@@ -1,6 +1,6 @@
 """Why a decision is what it is, step by step (POST /access/explain).
 
-The decision itself comes from the check path's own code (service.decide_key, with
+The decision itself comes from the check path's own code (key_decision.KeyDecision.decide_key, with
 nothing taken from the rate limits); this module only describes, from the same records
 and catalog, what that code looked at: the caller, how the model name resolved, which
 entry of which list admitted or refused it, which deployments serve it and with what
