@@ -67,6 +67,15 @@ def targets(results: dict[str, Any]) -> dict[str, Any]:
             "value": measured["rps_on_x_off"], "limit": f">= {TARGETS['accounting_rps_x_without_min']}",
             "pass": measured["rps_on_x_off"] >= TARGETS["accounting_rps_x_without_min"],
             "per_rep": measured["per_rep_x"]}
+    counted = results["instructions"]
+    for kind in ("allowed", "denied"):
+        value = counted[f"{kind}_x_floor"]
+        out[f"instructions_{kind}_x_floor"] = {"value": value, "limit": f"<= {TARGETS['instructions_x_floor_max']}",
+                                               "pass": value <= TARGETS["instructions_x_floor_max"]}
+    through = counted["envoy_sidecar_throughput_x_floor"]
+    out["envoy_instructions_throughput_x_floor"] = {
+        "value": through, "limit": f">= {TARGETS['envoy_instructions_throughput_x_floor_min']}",
+        "pass": through >= TARGETS["envoy_instructions_throughput_x_floor_min"]}
     if hit_share < 0.99:
         out["sidecar_rss_mb_100k_keys"]["invalid"] = (
             f"the cache did not hold the keys: after the pass only {hit_share:.0%} of a sample of "
@@ -92,6 +101,10 @@ def warnings(results: dict[str, Any]) -> list[str]:
     if abs(share) > 0.01:
         out.append(f"envoy_sidecar: denied share {results['envoy_sidecar']['denied_share']:.1%}, the population "
                    f"says {results['envoy_sidecar']['expected_denied_share']:.1%}")
+    for name, measured in results["instructions"].items():
+        if isinstance(measured, dict) and measured.get("spread", 0) > 0.01:
+            out.append(f"instructions {name}: the last repetitions differ by {measured['spread']:.1%} "
+                       f"({measured['repetitions']} repetitions): something else ran in the process")
     cal = results["machine_calibration_ms"]
     if cal["max"] > 1.3 * cal["min"]:
         out.append(f"the machine's speed varied during the run (a fixed loop took {cal['min']}-{cal['max']} ms): "

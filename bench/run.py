@@ -65,6 +65,7 @@ from bench.grpc_load import cache_hit_share, cache_stats, check_every_key, grpc_
 from bench.envoy_load import EnvoyCase, bench_config, bootstrap, envoy_phase, start_envoy, verify_envoy
 from bench.report import table, targets, warnings
 from bench.holds import holds
+from bench import instructions
 
 # == the run ====================================================================================
 
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep the work directory (logs, configs)")
     ap.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     args = ap.parse_args(argv)
-    for tool in ("h2load", "wrk"):
+    for tool in ("h2load", "wrk", "valgrind", "callgrind_control"):
         if shutil.which(tool) is None:
             print(f"bench: {tool} is not installed: run scripts/ensure-bench-tools", file=sys.stderr)
             return 2
@@ -95,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
         print()
         print(table(results))
+        print()
+        print(instructions.table(results["instructions"]))
         print()
         print(f"sidecar RSS after a check for each of the {N_KEYS:,} keys: {results['sidecar_rss_mb_100k_keys']} MiB "
               f"(before: {results['sidecar_rss_mb_before_100k_keys']}; every key cached, estimated: "
@@ -227,6 +230,9 @@ def run(workdir: Path, procs: list[Proc]) -> dict[str, Any]:
             case.proc.stop()
         _trim(case.proc.log)
     untracked.proc.stop()
+
+    step("instructions per check under callgrind: the floor and the sidecar over gRPC, then each behind Envoy")
+    results["instructions"] = instructions.measure(workdir, procs, cfg_path, redis_url, r, N_KEYS)
 
     results["warm_sidecar_cache_stats_at_end"] = cache_stats(warm.admin_port)
     uptime = time.monotonic() - warm_started

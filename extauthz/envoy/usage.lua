@@ -263,15 +263,17 @@ local function without_unasked(hs, text)
   return table.concat(out)
 end
 
--- The counts in text, into found; true when one changed.
+-- The counts in text, into found; true when one changed. One pass over the usage object,
+-- every "name": number in it, the names kept those of FIELDS (the first of each, or with
+-- last_wins the last).
+local FIELD = {}
+for _, name in ipairs(FIELDS) do FIELD[name] = true end
 local function counts(text, found, last_wins)
   local changed = false
-  for _, name in ipairs(FIELDS) do
-    for value in string.gmatch(text, "\"" .. name .. "\"%s*:%s*(%d+)") do
-      if (last_wins or found[name] == nil) and found[name] ~= value then
-        found[name] = value
-        changed = true
-      end
+  for name, value in string.gmatch(text, "\"([%a_]+)\"%s*:%s*(%d+)") do
+    if FIELD[name] and (last_wins or found[name] == nil) and found[name] ~= value then
+      found[name] = value
+      changed = true
     end
   end
   return changed
@@ -510,14 +512,15 @@ function envoy_on_response(handle)
     release(handle)
     return
   end
-  local decision = handle:streamInfo():dynamicMetadata():get("envoy.filters.http.ext_authz")
-  local hide = stream and decision ~= nil and decision["usage_unasked"] == "1"
-  local hs = hide_state()
+  -- (the check's metadata is read only where it can matter: a JSON body never hides anything)
+  local decision = stream and handle:streamInfo():dynamicMetadata():get("envoy.filters.http.ext_authz") or nil
+  local hide = decision ~= nil and decision["usage_unasked"] == "1"
+  local hs = hide and hide_state() or nil
   if hide then
     handle:headers():remove("content-length")   -- (the stream's length changes)
   end
   local found = {}
-  local state, tail, sse, read = json_state(), "", sse_state(), nil
+  local state, tail, sse, read = json and json_state() or nil, "", stream and sse_state() or nil, nil
   for chunk in handle:bodyChunks() do
     local text = chunk:getBytes(0, chunk:length())
     if json then
