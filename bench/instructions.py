@@ -47,6 +47,7 @@ import redis
 
 from bench.envoy_load import bench_config, bootstrap
 from bench.grpc_load import grpc_ready
+from bench.measure import stop_all
 from bench.population import PERSONAL_AB, Probe, allowed, chat_body, key_models, populate, raw_key
 from bench.shape import BENCH, CHECK_PATH, MODEL_A, MODEL_B, WARM_ENV
 from extauthz import config as config_module
@@ -371,12 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         ok = True
         return 0
     finally:
-        for proc in reversed(procs):
-            proc.stop()
-        if ok and not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            print(f"bench: logs and configs in {workdir}", file=sys.stderr)
+        stop_all(procs, workdir, keep=args.keep or not ok)
 
 
 if __name__ == "__main__":

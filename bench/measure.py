@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import redis
-
 
 # == process measurements ===================================================================
 
@@ -73,3 +76,14 @@ def rotated(names: list[str], rep: int) -> list[str]:
     """Who goes first changes each repetition, so no server always follows the same one."""
     k = rep % len(names)
     return names[k:] + names[:k]
+
+
+def stop_all(procs: list[Any], workdir: Path, keep: bool) -> None:
+    """The end of a run: every process stopped, last started first; the work directory
+    removed unless kept (or the run failed: ``keep`` then, to read its logs)."""
+    for proc in reversed(procs):
+        proc.stop()
+    if keep:
+        print(f"bench: logs and configs in {workdir}", file=sys.stderr)
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -60,7 +60,7 @@ from extauthz import config as config_module
 from tests.harness import Proc, Sidecar, free_port, http, start_redis, start_sidecar
 from bench.shape import BENCH, COLD_ENV, H2_PROCS, H2_STREAMS, MEMORY_CONCURRENCY, N_KEYS, N_TEAMS, REPS, RESULTS, ROUND_S, WARM_ENV, WRK_CONNECTIONS, WRK_REPS, WRK_S
 from bench.population import grpc_frame, h2_rounds, populate
-from bench.measure import calibrate, rss_mb
+from bench.measure import calibrate, rss_mb, stop_all
 from bench.grpc_load import cache_hit_share, cache_stats, check_every_key, grpc_phase, grpc_ready, record_memory_estimate, verify
 from bench.envoy_load import EnvoyCase, bench_config, bootstrap, envoy_phase, start_envoy, verify_envoy
 from bench.report import table, targets, warnings
@@ -115,12 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         ok = True
         return 1 if args.strict and not all(t["pass"] for t in results["targets"].values()) else 0
     finally:
-        for proc in reversed(procs):
-            proc.stop()
-        if ok and not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            print(f"bench: logs and configs in {workdir}", file=sys.stderr)
+        stop_all(procs, workdir, keep=args.keep or not ok)
 
 
 def run(workdir: Path, procs: list[Proc]) -> dict[str, Any]:
