@@ -35,7 +35,9 @@ from extauthz.config import Config, ConfigError, Settings, setting_path
 from extauthz.records import connection
 from extauthz.records.cache import CachedStore, RecordCache
 from extauthz.records.invalidation import Invalidator
-from extauthz.records.store import RedisReader
+from extauthz.records.models import MODEL_PREFIX, opened_entry
+from extauthz.records.sealed import Sealer
+from extauthz.records.store import RedisReader, StoreUnavailable
 from extauthz.records.upsert import Upserts
 from extauthz.records.writer import RedisWriter
 from extauthz.telemetry import logs, metrics, tracing
@@ -68,16 +70,36 @@ class RuntimeBox:
     tokens: Tokens
     reloads: int = 0
     reload_failures: int = 0
+    # The config file's (what a reload reads again) and the runtime models (what Redis
+    # holds, store_model_in_db): the runtime is both, the file's first.
+    file: Config | None = None
+    models: list[tuple[str, Any, str | None]] = dataclasses.field(default_factory=list)
+    # The upstream clusters of the Envoy rendered from the config the process started with.
+    clusters: frozenset[str] | None = None
 
     def __call__(self) -> Runtime:
         return self.current
+
+    def set_models(self, entries: list[tuple[str, Any, str | None]]) -> None:
+        self.models = entries
+        self.rebuild()
+
+    def rebuild(self) -> None:
+        file = self.file or self.current.config
+        config = config_module.with_runtime_models(file, self.models) if file.store_model_in_db else file
+        if self.clusters is not None:
+            # (an Envoy this project rendered has the dynamic clusters; a mesh's routes do not)
+            config = config_module.served_by(config, self.clusters, file.settings.upstream_authority)
+        self.current = Runtime.of(config, self.tokens)
+        self.tokens.keep({d.token for d in config.deployments if d.token is not None})
+        self.tokens.start()  # a token a new model needs starts being refreshed
 
     def reload(self) -> None:
         """Read the config file again; swap it in whole, or keep the running one.
 
         The model list, aliases, pass-through paths and master key change at once; the
         process settings (ports, Redis, workers) need a restart and are kept."""
-        old = self.current.config
+        old = self.file or self.current.config
         try:
             new = config_module.load(old.path)
         except ConfigError as e:
@@ -89,13 +111,14 @@ class RuntimeBox:
             log.error("config reload: litellm_jwtauth changed; Envoy still verifies tokens with the keys it was "
                       "rendered with: re-render its config (extauthz envoy-config) and restart it. Until then the "
                       "sidecar accepts only the issuers and audiences of the new config.")
-        self.current = Runtime.of(dataclasses.replace(new, settings=old.settings), self.tokens)
-        self.tokens.keep({d.token for d in new.deployments if d.token is not None})
-        self.tokens.start()  # a token the new config needs starts being refreshed
+        if new.store_model_in_db != old.store_model_in_db:
+            log.error("config reload: store_model_in_db changed; it takes effect when the sidecar restarts")
+        self.file = dataclasses.replace(new, settings=old.settings, store_model_in_db=old.store_model_in_db)
+        self.rebuild()
         self.reloads += 1
         metrics.CONFIG_RELOADS.labels("ok").inc()
         log.info("config reloaded from %s: %d deployments", old.path, len(new.deployments))
-        report_config(new)
+        report_config(self.current.config)
 
     def stats(self) -> dict[str, int]:
         config = self.current.config
@@ -196,14 +219,17 @@ class App:
         s = self.settings = config.settings
         self.config, self.reuse_port = config, reuse_port
         self.tokens = Tokens()
-        self.runtime = RuntimeBox(Runtime.of(config, self.tokens), self.tokens)
+        self.runtime = RuntimeBox(Runtime.of(config, self.tokens), self.tokens, file=config,
+                                  clusters=config_module.envoy_clusters(config))
         report_config(config)
         self.cache = RecordCache(s.cache_max_entries, s.cache_negative_ttl_s, s.max_stale_s)
         try:
             redis = self.redis = connection.target(s)
             self.store = RedisReader(redis, s.redis_timeout_ms, s.key_prefix)
             prefixes = (self.store.key_id(""), self.store.team_id(""), self.store.user_id(""))
-            self.invalidator = Invalidator(redis, prefixes, self.cache, s.redis_timeout_ms / 1000)
+            # Runtime models: a change any replica makes reaches this one on the same channel.
+            watch = (self.store.prefix + MODEL_PREFIX, self.models_dirty) if config.store_model_in_db else None
+            self.invalidator = Invalidator(redis, prefixes, self.cache, s.redis_timeout_ms / 1000, watch)
         except ValueError as e:  # (connection.UnusableTarget, or what urllib or redis-py make of the URL)
             # Only our own messages are shown: another parser's may quote a piece of the URL,
             # a password included.
@@ -226,6 +252,10 @@ class App:
         self.sockets: list[socket.socket] = []
         self.tasks: list[asyncio.Task[Any]] = []
         self.closers: list[Callable[[], Awaitable[Any]]] = []
+        self.writer: RedisWriter | None = None
+        self.models_lock = asyncio.Lock()
+        self.models_pending = False
+        self.models_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -262,8 +292,20 @@ class App:
             self.ports["metrics_port"] = metrics_socket.getsockname()[1]
 
         # Then serve, in the order requests will need the parts.
+        admin_redis = self.store.client(ADMIN_REDIS_TIMEOUT_S)
+        self.closers.append(admin_redis.aclose)
+        writer = RedisWriter(self.store, s.audit_max_entries, None, s.redis_wait_replicas, s.redis_wait_timeout_ms,
+                             admin_redis, ADMIN_REDIS_TIMEOUT_S, audit_max_bytes=s.audit_max_bytes)
+        self.closers.append(writer.close)
+        self.writer = writer
+        if self.config.store_model_in_db:  # (before the first check: a runtime model is never missing at start)
+            try:
+                await self.load_models()
+            except StoreUnavailable as e:  # (loaded when the invalidation channel is up)
+                log.error("runtime models not loaded (Redis: %s); only the config's are served until they are", e)
         self.tokens.start()  # provider tokens, fetched in the background (a check finds none yet: 503)
-        if s.cache_max_entries > 0:  # without a cache there is nothing to invalidate
+        # Without a cache there is nothing to invalidate, but runtime models still change.
+        if s.cache_max_entries > 0 or self.config.store_model_in_db:
             self.tasks.append(asyncio.create_task(self.invalidator.run(), name="invalidation"))
         await self.grpc.start()
         if self.health_grpc is not None:
@@ -273,13 +315,8 @@ class App:
                          "redis_tracking": self.cache.trusted, "redis_warnings": self.redis_warnings,
                          # a cluster's primaries: those the invalidation channel tracks (checked each second)
                          **({"redis_primary": ",".join(self.invalidator.tracked)} if self.redis.cluster else {})}
-        admin_redis = self.store.client(ADMIN_REDIS_TIMEOUT_S)
-        self.closers.append(admin_redis.aclose)
-        writer = RedisWriter(self.store, s.audit_max_entries, None, s.redis_wait_replicas, s.redis_wait_timeout_ms,
-                             admin_redis, ADMIN_REDIS_TIMEOUT_S, audit_max_bytes=s.audit_max_bytes)
-        self.closers.append(writer.close)
-        await self.serve_http(AdminApi(self.runtime, writer, stats, self.service.store, self.service).app(),
-                              admin_socket)
+        await self.serve_http(AdminApi(self.runtime, writer, stats, self.service.store, self.service,
+                                       self.load_models).app(), admin_socket)
         if metrics_socket is not None:
             await self.serve_http(metrics_app(), metrics_socket)
         counters = lambda: {**self.cache.stats(), "reconnects": self.invalidator.reconnects}  # noqa: E731
@@ -294,6 +331,40 @@ class App:
                  self.ports["grpc_port"], s.admin_host, self.ports["admin_port"], len(self.config.deployments))
         if self.ready_file:
             self.announce_ready(self.ready_file)
+
+    async def load_models(self) -> None:
+        """The runtime models as Redis holds them now, served from here on (credentials
+        opened with the master key or LITELLM_SALT_KEY)."""
+        if self.writer is None or not self.config.store_model_in_db:
+            return
+        async with self.models_lock:
+            docs = await self.writer.models()
+            sealer = Sealer.from_environment(self.config.master_key)
+            entries = [opened_entry(doc, sealer) for doc in docs]
+            self.runtime.set_models(entries)
+            log.info("runtime models: %d served, %d not routable", sum(d.routable and d.model_id is not None
+                     for d in self.runtime().config.deployments), sum(not d.routable and d.model_id is not None
+                     for d in self.runtime().config.deployments))
+            for model_id, _, problem in entries:
+                if problem is not None:
+                    log.error("runtime model %s is not served: %s", model_id, problem)
+
+    def models_dirty(self) -> None:
+        """A runtime model changed (or may have, while the channel was down): read them again,
+        once for a burst of changes."""
+        self.models_pending = True
+        if self.models_task is None or self.models_task.done():
+            self.models_task = asyncio.get_running_loop().create_task(self._refresh_models())
+
+    async def _refresh_models(self) -> None:
+        while self.models_pending:
+            self.models_pending = False
+            try:
+                await self.load_models()
+            except StoreUnavailable as e:  # (read again when the channel is up again)
+                log.warning("runtime models not reloaded (Redis: %s)", e)
+            except Exception:
+                log.exception("runtime models not reloaded")
 
     async def check_redis_safety(self) -> None:
         """Once at start-up, off the serving path: the Redis server's settings that could lose

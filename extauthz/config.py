@@ -66,8 +66,10 @@ RESTRICTING_SETTINGS = ("allowed_routes", "admin_only_routes", "allowed_ips", "e
 # Every general_settings key the gateway reads (applied, or refusing while set); any other
 # is reported as not applied (not_applied.py).
 GENERAL_SETTINGS_READ = frozenset({"master_key", "enable_jwt_auth", "litellm_jwtauth", "role_permissions",
-                                   "pass_through_endpoints", *ADMITTING_SETTINGS, *RESTRICTING_SETTINGS,
-                                   *PROXY_WIDE_LIMITS})
+                                   "pass_through_endpoints", "store_model_in_db", *ADMITTING_SETTINGS,
+                                   *RESTRICTING_SETTINGS, *PROXY_WIDE_LIMITS})
+# LiteLLM's switch for models managed at runtime (/model/new...), also read from its environment.
+STORE_MODEL_IN_DB_ENV = "STORE_MODEL_IN_DB"
 # A Bedrock deployment's own AWS identity: Envoy signs with its own (its environment, IRSA,
 # an instance role), so a deployment naming another cannot be honoured. Only references to
 # the standard environment variables, which Envoy reads itself, are the same identity.
@@ -261,6 +263,10 @@ class Deployment:
     key_is_bearer: bool = False      # api_key is a token sent as Authorization: Bearer (azure_ad_token)
     # model_info as written (mode, pricing, token limits...), for /model_group/info.
     info: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=False, repr=False)
+    # A runtime model's id (general_settings.store_model_in_db): None for the config's.
+    model_id: str | None = None
+    # Sent through Envoy's dynamic forward proxy cluster (a host its rendered config does not name).
+    dynamic: bool = False
 
     @property
     def routable(self) -> bool:
@@ -268,8 +274,9 @@ class Deployment:
 
     @property
     def name(self) -> str:
-        """Stable identifier for logs and metadata: config position and public name."""
-        return f"{self.index}:{self.model_name}"
+        """Stable identifier for logs and metadata: config position and public name; a
+        runtime model's id (no colon in it: the two never meet)."""
+        return self.model_id if self.model_id is not None else f"{self.index}:{self.model_name}"
 
 
 @dataclass(frozen=True)
@@ -359,6 +366,8 @@ class Config:
     key_upperbounds: tuple[tuple[str, Any], ...] = ()
     # litellm_settings.budget_exceeded_status_code: LiteLLM's status for budget_exceeded.
     budget_exceeded_status: int = 422
+    # general_settings.store_model_in_db (or $STORE_MODEL_IN_DB): models managed at runtime.
+    store_model_in_db: bool = False
 
     @property
     def routable(self) -> tuple[Deployment, ...]:
@@ -437,6 +446,74 @@ def from_dict(raw: Any, file: str = "<inline>", environ: Mapping[str, str] | Non
     return _Parser(file, os.environ if environ is None else environ, True).config(raw)
 
 
+def runtime_deployment(config: Config, model_id: str, entry: Any, unavailable: str | None = None,
+                       index: int | None = None, parser: "_Parser | None" = None) -> Deployment:
+    """A runtime model's entry read as a model_list entry is (ConfigError for one the config
+    would refuse); ``unavailable``: why it cannot be served, known before (kept unroutable)."""
+    index = len(config.deployments) if index is None else index
+    if unavailable is not None:
+        name = entry.get("model_name") if isinstance(entry, dict) else None
+        return Deployment(index=index, model_name=name if isinstance(name, str) and name else model_id,
+                          provider="", provider_model="", api_base="", api_version=None, api_key=None,
+                          access_groups=(), weight=1.0, unavailable=unavailable, model_id=model_id)
+    parser = parser or _Parser(config.path, os.environ, True)
+    return dataclasses.replace(parser.deployment(index, entry, f"model {model_id}"), model_id=model_id)
+
+
+def envoy_clusters(config: Config) -> frozenset[str]:
+    """The upstream clusters an Envoy rendered from this config has."""
+    return frozenset(providers.upstream(base).cluster for base in
+                     [d.api_base for d in config.deployments if d.routable]
+                     + [p.target for p in config.pass_through if p.routable])
+
+
+def served_by(config: Config, clusters: frozenset[str], dynamic: bool) -> Config:
+    """The config with each deployment on a host the running Envoy has no cluster for sent
+    through its dynamic forward proxy (``dynamic``: an Envoy rendered with store_model_in_db
+    has one), else marked unroutable with the reason (a call is refused with it, not sent
+    to a cluster Envoy does not know: a bare 503)."""
+    def known(d: Deployment) -> Deployment:
+        if not d.routable or providers.upstream(d.api_base).cluster in clusters:
+            return d
+        if dynamic:
+            return dataclasses.replace(d, dynamic=True)
+        host = providers.upstream(d.api_base).host
+        return dataclasses.replace(d, unavailable=f"the running Envoy has no cluster for {host!r} (a host its "
+                                   "rendered config does not name): render Envoy again with it (extauthz "
+                                   "envoy-config) and restart it")
+    deployments = tuple(known(d) for d in config.deployments)
+    return config if deployments == config.deployments else dataclasses.replace(config, deployments=deployments)
+
+
+def with_runtime_models(config: Config, entries: list[tuple[str, Any, str | None]],
+                        environ: Mapping[str, str] | None = None) -> Config:
+    """The config with runtime models (``(model id, entry, why it cannot be served or
+    None)``, credentials opened) after its own, each read as a model_list entry is. One that
+    cannot be served is kept, unroutable, with the reason: a bad entry never takes the
+    others (or the config's) down. Warnings are the config's only: runtime models are
+    reported by the admin API."""
+    if not entries:
+        return config
+    parser = _Parser(config.path, os.environ if environ is None else environ, True)
+    runtime: list[Deployment] = []
+    bases = {d.api_base for d in config.deployments if d.routable} | {p.target for p in config.pass_through
+                                                                      if p.routable}
+    for offset, (model_id, entry, problem) in enumerate(entries):
+        index = len(config.deployments) + offset
+        try:
+            deployment = runtime_deployment(config, model_id, entry, problem, index, parser)
+        except ConfigError as e:  # (the entry was checked when stored; a variable unset since, say)
+            deployment = runtime_deployment(config, model_id, entry, e.problem, index, parser)
+        if deployment.routable:
+            try:
+                parser.distinct_clusters([*bases, deployment.api_base])
+                bases.add(deployment.api_base)
+            except ConfigError as e:
+                deployment = dataclasses.replace(deployment, unavailable=e.problem)
+        runtime.append(deployment)
+    return dataclasses.replace(config, deployments=config.deployments + tuple(runtime))
+
+
 class _Parser:
     def __init__(self, file: str, environ: Mapping[str, str], require_secrets: bool) -> None:
         self.file, self.environ, self.require_secrets = file, environ, require_secrets
@@ -513,8 +590,15 @@ class _Parser:
             self.sequence(general.get("pass_through_endpoints"), "general_settings.pass_through_endpoints")))
         self.distinct_clusters([d.api_base for d in deployments if d.routable]
                                + [p.target for p in pass_through if p.routable])
+        store_models = general.get("store_model_in_db")
+        if isinstance(store_models, str):
+            store_models = store_models.strip().lower() == "true"
+        if store_models is not None and not isinstance(store_models, bool):
+            raise self.error("general_settings.store_model_in_db", f"must be true or false, got {store_models!r}")
+        # As LiteLLM: on when the setting or the variable says so.
+        store_models = bool(store_models) or self.environ.get(STORE_MODEL_IN_DB_ENV, "").strip().lower() == "true"
         return Config(self.file, deployments, master_key, settings, envoy, tuple(self.warnings), aliases,
-                      pass_through, unenforced, jwt, key_defaults, key_upperbounds, budget_status)
+                      pass_through, unenforced, jwt, key_defaults, key_upperbounds, budget_status, store_models)
 
     def key_params(self, litellm: dict, name: str, fields: tuple[str, ...]) -> tuple[tuple[str, Any], ...]:
         """One of LiteLLM's key generation maps, checked: a value that cannot be applied
@@ -796,8 +880,8 @@ class _Parser:
                        "provider, and a pass-through forwards without checking the model") if reached else None
         return PassThroughConfig(path, target, pairs, subpath, unavailable)
 
-    def deployment(self, index: int, entry: Any) -> Deployment:
-        where = f"model_list[{index}]"
+    def deployment(self, index: int, entry: Any, where: str | None = None) -> Deployment:
+        where = where or f"model_list[{index}]"
         entry = self.mapping(entry, where)
         unused = sorted(str(k) for k in entry if k not in MODEL_ENTRY_KEYS)
         if unused:  # LiteLLM reads entry-level tpm, rpm and others; the gateway does not

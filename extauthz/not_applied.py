@@ -15,8 +15,8 @@ _CALLBACKS = "no logging or alerting callbacks: use the decision log, Envoy's ac
 _PARAMS = "request bodies are not adapted to a provider: it reads what the client sent (the model's name " \
           "aside)"
 _LOGGING = "logging is set with `extauthz serve --log-level` and extauthz_settings.log_format"
-_DATABASE = "no database is read: keys, teams and users live in Redis, models in this file only (models " \
-            "kept in LiteLLM's database must be written into model_list)"
+_DATABASE = "no database is read: keys, teams, users and runtime models (store_model_in_db) live in Redis " \
+            "(models kept in LiteLLM's database must be written into model_list or added again with /model/new)"
 _ALERTS = "no alerts are sent: the shipped Prometheus rules alert on the gateway (deploy/monitoring)"
 _SPEND_LOGS = "no per-call spend log: spend is counted in Redis at once; the decision log records each call"
 _ROUTER_REDIS = "the gateway's Redis is extauthz_settings.redis_url"
@@ -50,7 +50,7 @@ NOT_APPLIED: dict[str, dict[str, str]] = {
         **dict.fromkeys(("set_verbose", "json_logs"), _LOGGING),
     },
     "general_settings": {
-        **dict.fromkeys(("database_url", "store_model_in_db", "database_connection_pool_limit",
+        **dict.fromkeys(("database_url", "database_connection_pool_limit",
                          "database_connection_timeout", "allow_requests_on_db_unavailable",
                          "disable_prisma_schema_update"), _DATABASE),
         **dict.fromkeys(("alerting", "alert_types", "alerting_threshold", "alerting_args", "alert_to_webhook_url",

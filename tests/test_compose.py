@@ -217,6 +217,8 @@ def bootstrap() -> dict[str, Any]:
 def cluster_addresses(boot: dict[str, Any]) -> dict[str, list[tuple[str, int]]]:
     found = {}
     for c in boot["static_resources"]["clusters"]:
+        if "load_assignment" not in c:  # (the dynamic clusters: hosts runtime models name, none here)
+            continue
         found[c["name"]] = [(e["endpoint"]["address"]["socket_address"]["address"],
                              e["endpoint"]["address"]["socket_address"]["port_value"])
                             for group in c["load_assignment"]["endpoints"] for e in group["lb_endpoints"]]

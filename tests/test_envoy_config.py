@@ -18,6 +18,7 @@ from extauthz import config as config_module
 from extauthz.envoy import render as envoy_config
 from extauthz.domain import providers
 from extauthz.config import Config
+from extauthz.domain.envoy_names import DYNAMIC_CLUSTERS
 from extauthz.domain.envoy_names import CLUSTER_HEADER, ACTING_HEADERS, INTERNAL_HEADERS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,9 +39,11 @@ model_list:
     litellm_params: {model: openai/llama, api_base: "http://llm.internal:8000/v1"}
 """
 
-ADMIN_PATHS = ["/v1/models", "/models", "/model/info", "/v1/model/info", "/model_group/info", "/audit",
-               "/access/explain"]
+ADMIN_PATHS = ["/v1/models", "/models", "/model/info", "/v1/model/info", "/v2/model/info", "/model_group/info",
+               "/audit", "/access/explain", "/model/new", "/model/update", "/model/delete"]
 ADMIN_PREFIXES = ["/key/", "/team/", "/user/", "/v1/models/", "/models/", "/health/"]
+# PATCH /model/{id}/update: a pattern, since /model/ is also Bedrock's InvokeModel path.
+ADMIN_PATTERNS = [r"^/model/[^/]+/update$"]
 
 
 def load(path: Path) -> Config:
@@ -123,7 +126,8 @@ def test_committed_demo_config_is_current() -> None:
 def test_filter_order(example: dict[str, Any]) -> None:
     names = [f["name"] for f in hcm(example)["http_filters"]]
     assert names == ["envoy.filters.http.decompressor", "envoy.filters.http.ext_authz", "envoy.filters.http.lua",
-                     "extauthz.usage", "extauthz.usage_release", "envoy.filters.http.router"]
+                     "extauthz.usage", "extauthz.usage_release", "envoy.filters.http.dynamic_forward_proxy",
+                     "envoy.filters.http.router"]
 
 
 def test_ext_authz_fails_closed_and_sends_the_whole_body(example: dict[str, Any]) -> None:
@@ -195,6 +199,7 @@ def test_admin_routes_skip_ext_authz_and_the_splice(example: dict[str, Any]) -> 
     admin = [r for r in routes(example) if r.get("route", {}).get("cluster") == "extauthz_admin"]
     assert sorted(r["match"]["path"] for r in admin if "path" in r["match"]) == sorted(ADMIN_PATHS)
     assert sorted(r["match"]["prefix"] for r in admin if "prefix" in r["match"]) == sorted(ADMIN_PREFIXES)
+    assert [r["match"]["safe_regex"]["regex"] for r in admin if "safe_regex" in r["match"]] == ADMIN_PATTERNS
     for route in admin:
         per_filter = route["typed_per_filter_config"]
         for name in ("envoy.filters.http.ext_authz", "envoy.filters.http.lua"):
@@ -249,7 +254,8 @@ def test_sidecar_clusters(example: dict[str, Any]) -> None:
 
 def test_one_cluster_per_upstream(example: dict[str, Any]) -> None:
     config = load(EXAMPLE)
-    upstream_names = [n for n in clusters(example) if n not in ("extauthz", "extauthz_admin")]
+    static = ("extauthz", "extauthz_admin", *DYNAMIC_CLUSTERS.values())
+    upstream_names = [n for n in clusters(example) if n not in static]
     expected = {providers.upstream(d.api_base).cluster for d in config.deployments}
     assert len(upstream_names) == len(set(upstream_names)) == len(expected)
     assert set(upstream_names) == expected
@@ -257,12 +263,35 @@ def test_one_cluster_per_upstream(example: dict[str, Any]) -> None:
         assert "transport_socket" not in clusters(example)[name]  # the example's upstream is plain HTTP
 
 
+def test_hosts_the_config_does_not_name_go_through_a_dynamic_cluster_checked_as_the_static_ones(
+        example: dict[str, Any]) -> None:
+    """A runtime model's new host: a sub cluster per host and port (its own connections and
+    circuit breakers), TLS with the host as SNI and checked against the certificate."""
+    by_name = clusters(example)
+    for scheme, name in DYNAMIC_CLUSTERS.items():
+        cluster = by_name[name]
+        assert cluster["lb_policy"] == "CLUSTER_PROVIDED"
+        kind = cluster["cluster_type"]
+        assert kind["name"] == "envoy.clusters.dynamic_forward_proxy"
+        assert set(kind["typed_config"]) == {"@type", "sub_clusters_config"}   # no shared DNS cache
+        assert cluster["circuit_breakers"]["thresholds"][0]["max_requests"] > 0
+        if scheme == "http":
+            assert "transport_socket" not in cluster
+            continue
+        tls = cluster["transport_socket"]["typed_config"]
+        assert tls["common_tls_context"]["validation_context"]["trusted_ca"] == {
+            "filename": "/etc/ssl/certs/ca-certificates.crt"}
+        (options,) = cluster["typed_extension_protocol_options"].values()
+        assert options["upstream_http_protocol_options"] == {"auto_sni": True, "auto_san_validation": True}
+
+
 def test_https_upstreams_get_tls_with_sni(https: tuple[Config, dict[str, Any]]) -> None:
     _, bootstrap = https
     by_name = clusters(bootstrap)
     # Two deployments share api.openai.com (one through the provider's default base).
     assert set(by_name) == {"extauthz", "extauthz_admin", "upstream_https_api_openai_com_443",
-                            "upstream_https_x_openai_azure_com_443", "upstream_http_llm_internal_8000"}
+                            "upstream_https_x_openai_azure_com_443", "upstream_http_llm_internal_8000",
+                            *DYNAMIC_CLUSTERS.values()}
     for host in ("api.openai.com", "x.openai.azure.com"):
         cluster = by_name[f"upstream_https_{host.replace('.', '_')}_443"]
         assert endpoint(cluster) == (host, 443)

@@ -1,4 +1,4 @@
-"""The admin HTTP API, compatible with LiteLLM's key, team, user and team-member routes.
+"""The admin HTTP API, compatible with LiteLLM's key, team, user, team-member and model routes.
 
 Every route but /v1/models, /model_group/info and /health/* needs the master key, or a
 caller access.py lets act (a JWT's user through the check, a virtual key by its owner's
@@ -14,12 +14,14 @@ from extauthz.admin.base import MAX_BODY_BYTES
 from extauthz.admin.explain import ExplainRoutes
 from extauthz.admin.health import HealthRoutes
 from extauthz.admin.keys import KeyRoutes
+from extauthz.admin.model_writes import ModelWriteRoutes
 from extauthz.admin.models import ModelRoutes
 from extauthz.admin.teams import TeamRoutes
 from extauthz.admin.users import UserRoutes
 
 
-class AdminApi(KeyRoutes, TeamRoutes, UserRoutes, AuditRoutes, ExplainRoutes, ModelRoutes, HealthRoutes):
+class AdminApi(KeyRoutes, TeamRoutes, UserRoutes, AuditRoutes, ExplainRoutes, ModelRoutes, ModelWriteRoutes,
+               HealthRoutes):
     """The admin API: every resource's routes on one aiohttp application."""
 
     def app(self) -> web.Application:
@@ -53,6 +55,11 @@ class AdminApi(KeyRoutes, TeamRoutes, UserRoutes, AuditRoutes, ExplainRoutes, Mo
         post("/access/explain", self.explain)
         get("/model/info", self.model_info)
         get("/v1/model/info", self.model_info)  # LiteLLM serves both (its CLI calls this one)
+        get("/v2/model/info", self.model_info)
+        post("/model/new", self.model_new)
+        post("/model/update", self.model_update)
+        app.router.add_patch("/model/{model_id}/update", self.model_patch)
+        post("/model/delete", self.model_delete)
         get("/model_group/info", self.model_group_info)
         for prefix in ("/v1", ""):
             get(f"{prefix}/models", self.models)

@@ -181,14 +181,22 @@ NOT_MASTER = ApiError(401, "unauthorized", "This route needs the master key as '
 SELF_ONLY = Acting("<self>", ())
 
 
+async def _nothing() -> None:
+    return None
+
+
 class AdminBase:
     """What every resource's routes share: the records, the middlewares (counting, errors,
     who may call what), reading a body, and the helpers several resources use."""
 
     def __init__(self, runtime: Callable[[], Runtime], store: RedisWriter,
                  stats: Callable[[], dict[str, Any]] = dict, records: RecordReader | None = None,
-                 check: "AuthorizationService | None" = None) -> None:
+                 check: "AuthorizationService | None" = None,
+                 models_changed: Callable[[], Awaitable[None]] | None = None) -> None:
         self.check = check  # the check path's decision, for /access/explain
+        # Runtime models were written: this replica serves them before answering (the
+        # others learn it from the invalidation channel).
+        self.models_changed = models_changed or _nothing
         self.runtime = runtime
         self.store = store
         self.stats = stats

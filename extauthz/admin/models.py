@@ -33,7 +33,8 @@ class ModelRoutes(AdminBase):
         data = [{"model_name": d.model_name,
                  "litellm_params": {"model": f"{d.provider}/{d.provider_model}", "api_base": d.api_base or None,
                                     "api_version": d.api_version, "weight": d.weight},
-                 "model_info": {"id": d.name, "access_groups": list(d.access_groups), "routable": d.routable,
+                 "model_info": {"id": d.name, "db_model": d.model_id is not None,
+                                "access_groups": list(d.access_groups), "routable": d.routable,
                                 **({"reason": d.unavailable} if not d.routable else {})}}
                 for d in self.runtime().config.deployments if names is None or d.model_name in names]
         return web.json_response({"data": data})

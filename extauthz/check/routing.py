@@ -21,6 +21,7 @@ from extauthz.domain import providers
 from extauthz.domain.endpoints import JSON, Endpoint, PassThrough, model_call_segment
 from extauthz.domain.envoy_names import (
     CLUSTER_HEADER,
+    DYNAMIC_CLUSTERS,
     INTERNAL_HEADERS,
     NO_SPLICE,
     SIGN_HEADER,
@@ -37,12 +38,17 @@ ACTING_ROUTES = ("/key/generate", "/key/list", "/key/delete", "/key/info", "/key
 # The admin routes a JWT caller's request reaches through the check (Envoy's routes for
 # them are rendered from these).
 JWT_ADMIN_PREFIXES = ("/key/", "/team/", "/user/")
-JWT_ADMIN_PATHS = ("/model/info", "/v1/model/info", "/audit", "/access/explain")
+JWT_ADMIN_PATHS = ("/model/info", "/v1/model/info", "/v2/model/info", "/audit", "/access/explain", "/model/new",
+                   "/model/update", "/model/delete")
+# PATCH /model/{model_id}/update (not a prefix: /model/ is also Bedrock's InvokeModel path).
+JWT_ADMIN_PATTERNS = (r"^/model/[^/]+/update$",)
+_JWT_ADMIN_PATTERN = re.compile("|".join(JWT_ADMIN_PATTERNS))
 
 
 def jwt_admin_path(path: str) -> bool:
     route = path.partition("?")[0]
-    return route in JWT_ADMIN_PATHS or route.startswith(JWT_ADMIN_PREFIXES)
+    return route in JWT_ADMIN_PATHS or route.startswith(JWT_ADMIN_PREFIXES) \
+        or _JWT_ADMIN_PATTERN.match(route) is not None
 # Query parameters that address a provider, carry a key or pick who is billed (Google's
 # userProject): the sidecar sets its own or none.
 PROVIDER_QUERY = frozenset({"api-version", "key", "userproject", "$userproject",
@@ -74,13 +80,13 @@ REWRITE_UNAVAILABLE = Problem(
 
 
 def _static_headers(upstream: providers.Upstream, credential: Headers, per_request: tuple[str, ...] = (),
-                    authority: bool = True) -> tuple[Headers, tuple[str, ...]]:
+                    authority: bool = True, cluster: str | None = None) -> tuple[Headers, tuple[str, ...]]:
     """The headers every allow to this upstream sets, and those it removes: the client's
     keys and headers that choose what the operator's credential bills, unless the
     deployment sets them itself. ``per_request`` names headers each allow sets anew;
     ``authority``: the provider's host too (settings.upstream_authority)."""
-    headers = ((CLUSTER_HEADER, upstream.cluster),) + (((":authority", upstream.authority),) if authority else ()) \
-        + credential
+    headers = ((CLUSTER_HEADER, cluster or upstream.cluster),) \
+        + (((":authority", upstream.authority),) if authority else ()) + credential
     overwritten = {name for name, _ in headers} | set(per_request)
     # Envoy applies sets before removes: a header we overwrite must not also be removed.
     # USAGE_HEADER is set per request after this (enforcement.within_limits); a client's never
@@ -139,9 +145,11 @@ class Fixed:
 
 
 def _fixed(upstream: providers.Upstream, route_id: str, credential: Headers,
-           per_request: tuple[str, ...] = (), authority: bool = True) -> dict[str, Any]:
-    """The fields of ``Fixed`` for one upstream and its fixed headers."""
-    headers, remove = _static_headers(upstream, credential, per_request, authority)
+           per_request: tuple[str, ...] = (), authority: bool = True, dynamic: bool = False) -> dict[str, Any]:
+    """The fields of ``Fixed`` for one upstream and its fixed headers; ``dynamic``: through
+    Envoy's dynamic forward proxy, which goes where :authority says (so it is always set)."""
+    cluster = DYNAMIC_CLUSTERS[upstream.scheme] if dynamic else None
+    headers, remove = _static_headers(upstream, credential, per_request, authority or dynamic, cluster)
     return {"upstream": upstream, "headers": headers, "headers_to_remove": remove, "route_id": route_id,
             "prefix": allow_prefix(headers, remove)}
 
@@ -166,7 +174,8 @@ class Route(Fixed):
         if provider.aws_service and d.region:
             credential += ((SIGN_HEADER, signer(provider.aws_service, d.region)),)
         per_request = (SPLICE_HEADER, "authorization") if d.token else (SPLICE_HEADER,)
-        return cls(**_fixed(providers.upstream(d.api_base), d.name, credential, per_request, proxy.authority),
+        return cls(**_fixed(providers.upstream(d.api_base), d.name, credential, per_request, proxy.authority,
+                            d.dynamic),
                    deployment=d, provider=provider, token=tokens.holder(d.token) if d.token else None,
                    rewrites_body=proxy.body_rewrite)
 

@@ -7,6 +7,10 @@ from __future__ import annotations
 # Set on every allow; Envoy routes on it (cluster_header). A client's own value never
 # survives an allow, and a request without it matches no upstream route.
 CLUSTER_HEADER = "x-extauthz-cluster"
+# Envoy's dynamic forward proxy clusters: a runtime model (or a model a reload added) on a
+# host the rendered config does not name goes there, Envoy making a cluster of its own for
+# the host the allow sets as :authority (never the client's: the allow always sets it).
+DYNAMIC_CLUSTERS = {"https": "extauthz_dynamic_https", "http": "extauthz_dynamic_http"}
 # The body rewrite that Envoy's Lua filter applies (envoy/splice.lua): "-" for none, else the
 # byte span of the body's "model" value and the provider-side name to put there. Set on
 # every allow, so a client's own value never survives.

@@ -17,7 +17,7 @@ import yaml
 from extauthz.check import listing
 from extauthz.check.policy import MISSING_KEY
 from extauthz.check.responses import error_body
-from extauthz.check.routing import JWT_ADMIN_PATHS, JWT_ADMIN_PREFIXES, signer
+from extauthz.check.routing import JWT_ADMIN_PATHS, JWT_ADMIN_PATTERNS, JWT_ADMIN_PREFIXES, signer
 from extauthz.config import Config, EnvoySettings, Settings
 from extauthz.domain import providers
 from extauthz.domain.deny import Deny
@@ -26,6 +26,7 @@ from extauthz.domain.envoy_names import (
     CLUSTER_HEADER,
     COUNTED,
     COUNTED_IN_FLIGHT,
+    DYNAMIC_CLUSTERS,
     INTERNAL_HEADERS,
     SIGN_HEADER,
     USAGE_HEADER,
@@ -41,6 +42,9 @@ DECOMPRESSOR_FILTER = "envoy.filters.http.decompressor"
 EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
 SPLICE_FILTER = "envoy.filters.http.lua"
 ROUTER_FILTER = "envoy.filters.http.router"
+DYNAMIC_FORWARD_FILTER = "envoy.filters.http.dynamic_forward_proxy"
+DYNAMIC_MAX_HOSTS = 1024       # provider hosts of runtime models Envoy keeps a cluster for
+DYNAMIC_HOST_TTL = "3600s"     # a host unused this long loses its cluster (made again on use)
 CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 # Non-streamed answers of large models can take minutes, silent until the first byte.
 LLM_TIMEOUT = "600s"
@@ -57,8 +61,8 @@ SHRINK_HEAP_AT, STOP_ACCEPTING_AT = 0.90, 0.95
 AUTHZ_CONNECTIONS_PER_WORKER = 4
 
 # Paths served by the admin API (extauthz/admin.py); everything else is an LLM call.
-ADMIN_PATHS = ("/v1/models", "/models", "/model/info", "/v1/model/info", "/model_group/info", "/audit",
-               "/access/explain")
+ADMIN_PATHS = ("/v1/models", "/models", "/model/info", "/v1/model/info", "/v2/model/info", "/model_group/info",
+               "/audit", "/access/explain", "/model/new", "/model/update", "/model/delete")
 # Gemini's calls on its v1 path, which the admin API's /v1/models/ prefix would take.
 # As classify reads it (matched without the query).
 GEMINI_V1_CALL = r"^/v1/models/[^/:]+:(generateContent|streamGenerateContent)/?$"
@@ -102,6 +106,7 @@ def render(config: Config, listen_port: int | None = None, authz_port: int | Non
                 _authz_cluster(_pick(authz_host, s.grpc_host), _pick(authz_port, s.grpc_port), s.workers, e),
                 _cluster(ADMIN_CLUSTER, _pick(admin_host, s.admin_host), _pick(admin_port, s.admin_port), "1s"),
                 *_upstream_clusters(config),
+                *(_dynamic_cluster(scheme) for scheme in DYNAMIC_CLUSTERS),
                 *jwt.jwks_clusters(sources, _upstream_cluster),
             ],
         },
@@ -206,7 +211,8 @@ def _listener(s: Settings, e: EnvoySettings, host: str, port: int, signers: list
         access_log=[*_access_logs(), _usage_log()],
         local_reply_config=_local_reply_config(s),
         http_filters=[_decompressor_filter(), *identity, _ext_authz_filter(s, e, bool(identity)), _splice_filter(),
-                      *_usage_filters(), *_aws_signing_filters(signers), _router_filter()],
+                      *_usage_filters(), *_aws_signing_filters(signers),
+                      _dynamic_forward_filter(), _router_filter()],
         route_config=_route_config(bool(identity)),
     )
     return {
@@ -425,7 +431,8 @@ def _router_filter() -> dict[str, Any]:
 # -- routes -------------------------------------------------------------------------------
 
 def _route_config(with_jwt: bool = False) -> dict[str, Any]:
-    matches = [{"path": p} for p in ADMIN_PATHS] + [{"prefix": p} for p in ADMIN_PREFIXES]
+    matches = [{"path": p} for p in ADMIN_PATHS] + [{"prefix": p} for p in ADMIN_PREFIXES] \
+        + [{"safe_regex": {"regex": p}} for p in JWT_ADMIN_PATTERNS]
     return {
         "name": "extauthz_routes",
         "virtual_hosts": [{"name": "all", "domains": ["*"],
@@ -461,7 +468,9 @@ LISTING_MATCHES = (*({"path": p} for p in (*listing.LIST_PATHS, listing.GROUP_IN
 
 # The admin API for a JWT caller: the check decides by its role and, allowed, swaps the
 # token for the master key (the route then chosen again is the plain admin route).
-JWT_ADMIN_MATCHES = (*({"prefix": p} for p in JWT_ADMIN_PREFIXES), *({"path": p} for p in JWT_ADMIN_PATHS))
+JWT_ADMIN_MATCHES: tuple[dict[str, Any], ...] = (
+    *({"prefix": p} for p in JWT_ADMIN_PREFIXES), *({"path": p} for p in JWT_ADMIN_PATHS),
+    *({"safe_regex": {"regex": p}} for p in JWT_ADMIN_PATTERNS))
 
 
 def _jwt_listing_route(match: dict[str, Any]) -> dict[str, Any]:
@@ -571,6 +580,43 @@ def _upstream_clusters(config: Config) -> list[dict[str, Any]]:
         u = providers.upstream(base)
         upstreams.setdefault(u.cluster, u)
     return [_upstream_cluster(u) for u in upstreams.values()]
+
+
+def _dynamic_cluster(scheme: str) -> dict[str, Any]:
+    """Where a runtime model on a host the config does not name goes: Envoy's dynamic
+    forward proxy, a sub cluster of its own per host and port (circuit breakers and
+    connections per provider host, as the static clusters), made when first used, to the
+    host the allow set as :authority. TLS: the name sent (SNI) and checked against the
+    certificate (SAN) is that host's, against the system's CAs."""
+    options = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    cluster: dict[str, Any] = {
+        "name": DYNAMIC_CLUSTERS[scheme],
+        "connect_timeout": "5s",
+        "lb_policy": "CLUSTER_PROVIDED",
+        "cluster_type": {"name": "envoy.clusters.dynamic_forward_proxy", "typed_config": _typed(
+            "envoy.extensions.clusters.dynamic_forward_proxy.v3.ClusterConfig",
+            sub_clusters_config={"max_sub_clusters": DYNAMIC_MAX_HOSTS, "sub_cluster_ttl": DYNAMIC_HOST_TTL})},
+        "dns_lookup_family": "V4_PREFERRED",
+        "circuit_breakers": {"thresholds": [{
+            "max_connections": UPSTREAM_MAX_REQUESTS, "max_requests": UPSTREAM_MAX_REQUESTS,
+            "max_pending_requests": UPSTREAM_MAX_PENDING, "track_remaining": True}]},
+    }
+    if scheme == "https":
+        cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": _typed(
+            "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            common_tls_context={"validation_context": {"trusted_ca": {"filename": CA_BUNDLE}}})}
+        cluster["typed_extension_protocol_options"] = {options: _typed(
+            options, upstream_http_protocol_options={"auto_sni": True, "auto_san_validation": True},
+            explicit_http_config={"http_protocol_options": {}})}
+    return cluster
+
+
+def _dynamic_forward_filter() -> dict[str, Any]:
+    """Resolves the host of a request routed to a dynamic cluster (it passes every other
+    request on untouched), waiting for its sub cluster on the first call."""
+    return {"name": DYNAMIC_FORWARD_FILTER, "typed_config": _typed(
+        "envoy.extensions.filters.http.dynamic_forward_proxy.v3.FilterConfig",
+        sub_cluster_config={"cluster_init_timeout": "5s"})}
 
 
 def _upstream_cluster(u: providers.Upstream) -> dict[str, Any]:

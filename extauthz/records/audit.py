@@ -27,7 +27,7 @@ log = logging.getLogger("extauthz.audit")
 
 Doc = dict[str, Any]
 # Record kinds, by the Redis key prefix their documents live under (store.Keyspace).
-KINDS = ("key", "team", "user")
+KINDS = ("key", "team", "user", "model")
 # Bookkeeping every write changes: noise in a diff.
 UNDIFFED = frozenset({"updated_at"})
 REDACTED = "[redacted]"
@@ -166,7 +166,7 @@ def entry(note: Note, read: dict[str, Doc | None], written: dict[str, Doc | None
         kind, ident = found
         op = "create" if before is None else "delete" if after is None else "update"
         shown: Doc = {"type": kind, "id": ident, "op": op}
-        alias = (after or before or {}).get("key_alias" if kind == "key" else "team_alias")
+        alias = (after or before or {}).get({"key": "key_alias", "model": "model_name"}.get(kind, "team_alias"))
         if alias:
             shown["alias"] = scrub(alias)
         shown["changes"] = diff

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Callable
 
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 
@@ -39,7 +40,9 @@ BACKOFF_MIN_S, BACKOFF_MAX_S = 0.05, 1.0
 
 class Invalidator:
     def __init__(self, redis_url: str | RedisTarget, prefixes: tuple[str, ...], cache: RecordCache,
-                 timeout_s: float) -> None:
+                 timeout_s: float, watch: tuple[str, Callable[[], None]] | None = None) -> None:
+        """``watch``: a prefix and what to call when a key under it changes, and each time the
+        channel is up again (a change while it was down was not reported): runtime models."""
         # RESP2: invalidations arrive as ordinary pub/sub replies on the subscriber, which
         # this loop reads itself (RESP3 would divert them to a push handler). No socket
         # timeout: the subscriber waits for messages as long as there are none (a quiet
@@ -49,7 +52,8 @@ class Invalidator:
         self.node_pools: dict[tuple[str, int], ConnectionPool] = {}  # cluster: per node
         self.primaries: list[tuple[str, int]] = []                  # cluster: those tracked now
         self.tracked: list[str] = []  # where the channel is up now (host:port), for the metric
-        self.prefixes = prefixes
+        self.watch = watch
+        self.prefixes = prefixes + ((watch[0],) if watch is not None else ())
         self.cache = cache
         self.timeout_s = timeout_s
         self.reconnects = 0
@@ -117,6 +121,8 @@ class Invalidator:
                     for (_, tracker), address in zip(pairs, self.primaries, strict=False):
                         await self._settled(tracker, address)
                 self.cache.mark_trusted()
+                if self.watch is not None:
+                    self.watch[1]()
                 self.tracked = [_address(tracker) for _, tracker in pairs]
                 log.info("invalidation channel up%s; cache trusted",
                          f" on {len(pairs)} primaries" if self.target.cluster else "")
@@ -175,8 +181,10 @@ class Invalidator:
             message = await subscriber.read_response()
             if not isinstance(message, list) or len(message) != 3 or message[0] != b"message":
                 continue
-            keys = message[2]
-            self.cache.invalidate(None if keys is None else [k.decode() for k in keys])
+            keys = None if message[2] is None else [k.decode() for k in message[2]]
+            self.cache.invalidate(keys)
+            if self.watch is not None and (keys is None or any(k.startswith(self.watch[0]) for k in keys)):
+                self.watch[1]()
 
     async def _heartbeat(self, tracker: AbstractConnection, address: tuple[str, int] | None,
                          closed: asyncio.Event) -> None:

@@ -1,0 +1,189 @@
+"""Models managed at runtime, as LiteLLM's: /model/new, /model/update, PATCH
+/model/{model_id}/update, /model/delete (general_settings.store_model_in_db).
+
+A runtime model is read as a model_list entry is (config.runtime_deployment): an entry
+the config would refuse is refused (400); one that cannot be served (an unknown provider,
+a variable this sidecar does not have) is stored and reported unroutable with the reason.
+The config stays the source for its own names: a runtime model may not take the name of
+a config model or alias (docs/runtime-models.md). Credentials are sealed before they are
+stored (records/sealed.py) and never shown. Only the master key and proxy admins reach
+these routes (admin/access.py); every change has its audit entry.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from extauthz.admin.base import AdminBase, ApiError
+from extauthz.config import ConfigError, Deployment, UnsetVariable, runtime_deployment
+from extauthz.domain.record import now_iso
+from extauthz.records.models import ENV_PREFIX, sealed_params, shown_params
+from extauthz.records.sealed import SALT_KEY_ENV, Sealer
+from extauthz.records.store import NotFound
+
+# LiteLLM's answer when models are not stored (its status, its words).
+NOT_STORED = ("Set `'STORE_MODEL_IN_DB='True'` in your env to enable this feature.")
+MODEL_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+ENTRY_FIELDS = {"model_name", "litellm_params", "model_info"}
+# The sidecar's own settings and secrets, never a runtime model's credential.
+GATEWAY_VARIABLES = ("EXTAUTHZ_", "LITELLM_", "REDIS", "STORE_MODEL_IN_DB")
+
+
+class ModelWriteRoutes(AdminBase):
+    async def model_new(self, request: web.Request) -> web.Response:
+        self.stored_models_on()
+        body = await self.body(request)
+        model_info = self.mapping(body, "model_info")
+        model_id = model_info.get("id") or str(uuid.uuid4())
+        self.valid_id(model_id)
+        if any(d.name == model_id for d in self.runtime().config.deployments):
+            raise ApiError(400, "invalid_request", f"A model with id {model_id!r} already exists.", "model_info.id")
+        params = self.mapping(body, "litellm_params")
+        entry = {"model_name": body.get("model_name"), "litellm_params": params,
+                 "model_info": {**model_info, "id": model_id}}
+        deployment = self.checked(model_id, entry)
+        who = self.changed_by(request)
+        now = now_iso()
+        doc = {"model_id": model_id, "model_name": entry["model_name"],
+               "litellm_params": self.sealed(model_id, params), "model_info": entry["model_info"],
+               "created_at": now, "created_by": who, "updated_at": now, "updated_by": who}
+        await self.writer(request).create_model(doc)
+        await self.models_changed()
+        return web.json_response(self.shown(doc, deployment))
+
+    async def model_update(self, request: web.Request) -> web.Response:
+        """POST /model/update: model_info.id names the model; given fields replace those
+        stored (a litellm_params or model_info member given null keeps the stored one)."""
+        self.stored_models_on()
+        body = await self.body(request)
+        model_id = self.mapping(body, "model_info").get("id")
+        if not isinstance(model_id, str) or not model_id:
+            raise ApiError(400, "invalid_request", "model_info.id not provided", "model_info.id")
+        return await self.update(request, model_id, body)
+
+    async def model_patch(self, request: web.Request) -> web.Response:
+        """PATCH /model/{model_id}/update."""
+        self.stored_models_on()
+        return await self.update(request, request.match_info["model_id"], await self.body(request))
+
+    async def model_delete(self, request: web.Request) -> web.Response:
+        self.stored_models_on()
+        body = await self.body(request)
+        model_id = body.get("id")
+        if not isinstance(model_id, str) or not model_id:
+            raise ApiError(400, "invalid_request", "'id' must be the model's id", "id")
+        self.not_config_model(model_id)
+        try:
+            await self.writer(request).delete_model(model_id)
+        except NotFound as e:
+            raise ApiError(400, "invalid_request", str(e), "id") from None
+        await self.models_changed()
+        return web.json_response({"message": f"Model: {model_id} deleted successfully"})
+
+    # -- the steps ----------------------------------------------------------------------
+
+    async def update(self, request: web.Request, model_id: str, body: dict[str, Any]) -> web.Response:
+        unknown = sorted(set(body) - ENTRY_FIELDS)
+        if unknown:
+            raise ApiError(400, "invalid_request", f"Unknown field {unknown[0]!r}.", unknown[0])
+        self.not_config_model(model_id)
+        params, info = self.mapping(body, "litellm_params"), self.mapping(body, "model_info")
+        if info.get("id") not in (None, model_id):
+            raise ApiError(400, "invalid_request", "A model's id cannot change.", "model_info.id")
+        shown: dict[str, Any] = {}
+
+        def change(doc: dict[str, Any]) -> dict[str, Any]:
+            merged_params = {**doc.get("litellm_params", {}), **{k: v for k, v in params.items() if v is not None}}
+            merged_info = {**doc.get("model_info", {}), **{k: v for k, v in info.items() if v is not None},
+                           "id": model_id}
+            name = body.get("model_name") or doc.get("model_name")
+            # Checked as a whole (a stored credential, sealed, stands for itself).
+            shown["deployment"] = self.checked(model_id, {"model_name": name, "litellm_params": merged_params,
+                                                          "model_info": merged_info})
+            doc.update(model_name=name, litellm_params=self.sealed(model_id, merged_params), model_info=merged_info,
+                       updated_at=now_iso(), updated_by=self.changed_by(request))
+            return doc
+
+        try:
+            doc = await self.writer(request).update_model(model_id, change)
+        except NotFound:
+            raise ApiError(400, "invalid_request", "model not found", "model_info.id") from None
+        await self.models_changed()
+        return web.json_response(self.shown(doc, shown["deployment"]))
+
+    def stored_models_on(self) -> None:
+        if not self.runtime().config.store_model_in_db:
+            raise ApiError(500, "store_model_in_db_off", NOT_STORED)
+
+    def mapping(self, body: dict[str, Any], name: str) -> dict[str, Any]:
+        value = body.get(name)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ApiError(400, "invalid_request", f"'{name}' must be an object.", name)
+        return value
+
+    def valid_id(self, model_id: Any) -> None:
+        if not isinstance(model_id, str) or not MODEL_ID.fullmatch(model_id):
+            raise ApiError(400, "invalid_request", "model_info.id must be 1-128 letters, digits, '.', '_' or '-'.",
+                           "model_info.id")
+
+    def not_config_model(self, model_id: str) -> None:
+        if any(d.model_id is None and d.name == model_id for d in self.runtime().config.deployments):
+            raise ApiError(400, "invalid_request", "Can't edit model. Model in config. Store model in db via "
+                           "`/model/new`. to edit.", "model_info.id")
+
+    def checked(self, model_id: str, entry: dict[str, Any]) -> Deployment:
+        """The entry as the gateway would serve it; 400 for one the config would refuse."""
+        name = entry.get("model_name")
+        config = self.runtime().config
+        self.no_gateway_secret(entry.get("litellm_params"))
+        if isinstance(name, str) and (any(d.model_id is None and d.model_name == name for d in config.deployments)
+                                      or any(a.name == name for a in config.aliases)):
+            raise ApiError(400, "invalid_request", f"{name!r} is a model of the config file: the config is the "
+                           "source for its own models; give the runtime model another model_name.", "model_name")
+        try:
+            return runtime_deployment(config, model_id, entry)
+        except UnsetVariable as e:  # (perhaps set where it is served: stored, reported unroutable)
+            return runtime_deployment(config, model_id, entry, unavailable=e.problem)
+        except ConfigError as e:
+            raise ApiError(400, "invalid_request", f"{e.yaml_path}: {e.problem}") from None
+
+    def no_gateway_secret(self, params: Any) -> None:
+        """A runtime model names the sidecar's environment for a provider's credential only:
+        a variable holding the gateway's own secrets (the master key, the salt key, its
+        settings) would be sent to the model's host, which the admin chose."""
+        if not isinstance(params, dict):
+            return
+        own = {v for v in (self.runtime().config.master_key, os.environ.get(SALT_KEY_ENV)) if v}
+        for param, value in params.items():
+            if isinstance(value, str) and value.startswith(ENV_PREFIX):
+                variable = value[len(ENV_PREFIX):]
+                if variable.upper().startswith(GATEWAY_VARIABLES) or os.environ.get(variable) in own:
+                    raise ApiError(400, "invalid_request", f"litellm_params.{param}: {variable} holds a secret of "
+                                   "the gateway's own, not a provider's credential.", f"litellm_params.{param}")
+
+    def sealed(self, model_id: str, params: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return sealed_params(model_id, params, Sealer.from_environment(self.runtime().config.master_key))
+        except ValueError as e:
+            raise ApiError(400, "invalid_request", str(e), "litellm_params") from None
+
+    def changed_by(self, request: web.Request) -> str:
+        actor = request["audit"].actor
+        return actor.user_id or actor.key_hash or actor.kind
+
+    def shown(self, doc: dict[str, Any], deployment: Deployment) -> dict[str, Any]:
+        """LiteLLM's model row, credentials never shown, with whether the gateway routes it
+        (as this replica serves it now, when it does: its Envoy may not know the host)."""
+        deployment = next((d for d in self.runtime().config.deployments if d.model_id == doc["model_id"]),
+                          deployment)
+        routable = {"routable": deployment.routable, **({"reason": deployment.unavailable}
+                                                         if not deployment.routable else {})}
+        return {**doc, "litellm_params": shown_params(doc.get("litellm_params") or {}),
+                "model_info": {**(doc.get("model_info") or {}), "db_model": True, **routable}}
