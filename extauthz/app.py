@@ -303,6 +303,8 @@ class App:
                 await self.load_models()
             except StoreUnavailable as e:  # (loaded when the invalidation channel is up)
                 log.error("runtime models not loaded (Redis: %s); only the config's are served until they are", e)
+            except Exception:  # a bug, or a document no model can be made of: the config's models still serve
+                log.exception("runtime models not loaded; only the config's are served")
         self.tokens.start()  # provider tokens, fetched in the background (a check finds none yet: 503)
         # Without a cache there is nothing to invalidate, but runtime models still change.
         if s.cache_max_entries > 0 or self.config.store_model_in_db:
@@ -339,8 +341,8 @@ class App:
             return
         async with self.models_lock:
             docs = await self.writer.models()
-            sealer = Sealer.from_environment(self.config.master_key)
-            entries = [opened_entry(doc, sealer) for doc in docs]
+            sealer = Sealer.from_environment(self.runtime().config.master_key)  # (the running config's)
+            entries = [opened_entry(doc, sealer, model_id) for model_id, doc in docs]
             self.runtime.set_models(entries)
             log.info("runtime models: %d served, %d not routable", sum(d.routable and d.model_id is not None
                      for d in self.runtime().config.deployments), sum(not d.routable and d.model_id is not None

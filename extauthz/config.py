@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from extauthz.domain import providers, route_access
+from extauthz.domain import providers, route_access, wildcard
 from extauthz.domain.endpoints import OPERATIONS, classify, model_call_segment, unsafe_path
 from extauthz.not_applied import not_applied
 from extauthz.tokens import TokenSpec, google_info, missing_library
@@ -368,6 +368,9 @@ class Config:
     budget_exceeded_status: int = 422
     # general_settings.store_model_in_db (or $STORE_MODEL_IN_DB): models managed at runtime.
     store_model_in_db: bool = False
+    # The variables the config's models read credentials from, each with the upstream
+    # clusters it is sent to: all a runtime model may name of the environment.
+    credential_hosts: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
     @property
     def routable(self) -> tuple[Deployment, ...]:
@@ -485,6 +488,23 @@ def served_by(config: Config, clusters: frozenset[str], dynamic: bool) -> Config
     return config if deployments == config.deployments else dataclasses.replace(config, deployments=deployments)
 
 
+def name_taken(config: Config, name: str) -> str | None:
+    """Why a runtime model may not be called ``name``: the config's own models and aliases
+    keep their names, and a runtime name or pattern may not overlap a pattern of theirs
+    (a more specific one would take its calls, and the callers' prompts, elsewhere)."""
+    own = [d for d in config.deployments if d.model_id is None]
+    if name in {d.model_name for d in own} | {a.name for a in config.aliases}:
+        return f"{name!r} is a model of the config file"
+    sample = name.replace("*", "x")
+    for d in own:
+        if "*" not in d.model_name:
+            continue
+        if wildcard.matches(d.model_name, sample) or ("*" in name and wildcard.matches(name, d.model_name.replace(
+                "*", "x"))):
+            return f"{name!r} overlaps the config's {d.model_name!r}"
+    return None
+
+
 def with_runtime_models(config: Config, entries: list[tuple[str, Any, str | None]],
                         environ: Mapping[str, str] | None = None) -> Config:
     """The config with runtime models (``(model id, entry, why it cannot be served or
@@ -496,20 +516,25 @@ def with_runtime_models(config: Config, entries: list[tuple[str, Any, str | None
         return config
     parser = _Parser(config.path, os.environ if environ is None else environ, True)
     runtime: list[Deployment] = []
-    bases = {d.api_base for d in config.deployments if d.routable} | {p.target for p in config.pass_through
-                                                                      if p.routable}
+    seen = {u.cluster: u for u in (providers.upstream(b) for b in [d.api_base for d in config.deployments
+                                                                 if d.routable]
+                                   + [p.target for p in config.pass_through if p.routable])}
     for offset, (model_id, entry, problem) in enumerate(entries):
         index = len(config.deployments) + offset
+        name = entry.get("model_name") if isinstance(entry, dict) else None
         try:
+            # (checked when stored; the config may have taken the name since, or a variable gone)
+            problem = problem or (name_taken(config, name) if isinstance(name, str) else None)
             deployment = runtime_deployment(config, model_id, entry, problem, index, parser)
-        except ConfigError as e:  # (the entry was checked when stored; a variable unset since, say)
-            deployment = runtime_deployment(config, model_id, entry, e.problem, index, parser)
+        except (ConfigError, ValueError, TypeError, OverflowError) as e:
+            deployment = runtime_deployment(config, model_id, {"model_name": name}, getattr(e, "problem", str(e)),
+                                            index, parser)
         if deployment.routable:
-            try:
-                parser.distinct_clusters([*bases, deployment.api_base])
-                bases.add(deployment.api_base)
-            except ConfigError as e:
-                deployment = dataclasses.replace(deployment, unavailable=e.problem)
+            upstream = providers.upstream(deployment.api_base)
+            other = seen.setdefault(upstream.cluster, upstream)
+            if (other.scheme, other.host, other.port) != (upstream.scheme, upstream.host, upstream.port):
+                deployment = dataclasses.replace(deployment, unavailable=f"{other.host!r} and {upstream.host!r} map "
+                                                 "to one Envoy cluster name; use one spelling of each host")
         runtime.append(deployment)
     return dataclasses.replace(config, deployments=config.deployments + tuple(runtime))
 
@@ -519,6 +544,7 @@ class _Parser:
         self.file, self.environ, self.require_secrets = file, environ, require_secrets
         self.warnings: list[str] = []
         self.jwt_problem: str | None = None  # why enable_jwt_auth cannot be honoured
+        self.credential_hosts: dict[str, set[str]] = {}
 
     def error(self, where: str, problem: str) -> ConfigError:
         return ConfigError(self.file, where, problem)
@@ -598,7 +624,8 @@ class _Parser:
         # As LiteLLM: on when the setting or the variable says so.
         store_models = bool(store_models) or self.environ.get(STORE_MODEL_IN_DB_ENV, "").strip().lower() == "true"
         return Config(self.file, deployments, master_key, settings, envoy, tuple(self.warnings), aliases,
-                      pass_through, unenforced, jwt, key_defaults, key_upperbounds, budget_status, store_models)
+                      pass_through, unenforced, jwt, key_defaults, key_upperbounds, budget_status, store_models,
+                      {name: frozenset(hosts) for name, hosts in self.credential_hosts.items()})
 
     def key_params(self, litellm: dict, name: str, fields: tuple[str, ...]) -> tuple[tuple[str, Any], ...]:
         """One of LiteLLM's key generation maps, checked: a value that cannot be applied
@@ -916,9 +943,14 @@ class _Parser:
                                 api_base="", api_version=None, api_key=None, access_groups=tuple(groups),
                                 weight=float(weight), info={**{str(k): v for k, v in info.items()}, **prices})
         try:
-            return dataclasses.replace(deployment, **self.route_params(where, provider, provider_model, params))
+            deployment = dataclasses.replace(deployment, **self.route_params(where, provider, provider_model, params))
         except Unroutable as e:  # reported by serve and check-config, with the deployment
             return dataclasses.replace(deployment, unavailable=str(e))
+        for name, value in params.items():
+            if providers.is_credential(str(name)) and isinstance(value, str) and value.startswith(ENV_PREFIX):
+                self.credential_hosts.setdefault(value[len(ENV_PREFIX):], set()).add(
+                    providers.upstream(deployment.api_base).cluster)
+        return deployment
 
     def price(self, value: Any, where: str) -> float:
         """A price per token: a number, or a string of one (YAML reads 5e-6 as a string, and

@@ -148,9 +148,9 @@ def test_a_config_model_keeps_its_name_and_cannot_be_edited(replicas) -> None:
 def test_a_model_that_cannot_be_served_is_stored_and_reported(replicas) -> None:
     one, _, _ = replicas
     r = one.admin("/model/new", {"model_name": "rt-unroutable", "litellm_params": {
-        "model": "openai/x", "api_key": "os.environ/RT_KEY_NOBODY_SET"}})
+        "model": "sagemaker/x", "api_key": "sk-" + secrets.token_hex(12)}})
     assert r.status == 200, r.text
-    assert r.json()["model_info"]["routable"] is False and "RT_KEY_NOBODY_SET" in r.json()["model_info"]["reason"]
+    assert r.json()["model_info"]["routable"] is False and "SageMaker" in r.json()["model_info"]["reason"]
     (listed,) = [m for m in one.admin("/model/info", method="GET").json()["data"] if m["model_name"] == "rt-unroutable"]
     assert listed["model_info"]["routable"] is False
     r = one.admin("/model/new", {"model_name": "rt-bad", "litellm_params": {"model": "openai/x", "weight": -1}})
@@ -208,13 +208,88 @@ def test_a_model_on_a_host_that_does_not_answer_gets_a_json_error(replicas) -> N
     assert answer.json()["error"]["message"], answer.text
 
 
-@pytest.mark.parametrize("variable", ["LITELLM_SALT_KEY", "EXTAUTHZ_REDIS_URL", "REDIS_PASSWORD"])
-def test_a_runtime_model_cannot_send_the_gateways_own_secrets_to_its_host(replicas, variable) -> None:
+@pytest.mark.parametrize("variable", ["LITELLM_SALT_KEY", "EXTAUTHZ_REDIS_URL", "REDIS_PASSWORD", "HOME"])
+def test_a_runtime_model_names_only_variables_the_config_sends_to_that_host(replicas, variable) -> None:
     one, _, _ = replicas
     r = one.admin("/model/new", {"model_name": "rt-exfiltrate-" + secrets.token_hex(3), "litellm_params": {
         "model": "openai/x", "api_base": f"http://127.0.0.1:{one.upstream_port}/v1",
         "api_key": f"os.environ/{variable}"}})
     assert r.status == 400 and variable in r.json()["error"]["message"], r.text
+
+
+@pytest.mark.parametrize("entry", [
+    {"model_name": "os.environ/LITELLM_SALT_KEY", "litellm_params": {"model": "openai/x"}},
+    {"model_name": "rt-env-version", "litellm_params": {"model": "openai/x", "api_version": "os.environ/HOME"}},
+    {"model_name": "rt-env-model", "litellm_params": {"model": "os.environ/HOME"}},
+    {"model_name": "rt-env-info", "litellm_params": {"model": "openai/x"}, "model_info": {"note": "os.environ/HOME"}},
+])
+def test_the_environment_is_read_for_credentials_only(replicas, entry) -> None:
+    one, _, _ = replicas
+    r = one.admin("/model/new", entry)
+    assert r.status == 400 and "only a credential" in r.json()["error"]["message"], r.text
+    listed = json.dumps(one.admin("/model/info", method="GET").json())
+    assert SALT not in listed
+
+
+@pytest.mark.parametrize("name", ["openai/gpt-4o-mini", "openai/gpt-4*", "openai/*", "gpt-4"])
+def test_a_runtime_model_cannot_take_calls_the_config_serves(replicas, name) -> None:
+    """The example config serves openai/* (a pattern) and gpt-4 (a name): a runtime model
+    named inside either would take its callers' prompts elsewhere."""
+    one, _, _ = replicas
+    r = one.admin("/model/new", {"model_name": name, "litellm_params": {
+        "model": "openai/x", "api_base": f"http://127.0.0.1:{one.upstream_port}/v1", "api_key": "sk-" + "a" * 24}})
+    assert r.status == 400 and "config" in r.json()["error"]["message"], r.text
+
+
+def test_a_stored_credential_does_not_follow_the_model_to_another_host(replicas, workdir: Path) -> None:
+    one, _, _ = replicas
+    model_id = new_model(one, "rt-kept-credential", "sk-kept-" + secrets.token_hex(12))["model_id"]
+    other, other_port = start_upstream(workdir)
+    try:
+        r = one.admin(f"/model/{model_id}/update", {"litellm_params": {
+            "api_base": f"http://127.0.0.1:{other_port}/v1"}}, method="PATCH")
+        assert r.status == 400 and "credential again" in r.json()["error"]["message"], r.text
+        r = one.admin(f"/model/{model_id}/update", {"litellm_params": {
+            "api_base": f"http://127.0.0.1:{other_port}/v1", "api_key": "sk-new-" + secrets.token_hex(12)}},
+            method="PATCH")
+        assert r.status == 200, r.text
+    finally:
+        other.stop()
+
+
+@pytest.mark.parametrize("params,why", [
+    ({"model": "vertex_ai/gemini-1.5-pro", "vertex_project": "my-project-123", "vertex_location": "us-central1"},
+     "identity"),
+    ({"model": "openai/x", "api_base": "http://169.254.169.254/v1", "api_key": "sk-" + "b" * 24}, "link-local"),
+    ({"model": "openai/x", "api_key": {"private_key": "-----BEGIN PRIVATE KEY-----"}}, "string"),
+    ({"model": "bedrock/anthropic.claude-3-haiku-20240307-v1:0", "aws_region_name": "ap-south-2"}, "regions"),
+])
+def test_what_a_runtime_model_may_not_reach(replicas, params, why) -> None:
+    one, _, _ = replicas
+    r = one.admin("/model/new", {"model_name": "rt-reach-" + secrets.token_hex(3), "litellm_params": params})
+    assert r.status == 400 and why in r.json()["error"]["message"], r.text
+
+
+def test_a_document_written_by_hand_does_not_stop_the_others(replicas) -> None:
+    one, two, redis_port = replicas
+    key = one.new_key()
+    subprocess.run(["redis-cli", "-p", str(redis_port), "SET", "extauthz:model:by-hand", '{"litellm_params":"oops"}'],
+                   check=True, capture_output=True)
+    subprocess.run(["redis-cli", "-p", str(redis_port), "SADD", "extauthz:models", "by-hand", "not-json"],
+                   check=True, capture_output=True)
+    subprocess.run(["redis-cli", "-p", str(redis_port), "SET", "extauthz:model:not-json", "{nope"],
+                   check=True, capture_output=True)
+    try:
+        new_model(one, "rt-after-bad", "sk-after-" + secrets.token_hex(12))
+        for gateway in (one, two):
+            wait_until(lambda g=gateway: served(g, key, "rt-after-bad"), what="served beside a bad document")
+        listed = {m["model_info"]["id"]: m for m in one.admin("/model/info", method="GET").json()["data"]}
+        assert listed["by-hand"]["model_info"]["routable"] is False
+    finally:
+        subprocess.run(["redis-cli", "-p", str(redis_port), "DEL", "extauthz:model:by-hand", "extauthz:model:not-json"],
+                       check=True, capture_output=True)
+        subprocess.run(["redis-cli", "-p", str(redis_port), "SREM", "extauthz:models", "by-hand", "not-json"],
+                       check=True, capture_output=True)
 
 
 def test_a_reload_that_adds_a_host_is_served_without_restarting_envoy(workdir: Path) -> None:

@@ -12,7 +12,9 @@ these routes (admin/access.py); every change has its audit entry.
 
 from __future__ import annotations
 
-import os
+import ipaddress
+import json
+import logging
 import re
 import uuid
 from typing import Any
@@ -20,18 +22,27 @@ from typing import Any
 from aiohttp import web
 
 from extauthz.admin.base import AdminBase, ApiError
-from extauthz.config import ConfigError, Deployment, UnsetVariable, runtime_deployment
+from extauthz.config import ConfigError, Deployment, UnsetVariable, name_taken, runtime_deployment
+from extauthz.domain import providers
 from extauthz.domain.record import now_iso
 from extauthz.records.models import ENV_PREFIX, sealed_params, shown_params
-from extauthz.records.sealed import SALT_KEY_ENV, Sealer
+from extauthz.records.sealed import Sealer, is_credential
 from extauthz.records.store import NotFound
+
+log = logging.getLogger("extauthz.admin")
 
 # LiteLLM's answer when models are not stored (its status, its words).
 NOT_STORED = ("Set `'STORE_MODEL_IN_DB='True'` in your env to enable this feature.")
 MODEL_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 ENTRY_FIELDS = {"model_name", "litellm_params", "model_info"}
-# The sidecar's own settings and secrets, never a runtime model's credential.
-GATEWAY_VARIABLES = ("EXTAUTHZ_", "LITELLM_", "REDIS", "STORE_MODEL_IN_DB")
+MODEL_INFO_MAX_BYTES = 16 * 1024
+MAX_RUNTIME_MODELS = 1000   # each change rebuilds the runtime on every replica
+
+
+def _where(params: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """What decides where a model's calls go: its provider, base URL and region."""
+    return params.get("model", "").partition("/")[0] if isinstance(params.get("model"), str) else None, \
+        params.get("api_base"), params.get("aws_region_name")
 
 
 class ModelWriteRoutes(AdminBase):
@@ -41,6 +52,9 @@ class ModelWriteRoutes(AdminBase):
         model_info = self.mapping(body, "model_info")
         model_id = model_info.get("id") or str(uuid.uuid4())
         self.valid_id(model_id)
+        if sum(d.model_id is not None for d in self.runtime().config.deployments) >= MAX_RUNTIME_MODELS:
+            raise ApiError(400, "limit_reached", f"This gateway holds {MAX_RUNTIME_MODELS} runtime models, the most "
+                           "it serves; delete one, or move models into the config.")
         if any(d.name == model_id for d in self.runtime().config.deployments):
             raise ApiError(400, "invalid_request", f"A model with id {model_id!r} already exists.", "model_info.id")
         params = self.mapping(body, "litellm_params")
@@ -53,7 +67,7 @@ class ModelWriteRoutes(AdminBase):
                "litellm_params": self.sealed(model_id, params), "model_info": entry["model_info"],
                "created_at": now, "created_by": who, "updated_at": now, "updated_by": who}
         await self.writer(request).create_model(doc)
-        await self.models_changed()
+        await self.served_now()
         return web.json_response(self.shown(doc, deployment))
 
     async def model_update(self, request: web.Request) -> web.Response:
@@ -82,7 +96,7 @@ class ModelWriteRoutes(AdminBase):
             await self.writer(request).delete_model(model_id)
         except NotFound as e:
             raise ApiError(400, "invalid_request", str(e), "id") from None
-        await self.models_changed()
+        await self.served_now()
         return web.json_response({"message": f"Model: {model_id} deleted successfully"})
 
     # -- the steps ----------------------------------------------------------------------
@@ -98,7 +112,13 @@ class ModelWriteRoutes(AdminBase):
         shown: dict[str, Any] = {}
 
         def change(doc: dict[str, Any]) -> dict[str, Any]:
-            merged_params = {**doc.get("litellm_params", {}), **{k: v for k, v in params.items() if v is not None}}
+            stored = doc.get("litellm_params", {})
+            merged_params = {**stored, **{k: v for k, v in params.items() if v is not None}}
+            if _where(merged_params) != _where(stored) and not any(is_credential(k) for k in params):
+                # A stored credential goes only where it was given for: an admin cannot read it
+                # by pointing the model at a host of its own.
+                raise ApiError(400, "invalid_request", "The model's host or provider changes: give its credential "
+                               "again in the same update.", "litellm_params")
             merged_info = {**doc.get("model_info", {}), **{k: v for k, v in info.items() if v is not None},
                            "id": model_id}
             name = body.get("model_name") or doc.get("model_name")
@@ -113,8 +133,18 @@ class ModelWriteRoutes(AdminBase):
             doc = await self.writer(request).update_model(model_id, change)
         except NotFound:
             raise ApiError(400, "invalid_request", "model not found", "model_info.id") from None
-        await self.models_changed()
+        await self.served_now()
         return web.json_response(self.shown(doc, shown["deployment"]))
+
+    async def served_now(self) -> None:
+        """This replica serves the change before it answers; the change itself is committed,
+        so a failure to read the models again is logged, not answered (the invalidation
+        channel brings it, as to the other replicas)."""
+        try:
+            await self.models_changed()
+        except Exception:
+            log.exception("runtime models not reloaded after a change (committed; the next change or the "
+                          "invalidation channel reloads them)")
 
     def stored_models_on(self) -> None:
         if not self.runtime().config.store_model_in_db:
@@ -139,34 +169,77 @@ class ModelWriteRoutes(AdminBase):
                            "`/model/new`. to edit.", "model_info.id")
 
     def checked(self, model_id: str, entry: dict[str, Any]) -> Deployment:
-        """The entry as the gateway would serve it; 400 for one the config would refuse."""
-        name = entry.get("model_name")
+        """The entry as the gateway would serve it; 400 for one the config would refuse, or one
+        that would reach past what a runtime model may (module docstring)."""
         config = self.runtime().config
-        self.no_gateway_secret(entry.get("litellm_params"))
-        if isinstance(name, str) and (any(d.model_id is None and d.model_name == name for d in config.deployments)
-                                      or any(a.name == name for a in config.aliases)):
-            raise ApiError(400, "invalid_request", f"{name!r} is a model of the config file: the config is the "
-                           "source for its own models; give the runtime model another model_name.", "model_name")
+        name = entry.get("model_name")
+        if isinstance(name, str):
+            taken = name_taken(config, name)
+            if taken is not None:
+                raise ApiError(400, "invalid_request", f"{taken}: the config is the source for its own models; "
+                               "give the runtime model another model_name.", "model_name")
+        if len(json.dumps(entry.get("model_info") or {}, default=str)) > MODEL_INFO_MAX_BYTES:
+            raise ApiError(400, "invalid_request", f"model_info is over {MODEL_INFO_MAX_BYTES} bytes.", "model_info")
+        params = entry.get("litellm_params") or {}
+        self.environment_only_for_credentials(entry)
+        for param, value in params.items():
+            if is_credential(param) and value is not None and not isinstance(value, str):
+                raise ApiError(400, "invalid_request", f"litellm_params.{param} must be a string.",
+                               f"litellm_params.{param}")
         try:
-            return runtime_deployment(config, model_id, entry)
-        except UnsetVariable as e:  # (perhaps set where it is served: stored, reported unroutable)
-            return runtime_deployment(config, model_id, entry, unavailable=e.problem)
+            deployment = runtime_deployment(config, model_id, entry)
+        except UnsetVariable as e:  # (refused below: a variable the config's models do not use)
+            deployment = runtime_deployment(config, model_id, entry, unavailable=e.problem)
         except ConfigError as e:
             raise ApiError(400, "invalid_request", f"{e.yaml_path}: {e.problem}") from None
+        except (ValueError, TypeError, OverflowError) as e:
+            raise ApiError(400, "invalid_request", f"model {model_id}: {type(e).__name__} reading the entry") from None
+        self.within_reach(deployment, params)
+        return deployment
 
-    def no_gateway_secret(self, params: Any) -> None:
-        """A runtime model names the sidecar's environment for a provider's credential only:
-        a variable holding the gateway's own secrets (the master key, the salt key, its
-        settings) would be sent to the model's host, which the admin chose."""
-        if not isinstance(params, dict):
-            return
-        own = {v for v in (self.runtime().config.master_key, os.environ.get(SALT_KEY_ENV)) if v}
+    def environment_only_for_credentials(self, entry: Any, where: str = "") -> None:
+        """``os.environ/NAME`` only as a credential parameter's value: anywhere else (a model
+        name, api_version, model_info) the variable's value would be shown to every caller."""
+        items = entry.items() if isinstance(entry, dict) else enumerate(entry) if isinstance(entry, list) else ()
+        for key, value in items:
+            path = f"{where}.{key}" if where else str(key)
+            if isinstance(value, (dict, list)):
+                self.environment_only_for_credentials(value, path)
+            elif isinstance(value, str) and value.startswith(ENV_PREFIX) and not (
+                    path.startswith("litellm_params.") and path.count(".") == 1 and is_credential(str(key))):
+                raise ApiError(400, "invalid_request", f"{path}: only a credential parameter may name the "
+                               "environment (os.environ/...).", path)
+
+    def within_reach(self, deployment: Deployment, params: dict[str, Any]) -> None:
+        """What a runtime model may send where: a variable only to the hosts the config's own
+        models send it to (an admin choosing the host would otherwise read any secret of the
+        sidecar's environment); never the gateway's own cloud identity; a Bedrock region
+        Envoy signs for; no link-local host (a cloud's metadata service)."""
+        config = self.runtime().config
+        cluster = providers.upstream(deployment.api_base).cluster if deployment.api_base else None
         for param, value in params.items():
             if isinstance(value, str) and value.startswith(ENV_PREFIX):
                 variable = value[len(ENV_PREFIX):]
-                if variable.upper().startswith(GATEWAY_VARIABLES) or os.environ.get(variable) in own:
-                    raise ApiError(400, "invalid_request", f"litellm_params.{param}: {variable} holds a secret of "
-                                   "the gateway's own, not a provider's credential.", f"litellm_params.{param}")
+                if cluster is None or cluster not in config.credential_hosts.get(variable, ()):
+                    raise ApiError(400, "invalid_request", f"litellm_params.{param}: {variable} is not a credential "
+                                   "the config's models send to this host; give the credential itself, or add the "
+                                   "model to the config.", f"litellm_params.{param}")
+        if deployment.token is not None:
+            raise ApiError(400, "invalid_request", "A runtime model cannot use a token the gateway fetches with its "
+                           "own cloud identity (Vertex AI, Entra ID): add it to the config.", "litellm_params")
+        if deployment.region is not None and deployment.region not in {
+                d.region for d in config.deployments if d.model_id is None and d.region}:
+            raise ApiError(400, "invalid_request", f"Envoy signs Bedrock requests for the regions of the config's "
+                           f"models only, not {deployment.region!r}: add the model to the config.", "litellm_params")
+        if deployment.api_base:
+            host = providers.upstream(deployment.api_base).host
+            try:
+                link_local = ipaddress.ip_address(host).is_link_local
+            except ValueError:
+                link_local = False
+            if link_local:
+                raise ApiError(400, "invalid_request", f"{host} is a link-local address (a cloud's metadata "
+                               "service, say), not a provider.", "litellm_params.api_base")
 
     def sealed(self, model_id: str, params: dict[str, Any]) -> dict[str, Any]:
         try:

@@ -9,6 +9,7 @@ this table; nothing else knows a provider by name.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Callable
 from urllib.parse import quote, urlencode, urlsplit
@@ -275,6 +276,16 @@ class Upstream:
     @property
     def tls(self) -> bool:
         return self.scheme == "https"
+
+
+# The litellm_params that hold credentials: sealed when stored, never shown, the only ones
+# a runtime model may fill from the environment.
+CREDENTIAL_NAME = re.compile(r"key|secret|token|credential|passw|auth", re.I)
+NOT_CREDENTIALS = frozenset({"max_tokens", "tpm", "rpm", "aws_region_name", "use_azure_ad"})
+
+
+def is_credential(name: str) -> bool:
+    return bool(CREDENTIAL_NAME.search(name)) and name not in NOT_CREDENTIALS and "cost_per" not in name
 
 
 def upstream(api_base: str) -> Upstream:

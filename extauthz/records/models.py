@@ -45,12 +45,16 @@ def shown_params(params: dict[str, Any]) -> dict[str, Any]:
             else value for name, value in params.items()}
 
 
-def opened_entry(doc: Doc, sealer: Sealer | None) -> tuple[str, Doc, str | None]:
+def opened_entry(doc: Any, sealer: Sealer | None, model_id: str = "?") -> tuple[str, Doc, str | None]:
     """A stored model as a model_list entry, its credentials opened, and why it cannot be
-    served (a credential that does not open) or None."""
-    model_id = str(doc.get("model_id"))
+    served (a credential that does not open, a document written by hand that no model can
+    be made of) or None."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("litellm_params"), dict) \
+            or not isinstance(doc.get("model_info", {}) or {}, dict):
+        return model_id, {"model_name": None}, "the stored document is not a model (written by hand?)"
+    model_id = str(doc.get("model_id") or model_id)
     params, problem = {}, None
-    for name, value in (doc.get("litellm_params") or {}).items():
+    for name, value in doc["litellm_params"].items():
         if is_sealed(value):
             try:
                 if sealer is None:
@@ -62,6 +66,13 @@ def opened_entry(doc: Doc, sealer: Sealer | None) -> tuple[str, Doc, str | None]
         params[name] = value
     return model_id, {"model_name": doc.get("model_name"), "litellm_params": params,
                       "model_info": doc.get("model_info") or {}}, problem
+
+
+def _json(raw: Any) -> Any:
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
 
 
 class ModelWrites(WriterBase):
@@ -114,12 +125,12 @@ class ModelWrites(WriterBase):
             raise StoreUnavailable(type(e).__name__) from None
         return None if raw is None else json.loads(raw)
 
-    async def models(self) -> list[Doc]:
-        """Every runtime model's document, by id (an id in the index whose document is gone
-        is skipped: a delete in progress)."""
+    async def models(self) -> list[tuple[str, Any]]:
+        """Every runtime model's (id, document), by id (an id in the index whose document is
+        gone is skipped: a delete in progress; one that is no JSON is None)."""
         try:
             ids = sorted(text(m) for m in await self.redis.smembers(self.models_index))
             raws = await self.redis.mget([self.model_key(i) for i in ids]) if ids else []
         except REDIS_ERRORS as e:
             raise StoreUnavailable(type(e).__name__) from None
-        return [json.loads(raw) for raw in raws if raw is not None]
+        return [(i, _json(raw)) for i, raw in zip(ids, raws, strict=True) if raw is not None]

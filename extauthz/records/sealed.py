@@ -13,29 +13,24 @@ salt key changed, or the stored text was altered) is an error, never a credentia
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import os
-import re
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from extauthz.domain.providers import is_credential
+
+__all__ = ["PREFIX", "SALT_KEY_ENV", "SealError", "Sealer", "is_credential", "is_sealed"]
+
 PREFIX = "sealed:v1:"
 SALT_KEY_ENV = "LITELLM_SALT_KEY"
 NONCE_BYTES = 12
-# The litellm_params that hold credentials: sealed when stored, never shown.
-CREDENTIAL_NAME = re.compile(r"key|secret|token|credential|passw|auth", re.I)
-# Credential-named params that are not secrets.
-NOT_CREDENTIALS = frozenset({"max_tokens", "tpm", "rpm", "input_cost_per_token", "output_cost_per_token",
-                             "aws_region_name", "use_azure_ad"})
 
 
 class SealError(ValueError):
     """A sealed value that does not open with this key, or a value that is not sealed."""
-
-
-def is_credential(name: str) -> bool:
-    return bool(CREDENTIAL_NAME.search(name)) and name not in NOT_CREDENTIALS and "cost_per" not in name
 
 
 def _b64(data: bytes) -> str:
@@ -52,9 +47,10 @@ class Sealer:
     def __init__(self, secret: str) -> None:
         if not secret:
             raise ValueError("no key to seal credentials with")
-        self._kek = AESGCM(hashlib.sha256(b"extauthz credentials kek\0" + secret.encode()).digest())
+        derived = _derive(secret)
+        self._kek = AESGCM(derived[:32])
         # Which key sealed a value: a wrong key is told apart from an altered value.
-        self.key_id = hashlib.sha256(b"extauthz credentials kid\0" + secret.encode()).hexdigest()[:8]
+        self.key_id = hashlib.sha256(derived[32:]).hexdigest()[:8]
 
     @classmethod
     def from_environment(cls, master_key: str | None, environ: dict[str, str] | None = None) -> "Sealer | None":
@@ -87,6 +83,13 @@ class Sealer:
             return AESGCM(data_key).decrypt(b[:NONCE_BYTES], b[NONCE_BYTES:], aad).decode()
         except (InvalidTag, ValueError, UnicodeDecodeError):
             raise SealError("a sealed value that does not open: altered, or moved from another model") from None
+
+
+@functools.lru_cache(maxsize=4)
+def _derive(secret: str) -> bytes:
+    """The key-encryption key and the key id's material, from the secret by scrypt: what
+    Redis holds does not let a weak master key be guessed at a hash's speed."""
+    return hashlib.scrypt(secret.encode(), salt=b"extauthz credentials v1", n=2**14, r=8, p=1, dklen=64)
 
 
 def is_sealed(value: object) -> bool:
