@@ -318,3 +318,21 @@ def test_a_reload_that_adds_a_host_is_served_without_restarting_envoy(workdir: P
         added.stop()
         upstream.stop()
         redis_proc.stop()
+
+
+def test_access_groups_of_a_runtime_model_admit_as_in_the_config(replicas) -> None:
+    one, _, _ = replicas
+    new_model(one, "rt-grouped", "sk-grouped-" + secrets.token_hex(12), access_groups=["rt-group"])
+    grouped = one.new_key(models=["rt-group"])   # (a key names groups that exist)
+    other = one.new_key(models=["gpt-4o"])
+    wait_until(lambda: served(one, grouped, "rt-grouped"), what="the group's key served")
+    answer = one.chat(other, "rt-grouped")
+    assert answer.status == 403 and answer.json()["error"]["code"] == "model_not_allowed", answer.text
+
+
+def test_team_models_are_refused_rather_than_opened_to_everyone(replicas) -> None:
+    one, _, _ = replicas
+    r = one.admin("/model/new", {"model_name": "rt-team-only", "litellm_params": {
+        "model": "openai/x", "api_base": f"http://127.0.0.1:{one.upstream_port}/v1", "api_key": "sk-" + "c" * 24},
+        "model_info": {"team_id": "some-team"}})
+    assert r.status == 400 and "team_id" in r.json()["error"]["message"], r.text

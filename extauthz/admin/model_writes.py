@@ -178,6 +178,11 @@ class ModelWriteRoutes(AdminBase):
             if taken is not None:
                 raise ApiError(400, "invalid_request", f"{taken}: the config is the source for its own models; "
                                "give the runtime model another model_name.", "model_name")
+        if isinstance(entry.get("model_info"), dict) and entry["model_info"].get("team_id") is not None:
+            # LiteLLM's team models: a model only that team may call. Stored as a model for all,
+            # it would be open to every key: refused until it is built.
+            raise ApiError(400, "invalid_request", "Team models (model_info.team_id) are not supported: a runtime "
+                           "model is for every caller its access rules admit.", "model_info.team_id")
         if len(json.dumps(entry.get("model_info") or {}, default=str)) > MODEL_INFO_MAX_BYTES:
             raise ApiError(400, "invalid_request", f"model_info is over {MODEL_INFO_MAX_BYTES} bytes.", "model_info")
         params = entry.get("litellm_params") or {}
