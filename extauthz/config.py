@@ -238,6 +238,9 @@ class EnvoySettings:
     authz_tls_server_name: str = setting("")
     authz_tls_cert_file: str = setting("")
     authz_tls_key_file: str = setting("")
+    # The CAs Envoy checks providers' certificates against (static and dynamic clusters):
+    # the system's; a bundle with a private CA for servers on an organisation's own PKI.
+    upstream_ca_file: str = setting("/etc/ssl/certs/ca-certificates.crt")
 
 
 SETTING_FIELDS = {f.name: f for cls in (Settings, EnvoySettings) for f in dataclasses.fields(cls)}

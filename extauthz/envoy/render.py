@@ -106,8 +106,8 @@ def render(config: Config, listen_port: int | None = None, authz_port: int | Non
                 _authz_cluster(_pick(authz_host, s.grpc_host), _pick(authz_port, s.grpc_port), s.workers, e),
                 _cluster(ADMIN_CLUSTER, _pick(admin_host, s.admin_host), _pick(admin_port, s.admin_port), "1s"),
                 *_upstream_clusters(config),
-                *(_dynamic_cluster(scheme) for scheme in DYNAMIC_CLUSTERS),
-                *jwt.jwks_clusters(sources, _upstream_cluster),
+                *(_dynamic_cluster(scheme, e.upstream_ca_file) for scheme in DYNAMIC_CLUSTERS),
+                *jwt.jwks_clusters(sources, lambda u: _upstream_cluster(u, e.upstream_ca_file)),
             ],
         },
         "overload_manager": _overload_manager(e.envoy_max_heap_bytes),
@@ -579,10 +579,10 @@ def _upstream_clusters(config: Config) -> list[dict[str, Any]]:
     for base in [d.api_base for d in config.routable] + [p.target for p in config.pass_through if p.routable]:
         u = providers.upstream(base)
         upstreams.setdefault(u.cluster, u)
-    return [_upstream_cluster(u) for u in upstreams.values()]
+    return [_upstream_cluster(u, config.envoy.upstream_ca_file) for u in upstreams.values()]
 
 
-def _dynamic_cluster(scheme: str) -> dict[str, Any]:
+def _dynamic_cluster(scheme: str, ca_file: str = CA_BUNDLE) -> dict[str, Any]:
     """Where a runtime model on a host the config does not name goes: Envoy's dynamic
     forward proxy, a sub cluster of its own per host and port (circuit breakers and
     connections per provider host, as the static clusters), made when first used, to the
@@ -604,7 +604,7 @@ def _dynamic_cluster(scheme: str) -> dict[str, Any]:
     if scheme == "https":
         cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": _typed(
             "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-            common_tls_context={"validation_context": {"trusted_ca": {"filename": CA_BUNDLE}}})}
+            common_tls_context={"validation_context": {"trusted_ca": {"filename": ca_file}}})}
         cluster["typed_extension_protocol_options"] = {options: _typed(
             options, upstream_http_protocol_options={"auto_sni": True, "auto_san_validation": True},
             explicit_http_config={"http_protocol_options": {}})}
@@ -619,7 +619,7 @@ def _dynamic_forward_filter() -> dict[str, Any]:
         sub_cluster_config={"cluster_init_timeout": "5s"})}
 
 
-def _upstream_cluster(u: providers.Upstream) -> dict[str, Any]:
+def _upstream_cluster(u: providers.Upstream, ca_file: str = CA_BUNDLE) -> dict[str, Any]:
     # LOGICAL_DNS: provider hosts answer from large, rotating address pools, where
     # connecting to whatever DNS returns now beats tracking every address.
     cluster = _cluster(u.cluster, u.host, u.port, "5s", "LOGICAL_DNS")
@@ -627,14 +627,15 @@ def _upstream_cluster(u: providers.Upstream) -> dict[str, Any]:
         "max_connections": UPSTREAM_MAX_REQUESTS, "max_requests": UPSTREAM_MAX_REQUESTS,
         "max_pending_requests": UPSTREAM_MAX_PENDING, "track_remaining": True}]}
     if u.tls:
-        cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": _tls_context(u.host)}
+        cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls",
+                                       "typed_config": _tls_context(u.host, ca_file)}
     return cluster
 
 
-def _tls_context(host: str) -> dict[str, Any]:
+def _tls_context(host: str, ca_file: str = CA_BUNDLE) -> dict[str, Any]:
     ip = _is_ip(host)
     validation = {
-        "trusted_ca": {"filename": CA_BUNDLE},
+        "trusted_ca": {"filename": ca_file},
         # Envoy checks the chain but not the name unless told to.
         "match_typed_subject_alt_names": [{"san_type": "IP_ADDRESS" if ip else "DNS", "matcher": {"exact": host}}],
     }
