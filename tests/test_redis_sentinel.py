@@ -58,10 +58,15 @@ class Cell:
         return int(answer[1]) if len(answer) == 2 else None
 
     def ready(self) -> bool:
-        replicas = cli(self.sentinel_ports[0], "SENTINEL", "replicas", MASTER)
-        others = cli(self.sentinel_ports[0], "SENTINEL", "sentinels", MASTER)
-        synced = "master_link_status:up" in cli(self.replica_port, "INFO", "replication")
-        return synced and str(self.replica_port) in replicas and others.count("127.0.0.1") >= 2
+        """The replica in sync, and every sentinel knowing it and the two others. A sentinel
+        learns of replicas from the primary's INFO (every 10 s): one elected leader after the
+        primary is gone without having learned of the replica aborts every failover
+        ("-failover-abort-no-good-slave"), as seen once in a loaded CI run."""
+        if "master_link_status:up" not in cli(self.replica_port, "INFO", "replication"):
+            return False
+        return all(str(self.replica_port) in cli(port, "SENTINEL", "replicas", MASTER)
+                   and cli(port, "SENTINEL", "sentinels", MASTER).count("127.0.0.1") >= 2
+                   for port in self.sentinel_ports)
 
     def stop(self) -> None:
         for proc in (*self.sentinels, self.replica, self.primary):
