@@ -336,3 +336,27 @@ def test_team_models_are_refused_rather_than_opened_to_everyone(replicas) -> Non
         "model": "openai/x", "api_base": f"http://127.0.0.1:{one.upstream_port}/v1", "api_key": "sk-" + "c" * 24},
         "model_info": {"team_id": "some-team"}})
     assert r.status == 400 and "team_id" in r.json()["error"]["message"], r.text
+
+
+@pytest.mark.parametrize("given", [{"api_key": None}, {"aws_session_token": "x" * 24}])
+def test_a_stored_credential_does_not_follow_by_naming_another_or_none(replicas, workdir: Path, given) -> None:
+    """Moving a model to another host takes its credentials given anew: a credential given
+    as null, or another credential parameter, does not let the stored one come along."""
+    one, _, _ = replicas
+    stored = "sk-stays-" + secrets.token_hex(12)
+    model_id = new_model(one, "rt-stays-" + secrets.token_hex(3), stored)["model_id"]
+    other, other_port = start_upstream(workdir)
+    key = one.new_key()
+    try:
+        r = one.admin(f"/model/{model_id}/update", {"litellm_params": {
+            "api_base": f"http://127.0.0.1:{other_port}/v1", **given}}, method="PATCH")
+        if r.status == 200:
+            name = r.json()["model_name"]
+            wait_until(lambda: one.chat(key, name).status in (200, 400, 401, 403, 503), what="an answer")
+            one.chat(key, name)
+            seen = http("GET", f"http://127.0.0.1:{other_port}/__fake/requests").json()
+            assert all(stored not in json.dumps(s["headers"]) for s in seen), seen
+        else:
+            assert r.status == 400, r.text
+    finally:
+        other.stop()

@@ -113,12 +113,15 @@ class ModelWriteRoutes(AdminBase):
 
         def change(doc: dict[str, Any]) -> dict[str, Any]:
             stored = doc.get("litellm_params", {})
-            merged_params = {**stored, **{k: v for k, v in params.items() if v is not None}}
-            if _where(merged_params) != _where(stored) and not any(is_credential(k) for k in params):
+            given = {k: v for k, v in params.items() if v is not None}
+            if _where({**stored, **given}) != _where(stored):
                 # A stored credential goes only where it was given for: an admin cannot read it
-                # by pointing the model at a host of its own.
-                raise ApiError(400, "invalid_request", "The model's host or provider changes: give its credential "
-                               "again in the same update.", "litellm_params")
+                # by pointing the model at a host of its own. Moved, the model keeps none of them.
+                if not any(is_credential(k) for k in given):
+                    raise ApiError(400, "invalid_request", "The model's host or provider changes: give its "
+                                   "credential again in the same update.", "litellm_params")
+                stored = {k: v for k, v in stored.items() if not is_credential(k)}
+            merged_params = {**stored, **given}
             merged_info = {**doc.get("model_info", {}), **{k: v for k, v in info.items() if v is not None},
                            "id": model_id}
             name = body.get("model_name") or doc.get("model_name")
