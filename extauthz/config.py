@@ -19,10 +19,10 @@ import yaml
 
 from extauthz.domain import providers, route_access, wildcard
 from extauthz.domain.endpoints import OPERATIONS, classify, model_call_segment, unsafe_path
+from extauthz.domain.providers import ENV_PREFIX
 from extauthz.not_applied import not_applied
 from extauthz.tokens import TokenSpec, google_info, missing_library
 
-ENV_PREFIX = "os.environ/"
 DISCOVERY_SUFFIX = "/.well-known/openid-configuration"
 
 # LiteLLM sections that a config may carry and that this service does not use.
@@ -380,6 +380,12 @@ class Config:
         return tuple(d for d in self.deployments if d.routable)
 
     @property
+    def upstream_bases(self) -> list[str]:
+        """Where Envoy sends calls: every routable deployment's base URL and pass-through
+        target (a cluster each, by host)."""
+        return [d.api_base for d in self.routable] + [p.target for p in self.pass_through if p.routable]
+
+    @property
     def refuses_all(self) -> tuple[str, ...]:
         """The restricting settings set: while any is, every LLM request is refused."""
         return tuple(name for name, _ in self.unenforced if name in RESTRICTING_SETTINGS or name.startswith(
@@ -468,9 +474,7 @@ def runtime_deployment(config: Config, model_id: str, entry: Any, unavailable: s
 
 def envoy_clusters(config: Config) -> frozenset[str]:
     """The upstream clusters an Envoy rendered from this config has."""
-    return frozenset(providers.upstream(base).cluster for base in
-                     [d.api_base for d in config.deployments if d.routable]
-                     + [p.target for p in config.pass_through if p.routable])
+    return frozenset(providers.upstream(base).cluster for base in config.upstream_bases)
 
 
 def served_by(config: Config, clusters: frozenset[str], dynamic: bool) -> Config:
@@ -519,9 +523,7 @@ def with_runtime_models(config: Config, entries: list[tuple[str, Any, str | None
         return config
     parser = _Parser(config.path, os.environ if environ is None else environ, True)
     runtime: list[Deployment] = []
-    seen = {u.cluster: u for u in (providers.upstream(b) for b in [d.api_base for d in config.deployments
-                                                                 if d.routable]
-                                   + [p.target for p in config.pass_through if p.routable])}
+    seen = {u.cluster: u for u in map(providers.upstream, config.upstream_bases)}
     for offset, (model_id, entry, problem) in enumerate(entries):
         index = len(config.deployments) + offset
         name = entry.get("model_name") if isinstance(entry, dict) else None

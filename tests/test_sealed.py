@@ -3,7 +3,8 @@ for the same model and field, and shows nothing of the credential."""
 
 import pytest
 
-from extauthz.records.sealed import SALT_KEY_ENV, SealError, Sealer, is_credential, is_sealed
+from extauthz.domain.providers import is_credential
+from extauthz.records.sealed import SALT_KEY_ENV, SealError, Sealer, is_sealed
 
 CREDENTIAL = "sk-provider-0123456789abcdefABCDEF"
 

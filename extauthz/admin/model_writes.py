@@ -24,9 +24,10 @@ from aiohttp import web
 from extauthz.admin.base import AdminBase, ApiError
 from extauthz.config import ConfigError, Deployment, UnsetVariable, name_taken, runtime_deployment
 from extauthz.domain import providers
+from extauthz.domain.providers import ENV_PREFIX, is_credential
 from extauthz.domain.record import now_iso
-from extauthz.records.models import ENV_PREFIX, sealed_params, shown_params
-from extauthz.records.sealed import Sealer, is_credential
+from extauthz.records.models import sealed_params, shown_params
+from extauthz.records.sealed import Sealer
 from extauthz.records.store import NotFound
 
 log = logging.getLogger("extauthz.admin")

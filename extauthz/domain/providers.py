@@ -278,6 +278,8 @@ class Upstream:
         return self.scheme == "https"
 
 
+# A value read from the environment where it is used: LiteLLM's "os.environ/NAME".
+ENV_PREFIX = "os.environ/"
 # The litellm_params that hold credentials: sealed when stored, never shown, the only ones
 # a runtime model may fill from the environment.
 CREDENTIAL_NAME = re.compile(r"key|secret|token|credential|passw|auth", re.I)

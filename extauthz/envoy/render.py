@@ -576,10 +576,17 @@ def _authz_tls(e: EnvoySettings) -> dict[str, Any]:
 
 def _upstream_clusters(config: Config) -> list[dict[str, Any]]:
     upstreams: dict[str, providers.Upstream] = {}
-    for base in [d.api_base for d in config.routable] + [p.target for p in config.pass_through if p.routable]:
+    for base in config.upstream_bases:
         u = providers.upstream(base)
         upstreams.setdefault(u.cluster, u)
     return [_upstream_cluster(u, config.envoy.upstream_ca_file) for u in upstreams.values()]
+
+
+def _circuit_breakers() -> dict[str, Any]:
+    """Each provider host's bound on connections and requests (a static cluster's, and each
+    dynamic sub cluster's)."""
+    return {"thresholds": [{"max_connections": UPSTREAM_MAX_REQUESTS, "max_requests": UPSTREAM_MAX_REQUESTS,
+                            "max_pending_requests": UPSTREAM_MAX_PENDING, "track_remaining": True}]}
 
 
 def _dynamic_cluster(scheme: str, ca_file: str = CA_BUNDLE) -> dict[str, Any]:
@@ -597,9 +604,7 @@ def _dynamic_cluster(scheme: str, ca_file: str = CA_BUNDLE) -> dict[str, Any]:
             "envoy.extensions.clusters.dynamic_forward_proxy.v3.ClusterConfig",
             sub_clusters_config={"max_sub_clusters": DYNAMIC_MAX_HOSTS, "sub_cluster_ttl": DYNAMIC_HOST_TTL})},
         "dns_lookup_family": "V4_PREFERRED",
-        "circuit_breakers": {"thresholds": [{
-            "max_connections": UPSTREAM_MAX_REQUESTS, "max_requests": UPSTREAM_MAX_REQUESTS,
-            "max_pending_requests": UPSTREAM_MAX_PENDING, "track_remaining": True}]},
+        "circuit_breakers": _circuit_breakers(),
     }
     if scheme == "https":
         cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": _typed(
@@ -623,9 +628,7 @@ def _upstream_cluster(u: providers.Upstream, ca_file: str = CA_BUNDLE) -> dict[s
     # LOGICAL_DNS: provider hosts answer from large, rotating address pools, where
     # connecting to whatever DNS returns now beats tracking every address.
     cluster = _cluster(u.cluster, u.host, u.port, "5s", "LOGICAL_DNS")
-    cluster["circuit_breakers"] = {"thresholds": [{
-        "max_connections": UPSTREAM_MAX_REQUESTS, "max_requests": UPSTREAM_MAX_REQUESTS,
-        "max_pending_requests": UPSTREAM_MAX_PENDING, "track_remaining": True}]}
+    cluster["circuit_breakers"] = _circuit_breakers()
     if u.tls:
         cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls",
                                        "typed_config": _tls_context(u.host, ca_file)}

@@ -13,12 +13,12 @@ from __future__ import annotations
 import json
 from typing import Any, Callable
 
-from extauthz.records.sealed import Sealer, SealError, is_credential, is_sealed
+from extauthz.domain.providers import ENV_PREFIX, is_credential
+from extauthz.records.sealed import Sealer, SealError, is_sealed
 from extauthz.records.store import REDIS_ERRORS, Conflict, Doc, NotFound, StoreUnavailable, text
 from extauthz.records.write_base import Tx, WriterBase
 
 MODEL_PREFIX = "model:"
-ENV_PREFIX = "os.environ/"   # a reference to the sidecar's environment: no secret, kept as written
 REDACTED = "[redacted]"
 
 

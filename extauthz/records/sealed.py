@@ -20,10 +20,6 @@ import os
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from extauthz.domain.providers import is_credential
-
-__all__ = ["PREFIX", "SALT_KEY_ENV", "SealError", "Sealer", "is_credential", "is_sealed"]
-
 PREFIX = "sealed:v1:"
 SALT_KEY_ENV = "LITELLM_SALT_KEY"
 NONCE_BYTES = 12
