@@ -360,3 +360,14 @@ def test_a_stored_credential_does_not_follow_by_naming_another_or_none(replicas,
             assert r.status == 400, r.text
     finally:
         other.stop()
+
+
+@pytest.mark.parametrize("part", ["litellm_params", "model_info"])
+def test_a_model_entry_is_bounded_in_size(replicas, part) -> None:
+    one, _, _ = replicas
+    params = {"model": "openai/x", "api_base": f"http://127.0.0.1:{one.upstream_port}/v1", "api_key": "sk-" + "d" * 24}
+    big = {"padding": "p" * 20_000}
+    r = one.admin("/model/new", {"model_name": "rt-big-" + secrets.token_hex(3),
+                                 "litellm_params": {**params, **(big if part == "litellm_params" else {})},
+                                 "model_info": big if part == "model_info" else {}})
+    assert r.status == 400 and "16384 bytes" in r.json()["error"]["message"], r.text
